@@ -1,0 +1,47 @@
+# juturna-operator: `make run` (the demo) and `make test` (everything CI runs).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: help venv binaries cluster-up cluster-down run test crds lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@py=$$(hack/find-python.sh) || exit 1; \
+	  [ -x $(PY) ] || $$py -m venv $(VENV) || { echo "error: '$$py -m venv' failed; install the venv module (apt-get install python3.12-venv)" >&2; exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: $(STAMP) ## create .venv with Python 3.12 and install the project
+
+binaries: venv ## build or reuse kube-apiserver, kube-controller-manager, etcd and helm
+	@$(PY) hack/controlplane.py binaries
+
+cluster-up: venv ## start the local control plane; prints KUBECONFIG=<path>
+	@$(PY) hack/controlplane.py up
+
+cluster-down: venv ## stop the local control plane started by cluster-up
+	@$(PY) hack/controlplane.py down
+
+run: venv ## the demo: control plane (unless a cluster is reachable), operator, example pipeline
+	@bash hack/run.sh
+
+test: venv binaries ## lint, then the whole test suite against a real control plane
+	$(VENV)/bin/ruff check operator tests hack
+	$(PY) -m pytest
+
+crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
+	$(VENV)/bin/juturna-operator crd crds
+
+lint: venv ## ruff
+	$(VENV)/bin/ruff check operator tests hack
+	$(VENV)/bin/ruff format --check operator tests hack
+
+clean: ## remove the venv and local state (not the binary cache)
+	rm -rf $(VENV) .state .pytest_cache .ruff_cache

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds (or reuses) the local control-plane binaries: kube-apiserver,
+# kube-controller-manager, etcd and helm, at the versions in hack/versions.env.
+#
+# Binaries live outside the repository, keyed by version, so every clone on this
+# machine shares them:  $JUTURNA_OPERATOR_CACHE/<component>-<version>/<binary>
+# (default cache: ~/.cache/juturna-operator). A second run only checks that each
+# binary is present and reports the pinned version, then prints the bin folders.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=/dev/null
+source "$here/versions.env"
+cache=${JUTURNA_OPERATOR_CACHE:-$HOME/.cache/juturna-operator}
+quiet=${QUIET:-0}
+
+say() { [ "$quiet" = 1 ] || echo "$@" >&2; }
+die() { echo "error: $*" >&2; exit 1; }
+
+if ! command -v go >/dev/null 2>&1; then
+  die "no Go toolchain on PATH. The local control plane is built from source with Go >= 1.26.
+  Fix: install Go (apt-get install golang-go, or put /usr/local/go/bin on PATH) and run 'make cluster-up' again."
+fi
+
+# has_version BINARY VERSION-ARGS... -- EXPECTED : the binary exists and prints EXPECTED.
+has_version() {
+  local bin=$1 want=$2; shift 2
+  [ -x "$bin" ] && "$bin" "$@" 2>/dev/null | grep -qF -- "$want"
+}
+
+# go_build DIR OUT LOG PKG LDFLAGS : builds PKG inside wrapper module DIR into OUT.
+go_build() {
+  local dir=$1 out=$2 log=$3 pkg=$4 ldflags=$5
+  say "building $(basename "$out") from $pkg (log: $log) ..."
+  mkdir -p "$(dirname "$out")"
+  if ! (cd "$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out.tmp" "$pkg") >"$log" 2>&1; then
+    echo "error: go build of $pkg failed. Last lines of the go output ($log):" >&2
+    tail -n 25 "$log" >&2
+    die "fix the cause above (network to the Go module proxy, disk space, Go version >= 1.26) and run again."
+  fi
+  mv "$out.tmp" "$out"
+}
+
+kdir=$cache/kubernetes-$KUBERNETES_VERSION
+minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
+kflags="-s -w"
+for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  kflags+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
+done
+for cmd in kube-apiserver kube-controller-manager; do
+  if ! has_version "$kdir/$cmd" "$KUBERNETES_VERSION" --version; then
+    go_build "$here/kube" "$kdir/$cmd" "$kdir/$cmd.build.log" "k8s.io/kubernetes/cmd/$cmd" "$kflags"
+  fi
+  has_version "$kdir/$cmd" "$KUBERNETES_VERSION" --version || die "$kdir/$cmd does not report $KUBERNETES_VERSION after building"
+done
+
+edir=$cache/etcd-$ETCD_VERSION
+if ! has_version "$edir/etcd" "${ETCD_VERSION#v}" --version; then
+  go_build "$here/etcd" "$edir/etcd" "$edir/etcd.build.log" go.etcd.io/etcd/server/v3 "-s -w"
+fi
+has_version "$edir/etcd" "${ETCD_VERSION#v}" --version || die "$edir/etcd does not report $ETCD_VERSION after building"
+
+hdir=$cache/helm-$HELM_VERSION
+if ! has_version "$hdir/helm" "$HELM_VERSION" version --short; then
+  say "installing helm $HELM_VERSION (log: $hdir/helm.build.log) ..."
+  mkdir -p "$hdir"
+  if ! GOBIN=$hdir CGO_ENABLED=0 go install -trimpath \
+      -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+      "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >"$hdir/helm.build.log" 2>&1; then
+    echo "error: go install of helm $HELM_VERSION failed. Last lines of the go output:" >&2
+    tail -n 25 "$hdir/helm.build.log" >&2
+    die "fix the cause above and run again."
+  fi
+fi
+has_version "$hdir/helm" "$HELM_VERSION" version --short || die "$hdir/helm does not report $HELM_VERSION"
+
+# One line each, NAME=folder, for the Python launcher and the Makefile.
+echo "KUBE_BIN=$kdir"
+echo "ETCD_BIN=$edir"
+echo "HELM_BIN=$hdir"

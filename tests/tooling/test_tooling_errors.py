@@ -1,0 +1,128 @@
+"""The local tooling explains each failure: cause and fix, never a bare traceback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import controlplane
+import pytest
+from controlplane import ControlPlane, ControlPlaneError, ensure_binaries
+
+HACK = Path(controlplane.__file__).parent
+
+
+def _minimal_path(tmp_path: Path, *tools: str) -> str:
+    """A PATH holding only the named tools, as symlinks."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found, tool
+        (bindir / tool).symlink_to(found)
+    return str(bindir)
+
+
+def test_no_go_toolchain_is_explained(tmp_path: Path) -> None:
+    path = _minimal_path(tmp_path, "grep", "dirname", "basename")
+    proc = subprocess.run(
+        ["/bin/bash", str(HACK / "build-binaries.sh")],
+        env={"PATH": path, "HOME": str(tmp_path), "JUTURNA_OPERATOR_CACHE": str(tmp_path / "c")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "error: no Go toolchain on PATH" in proc.stderr
+    assert "Fix: install Go" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_python312_is_explained(tmp_path: Path) -> None:
+    path = _minimal_path(tmp_path, "python3")  # python3 is 3.11 here: not good enough
+    proc = subprocess.run(
+        ["/bin/bash", str(HACK / "find-python.sh")],
+        env={"PATH": path, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "error: no Python 3.12 found" in proc.stderr
+    assert "PYTHON312=" in proc.stderr
+
+
+def test_go_build_failure_shows_the_tail_of_go_output(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "JUTURNA_OPERATOR_CACHE": str(tmp_path / "cache"),
+        "GOFLAGS": "-mod=vendor",
+    }
+    proc = subprocess.run(
+        ["bash", str(HACK / "build-binaries.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "error: go build of k8s.io/kubernetes/cmd/kube-apiserver failed." in proc.stderr
+    assert "Last lines of the go output" in proc.stderr
+    assert "vendor" in proc.stderr  # go's own words about the cause are shown
+
+
+@pytest.fixture
+def plane() -> Iterator[ControlPlane]:
+    p = ControlPlane(ensure_binaries())
+    p.logs.mkdir(parents=True)
+    yield p
+    p.stop()
+    assert not p.leftovers()
+
+
+def test_port_in_use_is_retried_on_another_port(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        ports = iter([busy, controlplane.free_port()])
+        real = controlplane.free_port
+        monkeypatch.setattr(controlplane, "free_port", lambda: next(ports, None) or real())
+        plane._with_fresh_ports(plane._start_etcd)
+    assert plane.etcd_url
+    assert f":{busy}" not in plane.etcd_url
+    assert len(plane.components) == 1
+    assert not plane.components[0].exited()
+
+
+def test_port_always_in_use_gives_up_with_a_clear_error(
+    plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        monkeypatch.setattr(controlplane, "free_port", lambda: busy)
+        with pytest.raises(ControlPlaneError) as err:
+            plane._with_fresh_ports(plane._start_etcd)
+    assert "etcd could not bind its port: address already in use." in str(err.value)
+    assert "Tried 3 different free ports" in str(err.value)
+
+
+def test_component_not_ready_in_time_prints_its_log(plane: ControlPlane) -> None:
+    controlplane.write_certificates(plane.pki)
+    plane.ready_timeout_s = 4
+    plane.etcd_url = f"http://127.0.0.1:{controlplane.free_port()}"  # nobody listens there
+    with pytest.raises(ControlPlaneError) as err:
+        plane._start_apiserver()
+    msg = str(err.value)
+    assert "kube-apiserver was not ready (GET https://127.0.0.1:" in msg
+    assert "within 4 s. Last lines of its log" in msg
+    assert "JUTURNA_OPERATOR_CLUSTER_TIMEOUT" in msg

@@ -22,9 +22,13 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 # has_version BINARY VERSION-ARGS... -- EXPECTED : the binary exists and prints EXPECTED.
+# (Output is captured first: with pipefail, `grep -q` closing the pipe early would make a
+# multi-line --version die of SIGPIPE and look like a wrong version.)
 has_version() {
-  local bin=$1 want=$2; shift 2
-  [ -x "$bin" ] && "$bin" "$@" 2>/dev/null | grep -qF -- "$want"
+  local bin=$1 want=$2 out; shift 2
+  [ -x "$bin" ] || return 1
+  out=$("$bin" "$@" 2>/dev/null) || return 1
+  [[ $out == *"$want"* ]]
 }
 
 # go_build DIR OUT LOG PKG LDFLAGS : builds PKG inside wrapper module DIR into OUT.

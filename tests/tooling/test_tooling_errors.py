@@ -126,3 +126,21 @@ def test_component_not_ready_in_time_prints_its_log(plane: ControlPlane) -> None
     assert "kube-apiserver was not ready (GET https://127.0.0.1:" in msg
     assert "within 4 s. Last lines of its log" in msg
     assert "JUTURNA_OPERATOR_CLUSTER_TIMEOUT" in msg
+
+
+def test_a_second_run_builds_nothing() -> None:
+    """Idempotent: with the binaries present, the script only checks their versions."""
+    ensure_binaries()
+    proc = subprocess.run(
+        ["bash", str(HACK / "build-binaries.sh")],
+        env={**os.environ, "QUIET": "0"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "building" not in proc.stderr and "installing" not in proc.stderr, proc.stderr
+    assert [line.split("=")[0] for line in proc.stdout.splitlines()] == [
+        "KUBE_BIN",
+        "ETCD_BIN",
+        "HELM_BIN",
+    ]

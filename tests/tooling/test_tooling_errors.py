@@ -138,7 +138,8 @@ def test_a_second_run_builds_nothing() -> None:
         text=True,
         check=True,
     )
-    assert "building" not in proc.stderr and "installing" not in proc.stderr, proc.stderr
+    assert "building" not in proc.stderr, proc.stderr
+    assert "installing" not in proc.stderr, proc.stderr
     assert [line.split("=")[0] for line in proc.stdout.splitlines()] == [
         "KUBE_BIN",
         "ETCD_BIN",

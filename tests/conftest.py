@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, ensure_binaries
+from controlplane import ControlPlane, ensure_binaries, pid_alive
 from kubernetes import client, config
+
+from support import REPO, Kubectl, Operator, Pipelines
 
 
 @pytest.fixture(scope="session")
@@ -58,30 +58,48 @@ def namespace(core: client.CoreV1Api) -> Iterator[str]:
             raise
 
 
-class Kubectl:
-    """`kubectl` bound to the test plane's kubeconfig."""
-
-    def __init__(self, kubeconfig: Path) -> None:
-        self.kubeconfig = kubeconfig
-
-    def __call__(
-        self, *args: str, input: str | None = None, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
-            )
-        return proc
-
-
 @pytest.fixture(scope="session")
 def kubectl(kubeconfig: Path) -> Kubectl:
     return Kubectl(kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", "crd/pipelines.juturna.io", "--timeout=30s")
+
+
+@pytest.fixture(scope="session")
+def operator(
+    crd: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    base = tmp_path_factory.mktemp("operator")
+    # A third plugin root whose "escape" folder is a symlink that leaves the root.
+    (base / "root").mkdir()
+    (base / "outside").mkdir()
+    (base / "root" / "escape").symlink_to(base / "outside")
+    op = Operator(kubeconfig, base / "work", base / "operator.log", base / "root")
+    op.start()
+    yield op
+    op.stop()
+    assert op.proc is not None
+    assert not pid_alive(op.proc.pid), "the operator process is still alive"
+
+
+@pytest.fixture(scope="session")
+def objects(api_client: client.ApiClient) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
+def pipelines(
+    operator: Operator, objects: client.CustomObjectsApi, namespace: str, kubectl: Kubectl
+) -> Iterator[Pipelines]:
+    p = Pipelines(objects, namespace, kubectl)
+    yield p
+    # Delete what the test left, and wait: the finalizer must never keep one.
+    left = p.names()
+    for name in left:
+        p.delete(name)
+    for name in left:
+        p.wait_gone(name, timeout=30)

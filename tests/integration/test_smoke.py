@@ -7,7 +7,7 @@ import time
 import pytest
 from kubernetes import client
 
-from conftest import Kubectl
+from support import Kubectl
 
 pytestmark = pytest.mark.cluster
 

@@ -1,0 +1,333 @@
+"""The Pipeline API (``juturna.io/v1alpha1``): pydantic models of spec and status.
+
+These models are the one source of truth: ``crd`` turns them into the CRD's OpenAPI
+schema (descriptions, enums, defaults, CEL rules), and the operator parses every
+resource through them. The spec mirrors Juturna's own pipeline config, so a Juturna
+JSON file converts to a manifest mechanically (see ``to_juturna_config``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "juturna.io"
+VERSION = "v1alpha1"
+KIND = "Pipeline"
+PLURAL = "pipelines"
+SINGULAR = "pipeline"
+SHORT_NAMES = ["jtp"]
+CATEGORIES = ["juturna"]
+
+# Bounds keep the API server's CEL cost estimate within its budget, and refuse
+# absurd manifests at admission with a clear message instead of in the operator.
+MAX_NODES = 128
+MAX_LINKS = 512
+MAX_PLUGINS = 32
+MAX_NAME = 63
+MAX_PATH = 253
+
+SAFE_NAME = r"^[A-Za-z0-9_-]+$"
+IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _cel(rule: str, message_expression: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
+    return {"rule": rule, "messageExpression": message_expression, "reason": reason}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", use_enum_values=True)
+
+
+def _validated(*rules: dict[str, str]) -> ConfigDict:
+    """The shared model config, plus CEL rules the API server enforces on the object."""
+    return ConfigDict(
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        json_schema_extra={"x-kubernetes-validations": list(rules)},
+    )
+
+
+# --- spec ---------------------------------------------------------------------------------
+
+
+class DesiredState(StrEnum):
+    """What the user asks for."""
+
+    Running = "Running"
+    Ready = "Ready"
+    Stopped = "Stopped"
+
+
+class NodeType(StrEnum):
+    source = "source"
+    proc = "proc"
+    sink = "sink"
+
+
+class NodeSpec(_Model):
+    """One node of the graph, exactly as Juturna's pipeline config describes it."""
+
+    model_config = _validated(
+        _cel(
+            "self.name.matches('" + SAFE_NAME + "')",
+            '\'node name "%s" is not a safe folder name: use only letters, digits, '
+            '"_" and "-"\'.format([self.name])',
+        ),
+        _cel(
+            "self.mark.matches('" + IDENTIFIER + "')",
+            '\'node "%s": mark "%s" must be a Python identifier (letters, digits '
+            'and "_", not starting with a digit)\'.format([self.name, self.mark])',
+        ),
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME,
+        description=(
+            "Node name, unique in the pipeline. Juturna makes it a folder name, so only "
+            "letters, digits, '_' and '-' are allowed."
+        ),
+    )
+    type: NodeType = Field(description="Node type: source, proc or sink.")
+    mark: str = Field(
+        min_length=1,
+        max_length=MAX_NAME,
+        description=(
+            "The node kind: the plugin (or built-in node) that implements it. Juturna looks "
+            "for <plugin>/nodes/<type>/_<mark>/<mark>.py."
+        ),
+    )
+    configuration: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "Free-form node arguments. Only keys declared in the node's config.toml "
+            "[arguments] are used; the operator warns about any other key. A value "
+            '"$JT_ENV_X" is read from the environment variable X.'
+        ),
+    )
+    auto_dump: bool | None = Field(
+        default=None, description="Juturna option: dump every transmitted message as JSON."
+    )
+    sync: str | None = Field(
+        default=None, max_length=MAX_NAME, description="Juturna option: synchroniser name."
+    )
+    warped: bool | None = Field(
+        default=None, description="Juturna option: run this node remotely through a warp node."
+    )
+    warp_configuration: dict[str, Any] | None = Field(
+        default=None, description="Juturna option: the warp node's configuration (with warped)."
+    )
+
+
+class LinkSpec(_Model):
+    """A directed edge: messages flow from one node to another."""
+
+    model_config = _validated(
+        _cel(
+            "self.from != self.to",
+            "'link from \"%s\" to itself is not allowed'.format([self.from])",
+        )
+    )
+
+    from_: str = Field(
+        alias="from", min_length=1, max_length=MAX_NAME, description="Name of the sending node."
+    )
+    to: str = Field(min_length=1, max_length=MAX_NAME, description="Name of the receiving node.")
+
+
+class RestartPolicy(_Model):
+    """How retryable (5xx) failures are retried."""
+
+    maxRestarts: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="Redeploys after retryable failures before the phase becomes Failed.",
+    )
+    backoffSeconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="First wait before a redeploy; it doubles on each restart, capped at 300 s.",
+    )
+
+
+def _link_end_rule(end: str) -> dict[str, str]:
+    """CEL: every link's ``end`` names a node; the message names the first bad link.
+
+    Messages use ``format``: concatenating a filtered element makes the API server's
+    cost estimate unbounded and the CRD is refused.
+    """
+    names = "self.nodes.map(n, n.name)"
+    bad = f"self.links.filter(l, !(l.{end} in {names}))[0]"
+    return _cel(
+        f"!has(self.links) || self.links.all(l, l.{end} in {names})",
+        f"'link %d: \\'{end}\\' names no node (got \"%s\")'.format("
+        f"[self.links.indexOf({bad}), {bad}.{end}])",
+    )
+
+
+class PipelineSpec(_Model):
+    """The desired pipeline: Juturna's pipeline config plus the desired lifecycle state."""
+
+    model_config = _validated(
+        _cel(
+            "self.nodes.map(n, n.name).distinct().size() == size(self.nodes)",
+            "'node names must be unique: \"%s\" appears more than once'.format([self.nodes"
+            ".filter(n, self.nodes.filter(m, m.name == n.name).size() > 1)[0].name])",
+        ),
+        _link_end_rule("from"),
+        _link_end_rule("to"),
+    )
+
+    state: DesiredState = Field(
+        default=DesiredState.Running,
+        description=(
+            "Desired lifecycle. Running: created, warmed up and started. Ready: created and "
+            "warmed up but not started (a warm standby). Stopped: no pipeline instance and "
+            "no resources held; the resource is kept."
+        ),
+    )
+    version: str = Field(default="1.0", max_length=MAX_NAME, description="Juturna config version.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_PLUGINS,
+        description=(
+            "Plugin folders, each relative to one of the plugin roots the operator's "
+            "administrator configured. Absolute paths and '..' are not allowed."
+        ),
+        json_schema_extra={
+            "items": {
+                "type": "string",
+                "description": "A plugin folder, relative to a plugin root.",
+                "minLength": 1,
+                "maxLength": MAX_PATH,
+                "x-kubernetes-validations": [
+                    _cel(
+                        "!self.startsWith('/') && !self.split('/').exists(s, s == '..')",
+                        "'plugin folder \"' + self + '\" must be relative to a plugin root: "
+                        'no leading "/" and no ".."\'',
+                    )
+                ],
+            }
+        },
+    )
+    nodes: list[NodeSpec] = Field(
+        min_length=1, max_length=MAX_NODES, description="The nodes of the graph."
+    )
+    links: list[LinkSpec] = Field(
+        default_factory=list,
+        max_length=MAX_LINKS,
+        description="The edges of the graph; both ends name nodes.",
+    )
+    telemetry: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Optional telemetry file name, written in the pipeline folder.",
+    )
+    runtime: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        description="Name of a runtime the administrator configured. Empty: the default.",
+    )
+    restartPolicy: RestartPolicy = Field(
+        default_factory=RestartPolicy, description="How runtime failures are retried."
+    )
+
+    def revision(self) -> str:
+        """A digest of what defines the pipeline itself (not ``state`` or ``restartPolicy``).
+
+        Two generations with the same revision can share one instance: changing only the
+        desired state stops or starts it instead of redeploying.
+        """
+        defining = self.model_dump(mode="json", by_alias=True, exclude={"state", "restartPolicy"})
+        digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+        return digest[:16]
+
+    def to_juturna_config(self, name: str) -> dict[str, Any]:
+        """Juturna's own config dict (``PipelineConfig``), for a pipeline called ``name``."""
+        nodes = [n.model_dump(exclude_none=True) for n in self.nodes]
+        pipeline: dict[str, Any] = {
+            "name": name,
+            "nodes": nodes,
+            "links": [link.model_dump(by_alias=True) for link in self.links],
+        }
+        if self.telemetry:
+            pipeline["telemetry"] = self.telemetry
+        return {"version": self.version, "plugins": list(self.plugins), "pipeline": pipeline}
+
+
+# --- status -------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Creating = "Creating"
+    WarmingUp = "WarmingUp"
+    Ready = "Ready"
+    Starting = "Starting"
+    Running = "Running"
+    Stopping = "Stopping"
+    Stopped = "Stopped"
+    Failed = "Failed"
+    Deleting = "Deleting"
+
+
+class ConditionType(StrEnum):
+    Created = "Created"
+    WarmedUp = "WarmedUp"
+    Running = "Running"
+    Ready = "Ready"
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition."""
+
+    type: ConditionType = Field(description="Created, WarmedUp, Running or Ready.")
+    status: str = Field(description="True, False or Unknown.", pattern="^(True|False|Unknown)$")
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="Human-readable details.")
+    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).")
+    observedGeneration: int = Field(description="The generation this condition describes.")
+
+
+class Failure(_Model):
+    """Present only while the last attempt failed."""
+
+    reason: str = Field(description="CamelCase failure reason from the documented set.")
+    code: int = Field(description="HTTP-like: 4xx needs a spec change; 5xx is retried.")
+    step: str = Field(description="validate, create, warmup, start, stop, delete or run.")
+    message: str = Field(description="What a person needs in order to fix it.")
+
+
+class NodeStatus(_Model):
+    """One node's observed status."""
+
+    name: str = Field(description="Node name.")
+    status: str = Field(description="Created, Configured, Running, Stopped or Failed.")
+
+
+class PipelineStatus(_Model):
+    """What the operator observed. Written only through the status subresource."""
+
+    phase: Phase | None = Field(default=None, description="Convenience summary of the lifecycle.")
+    observedGeneration: int | None = Field(
+        default=None, description="The metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Created, WarmedUp, Running and Ready."
+    )
+    failure: Failure | None = Field(default=None, description="The last attempt's failure.")
+    pipelineId: str | None = Field(default=None, description="Juturna's id of the instance.")
+    restarts: int = Field(default=0, description="Restarts since the last spec change.")
+    nodes: list[NodeStatus] = Field(default_factory=list, description="Per-node status.")
+    nodesReady: str | None = Field(
+        default=None, description="Running (or warm) nodes over all nodes, e.g. 2/2."
+    )

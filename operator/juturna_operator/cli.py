@@ -1,0 +1,118 @@
+"""``juturna-operator``: run the operator, or print the CRD it serves.
+
+juturna-operator run [-n NS ... | -A] [--plugin-path P] [--workdir D] ...
+juturna-operator crd [DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from juturna_operator.settings import Settings, SettingsError, parse_plugin_path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="juturna-operator", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the operator against the current kubeconfig context")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch this namespace (repeatable)",
+    )
+    where.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)"
+    )
+    run.add_argument("--plugin-path", help=f"plugin roots, separated by {os.pathsep!r}")
+    run.add_argument("--workdir", help="folder for pipeline folders")
+    run.add_argument("--engine", help="engine: inprocess")
+    run.add_argument("--stop-timeout", type=float, help="seconds a stop may take")
+    run.add_argument("--health-interval", type=float, help="seconds between health checks (≤ 5)")
+    run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument("--max-concurrency", type=int, help="threads for blocking Juturna calls")
+    run.add_argument(
+        "--liveness",
+        default=None,
+        metavar="URL",
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
+    run.add_argument("-v", "--verbose", action="store_true")
+    crd = sub.add_parser("crd", help="print the CRD, or write it into each DIR")
+    crd.add_argument("dirs", nargs="*")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Environment first, then the flags given."""
+    settings = Settings.from_env()
+    if args.plugin_path is not None:
+        settings.plugin_roots = parse_plugin_path(args.plugin_path)
+    if args.workdir:
+        settings.workdir = Path(args.workdir).expanduser().resolve()
+    for flag, attr in (
+        ("engine", "engine"),
+        ("stop_timeout", "stop_timeout_s"),
+        ("health_interval", "health_interval_s"),
+        ("log_format", "log_format"),
+        ("max_concurrency", "max_concurrency"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(settings, attr, getattr(args, flag))
+    settings.namespaces = list(args.namespace)
+    settings.all_namespaces = not args.namespace
+    settings.check()
+    return settings
+
+
+def _run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from juturna_operator import handlers
+
+    settings = settings_from(args)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
+        log_prefix=True,
+    )
+    logging.getLogger("jt").setLevel(logging.WARNING)  # Juturna logs every status read at INFO
+    # Every watch event runs the "wake" handler; its success is not news.
+    logging.getLogger("kopf.objects").addFilter(
+        lambda record: "Handler 'wake' succeeded" not in record.getMessage()
+    )
+    handlers.use_settings(settings)
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=settings.all_namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=args.liveness,
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "crd":
+        from juturna_operator import crd
+
+        return crd.main(args.dirs)
+    try:
+        return _run(args)
+    except SettingsError as err:
+        print(f"juturna-operator: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The PipelineManager port: one small interface that every engine implements.
+
+The reconciler never calls Juturna directly; it calls an ``Engine``. Each method is
+async so that no blocking Juturna call ever runs on the event loop, and each failure
+comes back as a classified ``PipelineFailure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class InstanceState(StrEnum):
+    """What an engine holds for one Pipeline resource."""
+
+    Absent = "Absent"
+    Created = "Created"
+    Ready = "Ready"  # warmed up, never started
+    Running = "Running"
+    Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
+
+
+@dataclass(frozen=True)
+class PipelineKey:
+    """Identifies one Pipeline resource; ``juturna_name`` is unique and safe as a folder name."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    @property
+    def juturna_name(self) -> str:
+        # namespace and name are DNS-1123 (lowercase letters, digits, '-' and '.'),
+        # so this holds no '/' and is never '.' or '..' (Pitfall 7).
+        return f"{self.namespace}__{self.name}__{self.uid[:8]}"
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class NodeCrash:
+    """A node thread that died while the pipeline ran (Juturna does not report it)."""
+
+    node: str
+    thread: str
+    error: str
+
+
+@dataclass
+class InstanceInfo:
+    """An engine's view of one instance."""
+
+    key: PipelineKey
+    pipeline_id: str
+    revision: str  # the spec revision it was built from
+    state: InstanceState
+    folder: str = ""
+    nodes: dict[str, str] = field(default_factory=dict)  # name -> Created|Configured|Running|...
+    crashes: list[NodeCrash] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    """Create, warm up, start, stop and delete pipeline instances; report their status."""
+
+    name: str
+
+    async def create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        """Register a new instance from Juturna's config dict; return its pipeline id."""
+
+    async def warmup(self, key: PipelineKey) -> None: ...
+
+    async def start(self, key: PipelineKey) -> None: ...
+
+    async def stop(self, key: PipelineKey) -> None:
+        """Stop within the engine's stop timeout, else raise ``StopTimeout``."""
+
+    async def delete(self, key: PipelineKey) -> None:
+        """Remove the instance and its folder; stop it first if it runs. Idempotent."""
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None: ...
+
+    async def list(self) -> list[InstanceInfo]: ...
+
+    async def close(self) -> None:
+        """Release everything the engine holds (operator shutdown)."""

@@ -1,0 +1,330 @@
+"""The in-process engine: Juturna's ``PipelineManager`` inside the operator's own process.
+
+Dense and fast (create + warmup + start of a light pipeline takes about 2 ms), but every
+pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply here:
+
+1. A crashing node is invisible: a ``threading.excepthook`` maps each dead node thread to
+   its pipeline (thread names are not unique across pipelines), and ``status`` also checks
+   that every node thread of a running pipeline is alive.
+2. Stop can hang forever: it runs on a thread of its own and is abandoned after the stop
+   timeout (``StopTimeout``); the stuck threads stay in this process until it restarts.
+   The process engine is the real cure.
+3. Start after stop is a no-op: a stopped instance is reported as ``Spent``.
+5. The singleton breaks while empty: one reference is held for the engine's life.
+6. The base folder is set once per process: a second, different workdir is refused.
+7. Names are not sanitised: ``PipelineKey.juturna_name`` is safe by construction.
+8. No locking: every call for one instance runs under that instance's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import shutil
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import juturna
+from juturna.cli.commands.models.api import PipelineConfig
+from juturna.components._pipeline_manager import PipelineManager
+from juturna.names import ComponentStatus
+
+from juturna_operator.engines.base import InstanceInfo, InstanceState, NodeCrash, PipelineKey
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
+from juturna_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+NODE_STATUS = {
+    ComponentStatus.NEW: "Created",
+    ComponentStatus.CONFIGURED: "Configured",
+    ComponentStatus.RUNNING: "Running",
+    ComponentStatus.STOPPED: "Stopped",
+}
+
+
+@dataclass
+class _Instance:
+    key: PipelineKey
+    pipeline_id: str
+    revision: str
+    state: InstanceState = InstanceState.Created
+    crashes: list[NodeCrash] = field(default_factory=list)
+
+
+class _ThreadOwners:
+    """Maps node threads to (instance, node); installed once as ``threading.excepthook``."""
+
+    def __init__(self) -> None:
+        self._owners: weakref.WeakKeyDictionary[threading.Thread, tuple[_Instance, str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._previous = threading.excepthook
+        threading.excepthook = self._hook
+
+    def register(self, thread: threading.Thread | None, instance: _Instance, node: str) -> None:
+        if thread is not None:
+            self._owners[thread] = (instance, node)
+
+    def _hook(self, args: threading.ExceptHookArgs) -> None:
+        owner = self._owners.get(args.thread) if args.thread is not None else None
+        if owner is None:
+            self._previous(args)
+            return
+        instance, node = owner
+        error = (
+            f"{args.exc_type.__name__}: {args.exc_value}"
+            if args.exc_value
+            else (args.exc_type.__name__)
+        )
+        instance.crashes.append(NodeCrash(node=node, thread=args.thread.name, error=error))
+        log.warning("node %r of %s crashed: %s", node, instance.key, error)
+
+    def uninstall(self) -> None:
+        if threading.excepthook == self._hook:
+            threading.excepthook = self._previous
+
+
+class InProcessEngine:
+    """Runs every pipeline in this process through one ``PipelineManager``."""
+
+    name = "inprocess"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        workdir = settings.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        PipelineManager.set_base_folder(str(workdir))
+        if Path(PipelineManager._base_folder or "") != workdir:
+            raise RuntimeError(
+                f"Juturna's base folder is already {PipelineManager._base_folder} in this "
+                f"process and cannot change to {workdir} (Juturna sets it once per process)"
+            )
+        self._manager = PipelineManager()  # the one reference (Pitfall 5)
+        self._remove_stale_folders(workdir)
+        for root in reversed(settings.plugin_roots):
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))  # Juturna imports plugin folders by import path
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="juturna-call"
+        )
+        self._instances: dict[PipelineKey, _Instance] = {}
+        self._locks: dict[PipelineKey, asyncio.Lock] = {}
+        self._owners = _ThreadOwners()
+
+    # -- helpers --
+
+    def _remove_stale_folders(self, workdir: Path) -> None:
+        """In-process instances die with their process: folders left by a killed operator
+        (``<ns>__<name>__<uid8>_<pipeline id>``) belong to nothing now."""
+        for folder in workdir.glob("*__*__*_*-*-*-*-*"):
+            if folder.is_dir() and not self._manager._pipelines:
+                log.info("removing a pipeline folder left by a previous process: %s", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _lock(self, key: PipelineKey) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    async def _call(self, step: Step, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking Juturna call on the pool; classify what it raises."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        except Exception as exc:
+            failure = classify(exc, step)
+            node = failing_node(exc)
+            if node is not None and failure.reason.retryable:
+                failure.message = f'node "{node}": {failure.message}'
+            raise failure from exc
+
+    def _get(self, key: PipelineKey, step: Step) -> _Instance:
+        instance = self._instances.get(key)
+        if instance is None:
+            raise PipelineFailure(
+                FailureReason.InvalidPipelineId, step, f"no pipeline instance for {key}"
+            )
+        return instance
+
+    def _pipeline(self, instance: _Instance) -> Any:
+        return self._manager._pipelines.get(instance.pipeline_id)
+
+    # -- the Engine interface --
+
+    async def create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        async with self._lock(key):
+            if key in self._instances:
+                raise PipelineFailure(
+                    FailureReason.CreateFailed, Step.create, f"{key} already has an instance"
+                )
+            created = await self._call(
+                Step.create, self._manager.create_pipeline, PipelineConfig(**config)
+            )
+            self._instances[key] = _Instance(key, created.pipeline_id, revision)
+            return str(created.pipeline_id)
+
+    async def warmup(self, key: PipelineKey) -> None:
+        async with self._lock(key):
+            instance = self._get(key, Step.warmup)
+            await self._call(Step.warmup, self._manager.warmup_pipeline, instance.pipeline_id)
+            instance.state = InstanceState.Ready
+
+    async def start(self, key: PipelineKey) -> None:
+        async with self._lock(key):
+            instance = self._get(key, Step.start)
+            await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
+            instance.state = InstanceState.Running
+            for node_name, node in (self._pipeline(instance)._nodes or {}).items():
+                for thread in (node._worker_thread, node._update_thread, node._source_thread):
+                    self._owners.register(thread, instance, node_name)
+
+    async def stop(self, key: PipelineKey) -> None:
+        async with self._lock(key):
+            await self._stop_locked(self._get(key, Step.stop))
+
+    async def _stop_locked(self, instance: _Instance) -> None:
+        if instance.state is not InstanceState.Running:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def run() -> None:
+            try:
+                self._manager.stop_pipeline(instance.pipeline_id)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(_settle, done, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
+
+        # A thread of its own, not the pool: a stop that hangs forever (Pitfall 2) must
+        # not use up a pool worker for good.
+        threading.Thread(target=run, name=f"juturna-stop-{instance.key}", daemon=True).start()
+        timeout = self._settings.stop_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            blocked = self._live_node_threads(instance)
+            self._abandon(instance)
+            raise PipelineFailure(
+                FailureReason.StopTimeout,
+                Step.stop,
+                f"stop did not finish within {timeout:g} s; blocked node threads: "
+                f"{', '.join(blocked) or 'none'}. The instance was abandoned; its threads stay "
+                "blocked in the operator process (the process engine can kill them instead)",
+            ) from None
+        except Exception as exc:
+            raise classify(exc, Step.stop) from exc
+        instance.state = InstanceState.Spent
+
+    def _live_node_threads(self, instance: _Instance) -> list[str]:
+        pipeline = self._pipeline(instance)
+        names = []
+        for node in (pipeline._nodes or {}).values() if pipeline else ():
+            for thread in (node._worker_thread, node._update_thread, node._source_thread):
+                if thread is not None and thread.is_alive():
+                    names.append(thread.name)
+        return names
+
+    def _abandon(self, instance: _Instance) -> None:
+        """Forget an instance whose stop hangs: unregister it and remove its folder."""
+        pipeline = self._manager._pipelines.pop(instance.pipeline_id, None)
+        self._instances.pop(instance.key, None)
+        if pipeline is not None and pipeline.pipe_path:
+            shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
+
+    async def delete(self, key: PipelineKey) -> None:
+        async with self._lock(key):
+            instance = self._instances.get(key)
+            if instance is None:
+                return
+            await self._stop_locked(instance)
+            if key not in self._instances:  # abandoned by a stop timeout
+                return
+            try:
+                await self._call(
+                    Step.delete, self._manager.delete_pipeline, instance.pipeline_id, True
+                )
+            except PipelineFailure as failure:
+                if failure.reason is not FailureReason.InvalidPipelineId:
+                    self._abandon(instance)
+                    raise
+            self._instances.pop(key, None)
+        self._locks.pop(key, None)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        instance = self._instances.get(key)
+        return None if instance is None else self._info(instance)
+
+    def _info(self, instance: _Instance) -> InstanceInfo:
+        pipeline = self._pipeline(instance)
+        nodes: dict[str, str] = {}
+        crashes = list(instance.crashes)
+        for name, node in (pipeline._nodes or {}).items() if pipeline else ():
+            nodes[name] = NODE_STATUS.get(node.status, str(node.status))
+            if instance.state is InstanceState.Running:
+                dead = [
+                    t
+                    for t in (node._worker_thread, node._update_thread)
+                    if t is not None and not t.is_alive()
+                ]
+                if dead and not any(c.node == name for c in crashes):
+                    crashes.append(NodeCrash(name, dead[0].name, "thread exited unexpectedly"))
+        for crash in crashes:
+            nodes[crash.node] = "Failed"
+        return InstanceInfo(
+            key=instance.key,
+            pipeline_id=instance.pipeline_id,
+            revision=instance.revision,
+            state=instance.state,
+            folder=str(pipeline.pipe_path) if pipeline else "",
+            nodes=nodes,
+            crashes=crashes,
+        )
+
+    async def list(self) -> list[InstanceInfo]:
+        return [self._info(i) for i in list(self._instances.values())]
+
+    async def close(self) -> None:
+        for key in list(self._instances):
+            try:
+                await self.delete(key)
+            except PipelineFailure as failure:
+                log.warning("while shutting down, %s: %s", key, failure)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._owners.uninstall()
+
+
+JUTURNA_DIR = str(Path(juturna.__file__).parent)
+
+
+def failing_node(exc: BaseException) -> str | None:
+    """The node Juturna was building or warming up when ``exc`` was raised.
+
+    Juturna's errors do not say which node failed; its warmup loops keep the name in a
+    local ``node_name``, so the innermost Juturna frame that has one names the node.
+    """
+    name = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        value = frame.f_locals.get("node_name")
+        if frame.f_code.co_filename.startswith(JUTURNA_DIR) and isinstance(value, str):
+            name = value
+        tb = tb.tb_next
+    return name
+
+
+def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)

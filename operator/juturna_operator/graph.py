@@ -1,0 +1,235 @@
+"""Validation of a Pipeline spec before anything is deployed.
+
+The API server's CEL rules already refuse duplicate names, dangling links, self-links,
+unsafe names and absolute or ``..`` plugin folders. This module repeats those cheap
+checks (a cluster may run an older CRD) and adds what CEL cannot express:
+
+* cycles (Juturna accepts them silently and never runs the cycle's nodes);
+* plugin folders that resolve outside every configured root (symlinks included);
+* node marks that no built-in and no plugin folder provides;
+* configuration keys that the node's ``config.toml`` does not declare (Juturna drops
+  them silently): these are warnings, not failures.
+
+It mirrors Juturna's lookup: a plugin folder ``tones`` under root ``R`` is imported as
+``tones.nodes.<type>._<mark>.<mark>`` with ``R`` on ``sys.path``; built-ins come first
+and the last match wins. Nothing here imports plugin code.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import juturna.nodes
+
+from juturna_operator.api import PipelineSpec
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+
+BUILTIN_NODES = Path(juturna.nodes.__file__).parent
+
+
+@dataclass(frozen=True)
+class NodeImpl:
+    """Where a node's implementation lives, and the arguments its config.toml declares."""
+
+    folder: Path
+    arguments: tuple[str, ...] | None  # None: no config.toml [arguments] table
+
+
+@dataclass
+class Validated:
+    """A spec that passed validation, with what deploying it needs to know."""
+
+    impls: dict[str, NodeImpl] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _fail(reason: FailureReason, message: str) -> PipelineFailure:
+    return PipelineFailure(reason, Step.validate, message)
+
+
+def check_structure(spec: PipelineSpec) -> None:
+    """The rules CEL enforces at admission, again, for clusters with an older CRD."""
+    names = [n.name for n in spec.nodes]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise _fail(
+                FailureReason.InvalidSpec, f'node names must be unique: "{name}" appears twice'
+            )
+        seen.add(name)
+        if not name or not all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
+            raise _fail(
+                FailureReason.InvalidSpec,
+                f'node name "{name}" is not a safe folder name: use only letters, digits, '
+                '"_" and "-"',
+            )
+    for i, link in enumerate(spec.links):
+        for end, value in (("from", link.from_), ("to", link.to)):
+            if value not in seen:
+                raise _fail(
+                    FailureReason.InvalidSpec, f"link {i}: '{end}' names no node (got \"{value}\")"
+                )
+        if link.from_ == link.to:
+            raise _fail(
+                FailureReason.InvalidSpec, f'link {i}: from "{link.from_}" to itself is not allowed'
+            )
+
+
+def find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:
+    """One cycle as a path ``[a, b, ..., a]``, or None if the graph is acyclic."""
+    succ: dict[str, list[str]] = {n: [] for n in nodes}
+    for a, b in edges:
+        succ.setdefault(a, []).append(b)
+    white, grey, black = 0, 1, 2
+    color = dict.fromkeys(succ, white)
+    parent: dict[str, str] = {}
+    for root in succ:
+        if color[root] != white:
+            continue
+        stack = [(root, iter(succ[root]))]
+        color[root] = grey
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                color[node] = black
+                stack.pop()
+            elif color.get(child, white) == white:
+                parent[child] = node
+                color[child] = grey
+                stack.append((child, iter(succ.get(child, []))))
+            elif color[child] == grey:
+                path = [node]  # walk back from node to child, then close the loop
+                while path[-1] != child:
+                    path.append(parent[path[-1]])
+                return [*reversed(path), child]
+    return None
+
+
+def resolve_plugin(entry: str, roots: Sequence[Path]) -> Path:
+    """The folder of plugin ``entry`` under the first root that has it.
+
+    Raises ``PluginPathNotAllowed`` for absolute paths, ``..``, parts that are not Python
+    identifiers (Juturna imports the folder by its path), and symlinks that leave the root;
+    ``PluginNotFound`` when no root has the folder.
+    """
+    pure = PurePosixPath(entry)
+    if pure.is_absolute() or ".." in pure.parts or "\\" in entry:
+        raise _fail(
+            FailureReason.PluginPathNotAllowed,
+            f'plugin folder "{entry}" must be relative to a plugin root: no leading "/" and '
+            'no ".."',
+        )
+    if not pure.parts or not all(part.isidentifier() for part in pure.parts):
+        raise _fail(
+            FailureReason.PluginPathNotAllowed,
+            f'plugin folder "{entry}" cannot be imported by Juturna: each part of the path must '
+            "be a Python identifier (letters, digits and '_')",
+        )
+    if not roots:
+        raise _fail(
+            FailureReason.PluginPathNotAllowed,
+            f'plugin folder "{entry}" is not allowed: the operator has no plugin roots '
+            "configured (JUTURNA_OPERATOR_PLUGIN_PATH)",
+        )
+    for root in roots:
+        candidate = root / pure
+        if not candidate.is_dir():
+            continue
+        real_root, real = root.resolve(), candidate.resolve()
+        if not real.is_relative_to(real_root):
+            raise _fail(
+                FailureReason.PluginPathNotAllowed,
+                f'plugin folder "{entry}" resolves to {real}, outside the plugin root {root}',
+            )
+        return candidate
+    raise _fail(
+        FailureReason.PluginNotFound,
+        f'plugin folder "{entry}" not found under any plugin root '
+        f"({', '.join(str(r) for r in roots)})",
+    )
+
+
+def _node_impl(base: Path, node_type: str, mark: str) -> NodeImpl | None:
+    folder = base / node_type / f"_{mark}"
+    if not (folder / f"{mark}.py").is_file():
+        return None
+    try:
+        arguments = tomllib.loads((folder / "config.toml").read_text()).get("arguments")
+    except (OSError, tomllib.TOMLDecodeError):
+        arguments = None
+    names = tuple(arguments) if isinstance(arguments, dict) else None
+    return NodeImpl(folder=folder, arguments=names)
+
+
+def _known_marks(bases: Sequence[Path], node_type: str) -> list[str]:
+    marks = set()
+    for base in bases:
+        type_dir = base / node_type
+        if type_dir.is_dir():
+            marks.update(
+                p.name[1:]
+                for p in type_dir.iterdir()
+                if p.name.startswith("_") and (p / f"{p.name[1:]}.py").is_file()
+            )
+    return sorted(marks)
+
+
+def check_runtime(runtime: str | None, runtimes: Collection[str]) -> None:
+    """``spec.runtime`` must name a runtime the administrator configured (empty: default)."""
+    if runtime and runtime not in runtimes:
+        configured = ", ".join(sorted(runtimes)) or "none"
+        raise _fail(
+            FailureReason.UnknownRuntime,
+            f'spec.runtime "{runtime}" names no configured runtime (configured: {configured}); '
+            "leave it empty for the operator's default engine",
+        )
+
+
+def validate(
+    spec: PipelineSpec, plugin_roots: Sequence[Path], runtimes: Collection[str] = ()
+) -> Validated:
+    """Check ``spec``; raise a ``PipelineFailure`` naming the first problem found."""
+    check_structure(spec)
+    check_runtime(spec.runtime, runtimes)
+    cycle = find_cycle([n.name for n in spec.nodes], [(lk.from_, lk.to) for lk in spec.links])
+    if cycle:
+        raise _fail(
+            FailureReason.InvalidGraph,
+            f"links form a cycle: {' -> '.join(cycle)}; Juturna would never run these nodes",
+        )
+    plugin_bases = [resolve_plugin(p, plugin_roots) / "nodes" for p in spec.plugins]
+    bases = [BUILTIN_NODES, *plugin_bases]
+    result = Validated()
+    for node in spec.nodes:
+        impl = None
+        for base in bases:  # the last match wins, as in Juturna
+            impl = _node_impl(base, node.type, node.mark) or impl
+        if impl is None:
+            known = ", ".join(_known_marks(bases, node.type)) or "none"
+            raise _fail(
+                FailureReason.PluginNotFound,
+                f'node "{node.name}": no plugin "{node.mark}" of type {node.type} in plugins '
+                f"{_quoted_list(spec.plugins)} (known: {known})",
+            )
+        if impl.arguments is None:
+            raise _fail(
+                FailureReason.PluginNotFound,
+                f'node "{node.name}": plugin "{node.mark}" has no config.toml with an '
+                f"[arguments] table in {impl.folder}",
+            )
+        result.impls[node.name] = impl
+        for key in node.configuration:
+            if key not in impl.arguments:
+                known_keys = ", ".join(impl.arguments) or "none"
+                result.warnings.append(
+                    f'node "{node.name}": unknown configuration key "{key}" (known: {known_keys})'
+                )
+    return result
+
+
+def _quoted_list(items: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"

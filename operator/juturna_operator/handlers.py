@@ -1,0 +1,161 @@
+"""The kopf layer: thin handlers that hand each Pipeline to the reconciler.
+
+* ``on.event``: every watch event wakes the resource's daemon; it stores nothing, so
+  kopf writes no diff-base or progress for it (no GitOps drift).
+* ``daemon``: one per Pipeline, level-triggered: reconcile, then sleep until woken, the
+  health interval, or a backoff deadline.
+* ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
+
+kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+
+from juturna_operator import api
+from juturna_operator.engines import make_engine
+from juturna_operator.engines.base import Engine, PipelineKey
+from juturna_operator.reconciler import Reconciler, Resource
+from juturna_operator.settings import Settings
+
+FINALIZER = f"{api.GROUP}/cleanup"
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+
+log = logging.getLogger(__name__)
+
+
+class _State:
+    """What the handlers share; set up once at startup."""
+
+    settings: Settings | None = None
+    engine: Engine | None = None
+    reconciler: Reconciler | None = None
+    objects: k8s.CustomObjectsApi | None = None
+    wakeups: dict[str, asyncio.Event] = {}  # noqa: RUF012 - one process-wide registry
+    bodies: dict[str, Any] = {}  # noqa: RUF012 - uid -> latest body, for Events
+
+
+state = _State()
+
+
+def use_settings(settings: Settings) -> None:
+    """Called by the CLI before kopf starts."""
+    state.settings = settings
+
+
+def _api_client() -> k8s.ApiClient:
+    try:
+        k8s_config.load_incluster_config()
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config()
+    return k8s.ApiClient()
+
+
+async def write_status(key: PipelineKey, status: dict[str, Any]) -> None:
+    """One merge patch of the status subresource (never the spec)."""
+    assert state.objects is not None
+    try:
+        await asyncio.to_thread(
+            state.objects.patch_namespaced_custom_object_status,
+            api.GROUP,
+            api.VERSION,
+            key.namespace,
+            api.PLURAL,
+            key.name,
+            {"status": status},
+        )
+    except k8s.ApiException as err:
+        if err.status != 404:  # deleted meanwhile: nothing to describe
+            raise
+
+
+def post_event(key: PipelineKey, kind: str, reason: str, message: str) -> None:
+    body = state.bodies.get(key.uid)
+    if body is not None:
+        kopf.event(body, type=kind, reason=reason, message=message[:1024])
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.lastHandledConfiguration"
+    )
+    settings.posting.enabled = True
+    settings.posting.level = logging.WARNING  # our own Events are explicit
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 15
+    settings.peering.standalone = True
+    ours = state.settings or Settings.from_env()
+    state.settings = ours
+    state.objects = k8s.CustomObjectsApi(_api_client())
+    state.engine = make_engine(ours)
+    state.reconciler = Reconciler(state.engine, ours, write_status, post_event)
+    logger.info(
+        "juturna-operator ready: engine=%s workdir=%s plugin roots=%s",
+        ours.engine,
+        ours.workdir,
+        [str(r) for r in ours.plugin_roots] or "none",
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(logger: logging.Logger, **_: Any) -> None:
+    if state.engine is not None:
+        await state.engine.close()
+        logger.info("engine closed")
+
+
+@kopf.on.event(*RESOURCE)
+async def wake(body: kopf.Body, type: str | None, **_: Any) -> None:
+    uid = body.get("metadata", {}).get("uid")
+    if not uid:
+        return
+    if type == "DELETED":
+        state.bodies.pop(uid, None)
+        return
+    state.bodies[uid] = body
+    event = state.wakeups.get(uid)
+    if event is not None:
+        event.set()
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=5.0)
+async def run_pipeline(
+    body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+) -> None:
+    """Keep one Pipeline at its desired state for as long as it exists."""
+    assert state.reconciler is not None
+    uid = body["metadata"]["uid"]
+    state.bodies[uid] = body
+    wakeup = state.wakeups.setdefault(uid, asyncio.Event())
+    try:
+        while not stopped:
+            wakeup.clear()
+            delay = await state.reconciler.reconcile(Resource.from_body(body), logger)
+            waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+    finally:
+        state.wakeups.pop(uid, None)
+
+
+@kopf.on.delete(*RESOURCE)
+async def delete_pipeline(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    """Stop and delete the instance; the finalizer goes when this returns."""
+    assert state.reconciler is not None
+    state.bodies[body["metadata"]["uid"]] = body
+    await state.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
+    state.bodies.pop(body["metadata"]["uid"], None)

@@ -1,0 +1,122 @@
+"""Failure reasons: one closed set, each with a distinct name, an HTTP-like code and a summary.
+
+Names and codes live together, in one table. ``FailureReason`` is a plain ``Enum`` whose
+values are ``(code, summary)`` pairs, and ``@unique`` refuses two members with the same
+value: an ``IntEnum`` keyed on the code alone would make ``NotReady`` an alias of
+``AlreadyWarmedUp`` (both 409), and the second name would silently disappear.
+
+Codes follow HTTP: 4xx means the spec (or the cluster's configuration) must change and
+nothing is retried; 5xx means transient, retried with backoff under the restart policy.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, StrEnum, unique
+
+from juturna.cli.commands.exceptions import (
+    AlreadyRunningException,
+    AlreadyWarmedupException,
+    InvalidPipelineIdException,
+    NotReadyException,
+    NotRunningException,
+)
+
+
+@unique
+class FailureReason(Enum):
+    """Every reason the operator reports in ``status.failure.reason``."""
+
+    # Juturna's PipelineManager exceptions.
+    InvalidPipelineId = (404, "Juturna has no pipeline with this id.")
+    AlreadyWarmedUp = (409, "The pipeline was already warmed up.")
+    NotReady = (409, "The pipeline must be warmed up before it can start.")
+    AlreadyRunning = (409, "The pipeline is already running.")
+    NotRunning = (409, "The pipeline is not running, so it cannot be stopped.")
+    # The operator's own.
+    InvalidSpec = (422, "The spec breaks a structural rule (names, links, plugin folders).")
+    InvalidGraph = (422, "The links form a cycle; Juturna would never run its nodes.")
+    PluginNotFound = (422, "A node's type and mark are not found in the built-ins or plugins.")
+    PluginPathNotAllowed = (403, "A plugin folder is outside every configured plugin root.")
+    UnknownRuntime = (422, "spec.runtime names a runtime the administrator did not configure.")
+    CreateFailed = (500, "Juturna could not create the pipeline.")
+    WarmupFailed = (500, "A node failed while warming up (its constructor or warmup raised).")
+    StartFailed = (500, "The pipeline failed to start.")
+    StopFailed = (500, "The pipeline failed to stop.")
+    DeleteFailed = (500, "The pipeline instance could not be deleted.")
+    NodeFailed = (500, "A node's thread died while the pipeline was running.")
+    StopTimeout = (504, "Stopping the pipeline did not finish within the stop timeout.")
+    RuntimeUnavailable = (503, "The pipeline runtime could not be reached.")
+
+    @property
+    def code(self) -> int:
+        return int(self.value[0])
+
+    @property
+    def summary(self) -> str:
+        return str(self.value[1])
+
+    @property
+    def retryable(self) -> bool:
+        """5xx reasons are transient and retried with backoff; 4xx wait for a spec change."""
+        return self.code >= 500
+
+
+class Step(StrEnum):
+    """The lifecycle step during which a failure happened (``status.failure.step``)."""
+
+    validate = "validate"
+    create = "create"
+    warmup = "warmup"
+    start = "start"
+    stop = "stop"
+    delete = "delete"
+    run = "run"
+
+
+class PipelineFailure(Exception):
+    """A classified failure: what went wrong, in which step, in words a person can act on."""
+
+    def __init__(self, reason: FailureReason, step: Step, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.step = step
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason.name} ({self.reason.code}) at {self.step}: {self.message}"
+
+
+_JUTURNA_EXCEPTIONS: dict[type[Exception], FailureReason] = {
+    InvalidPipelineIdException: FailureReason.InvalidPipelineId,
+    AlreadyWarmedupException: FailureReason.AlreadyWarmedUp,
+    NotReadyException: FailureReason.NotReady,
+    AlreadyRunningException: FailureReason.AlreadyRunning,
+    NotRunningException: FailureReason.NotRunning,
+}
+
+_STEP_REASONS: dict[Step, FailureReason] = {
+    Step.create: FailureReason.CreateFailed,
+    Step.warmup: FailureReason.WarmupFailed,
+    Step.start: FailureReason.StartFailed,
+    Step.stop: FailureReason.StopFailed,
+    Step.delete: FailureReason.DeleteFailed,
+    Step.run: FailureReason.NodeFailed,
+}
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``Type: message``, the way a person reads an exception in one line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def classify(exc: BaseException, step: Step) -> PipelineFailure:
+    """The one place where an exception becomes a failure reason."""
+    if isinstance(exc, PipelineFailure):
+        return exc
+    for exc_type, reason in _JUTURNA_EXCEPTIONS.items():
+        if isinstance(exc, exc_type):
+            return PipelineFailure(reason, step, f"{reason.summary} ({describe_exception(exc)})")
+    if step is Step.validate:
+        return PipelineFailure(FailureReason.InvalidSpec, step, describe_exception(exc))
+    return PipelineFailure(_STEP_REASONS[step], step, describe_exception(exc))

@@ -1,0 +1,394 @@
+"""The reconcile loop: lifecycle decides, the engine acts, the status and Events tell.
+
+One ``Reconciler`` serves every Pipeline. For each resource it keeps a little memory
+(the last failure, restarts, the backoff deadline, the last status written), restored
+from ``status`` when the operator starts, so a restart loses nothing.
+
+Status writes cost API calls, so a step that finishes within the progress threshold
+gets no patch of its own; the final state, any failure and every condition change are
+always written, and nothing is written when nothing changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from juturna_operator import graph, lifecycle
+from juturna_operator.api import (
+    Condition,
+    DesiredState,
+    Failure,
+    NodeStatus,
+    PipelineSpec,
+    PipelineStatus,
+)
+from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey
+from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import Settings
+
+MAX_STEPS = 16
+
+StatusWriter = Callable[[PipelineKey, dict[str, Any]], Awaitable[None]]
+EventPoster = Callable[[PipelineKey, str, str, str], None]  # key, type, reason, message
+
+
+@dataclass
+class Resource:
+    """The parts of a Pipeline object the reconciler reads."""
+
+    key: PipelineKey
+    generation: int
+    spec: dict[str, Any]
+    status: dict[str, Any]
+    deleting: bool = False
+
+    @classmethod
+    def from_body(cls, body: Any, deleting: bool = False) -> Resource:
+        meta = body["metadata"]
+        return cls(
+            key=PipelineKey(meta["namespace"], meta["name"], meta["uid"]),
+            generation=int(meta.get("generation") or 1),
+            spec=dict(body.get("spec") or {}),
+            status=dict(body.get("status") or {}),
+            deleting=deleting or bool(meta.get("deletionTimestamp")),
+        )
+
+
+@dataclass
+class Memory:
+    """What the operator remembers about one resource between reconciles."""
+
+    generation: int | None = None
+    validated_generation: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    failure: FailureRecord | None = None
+    restarts: int = 0
+    retry_at: float | None = None
+    last_status: dict[str, Any] | None = None
+    recovering_from: str | None = None  # a pipelineId from before an operator restart
+
+    @classmethod
+    def from_status(cls, status: dict[str, Any]) -> Memory:
+        """Restore what a previous operator process wrote."""
+        mem = cls(restarts=int(status.get("restarts") or 0))
+        mem.generation = status.get("observedGeneration")
+        raw = status.get("failure")
+        if raw and raw.get("reason") in FailureReason.__members__ and mem.generation is not None:
+            mem.failure = FailureRecord(
+                FailureReason[raw["reason"]],
+                Step(raw.get("step", "run")),
+                raw.get("message", ""),
+                int(mem.generation),
+            )
+            mem.retry_at = 0.0  # a retry that was due is due now
+        mem.recovering_from = status.get("pipelineId")
+        return mem
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _spec_or_failure(resource: Resource) -> PipelineSpec | PipelineFailure:
+    try:
+        return PipelineSpec.model_validate(resource.spec)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return PipelineFailure(
+            FailureReason.InvalidSpec, Step.validate, f"spec.{where}: {first['msg']}"
+        )
+
+
+Log = logging.Logger | logging.LoggerAdapter[Any]
+
+
+@dataclass
+class _Pass:
+    """One reconcile pass over one resource: what every step of it needs."""
+
+    resource: Resource
+    mem: Memory
+    desired: Desired
+    log: Log
+
+    @property
+    def key(self) -> PipelineKey:
+        return self.resource.key
+
+
+class Reconciler:
+    """Moves each Pipeline toward its desired state through an ``Engine``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        write_status: StatusWriter,
+        post_event: EventPoster,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self._write_status = write_status
+        self._post_event = post_event
+        self._clock = clock
+        self._memory: dict[str, Memory] = {}
+
+    def forget(self, uid: str) -> None:
+        self._memory.pop(uid, None)
+
+    def _remember(self, resource: Resource) -> Memory:
+        mem = self._memory.get(resource.key.uid)
+        if mem is None:
+            mem = self._memory[resource.key.uid] = Memory.from_status(resource.status)
+        if mem.generation != resource.generation:
+            # A spec change: restarts count from zero and the new spec is validated again.
+            mem.generation = resource.generation
+            mem.restarts = 0
+            mem.retry_at = None
+            mem.validated_generation = None
+        return mem
+
+    # -- the loop --
+
+    async def reconcile(self, resource: Resource, log: Log) -> float:
+        """Act until the next step is to wait; write status. Returns seconds until next look."""
+        mem = self._remember(resource)
+        parsed = _spec_or_failure(resource)
+        spec = parsed if isinstance(parsed, PipelineSpec) else None
+        p = _Pass(resource, mem, _desired(resource, spec), log)
+        if (
+            isinstance(parsed, PipelineFailure)
+            and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
+        ):
+            self._record_failure(p, parsed)
+
+        if await self.engine.status(p.key) is not None:
+            mem.recovering_from = None  # the engine still holds it: nothing to recover
+        for _ in range(MAX_STEPS):
+            info = await self.engine.status(p.key)
+            self._check_health(p, info)
+            action = lifecycle.next_step(p.desired, self._observed(mem, info), self._clock())
+            if action in (Action.Nothing, Action.Wait):
+                break
+            if action is Action.Retry:
+                mem.restarts += 1
+                mem.failure, mem.retry_at = None, None
+                self._event(
+                    p,
+                    "Normal",
+                    "Restarting",
+                    f"restart {mem.restarts} of {p.desired.max_restarts} after a retryable failure",
+                )
+                continue
+            try:
+                await self._with_progress(p, info, action, spec)
+            except PipelineFailure as failure:
+                self._record_failure(p, failure)
+                if failure.step in (Step.create, Step.warmup, Step.start):
+                    await self._discard(p)  # no half-built instance is kept
+        info = await self.engine.status(p.key)
+        if mem.recovering_from and lifecycle.desired_reached(p.desired, self._observed(mem, info)):
+            self._event(
+                p,
+                "Normal",
+                "Recovered",
+                "pipeline redeployed after an operator "
+                f"restart (previous instance {mem.recovering_from})",
+            )
+            mem.recovering_from = None
+        await self._publish(p, info, None)
+        return self._next_look(p)
+
+    async def finalize(self, resource: Resource, log: Log) -> None:
+        """Deletion: stop (bounded) and delete the instance. Never raises, never hangs."""
+        resource.deleting = True
+        p = _Pass(resource, self._remember(resource), _desired(resource, None), log)
+        for _ in range(MAX_STEPS):
+            info = await self.engine.status(p.key)
+            action = lifecycle.next_step(p.desired, self._observed(p.mem, info), self._clock())
+            if action is Action.Nothing:
+                break
+            try:
+                await self._with_progress(p, info, action, None)
+            except PipelineFailure as failure:
+                # The resource must not hang in deletion; the engine has let go of it.
+                self._event(p, "Warning", failure.reason.name, failure.message)
+                log.warning("while deleting: %s", failure)
+        self.forget(resource.key.uid)
+
+    # -- pieces --
+
+    @staticmethod
+    def _observed(mem: Memory, info: InstanceInfo | None) -> Observed:
+        return Observed(
+            instance=info.state if info else InstanceState.Absent,
+            instance_revision=info.revision if info else None,
+            validated_generation=mem.validated_generation,
+            failure=mem.failure,
+            restarts=mem.restarts,
+            retry_at=mem.retry_at,
+        )
+
+    def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
+        """Juturna never reports a dead node thread; the engine does, and it is a failure."""
+        if info is None or info.state is not InstanceState.Running or not info.crashes:
+            return
+        if lifecycle.current_failure(p.desired, self._observed(p.mem, info)) is not None:
+            return
+        crash = info.crashes[0]
+        self._record_failure(
+            p,
+            PipelineFailure(
+                FailureReason.NodeFailed,
+                Step.run,
+                f'node "{crash.node}" crashed: {crash.error} (thread {crash.thread})',
+            ),
+        )
+
+    def _record_failure(self, p: _Pass, failure: PipelineFailure) -> None:
+        p.mem.failure = FailureRecord(
+            failure.reason, failure.step, failure.message, p.desired.generation
+        )
+        if failure.reason.retryable:
+            p.mem.retry_at = self._clock() + lifecycle.backoff_delay(
+                p.desired.backoff_seconds, p.mem.restarts
+            )
+        p.log.warning("%s", failure)
+        self._event(p, "Warning", failure.reason.name, failure.message)
+
+    async def _discard(self, p: _Pass) -> None:
+        try:
+            await self.engine.delete(p.key)
+        except PipelineFailure as failure:
+            p.log.warning("could not discard a failed instance: %s", failure)
+
+    async def _with_progress(
+        self, p: _Pass, info: InstanceInfo | None, action: Action, spec: PipelineSpec | None
+    ) -> None:
+        """Run one action; if it outlives the progress threshold, say so in status first."""
+        task = asyncio.ensure_future(self._act(p, action, spec))
+        done, _ = await asyncio.wait({task}, timeout=self.settings.progress_threshold_s)
+        if not done:
+            await self._publish(p, info, action)
+        await task
+
+    async def _act(self, p: _Pass, action: Action, spec: PipelineSpec | None) -> None:
+        if action is Action.Validate:
+            assert spec is not None
+            validated = await asyncio.to_thread(
+                graph.validate, spec, self.settings.plugin_roots, self.settings.runtimes
+            )
+            p.mem.validated_generation = p.desired.generation
+            p.mem.warnings = validated.warnings
+            for warning in validated.warnings:
+                self._event(p, "Warning", "UnknownConfigurationKey", warning)
+        elif action is Action.Create:
+            assert spec is not None
+            config = spec.to_juturna_config(p.key.juturna_name)
+            pid = await self.engine.create(p.key, config, p.desired.revision)
+            self._event(p, "Normal", "Created", f"pipeline instance {pid} created")
+        else:
+            act, reason, message = {
+                Action.Warmup: (self.engine.warmup, "WarmedUp", "all nodes warmed up"),
+                Action.Start: (self.engine.start, "Started", "pipeline started"),
+                Action.Stop: (self.engine.stop, "Stopped", "pipeline stopped"),
+                Action.Delete: (self.engine.delete, "Deleted", "pipeline instance deleted"),
+            }[action]
+            await act(p.key)
+            self._event(p, "Normal", reason, message)
+
+    def _event(self, p: _Pass, kind: str, reason: str, message: str) -> None:
+        self._post_event(p.key, kind, reason, message)
+
+    def _next_look(self, p: _Pass) -> float:
+        interval = self.settings.health_interval_s
+        retry_at = p.mem.retry_at
+        if retry_at is not None and not lifecycle.is_terminal(
+            p.desired, self._observed(p.mem, None)
+        ):
+            return max(0.0, min(interval, retry_at - self._clock()))
+        return interval
+
+    # -- status --
+
+    def build_status(
+        self, p: _Pass, info: InstanceInfo | None, in_progress: Action | None
+    ) -> dict[str, Any]:
+        """The whole status this operator owns, as a merge patch."""
+        observed = self._observed(p.mem, info)
+        source = p.mem.last_status or p.resource.status
+        previous = [
+            Condition.model_validate(c)
+            for c in source.get("conditions") or []
+            if isinstance(c, dict) and c.get("type") in lifecycle.ConditionType.__members__
+        ]
+        failure = lifecycle.current_failure(p.desired, observed)
+        nodes = [NodeStatus(name=n, status=s) for n, s in (info.nodes if info else {}).items()]
+        total = len(p.resource.spec.get("nodes") or [])
+        running = info is not None and info.state is InstanceState.Running
+        live = {"Running"} if running else {"Configured", "Stopped"}  # warm standby counts
+        status = PipelineStatus(
+            phase=lifecycle.phase(p.desired, observed, in_progress),
+            observedGeneration=p.desired.generation,
+            conditions=lifecycle.conditions(
+                p.desired, observed, previous, now_rfc3339(), "; ".join(p.mem.warnings)
+            ),
+            failure=Failure(
+                reason=failure.reason.name,
+                code=failure.reason.code,
+                step=failure.step,
+                message=failure.message,
+            )
+            if failure
+            else None,
+            pipelineId=info.pipeline_id if info else None,
+            restarts=p.mem.restarts,
+            nodes=nodes,
+            nodesReady=f"{sum(n.status in live for n in nodes)}/{total}",
+        )
+        # None values stay in: in a merge patch they delete a field that no longer applies.
+        return status.model_dump(mode="json")
+
+    async def _publish(
+        self, p: _Pass, info: InstanceInfo | None, in_progress: Action | None
+    ) -> None:
+        """Write the status, unless it says nothing new (each write is an API call)."""
+        if p.resource.deleting and in_progress is None:
+            return
+        status = self.build_status(p, info, in_progress)
+        if status == p.mem.last_status or _same_status(status, p.resource.status):
+            p.mem.last_status = status
+            return
+        await self._write_status(p.key, status)
+        p.mem.last_status = status
+
+
+def _desired(resource: Resource, spec: PipelineSpec | None) -> Desired:
+    raw_state = resource.spec.get("state") or "Running"
+    policy = spec.restartPolicy if spec else None
+    return Desired(
+        state=DesiredState(raw_state)
+        if raw_state in DesiredState.__members__
+        else DesiredState.Running,
+        generation=resource.generation,
+        revision=spec.revision() if spec else "",
+        max_restarts=policy.maxRestarts if policy else 3,
+        backoff_seconds=policy.backoffSeconds if policy else 5.0,
+        deleting=resource.deleting,
+    )
+
+
+def _same_status(new: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when ``current`` (from the API) already says what ``new`` says."""
+    return all(current.get(k) == v for k, v in new.items() if v is not None or k in current)

@@ -1,0 +1,101 @@
+"""Operator configuration: command-line flags override environment variables.
+
+| environment variable                     | flag                 | default                    |
+|------------------------------------------|----------------------|----------------------------|
+| JUTURNA_OPERATOR_PLUGIN_PATH             | --plugin-path        | (none: only built-ins)     |
+| JUTURNA_OPERATOR_WORKDIR                 | --workdir            | $TMPDIR/juturna-operator   |
+| JUTURNA_OPERATOR_ENGINE                  | --engine             | inprocess                  |
+| JUTURNA_OPERATOR_STOP_TIMEOUT            | --stop-timeout       | 10 (seconds)               |
+| JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 5 (seconds, at most 5)     |
+| JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
+| JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
+| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      | --progress-threshold | 0.2 (seconds)              |
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "JUTURNA_OPERATOR_"
+MAX_HEALTH_INTERVAL_S = 5.0
+
+
+class SettingsError(ValueError):
+    """A setting has a value the operator cannot use; the message says which and why."""
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _positive(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(
+            f"{ENV_PREFIX}{name} must be a number of seconds, got {raw!r}"
+        ) from None
+    if value <= 0:
+        raise SettingsError(f"{ENV_PREFIX}{name} must be positive, got {raw!r}")
+    return value
+
+
+def parse_plugin_path(raw: str) -> list[Path]:
+    """``os.pathsep``-separated plugin roots; each must be an existing directory."""
+    roots = []
+    for part in filter(None, raw.split(os.pathsep)):
+        path = Path(part).expanduser().resolve()
+        if not path.is_dir():
+            raise SettingsError(
+                f"plugin root {part!r} in {ENV_PREFIX}PLUGIN_PATH is not a directory"
+            )
+        roots.append(path)
+    return roots
+
+
+@dataclass
+class Settings:
+    """Everything the operator reads from its environment and flags."""
+
+    plugin_roots: list[Path] = field(default_factory=list)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "juturna-operator")
+    engine: str = "inprocess"
+    stop_timeout_s: float = 10.0
+    health_interval_s: float = MAX_HEALTH_INTERVAL_S
+    log_format: str = "text"
+    max_concurrency: int = 8
+    progress_threshold_s: float = 0.2
+    runtimes: dict[str, str] = field(default_factory=dict)  # name -> URL (engines issue)
+    namespaces: list[str] = field(default_factory=list)
+    all_namespaces: bool = False
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = cls()
+        settings = cls(
+            plugin_roots=parse_plugin_path(_env("PLUGIN_PATH", "")),
+            workdir=Path(_env("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
+            engine=_env("ENGINE", defaults.engine),
+            stop_timeout_s=_positive("STOP_TIMEOUT", _env("STOP_TIMEOUT", "10")),
+            health_interval_s=_positive("HEALTH_INTERVAL", _env("HEALTH_INTERVAL", "5")),
+            log_format=_env("LOG_FORMAT", "text"),
+            max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
+            progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "0.2")),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse values the operator cannot work with, naming the setting."""
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log format must be 'text' or 'json', got {self.log_format!r}")
+        if self.health_interval_s > MAX_HEALTH_INTERVAL_S:
+            raise SettingsError(
+                f"health interval must be at most {MAX_HEALTH_INTERVAL_S:g} s, "
+                f"got {self.health_interval_s:g}"
+            )
+        if self.namespaces and self.all_namespaces:
+            raise SettingsError("choose either namespaces (-n) or all namespaces (-A), not both")

@@ -1,0 +1,124 @@
+"""The API server itself refuses bad manifests, with messages a person understands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from support import Kubectl, manifest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
+
+Mutation = Callable[[dict[str, Any]], None]
+
+CASES: list[tuple[str, Mutation, str]] = [
+    (
+        "duplicate node names",
+        lambda s: s["nodes"].append(dict(s["nodes"][0])),
+        'spec: Invalid value: node names must be unique: "src" appears more than once',
+    ),
+    (
+        "a link to no node",
+        lambda s: s["links"].append({"from": "src", "to": "sinkk"}),
+        "spec: Invalid value: link 2: 'to' names no node (got \"sinkk\")",
+    ),
+    (
+        "a link from no node",
+        lambda s: s["links"].append({"from": "srcc", "to": "out"}),
+        "spec: Invalid value: link 2: 'from' names no node (got \"srcc\")",
+    ),
+    (
+        "a self-link",
+        lambda s: s["links"].append({"from": "amp", "to": "amp"}),
+        'spec.links[2]: Invalid value: link from "amp" to itself is not allowed',
+    ),
+    (
+        "a node name with a slash",
+        lambda s: s["nodes"][2].update(name="a/b"),
+        'spec.nodes[2]: Invalid value: node name "a/b" is not a safe folder name: use only '
+        'letters, digits, "_" and "-"',
+    ),
+    (
+        "a node name ..",
+        lambda s: s["nodes"][2].update(name=".."),
+        'node name ".." is not a safe folder name',
+    ),
+    (
+        "a mark that is not an identifier",
+        lambda s: s["nodes"][0].update(mark="tick-er"),
+        'spec.nodes[0]: Invalid value: node "src": mark "tick-er" must be a Python identifier',
+    ),
+    (
+        "an absolute plugin folder",
+        lambda s: s.update(plugins=["/opt/plugins"]),
+        'spec.plugins[0]: Invalid value: "/opt/plugins": plugin folder "/opt/plugins" must be '
+        'relative to a plugin root: no leading "/" and no ".."',
+    ),
+    (
+        "a plugin folder with ..",
+        lambda s: s.update(plugins=["tones/../../etc"]),
+        'plugin folder "tones/../../etc" must be relative to a plugin root',
+    ),
+    (
+        "a bad state",
+        lambda s: s.update(state="Runing"),
+        'spec.state: Unsupported value: "Runing": supported values: "Running", "Ready", "Stopped"',
+    ),
+    (
+        "a bad node type",
+        lambda s: s["nodes"][0].update(type="src"),
+        'spec.nodes[0].type: Unsupported value: "src": supported values: "source", "proc", "sink"',
+    ),
+    (
+        "no nodes",
+        lambda s: s.update(nodes=[], links=[]),
+        "spec.nodes: Invalid value: 0: spec.nodes in body should have at least 1 items",
+    ),
+    (
+        "a negative restart budget",
+        lambda s: s.update(restartPolicy={"maxRestarts": -1}),
+        "spec.restartPolicy.maxRestarts: Invalid value: -1: spec.restartPolicy.maxRestarts in "
+        "body should be greater than or equal to 0",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "mutate", "message"), CASES, ids=[c[0] for c in CASES])
+def test_rejected_at_admission(
+    kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str
+) -> None:
+    body = manifest("bad")
+    mutate(body["spec"])
+    proc = kubectl(
+        "-n", namespace, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+    assert proc.returncode != 0, f"{what} was accepted"
+    assert message in proc.stderr, proc.stderr
+
+
+def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str) -> None:
+    proc = kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "--dry-run=server",
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input=json.dumps(manifest("good")),
+    )
+    spec = json.loads(proc.stdout)["spec"]
+    assert spec["restartPolicy"] == {"maxRestarts": 3, "backoffSeconds": 5}
+    assert spec["version"] == "1.0"
+
+
+def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:
+    out = kubectl("explain", "pipeline.spec.nodes").stdout
+    assert "Node name, unique in the pipeline" in out
+    assert "The node kind: the plugin" in out
+    out = kubectl("explain", "pipeline.status.failure").stdout
+    assert "HTTP-like: 4xx needs a spec change; 5xx is retried." in out

@@ -1,0 +1,224 @@
+"""Failures that name their cause: validation, warmup, runtime crashes, hung stops."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import pytest
+
+from support import Operator, Pipelines, condition, instance_folders, manifest
+
+pytestmark = pytest.mark.cluster
+
+
+def failed_with(pipelines: Pipelines, name: str, reason: str, timeout: float = 30) -> dict:
+    return pipelines.wait(
+        name,
+        lambda b: (
+            (b.get("status", {}).get("failure") or {}).get("reason") == reason
+            and b["status"].get("observedGeneration") == b["metadata"]["generation"]
+        ),
+        timeout,
+        f"failure {reason}",
+    )
+
+
+def nodes(*specs: tuple[str, str, str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": n, "type": t, "mark": m, "configuration": c} for n, t, m, c in specs]
+
+
+def chain(*names: str) -> list[dict[str, str]]:
+    return [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
+
+
+def faulty(name: str, *specs: tuple[str, str, str, dict[str, Any]], **spec: Any) -> dict:
+    """A pipeline of the given nodes in a chain, using the deliberately faulty plugins."""
+    return manifest(
+        name,
+        plugins=["tones", "faulty"],
+        nodes=nodes(*specs),
+        links=chain(*(n for n, *_ in specs)),
+        **spec,
+    )
+
+
+FAST_RETRIES = {"maxRestarts": 2, "backoffSeconds": 0.2}
+
+
+def test_a_cycle_is_invalid_graph(pipelines: Pipelines) -> None:
+    links = [*chain("src", "amp", "out"), {"from": "out", "to": "amp"}]
+    pipelines.apply(manifest("cyc", links=links))
+    body = failed_with(pipelines, "cyc", "InvalidGraph")
+    status = body["status"]
+    assert status["failure"] == {
+        "reason": "InvalidGraph",
+        "code": 422,
+        "step": "validate",
+        "message": "links form a cycle: amp -> out -> amp; Juturna would never run these nodes",
+    }
+    assert status["phase"] == "Failed"
+    assert condition(body, "Ready")["reason"] == "InvalidGraph"
+    assert condition(body, "Created")["reason"] == "InvalidGraph"
+
+
+def test_an_unknown_mark_is_plugin_not_found(pipelines: Pipelines) -> None:
+    spec_nodes = nodes(("src", "source", "tickr", {}), ("out", "sink", "jsonl", {}))
+    pipelines.apply(manifest("mark", nodes=spec_nodes, links=chain("src", "out")))
+    failure = failed_with(pipelines, "mark", "PluginNotFound")["status"]["failure"]
+    assert failure["code"] == 422
+    assert failure["message"].startswith(
+        'node "src": no plugin "tickr" of type source in plugins ["tones"] (known: '
+    )
+    assert "ticker" in failure["message"]
+
+
+def test_a_plugin_outside_the_roots_is_not_allowed(pipelines: Pipelines) -> None:
+    pipelines.apply(manifest("root", plugins=["tones", "nowhere"]))
+    failure = failed_with(pipelines, "root", "PluginNotFound")["status"]["failure"]
+    assert 'plugin folder "nowhere" not found under any plugin root' in failure["message"]
+
+
+def test_a_plugin_that_escapes_by_symlink_is_refused(pipelines: Pipelines) -> None:
+    # The operator fixture's third plugin root holds "escape", a symlink out of the root.
+    pipelines.apply(manifest("esc", plugins=["escape"]))
+    failure = failed_with(pipelines, "esc", "PluginPathNotAllowed")["status"]["failure"]
+    assert failure["code"] == 403
+    assert 'plugin folder "escape" resolves to ' in failure["message"]
+    assert "outside the plugin root" in failure["message"]
+
+
+def test_a_constructor_that_raises_is_warmup_failed_and_retried(pipelines: Pipelines) -> None:
+    pipelines.apply(
+        faulty(
+            "warm",
+            ("src", "source", "ticker", {"rate": 5}),
+            ("boom", "proc", "boom", {"model": "weights.bin"}),
+            ("out", "sink", "jsonl", {}),
+            restartPolicy=FAST_RETRIES,
+        )
+    )
+    body = pipelines.wait_phase("warm", "Failed", timeout=30)
+    status = body["status"]
+    assert status["restarts"] == 2
+    assert status["failure"]["reason"] == "WarmupFailed"
+    assert status["failure"]["code"] == 500
+    assert status["failure"]["step"] == "warmup"
+    assert status["failure"]["message"] == (
+        'node "boom": FileNotFoundError: model file weights.bin not found'
+    )
+    assert status.get("pipelineId") is None  # no half-built instance is kept
+    assert condition(body, "WarmedUp")["reason"] == "WarmupFailed"
+    warnings = [r for kind, r, _ in pipelines.events("warm") if kind == "Warning"]
+    assert "WarmupFailed" in warnings
+    restarting = [m for _, r, m in pipelines.events("warm") if r == "Restarting"]
+    assert restarting, "each restart is an Event"
+
+
+def test_a_node_crash_is_node_failed_then_restarts_then_failed(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    pipelines.apply(
+        faulty(
+            "crash",
+            ("src", "source", "ticker", {"rate": 50}),
+            ("crash", "proc", "crasher", {"after": 5}),
+            ("out", "sink", "jsonl", {}),
+            restartPolicy=FAST_RETRIES,
+        )
+    )
+    body = pipelines.wait_phase("crash", "Failed", timeout=45)
+    status = body["status"]
+    assert status["restarts"] == 2
+    assert status["failure"]["reason"] == "NodeFailed"
+    assert status["failure"]["step"] == "run"
+    assert status["failure"]["message"].startswith(
+        'node "crash" crashed: RuntimeError: kaboom in crash'
+    )
+    assert condition(body, "Running")["reason"] == "NodeFailed"
+    assert instance_folders(operator.workdir, body) == []
+
+
+def hanging(name: str) -> dict[str, Any]:
+    return faulty(name, ("src", "source", "ticker", {"rate": 2000}), ("out", "sink", "hang", {}))
+
+
+def test_delete_of_a_pipeline_whose_stop_hangs(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(hanging("hang"))
+    body = pipelines.wait_ready("hang")
+    time.sleep(3)  # 2000 msg/s fill both 999-message queues: stop will block forever
+    pipelines.apply(manifest("bystander"))
+    pipelines.wait_ready("bystander")
+    started = time.monotonic()
+    pipelines.delete("hang")
+    pipelines.wait_gone("hang", timeout=20)  # the stop timeout is 3 s
+    elapsed = time.monotonic() - started
+    assert elapsed < 20
+    assert instance_folders(operator.workdir, body) == []
+    assert "StopTimeout" in operator.log_text()
+    # The operator kept serving the other pipeline.
+    pipelines.patch_spec("bystander", {"state": "Ready"})
+    assert pipelines.wait_ready("bystander")["status"]["phase"] == "Ready"
+
+
+def test_a_hung_stop_on_a_state_change_is_stop_timeout(pipelines: Pipelines) -> None:
+    pipelines.apply(hanging("hang2"))
+    pipelines.wait_ready("hang2")
+    time.sleep(3)
+    pipelines.patch_spec("hang2", {"state": "Stopped"})
+    body = failed_with(pipelines, "hang2", "StopTimeout")
+    failure = body["status"]["failure"]
+    assert failure["code"] == 504
+    assert failure["step"] == "stop"
+    assert failure["message"].startswith("stop did not finish within 3 s; blocked node threads: ")
+    # Retryable: after the backoff the abandoned instance is gone and Stopped is reached.
+    body = pipelines.wait_ready("hang2", timeout=30)
+    assert body["status"]["phase"] == "Stopped"
+
+
+def test_delete_during_a_failing_warmup(pipelines: Pipelines, operator: Operator) -> None:
+    retries = {"maxRestarts": 100, "backoffSeconds": 0.1}
+    pipelines.apply(
+        faulty(
+            "dw",
+            ("src", "source", "ticker", {}),
+            ("boom", "proc", "boom", {}),
+            restartPolicy=retries,
+        )
+    )
+    failed_with(pipelines, "dw", "WarmupFailed")
+    pipelines.delete("dw")
+    pipelines.wait_gone("dw", timeout=15)
+    assert list(operator.workdir.glob(f"{pipelines.namespace}__dw__*")) == []
+
+
+def test_unknown_configuration_keys_are_warnings(pipelines: Pipelines) -> None:
+    body = manifest("keys")
+    body["spec"]["nodes"][0]["configuration"] = {"rat": 5}
+    pipelines.apply(body)
+    body = pipelines.wait_ready("keys")
+    message = 'node "src": unknown configuration key "rat" (known: rate, start)'
+    assert condition(body, "Created")["message"] == message
+    assert ("Warning", "UnknownConfigurationKey", message) in pipelines.events("keys")
+
+
+def test_an_unknown_runtime_is_refused(pipelines: Pipelines) -> None:
+    pipelines.apply(manifest("rt", runtime="gpu-pool"))
+    failure = failed_with(pipelines, "rt", "UnknownRuntime")["status"]["failure"]
+    assert failure["code"] == 422
+    assert failure["message"].startswith('spec.runtime "gpu-pool" names no configured runtime')
+
+
+def test_a_slow_warmup_shows_warming_up(pipelines: Pipelines) -> None:
+    pipelines.apply(
+        faulty(
+            "slow",
+            ("src", "source", "ticker", {}),
+            ("mid", "proc", "slow", {"seconds": 2}),
+            ("out", "sink", "jsonl", {}),
+        )
+    )
+    seen = pipelines.wait_phase("slow", "WarmingUp", timeout=10)
+    assert condition(seen, "Ready")["status"] == "False"
+    assert pipelines.wait_ready("slow")["status"]["phase"] == "Running"

@@ -1,0 +1,160 @@
+"""The Pipeline lifecycle through the real operator, control plane and Juturna."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from support import (
+    Operator,
+    Pipelines,
+    condition,
+    instance_folders,
+    manifest,
+    output_lines,
+    output_of,
+)
+
+pytestmark = pytest.mark.cluster
+
+
+def grows(operator: Operator, pipelines: Pipelines, name: str, wait: float = 1.5) -> bool:
+    body = pipelines.get(name)
+    before = output_lines(operator.workdir, body)
+    time.sleep(wait)
+    return output_lines(operator.workdir, pipelines.get(name)) > before
+
+
+def test_happy_path(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(manifest("tones"))
+    body = pipelines.wait_ready("tones")
+    status = body["status"]
+    assert status["phase"] == "Running"
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    assert status["nodesReady"] == "3/3"
+    assert {n["name"]: n["status"] for n in status["nodes"]} == {
+        "src": "Running",
+        "amp": "Running",
+        "out": "Running",
+    }
+    assert "failure" not in status or status["failure"] is None
+    for ctype in ("Created", "WarmedUp", "Running", "Ready"):
+        assert condition(body, ctype)["status"] == "True", ctype
+    assert grows(operator, pipelines, "tones")
+    line = output_of(operator.workdir, pipelines.get("tones"))[-1]
+    assert line["value"] == line["count"] * 10
+    assert line["label"] == "demo"
+    table = pipelines.kubectl("-n", pipelines.namespace, "get", "pipelines").stdout
+    assert table.split("\n")[0].split() == ["NAME", "STATE", "PHASE", "NODES", "REASON", "AGE"]
+    assert table.split("\n")[1].split()[:4] == ["tones", "Running", "Running", "3/3"]
+
+
+def test_state_changes(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(manifest("st"))
+    first = pipelines.wait_ready("st")["status"]["pipelineId"]
+
+    # Running -> Ready: stop, stay warm, same instance; output stops.
+    pipelines.patch_spec("st", {"state": "Ready"})
+    body = pipelines.wait_ready("st")
+    assert body["status"]["phase"] == "Ready"
+    assert body["status"]["pipelineId"] == first
+    assert condition(body, "Running")["status"] == "False"
+    assert condition(body, "WarmedUp")["status"] == "True"
+    assert not grows(operator, pipelines, "st", wait=1.0)
+
+    # Ready -> Running after a stop: Juturna cannot restart it, so a new instance runs.
+    pipelines.patch_spec("st", {"state": "Running"})
+    body = pipelines.wait_ready("st")
+    assert body["status"]["phase"] == "Running"
+    assert body["status"]["pipelineId"] != first
+    assert grows(operator, pipelines, "st")
+
+    # Running -> Stopped: no instance, no folder; the resource stays.
+    pipelines.patch_spec("st", {"state": "Stopped"})
+    body = pipelines.wait_ready("st")
+    assert body["status"]["phase"] == "Stopped"
+    assert body["status"].get("pipelineId") is None
+    assert body["status"]["nodesReady"] == "0/3"
+    assert instance_folders(operator.workdir, body) == []
+
+    # Stopped -> Running.
+    pipelines.patch_spec("st", {"state": "Running"})
+    pipelines.wait_ready("st")
+    assert grows(operator, pipelines, "st")
+
+
+def test_ready_from_the_start_is_a_warm_standby(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(manifest("standby", state="Ready"))
+    body = pipelines.wait_ready("standby")
+    assert body["status"]["phase"] == "Ready"
+    assert output_lines(operator.workdir, body) == 0
+    pipelines.patch_spec("standby", {"state": "Running"})
+    body = pipelines.wait_ready("standby")
+    assert body["status"]["phase"] == "Running"
+    assert grows(operator, pipelines, "standby")
+
+
+def test_spec_change_redeploys_and_an_invalid_change_keeps_the_old_instance(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    pipelines.apply(manifest("chg"))
+    pipelines.wait_ready("chg")
+    body = manifest("chg")
+    body["spec"]["nodes"][1]["configuration"]["factor"] = 7
+    pipelines.apply(body)
+    body = pipelines.wait_ready("chg")
+    assert body["status"]["observedGeneration"] == 2
+
+    def seven(b: dict) -> bool:
+        out = output_of(operator.workdir, b)
+        return bool(out) and out[-1]["value"] == out[-1]["count"] * 7
+
+    pipelines.wait("chg", seven, what="output scaled by the new factor")
+    running = body["status"]["pipelineId"]
+
+    # An invalid change (a cycle): the old instance keeps running, the failure is reported.
+    bad = manifest("chg")
+    bad["spec"]["nodes"][1]["configuration"]["factor"] = 7
+    bad["spec"]["links"].append({"from": "out", "to": "amp"})
+    pipelines.apply(bad)
+    body = pipelines.wait(
+        "chg",
+        lambda b: b["status"].get("observedGeneration") == 3 and b["status"].get("failure"),
+        what="the failure of generation 3",
+    )
+    failure = body["status"]["failure"]
+    assert failure["reason"] == "InvalidGraph"
+    assert failure["code"] == 422
+    assert failure["step"] == "validate"
+    assert failure["message"] == (
+        "links form a cycle: amp -> out -> amp; Juturna would never run these nodes"
+    )
+    assert body["status"]["pipelineId"] == running
+    assert body["status"]["phase"] == "Running"
+    assert condition(body, "Ready")["status"] == "False"
+    assert condition(body, "Ready")["reason"] == "InvalidGraph"
+    assert grows(operator, pipelines, "chg")
+
+
+def test_delete_while_running_cleans_up(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(manifest("del"))
+    body = pipelines.wait_ready("del")
+    assert instance_folders(operator.workdir, body)
+    pipelines.delete("del")
+    pipelines.wait_gone("del", timeout=15)
+    assert instance_folders(operator.workdir, body) == []
+
+
+def test_events_tell_each_step(pipelines: Pipelines) -> None:
+    pipelines.apply(manifest("ev"))
+    pipelines.wait_ready("ev")
+    pipelines.patch_spec("ev", {"state": "Ready"})
+    pipelines.wait_ready("ev")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        reasons = [reason for kind, reason, _ in pipelines.events("ev") if kind == "Normal"]
+        if {"Created", "WarmedUp", "Started", "Stopped"} <= set(reasons):
+            break
+        time.sleep(0.2)
+    assert {"Created", "WarmedUp", "Started", "Stopped"} <= set(reasons), reasons

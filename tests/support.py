@@ -1,0 +1,228 @@
+"""Test helpers: kubectl bound to the test plane, the operator process, Pipeline waits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+
+class Kubectl:
+    """`kubectl` bound to the test plane's kubeconfig."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.kubeconfig = kubeconfig
+
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
+        return proc
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
+PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
+GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
+
+
+class Operator:
+    """``juturna-operator run -A`` as its own process, as in production."""
+
+    def __init__(self, kubeconfig: Path, workdir: Path, log: Path, extra_root: Path) -> None:
+        self.kubeconfig, self.workdir, self.log = kubeconfig, workdir, log
+        roots = [*PLUGIN_ROOTS, extra_root]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "JUTURNA_OPERATOR_PLUGIN_PATH": os.pathsep.join(map(str, roots)),
+            "JUTURNA_OPERATOR_WORKDIR": str(workdir),
+            "JUTURNA_OPERATOR_STOP_TIMEOUT": "3",
+            "JUTURNA_OPERATOR_HEALTH_INTERVAL": "1",
+        }
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "juturna_operator.cli", "run", "-A"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while "Initial authentication has finished" not in self.log_text():
+            assert self.proc.poll() is None, f"operator exited:\n{self.log_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"operator not up:\n{self.log_text()[-3000:]}"
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no cleanup runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def manifest(name: str, **spec: Any) -> dict[str, Any]:
+    """The example pipeline under another name, with spec fields overridden."""
+    body = copy.deepcopy(EXAMPLE)
+    body["metadata"] = {"name": name}
+    body["spec"].update(spec)
+    return body
+
+
+class Pipelines:
+    """Create, read, patch and wait for Pipelines in one namespace."""
+
+    def __init__(self, objects: client.CustomObjectsApi, namespace: str, kubectl: Kubectl) -> None:
+        self.objects, self.namespace, self.kubectl = objects, namespace, kubectl
+
+    def apply(self, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return self.kubectl("-n", self.namespace, "apply", "-f", "-", input=json.dumps(body))
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.objects.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.objects.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def delete(self, name: str) -> None:
+        self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def names(self) -> list[str]:
+        items = self.objects.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        return [item["metadata"]["name"] for item in items["items"]]
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except client.ApiException as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    def wait(
+        self,
+        name: str,
+        check: Callable[[dict[str, Any]], bool],
+        timeout: float = 30,
+        what: str = "condition",
+    ) -> dict[str, Any]:
+        """Poll until ``check(body)`` holds; fail with the last status seen."""
+        deadline = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            body = self.get(name)
+            if check(body):
+                return body
+            time.sleep(0.1)
+        pytest.fail(
+            f"{name}: {what} not met in {timeout} s; status: "
+            f"{json.dumps(body.get('status'), indent=1)}"
+        )
+
+    def wait_ready(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        """Ready=True for the current generation (a stale Ready does not count)."""
+        return self.wait(name, is_ready, timeout, "Ready for the current generation")
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+        return self.wait(
+            name,
+            lambda b: current(b) and b.get("status", {}).get("phase") == phase,
+            timeout,
+            f"phase {phase}",
+        )
+
+    def wait_gone(self, name: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while self.exists(name):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} still exists {timeout} s after deletion: {self.get(name)}")
+            time.sleep(0.1)
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        out = self.kubectl(
+            "-n",
+            self.namespace,
+            "get",
+            "events",
+            "--field-selector",
+            f"involvedObject.name={name}",
+            "-o",
+            "json",
+        ).stdout
+        return [(e["type"], e["reason"], e.get("message", "")) for e in json.loads(out)["items"]]
+
+
+def current(body: dict[str, Any]) -> bool:
+    return body.get("status", {}).get("observedGeneration") == body["metadata"]["generation"]
+
+
+def condition(body: dict[str, Any], ctype: str) -> dict[str, Any]:
+    for cond in body.get("status", {}).get("conditions", []):
+        if cond["type"] == ctype:
+            return dict(cond)
+    return {}
+
+
+def is_ready(body: dict[str, Any]) -> bool:
+    return current(body) and condition(body, "Ready").get("status") == "True"
+
+
+def output_lines(workdir: Path, body: dict[str, Any]) -> int:
+    """Lines the example sink wrote for this resource's current instance (0 if none)."""
+    pid = body.get("status", {}).get("pipelineId")
+    files = list(workdir.glob(f"*_{pid}/out/output.jsonl")) if pid else []
+    return len(files[0].read_text().splitlines()) if files else 0
+
+
+def output_of(workdir: Path, body: dict[str, Any]) -> list[dict[str, Any]]:
+    pid = body["status"]["pipelineId"]
+    files = list(workdir.glob(f"*_{pid}/out/output.jsonl"))
+    return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
+
+
+def instance_folders(workdir: Path, body: dict[str, Any]) -> list[Path]:
+    uid8 = body["metadata"]["uid"][:8]
+    return [p for p in workdir.glob(f"*__{uid8}_*") if p.is_dir()]

@@ -1,0 +1,191 @@
+"""Graph validation: cycles, plugin roots, marks and unknown configuration keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from juturna_operator.api import PipelineSpec
+from juturna_operator.graph import find_cycle, validate
+from juturna_operator.reasons import FailureReason, PipelineFailure
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
+
+
+def spec(**overrides: Any) -> PipelineSpec:
+    body: dict[str, Any] = {
+        "plugins": ["tones"],
+        "nodes": [
+            {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 5}},
+            {"name": "amp", "type": "proc", "mark": "scale", "configuration": {"factor": 2}},
+            {"name": "out", "type": "sink", "mark": "jsonl"},
+        ],
+        "links": [{"from": "src", "to": "amp"}, {"from": "amp", "to": "out"}],
+    }
+    body.update(overrides)
+    return PipelineSpec.model_validate(body)
+
+
+def failure_of(s: PipelineSpec, roots: list[Path] | None = None) -> PipelineFailure:
+    with pytest.raises(PipelineFailure) as err:
+        validate(s, [EXAMPLES] if roots is None else roots)
+    return err.value
+
+
+def test_the_example_pipeline_is_valid() -> None:
+    result = validate(spec(), [EXAMPLES])
+    assert set(result.impls) == {"src", "amp", "out"}
+    assert result.warnings == []
+
+
+def test_a_builtin_mark_needs_no_plugin() -> None:
+    s = spec(plugins=[], nodes=[{"name": "in", "type": "source", "mark": "json_http"}], links=[])
+    assert "in" in validate(s, []).impls
+
+
+@pytest.mark.parametrize(
+    ("nodes", "edges", "cycle"),
+    [
+        (["a", "b"], [("a", "b")], None),
+        (["a", "b"], [("a", "b"), ("b", "a")], ["a", "b", "a"]),
+        (["a", "b", "c"], [("a", "b"), ("b", "c"), ("c", "b")], ["b", "c", "b"]),
+        (["a", "b", "c", "d"], [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")], None),
+    ],
+)
+def test_find_cycle(
+    nodes: list[str], edges: list[tuple[str, str]], cycle: list[str] | None
+) -> None:
+    assert find_cycle(nodes, edges) == cycle
+
+
+def test_a_cycle_is_invalid_graph() -> None:
+    links = [
+        {"from": "src", "to": "amp"},
+        {"from": "amp", "to": "out"},
+        {"from": "out", "to": "amp"},
+    ]
+    f = failure_of(spec(links=links))
+    assert f.reason is FailureReason.InvalidGraph
+    assert f.reason.code == 422
+    assert f.message == (
+        "links form a cycle: amp -> out -> amp; Juturna would never run these nodes"
+    )
+
+
+def test_an_unknown_mark_names_node_mark_plugins_and_known_marks() -> None:
+    nodes = [
+        {"name": "src", "type": "source", "mark": "tickr"},
+        {"name": "out", "type": "sink", "mark": "jsonl"},
+    ]
+    f = failure_of(spec(nodes=nodes, links=[{"from": "src", "to": "out"}]))
+    assert f.reason is FailureReason.PluginNotFound
+    assert f.message.startswith(
+        'node "src": no plugin "tickr" of type source in plugins ["tones"] (known: '
+    )
+    assert "ticker" in f.message
+    assert "json_http" in f.message  # built-ins are listed too
+
+
+def test_a_mark_of_the_wrong_type_is_not_found() -> None:
+    nodes = [{"name": "src", "type": "sink", "mark": "ticker"}]
+    f = failure_of(spec(nodes=nodes, links=[]))
+    assert f.reason is FailureReason.PluginNotFound
+    assert 'no plugin "ticker" of type sink' in f.message
+
+
+@pytest.mark.parametrize("entry", ["/etc", "../tones", "tones/../../x", "a\\b"])
+def test_plugin_paths_that_escape_are_not_allowed(entry: str) -> None:
+    f = failure_of(spec(plugins=[entry]))
+    assert f.reason is FailureReason.PluginPathNotAllowed
+    assert f.reason.code == 403
+    assert f'plugin folder "{entry}" must be relative to a plugin root' in f.message
+
+
+def test_a_symlink_out_of_the_root_is_not_allowed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "tones").symlink_to(EXAMPLES / "tones")
+    f = failure_of(spec(), [root])
+    assert f.reason is FailureReason.PluginPathNotAllowed
+    assert "outside the plugin root" in f.message
+
+
+def test_a_plugin_not_under_any_root(tmp_path: Path) -> None:
+    f = failure_of(spec(plugins=["nothere"]), [tmp_path])
+    assert f.reason is FailureReason.PluginNotFound
+    assert f.message == f'plugin folder "nothere" not found under any plugin root ({tmp_path})'
+
+
+def test_no_roots_configured() -> None:
+    f = failure_of(spec(), [])
+    assert f.reason is FailureReason.PluginPathNotAllowed
+    assert "no plugin roots configured (JUTURNA_OPERATOR_PLUGIN_PATH)" in f.message
+
+
+def test_a_plugin_folder_that_is_not_importable(tmp_path: Path) -> None:
+    (tmp_path / "my-plugins").mkdir()
+    f = failure_of(spec(plugins=["my-plugins"]), [tmp_path])
+    assert f.reason is FailureReason.PluginPathNotAllowed
+    assert "each part of the path must be a Python identifier" in f.message
+
+
+def test_a_plugin_without_arguments_table(tmp_path: Path) -> None:
+    node = tmp_path / "p" / "nodes" / "sink" / "_bare"
+    node.mkdir(parents=True)
+    (node / "bare.py").write_text("")
+    (node / "config.toml").write_text("[meta]\n")
+    s = spec(plugins=["p"], nodes=[{"name": "x", "type": "sink", "mark": "bare"}], links=[])
+    f = failure_of(s, [tmp_path])
+    assert f.reason is FailureReason.PluginNotFound
+    assert 'node "x": plugin "bare" has no config.toml with an [arguments] table' in f.message
+
+
+def test_unknown_configuration_keys_are_warnings() -> None:
+    nodes = [
+        {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rat": 5}},
+        {"name": "out", "type": "sink", "mark": "jsonl"},
+    ]
+    result = validate(spec(nodes=nodes, links=[{"from": "src", "to": "out"}]), [EXAMPLES])
+    assert result.warnings == ['node "src": unknown configuration key "rat" (known: rate, start)']
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"nodes": [{"name": "a", "type": "source", "mark": "ticker"}] * 2, "links": []},
+            'node names must be unique: "a" appears twice',
+        ),
+        ({"links": [{"from": "src", "to": "sinkk"}]}, "link 0: 'to' names no node (got \"sinkk\")"),
+        ({"links": [{"from": "src", "to": "src"}]}, 'link 0: from "src" to itself is not allowed'),
+        (
+            {"nodes": [{"name": "..", "type": "source", "mark": "ticker"}], "links": []},
+            'node name ".." is not a safe folder name',
+        ),
+    ],
+)
+def test_structural_rules_are_checked_again(overrides: dict[str, Any], message: str) -> None:
+    f = failure_of(spec(**overrides))
+    assert f.reason is FailureReason.InvalidSpec
+    assert message in f.message
+
+
+def test_an_unknown_runtime() -> None:
+    f = failure_of(spec(runtime="gpu"))
+    assert f.reason is FailureReason.UnknownRuntime
+    assert f.message == (
+        'spec.runtime "gpu" names no configured runtime (configured: none); leave it empty '
+        "for the operator's default engine"
+    )
+    assert (
+        "x"
+        in validate(
+            spec(
+                nodes=[{"name": "x", "type": "source", "mark": "ticker"}], links=[], runtime="gpu"
+            ),
+            [EXAMPLES],
+            ["gpu"],
+        ).impls
+    )

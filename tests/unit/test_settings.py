@@ -1,0 +1,78 @@
+"""Settings: sane defaults, and a clear error naming the setting for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from juturna_operator.cli import main
+from juturna_operator.settings import Settings, SettingsError
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PLUGIN_PATH", "WORKDIR", "ENGINE", "STOP_TIMEOUT", "HEALTH_INTERVAL"):
+        monkeypatch.delenv(f"JUTURNA_OPERATOR_{name}", raising=False)
+    s = Settings.from_env()
+    assert (s.engine, s.stop_timeout_s, s.health_interval_s, s.log_format) == (
+        "inprocess",
+        10.0,
+        5.0,
+        "text",
+    )
+    assert s.plugin_roots == []
+
+
+def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.setenv("JUTURNA_OPERATOR_PLUGIN_PATH", f"{tmp_path}/a:{tmp_path}/b")
+    assert Settings.from_env().plugin_roots == [tmp_path / "a", tmp_path / "b"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "PLUGIN_PATH",
+            "/no/such/dir",
+            "plugin root '/no/such/dir' in JUTURNA_OPERATOR_PLUGIN_PATH is not a directory",
+        ),
+        (
+            "STOP_TIMEOUT",
+            "soon",
+            "JUTURNA_OPERATOR_STOP_TIMEOUT must be a number of seconds, got 'soon'",
+        ),
+        ("STOP_TIMEOUT", "-1", "JUTURNA_OPERATOR_STOP_TIMEOUT must be positive, got '-1'"),
+        ("HEALTH_INTERVAL", "30", "health interval must be at most 5 s, got 30"),
+        ("LOG_FORMAT", "xml", "log format must be 'text' or 'json', got 'xml'"),
+    ],
+)
+def test_bad_values_are_named(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(f"JUTURNA_OPERATOR_{name}", value)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env()
+    assert str(err.value) == message
+
+
+def test_the_cli_reports_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JUTURNA_OPERATOR_STOP_TIMEOUT", "soon")
+    assert main(["run", "-A"]) == 2
+    assert capsys.readouterr().err == (
+        "juturna-operator: configuration error: JUTURNA_OPERATOR_STOP_TIMEOUT must be a number "
+        "of seconds, got 'soon'\n"
+    )
+
+
+def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from juturna_operator.engines import make_engine
+
+    with pytest.raises(
+        ValueError,
+        match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of inprocess",
+    ):
+        make_engine(Settings(engine="docker"))

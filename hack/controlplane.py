@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -286,6 +287,17 @@ def stop_pid(pid: int, marker: str, grace_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the process that started us dies.
+
+    SIGKILL, not SIGTERM: a test plane's state is disposable, and kube-apiserver's graceful
+    shutdown can linger for a long time once etcd is gone."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 @dataclass
 class Component:
     name: str
@@ -293,7 +305,8 @@ class Component:
     log: Path
     popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, tied: bool = False) -> None:
+        """``tied``: the component dies with this process (tests); else it outlives it."""
         with open(self.log, "ab") as log:
             # A session of its own, so a Ctrl-C in `make` does not hit the plane mid-teardown.
             self.popen = subprocess.Popen(
@@ -302,6 +315,7 @@ class Component:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=exit_with_parent if tied else None,
             )
 
     @property
@@ -325,6 +339,7 @@ class ControlPlane:
     server: str = ""
     etcd_url: str = ""
     ready_timeout_s: float = READY_TIMEOUT_S
+    die_with_parent: bool = False  # tests: a killed test run takes its plane with it
 
     @property
     def kubeconfig(self) -> Path:
@@ -368,7 +383,7 @@ class ControlPlane:
 
     def _launch(self, name: str, args: list[str]) -> Component:
         comp = Component(name, args, self.logs / f"{name}.log")
-        comp.start()
+        comp.start(tied=self.die_with_parent)
         self.components.append(comp)
         return comp
 

@@ -6,6 +6,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +148,29 @@ def test_a_second_run_builds_nothing() -> None:
         "ETCD_BIN",
         "HELM_BIN",
     ]
+
+
+def test_a_killed_test_run_takes_its_plane_with_it() -> None:
+    """A test plane is tied to the process that started it: SIGKILL that, and none is left."""
+    code = (
+        "import sys, time; sys.path.insert(0, 'hack')\n"
+        "from controlplane import ControlPlane, ensure_binaries\n"
+        "p = ControlPlane(ensure_binaries(), die_with_parent=True).start()\n"
+        "print(p.root, flush=True); time.sleep(600)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=HACK.parent
+    )
+    assert child.stdout is not None
+    root = child.stdout.readline().strip()
+    try:
+        assert root.startswith(tempfile.gettempdir()), root
+        assert len(controlplane.processes_mentioning(root)) == 3
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 10
+    while controlplane.processes_mentioning(root):
+        assert time.monotonic() < deadline, controlplane.processes_mentioning(root)
+        time.sleep(0.1)
+    shutil.rmtree(root, ignore_errors=True)

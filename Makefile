@@ -33,15 +33,15 @@ run: venv ## the demo: control plane (unless a cluster is reachable), operator, 
 	@bash hack/run.sh
 
 test: venv binaries ## lint, then the whole test suite against a real control plane
-	$(VENV)/bin/ruff check operator tests hack
+	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds
 
 lint: venv ## ruff
-	$(VENV)/bin/ruff check operator tests hack
-	$(VENV)/bin/ruff format --check operator tests hack
+	$(VENV)/bin/ruff check operator tests hack bench examples
+	$(VENV)/bin/ruff format --check operator tests hack bench examples
 
 clean: ## remove the venv and local state (not the binary cache)
 	rm -rf $(VENV) .state .pytest_cache .ruff_cache

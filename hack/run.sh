@@ -36,6 +36,10 @@ export JUTURNA_OPERATOR_WORKDIR=$PWD/$STATE/work
 op=$!
 echo "$op" >"$STATE/operator.pid"
 stop_operator() {
+  # The demo leaves nothing running: delete its pipeline (its worker process ends with it)
+  # while the operator still runs, then stop the operator.
+  echo "== deleting the demo pipeline and stopping the operator"
+  kubectl delete pipeline tones --ignore-not-found --timeout=30s >/dev/null 2>&1 || true
   kill "$op" 2>/dev/null && wait "$op" 2>/dev/null
   rm -f "$STATE/operator.pid"
 }
@@ -62,5 +66,5 @@ if [ -n "${RUN_SECONDS:-}" ]; then
   sleep "$RUN_SECONDS"
   exit 0
 fi
-echo "== the operator keeps running; Ctrl-C stops it (the pipeline resource stays)"
+echo "== the operator keeps running; Ctrl-C deletes the demo pipeline and stops it"
 wait "$op"

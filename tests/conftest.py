@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, ensure_binaries, pid_alive
+from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_mentioning
 from kubernetes import client, config
 
-from support import REPO, Kubectl, Operator, Pipelines
+from support import PLAIN_SERVICE, REPO, JuturnaServe, Kubectl, Operator, Pipelines, free_port
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def control_plane() -> Iterator[ControlPlane]:
 
     Teardown stops exactly what it started and then proves that nothing is left.
     """
-    plane = ControlPlane(ensure_binaries()).start()
+    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
     try:
         yield plane
     finally:
@@ -69,21 +70,48 @@ def crd(kubectl: Kubectl) -> None:
     kubectl("wait", "--for=condition=Established", "crd/pipelines.juturna.io", "--timeout=30s")
 
 
-@pytest.fixture(scope="session")
+ENGINES = ["inprocess", "process", "service"]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
 def operator(
-    crd: None, kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    crd: None,
+    kubeconfig: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Operator]:
-    base = tmp_path_factory.mktemp("operator")
+    """The operator as its own process, once per engine; tests using it run for each."""
+    engine = request.param
+    base = tmp_path_factory.mktemp(f"operator-{engine}")
     # A third plugin root whose "escape" folder is a symlink that leaves the root.
     (base / "root").mkdir()
     (base / "outside").mkdir()
     (base / "root" / "escape").symlink_to(base / "outside")
-    op = Operator(kubeconfig, base / "work", base / "operator.log", base / "root")
-    op.start()
-    yield op
-    op.stop()
+    op = Operator(kubeconfig, base / "work", base / "operator.log", base / "root", engine)
+    serve = None
+    try:
+        if engine == "service":
+            # A real `juturna serve` as the default runtime, writing where tests look for
+            # output; a second runtime, "later", has nobody listening until a test starts it.
+            serve = op.serve = JuturnaServe(op.workdir, base / "serve.log").start()
+            op.later_port = free_port()
+            op.env["JUTURNA_OPERATOR_RUNTIMES"] = json.dumps(
+                {
+                    "local": {"url": serve.url},
+                    "later": {"url": f"http://127.0.0.1:{op.later_port}"},
+                }
+            )
+            op.env["JUTURNA_OPERATOR_DEFAULT_RUNTIME"] = "local"
+        op.start()
+        yield op
+    finally:
+        op.stop()
+        if serve is not None:
+            serve.stop()
     assert op.proc is not None
     assert not pid_alive(op.proc.pid), "the operator process is still alive"
+    workers = processes_mentioning(f"--folder {op.workdir} ")
+    assert not workers, f"worker processes left behind: {workers}"
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +131,13 @@ def pipelines(
         p.delete(name)
     for name in left:
         p.wait_gone(name, timeout=30)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests a plain `juturna serve` cannot pass are expected failures there, not run: a hung
+    stop blocks one of its request threads for good and would starve the shared runtime."""
+    for item in items:
+        params = getattr(item, "callspec", None)
+        on_service = params is not None and params.params.get("operator") == "service"
+        if on_service and item.get_closest_marker("not_on_plain_service"):
+            item.add_marker(pytest.mark.xfail(reason=PLAIN_SERVICE, run=False))

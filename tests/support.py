@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from controlplane import exit_with_parent, free_port, pid_alive
 from kubernetes import client
 
 
@@ -51,8 +53,13 @@ GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 class Operator:
     """``juturna-operator run -A`` as its own process, as in production."""
 
-    def __init__(self, kubeconfig: Path, workdir: Path, log: Path, extra_root: Path) -> None:
-        self.kubeconfig, self.workdir, self.log = kubeconfig, workdir, log
+    def __init__(
+        self, kubeconfig: Path, workdir: Path, log: Path, extra_root: Path, engine: str
+    ) -> None:
+        self.kubeconfig, self.workdir, self.log, self.engine = kubeconfig, workdir, log, engine
+        self.extra_root = extra_root
+        self.serve: JuturnaServe | None = None  # the default runtime (engine "service")
+        self.later_port = 0  # the runtime "later" (engine "service")
         roots = [*PLUGIN_ROOTS, extra_root]
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {
@@ -62,6 +69,8 @@ class Operator:
             "JUTURNA_OPERATOR_WORKDIR": str(workdir),
             "JUTURNA_OPERATOR_STOP_TIMEOUT": "3",
             "JUTURNA_OPERATOR_HEALTH_INTERVAL": "1",
+            "JUTURNA_OPERATOR_ENGINE": engine,
+            "JUTURNA_OPERATOR_SWEEP_INTERVAL": "2",
         }
 
     def start(self) -> None:
@@ -69,6 +78,7 @@ class Operator:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "juturna_operator.cli", "run", "-A"],
                 env=self.env,
+                preexec_fn=exit_with_parent,  # a killed test run takes it along
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -97,6 +107,19 @@ class Operator:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def only_on(operator: Operator, engine: str, why: str) -> Operator:
+    """The operator, if it runs ``engine``; otherwise skip the test, saying why."""
+    if operator.engine != engine:
+        pytest.skip(why)
+    return operator
+
+
+PLAIN_SERVICE = (
+    "a plain `juturna serve` cannot report dead node threads nor be killed, so the "
+    "operator cannot see a node crash or end a hung stop there (README: service engine)"
+)
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
@@ -218,11 +241,65 @@ def output_lines(workdir: Path, body: dict[str, Any]) -> int:
 
 
 def output_of(workdir: Path, body: dict[str, Any]) -> list[dict[str, Any]]:
-    pid = body["status"]["pipelineId"]
-    files = list(workdir.glob(f"*_{pid}/out/output.jsonl"))
+    pid = body.get("status", {}).get("pipelineId")
+    files = list(workdir.glob(f"*_{pid}/out/output.jsonl")) if pid else []
     return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
 
 
 def instance_folders(workdir: Path, body: dict[str, Any]) -> list[Path]:
     uid8 = body["metadata"]["uid"][:8]
     return [p for p in workdir.glob(f"*__{uid8}_*") if p.is_dir()]
+
+
+class JuturnaServe:
+    """`python -m juturna serve` on a loopback port, stopped by PID."""
+
+    def __init__(self, folder: Path, log: Path, port: int | None = None) -> None:
+        self.folder, self.log = folder, log
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> JuturnaServe:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, PLUGIN_ROOTS))}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "juturna",
+                    "serve",
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-f",
+                    str(self.folder),
+                    "-l",
+                    "WARNING",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                preexec_fn=exit_with_parent,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/pipelines", timeout=1).close()
+                return self
+            except OSError:
+                assert self.proc.poll() is None, self.log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "juturna serve did not come up"
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        assert self.proc is None or not pid_alive(self.proc.pid)

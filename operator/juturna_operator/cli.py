@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         log_prefix=True,
     )
     logging.getLogger("jt").setLevel(logging.WARNING)  # Juturna logs every status read at INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     # Every watch event runs the "wake" handler; its success is not news.
     logging.getLogger("kopf.objects").addFilter(
         lambda record: "Handler 'wake' succeeded" not in record.getMessage()

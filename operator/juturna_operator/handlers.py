@@ -38,6 +38,7 @@ class _State:
     engine: Engine | None = None
     reconciler: Reconciler | None = None
     objects: k8s.CustomObjectsApi | None = None
+    sweeper: asyncio.Task[None] | None = None
     wakeups: dict[str, asyncio.Event] = {}  # noqa: RUF012 - one process-wide registry
     bodies: dict[str, Any] = {}  # noqa: RUF012 - uid -> latest body, for Events
 
@@ -100,6 +101,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     state.objects = k8s.CustomObjectsApi(_api_client())
     state.engine = make_engine(ours)
     state.reconciler = Reconciler(state.engine, ours, write_status, post_event)
+    state.sweeper = asyncio.create_task(sweep_orphans(ours))
     logger.info(
         "juturna-operator ready: engine=%s workdir=%s plugin roots=%s",
         ours.engine,
@@ -108,8 +110,49 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     )
 
 
+def _references() -> dict[str, str | None]:
+    """Juturna name -> referenced pipeline id, for every Pipeline this operator watches."""
+    assert state.objects is not None
+    assert state.settings is not None
+    if state.settings.namespaces:
+        items = [
+            item
+            for ns in state.settings.namespaces
+            for item in state.objects.list_namespaced_custom_object(
+                api.GROUP, api.VERSION, ns, api.PLURAL
+            )["items"]
+        ]
+    else:
+        items = state.objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)[
+            "items"
+        ]
+    return {
+        PipelineKey(
+            i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"]["uid"]
+        ).juturna_name: (i.get("status") or {}).get("pipelineId")
+        for i in items
+    }
+
+
+async def sweep_orphans(settings: Settings) -> None:
+    """Now and then, remove engine instances that no Pipeline references any more."""
+    await asyncio.sleep(min(10.0, settings.sweep_interval_s))
+    while True:
+        try:
+            keep = await asyncio.to_thread(_references)
+            assert state.engine is not None
+            removed = await state.engine.sweep(keep)
+            if removed:
+                log.warning("removed %d orphaned pipeline(s): %s", len(removed), removed)
+        except Exception:  # the sweep must never take the operator down
+            log.exception("orphan sweep failed; trying again later")
+        await asyncio.sleep(settings.sweep_interval_s)
+
+
 @kopf.on.cleanup()
 async def cleanup(logger: logging.Logger, **_: Any) -> None:
+    if state.sweeper is not None:
+        state.sweeper.cancel()
     if state.engine is not None:
         await state.engine.close()
         logger.info("engine closed")

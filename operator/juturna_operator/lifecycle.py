@@ -93,7 +93,11 @@ def current_failure(desired: Desired, observed: Observed) -> FailureRecord | Non
 def is_terminal(desired: Desired, observed: Observed) -> bool:
     """True when nothing more will be tried until the spec changes."""
     f = current_failure(desired, observed)
-    return f is not None and (not f.retryable or observed.restarts >= desired.max_restarts)
+    if f is None:
+        return False
+    if not f.retryable:
+        return True
+    return f.reason.counts_as_restart and observed.restarts >= desired.max_restarts
 
 
 def _teardown(instance: InstanceState) -> Action:

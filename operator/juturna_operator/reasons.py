@@ -12,7 +12,9 @@ nothing is retried; 5xx means transient, retried with backoff under the restart 
 from __future__ import annotations
 
 from enum import Enum, StrEnum, unique
+from pathlib import Path
 
+import juturna
 from juturna.cli.commands.exceptions import (
     AlreadyRunningException,
     AlreadyWarmedupException,
@@ -60,6 +62,12 @@ class FailureReason(Enum):
         """5xx reasons are transient and retried with backoff; 4xx wait for a spec change."""
         return self.code >= 500
 
+    @property
+    def counts_as_restart(self) -> bool:
+        """Whether a retry spends the restart policy's budget. An unreachable runtime is
+        the infrastructure's fault, not the pipeline's: it is retried until it answers."""
+        return self.retryable and self is not FailureReason.RuntimeUnavailable
+
 
 class Step(StrEnum):
     """The lifecycle step during which a failure happened (``status.failure.step``)."""
@@ -102,6 +110,26 @@ _STEP_REASONS: dict[Step, FailureReason] = {
     Step.delete: FailureReason.DeleteFailed,
     Step.run: FailureReason.NodeFailed,
 }
+
+
+JUTURNA_DIR = str(Path(juturna.__file__).parent)
+
+
+def failing_node(exc: BaseException) -> str | None:
+    """The node Juturna was building or warming up when ``exc`` was raised.
+
+    Juturna's errors do not say which node failed; its warmup loops keep the name in a
+    local ``node_name``, so the innermost Juturna frame that has one names the node.
+    """
+    name = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        value = frame.f_locals.get("node_name")
+        if frame.f_code.co_filename.startswith(JUTURNA_DIR) and isinstance(value, str):
+            name = value
+        tb = tb.tb_next
+    return name
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -73,6 +73,7 @@ class Memory:
     failure: FailureRecord | None = None
     restarts: int = 0
     retry_at: float | None = None
+    attempts: int = 0  # failed attempts in a row: the backoff's exponent
     last_status: dict[str, Any] | None = None
     recovering_from: str | None = None  # a pipelineId from before an operator restart
 
@@ -155,6 +156,7 @@ class Reconciler:
             # A spec change: restarts count from zero and the new spec is validated again.
             mem.generation = resource.generation
             mem.restarts = 0
+            mem.attempts = 0
             mem.retry_at = None
             mem.validated_generation = None
         return mem
@@ -182,14 +184,17 @@ class Reconciler:
             if action in (Action.Nothing, Action.Wait):
                 break
             if action is Action.Retry:
-                mem.restarts += 1
+                assert mem.failure is not None
+                if mem.failure.reason.counts_as_restart:
+                    mem.restarts += 1
+                    self._event(
+                        p,
+                        "Normal",
+                        "Restarting",
+                        f"restart {mem.restarts} of "
+                        f"{p.desired.max_restarts} after {mem.failure.reason.name}",
+                    )
                 mem.failure, mem.retry_at = None, None
-                self._event(
-                    p,
-                    "Normal",
-                    "Restarting",
-                    f"restart {mem.restarts} of {p.desired.max_restarts} after a retryable failure",
-                )
                 continue
             try:
                 await self._with_progress(p, info, action, spec)
@@ -197,7 +202,10 @@ class Reconciler:
                 self._record_failure(p, failure)
                 if failure.step in (Step.create, Step.warmup, Step.start):
                     await self._discard(p)  # no half-built instance is kept
+                break  # look again at the next health check or when the backoff ends
         info = await self.engine.status(p.key)
+        if lifecycle.desired_reached(p.desired, self._observed(mem, info)):
+            mem.attempts = 0
         if mem.recovering_from and lifecycle.desired_reached(p.desired, self._observed(mem, info)):
             self._event(
                 p,
@@ -242,9 +250,14 @@ class Reconciler:
 
     def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
         """Juturna never reports a dead node thread; the engine does, and it is a failure."""
-        if info is None or info.state is not InstanceState.Running or not info.crashes:
+        if info is None or info.state is InstanceState.Absent:
+            return
+        if not info.crashes and info.failure is None:
             return
         if lifecycle.current_failure(p.desired, self._observed(p.mem, info)) is not None:
+            return
+        if info.failure is not None:
+            self._record_failure(p, info.failure)  # e.g. the runtime is unreachable
             return
         crash = info.crashes[0]
         self._record_failure(
@@ -262,8 +275,9 @@ class Reconciler:
         )
         if failure.reason.retryable:
             p.mem.retry_at = self._clock() + lifecycle.backoff_delay(
-                p.desired.backoff_seconds, p.mem.restarts
+                p.desired.backoff_seconds, p.mem.attempts
             )
+            p.mem.attempts += 1
         p.log.warning("%s", failure)
         self._event(p, "Warning", failure.reason.name, failure.message)
 
@@ -296,7 +310,7 @@ class Reconciler:
         elif action is Action.Create:
             assert spec is not None
             config = spec.to_juturna_config(p.key.juturna_name)
-            pid = await self.engine.create(p.key, config, p.desired.revision)
+            pid = await self.engine.create(p.key, config, p.desired.revision, spec.runtime)
             self._event(p, "Normal", "Created", f"pipeline instance {pid} created")
         else:
             act, reason, message = {

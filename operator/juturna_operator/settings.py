@@ -4,20 +4,25 @@
 |------------------------------------------|----------------------|----------------------------|
 | JUTURNA_OPERATOR_PLUGIN_PATH             | --plugin-path        | (none: only built-ins)     |
 | JUTURNA_OPERATOR_WORKDIR                 | --workdir            | $TMPDIR/juturna-operator   |
-| JUTURNA_OPERATOR_ENGINE                  | --engine             | inprocess                  |
+| JUTURNA_OPERATOR_ENGINE                  | --engine             | process                    |
 | JUTURNA_OPERATOR_STOP_TIMEOUT            | --stop-timeout       | 10 (seconds)               |
 | JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 5 (seconds, at most 5)     |
 | JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
 | JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
 | JUTURNA_OPERATOR_PROGRESS_THRESHOLD      | --progress-threshold | 0.2 (seconds)              |
+| JUTURNA_OPERATOR_RUNTIMES                | --runtimes           | {} (JSON, see Runtime)     |
+| JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
+| JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
@@ -56,19 +61,55 @@ def parse_plugin_path(raw: str) -> list[Path]:
     return roots
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """A remote Juturna service (``juturna serve``) the administrator named.
+
+    ``token_file`` holds a bearer token (a mounted Secret); it is read at each use, so a
+    rotated Secret applies without a restart, and it is never logged.
+    """
+
+    name: str
+    url: str
+    token_file: Path | None = None
+
+    def token(self) -> str | None:
+        return self.token_file.read_text().strip() if self.token_file else None
+
+
+def parse_runtimes(raw: str) -> dict[str, Runtime]:
+    """``{"gpu": {"url": "http://…:8080", "tokenFile": "/var/run/secrets/gpu/token"}}``."""
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{ENV_PREFIX}RUNTIMES is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{ENV_PREFIX}RUNTIMES must be a JSON object of runtimes by name")
+    runtimes = {}
+    for name, entry in data.items():
+        url = entry.get("url", "") if isinstance(entry, dict) else ""
+        if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
+            raise SettingsError(f"runtime {name!r} needs an http(s) url, got {url!r}")
+        token_file = entry.get("tokenFile")
+        runtimes[name] = Runtime(name, url, Path(token_file) if token_file else None)
+    return runtimes
+
+
 @dataclass
 class Settings:
     """Everything the operator reads from its environment and flags."""
 
     plugin_roots: list[Path] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "juturna-operator")
-    engine: str = "inprocess"
+    engine: str = "process"
     stop_timeout_s: float = 10.0
     health_interval_s: float = MAX_HEALTH_INTERVAL_S
     log_format: str = "text"
     max_concurrency: int = 8
     progress_threshold_s: float = 0.2
-    runtimes: dict[str, str] = field(default_factory=dict)  # name -> URL (engines issue)
+    runtimes: dict[str, Runtime] = field(default_factory=dict)
+    default_runtime: str | None = None  # for pipelines without spec.runtime (engine "service")
+    sweep_interval_s: float = 60.0
     namespaces: list[str] = field(default_factory=list)
     all_namespaces: bool = False
 
@@ -84,6 +125,9 @@ class Settings:
             log_format=_env("LOG_FORMAT", "text"),
             max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
             progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "0.2")),
+            runtimes=parse_runtimes(_env("RUNTIMES", "{}")),
+            default_runtime=_env("DEFAULT_RUNTIME", "") or None,
+            sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),
         )
         settings.check()
         return settings
@@ -96,6 +140,12 @@ class Settings:
             raise SettingsError(
                 f"health interval must be at most {MAX_HEALTH_INTERVAL_S:g} s, "
                 f"got {self.health_interval_s:g}"
+            )
+        if self.engine == "service" and self.default_runtime not in self.runtimes:
+            raise SettingsError(
+                f"engine 'service' needs {ENV_PREFIX}DEFAULT_RUNTIME to name one of the "
+                f"configured runtimes ({', '.join(sorted(self.runtimes)) or 'none configured'}),"
+                f" got {self.default_runtime!r}"
             )
         if self.namespaces and self.all_namespaces:
             raise SettingsError("choose either namespaces (-n) or all namespaces (-A), not both")

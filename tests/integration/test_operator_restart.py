@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from controlplane import processes_mentioning
 
 from support import Operator, Pipelines, manifest, output_lines
 
@@ -18,30 +19,46 @@ def test_pipelines_come_back_after_the_operator_is_killed(
     pipelines.apply(manifest("r1"))
     pipelines.apply(manifest("r2", state="Ready"))
     before = {n: pipelines.wait_ready(n)["status"]["pipelineId"] for n in ("r1", "r2")}
+    workers_before = sorted(processes_mentioning(f"--folder {operator.workdir} "))
     operator.kill()
     operator.start()
-    for name in ("r1", "r2"):
-        body = pipelines.wait(
-            name,
-            lambda b, n=name: (
-                b["status"].get("pipelineId") not in (None, before[n])
-                and any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in b["status"]["conditions"]
-                )
-            ),
-            timeout=30,
-            what="a new instance, Ready",
-        )
-        assert body["status"]["phase"] == ("Running" if name == "r1" else "Ready")
-        recovered = [m for _, r, m in pipelines.events(name) if r == "Recovered"]
-        assert recovered, f"{name}: no Recovered event"
-        assert before[name] in recovered[0]
+    if operator.engine == "process":
+        # Workers outlive the operator and are adopted: same instances, same processes.
+        time.sleep(2)
+        for name in ("r1", "r2"):
+            body = pipelines.wait_ready(name)
+            assert body["status"]["pipelineId"] == before[name]
+        assert sorted(processes_mentioning(f"--folder {operator.workdir} ")) == workers_before
+        assert len(workers_before) == 2
+    else:
+        # In-process instances died with the process, and a service's instances are no
+        # longer known: each is deployed again.
+        for name in ("r1", "r2"):
+            body = pipelines.wait(
+                name,
+                lambda b, n=name: (
+                    b["status"].get("pipelineId") not in (None, before[n])
+                    and any(
+                        c["type"] == "Ready" and c["status"] == "True"
+                        for c in b["status"]["conditions"]
+                    )
+                ),
+                timeout=30,
+                what="a new instance, Ready",
+            )
+            assert body["status"]["phase"] == ("Running" if name == "r1" else "Ready")
+            recovered = [m for _, r, m in pipelines.events(name) if r == "Recovered"]
+            assert recovered, f"{name}: no Recovered event"
+            assert before[name] in recovered[0]
+        # What the killed process held is gone: in-process instances died with it and their
+        # folders were swept at start; on a service, the orphan sweep deletes them.
+        deadline = time.monotonic() + 15
+        while [p for p in operator.workdir.iterdir() if before["r1"] in p.name]:
+            assert time.monotonic() < deadline, "the old instance's folder was not removed"
+            time.sleep(0.2)
     first = output_lines(operator.workdir, pipelines.get("r1"))
     time.sleep(1.5)
     assert output_lines(operator.workdir, pipelines.get("r1")) > first
-    # Folders of the killed process's instances were swept.
-    assert not [p for p in operator.workdir.iterdir() if before["r1"] in p.name]
 
 
 def test_gitops_no_annotations_and_no_diff(pipelines: Pipelines) -> None:

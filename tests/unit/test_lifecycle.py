@@ -227,3 +227,12 @@ def test_last_transition_time_moves_only_on_a_status_change() -> None:
 def test_warnings_go_into_the_created_message() -> None:
     conds = {c.type: c for c in conditions(desired(), observed(I.Running), [], "T", "note")}
     assert conds[ConditionType.Created].message == "note"
+
+
+def test_an_unreachable_runtime_never_exhausts_the_restart_budget() -> None:
+    d = desired(max_restarts=1)
+    o = observed(
+        failure=fail(FailureReason.RuntimeUnavailable, Step.create), restarts=5, retry_at=10.0
+    )
+    assert next_step(d, o, now=11.0) is Action.Retry
+    assert phase(d, o) is Phase.Pending

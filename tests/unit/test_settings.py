@@ -15,7 +15,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(f"JUTURNA_OPERATOR_{name}", raising=False)
     s = Settings.from_env()
     assert (s.engine, s.stop_timeout_s, s.health_interval_s, s.log_format) == (
-        "inprocess",
+        "process",
         10.0,
         5.0,
         "text",
@@ -73,6 +73,46 @@ def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(
         ValueError,
-        match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of inprocess",
+        match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of "
+        "inprocess, process, service",
     ):
         make_engine(Settings(engine="docker"))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RUNTIMES": "{nope"}, "JUTURNA_OPERATOR_RUNTIMES is not valid JSON: "),
+        ({"RUNTIMES": "[1]"}, "JUTURNA_OPERATOR_RUNTIMES must be a JSON object of runtimes"),
+        (
+            {"RUNTIMES": '{"gpu": {"url": "ftp://x"}}'},
+            "runtime 'gpu' needs an http(s) url, got 'ftp://x'",
+        ),
+        (
+            {"ENGINE": "service"},
+            "engine 'service' needs JUTURNA_OPERATOR_DEFAULT_RUNTIME to "
+            "name one of the configured runtimes (none configured), got None",
+        ),
+    ],
+)
+def test_bad_runtimes_are_explained(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(f"JUTURNA_OPERATOR_{name}", value)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env()
+    assert str(err.value).startswith(message)
+
+
+def test_runtimes_and_their_token_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    monkeypatch.setenv(
+        "JUTURNA_OPERATOR_RUNTIMES",
+        f'{{"gpu": {{"url": "http://gpu:8080", "tokenFile": "{token}"}}}}',
+    )
+    monkeypatch.setenv("JUTURNA_OPERATOR_ENGINE", "service")
+    monkeypatch.setenv("JUTURNA_OPERATOR_DEFAULT_RUNTIME", "gpu")
+    runtime = Settings.from_env().runtimes["gpu"]
+    assert (runtime.url, runtime.token()) == ("http://gpu:8080", "s3cret")

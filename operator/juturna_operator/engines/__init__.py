@@ -1,20 +1,98 @@
-"""Engines: implementations of the PipelineManager port (``base.Engine``)."""
+"""Engines: implementations of the PipelineManager port (``base.Engine``).
+
+``make_engine`` returns a ``Router``: each pipeline goes to the default engine
+(``JUTURNA_OPERATOR_ENGINE``), or to the service engine when ``spec.runtime`` names one of
+the administrator's runtimes.
+"""
 
 from __future__ import annotations
 
-from juturna_operator.engines.base import Engine
+from typing import Any
+
+from juturna_operator.engines.base import Engine, InstanceInfo, PipelineKey
 from juturna_operator.settings import Settings
 
-ENGINE_NAMES = ("inprocess",)
+ENGINE_NAMES = ("inprocess", "process", "service")
 
 
-def make_engine(settings: Settings) -> Engine:
-    """The engine named by ``settings.engine``."""
+def _default_engine(settings: Settings) -> Engine:
     if settings.engine == "inprocess":
         from juturna_operator.engines.inprocess import InProcessEngine
 
         return InProcessEngine(settings)
+    if settings.engine == "process":
+        from juturna_operator.engines.process import ProcessEngine
+
+        return ProcessEngine(settings)
     raise ValueError(
         f"unknown engine {settings.engine!r}: JUTURNA_OPERATOR_ENGINE must be one of "
         f"{', '.join(ENGINE_NAMES)}"
     )
+
+
+class Router:
+    """One ``Engine`` made of the default engine and, with runtimes configured, the service
+    engine; it remembers which one holds each instance."""
+
+    def __init__(self, default: Engine, service: Engine | None) -> None:
+        self.name = default.name
+        self._default, self._service = default, service
+        self._owner: dict[PipelineKey, Engine] = {}
+
+    def _for(self, key: PipelineKey) -> Engine:
+        return self._owner.get(key, self._default)
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        engine = self._service if runtime and self._service else self._default
+        pipeline_id = await engine.create(key, config, revision, runtime)
+        self._owner[key] = engine
+        return pipeline_id
+
+    async def warmup(self, key: PipelineKey) -> None:
+        await self._for(key).warmup(key)
+
+    async def start(self, key: PipelineKey) -> None:
+        await self._for(key).start(key)
+
+    async def stop(self, key: PipelineKey) -> None:
+        await self._for(key).stop(key)
+
+    async def delete(self, key: PipelineKey) -> None:
+        await self._for(key).delete(key)
+        self._owner.pop(key, None)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        info = await self._for(key).status(key)
+        if info is None:
+            self._owner.pop(key, None)
+        return info
+
+    async def list(self) -> list[InstanceInfo]:
+        engines = [self._default] + ([self._service] if self._service else [])
+        return [info for engine in engines for info in await engine.list()]
+
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        removed = await self._default.sweep(keep)
+        if self._service is not None:
+            removed += await self._service.sweep(keep)
+        return removed
+
+    async def close(self) -> None:
+        await self._default.close()
+        if self._service is not None:
+            await self._service.close()
+
+
+def make_engine(settings: Settings) -> Router:
+    """The default engine named by ``settings.engine``, plus the service engine if needed."""
+    service = None
+    if settings.runtimes:
+        from juturna_operator.engines.service import ServiceEngine
+
+        service = ServiceEngine(settings)
+    if settings.engine == "service":
+        assert service is not None  # Settings.check() requires a default runtime
+        return Router(service, service)
+    return Router(_default_engine(settings), service)

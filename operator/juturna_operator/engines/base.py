@@ -7,9 +7,15 @@ comes back as a classified ``PipelineFailure``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+
+T = TypeVar("T")
 
 
 class InstanceState(StrEnum):
@@ -60,6 +66,7 @@ class InstanceInfo:
     folder: str = ""
     nodes: dict[str, str] = field(default_factory=dict)  # name -> Created|Configured|Running|...
     crashes: list[NodeCrash] = field(default_factory=list)
+    failure: PipelineFailure | None = None  # the runtime could not be asked (e.g. unreachable)
 
 
 class Engine(Protocol):
@@ -67,8 +74,12 @@ class Engine(Protocol):
 
     name: str
 
-    async def create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
-        """Register a new instance from Juturna's config dict; return its pipeline id."""
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        """Register a new instance from Juturna's config dict; return its pipeline id.
+
+        ``runtime`` is ``spec.runtime``: only the service engine uses it."""
 
     async def warmup(self, key: PipelineKey) -> None: ...
 
@@ -84,5 +95,53 @@ class Engine(Protocol):
 
     async def list(self) -> list[InstanceInfo]: ...
 
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        """Remove instances no resource references (``keep``: Juturna name -> pipeline id)."""
+
     async def close(self) -> None:
         """Release everything the engine holds (operator shutdown)."""
+
+
+def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
+    """The instance an engine holds for ``key``, or ``InvalidPipelineId``."""
+    instance = instances.get(key)
+    if instance is None:
+        raise PipelineFailure(
+            FailureReason.InvalidPipelineId, step, f"no pipeline instance for {key}"
+        )
+    return instance
+
+
+def vacant(instances: dict[PipelineKey, Any], key: PipelineKey) -> None:
+    """Refuse a second instance for one resource (``CreateFailed``)."""
+    if key in instances:
+        raise PipelineFailure(
+            FailureReason.CreateFailed, Step.create, f"{key} already has an instance"
+        )
+
+
+class Exclusive:
+    """One operation at a time per instance, and never abandoned halfway.
+
+    Each operation runs under its instance's lock inside ``asyncio.shield``: when kopf
+    cancels a caller (a daemon stopped by a deletion), the operation still finishes and
+    records what it did, so the deletion that follows finds (and removes) it.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[PipelineKey, asyncio.Lock] = {}
+
+    def _lock(self, key: PipelineKey) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    def busy(self, key: PipelineKey) -> bool:
+        return self._lock(key).locked()
+
+    async def exclusive(
+        self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        async def locked() -> T:
+            async with self._lock(key):
+                return await operation(*args)
+
+        return await asyncio.shield(locked())

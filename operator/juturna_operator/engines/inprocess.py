@@ -31,13 +31,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import juturna
 from juturna.cli.commands.models.api import PipelineConfig
 from juturna.components._pipeline_manager import PipelineManager
 from juturna.names import ComponentStatus
 
-from juturna_operator.engines.base import InstanceInfo, InstanceState, NodeCrash, PipelineKey
-from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
+from juturna_operator.engines.base import (
+    Exclusive,
+    InstanceInfo,
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+    held,
+    vacant,
+)
+from juturna_operator.reasons import (
+    FailureReason,
+    PipelineFailure,
+    Step,
+    classify,
+    failing_node,
+)
 from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,12 +106,13 @@ class _ThreadOwners:
             threading.excepthook = self._previous
 
 
-class InProcessEngine:
+class InProcessEngine(Exclusive):
     """Runs every pipeline in this process through one ``PipelineManager``."""
 
     name = "inprocess"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__()
         self._settings = settings
         workdir = settings.workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +131,6 @@ class InProcessEngine:
             max_workers=settings.max_concurrency, thread_name_prefix="juturna-call"
         )
         self._instances: dict[PipelineKey, _Instance] = {}
-        self._locks: dict[PipelineKey, asyncio.Lock] = {}
         self._owners = _ThreadOwners()
 
     # -- helpers --
@@ -129,9 +142,6 @@ class InProcessEngine:
             if folder.is_dir() and not self._manager._pipelines:
                 log.info("removing a pipeline folder left by a previous process: %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
-
-    def _lock(self, key: PipelineKey) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
 
     async def _call(self, step: Step, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking Juturna call on the pool; classify what it raises."""
@@ -145,49 +155,45 @@ class InProcessEngine:
                 failure.message = f'node "{node}": {failure.message}'
             raise failure from exc
 
-    def _get(self, key: PipelineKey, step: Step) -> _Instance:
-        instance = self._instances.get(key)
-        if instance is None:
-            raise PipelineFailure(
-                FailureReason.InvalidPipelineId, step, f"no pipeline instance for {key}"
-            )
-        return instance
-
     def _pipeline(self, instance: _Instance) -> Any:
         return self._manager._pipelines.get(instance.pipeline_id)
 
     # -- the Engine interface --
 
-    async def create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
-        async with self._lock(key):
-            if key in self._instances:
-                raise PipelineFailure(
-                    FailureReason.CreateFailed, Step.create, f"{key} already has an instance"
-                )
-            created = await self._call(
-                Step.create, self._manager.create_pipeline, PipelineConfig(**config)
-            )
-            self._instances[key] = _Instance(key, created.pipeline_id, revision)
-            return str(created.pipeline_id)
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        return await self.exclusive(key, self._create, key, config, revision)
+
+    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        vacant(self._instances, key)
+        created = await self._call(
+            Step.create, self._manager.create_pipeline, PipelineConfig(**config)
+        )
+        self._instances[key] = _Instance(key, created.pipeline_id, revision)
+        return str(created.pipeline_id)
 
     async def warmup(self, key: PipelineKey) -> None:
-        async with self._lock(key):
-            instance = self._get(key, Step.warmup)
-            await self._call(Step.warmup, self._manager.warmup_pipeline, instance.pipeline_id)
-            instance.state = InstanceState.Ready
+        await self.exclusive(key, self._warmup, key)
+
+    async def _warmup(self, key: PipelineKey) -> None:
+        instance = held(self._instances, key, Step.warmup)
+        await self._call(Step.warmup, self._manager.warmup_pipeline, instance.pipeline_id)
+        instance.state = InstanceState.Ready
 
     async def start(self, key: PipelineKey) -> None:
-        async with self._lock(key):
-            instance = self._get(key, Step.start)
-            await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
-            instance.state = InstanceState.Running
-            for node_name, node in (self._pipeline(instance)._nodes or {}).items():
-                for thread in (node._worker_thread, node._update_thread, node._source_thread):
-                    self._owners.register(thread, instance, node_name)
+        await self.exclusive(key, self._start, key)
+
+    async def _start(self, key: PipelineKey) -> None:
+        instance = held(self._instances, key, Step.start)
+        await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
+        instance.state = InstanceState.Running
+        for node_name, node in (self._pipeline(instance)._nodes or {}).items():
+            for thread in (node._worker_thread, node._update_thread, node._source_thread):
+                self._owners.register(thread, instance, node_name)
 
     async def stop(self, key: PipelineKey) -> None:
-        async with self._lock(key):
-            await self._stop_locked(self._get(key, Step.stop))
+        await self.exclusive(key, lambda: self._stop_locked(held(self._instances, key, Step.stop)))
 
     async def _stop_locked(self, instance: _Instance) -> None:
         if instance.state is not InstanceState.Running:
@@ -240,23 +246,23 @@ class InProcessEngine:
             shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
 
     async def delete(self, key: PipelineKey) -> None:
-        async with self._lock(key):
-            instance = self._instances.get(key)
-            if instance is None:
-                return
-            await self._stop_locked(instance)
-            if key not in self._instances:  # abandoned by a stop timeout
-                return
-            try:
-                await self._call(
-                    Step.delete, self._manager.delete_pipeline, instance.pipeline_id, True
-                )
-            except PipelineFailure as failure:
-                if failure.reason is not FailureReason.InvalidPipelineId:
-                    self._abandon(instance)
-                    raise
-            self._instances.pop(key, None)
+        await self.exclusive(key, self._delete, key)
         self._locks.pop(key, None)
+
+    async def _delete(self, key: PipelineKey) -> None:
+        instance = self._instances.get(key)
+        if instance is None:
+            return
+        await self._stop_locked(instance)
+        if key not in self._instances:  # abandoned by a stop timeout
+            return
+        try:
+            await self._call(Step.delete, self._manager.delete_pipeline, instance.pipeline_id, True)
+        except PipelineFailure as failure:
+            if failure.reason is not FailureReason.InvalidPipelineId:
+                self._abandon(instance)
+                raise
+        self._instances.pop(key, None)
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         instance = self._instances.get(key)
@@ -291,6 +297,10 @@ class InProcessEngine:
     async def list(self) -> list[InstanceInfo]:
         return [self._info(i) for i in list(self._instances.values())]
 
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        """Local instances all belong to reconciled resources; a deletion removes them."""
+        return []
+
     async def close(self) -> None:
         for key in list(self._instances):
             try:
@@ -299,26 +309,6 @@ class InProcessEngine:
                 log.warning("while shutting down, %s: %s", key, failure)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._owners.uninstall()
-
-
-JUTURNA_DIR = str(Path(juturna.__file__).parent)
-
-
-def failing_node(exc: BaseException) -> str | None:
-    """The node Juturna was building or warming up when ``exc`` was raised.
-
-    Juturna's errors do not say which node failed; its warmup loops keep the name in a
-    local ``node_name``, so the innermost Juturna frame that has one names the node.
-    """
-    name = None
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        value = frame.f_locals.get("node_name")
-        if frame.f_code.co_filename.startswith(JUTURNA_DIR) and isinstance(value, str):
-            name = value
-        tb = tb.tb_next
-    return name
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

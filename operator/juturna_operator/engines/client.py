@@ -1,0 +1,150 @@
+"""An async client for Juturna's HTTP service, with every answer mapped to a failure reason.
+
+The endpoints are the contract upstream Juturna ships (``juturna serve``): ``/pipelines/new``,
+``/{id}/warmup``, ``/{id}/start``, ``/{id}/stop``, ``/{id}/delete``, ``/{id}/status`` and
+``GET /pipelines``. Connections are reused; only connection failures are retried (the
+request never reached the service, so a retry cannot do anything twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
+
+CONFLICTS = {
+    "already warmed up": FailureReason.AlreadyWarmedUp,
+    "already running": FailureReason.AlreadyRunning,
+    "is not ready": FailureReason.NotReady,
+    "is not running": FailureReason.NotRunning,
+}
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason_phrase
+    if isinstance(body, dict) and "message" in body:
+        return str(body["message"])
+    if isinstance(body, dict) and isinstance(body.get("detail"), list):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}"
+            for d in body["detail"]
+        )
+    return str(body)[:500]
+
+
+def failure_of(response: httpx.Response, step: Step) -> PipelineFailure:
+    """The reason for a non-2xx answer, with the service's own words."""
+    message = _message(response)
+    code = response.status_code
+    if code == 404:
+        return PipelineFailure(FailureReason.InvalidPipelineId, step, message)
+    if code == 409:
+        for words, reason in CONFLICTS.items():
+            if words in message:
+                return PipelineFailure(reason, step, message)
+    if code == 422:
+        return PipelineFailure(FailureReason.InvalidSpec, step, f"rejected by Juturna: {message}")
+    return PipelineFailure(classify(RuntimeError(), step).reason, step, message)
+
+
+class JuturnaClient:
+    """One Juturna service (a worker process or a remote ``juturna serve``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        connect_retries: int = 2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
+        self._retries = connect_retries
+        self._timeout_s = timeout_s
+
+    async def request(
+        self, method: str, path: str, step: Step, timeout_s: float | None = None, **kw: Any
+    ) -> Any:
+        """One call; a 2xx answer's JSON, or a classified ``PipelineFailure``."""
+        timeout = timeout_s if timeout_s is not None else self._timeout_s
+        for attempt in range(self._retries + 1):
+            try:
+                response = await self._http.request(method, path, timeout=timeout, **kw)
+                break
+            # A pooled connection the service closed (uvicorn does after a 500) fails with a
+            # ReadError or RemoteProtocolError before the request is read: retried like a
+            # refusal. (At worst a create runs twice; the orphan sweep removes the extra one.)
+            except (
+                httpx.ConnectError,
+                httpx.ConnectTimeout,
+                httpx.RemoteProtocolError,
+                httpx.ReadError,
+            ) as err:
+                if attempt == self._retries:
+                    raise PipelineFailure(
+                        FailureReason.RuntimeUnavailable,
+                        step,
+                        f"cannot connect to {self.base_url}: {type(err).__name__}",
+                    ) from err
+                await asyncio.sleep(0.1 * 2**attempt)
+            except httpx.TimeoutException as err:
+                raise PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    step,
+                    f"{self.base_url}{path} gave no answer within {timeout:g} s",
+                ) from err
+            except httpx.TransportError as err:
+                raise PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    step,
+                    f"{self.base_url}{path}: {type(err).__name__}: {err}",
+                ) from err
+        if response.is_success:
+            return response.json()
+        raise failure_of(response, step)
+
+    async def create(self, config: dict[str, Any]) -> str:
+        answer = await self.request("POST", "/pipelines/new", Step.create, json=config)
+        return str(answer["data"]["pipeline_id"])
+
+    async def warmup(self, pipeline_id: str, timeout_s: float) -> Any:
+        return await self.request(
+            "POST", f"/pipelines/{pipeline_id}/warmup", Step.warmup, timeout_s
+        )
+
+    async def start(self, pipeline_id: str) -> Any:
+        return await self.request("POST", f"/pipelines/{pipeline_id}/start", Step.start)
+
+    async def stop(self, pipeline_id: str, timeout_s: float) -> Any:
+        return await self.request("POST", f"/pipelines/{pipeline_id}/stop", Step.stop, timeout_s)
+
+    async def delete(self, pipeline_id: str, timeout_s: float | None = None) -> Any:
+        return await self.request(
+            "POST",
+            f"/pipelines/{pipeline_id}/delete",
+            Step.delete,
+            timeout_s,
+            params={"wipe": "true"},
+        )
+
+    async def status(self, pipeline_id: str) -> Any:
+        return await self.request("GET", f"/pipelines/{pipeline_id}/status", Step.run)
+
+    async def list(self) -> dict[str, Any]:
+        """``{pipeline_id: status}`` for every pipeline on the service."""
+        answer = await self.request("GET", "/pipelines", Step.run)
+        merged: dict[str, Any] = {}
+        for entry in answer.get("pipelines", []):
+            merged.update(entry)
+        return merged
+
+    async def close(self) -> None:
+        await self._http.aclose()

@@ -1,0 +1,387 @@
+"""The process engine: one supervised worker process per pipeline.
+
+Each worker (``juturna_operator.worker``) serves Juturna's own HTTP API for one pipeline;
+this engine drives it with ``JuturnaClient``. A worker is a real containment boundary:
+
+* a node that raises is reported by the worker's health route (``NodeFailed``);
+* a stop that hangs is ended by killing the worker (SIGTERM, then SIGKILL): ``StopTimeout``;
+* a worker killed from outside is seen at the next health check;
+* new plugin code is picked up, since every deploy imports it in a fresh process.
+
+Workers outlive the operator process on purpose: a restarted operator finds them through
+their state files (``<workdir>/.workers/<uid>.json``), checks that each PID still runs our
+worker for that uid, and adopts it; anything else is reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from juturna_operator.engines.base import (
+    Exclusive,
+    InstanceInfo,
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+    held,
+    vacant,
+)
+from juturna_operator.engines.client import JuturnaClient
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import Settings
+from juturna_operator.worker import WORKER_MARKER
+
+log = logging.getLogger(__name__)
+
+NODE_STATUS = {
+    "component_created": "Created",
+    "component_configured": "Configured",
+    "component_running": "Running",
+    "component_stopped": "Stopped",
+}
+WORKER_READY_TIMEOUT_S = 60.0
+WARMUP_TIMEOUT_S = 600.0  # model loads take minutes
+KILL_GRACE_S = 2.0
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@dataclass
+class WorkerRecord:
+    """What survives an operator restart: written to ``.workers/<uid>.json``."""
+
+    namespace: str
+    name: str
+    uid: str
+    revision: str
+    pid: int
+    port: int
+    pipeline_id: str = ""
+    state: str = InstanceState.Created.value
+
+    @property
+    def key(self) -> PipelineKey:
+        return PipelineKey(self.namespace, self.name, self.uid)
+
+
+class _Worker:
+    def __init__(self, record: WorkerRecord, popen: subprocess.Popen[bytes] | None) -> None:
+        self.record = record
+        self.popen = popen  # None for an adopted worker (not our child)
+        self.client = JuturnaClient(f"http://127.0.0.1:{record.port}", connect_retries=1)
+
+    def connect(self, port: int) -> None:
+        self.record.port = port
+        self.client = JuturnaClient(f"http://127.0.0.1:{port}", connect_retries=1)
+
+    @property
+    def state(self) -> InstanceState:
+        return InstanceState(self.record.state)
+
+    def alive(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
+        return pid_alive(self.record.pid)
+
+    def exit_description(self) -> str:
+        code = self.popen.poll() if self.popen is not None else None
+        if code is None:
+            return f"worker process {self.record.pid} is gone"
+        if code < 0:
+            return f"worker process {self.record.pid} was killed by {signal.Signals(-code).name}"
+        return f"worker process {self.record.pid} exited with code {code}"
+
+
+class ProcessEngine(Exclusive):
+    """Runs each pipeline in a worker process of its own."""
+
+    name = "process"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._settings = settings
+        self._workdir = settings.workdir
+        self._state_dir = settings.workdir / ".workers"
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        self._workers: dict[PipelineKey, _Worker] = {}
+        self._adopt_or_reap()
+
+    # -- worker processes --
+
+    def _adopt_or_reap(self) -> None:
+        """Adopt the workers a previous operator process left; reap everything else."""
+        adopted: set[int] = set()
+        for path in self._state_dir.glob("*.json"):
+            try:
+                record = WorkerRecord(**json.loads(path.read_text()))
+            except (ValueError, TypeError):
+                path.unlink(missing_ok=True)
+                continue
+            line = cmdline(record.pid)
+            if pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line:
+                self._workers[record.key] = _Worker(record, None)
+                adopted.add(record.pid)
+                log.info("adopted worker %s for %s", record.pid, record.key)
+            else:
+                self._forget(record)
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) not in adopted:
+                line = cmdline(int(entry.name))
+                if WORKER_MARKER in line and f"--folder {self._workdir} " in line:
+                    log.warning("reaping a worker with no state: pid %s", entry.name)
+                    self._kill(int(entry.name), None)
+
+    def _spawn(self, key: PipelineKey) -> tuple[subprocess.Popen[bytes], Path, Path]:
+        port_file = self._state_dir / f"{key.uid}.port"
+        port_file.unlink(missing_ok=True)
+        log_file = self._state_dir / f"{key.uid}.log"
+        roots = [str(r) for r in self._settings.plugin_roots]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        with open(log_file, "ab") as out:
+            popen = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    WORKER_MARKER,
+                    "--folder",
+                    str(self._workdir),
+                    "--port-file",
+                    str(port_file),
+                    "--owner",
+                    key.uid,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C to the operator does not reach it
+            )
+        return popen, port_file, log_file
+
+    @staticmethod
+    def _port_of(popen: subprocess.Popen[bytes], port_file: Path, log_file: Path) -> int | None:
+        """The worker's port once it has written it; a clear failure if it died first."""
+        if popen.poll() is not None:
+            tail = log_file.read_text(errors="replace")[-1500:]
+            raise PipelineFailure(
+                FailureReason.CreateFailed,
+                Step.create,
+                f"the worker process exited with code {popen.returncode} before it was "
+                f"ready: {tail}",
+            )
+        return int(port_file.read_text()) if port_file.exists() else None
+
+    async def _wait_ready(self, worker: _Worker, port_file: Path, log_file: Path) -> None:
+        """The ready handshake: the port file appears, then the health route answers."""
+        assert worker.popen is not None
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            port = await asyncio.to_thread(self._port_of, worker.popen, port_file, log_file)
+            if port is not None:
+                worker.connect(port)
+                try:
+                    await worker.client.request("GET", "/operator/health", Step.create, 2.0)
+                    return
+                except PipelineFailure:
+                    pass
+            await asyncio.sleep(0.05)
+        raise PipelineFailure(
+            FailureReason.RuntimeUnavailable,
+            Step.create,
+            f"the worker process was not ready within {WORKER_READY_TIMEOUT_S:g} s",
+        )
+
+    def _kill(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
+        """SIGTERM, then SIGKILL after a grace period; reap it if it is our child."""
+        for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if popen is not None and popen.poll() is not None:
+                    return
+                if popen is None and not pid_alive(pid):
+                    return
+                time.sleep(0.02)
+        if popen is not None:
+            popen.wait(timeout=5)
+
+    def _save(self, worker: _Worker) -> None:
+        path = self._state_dir / f"{worker.record.uid}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(worker.record)))
+        os.replace(tmp, path)
+
+    def _forget(self, record: WorkerRecord) -> None:
+        for suffix in (".json", ".port", ".log"):
+            (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
+        if record.pipeline_id:
+            for folder in self._workdir.glob(f"*_{record.pipeline_id}"):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    async def _end(self, worker: _Worker) -> None:
+        """Stop the worker process for good and remove what it left."""
+        if worker.alive():
+            with contextlib.suppress(PipelineFailure):
+                await worker.client.request("POST", "/operator/shutdown", Step.delete, 2.0)
+            await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
+        await worker.client.close()
+        self._workers.pop(worker.record.key, None)
+        await asyncio.to_thread(self._forget, worker.record)
+
+    async def _set_state(self, worker: _Worker, state: InstanceState) -> None:
+        worker.record.state = state.value
+        await asyncio.to_thread(self._save, worker)
+
+    # -- the Engine interface --
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        return await self.exclusive(key, self._create, key, config, revision)
+
+    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        vacant(self._workers, key)
+        popen, port_file, log_file = await asyncio.to_thread(self._spawn, key)
+        record = WorkerRecord(key.namespace, key.name, key.uid, revision, popen.pid, 0)
+        worker = self._workers[key] = _Worker(record, popen)  # known from its first moment
+        await asyncio.to_thread(self._save, worker)
+        try:
+            await self._wait_ready(worker, port_file, log_file)
+            record.pipeline_id = await worker.client.create(config)
+            await self._set_state(worker, InstanceState.Created)
+        except BaseException:
+            await self._end(worker)
+            raise
+        return record.pipeline_id
+
+    async def warmup(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._warmup, key)
+
+    async def _warmup(self, key: PipelineKey) -> None:
+        worker = held(self._workers, key, Step.warmup)
+        await worker.client.warmup(worker.record.pipeline_id, WARMUP_TIMEOUT_S)
+        await self._set_state(worker, InstanceState.Ready)
+
+    async def start(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._start, key)
+
+    async def _start(self, key: PipelineKey) -> None:
+        worker = held(self._workers, key, Step.start)
+        await worker.client.start(worker.record.pipeline_id)
+        await self._set_state(worker, InstanceState.Running)
+
+    async def stop(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._stop, key)
+
+    async def _stop(self, key: PipelineKey) -> None:
+        worker = held(self._workers, key, Step.stop)
+        if worker.state is not InstanceState.Running or not worker.alive():
+            await self._set_state(worker, InstanceState.Spent)
+            return
+        timeout = self._settings.stop_timeout_s
+        try:
+            await worker.client.stop(worker.record.pipeline_id, timeout)
+        except PipelineFailure as failure:
+            if failure.reason is not FailureReason.RuntimeUnavailable:
+                raise
+            pid = worker.record.pid
+            await self._end(worker)  # the cure for a hung stop: end the process
+            raise PipelineFailure(
+                FailureReason.StopTimeout,
+                Step.stop,
+                f"stop did not finish within {timeout:g} s; the worker process {pid} was "
+                "killed (SIGTERM, then SIGKILL)",
+            ) from failure
+        await self._set_state(worker, InstanceState.Spent)
+
+    async def delete(self, key: PipelineKey) -> None:
+        worker = self._workers.get(key)
+        if worker is not None and self.busy(key):
+            # A deletion does not wait out a long warmup: ending the process makes the
+            # operation in progress fail at once.
+            await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
+        await self.exclusive(key, self._delete, key)
+        self._locks.pop(key, None)
+
+    async def _delete(self, key: PipelineKey) -> None:
+        worker = self._workers.get(key)
+        if worker is not None:
+            # Ending the process frees everything Juturna held, without Juturna's slow
+            # delete (two gc.collect() calls); _end removes the folder.
+            await self._end(worker)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        worker = self._workers.get(key)
+        if worker is None:
+            return None
+        info = InstanceInfo(
+            key=key,
+            pipeline_id=worker.record.pipeline_id,
+            revision=worker.record.revision,
+            state=worker.state,
+        )
+        if not worker.alive():
+            info.crashes = [
+                NodeCrash("(worker)", f"pid {worker.record.pid}", worker.exit_description())
+            ]
+            return info
+        try:
+            health = await worker.client.request("GET", "/operator/health", Step.run, 2.0)
+        except PipelineFailure as failure:
+            info.crashes = [NodeCrash("(worker)", f"pid {worker.record.pid}", failure.message)]
+            return info
+        for entry in health.get("pipelines", []):
+            status = entry.get(worker.record.pipeline_id)
+            if status:
+                info.folder = status.get("folder", "")
+                info.nodes = {
+                    name: NODE_STATUS.get(node.get("status"), str(node.get("status")))
+                    for name, node in (status.get("nodes") or {}).items()
+                }
+        info.crashes = [NodeCrash(c["node"], c["thread"], c["error"]) for c in health["crashes"]]
+        for crash in info.crashes:
+            info.nodes[crash.node] = "Failed"
+        return info
+
+    async def list(self) -> list[InstanceInfo]:
+        infos = [await self.status(key) for key in list(self._workers)]
+        return [i for i in infos if i is not None]
+
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        """Local instances all belong to reconciled resources; a deletion removes them."""
+        return []
+
+    async def close(self) -> None:
+        """Leave the workers running: the next operator process adopts them."""
+        for worker in list(self._workers.values()):
+            await worker.client.close()

@@ -1,0 +1,231 @@
+"""The service engine: pipelines on remote Juturna services (``juturna serve``), by name.
+
+The administrator configures runtimes (``JUTURNA_OPERATOR_RUNTIMES``); a Pipeline picks one
+with ``spec.runtime``. URLs never come from a Pipeline, only from the operator's own
+configuration, so a Pipeline author cannot make the operator call an address of their
+choosing.
+
+Each remote pipeline is named ``<namespace>__<name>__<uid8>``, so the operator can tell its
+own pipelines from anybody else's on a shared service. ``sweep`` removes the ones no
+resource references any more: pipelines of deleted resources, and half-built pipelines a
+failed deploy left (Juturna's deploy has no rollback).
+
+What a plain remote service cannot tell: Juturna does not report a node thread that died
+(its status still says running). Only our worker module (``juturna_operator.worker``), run
+as the remote service, adds the health route that reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from juturna_operator.engines.base import (
+    Exclusive,
+    InstanceInfo,
+    InstanceState,
+    PipelineKey,
+    held,
+    vacant,
+)
+from juturna_operator.engines.client import JuturnaClient
+from juturna_operator.engines.process import NODE_STATUS, WARMUP_TIMEOUT_S
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import Runtime, Settings
+
+log = logging.getLogger(__name__)
+
+OURS = re.compile(r"^[a-z0-9.-]+__[a-z0-9.-]+__[0-9a-f-]{8}$")
+JUTURNA_STATE = {
+    "pipeline_created": InstanceState.Created,
+    "pipeline_ready": InstanceState.Ready,
+    "pipeline_running": InstanceState.Running,
+}
+
+
+@dataclass
+class _Remote:
+    runtime: str
+    pipeline_id: str
+    revision: str
+    state: InstanceState = InstanceState.Created
+
+
+class ServiceEngine(Exclusive):
+    """Drives pipelines on the administrator's named Juturna services."""
+
+    name = "service"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self._settings = settings
+        self._runtimes: dict[str, Runtime] = dict(settings.runtimes)
+        self._remotes: dict[PipelineKey, _Remote] = {}
+        self._abandoned: set[str] = set()  # stuck in a stop on the service: never touched again
+        self._clients: dict[str, JuturnaClient] = {}
+
+    def _client(self, runtime: str) -> JuturnaClient:
+        config = self._runtimes[runtime]
+        token = config.token()
+        client = self._clients.get(runtime)
+        if client is None or client.token != token:
+            client = self._clients[runtime] = JuturnaClient(config.url, token=token)
+        return client
+
+    # -- the Engine interface --
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        runtime = runtime or self._settings.default_runtime
+        if runtime not in self._runtimes:
+            raise PipelineFailure(
+                FailureReason.UnknownRuntime, Step.create, f"no runtime named {runtime!r}"
+            )
+        assert runtime is not None
+        return await self.exclusive(key, self._create, key, config, revision, runtime)
+
+    async def _create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str
+    ) -> str:
+        vacant(self._remotes, key)
+        pipeline_id = await self._client(runtime).create(config)
+        self._remotes[key] = _Remote(runtime, pipeline_id, revision)
+        return pipeline_id
+
+    async def warmup(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._warmup, key)
+
+    async def _warmup(self, key: PipelineKey) -> None:
+        remote = held(self._remotes, key, Step.warmup)
+        await self._client(remote.runtime).warmup(remote.pipeline_id, WARMUP_TIMEOUT_S)
+        remote.state = InstanceState.Ready
+
+    async def start(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._start, key)
+
+    async def _start(self, key: PipelineKey) -> None:
+        remote = held(self._remotes, key, Step.start)
+        await self._client(remote.runtime).start(remote.pipeline_id)
+        remote.state = InstanceState.Running
+
+    async def stop(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._stop, key)
+
+    async def _stop(self, key: PipelineKey) -> None:
+        remote = held(self._remotes, key, Step.stop)
+        if remote.state is InstanceState.Running:
+            timeout = self._settings.stop_timeout_s
+            try:
+                await self._client(remote.runtime).stop(remote.pipeline_id, timeout)
+            except PipelineFailure as failure:
+                if "gave no answer within" not in failure.message:
+                    raise
+                # Nothing can end it from here (a delete would stop it again, and hang too):
+                # let it go, so the resource can be deleted or redeployed.
+                self._abandoned.add(remote.pipeline_id)
+                self._remotes.pop(key, None)
+                raise PipelineFailure(
+                    FailureReason.StopTimeout,
+                    Step.stop,
+                    f"stop did not finish within {timeout:g} s on runtime {remote.runtime!r}; "
+                    f"pipeline {remote.pipeline_id} was left there, stuck",
+                ) from failure
+        remote.state = InstanceState.Spent
+
+    async def delete(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._delete, key)
+        self._locks.pop(key, None)
+
+    async def _delete(self, key: PipelineKey) -> None:
+        remote = self._remotes.get(key)
+        if remote is None:
+            return
+        client = self._client(remote.runtime)
+        if remote.state is InstanceState.Running:
+            try:
+                await client.stop(remote.pipeline_id, self._settings.stop_timeout_s)
+            except PipelineFailure as failure:
+                log.warning("stopping %s before delete: %s", key, failure)
+        try:
+            await client.delete(remote.pipeline_id)
+        except PipelineFailure as failure:
+            if failure.reason is not FailureReason.InvalidPipelineId:
+                raise
+        self._remotes.pop(key, None)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        remote = self._remotes.get(key)
+        if remote is None:
+            return None
+        info = InstanceInfo(key, remote.pipeline_id, remote.revision, remote.state)
+        if self.busy(key):
+            return info
+        try:
+            status = await self._client(remote.runtime).status(remote.pipeline_id)
+        except PipelineFailure as failure:
+            if failure.reason is FailureReason.InvalidPipelineId:
+                # The service lost it (it restarted): nothing is there to stop or delete.
+                self._remotes.pop(key, None)
+                return None
+            info.failure = failure
+            return info
+        seen = JUTURNA_STATE.get(status.get("self", ""), remote.state)
+        if not (remote.state is InstanceState.Spent and seen is InstanceState.Ready):
+            remote.state = seen
+            info.state = seen
+        info.folder = status.get("folder", "")
+        info.nodes = {
+            name: NODE_STATUS.get(node.get("status"), str(node.get("status")))
+            for name, node in (status.get("nodes") or {}).items()
+        }
+        return info
+
+    async def list(self) -> list[InstanceInfo]:
+        infos = [await self.status(key) for key in list(self._remotes)]
+        return [i for i in infos if i is not None]
+
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        """Delete this operator's pipelines that no resource references any more.
+
+        ``keep`` maps each existing resource's Juturna name to the pipeline id its status
+        references. A pipeline named like ours is removed when its resource is gone, or
+        when the resource references another id and this process does not hold it.
+        """
+        held = {r.pipeline_id for r in self._remotes.values()} | self._abandoned
+        removed = []
+        for runtime in self._runtimes:
+            client = self._client(runtime)
+            try:
+                listed = await client.list()
+            except PipelineFailure as failure:
+                log.info("sweep: runtime %s: %s", runtime, failure)
+                continue
+            for pipeline_id, status in listed.items():
+                folder = PurePosixPath(str(status.get("folder", ""))).name
+                name = folder.removesuffix(f"_{pipeline_id}")
+                if not OURS.match(name) or pipeline_id in held:
+                    continue
+                if name in keep and keep[name] == pipeline_id:
+                    continue
+                log.warning(
+                    "sweep: removing orphan %s (%s) on runtime %s", pipeline_id, name, runtime
+                )
+                if status.get("self") == "pipeline_running":
+                    try:
+                        await client.stop(pipeline_id, self._settings.stop_timeout_s)
+                    except PipelineFailure as failure:
+                        log.warning("sweep: stopping %s: %s", pipeline_id, failure)
+                try:
+                    await client.delete(pipeline_id)
+                    removed.append(pipeline_id)
+                except PipelineFailure as failure:
+                    log.warning("sweep: deleting %s: %s", pipeline_id, failure)
+        return removed
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()

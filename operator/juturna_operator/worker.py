@@ -1,0 +1,113 @@
+"""A worker process: Juturna's own HTTP service for one pipeline, plus what it lacks.
+
+The process engine starts one worker per pipeline::
+
+    python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID
+
+It serves Juturna's FastAPI ``app`` unchanged (the contract upstream ships and keeps) on a
+free loopback port, and adds three things in this thin module:
+
+* ``GET /operator/health``: the node threads that died (``threading.excepthook``), with
+  exception type and message; Juturna's own status would still say running;
+* ``POST /operator/shutdown``: a clean exit;
+* 500 answers that keep the exception's message and the failing node (Juturna's own say
+  only "Unexpected <Type> exception, see logs").
+
+Ready handshake: the port is written to ``--port-file`` (atomically) once the socket is
+bound; the engine then waits for ``/operator/health`` to answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+WORKER_MARKER = "juturna_operator.worker"
+
+crashes: list[dict[str, str]] = []
+_server: Any = None
+
+
+def _record_crash(args: threading.ExceptHookArgs) -> None:
+    thread = args.thread.name if args.thread is not None else "?"
+    # One pipeline per worker, so Juturna's thread names (_update_<node>) are unique here.
+    node = thread.split("_", 2)[2] if thread.count("_") >= 2 else thread
+    error = (
+        f"{args.exc_type.__name__}: {args.exc_value}"
+        if args.exc_value
+        else (args.exc_type.__name__)
+    )
+    crashes.append({"node": node, "thread": thread, "error": error})
+    logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
+
+
+def build_app() -> Any:
+    """Juturna's service app with the operator's routes added."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from juturna.cli.commands._juturna_service import app
+    from juturna.components._pipeline_manager import PipelineManager
+
+    from juturna_operator.reasons import describe_exception, failing_node
+
+    @app.get("/operator/health")
+    def health() -> dict[str, Any]:
+        manager = PipelineManager()
+        return {"pipelines": manager.pipeline_list()["pipelines"], "crashes": crashes}
+
+    @app.post("/operator/shutdown")
+    def shutdown() -> dict[str, str]:
+        if _server is not None:
+            _server.should_exit = True
+        return {"status": "shutting down"}
+
+    async def detailed_500(request: Request, exc: Exception) -> JSONResponse:
+        node = failing_node(exc)
+        message = describe_exception(exc)
+        logging.getLogger("juturna_operator.worker").exception("on %s", request.url.path)
+        return JSONResponse(
+            status_code=500,
+            content={"message": f'node "{node}": {message}' if node else message},
+        )
+
+    app.add_exception_handler(Exception, detailed_500)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="juturna-operator-worker")
+    parser.add_argument("--folder", required=True, help="Juturna's pipeline base folder")
+    parser.add_argument("--port-file", required=True, help="where to write the bound port")
+    parser.add_argument("--owner", required=True, help="uid of the Pipeline this serves")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+
+    import uvicorn
+    from juturna.components._pipeline_manager import PipelineManager
+
+    global _server
+    threading.excepthook = _record_crash
+    Path(args.folder).mkdir(parents=True, exist_ok=True)
+    PipelineManager.set_base_folder(args.folder)
+    app = build_app()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, 0))
+    port_file = Path(args.port_file)
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(str(sock.getsockname()[1]))
+    os.replace(tmp, port_file)
+    logging.getLogger("jt").setLevel(logging.WARNING)
+    _server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    _server.run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Containment that only a worker process per pipeline gives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+from controlplane import processes_mentioning
+
+from support import Operator, Pipelines, manifest, only_on, output_of
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def process_operator(operator: Operator) -> Operator:
+    return only_on(operator, "process", "worker processes exist only with the process engine")
+
+
+def worker_of(operator: Operator, uid: str) -> int:
+    pids = processes_mentioning(f"--owner {uid}")
+    assert len(pids) == 1, pids
+    return pids[0]
+
+
+def test_a_worker_killed_from_outside_is_detected_and_restarted(
+    pipelines: Pipelines, process_operator: Operator
+) -> None:
+    pipelines.apply(manifest("k9", restartPolicy={"maxRestarts": 3, "backoffSeconds": 0.2}))
+    body = pipelines.wait_ready("k9")
+    pid = worker_of(process_operator, body["metadata"]["uid"])
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    seen = pipelines.wait(
+        "k9",
+        lambda b: (
+            (b["status"].get("failure") or {}).get("reason") == "NodeFailed"
+            or b["status"].get("restarts", 0) >= 1
+        ),
+        timeout=10,
+        what="the dead worker noticed",
+    )
+    assert time.monotonic() - killed < 5
+    body = pipelines.wait(
+        "k9",
+        lambda b: (
+            b["status"].get("restarts") == 1
+            and b["status"].get("pipelineId") != body["status"]["pipelineId"]
+            and b["status"].get("phase") == "Running"
+        ),
+        timeout=15,
+        what="restarted",
+    )
+    events = [m for _, r, m in pipelines.events("k9") if r == "NodeFailed"]
+    assert any(f"worker process {pid} was killed by SIGKILL" in m for m in events), events
+    assert worker_of(process_operator, body["metadata"]["uid"]) != pid
+    assert seen
+
+
+SHIFT_CONFIG = "[arguments]\n"
+SHIFT_CODE = """
+from juturna.components import Message, Node
+from juturna.payloads import ObjectPayload
+
+
+class Shift(Node):
+    def update(self, message):
+        count = message.payload["count"]
+        self.transmit(Message[ObjectPayload](
+            creator=self.name, version=message.version,
+            payload=ObjectPayload(count=count, value=count + OFFSET, label="shift"),
+        ))
+"""
+
+
+def test_a_plugin_changed_on_disk_is_picked_up_by_a_redeploy(
+    pipelines: Pipelines, process_operator: Operator
+) -> None:
+    node = process_operator.extra_root / "live" / "nodes" / "proc" / "_shift"
+    node.mkdir(parents=True, exist_ok=True)
+    (node / "config.toml").write_text(SHIFT_CONFIG)
+    (node / "shift.py").write_text(textwrap.dedent(SHIFT_CODE).replace("OFFSET", "1000"))
+    body = manifest("live", plugins=["tones", "live"])
+    body["spec"]["nodes"][1] = {"name": "amp", "type": "proc", "mark": "shift"}
+    pipelines.apply(body)
+    pipelines.wait(
+        "live", lambda b: bool(output_of(process_operator.workdir, b)), what="first output"
+    )
+    line = output_of(process_operator.workdir, pipelines.get("live"))[-1]
+    assert line["value"] == line["count"] + 1000
+
+    (node / "shift.py").write_text(textwrap.dedent(SHIFT_CODE).replace("OFFSET", "2000"))
+    body["spec"]["version"] = "1.1"  # any change to the pipeline redeploys it
+    pipelines.apply(body)
+    pipelines.wait_ready("live")
+
+    def new_code(b: dict) -> bool:
+        out = output_of(process_operator.workdir, b)
+        return bool(out) and out[-1]["value"] == out[-1]["count"] + 2000
+
+    pipelines.wait("live", new_code, what="output of the changed plugin code")

@@ -102,3 +102,30 @@ def test_a_plugin_changed_on_disk_is_picked_up_by_a_redeploy(
         return bool(out) and out[-1]["value"] == out[-1]["count"] + 2000
 
     pipelines.wait("live", new_code, what="output of the changed plugin code")
+
+
+def test_a_worker_whose_resource_vanished_while_the_operator_was_down_is_ended(
+    pipelines: Pipelines, process_operator: Operator
+) -> None:
+    pipelines.apply(manifest("gone"))
+    uid = pipelines.wait_ready("gone")["metadata"]["uid"]
+    pid = worker_of(process_operator, uid)
+    process_operator.kill()
+    # With no operator, someone force-removes the finalizer: the resource vanishes.
+    pipelines.objects.patch_namespaced_custom_object(
+        "juturna.io",
+        "v1alpha1",
+        pipelines.namespace,
+        "pipelines",
+        "gone",
+        {"metadata": {"finalizers": None}},
+    )
+    pipelines.delete("gone")
+    pipelines.wait_gone("gone")
+    assert processes_mentioning(f"--owner {uid}") == [pid]  # still running, unowned
+    process_operator.start()
+    deadline = time.monotonic() + 20  # adopted, then ended by the sweep (every 2 s here)
+    while processes_mentioning(f"--owner {uid}"):
+        assert time.monotonic() < deadline, "the unowned worker is still running"
+        time.sleep(0.2)
+    assert "whose resource is gone" in process_operator.log_text()

@@ -130,6 +130,7 @@ class ProcessEngine(Exclusive):
         self._state_dir = settings.workdir / ".workers"
         self._state_dir.mkdir(parents=True, exist_ok=True)
         self._workers: dict[PipelineKey, _Worker] = {}
+        self._adopted: set[PipelineKey] = set()  # from a previous process, not yet claimed
         self._adopt_or_reap()
 
     # -- worker processes --
@@ -146,6 +147,7 @@ class ProcessEngine(Exclusive):
             line = cmdline(record.pid)
             if pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line:
                 self._workers[record.key] = _Worker(record, None)
+                self._adopted.add(record.key)
                 adopted.add(record.pid)
                 log.info("adopted worker %s for %s", record.pid, record.key)
             else:
@@ -378,8 +380,27 @@ class ProcessEngine(Exclusive):
         return [i for i in infos if i is not None]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
-        """Local instances all belong to reconciled resources; a deletion removes them."""
-        return []
+        """End adopted workers whose resource is gone (deleted while no operator ran).
+
+        Only adopted workers are candidates: their names carry the resource's uid, which
+        never comes back, so one missing from ``keep`` is gone for good. Workers this
+        process created belong to resources it reconciles, and are never swept.
+        """
+        removed = []
+        for key in list(self._adopted):
+            worker = self._workers.get(key)
+            if worker is None:
+                self._adopted.discard(key)
+            elif key.juturna_name in keep:
+                self._adopted.discard(key)  # its resource exists: the lifecycle owns it
+            elif not self.busy(key):
+                log.warning(
+                    "sweep: ending worker %s of %s, whose resource is gone", worker.record.pid, key
+                )
+                await self.exclusive(key, self._end, worker)
+                self._adopted.discard(key)
+                removed.append(worker.record.pipeline_id)
+        return removed
 
     async def close(self) -> None:
         """Leave the workers running: the next operator process adopts them."""

@@ -6,7 +6,7 @@
 | JUTURNA_OPERATOR_WORKDIR                 | --workdir            | $TMPDIR/juturna-operator   |
 | JUTURNA_OPERATOR_ENGINE                  | --engine             | process                    |
 | JUTURNA_OPERATOR_STOP_TIMEOUT            | --stop-timeout       | 10 (seconds)               |
-| JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 5 (seconds, at most 5)     |
+| JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 3 (seconds, at most 5)     |
 | JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
 | JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
 | JUTURNA_OPERATOR_PROGRESS_THRESHOLD      | --progress-threshold | 0.2 (seconds)              |
@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
+DEFAULT_HEALTH_INTERVAL_S = 3.0  # a dead node is seen within ~3 s
 
 
 class SettingsError(ValueError):
@@ -103,7 +104,7 @@ class Settings:
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "juturna-operator")
     engine: str = "process"
     stop_timeout_s: float = 10.0
-    health_interval_s: float = MAX_HEALTH_INTERVAL_S
+    health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     log_format: str = "text"
     max_concurrency: int = 8
     progress_threshold_s: float = 0.2
@@ -121,7 +122,7 @@ class Settings:
             workdir=Path(_env("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
             engine=_env("ENGINE", defaults.engine),
             stop_timeout_s=_positive("STOP_TIMEOUT", _env("STOP_TIMEOUT", "10")),
-            health_interval_s=_positive("HEALTH_INTERVAL", _env("HEALTH_INTERVAL", "5")),
+            health_interval_s=_positive("HEALTH_INTERVAL", _env("HEALTH_INTERVAL", "3")),
             log_format=_env("LOG_FORMAT", "text"),
             max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
             progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "0.2")),

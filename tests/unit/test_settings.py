@@ -17,7 +17,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.engine, s.stop_timeout_s, s.health_interval_s, s.log_format) == (
         "process",
         10.0,
-        5.0,
+        3.0,
         "text",
     )
     assert s.plugin_roots == []

@@ -259,15 +259,8 @@ class Reconciler:
         if info.failure is not None:
             self._record_failure(p, info.failure)  # e.g. the runtime is unreachable
             return
-        crash = info.crashes[0]
-        self._record_failure(
-            p,
-            PipelineFailure(
-                FailureReason.NodeFailed,
-                Step.run,
-                f'node "{crash.node}" crashed: {crash.error} (thread {crash.thread})',
-            ),
-        )
+        failure = PipelineFailure(FailureReason.NodeFailed, Step.run, info.crashes[0].describe())
+        self._record_failure(p, failure)
 
     def _record_failure(self, p: _Pass, failure: PipelineFailure) -> None:
         p.mem.failure = FailureRecord(

@@ -48,11 +48,20 @@ class PipelineKey:
 
 @dataclass(frozen=True)
 class NodeCrash:
-    """A node thread that died while the pipeline ran (Juturna does not report it)."""
+    """A node thread that died while the pipeline ran (Juturna does not report it), or,
+    with ``node == WHOLE_RUNTIME``, the process that ran the whole pipeline."""
 
     node: str
     thread: str
     error: str
+
+    def describe(self) -> str:
+        if self.node == WHOLE_RUNTIME:
+            return self.error
+        return f'node "{self.node}" crashed: {self.error} (thread {self.thread})'
+
+
+WHOLE_RUNTIME = "(worker)"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from juturna_operator.engines.base import (
+    WHOLE_RUNTIME,
     Exclusive,
     InstanceInfo,
     InstanceState,
@@ -354,13 +355,13 @@ class ProcessEngine(Exclusive):
         )
         if not worker.alive():
             info.crashes = [
-                NodeCrash("(worker)", f"pid {worker.record.pid}", worker.exit_description())
+                NodeCrash(WHOLE_RUNTIME, f"pid {worker.record.pid}", worker.exit_description())
             ]
             return info
         try:
             health = await worker.client.request("GET", "/operator/health", Step.run, 2.0)
         except PipelineFailure as failure:
-            info.crashes = [NodeCrash("(worker)", f"pid {worker.record.pid}", failure.message)]
+            info.crashes = [NodeCrash(WHOLE_RUNTIME, f"pid {worker.record.pid}", failure.message)]
             return info
         for entry in health.get("pipelines", []):
             status = entry.get(worker.record.pipeline_id)

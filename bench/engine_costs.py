@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,7 @@ def measure(engine: str, n: int, objects: client.CustomObjectsApi, core: client.
         if serve is not None:
             serve.stop()
         core.delete_namespace(ns)
+        shutil.rmtree(base, ignore_errors=True)
     return {
         "engine": engine,
         "p50_ms": statistics.median(latencies) * 1000,

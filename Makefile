@@ -37,7 +37,7 @@ test: venv binaries ## lint, then the whole test suite against a real control pl
 	$(PY) -m pytest
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
-	$(VENV)/bin/juturna-operator crd crds
+	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds
 
 lint: venv ## ruff
 	$(VENV)/bin/ruff check operator tests hack bench examples

@@ -1,0 +1,194 @@
+"""The Helm chart: lint, templates the real API server accepts, and RBAC that is enough."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from controlplane import ControlPlane, ensure_binaries, processes_mentioning
+
+from support import REPO, Kubectl, Operator, Pipelines, manifest
+
+pytestmark = pytest.mark.cluster
+CHART = REPO / "charts" / "juturna-operator"
+
+
+def helm(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = ensure_binaries().helm / "helm"
+    proc = subprocess.run(
+        [str(binary), f"--kubeconfig={kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+def test_the_charts_crds_equal_the_generated_ones() -> None:
+    top = {p.name: p.read_text() for p in (REPO / "crds").glob("*.yaml")}
+    chart = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    assert chart == top, "charts/juturna-operator/crds differs from crds/: run `make crds`"
+
+
+def test_helm_lint(kubeconfig: Path) -> None:
+    out = helm(kubeconfig, "lint", str(CHART)).stdout
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["--set", "watchNamespaces={team-a,team-b}"],
+        [
+            "--set",
+            "engine=service",
+            "--set",
+            "runtimes.gpu.url=http://gpu:8080",
+            "--set",
+            "runtimes.gpu.tokenSecret.name=gpu",
+            "--set",
+            "runtimes.gpu.tokenSecret.key=t",
+            "--set",
+            "defaultRuntime=gpu",
+            "--set",
+            "logFormat=json",
+        ],
+    ],
+    ids=["cluster-wide", "namespaced", "service-runtimes"],
+)
+def test_templates_pass_server_side_dry_run(
+    kubeconfig: Path, kubectl: Kubectl, values: list[str]
+) -> None:
+    for ns in ("ops", "team-a", "team-b"):
+        kubectl("create", "namespace", ns, check=False)
+    rendered = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
+    kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+
+
+def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
+    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "engine=docker", check=False)
+    assert proc.returncode != 0
+    assert "engine" in proc.stderr
+    assert "value must be one of 'process', 'inprocess', 'service'" in proc.stderr
+    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "enigne=process", check=False)
+    assert "additional properties 'enigne' not allowed" in proc.stderr
+
+
+@pytest.fixture
+def release(kubeconfig: Path, kubectl: Kubectl) -> Iterator[str]:
+    ns = f"ops-{uuid.uuid4().hex[:6]}"
+    helm(
+        kubeconfig, "install", "jo", str(CHART), "-n", ns, "--create-namespace", "--skip-crds"
+    )  # the session installed the CRD already
+    yield ns
+    helm(kubeconfig, "uninstall", "jo", "-n", ns)
+    kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, path: Path) -> Path:
+    token = kubectl("create", "token", "jo", "-n", ns, "--duration=1h").stdout.strip()
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "sa",
+                "clusters": [
+                    {
+                        "name": "local",
+                        "cluster": {
+                            "server": plane.server,
+                            "certificate-authority": str(plane.pki / "ca.crt"),
+                        },
+                    }
+                ],
+                "users": [{"name": "sa", "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "local", "user": "sa"}}],
+            }
+        )
+    )
+    return path
+
+
+@pytest.mark.usefixtures("crd")
+def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
+    control_plane: ControlPlane,
+    kubectl: Kubectl,
+    release: str,
+    namespace: str,
+    objects: object,
+    tmp_path: Path,
+) -> None:
+    others = processes_mentioning("juturna_operator.cli run")
+    if others:
+        pytest.fail(
+            f"another operator runs against this plane ({others}); this test needs "
+            "to be the only one: it must run before the engine-parametrised tests"
+        )
+    sa_config = service_account_kubeconfig(control_plane, kubectl, release, tmp_path / "sa")
+    assert (
+        kubectl(
+            "auth",
+            "can-i",
+            "patch",
+            "pipelines/status",
+            f"--kubeconfig={sa_config}",
+            "-n",
+            namespace,
+            check=False,
+        ).stdout.strip()
+        == "yes"
+    )
+    op = Operator(sa_config, tmp_path / "work", tmp_path / "operator.log", tmp_path, "inprocess")
+    op.start()
+    try:
+        pipelines = Pipelines(objects, namespace, kubectl)  # type: ignore[arg-type]
+        pipelines.apply(manifest("rbac"))
+        assert pipelines.wait_ready("rbac")["status"]["phase"] == "Running"
+        pipelines.delete("rbac")
+        pipelines.wait_gone("rbac")
+        assert "Forbidden" not in op.log_text()
+
+        # Take away one rule: patching the status subresource.
+        role = json.loads(kubectl("get", "clusterrole", "jo", "-o", "json").stdout)
+        index = next(
+            i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
+        )
+        kubectl(
+            "patch",
+            "clusterrole",
+            "jo",
+            "--type=json",
+            "-p",
+            json.dumps([{"op": "remove", "path": f"/rules/{index}"}]),
+        )
+        pipelines.apply(manifest("rbac2"))
+        expected = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
+        pipelines.wait(
+            "rbac2",
+            lambda _: expected in op.log_text(),
+            timeout=30,
+            what="the forbidden status patch in the operator's log",
+        )
+        assert f'User "system:serviceaccount:{release}:jo"' in op.log_text()
+        # Without it even deletion stalls (kopf keeps its progress in the status), so the
+        # rule goes back before cleaning up.
+        kubectl(
+            "patch",
+            "clusterrole",
+            "jo",
+            "--type=json",
+            "-p",
+            json.dumps([{"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]}]),
+        )
+        pipelines.delete("rbac2")
+        pipelines.wait_gone("rbac2")
+    finally:
+        op.stop()

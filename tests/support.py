@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lupa
 import pytest
 import yaml
 from controlplane import exit_with_parent, free_port, pid_alive
@@ -46,6 +47,7 @@ class Kubectl:
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
+ARGOCD_HEALTH = REPO / "argocd" / "juturna.io" / "Pipeline"
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 
@@ -303,3 +305,11 @@ class JuturnaServe:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         assert self.proc is None or not pid_alive(self.proc.pid)
+
+
+def health(obj: dict[str, Any]) -> dict[str, str]:
+    """Evaluate health.lua with ``obj`` as Argo CD passes it (a global Lua table)."""
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    result = lua.execute((ARGOCD_HEALTH / "health.lua").read_text())
+    return {"status": result["status"], "message": result["message"]}

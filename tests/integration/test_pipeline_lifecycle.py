@@ -10,6 +10,7 @@ from support import (
     Operator,
     Pipelines,
     condition,
+    health,
     instance_folders,
     manifest,
     output_lines,
@@ -158,3 +159,22 @@ def test_events_tell_each_step(pipelines: Pipelines) -> None:
             break
         time.sleep(0.2)
     assert {"Created", "WarmedUp", "Started", "Stopped"} <= set(reasons), reasons
+
+
+def test_the_argocd_health_check_on_live_objects(pipelines: Pipelines) -> None:
+    pipelines.apply(manifest("argo"))
+    assert health(pipelines.wait_ready("argo")) == {
+        "status": "Healthy",
+        "message": "the pipeline is Running",
+    }
+    pipelines.patch_spec("argo", {"state": "Ready"})
+    assert health(pipelines.wait_ready("argo"))["status"] == "Healthy"  # a warm standby
+    bad = manifest("argo")
+    bad["spec"]["links"].append({"from": "out", "to": "amp"})
+    pipelines.apply(bad)
+    body = pipelines.wait("argo", lambda b: bool(b["status"].get("failure")), what="failure")
+    assert health(body) == {
+        "status": "Degraded",
+        "message": "InvalidGraph: links form a cycle: amp -> out -> amp; Juturna would never "
+        "run these nodes",
+    }

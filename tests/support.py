@@ -60,6 +60,7 @@ class Operator:
     ) -> None:
         self.kubeconfig, self.workdir, self.log, self.engine = kubeconfig, workdir, log, engine
         self.extra_root = extra_root
+        self.metrics_port = free_port()
         self.serve: JuturnaServe | None = None  # the default runtime (engine "service")
         self.later_port = 0  # the runtime "later" (engine "service")
         roots = [*PLUGIN_ROOTS, extra_root]
@@ -73,6 +74,7 @@ class Operator:
             "JUTURNA_OPERATOR_HEALTH_INTERVAL": "1",
             "JUTURNA_OPERATOR_ENGINE": engine,
             "JUTURNA_OPERATOR_SWEEP_INTERVAL": "2",
+            "JUTURNA_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }
 
     def start(self) -> None:

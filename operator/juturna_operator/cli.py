@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--health-interval", type=float, help="seconds between health checks (≤ 5)")
     run.add_argument("--log-format", choices=["text", "json"])
     run.add_argument("--max-concurrency", type=int, help="threads for blocking Juturna calls")
+    run.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: off)")
     run.add_argument(
         "--liveness",
         default=None,
@@ -64,6 +65,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("health_interval", "health_interval_s"),
         ("log_format", "log_format"),
         ("max_concurrency", "max_concurrency"),
+        ("metrics_port", "metrics_port"),
     ):
         if getattr(args, flag) is not None:
             setattr(settings, attr, getattr(args, flag))

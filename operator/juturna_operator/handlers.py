@@ -22,6 +22,7 @@ from kubernetes import config as k8s_config
 from juturna_operator import api
 from juturna_operator.engines import make_engine
 from juturna_operator.engines.base import Engine, PipelineKey
+from juturna_operator.metrics import Metrics
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 
@@ -100,7 +101,11 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     state.settings = ours
     state.objects = k8s.CustomObjectsApi(_api_client())
     state.engine = make_engine(ours)
-    state.reconciler = Reconciler(state.engine, ours, write_status, post_event)
+    metrics = None
+    if ours.metrics_port:
+        metrics = Metrics()
+        metrics.serve(ours.metrics_port)
+    state.reconciler = Reconciler(state.engine, ours, write_status, post_event, metrics=metrics)
     state.sweeper = asyncio.create_task(sweep_orphans(ours))
     logger.info(
         "juturna-operator ready: engine=%s workdir=%s plugin roots=%s",

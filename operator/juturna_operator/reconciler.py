@@ -32,6 +32,7 @@ from juturna_operator.api import (
 )
 from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
+from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 
@@ -137,8 +138,10 @@ class Reconciler:
         write_status: StatusWriter,
         post_event: EventPoster,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.settings = settings
         self._write_status = write_status
         self._post_event = post_event
@@ -153,6 +156,8 @@ class Reconciler:
         if mem is None:
             mem = self._memory[resource.key.uid] = Memory.from_status(resource.status)
         if mem.generation != resource.generation:
+            if self.metrics is not None:
+                self.metrics.spec_changed(resource.key)
             # A spec change: restarts count from zero and the new spec is validated again.
             mem.generation = resource.generation
             mem.restarts = 0
@@ -234,6 +239,8 @@ class Reconciler:
                 self._event(p, "Warning", failure.reason.name, failure.message)
                 log.warning("while deleting: %s", failure)
         self.forget(resource.key.uid)
+        if self.metrics is not None:
+            self.metrics.forget(resource.key)
 
     # -- pieces --
 
@@ -273,6 +280,8 @@ class Reconciler:
             p.mem.attempts += 1
         p.log.warning("%s", failure)
         self._event(p, "Warning", failure.reason.name, failure.message)
+        if self.metrics is not None:
+            self.metrics.failed(p.key, failure.reason.name)
 
     async def _discard(self, p: _Pass) -> None:
         try:
@@ -374,6 +383,11 @@ class Reconciler:
         if p.resource.deleting and in_progress is None:
             return
         status = self.build_status(p, info, in_progress)
+        if self.metrics is not None:
+            ready = in_progress is None and lifecycle.desired_reached(
+                p.desired, self._observed(p.mem, info)
+            )
+            self.metrics.observed(p.key, status["phase"], p.mem.restarts, ready)
         if status == p.mem.last_status or _same_status(status, p.resource.status):
             p.mem.last_status = status
             return

@@ -13,6 +13,7 @@
 | JUTURNA_OPERATOR_RUNTIMES                | --runtimes           | {} (JSON, see Runtime)     |
 | JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
 | JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
+| JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _positive(name: str, raw: str) -> float:
     if value <= 0:
         raise SettingsError(f"{ENV_PREFIX}{name} must be positive, got {raw!r}")
     return value
+
+
+def _port(name: str, raw: str) -> int:
+    if not raw.isdigit() or int(raw) > 65535:
+        raise SettingsError(
+            f"{ENV_PREFIX}{name} must be a port number (0 turns it off), got {raw!r}"
+        )
+    return int(raw)
 
 
 def parse_plugin_path(raw: str) -> list[Path]:
@@ -111,6 +120,7 @@ class Settings:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     default_runtime: str | None = None  # for pipelines without spec.runtime (engine "service")
     sweep_interval_s: float = 60.0
+    metrics_port: int = 9090  # 0: no Prometheus endpoint
     namespaces: list[str] = field(default_factory=list)
     all_namespaces: bool = False
 
@@ -129,6 +139,7 @@ class Settings:
             runtimes=parse_runtimes(_env("RUNTIMES", "{}")),
             default_runtime=_env("DEFAULT_RUNTIME", "") or None,
             sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),
+            metrics_port=_port("METRICS_PORT", _env("METRICS_PORT", "9090")),
         )
         settings.check()
         return settings

@@ -126,7 +126,12 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
     objects: object,
     tmp_path: Path,
 ) -> None:
-    others = processes_mentioning("juturna_operator.cli run")
+    ours = f"KUBECONFIG={control_plane.kubeconfig}".encode()
+    others = [
+        pid
+        for pid in processes_mentioning("juturna_operator.cli run")
+        if ours in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    ]
     if others:
         pytest.fail(
             f"another operator runs against this plane ({others}); this test needs "
@@ -192,3 +197,14 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
         pipelines.wait_gone("rbac2")
     finally:
         op.stop()
+
+
+def test_metrics_service_and_optional_service_monitor(kubeconfig: Path) -> None:
+    plain = helm(kubeconfig, "template", "jo", str(CHART)).stdout
+    assert "kind: Service\n" in plain
+    assert "ServiceMonitor" not in plain
+    monitored = helm(
+        kubeconfig, "template", "jo", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"
+    ).stdout
+    assert "kind: ServiceMonitor" in monitored
+    assert "port: metrics" in monitored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 
@@ -178,3 +179,35 @@ def test_the_argocd_health_check_on_live_objects(pipelines: Pipelines) -> None:
         "message": "InvalidGraph: links form a cycle: amp -> out -> amp; Juturna would never "
         "run these nodes",
     }
+
+
+def scrape(operator: Operator) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())
+
+
+def test_metrics_during_a_lifecycle(pipelines: Pipelines, operator: Operator) -> None:
+    ns = pipelines.namespace
+    pipelines.apply(manifest("m1"))
+    pipelines.wait_ready("m1")
+    text = scrape(operator)
+    assert f'juturna_pipelines{{namespace="{ns}",phase="Running"}} 1.0' in text
+    assert f'juturna_pipeline_restarts{{namespace="{ns}",pipeline="m1"}} 0.0' in text
+    assert f'juturna_pipeline_time_to_ready_seconds_count{{namespace="{ns}"}} 1.0' in text
+    assert 'to_phase="Running"} 1.0' in text
+    bad = manifest("m1")
+    bad["spec"]["links"].append({"from": "out", "to": "amp"})
+    pipelines.apply(bad)
+    pipelines.wait("m1", lambda b: bool(b["status"].get("failure")), what="failure")
+    deadline = time.monotonic() + 5
+    failures = f'juturna_pipeline_failures_total{{namespace="{ns}",reason="InvalidGraph"}} 1.0'
+    while failures not in scrape(operator):
+        assert time.monotonic() < deadline, scrape(operator)
+        time.sleep(0.1)
+    pipelines.delete("m1")
+    pipelines.wait_gone("m1")
+    deadline = time.monotonic() + 5
+    while 'pipeline="m1"' in scrape(operator):  # a deleted pipeline's series go with it
+        assert time.monotonic() < deadline, "series of a deleted pipeline remain"
+        time.sleep(0.1)
+    assert f'juturna_pipelines{{namespace="{ns}"' not in scrape(operator)

@@ -46,6 +46,11 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         ("STOP_TIMEOUT", "-1", "JUTURNA_OPERATOR_STOP_TIMEOUT must be positive, got '-1'"),
         ("HEALTH_INTERVAL", "30", "health interval must be at most 5 s, got 30"),
         ("LOG_FORMAT", "xml", "log format must be 'text' or 'json', got 'xml'"),
+        (
+            "METRICS_PORT",
+            "http",
+            "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",
+        ),
     ],
 )
 def test_bad_values_are_named(

@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
     run.add_argument("-v", "--verbose", action="store_true")
+    conv = sub.add_parser(
+        "convert", help="Juturna pipeline JSON <-> Pipeline manifest (direction from the file)"
+    )
+    conv.add_argument("file")
+    conv.add_argument("--name", help="metadata.name of the manifest (default: from the JSON)")
     crd = sub.add_parser("crd", help="print the CRD, or write it into each DIR")
     crd.add_argument("dirs", nargs="*")
     return parser
@@ -106,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        from juturna_operator import convert
+
+        return convert.main(args.file, args.name)
     if args.command == "crd":
         from juturna_operator import crd
 

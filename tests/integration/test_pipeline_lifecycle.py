@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 
 import pytest
 
+from juturna_operator.convert import to_manifest
 from support import (
+    REPO,
     Operator,
     Pipelines,
     condition,
@@ -211,3 +214,10 @@ def test_metrics_during_a_lifecycle(pipelines: Pipelines, operator: Operator) ->
         assert time.monotonic() < deadline, "series of a deleted pipeline remain"
         time.sleep(0.1)
     assert f'juturna_pipelines{{namespace="{ns}"' not in scrape(operator)
+
+
+def test_a_converted_juturna_config_runs(pipelines: Pipelines) -> None:
+    config = json.loads((REPO / "tests" / "data" / "juturna" / "tones.json").read_text())
+    body = to_manifest(config)
+    pipelines.apply(body)
+    assert pipelines.wait_ready("tones-demo")["status"]["phase"] == "Running"

@@ -117,6 +117,11 @@ def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, p
     return path
 
 
+def patch_role(kubectl: Kubectl, operation: dict[str, object]) -> None:
+    """One JSON-patch operation on the release's ClusterRole."""
+    kubectl("patch", "clusterrole", "jo", "--type=json", "-p", json.dumps([operation]))
+
+
 @pytest.mark.usefixtures("crd")
 def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
     control_plane: ControlPlane,
@@ -166,14 +171,7 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
         index = next(
             i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
         )
-        kubectl(
-            "patch",
-            "clusterrole",
-            "jo",
-            "--type=json",
-            "-p",
-            json.dumps([{"op": "remove", "path": f"/rules/{index}"}]),
-        )
+        patch_role(kubectl, {"op": "remove", "path": f"/rules/{index}"})
         pipelines.apply(manifest("rbac2"))
         expected = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
         pipelines.wait(
@@ -185,14 +183,7 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
         assert f'User "system:serviceaccount:{release}:jo"' in op.log_text()
         # Without it even deletion stalls (kopf keeps its progress in the status), so the
         # rule goes back before cleaning up.
-        kubectl(
-            "patch",
-            "clusterrole",
-            "jo",
-            "--type=json",
-            "-p",
-            json.dumps([{"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]}]),
-        )
+        patch_role(kubectl, {"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
         pipelines.delete("rbac2")
         pipelines.wait_gone("rbac2")
     finally:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, TypeVar
 
+from juturna.names import ComponentStatus
+
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 
 T = TypeVar("T")
@@ -26,6 +28,27 @@ class InstanceState(StrEnum):
     Ready = "Ready"  # warmed up, never started
     Running = "Running"
     Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
+
+
+# Juturna's node status -> ours. ComponentStatus is a StrEnum, so the same table serves
+# enum values (in process) and their strings (over HTTP).
+NODE_STATUS: dict[str, str] = {
+    ComponentStatus.NEW: "Created",
+    ComponentStatus.CONFIGURED: "Configured",
+    ComponentStatus.RUNNING: "Running",
+    ComponentStatus.STOPPED: "Stopped",
+}
+
+
+def node_status(value: Any) -> str:
+    return NODE_STATUS.get(value, str(value))
+
+
+def node_statuses(status: dict[str, Any]) -> dict[str, str]:
+    """``{node: our status}`` from a Juturna status dict (``pipeline_status`` or HTTP)."""
+    return {
+        name: node_status(node.get("status")) for name, node in (status.get("nodes") or {}).items()
+    }
 
 
 @dataclass(frozen=True)

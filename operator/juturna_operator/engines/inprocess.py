@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 from juturna.cli.commands.models.api import PipelineConfig
 from juturna.components._pipeline_manager import PipelineManager
-from juturna.names import ComponentStatus
 
 from juturna_operator.engines.base import (
     Exclusive,
@@ -42,6 +41,7 @@ from juturna_operator.engines.base import (
     NodeCrash,
     PipelineKey,
     held,
+    node_status,
     vacant,
 )
 from juturna_operator.reasons import (
@@ -55,13 +55,6 @@ from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-NODE_STATUS = {
-    ComponentStatus.NEW: "Created",
-    ComponentStatus.CONFIGURED: "Configured",
-    ComponentStatus.RUNNING: "Running",
-    ComponentStatus.STOPPED: "Stopped",
-}
 
 
 @dataclass
@@ -273,7 +266,7 @@ class InProcessEngine(Exclusive):
         nodes: dict[str, str] = {}
         crashes = list(instance.crashes)
         for name, node in (pipeline._nodes or {}).items() if pipeline else ():
-            nodes[name] = NODE_STATUS.get(node.status, str(node.status))
+            nodes[name] = node_status(node.status)
             if instance.state is InstanceState.Running:
                 dead = [
                     t

@@ -37,6 +37,7 @@ from juturna_operator.engines.base import (
     NodeCrash,
     PipelineKey,
     held,
+    node_statuses,
     vacant,
 )
 from juturna_operator.engines.client import JuturnaClient
@@ -46,12 +47,6 @@ from juturna_operator.worker import WORKER_MARKER
 
 log = logging.getLogger(__name__)
 
-NODE_STATUS = {
-    "component_created": "Created",
-    "component_configured": "Configured",
-    "component_running": "Running",
-    "component_stopped": "Stopped",
-}
 WORKER_READY_TIMEOUT_S = 60.0
 WARMUP_TIMEOUT_S = 600.0  # model loads take minutes
 KILL_GRACE_S = 2.0
@@ -367,10 +362,7 @@ class ProcessEngine(Exclusive):
             status = entry.get(worker.record.pipeline_id)
             if status:
                 info.folder = status.get("folder", "")
-                info.nodes = {
-                    name: NODE_STATUS.get(node.get("status"), str(node.get("status")))
-                    for name, node in (status.get("nodes") or {}).items()
-                }
+                info.nodes = node_statuses(status)
         info.crashes = [NodeCrash(c["node"], c["thread"], c["error"]) for c in health["crashes"]]
         for crash in info.crashes:
             info.nodes[crash.node] = "Failed"

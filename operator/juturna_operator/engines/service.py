@@ -29,10 +29,11 @@ from juturna_operator.engines.base import (
     InstanceState,
     PipelineKey,
     held,
+    node_statuses,
     vacant,
 )
 from juturna_operator.engines.client import JuturnaClient
-from juturna_operator.engines.process import NODE_STATUS, WARMUP_TIMEOUT_S
+from juturna_operator.engines.process import WARMUP_TIMEOUT_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 
@@ -178,10 +179,7 @@ class ServiceEngine(Exclusive):
             remote.state = seen
             info.state = seen
         info.folder = status.get("folder", "")
-        info.nodes = {
-            name: NODE_STATUS.get(node.get("status"), str(node.get("status")))
-            for name, node in (status.get("nodes") or {}).items()
-        }
+        info.nodes = node_statuses(status)
         return info
 
     async def list(self) -> list[InstanceInfo]:

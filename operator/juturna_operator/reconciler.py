@@ -180,10 +180,12 @@ class Reconciler:
         ):
             self._record_failure(p, parsed)
 
-        if await self.engine.status(p.key) is not None:
+        # One engine query per pass, and one more after each action (for the process and
+        # service engines a query is an HTTP call); a Retry changes only memory.
+        info = await self.engine.status(p.key)
+        if info is not None:
             mem.recovering_from = None  # the engine still holds it: nothing to recover
         for _ in range(MAX_STEPS):
-            info = await self.engine.status(p.key)
             self._check_health(p, info)
             action = lifecycle.next_step(p.desired, self._observed(mem, info), self._clock())
             if action in (Action.Nothing, Action.Wait):
@@ -207,11 +209,13 @@ class Reconciler:
                 self._record_failure(p, failure)
                 if failure.step in (Step.create, Step.warmup, Step.start):
                     await self._discard(p)  # no half-built instance is kept
+                info = await self.engine.status(p.key)
                 break  # look again at the next health check or when the backoff ends
-        info = await self.engine.status(p.key)
-        if lifecycle.desired_reached(p.desired, self._observed(mem, info)):
+            info = await self.engine.status(p.key)
+        reached = lifecycle.desired_reached(p.desired, self._observed(mem, info))
+        if reached:
             mem.attempts = 0
-        if mem.recovering_from and lifecycle.desired_reached(p.desired, self._observed(mem, info)):
+        if mem.recovering_from and reached:
             self._event(
                 p,
                 "Normal",

@@ -186,6 +186,18 @@ class ServiceEngine(Exclusive):
         infos = [await self.status(key) for key in list(self._remotes)]
         return [i for i in infos if i is not None]
 
+    def _claimed(self, pipeline_id: str, name: str) -> bool:
+        """Held, abandoned, or being created right now by this process.
+
+        Asked at each decision, with no await since the listing: a create in flight has its
+        pipeline on the service before ``_remotes`` knows the id, so the name of a resource
+        with an operation under way is never swept."""
+        if pipeline_id in self._abandoned or any(
+            r.pipeline_id == pipeline_id for r in self._remotes.values()
+        ):
+            return True
+        return any(key.juturna_name == name and self.busy(key) for key in list(self._locks))
+
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Delete this operator's pipelines that no resource references any more.
 
@@ -193,7 +205,6 @@ class ServiceEngine(Exclusive):
         references. A pipeline named like ours is removed when its resource is gone, or
         when the resource references another id and this process does not hold it.
         """
-        held = {r.pipeline_id for r in self._remotes.values()} | self._abandoned
         removed = []
         for runtime in self._runtimes:
             client = self._client(runtime)
@@ -205,7 +216,7 @@ class ServiceEngine(Exclusive):
             for pipeline_id, status in listed.items():
                 folder = PurePosixPath(str(status.get("folder", ""))).name
                 name = folder.removesuffix(f"_{pipeline_id}")
-                if not OURS.match(name) or pipeline_id in held:
+                if not OURS.match(name) or self._claimed(pipeline_id, name):
                     continue
                 if name in keep and keep[name] == pipeline_id:
                     continue

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries cluster-up cluster-down run test crds lint clean
+.PHONY: help venv binaries podman image cluster-up cluster-down run test crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,6 +23,16 @@ venv: $(STAMP) ## create .venv with Python 3.12 and install the project
 binaries: venv ## build or reuse kube-apiserver, kube-controller-manager, etcd and helm
 	@$(PY) hack/controlplane.py binaries
 
+podman: ## install podman, runc and debootstrap if missing (root Debian only; for the image test)
+	@hack/install-podman.sh
+
+# BASE_IMAGE: python:3.12-slim for real builds; `make image BASE_IMAGE=$$(hack/make-base-image.sh)`
+# where no registry is reachable.
+BASE_IMAGE ?= python:3.12-slim
+CONTAINER  ?= podman
+image: ## build the operator image juturna-operator:dev (CONTAINER=docker works too)
+	$(CONTAINER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t juturna-operator:dev .
+
 cluster-up: venv ## start the local control plane; prints KUBECONFIG=<path>
 	@$(PY) hack/controlplane.py up
 
@@ -32,7 +42,7 @@ cluster-down: venv ## stop the local control plane started by cluster-up
 run: venv ## the demo: control plane (unless a cluster is reachable), operator, example pipeline
 	@bash hack/run.sh
 
-test: venv binaries ## lint, then the whole test suite against a real control plane
+test: venv binaries podman ## lint, then the whole test suite against a real control plane
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
 

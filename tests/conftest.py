@@ -133,6 +133,7 @@ def pipelines(
         p.wait_gone(name, timeout=30)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by engine
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests a plain `juturna serve` cannot pass are expected failures there, not run: a hung
     stop blocks one of its request threads for good and would starve the shared runtime."""
@@ -141,3 +142,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_service = params is not None and params.params.get("operator") == "service"
         if on_service and item.get_closest_marker("not_on_plain_service"):
             item.add_marker(pytest.mark.xfail(reason=PLAIN_SERVICE, run=False))
+    # Tests that run an operator of their own go first: the session's operator watches every
+    # namespace, and two operators would fight over each Pipeline.
+    items.sort(key=lambda item: item.get_closest_marker("own_operator") is None)

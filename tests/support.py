@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 import lupa
 import pytest
 import yaml
-from controlplane import exit_with_parent, free_port, pid_alive
+from controlplane import exit_with_parent, free_port, pid_alive, processes_mentioning
 from kubernetes import client
 
 
@@ -56,9 +57,16 @@ class Operator:
     """``juturna-operator run -A`` as its own process, as in production."""
 
     def __init__(
-        self, kubeconfig: Path, workdir: Path, log: Path, extra_root: Path, engine: str
+        self,
+        kubeconfig: Path,
+        workdir: Path,
+        log: Path,
+        extra_root: Path,
+        engine: str,
+        namespaces: tuple[str, ...] = (),
     ) -> None:
         self.kubeconfig, self.workdir, self.log, self.engine = kubeconfig, workdir, log, engine
+        self.where = [a for ns in namespaces for a in ("-n", ns)] or ["-A"]
         self.extra_root = extra_root
         self.metrics_port = free_port()
         self.serve: JuturnaServe | None = None  # the default runtime (engine "service")
@@ -80,7 +88,7 @@ class Operator:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "juturna_operator.cli", "run", "-A"],
+                [sys.executable, "-m", "juturna_operator.cli", "run", *self.where],
                 env=self.env,
                 preexec_fn=exit_with_parent,  # a killed test run takes it along
                 stdout=out,
@@ -126,12 +134,47 @@ PLAIN_SERVICE = (
 )
 
 
+def assert_sole_operator(kubeconfig: Path) -> None:
+    """Fail if another operator runs against this plane: two would fight over each Pipeline.
+    Tests marked ``own_operator`` run first, before the session's operator starts."""
+    ours = f"KUBECONFIG={kubeconfig}".encode()
+    others = [
+        pid
+        for pid in processes_mentioning("juturna_operator.cli run")
+        if ours in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    ]
+    if others:
+        pytest.fail(
+            f"another operator runs against this plane ({others}); this test must be the "
+            "only one: mark it own_operator, so that it runs before the session's operator"
+        )
+
+
 def manifest(name: str, **spec: Any) -> dict[str, Any]:
     """The example pipeline under another name, with spec fields overridden."""
     body = copy.deepcopy(EXAMPLE)
     body["metadata"] = {"name": name}
     body["spec"].update(spec)
     return body
+
+
+def nodes(*specs: tuple[str, str, str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": n, "type": t, "mark": m, "configuration": c} for n, t, m, c in specs]
+
+
+def chain(*names: str) -> list[dict[str, str]]:
+    return [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
+
+
+def faulty(name: str, *specs: tuple[str, str, str, dict[str, Any]], **spec: Any) -> dict:
+    """A pipeline of the given nodes in a chain, using the deliberately faulty plugins."""
+    return manifest(
+        name,
+        plugins=["tones", "faulty"],
+        nodes=nodes(*specs),
+        links=chain(*(n for n, *_ in specs)),
+        **spec,
+    )
 
 
 class Pipelines:

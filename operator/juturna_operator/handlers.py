@@ -97,6 +97,10 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 15
     settings.peering.standalone = True
+    # Watching named namespaces needs no cluster-wide right: kopf would otherwise list
+    # namespaces (to match patterns; ours are exact names) and watch CRDs, and without the
+    # rights retry for ~45 s before falling back. The CRD must then exist at startup.
+    settings.scanning.disabled = bool(state.settings and state.settings.namespaces)
     ours = state.settings or Settings.from_env()
     state.settings = ours
     state.objects = k8s.CustomObjectsApi(_api_client())

@@ -241,7 +241,7 @@ class Reconciler:
             except PipelineFailure as failure:
                 # The resource must not hang in deletion; the engine has let go of it.
                 self._event(p, "Warning", failure.reason.name, failure.message)
-                log.warning("while deleting: %s", failure)
+                log.warning("while deleting: %s", failure, extra=resource.key.log_extra)
         self.forget(resource.key.uid)
         if self.metrics is not None:
             self.metrics.forget(resource.key)

@@ -9,8 +9,8 @@
 | JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 3 (seconds, at most 5)     |
 | JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
 | JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
-| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      | --progress-threshold | 0.2 (seconds)              |
-| JUTURNA_OPERATOR_RUNTIMES                | --runtimes           | {} (JSON, see Runtime)     |
+| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      |                      | 0.2 (seconds)              |
+| JUTURNA_OPERATOR_RUNTIMES                |                      | {} (JSON, see Runtime)     |
 | JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
 | JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
 | JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
 DEFAULT_HEALTH_INTERVAL_S = 3.0  # a dead node is seen within ~3 s
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label
 
 
 class SettingsError(ValueError):
@@ -161,3 +163,10 @@ class Settings:
             )
         if self.namespaces and self.all_namespaces:
             raise SettingsError("choose either namespaces (-n) or all namespaces (-A), not both")
+        for ns in self.namespaces:
+            # Exact names only: the namespaced mode does not list namespaces (see handlers).
+            if not NAMESPACE_NAME.fullmatch(ns):
+                raise SettingsError(
+                    f"namespace {ns!r} is not a namespace name (lowercase letters, digits "
+                    "and '-', at most 63); name each watched namespace exactly"
+                )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import uuid
@@ -9,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, ensure_binaries, processes_mentioning
+from controlplane import ControlPlane, ensure_binaries
 
-from support import REPO, Kubectl, Operator, Pipelines, manifest
+from support import REPO, Kubectl, Operator, Pipelines, assert_sole_operator, manifest
 
 pytestmark = pytest.mark.cluster
 CHART = REPO / "charts" / "juturna-operator"
@@ -81,15 +82,19 @@ def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
     assert "additional properties 'enigne' not allowed" in proc.stderr
 
 
-@pytest.fixture
-def release(kubeconfig: Path, kubectl: Kubectl) -> Iterator[str]:
+@contextlib.contextmanager
+def installed(kubeconfig: Path, kubectl: Kubectl, *values: str) -> Iterator[str]:
+    """The chart installed as release "jo" into a new namespace, which it yields."""
     ns = f"ops-{uuid.uuid4().hex[:6]}"
-    helm(
-        kubeconfig, "install", "jo", str(CHART), "-n", ns, "--create-namespace", "--skip-crds"
-    )  # the session installed the CRD already
-    yield ns
-    helm(kubeconfig, "uninstall", "jo", "-n", ns)
-    kubectl("delete", "namespace", ns, "--wait=false")
+    # --skip-crds: the session installed the CRD already.
+    install = ["install", "jo", str(CHART), "-n", ns, "--create-namespace", "--skip-crds"]
+    out = helm(kubeconfig, *install, *values).stdout
+    assert "STATUS: deployed" in out, out
+    try:
+        yield ns
+    finally:
+        helm(kubeconfig, "uninstall", "jo", "-n", ns)
+        kubectl("delete", "namespace", ns, "--wait=false")
 
 
 def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, path: Path) -> Path:
@@ -117,77 +122,77 @@ def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, p
     return path
 
 
-def patch_role(kubectl: Kubectl, operation: dict[str, object]) -> None:
-    """One JSON-patch operation on the release's ClusterRole."""
-    kubectl("patch", "clusterrole", "jo", "--type=json", "-p", json.dumps([operation]))
-
-
+@pytest.mark.own_operator
 @pytest.mark.usefixtures("crd")
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
     control_plane: ControlPlane,
     kubectl: Kubectl,
-    release: str,
     namespace: str,
     objects: object,
     tmp_path: Path,
+    mode: str,
 ) -> None:
-    ours = f"KUBECONFIG={control_plane.kubeconfig}".encode()
-    others = [
-        pid
-        for pid in processes_mentioning("juturna_operator.cli run")
-        if ours in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    ]
-    if others:
-        pytest.fail(
-            f"another operator runs against this plane ({others}); this test needs "
-            "to be the only one: it must run before the engine-parametrised tests"
-        )
-    sa_config = service_account_kubeconfig(control_plane, kubectl, release, tmp_path / "sa")
-    assert (
-        kubectl(
-            "auth",
-            "can-i",
-            "patch",
-            "pipelines/status",
-            f"--kubeconfig={sa_config}",
-            "-n",
-            namespace,
-            check=False,
-        ).stdout.strip()
-        == "yes"
-    )
-    op = Operator(sa_config, tmp_path / "work", tmp_path / "operator.log", tmp_path, "inprocess")
-    op.start()
-    try:
-        pipelines = Pipelines(objects, namespace, kubectl)  # type: ignore[arg-type]
-        pipelines.apply(manifest("rbac"))
-        assert pipelines.wait_ready("rbac")["status"]["phase"] == "Running"
-        pipelines.delete("rbac")
-        pipelines.wait_gone("rbac")
-        assert "Forbidden" not in op.log_text()
+    """helm install, then the operator runs as the chart's ServiceAccount and nothing else:
+    create -> Ready -> delete works; without the status rule it fails, saying so."""
+    assert_sole_operator(control_plane.kubeconfig)
+    namespaced = mode == "namespaced"
+    values = ["--set", f"watchNamespaces={{{namespace}}}"] if namespaced else []
+    with installed(control_plane.kubeconfig, kubectl, *values) as ops:
+        sa = service_account_kubeconfig(control_plane, kubectl, ops, tmp_path / "sa")
 
-        # Take away one rule: patching the status subresource.
-        role = json.loads(kubectl("get", "clusterrole", "jo", "-o", "json").stdout)
-        index = next(
-            i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
+        def can_i(*args: str) -> str:
+            return kubectl("auth", "can-i", *args, f"--kubeconfig={sa}", check=False).stdout
+
+        assert can_i("patch", "pipelines/status", "-n", namespace).strip() == "yes"
+        assert can_i("list", "pipelines", "-A").strip() == ("no" if namespaced else "yes")
+        assert can_i("get", "secrets", "-n", namespace).strip() == "no"
+        assert can_i("list", "customresourcedefinitions").strip() == ("no" if namespaced else "yes")
+
+        op = Operator(
+            sa,
+            tmp_path / "work",
+            tmp_path / "operator.log",
+            tmp_path,
+            "inprocess",
+            namespaces=(namespace,) if namespaced else (),
         )
-        patch_role(kubectl, {"op": "remove", "path": f"/rules/{index}"})
-        pipelines.apply(manifest("rbac2"))
-        expected = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
-        pipelines.wait(
-            "rbac2",
-            lambda _: expected in op.log_text(),
-            timeout=30,
-            what="the forbidden status patch in the operator's log",
-        )
-        assert f'User "system:serviceaccount:{release}:jo"' in op.log_text()
-        # Without it even deletion stalls (kopf keeps its progress in the status), so the
-        # rule goes back before cleaning up.
-        patch_role(kubectl, {"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
-        pipelines.delete("rbac2")
-        pipelines.wait_gone("rbac2")
-    finally:
-        op.stop()
+        op.start()
+        try:
+            pipelines = Pipelines(objects, namespace, kubectl)  # type: ignore[arg-type]
+            pipelines.apply(manifest("rbac"))
+            assert pipelines.wait_ready("rbac")["status"]["phase"] == "Running"
+            pipelines.delete("rbac")
+            pipelines.wait_gone("rbac")
+            assert "Forbidden" not in op.log_text()
+
+            # Take away one rule: patching the status subresource.
+            where = ["role", "jo", "-n", namespace] if namespaced else ["clusterrole", "jo"]
+            role = json.loads(kubectl("get", *where, "-o", "json").stdout)
+            index = next(
+                i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
+            )
+
+            def patch_role(operation: dict[str, object]) -> None:
+                kubectl("patch", *where, "--type=json", "-p", json.dumps([operation]))
+
+            patch_role({"op": "remove", "path": f"/rules/{index}"})
+            pipelines.apply(manifest("rbac2"))
+            expected = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
+            pipelines.wait(
+                "rbac2",
+                lambda _: expected in op.log_text(),
+                timeout=30,
+                what="the forbidden status patch in the operator's log",
+            )
+            assert f'User "system:serviceaccount:{ops}:jo"' in op.log_text()
+            # Without it even deletion stalls (kopf keeps its progress in the status), so the
+            # rule goes back before cleaning up.
+            patch_role({"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
+            pipelines.delete("rbac2")
+            pipelines.wait_gone("rbac2")
+        finally:
+            op.stop()
 
 
 def test_metrics_service_and_optional_service_monitor(kubeconfig: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
@@ -11,9 +10,12 @@ import pytest
 from support import (
     Operator,
     Pipelines,
+    chain,
     condition,
+    faulty,
     instance_folders,
     manifest,
+    nodes,
 )
 
 pytestmark = pytest.mark.cluster
@@ -28,25 +30,6 @@ def failed_with(pipelines: Pipelines, name: str, reason: str, timeout: float = 3
         ),
         timeout,
         f"failure {reason}",
-    )
-
-
-def nodes(*specs: tuple[str, str, str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"name": n, "type": t, "mark": m, "configuration": c} for n, t, m, c in specs]
-
-
-def chain(*names: str) -> list[dict[str, str]]:
-    return [{"from": a, "to": b} for a, b in itertools.pairwise(names)]
-
-
-def faulty(name: str, *specs: tuple[str, str, str, dict[str, Any]], **spec: Any) -> dict:
-    """A pipeline of the given nodes in a chain, using the deliberately faulty plugins."""
-    return manifest(
-        name,
-        plugins=["tones", "faulty"],
-        nodes=nodes(*specs),
-        links=chain(*(n for n, *_ in specs)),
-        **spec,
     )
 
 

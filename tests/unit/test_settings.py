@@ -73,6 +73,14 @@ def test_the_cli_reports_a_configuration_error(
     )
 
 
+def test_a_watched_namespace_must_be_an_exact_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "-n", "team-a", "-n", "team-*"]) == 2
+    assert capsys.readouterr().err == (
+        "juturna-operator: configuration error: namespace 'team-*' is not a namespace name "
+        "(lowercase letters, digits and '-', at most 63); name each watched namespace exactly\n"
+    )
+
+
 def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from juturna_operator.engines import make_engine
 

@@ -68,6 +68,25 @@ class PipelineKey:
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def log_extra(self) -> dict[str, object]:
+        """``extra=`` for a log line about this pipeline. kopf's formatters then name it as
+        they name their own: a ``[namespace/name]`` prefix in text, an ``object`` in JSON."""
+        return log_extra(self.namespace, self.name, self.uid)
+
+
+def log_extra(namespace: str, name: str, uid: str = "") -> dict[str, object]:
+    """See ``PipelineKey.log_extra``; ``k8s_skip`` keeps the line out of Kubernetes Events."""
+    ref = {"apiVersion": "juturna.io/v1alpha1", "kind": "Pipeline", "namespace": namespace}
+    return {"k8s_ref": ref | {"name": name, "uid": uid}, "k8s_skip": True}
+
+
+def log_extra_of_juturna_name(juturna_name: str) -> dict[str, object]:
+    """``log_extra`` for an instance known only by its Juturna name (orphans, old folders)."""
+    namespace, _, rest = juturna_name.partition("__")
+    name, _, uid8 = rest.rpartition("__")
+    return log_extra(namespace, name or rest, uid8)
+
 
 @dataclass(frozen=True)
 class NodeCrash:

@@ -41,6 +41,7 @@ from juturna_operator.engines.base import (
     NodeCrash,
     PipelineKey,
     held,
+    log_extra_of_juturna_name,
     node_status,
     vacant,
 )
@@ -92,7 +93,7 @@ class _ThreadOwners:
             else (args.exc_type.__name__)
         )
         instance.crashes.append(NodeCrash(node=node, thread=args.thread.name, error=error))
-        log.warning("node %r of %s crashed: %s", node, instance.key, error)
+        log.warning("node %r crashed: %s", node, error, extra=instance.key.log_extra)
 
     def uninstall(self) -> None:
         if threading.excepthook == self._hook:
@@ -133,7 +134,11 @@ class InProcessEngine(Exclusive):
         (``<ns>__<name>__<uid8>_<pipeline id>``) belong to nothing now."""
         for folder in workdir.glob("*__*__*_*-*-*-*-*"):
             if folder.is_dir() and not self._manager._pipelines:
-                log.info("removing a pipeline folder left by a previous process: %s", folder)
+                log.info(
+                    "removing a pipeline folder left by a previous process: %s",
+                    folder,
+                    extra=log_extra_of_juturna_name(folder.name.rsplit("_", 1)[0]),  # "_<id>"
+                )
                 shutil.rmtree(folder, ignore_errors=True)
 
     async def _call(self, step: Step, fn: Callable[..., T], *args: Any) -> T:
@@ -299,7 +304,7 @@ class InProcessEngine(Exclusive):
             try:
                 await self.delete(key)
             except PipelineFailure as failure:
-                log.warning("while shutting down, %s: %s", key, failure)
+                log.warning("while shutting down: %s", failure, extra=key.log_extra)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._owners.uninstall()
 

@@ -145,7 +145,7 @@ class ProcessEngine(Exclusive):
                 self._workers[record.key] = _Worker(record, None)
                 self._adopted.add(record.key)
                 adopted.add(record.pid)
-                log.info("adopted worker %s for %s", record.pid, record.key)
+                log.info("adopted worker %s", record.pid, extra=record.key.log_extra)
             else:
                 self._forget(record)
         for entry in Path("/proc").iterdir():
@@ -388,7 +388,9 @@ class ProcessEngine(Exclusive):
                 self._adopted.discard(key)  # its resource exists: the lifecycle owns it
             elif not self.busy(key):
                 log.warning(
-                    "sweep: ending worker %s of %s, whose resource is gone", worker.record.pid, key
+                    "sweep: ending worker %s, whose resource is gone",
+                    worker.record.pid,
+                    extra=key.log_extra,
                 )
                 await self.exclusive(key, self._end, worker)
                 self._adopted.discard(key)

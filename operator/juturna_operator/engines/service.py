@@ -29,6 +29,7 @@ from juturna_operator.engines.base import (
     InstanceState,
     PipelineKey,
     held,
+    log_extra_of_juturna_name,
     node_statuses,
     vacant,
 )
@@ -150,7 +151,7 @@ class ServiceEngine(Exclusive):
             try:
                 await client.stop(remote.pipeline_id, self._settings.stop_timeout_s)
             except PipelineFailure as failure:
-                log.warning("stopping %s before delete: %s", key, failure)
+                log.warning("stopping before delete: %s", failure, extra=key.log_extra)
         try:
             await client.delete(remote.pipeline_id)
         except PipelineFailure as failure:
@@ -220,19 +221,20 @@ class ServiceEngine(Exclusive):
                     continue
                 if name in keep and keep[name] == pipeline_id:
                     continue
+                about = log_extra_of_juturna_name(name)
                 log.warning(
-                    "sweep: removing orphan %s (%s) on runtime %s", pipeline_id, name, runtime
+                    "sweep: removing orphan %s on runtime %s", pipeline_id, runtime, extra=about
                 )
                 if status.get("self") == "pipeline_running":
                     try:
                         await client.stop(pipeline_id, self._settings.stop_timeout_s)
                     except PipelineFailure as failure:
-                        log.warning("sweep: stopping %s: %s", pipeline_id, failure)
+                        log.warning("sweep: stopping %s: %s", pipeline_id, failure, extra=about)
                 try:
                     await client.delete(pipeline_id)
                     removed.append(pipeline_id)
                 except PipelineFailure as failure:
-                    log.warning("sweep: deleting %s: %s", pipeline_id, failure)
+                    log.warning("sweep: deleting %s: %s", pipeline_id, failure, extra=about)
         return removed
 
     async def close(self) -> None:

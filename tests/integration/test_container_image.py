@@ -1,0 +1,162 @@
+"""The container image: built by podman from the Dockerfile, run against the local control
+plane over the host network, non-root with a read-only root filesystem; a Pipeline gets Ready.
+
+No registry is reachable here, so the base is made locally (hack/make-base-image.sh).
+If containers cannot run on this machine, the test skips and says why.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from controlplane import free_port
+from kubernetes import client
+
+from support import REPO, Kubectl, Pipelines, assert_sole_operator, manifest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
+
+# These flags make podman work here (../shared/PLATFORM.md): crun fails on hybrid cgroups,
+# and setrlimit is refused above these limits.
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+BASE = "localhost/juturna-operator-base:python3.12"
+IMAGE = "localhost/juturna-operator:test"
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def must(proc: subprocess.CompletedProcess[str], what: str) -> str:
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    for tool in ("podman", "runc", "debootstrap"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (hack/install-podman.sh installs it as root)")
+    made = subprocess.run(
+        [str(REPO / "hack" / "make-base-image.sh"), BASE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    must(made, "hack/make-base-image.sh")
+    probe = podman("run", "--rm", "--network=host", *LIMITS, BASE, "python3", "-c", "print(42)")
+    if probe.returncode != 0 or probe.stdout.strip() != "42":
+        pytest.skip(f"containers cannot run on this machine: {probe.stderr.strip()[-800:]}")
+    build = podman(
+        "build",
+        "--network=host",
+        *LIMITS,
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "-t",
+        IMAGE,
+        str(REPO),
+        timeout=900,
+    )
+    must(build, "podman build")
+    return IMAGE
+
+
+@pytest.fixture
+def container_kubeconfig(kubectl: Kubectl, tmp_path: Path) -> Path:
+    """The plane's kubeconfig with the certificates inlined, readable by the image's user."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(kubectl("config", "view", "--raw", "--flatten").stdout)
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def container(
+    image: str, container_kubeconfig: Path, namespace: str, tmp_path: Path
+) -> Iterator[tuple[str, int]]:
+    """The operator's container, watching only the test's namespace; yields (name, liveness)."""
+    name = f"jo-test-{uuid.uuid4().hex[:8]}"
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.chown(work, 10001, 10001)
+    liveness = free_port()
+    run = podman(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        "--network=host",
+        *LIMITS,
+        "--read-only",
+        "--cap-drop=ALL",
+        "--security-opt=no-new-privileges",
+        "--volume",
+        f"{container_kubeconfig}:/etc/juturna-operator/kubeconfig:ro",
+        "--volume",
+        f"{REPO / 'examples' / 'plugins'}:/plugins:ro",
+        "--volume",
+        f"{work}:/var/lib/juturna-operator",
+        "--env",
+        "KUBECONFIG=/etc/juturna-operator/kubeconfig",
+        "--env",
+        f"JUTURNA_OPERATOR_METRICS_PORT={free_port()}",
+        image,
+        "run",
+        "-n",
+        namespace,
+        f"--liveness=http://127.0.0.1:{liveness}/healthz",
+    )
+    must(run, "podman run")
+    try:
+        yield name, liveness
+    finally:
+        podman("stop", "--time", "15", name, timeout=60)
+        logs = podman("logs", name).stderr
+        podman("rm", "--force", name, timeout=60)
+        left = podman("ps", "--all", "--quiet", "--filter", f"name={name}").stdout.strip()
+        assert not left, f"container {name} left behind"
+        print(logs[-3000:])
+
+
+@pytest.mark.timeout(1200)  # a cold build takes minutes: debootstrap, pip, ffmpeg
+@pytest.mark.usefixtures("crd")
+def test_the_image_runs_the_operator_and_a_pipeline_gets_ready(
+    kubeconfig: Path,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    container: tuple[str, int],
+) -> None:
+    assert_sole_operator(kubeconfig)
+    name, liveness = container
+
+    def logs() -> str:
+        return podman("logs", name).stderr[-3000:]
+
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(manifest("boxed"))
+    body = pipelines.wait_ready("boxed", timeout=90)
+    assert body["status"]["phase"] == "Running", logs()
+    with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=5) as reply:
+        assert reply.status == 200
+
+    # The promises of the image: a numeric non-root user and a read-only root filesystem
+    # (writes go to the work folder volume: the pipeline's folder is there).
+    assert must(podman("exec", name, "id", "-u"), "id").strip() == "10001"
+    touch = podman("exec", name, "touch", "/opt/juturna-operator/x")
+    assert "Read-only file system" in touch.stderr
+    listed = must(podman("exec", name, "ls", "/var/lib/juturna-operator"), "ls")
+    assert f"{namespace}__boxed__" in listed
+    assert "ffmpeg version" in must(podman("exec", name, "ffmpeg", "-version"), "ffmpeg")
+
+    pipelines.delete("boxed")
+    pipelines.wait_gone("boxed", timeout=60)
+    assert "Traceback" not in logs()

@@ -28,7 +28,9 @@ RUN apt-get update \
 COPY --from=build /opt/juturna-operator /opt/juturna-operator
 # Plugins come in at /plugins: a layer of your own (FROM juturna-operator, COPY ... /plugins/),
 # a ConfigMap or a volume. The work folder is the only place the operator writes.
-RUN mkdir -p /plugins /var/lib/juturna-operator \
+# The demo plugin (tones) is there so that examples/pipeline.yaml runs out of the box.
+COPY examples/plugins/tones /plugins/tones
+RUN mkdir -p /var/lib/juturna-operator \
  && chown 10001:10001 /var/lib/juturna-operator
 ENV PATH=/opt/juturna-operator/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

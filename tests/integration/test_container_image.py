@@ -82,7 +82,8 @@ def container_kubeconfig(kubectl: Kubectl, tmp_path: Path) -> Path:
 def container(
     image: str, container_kubeconfig: Path, namespace: str, tmp_path: Path
 ) -> Iterator[tuple[str, int]]:
-    """The operator's container, watching only the test's namespace; yields (name, liveness)."""
+    """The operator's container, watching only the test's namespace; yields (name, liveness).
+    No plugin volume: the example's plugin (tones) ships in the image."""
     name = f"jo-test-{uuid.uuid4().hex[:8]}"
     work = tmp_path / "work"
     work.mkdir()
@@ -100,8 +101,6 @@ def container(
         "--security-opt=no-new-privileges",
         "--volume",
         f"{container_kubeconfig}:/etc/juturna-operator/kubeconfig:ro",
-        "--volume",
-        f"{REPO / 'examples' / 'plugins'}:/plugins:ro",
         "--volume",
         f"{work}:/var/lib/juturna-operator",
         "--env",

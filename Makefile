@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries podman image cluster-up cluster-down run test crds lint clean
+.PHONY: help venv binaries podman image cluster-up cluster-down run test bench crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,10 @@ run: venv ## the demo: control plane (unless a cluster is reachable), operator, 
 test: venv binaries podman ## lint, then the whole test suite against a real control plane
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
+
+MODE ?= quick
+bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~10 min; MODE=full: N = 1000 too, into docs/)
+	cd bench && ../$(PY) harness.py --mode $(MODE)
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds

@@ -77,6 +77,13 @@ class Memory:
     attempts: int = 0  # failed attempts in a row: the backoff's exponent
     last_status: dict[str, Any] | None = None
     recovering_from: str | None = None  # a pipelineId from before an operator restart
+    # Per-generation work done once, not on every pass (health checks come every few
+    # seconds for every Pipeline): the parsed spec and its revision.
+    parsed_generation: int | None = None
+    parsed: PipelineSpec | PipelineFailure | None = None
+    revision: str = ""
+    # What ``last_status`` was built from: the same inputs give the same status.
+    status_inputs: tuple[Any, ...] | None = None
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
@@ -122,6 +129,8 @@ class _Pass:
     mem: Memory
     desired: Desired
     log: Log
+    # Steps done and not told yet: one Normal Event tells them all (fewer API writes).
+    done: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def key(self) -> PipelineKey:
@@ -171,9 +180,13 @@ class Reconciler:
     async def reconcile(self, resource: Resource, log: Log) -> float:
         """Act until the next step is to wait; write status. Returns seconds until next look."""
         mem = self._remember(resource)
-        parsed = _spec_or_failure(resource)
+        if mem.parsed is None or mem.parsed_generation != resource.generation:
+            mem.parsed = _spec_or_failure(resource)
+            mem.revision = mem.parsed.revision() if isinstance(mem.parsed, PipelineSpec) else ""
+            mem.parsed_generation = resource.generation
+        parsed = mem.parsed
         spec = parsed if isinstance(parsed, PipelineSpec) else None
-        p = _Pass(resource, mem, _desired(resource, spec), log)
+        p = _Pass(resource, mem, _desired(resource, spec, mem.revision), log)
         if (
             isinstance(parsed, PipelineFailure)
             and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
@@ -216,21 +229,22 @@ class Reconciler:
         if reached:
             mem.attempts = 0
         if mem.recovering_from and reached:
-            self._event(
-                p,
-                "Normal",
-                "Recovered",
-                "pipeline redeployed after an operator "
-                f"restart (previous instance {mem.recovering_from})",
+            p.done.append(
+                (
+                    "Recovered",
+                    "pipeline redeployed after an operator "
+                    f"restart (previous instance {mem.recovering_from})",
+                )
             )
             mem.recovering_from = None
+        self._tell(p)
         await self._publish(p, info, None)
         return self._next_look(p)
 
     async def finalize(self, resource: Resource, log: Log) -> None:
         """Deletion: stop (bounded) and delete the instance. Never raises, never hangs."""
         resource.deleting = True
-        p = _Pass(resource, self._remember(resource), _desired(resource, None), log)
+        p = _Pass(resource, self._remember(resource), _desired(resource, None, ""), log)
         for _ in range(MAX_STEPS):
             info = await self.engine.status(p.key)
             action = lifecycle.next_step(p.desired, self._observed(p.mem, info), self._clock())
@@ -242,6 +256,15 @@ class Reconciler:
                 # The resource must not hang in deletion; the engine has let go of it.
                 self._event(p, "Warning", failure.reason.name, failure.message)
                 log.warning("while deleting: %s", failure, extra=resource.key.log_extra)
+        try:
+            # A create still in flight (its daemon was cancelled; engine operations are
+            # shielded) is not in the engine's status until it ends. delete() waits for it
+            # and removes what it made; with nothing there it is a no-op.
+            await self.engine.delete(p.key)
+        except PipelineFailure as failure:
+            self._event(p, "Warning", failure.reason.name, failure.message)
+            log.warning("while deleting: %s", failure, extra=resource.key.log_extra)
+        self._tell(p)
         self.forget(resource.key.uid)
         if self.metrics is not None:
             self.metrics.forget(resource.key)
@@ -283,6 +306,7 @@ class Reconciler:
             )
             p.mem.attempts += 1
         p.log.warning("%s", failure)
+        self._tell(p)  # what was done before it failed comes first
         self._event(p, "Warning", failure.reason.name, failure.message)
         if self.metrics is not None:
             self.metrics.failed(p.key, failure.reason.name)
@@ -317,7 +341,7 @@ class Reconciler:
             assert spec is not None
             config = spec.to_juturna_config(p.key.juturna_name)
             pid = await self.engine.create(p.key, config, p.desired.revision, spec.runtime)
-            self._event(p, "Normal", "Created", f"pipeline instance {pid} created")
+            p.done.append(("Created", f"pipeline instance {pid} created"))
         else:
             act, reason, message = {
                 Action.Warmup: (self.engine.warmup, "WarmedUp", "all nodes warmed up"),
@@ -326,7 +350,14 @@ class Reconciler:
                 Action.Delete: (self.engine.delete, "Deleted", "pipeline instance deleted"),
             }[action]
             await act(p.key)
-            self._event(p, "Normal", reason, message)
+            p.done.append((reason, message))
+
+    def _tell(self, p: _Pass) -> None:
+        """One Normal Event for the steps done since the last one, named after the last."""
+        if p.done:
+            reason = p.done[-1][0]
+            self._event(p, "Normal", reason, "; ".join(message for _, message in p.done))
+            p.done.clear()
 
     def _event(self, p: _Pass, kind: str, reason: str, message: str) -> None:
         self._post_event(p.key, kind, reason, message)
@@ -386,6 +417,22 @@ class Reconciler:
         """Write the status, unless it says nothing new (each write is an API call)."""
         if p.resource.deleting and in_progress is None:
             return
+        inputs = (
+            p.desired,
+            self._observed(p.mem, info),
+            in_progress,
+            tuple(p.mem.warnings),
+            None
+            if info is None
+            else (info.pipeline_id, info.state, tuple(info.nodes.items()), len(info.crashes)),
+        )
+        if (
+            inputs == p.mem.status_inputs
+            and p.mem.last_status is not None
+            and _same_status(p.mem.last_status, p.resource.status)
+        ):
+            return  # nothing new, and the object still says it: skip building it again
+        p.mem.status_inputs = inputs
         status = self.build_status(p, info, in_progress)
         if self.metrics is not None:
             ready = in_progress is None and lifecycle.desired_reached(
@@ -399,7 +446,7 @@ class Reconciler:
         p.mem.last_status = status
 
 
-def _desired(resource: Resource, spec: PipelineSpec | None) -> Desired:
+def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:
     raw_state = resource.spec.get("state") or "Running"
     policy = spec.restartPolicy if spec else None
     return Desired(
@@ -407,7 +454,7 @@ def _desired(resource: Resource, spec: PipelineSpec | None) -> Desired:
         if raw_state in DesiredState.__members__
         else DesiredState.Running,
         generation=resource.generation,
-        revision=spec.revision() if spec else "",
+        revision=revision,
         max_restarts=policy.maxRestarts if policy else 3,
         backoff_seconds=policy.backoffSeconds if policy else 5.0,
         deleting=resource.deleting,
@@ -415,5 +462,16 @@ def _desired(resource: Resource, spec: PipelineSpec | None) -> Desired:
 
 
 def _same_status(new: dict[str, Any], current: dict[str, Any]) -> bool:
-    """True when ``current`` (from the API) already says what ``new`` says."""
-    return all(current.get(k) == v for k, v in new.items() if v is not None or k in current)
+    """True when ``current`` (from the API) already says what ``new`` says. A top-level None
+    deletes a field; nested Nones never reach the object (a merge patch drops them)."""
+    return all(
+        current.get(k) == _without_none(v) for k, v in new.items() if v is not None or k in current
+    )
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value

@@ -9,7 +9,7 @@
 | JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 3 (seconds, at most 5)     |
 | JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
 | JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
-| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      |                      | 0.2 (seconds)              |
+| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      |                      | 1 (seconds)                |
 | JUTURNA_OPERATOR_RUNTIMES                |                      | {} (JSON, see Runtime)     |
 | JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
 | JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
@@ -118,7 +118,7 @@ class Settings:
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
     log_format: str = "text"
     max_concurrency: int = 8
-    progress_threshold_s: float = 0.2
+    progress_threshold_s: float = 1.0
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     default_runtime: str | None = None  # for pipelines without spec.runtime (engine "service")
     sweep_interval_s: float = 60.0
@@ -137,7 +137,7 @@ class Settings:
             health_interval_s=_positive("HEALTH_INTERVAL", _env("HEALTH_INTERVAL", "3")),
             log_format=_env("LOG_FORMAT", "text"),
             max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
-            progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "0.2")),
+            progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "1")),
             runtimes=parse_runtimes(_env("RUNTIMES", "{}")),
             default_runtime=_env("DEFAULT_RUNTIME", "") or None,
             sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),

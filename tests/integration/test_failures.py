@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+from controlplane import processes_mentioning
 
 from support import (
     Operator,
@@ -190,10 +191,13 @@ def test_delete_during_a_failing_warmup(pipelines: Pipelines, operator: Operator
             restartPolicy=retries,
         )
     )
-    failed_with(pipelines, "dw", "WarmupFailed")
+    uid = failed_with(pipelines, "dw", "WarmupFailed")["metadata"]["uid"]
     pipelines.delete("dw")
     pipelines.wait_gone("dw", timeout=15)
     assert list(operator.workdir.glob(f"{pipelines.namespace}__dw__*")) == []
+    # A retry's create may be in flight when the deletion comes: it must not leave a worker
+    # behind (it did once: the deletion saw no instance yet and let the resource go).
+    assert processes_mentioning(uid) == []
 
 
 def test_unknown_configuration_keys_are_warnings(pipelines: Pipelines) -> None:

@@ -60,7 +60,12 @@ class Router:
         await self._for(key).stop(key)
 
     async def delete(self, key: PipelineKey) -> None:
-        await self._for(key).delete(key)
+        owner = self._owner.get(key)
+        if owner is not None:
+            await owner.delete(key)
+        else:  # a create may still be in flight on either: each waits for its own
+            for engine in filter(None, (self._default, self._service)):
+                await engine.delete(key)
         self._owner.pop(key, None)
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:

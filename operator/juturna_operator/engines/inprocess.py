@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import shutil
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from juturna.cli.commands.models.api import PipelineConfig
+from juturna.components import _pipeline as _pipeline_module
+from juturna.components import _pipeline_manager as _pipeline_manager_module
 from juturna.components._pipeline_manager import PipelineManager
 
 from juturna_operator.engines.base import (
@@ -56,6 +59,50 @@ from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+JUTURNA_MODULES_THAT_COLLECT = (_pipeline_module, _pipeline_manager_module)
+
+
+class CoalescedCollector:
+    """Stands in for the ``gc`` module inside Juturna's pipeline modules.
+
+    Juturna runs ``gc.collect()`` twice per ``delete_pipeline`` (Pitfall 10): about 0.1 s each
+    with 1000 pipelines alive, holding the GIL, so deleting many is quadratic. Here a request
+    only sets a flag, and one full collection runs at most every ``interval`` seconds for all
+    the requests in between: garbage is still collected, a moment later. Everything else is
+    the real ``gc``.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._wanted = threading.Event()
+        self._closed = threading.Event()
+        self.collections = 0
+        self._thread = threading.Thread(target=self._run, name="gc-coalesced", daemon=True)
+        self._thread.start()
+
+    def collect(self, generation: int = 2) -> int:
+        self._wanted.set()
+        return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            if self._wanted.wait(timeout=self._interval) and not self._closed.is_set():
+                self._closed.wait(self._interval)  # let the requests of a burst gather
+                self._wanted.clear()
+                gc.collect()
+                self.collections += 1
+
+    def install(self) -> None:
+        for module in JUTURNA_MODULES_THAT_COLLECT:
+            module.gc = self  # type: ignore[attr-defined]
+
+    def uninstall(self) -> None:
+        for module in JUTURNA_MODULES_THAT_COLLECT:
+            module.gc = gc  # type: ignore[attr-defined]
+        self._closed.set()
 
 
 @dataclass
@@ -126,6 +173,8 @@ class InProcessEngine(Exclusive):
         )
         self._instances: dict[PipelineKey, _Instance] = {}
         self._owners = _ThreadOwners()
+        self._collector = CoalescedCollector()
+        self._collector.install()
 
     # -- helpers --
 
@@ -307,6 +356,7 @@ class InProcessEngine(Exclusive):
                 log.warning("while shutting down: %s", failure, extra=key.log_extra)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._owners.uninstall()
+        self._collector.uninstall()
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

@@ -1,0 +1,130 @@
+"""Bare Juturna, the floor the operator is measured against: the same pipelines, no operator.
+
+    python bench/baselines.py direct N --workdir D     PipelineManager in this process
+    python bench/baselines.py serve N --workdir D      POST /pipelines/deploy on `juturna serve`
+
+Prints one JSON object: per-pipeline deploy latencies (seconds; deploy = create, warmup and
+start, which is what Ready means to the operator), and, for ``direct``, the deletion floor:
+stop and delete every pipeline one after another, and again (after a fresh deploy) from a
+pool of threads. Runs in its own process, so that its pipelines do not weigh on the caller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
+PLUGIN_ROOT = REPO / "examples" / "plugins"
+DELETE_THREADS = 64
+
+
+def example_config(i: int) -> dict[str, Any]:
+    """The example pipeline as the operator hands it to Juturna, under a name of its own."""
+    from juturna_operator.api import PipelineSpec
+
+    return PipelineSpec.model_validate(EXAMPLE["spec"]).to_juturna_config(f"bench{i}")
+
+
+def direct(n: int, workdir: Path, floor: bool = True) -> dict[str, Any]:
+    sys.path.insert(0, str(PLUGIN_ROOT))  # plugin folders are import paths (JUTURNA.md)
+    # ~0.3 s of imports: not part of any timing.
+    from juturna.cli.commands.models.api import PipelineConfig
+    from juturna.components._pipeline_manager import PipelineManager
+
+    manager = PipelineManager()
+    manager.set_base_folder(str(workdir))
+
+    def deploy_all() -> tuple[list[float], list[str]]:
+        latencies, ids = [], []
+        for i in range(n):
+            config = PipelineConfig(**example_config(i))
+            started = time.perf_counter()
+            created = manager.deploy_pipeline(config)
+            latencies.append(time.perf_counter() - started)
+            ids.append(created.pipeline_id)
+        return latencies, ids
+
+    def remove(pipeline_id: str) -> None:
+        manager.stop_pipeline(pipeline_id)
+        manager.delete_pipeline(pipeline_id, True)
+
+    latencies, ids = deploy_all()
+    all_deployed = sum(latencies)
+    if not floor:
+        for pipeline_id in ids:
+            remove(pipeline_id)
+        return {"latencies_s": latencies, "all_ready_s": all_deployed}
+    started = time.perf_counter()
+    for pipeline_id in ids:
+        remove(pipeline_id)
+    sequential = time.perf_counter() - started
+
+    _, ids = deploy_all()
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(DELETE_THREADS) as pool:
+        list(pool.map(remove, ids))
+    threaded = time.perf_counter() - started
+    return {
+        "latencies_s": latencies,
+        "all_ready_s": all_deployed,
+        "delete_sequential_s": sequential,
+        "delete_threaded_s": threaded,
+        "delete_threads": DELETE_THREADS,
+    }
+
+
+def serve(n: int, workdir: Path) -> dict[str, Any]:
+    import httpx
+
+    sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
+    from support import JuturnaServe
+
+    server = JuturnaServe(workdir, workdir.parent / "serve.log").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            latencies, ids = [], []
+            for i in range(n):
+                started = time.perf_counter()
+                reply = http.post("/pipelines/deploy", json=example_config(i))
+                latencies.append(time.perf_counter() - started)
+                reply.raise_for_status()
+                ids.append(reply.json()["pipe_id"])
+            for pipeline_id in ids:  # cleanup, not measured
+                http.post(f"/pipelines/{pipeline_id}/stop")
+                http.post(f"/pipelines/{pipeline_id}/delete", params={"wipe": "true"})
+    finally:
+        server.stop()
+    return {"latencies_s": latencies, "all_ready_s": sum(latencies)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=["direct", "serve"])
+    parser.add_argument("n", type=int)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument(
+        "--no-floor", action="store_true", help="direct: deploy latencies only, no deletion floor"
+    )
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONPATH", str(PLUGIN_ROOT))
+    if args.kind == "direct":
+        result = direct(args.n, args.workdir, floor=not args.no_floor)
+    else:
+        result = serve(args.n, args.workdir)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""What the operator costs on top of Juturna: apply -> Ready latency, API writes, memory, CPU,
+recovery after a crash, and mass deletion, beside bare-Juturna baselines in the same run.
+
+    python bench/harness.py --mode quick|full|smoke [--out docs] [--repetitions 3]
+
+quick: N = 1 and 100 (in-process), 1, 20 and 50 (process); full: adds N = 1000 (in-process).
+smoke: N = 5, one repetition, a few seconds (the test suite runs it so that it cannot rot).
+The harness starts its own local control plane (or uses $KUBECONFIG with --use-kubeconfig),
+runs the operator as its own process as in production, and writes <out>/benchmarks.json,
+<out>/benchmarks.md and <out>/benchmarks-latency-cdf.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import copy
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes import client, config, watch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "hack")]
+
+from controlplane import ControlPlane, ensure_binaries, free_port  # noqa: E402
+
+GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
+EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
+CREATE_THREADS = 16
+WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
+
+
+# -- what a run is made of --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    engine: str
+    n: int
+    recovery: bool = False  # kill the operator with all Running, measure until all Ready again
+
+
+MODES: dict[str, list[Scenario]] = {
+    "smoke": [Scenario("inprocess", 5, recovery=True)],
+    "quick": [
+        Scenario("inprocess", 1),
+        Scenario("inprocess", 100, recovery=True),
+        Scenario("process", 1),
+        Scenario("process", 50, recovery=True),
+    ],
+    "full": [
+        Scenario("inprocess", 1),
+        Scenario("inprocess", 100),
+        Scenario("inprocess", 1000, recovery=True),
+        Scenario("process", 1),
+        Scenario("process", 50, recovery=True),
+    ],
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+# -- observing the cluster --------------------------------------------------------------------
+
+
+class PipelineWatch:
+    """A watch on one namespace's Pipelines, stamping when each is first Ready (for the
+    current generation), how many MODIFIED events it caused, and when it was deleted."""
+
+    def __init__(self, objects: client.CustomObjectsApi, namespace: str) -> None:
+        self.objects, self.namespace = objects, namespace
+        self.ready_at: dict[str, float] = {}
+        self.pipeline_id: dict[str, str] = {}
+        self.modified: Counter[str] = Counter()
+        self.deleted_at: dict[str, float] = {}
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        listed = objects.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        self._version = listed["metadata"]["resourceVersion"]
+        self._thread = threading.Thread(target=self._run, name="bench-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self.objects.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    resource_version=self._version,
+                    timeout_seconds=30,
+                ):
+                    self._seen(event["type"], event["object"], time.monotonic())
+                    self._version = event["object"]["metadata"]["resourceVersion"]
+                    if self._stop.is_set():
+                        stream.stop()
+            except Exception:  # a dropped watch: resume from the last version
+                time.sleep(0.2)
+
+    def _seen(self, kind: str, body: dict[str, Any], now: float) -> None:
+        name = body["metadata"]["name"]
+        status = body.get("status") or {}
+        with self.changed:
+            if kind == "MODIFIED":
+                self.modified[name] += 1
+            if kind == "DELETED":
+                self.deleted_at.setdefault(name, now)
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or []
+            )
+            if ready and status.get("observedGeneration") == body["metadata"]["generation"]:
+                self.ready_at.setdefault(name, now)
+                self.pipeline_id[name] = status.get("pipelineId") or ""
+            self.changed.notify_all()
+
+    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        with self.changed:
+            if not self.changed.wait_for(done, timeout):
+                raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
+    """apiserver_request_total by (verb, resource, subresource), from kube-apiserver's
+    own /metrics."""
+    text = subprocess.run(
+        ["kubectl", f"--kubeconfig={kubeconfig}", "get", "--raw", "/metrics"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels_text, _, value = line.rpartition(" ")
+        labels = dict(
+            part.split("=", 1)
+            for part in labels_text[len("apiserver_request_total{") : -1].split(",")
+        )
+        key = tuple(labels.get(k, '""').strip('"') for k in ("verb", "resource", "subresource"))
+        counts[key] += int(float(value))  # type: ignore[index]
+    return counts
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def workers_of(workdir: Path) -> list[int]:
+    from controlplane import processes_mentioning
+
+    return processes_mentioning(f"--folder {workdir} ")
+
+
+# -- the operator as its own process ----------------------------------------------------------
+
+
+@dataclass
+class OperatorProcess:
+    kubeconfig: Path
+    namespace: str
+    engine: str
+    base: Path
+    metrics_port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def workdir(self) -> Path:
+        return self.base / "work"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "operator.log"
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "JUTURNA_OPERATOR_ENGINE": self.engine,
+            "JUTURNA_OPERATOR_WORKDIR": str(self.workdir),
+            "JUTURNA_OPERATOR_PLUGIN_PATH": str(REPO / "examples" / "plugins"),
+            "JUTURNA_OPERATOR_METRICS_PORT": str(self.metrics_port),
+        }
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        command = [sys.executable, "-m", "juturna_operator.cli", "run", "-n", self.namespace]
+        profile = os.environ.get("BENCH_PYSPY")  # a folder: py-spy's collapsed stacks go there
+        if profile:
+            out_file = Path(profile) / f"{self.namespace}-{time.time():.0f}.txt"
+            py_spy = Path(sys.executable).parent / "py-spy"
+            command = [
+                str(py_spy),
+                "record",
+                "--gil",
+                "-r",
+                "100",
+                "-f",
+                "raw",
+                "-o",
+                str(out_file),
+                "--",
+                *command,
+            ]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                command,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while b"Initial authentication has finished" not in self.log.read_bytes()[offset:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"operator did not start:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def running(self) -> int:
+        """Pipelines this operator process has seen Running (its own metrics)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            if line.startswith("juturna_pipelines{") and 'phase="Running"' in line:
+                return int(float(line.rpartition(" ")[2]))
+        return 0
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # py-spy writes its profile on SIGINT, then ends the operator.
+            self.proc.send_signal(
+                signal.SIGINT if os.environ.get("BENCH_PYSPY") else signal.SIGTERM
+            )
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+
+
+# -- one scenario -----------------------------------------------------------------------------
+
+
+def manifest(i: int) -> dict[str, Any]:
+    body = copy.deepcopy(EXAMPLE)
+    body["metadata"] = {"name": f"p{i:04d}"}
+    body["spec"]["state"] = os.environ.get("BENCH_STATE", "Running")  # Ready: warm standby
+    return body
+
+
+def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
+    api = config.new_client_from_config(str(kubeconfig))
+    api.configuration.connection_pool_maxsize = CREATE_THREADS * 2
+    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    n = scenario.n
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    base = Path(tempfile.mkdtemp(prefix=f"bench-{scenario.engine}-"))
+    op = OperatorProcess(kubeconfig, ns, scenario.engine, base)
+    seen = PipelineWatch(objects, ns)
+    result: dict[str, Any] = {"engine": scenario.engine, "n": n}
+    names = [manifest(i)["metadata"]["name"] for i in range(n)]
+    try:
+        op.start()
+        assert op.proc is not None
+        time.sleep(1)
+        result["base_rss_mib"] = rss_kib(op.proc.pid) / 1024
+        cpu_before = cpu_seconds(op.proc.pid)
+        requests_before = apiserver_requests(kubeconfig)
+
+        created_at: dict[str, float] = {}
+
+        def create(i: int) -> None:
+            body = manifest(i)
+            created_at[body["metadata"]["name"]] = time.monotonic()
+            objects.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+        first = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as pool:
+            list(pool.map(create, range(n)))
+        seen.wait(lambda: len(seen.ready_at) >= n, 60 + n * 0.5, f"{n} Pipelines Ready")
+        latencies = [seen.ready_at[name] - created_at[name] for name in names]
+        result["latencies_s"] = latencies
+        result["all_ready_s"] = max(seen.ready_at.values()) - first
+        time.sleep(2)  # let trailing writes land before counting
+        requests_after = apiserver_requests(kubeconfig)
+        delta = requests_after - requests_before
+        writes = Counter(
+            {k: v for k, v in delta.items() if k[0] in WRITE_VERBS and k[1] in (PLURAL, "events")}
+        )
+        writes[("POST", PLURAL, "")] -= n  # the harness's own creates
+        result["writes_per_pipeline"] = sum(writes.values()) / n
+        result["writes_by_kind"] = {
+            "/".join(filter(None, k)): v / n for k, v in writes.items() if v
+        }
+        result["requests_per_pipeline"] = sum(delta.values()) / n
+        result["modified_events_per_pipeline"] = statistics.mean(seen.modified[x] for x in names)
+        result["cpu_s_per_pipeline"] = (cpu_seconds(op.proc.pid) - cpu_before) / n
+        result["rss_mib"] = rss_kib(op.proc.pid) / 1024
+        result["rss_per_pipeline_mib"] = (result["rss_mib"] - result["base_rss_mib"]) / n
+        if scenario.engine == "process":
+            workers = workers_of(op.workdir)
+            result["worker_rss_mib"] = statistics.median(rss_kib(p) for p in workers) / 1024
+
+        if scenario.recovery:
+            ids_before = dict(seen.pipeline_id)
+            op.kill()
+            restarted = time.monotonic()
+            op.start()
+            deadline = restarted + 60 + n * 0.5
+            while op.running() < n:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"recovery: {op.running()} of {n} Running")
+                time.sleep(0.05)
+            result["recovery_s"] = time.monotonic() - restarted
+            time.sleep(1)
+            result["recovered_redeployed"] = sum(
+                seen.pipeline_id.get(x) != ids_before.get(x) for x in names
+            )
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as pool:
+            list(
+                pool.map(
+                    lambda name: objects.delete_namespaced_custom_object(
+                        GROUP, VERSION, ns, PLURAL, name
+                    ),
+                    names,
+                )
+            )
+        seen.wait(lambda: len(seen.deleted_at) >= n, 120 + n * 1.0, f"{n} Pipelines gone")
+        result["delete_all_s"] = max(seen.deleted_at.values()) - started
+    finally:
+        seen.close()
+        op.stop()
+        core.delete_namespace(ns)
+        api.close()
+    return result
+
+
+def baseline(kind: str, n: int, floor: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as folder:
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "baselines.py"),
+                kind,
+                str(n),
+                "--workdir",
+                f"{folder}/work",
+                *([] if floor else ["--no-floor"]),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=3600,
+        ).stdout
+    return json.loads(out)
+
+
+# -- the whole run ----------------------------------------------------------------------------
+
+
+@contextmanager
+def cluster(use_kubeconfig: bool) -> Iterator[Path]:
+    if use_kubeconfig:
+        yield Path(os.environ["KUBECONFIG"])
+        return
+    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
+    try:
+        subprocess.run(
+            [
+                "kubectl",
+                f"--kubeconfig={plane.kubeconfig}",
+                "apply",
+                "--server-side",
+                "-f",
+                str(REPO / "crds"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                "kubectl",
+                f"--kubeconfig={plane.kubeconfig}",
+                "wait",
+                "--for=condition=Established",
+                "crd/pipelines.juturna.io",
+                "--timeout=60s",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        yield plane.kubeconfig
+    finally:
+        plane.stop()
+
+
+def run(mode: str, repetitions: int, use_kubeconfig: bool) -> dict[str, Any]:
+    results: dict[str, Any] = {"mode": mode, "repetitions": repetitions, "scenarios": []}
+    sizes = sorted({s.n for s in MODES[mode] if s.engine == "inprocess"})
+    with cluster(use_kubeconfig) as kubeconfig:
+        for scenario in MODES[mode]:
+            reps = [run_scenario(kubeconfig, scenario) for _ in range(repetitions)]
+            results["scenarios"].append({"scenario": scenario.__dict__, "runs": reps})
+            print(f"  {scenario}: done", file=sys.stderr)
+    # The deletion floor is measured once per N: at N = 1000 it takes minutes (Pitfall 10).
+    results["baselines"] = [
+        {
+            "n": n,
+            "direct": [baseline("direct", n, floor=rep == 0) for rep in range(repetitions)],
+            "serve": [baseline("serve", n) for _ in range(repetitions)],
+        }
+        for n in sizes
+    ]
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--repetitions", type=int, default=None, help="default: 3 (smoke: 1)")
+    parser.add_argument("--out", type=Path, help="default: docs/ (full), .state/bench/ (others)")
+    parser.add_argument(
+        "--only", help="scenarios instead of the mode's, e.g. inprocess:100,process:50:recovery"
+    )
+    parser.add_argument("--use-kubeconfig", action="store_true", help="use $KUBECONFIG's cluster")
+    args = parser.parse_args()
+    reps = args.repetitions or (1 if args.mode == "smoke" else 3)
+    out = args.out or (REPO / "docs" if args.mode == "full" else REPO / ".state" / "bench")
+    if args.only:
+        MODES[args.mode] = [
+            Scenario(p[0], int(p[1]), recovery="recovery" in p[2:])
+            for p in (item.split(":") for item in args.only.split(","))
+        ]
+    results = run(args.mode, reps, args.use_kubeconfig)
+    from report import write_report  # matplotlib only here
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(results, out)
+    print((out / "benchmarks.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The benchmark's report: JSON, a markdown table with the targets marked, and a CDF plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness import percentile
+
+MiB = "MiB"
+
+
+def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:
+    return statistics.median(pick(r) for r in runs)
+
+
+def _pct(runs: list[dict[str, Any]], q: float) -> float:
+    """Median over repetitions of each repetition's q-th percentile, in ms."""
+    return _median(runs, lambda r: percentile(r["latencies_s"], q)) * 1000
+
+
+# (what, target text, scenario filter, value getter, limit): one row of the targets table.
+TARGETS: list[tuple[str, str, tuple[str, int], Callable[[list[dict[str, Any]]], float], float]] = [
+    (
+        "p50 apply → Ready, in-process, N = 100",
+        "≤ 150 ms",
+        ("inprocess", 100),
+        lambda runs: _pct(runs, 50),
+        150,
+    ),
+    (
+        "p99 apply → Ready, in-process, N = 100",
+        "≤ 1000 ms",
+        ("inprocess", 100),
+        lambda runs: _pct(runs, 99),
+        1000,
+    ),
+    (
+        "all Ready, in-process, N = 1000",
+        "≤ 60 s",
+        ("inprocess", 1000),
+        lambda runs: _median(runs, lambda r: r["all_ready_s"]),
+        60,
+    ),
+    (
+        "writes per pipeline to Ready (in-process, N = 100)",
+        "≤ 4",
+        ("inprocess", 100),
+        lambda runs: _median(runs, lambda r: r["writes_per_pipeline"]),
+        4,
+    ),
+    (
+        "operator restart, 1000 Running (in-process): all Ready again",
+        "≤ 60 s",
+        ("inprocess", 1000),
+        lambda runs: _median(runs, lambda r: r["recovery_s"]),
+        60,
+    ),
+    (
+        "operator base RSS",
+        "≤ 150 MB",
+        ("inprocess", 100),
+        lambda runs: _median(runs, lambda r: r["base_rss_mib"]) * 1.048576,
+        150,
+    ),
+    (
+        "RSS per in-process pipeline (N = 100)",
+        "≤ 1 MB",
+        ("inprocess", 100),
+        lambda runs: _median(runs, lambda r: r["rss_per_pipeline_mib"]) * 1.048576,
+        1,
+    ),
+    (
+        "process engine, N = 50: all Ready",
+        "≤ 30 s",
+        ("process", 50),
+        lambda runs: _median(runs, lambda r: r["all_ready_s"]),
+        30,
+    ),
+]
+
+
+def _scenarios(results: dict[str, Any]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    return {(s["scenario"]["engine"], s["scenario"]["n"]): s["runs"] for s in results["scenarios"]}
+
+
+def _baselines(results: dict[str, Any]) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    return {b["n"]: b for b in results["baselines"]}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    scenarios, baselines = _scenarios(results), _baselines(results)
+    out = [
+        f"Mode `{results['mode']}`, {results['repetitions']} repetition(s) per row; every figure "
+        "is the median over repetitions (latency percentiles: the median of each repetition's "
+        "percentile). Latency: from the client's create call to the watch event that shows "
+        "`Ready=True` for the current generation.",
+        "",
+        "### apply → Ready",
+        "",
+        "| engine | N | p50 | p95 | p99 | all Ready | xdirect (p50) | xserve (p50) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (engine, n), runs in scenarios.items():
+        base = baselines.get(n)
+        ratio_direct = ratio_serve = "-"
+        if base is not None and engine == "inprocess":
+            p50 = _pct(runs, 50)
+            ratio_direct = f"{p50 / _pct(base['direct'], 50):.1f}x"
+            ratio_serve = f"{p50 / _pct(base['serve'], 50):.1f}x"
+        out.append(
+            f"| {engine} | {n} | {_pct(runs, 50):.0f} ms | {_pct(runs, 95):.0f} ms | "
+            f"{_pct(runs, 99):.0f} ms | "
+            f"{_median(runs, lambda r: r['all_ready_s']):.2f} s | {ratio_direct} | {ratio_serve} |"
+        )
+    out += ["", "Baselines, same pipelines, same machine, same run:", ""]
+    out += ["| baseline | N | p50 | p95 | p99 | all Ready |", "|---|---|---|---|---|---|"]
+    for n, base in baselines.items():
+        for kind, label in (
+            ("direct", "`PipelineManager.deploy_pipeline`, one process"),
+            ("serve", "`POST /pipelines/deploy` on `juturna serve`"),
+        ):
+            runs = base[kind]
+            out.append(
+                f"| {label} | {n} | {_pct(runs, 50):.1f} ms | {_pct(runs, 95):.1f} ms | "
+                f"{_pct(runs, 99):.1f} ms | {_median(runs, lambda r: r['all_ready_s']):.2f} s |"
+            )
+    out += [
+        "",
+        "### API cost, resources, recovery, deletion",
+        "",
+        "| engine | N | writes / pipeline | requests / pipeline | MODIFIED events / pipeline "
+        "| base RSS | RSS / pipeline | CPU / pipeline | worker RSS | recovery | delete all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (engine, n), runs in scenarios.items():
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
+            values = [r[key] for r in runs if key in r]
+            return statistics.median(values) if values else None
+
+        worker = med("worker_rss_mib")
+        recovery = med("recovery_s")
+        out.append(
+            f"| {engine} | {n} | {med('writes_per_pipeline'):.1f} | "
+            f"{med('requests_per_pipeline'):.1f} | {med('modified_events_per_pipeline'):.1f} | "
+            f"{med('base_rss_mib'):.0f} MiB | {med('rss_per_pipeline_mib'):.2f} MiB | "
+            f"{med('cpu_s_per_pipeline') * 1000:.0f} ms | "
+            f"{f'{worker:.0f} MiB' if worker is not None else '-'} | "
+            f"{f'{recovery:.1f} s' if recovery is not None else '-'} | "
+            f"{med('delete_all_s'):.1f} s |"
+        )
+    kinds = {}
+    for (engine, n), runs in scenarios.items():
+        kinds[f"{engine}, N = {n}"] = runs[0].get("writes_by_kind", {})
+    out += ["", "Writes per pipeline by kind (first repetition):", ""]
+    out += [
+        f"- {k}: " + ", ".join(f"{w} {v:.2f}" for w, v in sorted(d.items()))
+        for k, d in kinds.items()
+    ]
+    out += [
+        "",
+        "Deletion floor (bare Juturna: stop and `delete_pipeline`, same pipelines; measured "
+        "once per N, as it takes minutes at N = 1000):",
+        "",
+        "| N | sequential | thread pool | operator, in-process |",
+        "|---|---|---|---|",
+    ]
+    for n, base in baselines.items():
+        floor = next(r for r in base["direct"] if "delete_sequential_s" in r)
+        runs = scenarios.get(("inprocess", n))
+        op = f"{_median(runs, lambda r: r['delete_all_s']):.1f} s" if runs else "-"
+        out.append(
+            f"| {n} | {floor['delete_sequential_s']:.1f} s | {floor['delete_threaded_s']:.1f} s "
+            f"({floor['delete_threads']} threads) | {op} |"
+        )
+    out += ["", "### Targets", "", "| what | target | measured | met |", "|---|---|---|---|"]
+    for what, target, key, value, limit in TARGETS:
+        runs = scenarios.get(key)
+        if runs is None or not all(_has(r, what) for r in runs):
+            out.append(f"| {what} | {target} | not measured in this mode | - |")
+            continue
+        v = value(runs)
+        out.append(f"| {what} | {target} | {v:.2f} | {'yes' if v <= limit else '**no**'} |")
+    return "\n".join(out) + "\n"
+
+
+def _has(run: dict[str, Any], what: str) -> bool:
+    return "restart" not in what or "recovery_s" in run
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (engine, n), runs in _scenarios(results).items():
+        values = sorted(v * 1000 for r in runs for v in r["latencies_s"])
+        ax.step(
+            values,
+            [(i + 1) / len(values) for i in range(len(values))],
+            where="post",
+            label=f"{engine}, N = {n}",
+        )
+    for n, base in _baselines(results).items():
+        values = sorted(v * 1000 for r in base["direct"] for v in r["latencies_s"])
+        ax.step(
+            values,
+            [(i + 1) / len(values) for i in range(len(values))],
+            where="post",
+            linestyle=":",
+            label=f"bare PipelineManager, N = {n}",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("apply → Ready (ms, log scale)")
+    ax.set_ylabel("fraction of pipelines")
+    ax.set_title("juturna-operator: apply → Ready latency (CDF, all repetitions)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    (out / "benchmarks.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "benchmarks-latency-cdf.png")
+    (out / "benchmarks.md").write_text(
+        "# Benchmarks\n\n"
+        "Made by `make bench` (`bench/harness.py`); do not edit by hand. The machine: 2 cores, "
+        "shared and noisy; read ratios and medians, not single figures.\n\n"
+        + markdown(results)
+        + "\n![apply → Ready CDF](benchmarks-latency-cdf.png)\n"
+    )

@@ -13,6 +13,7 @@ kopf keeps no diff-base at all (``NoDiffBase``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -75,6 +76,19 @@ def _api_client() -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
+class StatusWriteRefused(Exception):
+    """The API server refused a status write; the message is its own, in plain words (the
+    client's exception shows it JSON-escaped inside the response body)."""
+
+    def __init__(self, err: k8s.ApiException) -> None:
+        self.status = err.status
+        try:
+            message = json.loads(err.body or "").get("message") or err.body
+        except (ValueError, AttributeError):
+            message = err.body
+        super().__init__(f"status write refused ({err.status} {err.reason}): {message}")
+
+
 async def write_status(key: PipelineKey, status: dict[str, Any]) -> None:
     """One merge patch of the status subresource (never the spec)."""
     assert state.objects is not None
@@ -89,11 +103,11 @@ async def write_status(key: PipelineKey, status: dict[str, Any]) -> None:
             {"status": status},
             _preload_content=False,  # read as bytes, never parsed: parsing cost CPU at scale
         )
-        response.drain_conn()  # the body must be consumed before the connection is reused
+        response.data  # noqa: B018  (consumed before the connection is reused)
         response.release_conn()
     except k8s.ApiException as err:
         if err.status != 404:  # deleted meanwhile: nothing to describe
-            raise
+            raise StatusWriteRefused(err) from None
 
 
 def post_event(key: PipelineKey, kind: str, reason: str, message: str) -> None:

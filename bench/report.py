@@ -10,7 +10,7 @@ from typing import Any
 
 from harness import percentile
 
-MiB = "MiB"
+FINDINGS = Path(__file__).with_name("findings.md")  # hand-written: what the profiles showed
 
 
 def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:
@@ -235,5 +235,6 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "Made by `make bench` (`bench/harness.py`); do not edit by hand. The machine: 2 cores, "
         "shared and noisy; read ratios and medians, not single figures.\n\n"
         + markdown(results)
-        + "\n![apply → Ready CDF](benchmarks-latency-cdf.png)\n"
+        + "\n![apply → Ready CDF](benchmarks-latency-cdf.png)\n\n"
+        + FINDINGS.read_text()
     )

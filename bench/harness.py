@@ -17,6 +17,7 @@ import concurrent.futures
 import copy
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -55,6 +56,8 @@ class Scenario:
     engine: str
     n: int
     recovery: bool = False  # kill the operator with all Running, measure until all Ready again
+    repetitions: int | None = None  # fewer than the run's, for the slowest rows
+    limit_s: float = 300.0  # each wait (all Ready, recovery, all gone) ends here: a partial row
 
 
 MODES: dict[str, list[Scenario]] = {
@@ -68,7 +71,7 @@ MODES: dict[str, list[Scenario]] = {
     "full": [
         Scenario("inprocess", 1),
         Scenario("inprocess", 100),
-        Scenario("inprocess", 1000, recovery=True),
+        Scenario("inprocess", 1000, recovery=True, repetitions=1, limit_s=240),
         Scenario("process", 1),
         Scenario("process", 50, recovery=True),
     ],
@@ -139,10 +142,14 @@ class PipelineWatch:
                 self.pipeline_id[name] = status.get("pipelineId") or ""
             self.changed.notify_all()
 
-    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        with self.changed:
-            if not self.changed.wait_for(done, timeout):
-                raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+    def wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Wait until done() or the timeout; short waits keep Ctrl-C working."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.changed:
+                if self.changed.wait_for(done, min(1.0, deadline - time.monotonic())):
+                    return True
+        return False
 
     def close(self) -> None:
         self._stop.set()
@@ -275,7 +282,7 @@ class OperatorProcess:
                 signal.SIGINT if os.environ.get("BENCH_PYSPY") else signal.SIGTERM
             )
             try:
-                self.proc.wait(timeout=120)
+                self.proc.wait(timeout=30)  # shutting down 1000 in-process pipelines is slow
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
@@ -321,10 +328,12 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
         first = time.monotonic()
         with concurrent.futures.ThreadPoolExecutor(CREATE_THREADS) as pool:
             list(pool.map(create, range(n)))
-        seen.wait(lambda: len(seen.ready_at) >= n, 60 + n * 0.5, f"{n} Pipelines Ready")
-        latencies = [seen.ready_at[name] - created_at[name] for name in names]
+        all_ready = seen.wait(lambda: len(seen.ready_at) >= n, scenario.limit_s)
+        result["ready"] = len(seen.ready_at)
+        # Pipelines not Ready by the limit count as the limit: percentiles stay honest.
+        latencies = [seen.ready_at.get(x, first + scenario.limit_s) - created_at[x] for x in names]
         result["latencies_s"] = latencies
-        result["all_ready_s"] = max(seen.ready_at.values()) - first
+        result["all_ready_s"] = max(seen.ready_at.values()) - first if all_ready else None
         time.sleep(2)  # let trailing writes land before counting
         requests_after = apiserver_requests(kubeconfig)
         delta = requests_after - requests_before
@@ -345,17 +354,16 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
             workers = workers_of(op.workdir)
             result["worker_rss_mib"] = statistics.median(rss_kib(p) for p in workers) / 1024
 
-        if scenario.recovery:
+        if scenario.recovery and all_ready:
             ids_before = dict(seen.pipeline_id)
             op.kill()
             restarted = time.monotonic()
             op.start()
-            deadline = restarted + 60 + n * 0.5
-            while op.running() < n:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"recovery: {op.running()} of {n} Running")
+            deadline = restarted + scenario.limit_s
+            while op.running() < n and time.monotonic() < deadline:
                 time.sleep(0.05)
-            result["recovery_s"] = time.monotonic() - restarted
+            result["recovered"] = op.running()
+            result["recovery_s"] = time.monotonic() - restarted if op.running() >= n else None
             time.sleep(1)
             result["recovered_redeployed"] = sum(
                 seen.pipeline_id.get(x) != ids_before.get(x) for x in names
@@ -371,13 +379,15 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
                     names,
                 )
             )
-        seen.wait(lambda: len(seen.deleted_at) >= n, 120 + n * 1.0, f"{n} Pipelines gone")
-        result["delete_all_s"] = max(seen.deleted_at.values()) - started
+        all_gone = seen.wait(lambda: len(seen.deleted_at) >= n, scenario.limit_s)
+        result["deleted"] = len(seen.deleted_at)
+        result["delete_all_s"] = max(seen.deleted_at.values()) - started if all_gone else None
     finally:
         seen.close()
         op.stop()
         core.delete_namespace(ns)
         api.close()
+        shutil.rmtree(base, ignore_errors=True)
     return result
 
 
@@ -445,7 +455,8 @@ def run(mode: str, repetitions: int, use_kubeconfig: bool) -> dict[str, Any]:
     sizes = sorted({s.n for s in MODES[mode] if s.engine == "inprocess"})
     with cluster(use_kubeconfig) as kubeconfig:
         for scenario in MODES[mode]:
-            reps = [run_scenario(kubeconfig, scenario) for _ in range(repetitions)]
+            count = scenario.repetitions or repetitions
+            reps = [run_scenario(kubeconfig, scenario) for _ in range(count)]
             results["scenarios"].append({"scenario": scenario.__dict__, "runs": reps})
             print(f"  {scenario}: done", file=sys.stderr)
     # The deletion floor is measured once per N: at N = 1000 it takes minutes (Pitfall 10).

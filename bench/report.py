@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -13,8 +14,15 @@ from harness import percentile
 FINDINGS = Path(__file__).with_name("findings.md")  # hand-written: what the profiles showed
 
 
-def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float]) -> float:
-    return statistics.median(pick(r) for r in runs)
+def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float | None]) -> float:
+    """Median over repetitions; a value not reached within the limit (None) counts as
+    infinite, so a target is never met by a partial row."""
+    values = [pick(r) for r in runs]
+    return statistics.median(math.inf if v is None else v for v in values)
+
+
+def _seconds(value: float, done: str = "") -> str:
+    return f"{value:.2f} s" if value != math.inf else f"not within the limit{done}"
 
 
 def _pct(runs: list[dict[str, Any]], q: float) -> float:
@@ -114,7 +122,8 @@ def markdown(results: dict[str, Any]) -> str:
         out.append(
             f"| {engine} | {n} | {_pct(runs, 50):.0f} ms | {_pct(runs, 95):.0f} ms | "
             f"{_pct(runs, 99):.0f} ms | "
-            f"{_median(runs, lambda r: r['all_ready_s']):.2f} s | {ratio_direct} | {ratio_serve} |"
+            f"{_seconds(_median(runs, lambda r: r['all_ready_s']), _count(runs, 'ready'))} | "
+            f"{ratio_direct} | {ratio_serve} |"
         )
     out += ["", "Baselines, same pipelines, same machine, same run:", ""]
     out += ["| baseline | N | p50 | p95 | p99 | all Ready |", "|---|---|---|---|---|---|"]
@@ -143,15 +152,15 @@ def markdown(results: dict[str, Any]) -> str:
             return statistics.median(values) if values else None
 
         worker = med("worker_rss_mib")
-        recovery = med("recovery_s")
+        recovery = _median(runs, lambda r: r.get("recovery_s", -1.0))
         out.append(
             f"| {engine} | {n} | {med('writes_per_pipeline'):.1f} | "
             f"{med('requests_per_pipeline'):.1f} | {med('modified_events_per_pipeline'):.1f} | "
             f"{med('base_rss_mib'):.0f} MiB | {med('rss_per_pipeline_mib'):.2f} MiB | "
             f"{med('cpu_s_per_pipeline') * 1000:.0f} ms | "
             f"{f'{worker:.0f} MiB' if worker is not None else '-'} | "
-            f"{f'{recovery:.1f} s' if recovery is not None else '-'} | "
-            f"{med('delete_all_s'):.1f} s |"
+            f"{'-' if recovery == -1.0 else _seconds(recovery, _count(runs, 'recovered'))} | "
+            f"{_seconds(_median(runs, lambda r: r['delete_all_s']), _count(runs, 'deleted'))} |"
         )
     kinds = {}
     for (engine, n), runs in scenarios.items():
@@ -172,20 +181,43 @@ def markdown(results: dict[str, Any]) -> str:
     for n, base in baselines.items():
         floor = next(r for r in base["direct"] if "delete_sequential_s" in r)
         runs = scenarios.get(("inprocess", n))
-        op = f"{_median(runs, lambda r: r['delete_all_s']):.1f} s" if runs else "-"
+        op = (
+            _seconds(_median(runs, lambda r: r["delete_all_s"]), _count(runs, "deleted"))
+            if runs
+            else "-"
+        )
         out.append(
-            f"| {n} | {floor['delete_sequential_s']:.1f} s | {floor['delete_threaded_s']:.1f} s "
+            f"| {n} | {_floor(floor, 'sequential', n)} | {_floor(floor, 'threaded', n)} "
             f"({floor['delete_threads']} threads) | {op} |"
         )
     out += ["", "### Targets", "", "| what | target | measured | met |", "|---|---|---|---|"]
     for what, target, key, value, limit in TARGETS:
         runs = scenarios.get(key)
-        if runs is None or not all(_has(r, what) for r in runs):
+        if runs is None:
             out.append(f"| {what} | {target} | not measured in this mode | - |")
             continue
+        if not all(_has(r, what) for r in runs):
+            out.append(f"| {what} | {target} | not measured: not all were Ready | **no** |")
+            continue
         v = value(runs)
-        out.append(f"| {what} | {target} | {v:.2f} | {'yes' if v <= limit else '**no**'} |")
+        shown = f"{v:.2f}" if v != math.inf else "not reached within the limit"
+        out.append(f"| {what} | {target} | {shown} | {'yes' if v <= limit else '**no**'} |")
     return "\n".join(out) + "\n"
+
+
+def _count(runs: list[dict[str, Any]], key: str) -> str:
+    """`` (k of N)`` for the first repetition that fell short, else ``""``."""
+    for run in runs:
+        if key in run and run[key] < run["n"]:
+            return f" ({run[key]} of {run['n']})"
+    return ""
+
+
+def _floor(floor: dict[str, Any], how: str, n: int) -> str:
+    seconds, done = floor[f"delete_{how}_s"], floor.get(f"deleted_{how}", n)
+    if done >= n:
+        return f"{seconds:.1f} s"
+    return f"{done} of {n} in {seconds:.0f} s (limit; {done / seconds:.1f}/s)"
 
 
 def _has(run: dict[str, Any], what: str) -> bool:

@@ -47,7 +47,7 @@ test: venv binaries podman ## lint, then the whole test suite against a real con
 	$(PY) -m pytest
 
 MODE ?= quick
-bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~10 min; MODE=full: N = 1000 too, into docs/)
+bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~12 min, into .state/bench; MODE=full: N = 1000 too)
 	cd bench && ../$(PY) harness.py --mode $(MODE)
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py

@@ -3,7 +3,7 @@ recovery after a crash, and mass deletion, beside bare-Juturna baselines in the 
 
     python bench/harness.py --mode quick|full|smoke [--out docs] [--repetitions 3]
 
-quick: N = 1 and 100 (in-process), 1, 20 and 50 (process); full: adds N = 1000 (in-process).
+quick: N = 1 and 100 (in-process), 1 and 50 (process); full: adds N = 1000 (in-process).
 smoke: N = 5, one repetition, a few seconds (the test suite runs it so that it cannot rot).
 The harness starts its own local control plane (or uses $KUBECONFIG with --use-kubeconfig),
 runs the operator as its own process as in production, and writes <out>/benchmarks.json,

@@ -417,9 +417,10 @@ class Reconciler:
         """Write the status, unless it says nothing new (each write is an API call)."""
         if p.resource.deleting and in_progress is None:
             return
+        observed = self._observed(p.mem, info)
         inputs = (
             p.desired,
-            self._observed(p.mem, info),
+            observed,
             in_progress,
             tuple(p.mem.warnings),
             None
@@ -435,9 +436,7 @@ class Reconciler:
         p.mem.status_inputs = inputs
         status = self.build_status(p, info, in_progress)
         if self.metrics is not None:
-            ready = in_progress is None and lifecycle.desired_reached(
-                p.desired, self._observed(p.mem, info)
-            )
+            ready = in_progress is None and lifecycle.desired_reached(p.desired, observed)
             self.metrics.observed(p.key, status["phase"], p.mem.restarts, ready)
         if status == p.mem.last_status or _same_status(status, p.resource.status):
             p.mem.last_status = status

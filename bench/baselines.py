@@ -5,8 +5,8 @@
 
 Prints one JSON object: per-pipeline deploy latencies (seconds; deploy = create, warmup and
 start, which is what Ready means to the operator), and, for ``direct``, the deletion floor:
-stop and delete every pipeline one after another, and again (after a fresh deploy) from a
-pool of threads. Runs in its own process, so that its pipelines do not weigh on the caller.
+with --floor, stop and delete every pipeline one after another (sequential) or from a pool
+of threads (threaded). Runs in its own process, so that its pipelines do not weigh on the caller.
 """
 
 from __future__ import annotations
@@ -20,23 +20,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from workload import pipeline_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 PLUGIN_ROOT = REPO / "examples" / "plugins"
 DELETE_THREADS = 64
 FLOOR_LIMIT_S = 150.0
+FLOORS = ("sequential", "threaded")
 
 
 def example_config(i: int) -> dict[str, Any]:
     """The example pipeline as the operator hands it to Juturna, under a name of its own."""
     from juturna_operator.api import PipelineSpec
 
-    return PipelineSpec.model_validate(EXAMPLE["spec"]).to_juturna_config(f"bench{i}")
+    spec = pipeline_manifest(f"bench{i}")["spec"]
+    return PipelineSpec.model_validate(spec).to_juturna_config(f"bench{i}")
 
 
-def direct(n: int, workdir: Path, floor: bool = True) -> dict[str, Any]:
+def direct(n: int, workdir: Path, floor: str | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(PLUGIN_ROOT))  # plugin folders are import paths (JUTURNA.md)
     # ~0.3 s of imports: not part of any timing.
     from juturna.cli.commands.models.api import PipelineConfig
@@ -61,31 +62,34 @@ def direct(n: int, workdir: Path, floor: bool = True) -> dict[str, Any]:
 
     latencies, ids = deploy_all()
     result: dict[str, Any] = {"latencies_s": latencies, "all_ready_s": sum(latencies)}
-    if not floor:
+    if floor is None:
         return result  # the process exits without deleting: that is not measured here
 
-    # Each floor stops at FLOOR_LIMIT_S (at N = 1000 it takes minutes): then the count
+    # One method per process, on freshly deployed pipelines: deploying a second thousand
+    # beside what a capped first method left alive would measure an overloaded process.
+    # The floor stops at FLOOR_LIMIT_S (at N = 1000 it can take minutes): then the count
     # deleted so far is the result, and the rate says the rest.
-    started, done = time.perf_counter(), 0
-    for pipeline_id in ids:
-        if time.perf_counter() - started > FLOOR_LIMIT_S:
-            break
-        remove(pipeline_id)
-        done += 1
-    result |= {"delete_sequential_s": time.perf_counter() - started, "deleted_sequential": done}
-
-    _, ids = deploy_all()
     started = time.perf_counter()
+    if floor == "sequential":
+        done = 0
+        for pipeline_id in ids:
+            if time.perf_counter() - started > FLOOR_LIMIT_S:
+                break
+            remove(pipeline_id)
+            done += 1
+        return result | {
+            "delete_sequential_s": time.perf_counter() - started,
+            "deleted_sequential": done,
+        }
     pool = concurrent.futures.ThreadPoolExecutor(DELETE_THREADS)
     futures = [pool.submit(remove, pipeline_id) for pipeline_id in ids]
     finished, _ = concurrent.futures.wait(futures, timeout=FLOOR_LIMIT_S)
-    result |= {
+    pool.shutdown(wait=False, cancel_futures=True)
+    return result | {
         "delete_threaded_s": time.perf_counter() - started,
         "deleted_threaded": len(finished),
         "delete_threads": DELETE_THREADS,
     }
-    pool.shutdown(wait=False, cancel_futures=True)
-    return result
 
 
 def serve(n: int, workdir: Path) -> dict[str, Any]:
@@ -116,13 +120,15 @@ def main() -> int:
     parser.add_argument("n", type=int)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument(
-        "--no-floor", action="store_true", help="direct: deploy latencies only, no deletion floor"
+        "--floor",
+        choices=FLOORS,
+        help="direct: then delete them all this way (default: deploy latencies only)",
     )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONPATH", str(PLUGIN_ROOT))
     if args.kind == "direct":
-        result = direct(args.n, args.workdir, floor=not args.no_floor)
+        result = direct(args.n, args.workdir, floor=args.floor)
     else:
         result = serve(args.n, args.workdir)
     print(json.dumps(result), flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import copy
 import json
 import os
 import shutil
@@ -34,16 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack")]
 
+from baselines import FLOORS  # noqa: E402
 from controlplane import ControlPlane, ensure_binaries, free_port  # noqa: E402
+from workload import pipeline_manifest  # noqa: E402
 
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
-EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 CREATE_THREADS = 16
 WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
 
@@ -71,7 +70,7 @@ MODES: dict[str, list[Scenario]] = {
     "full": [
         Scenario("inprocess", 1),
         Scenario("inprocess", 100),
-        Scenario("inprocess", 1000, recovery=True, repetitions=1, limit_s=240),
+        Scenario("inprocess", 1000, recovery=True, limit_s=240),
         Scenario("process", 1),
         Scenario("process", 50, recovery=True),
     ],
@@ -292,10 +291,8 @@ class OperatorProcess:
 
 
 def manifest(i: int) -> dict[str, Any]:
-    body = copy.deepcopy(EXAMPLE)
-    body["metadata"] = {"name": f"p{i:04d}"}
-    body["spec"]["state"] = os.environ.get("BENCH_STATE", "Running")  # Ready: warm standby
-    return body
+    # BENCH_STATE=Ready measures warm standby instead.
+    return pipeline_manifest(f"p{i:04d}", os.environ.get("BENCH_STATE", "Running"))
 
 
 def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
@@ -391,7 +388,7 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
     return result
 
 
-def baseline(kind: str, n: int, floor: bool = False) -> dict[str, Any]:
+def baseline(kind: str, n: int, floor: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as folder:
         out = subprocess.run(
             [
@@ -401,7 +398,7 @@ def baseline(kind: str, n: int, floor: bool = False) -> dict[str, Any]:
                 str(n),
                 "--workdir",
                 f"{folder}/work",
-                *([] if floor else ["--no-floor"]),
+                *([f"--floor={floor}"] if floor else []),
             ],
             capture_output=True,
             text=True,
@@ -450,24 +447,38 @@ def cluster(use_kubeconfig: bool) -> Iterator[Path]:
         plane.stop()
 
 
-def run(mode: str, repetitions: int, use_kubeconfig: bool) -> dict[str, Any]:
+def run(mode: str, repetitions: int, use_kubeconfig: bool, out: Path) -> dict[str, Any]:
+    """Every scenario, then the baselines; what is measured so far is saved after each
+    step to <out>/benchmarks.partial.json, so that a run stopped midway keeps it."""
     results: dict[str, Any] = {"mode": mode, "repetitions": repetitions, "scenarios": []}
+    partial = out / "benchmarks.partial.json"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        partial.write_text(json.dumps(results, indent=1))
+
     sizes = sorted({s.n for s in MODES[mode] if s.engine == "inprocess"})
     with cluster(use_kubeconfig) as kubeconfig:
         for scenario in MODES[mode]:
-            count = scenario.repetitions or repetitions
-            reps = [run_scenario(kubeconfig, scenario) for _ in range(count)]
-            results["scenarios"].append({"scenario": scenario.__dict__, "runs": reps})
+            runs: list[dict[str, Any]] = []
+            results["scenarios"].append({"scenario": scenario.__dict__, "runs": runs})
+            for _ in range(scenario.repetitions or repetitions):
+                runs.append(run_scenario(kubeconfig, scenario))
+                save()
             print(f"  {scenario}: done", file=sys.stderr)
-    # The deletion floor is measured once per N: at N = 1000 it takes minutes (Pitfall 10).
-    results["baselines"] = [
-        {
-            "n": n,
-            "direct": [baseline("direct", n, floor=rep == 0) for rep in range(repetitions)],
-            "serve": [baseline("serve", n) for _ in range(repetitions)],
-        }
-        for n in sizes
-    ]
+    # The deletion floor is measured once per N and method, each in a fresh process (at
+    # N = 1000 it takes minutes: Pitfall 10); the other repetitions measure deploys only.
+    floors = [*FLOORS, *[None] * max(0, repetitions - len(FLOORS))]
+    results["baselines"] = []
+    for n in sizes:
+        base: dict[str, Any] = {"n": n, "direct": [], "serve": []}
+        results["baselines"].append(base)
+        for floor in floors:
+            base["direct"].append(baseline("direct", n, floor))
+            save()
+        for _ in range(repetitions):
+            base["serve"].append(baseline("serve", n))
+            save()
     return results
 
 
@@ -488,11 +499,11 @@ def main() -> int:
             Scenario(p[0], int(p[1]), recovery="recovery" in p[2:])
             for p in (item.split(":") for item in args.only.split(","))
         ]
-    results = run(args.mode, reps, args.use_kubeconfig)
+    results = run(args.mode, reps, args.use_kubeconfig, out)
     from report import write_report  # matplotlib only here
 
-    out.mkdir(parents=True, exist_ok=True)
     write_report(results, out)
+    (out / "benchmarks.partial.json").unlink()
     print((out / "benchmarks.md").read_text())
     return 0
 

@@ -98,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         lambda record: "Handler 'wake' succeeded" not in record.getMessage()
     )
     handlers.use_settings(settings)
+    sys.setswitchinterval(settings.gil_switch_interval_s)  # see Settings
     asyncio.run(
         kopf.operator(
             standalone=True,

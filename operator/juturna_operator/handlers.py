@@ -68,12 +68,21 @@ def use_settings(settings: Settings) -> None:
     state.settings = settings
 
 
+# Status writes run in the default executor (the Kubernetes client blocks); its default
+# size, cores + 4, queued them behind each other when many Pipelines change at once.
+STATUS_WRITE_THREADS = 32
+
+
 def _api_client() -> k8s.ApiClient:
     try:
         k8s_config.load_incluster_config()
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()
-    return k8s.ApiClient()
+    configuration = k8s.Configuration.get_default_copy()
+    # One pooled connection per writing thread: the client's default pool (10) made urllib3
+    # discard and reopen connections under a burst.
+    configuration.connection_pool_maxsize = STATUS_WRITE_THREADS
+    return k8s.ApiClient(configuration)
 
 
 class StatusWriteRefused(Exception):
@@ -127,10 +136,8 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 15
     settings.peering.standalone = True
-    # Status writes run in the default executor (the Kubernetes client blocks); its default
-    # size, cores + 4, queued them behind each other when many Pipelines change at once.
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=32, thread_name_prefix="k8s-call")
+        ThreadPoolExecutor(max_workers=STATUS_WRITE_THREADS, thread_name_prefix="k8s-call")
     )
     # Watching named namespaces needs no cluster-wide right: kopf would otherwise list
     # namespaces (to match patterns; ours are exact names) and watch CRDs, and without the

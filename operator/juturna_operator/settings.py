@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
+MAX_GIL_SWITCH_INTERVAL_S = 0.1  # beyond it, one busy node thread stalls all others
 DEFAULT_HEALTH_INTERVAL_S = 3.0  # a dead node is seen within ~3 s
 NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label
 
@@ -119,6 +120,12 @@ class Settings:
     log_format: str = "text"
     max_concurrency: int = 8
     progress_threshold_s: float = 1.0
+    # CPython's default is 5 ms. With thousands of in-process Juturna threads, every thread
+    # waiting for the GIL wakes each interval to ask for it; at ~800 running example
+    # pipelines that storm (500 runnable threads, 1.6 cores in futex) starved the event loop
+    # for good. 20 ms ended it (docs/benchmarks.md). It only bounds how long a thread that
+    # never blocks keeps the GIL; threads that block hand it over at once.
+    gil_switch_interval_s: float = 0.02
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     default_runtime: str | None = None  # for pipelines without spec.runtime (engine "service")
     sweep_interval_s: float = 60.0
@@ -138,6 +145,10 @@ class Settings:
             log_format=_env("LOG_FORMAT", "text"),
             max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
             progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "1")),
+            gil_switch_interval_s=_positive(
+                "GIL_SWITCH_INTERVAL",
+                _env("GIL_SWITCH_INTERVAL", str(defaults.gil_switch_interval_s)),
+            ),
             runtimes=parse_runtimes(_env("RUNTIMES", "{}")),
             default_runtime=_env("DEFAULT_RUNTIME", "") or None,
             sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),
@@ -154,6 +165,11 @@ class Settings:
             raise SettingsError(
                 f"health interval must be at most {MAX_HEALTH_INTERVAL_S:g} s, "
                 f"got {self.health_interval_s:g}"
+            )
+        if self.gil_switch_interval_s > MAX_GIL_SWITCH_INTERVAL_S:
+            raise SettingsError(
+                f"GIL switch interval must be at most {MAX_GIL_SWITCH_INTERVAL_S:g} s, "
+                f"got {self.gil_switch_interval_s:g}"
             )
         if self.engine == "service" and self.default_runtime not in self.runtimes:
             raise SettingsError(

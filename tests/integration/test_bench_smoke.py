@@ -43,7 +43,10 @@ def test_the_harness_measures_everything_at_n_5(kubeconfig: Path, tmp_path: Path
     assert run["recovered_redeployed"] == 5  # in-process instances die with the operator
     (base,) = results["baselines"]
     assert len(base["direct"][0]["latencies_s"]) == len(base["serve"][0]["latencies_s"]) == 5
+    # One deletion floor per method, each in its own process.
     assert base["direct"][0]["delete_sequential_s"] > 0
+    assert base["direct"][1]["delete_threaded_s"] > 0
+    assert not (tmp_path / "benchmarks.partial.json").exists()  # the run completed
     report = (tmp_path / "benchmarks.md").read_text()
     assert "### Targets" in report
     assert "| inprocess | 5 |" in report

@@ -11,7 +11,14 @@ from juturna_operator.settings import Settings, SettingsError
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PLUGIN_PATH", "WORKDIR", "ENGINE", "STOP_TIMEOUT", "HEALTH_INTERVAL"):
+    for name in (
+        "PLUGIN_PATH",
+        "WORKDIR",
+        "ENGINE",
+        "STOP_TIMEOUT",
+        "HEALTH_INTERVAL",
+        "GIL_SWITCH_INTERVAL",
+    ):
         monkeypatch.delenv(f"JUTURNA_OPERATOR_{name}", raising=False)
     s = Settings.from_env()
     assert (s.engine, s.stop_timeout_s, s.health_interval_s, s.log_format) == (
@@ -21,6 +28,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         "text",
     )
     assert s.plugin_roots == []
+    assert s.gil_switch_interval_s == 0.02
 
 
 def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +53,12 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         ),
         ("STOP_TIMEOUT", "-1", "JUTURNA_OPERATOR_STOP_TIMEOUT must be positive, got '-1'"),
         ("HEALTH_INTERVAL", "30", "health interval must be at most 5 s, got 30"),
+        ("GIL_SWITCH_INTERVAL", "1", "GIL switch interval must be at most 0.1 s, got 1"),
+        (
+            "GIL_SWITCH_INTERVAL",
+            "0",
+            "JUTURNA_OPERATOR_GIL_SWITCH_INTERVAL must be positive, got '0'",
+        ),
         ("LOG_FORMAT", "xml", "log format must be 'text' or 'json', got 'xml'"),
         (
             "METRICS_PORT",

@@ -40,7 +40,7 @@ sys.path[:0] = [str(REPO / "hack")]
 
 from baselines import FLOORS  # noqa: E402
 from controlplane import ControlPlane, ensure_binaries, free_port  # noqa: E402
-from workload import pipeline_manifest  # noqa: E402
+from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 CREATE_THREADS = 16
@@ -447,36 +447,47 @@ def cluster(use_kubeconfig: bool) -> Iterator[Path]:
         plane.stop()
 
 
-def run(mode: str, repetitions: int, use_kubeconfig: bool, out: Path) -> dict[str, Any]:
+def run(
+    mode: str, repetitions: int, use_kubeconfig: bool, out: Path, resume: bool = False
+) -> dict[str, Any]:
     """Every scenario, then the baselines; what is measured so far is saved after each
-    step to <out>/benchmarks.partial.json, so that a run stopped midway keeps it."""
-    results: dict[str, Any] = {"mode": mode, "repetitions": repetitions, "scenarios": []}
+    step to <out>/benchmarks.partial.json, so that a run stopped midway keeps it, and
+    ``resume`` continues it (the steps already measured are not run again)."""
     partial = out / "benchmarks.partial.json"
     out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = (
+        json.loads(partial.read_text())
+        if resume
+        else {"mode": mode, "repetitions": repetitions, "tick_rate": TICK_RATE}
+    )
 
     def save() -> None:
         partial.write_text(json.dumps(results, indent=1))
 
+    done = {(s["scenario"]["engine"], s["scenario"]["n"]): s for s in results.get("scenarios", [])}
+    results["scenarios"] = []
     sizes = sorted({s.n for s in MODES[mode] if s.engine == "inprocess"})
     with cluster(use_kubeconfig) as kubeconfig:
         for scenario in MODES[mode]:
-            runs: list[dict[str, Any]] = []
-            results["scenarios"].append({"scenario": scenario.__dict__, "runs": runs})
-            for _ in range(scenario.repetitions or repetitions):
+            entry = done.get((scenario.engine, scenario.n)) or {"scenario": scenario.__dict__}
+            runs: list[dict[str, Any]] = entry.setdefault("runs", [])
+            results["scenarios"].append(entry)
+            while len(runs) < (scenario.repetitions or repetitions):
                 runs.append(run_scenario(kubeconfig, scenario))
                 save()
             print(f"  {scenario}: done", file=sys.stderr)
     # The deletion floor is measured once per N and method, each in a fresh process (at
     # N = 1000 it takes minutes: Pitfall 10); the other repetitions measure deploys only.
     floors = [*FLOORS, *[None] * max(0, repetitions - len(FLOORS))]
+    measured = {b["n"]: b for b in results.get("baselines", [])}
     results["baselines"] = []
     for n in sizes:
-        base: dict[str, Any] = {"n": n, "direct": [], "serve": []}
+        base: dict[str, Any] = measured.get(n) or {"n": n, "direct": [], "serve": []}
         results["baselines"].append(base)
-        for floor in floors:
+        for floor in floors[len(base["direct"]) :]:
             base["direct"].append(baseline("direct", n, floor))
             save()
-        for _ in range(repetitions):
+        while len(base["serve"]) < repetitions:
             base["serve"].append(baseline("serve", n))
             save()
     return results
@@ -491,6 +502,9 @@ def main() -> int:
         "--only", help="scenarios instead of the mode's, e.g. inprocess:100,process:50:recovery"
     )
     parser.add_argument("--use-kubeconfig", action="store_true", help="use $KUBECONFIG's cluster")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue <out>/benchmarks.partial.json"
+    )
     args = parser.parse_args()
     reps = args.repetitions or (1 if args.mode == "smoke" else 3)
     out = args.out or (REPO / "docs" if args.mode == "full" else REPO / ".state" / "bench")
@@ -499,7 +513,7 @@ def main() -> int:
             Scenario(p[0], int(p[1]), recovery="recovery" in p[2:])
             for p in (item.split(":") for item in args.only.split(","))
         ]
-    results = run(args.mode, reps, args.use_kubeconfig, out)
+    results = run(args.mode, reps, args.use_kubeconfig, out, args.resume)
     from report import write_report  # matplotlib only here
 
     write_report(results, out)

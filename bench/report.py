@@ -133,9 +133,13 @@ def markdown(results: dict[str, Any]) -> str:
             ("serve", "`POST /pipelines/deploy` on `juturna serve`"),
         ):
             runs = base[kind]
+            short = next(
+                (f" ({r['deployed']} of {n})" for r in runs if r.get("deployed", n) < n), ""
+            )
             out.append(
                 f"| {label} | {n} | {_pct(runs, 50):.1f} ms | {_pct(runs, 95):.1f} ms | "
-                f"{_pct(runs, 99):.1f} ms | {_median(runs, lambda r: r['all_ready_s']):.2f} s |"
+                f"{_pct(runs, 99):.1f} ms | "
+                f"{_seconds(_median(runs, lambda r: r['all_ready_s']), short)} |"
             )
     out += [
         "",
@@ -267,7 +271,17 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         "# Benchmarks\n\n"
         "Made by `make bench` (`bench/harness.py`); do not edit by hand. The machine: 2 cores, "
         "shared and noisy; read ratios and medians, not single figures.\n\n"
+        f"Workload: every row, operator and baselines, runs the example pipeline (ticker -> "
+        f"scale -> jsonl) with its ticker at {results.get('tick_rate', 0.2):g} Hz "
+        "(`bench/workload.py` says why not the example's 4 Hz).\n\n"
         + markdown(results)
         + "\n![apply → Ready CDF](benchmarks-latency-cdf.png)\n\n"
         + FINDINGS.read_text()
     )
+
+
+if __name__ == "__main__":  # redo the report from a run's JSON (e.g. after editing findings.md)
+    import sys
+
+    source = Path(sys.argv[1])
+    write_report(json.loads(source.read_text()), source.parent)

@@ -13,7 +13,7 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GROUP = "juturna.io"
 VERSION = "v1alpha1"
@@ -29,6 +29,24 @@ MAX_NODES = 128
 MAX_LINKS = 512
 MAX_PLUGINS = 32
 MAX_NAME = 63
+# The API server stores deeper JSON, but pydantic cannot serialize it (the revision hash
+# failed with "Maximum serialization depth exceeded" on every pass, found by the fuzzer).
+MAX_CONFIGURATION_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 MAX_PATH = 253
 
 SAFE_NAME = r"^[A-Za-z0-9_-]+$"
@@ -123,6 +141,13 @@ class NodeSpec(_Model):
     warp_configuration: dict[str, Any] | None = Field(
         default=None, description="Juturna option: the warp node's configuration (with warped)."
     )
+
+    @field_validator("configuration", "warp_configuration")
+    @classmethod
+    def _not_too_deep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _depth(value) > MAX_CONFIGURATION_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_CONFIGURATION_DEPTH} levels")
+        return value
 
 
 class LinkSpec(_Model):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -97,6 +98,37 @@ def installed(kubeconfig: Path, kubectl: Kubectl, *values: str) -> Iterator[str]
         kubectl("delete", "namespace", ns, "--wait=false")
 
 
+# What the operator uses, and nothing else: read and patch Pipelines (kopf's finalizer),
+# patch their status, post Events; cluster-wide, kopf also lists and watches namespaces and
+# CRDs. No update, no delete, no create of Pipelines, no Secrets.
+NAMESPACE_RULES = {
+    "pipelines.juturna.io": {"get", "list", "watch", "patch"},
+    "pipelines.juturna.io/status": {"get", "patch"},
+    "events": {"create"},
+}
+CLUSTER_RULES = {
+    "customresourcedefinitions.apiextensions.k8s.io": {"list", "watch"},
+    "namespaces": {"list", "watch"},
+}
+# Granted to every authenticated user by the API server's default roles.
+EVERY_USER = {
+    "selfsubjectreviews.authentication.k8s.io",
+    "selfsubjectaccessreviews.authorization.k8s.io",
+    "selfsubjectrulesreviews.authorization.k8s.io",
+    "clustertrustbundles.certificates.k8s.io",  # readable by all since Kubernetes 1.33
+}
+
+
+def held_rules(listing: str) -> dict[str, set[str]]:
+    """``kubectl auth can-i --list`` as {resource: verbs} (non-resource URLs left out)."""
+    held: dict[str, set[str]] = {}
+    for line in listing.splitlines()[1:]:
+        match = re.match(r"^(\S+)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$", line)
+        if match:
+            held.setdefault(match[1], set()).update(match[4].split())
+    return held
+
+
 def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, path: Path) -> Path:
     token = kubectl("create", "token", "jo", "-n", ns, "--duration=1h").stdout.strip()
     path.write_text(
@@ -148,6 +180,10 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
         assert can_i("list", "pipelines", "-A").strip() == ("no" if namespaced else "yes")
         assert can_i("get", "secrets", "-n", namespace).strip() == "no"
         assert can_i("list", "customresourcedefinitions").strip() == ("no" if namespaced else "yes")
+        # Every verb it holds, against the allow-list of what the operator uses.
+        held = held_rules(can_i("--list", "-n", namespace))
+        expected = dict(NAMESPACE_RULES) | ({} if namespaced else CLUSTER_RULES)
+        assert {r: v for r, v in held.items() if r not in EVERY_USER} == expected
 
         op = Operator(
             sa,

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from juturna_operator.api import PipelineSpec
+from juturna_operator.engines.base import PipelineKey
 from juturna_operator.graph import find_cycle, validate
 from juturna_operator.reasons import FailureReason, PipelineFailure
 
@@ -189,3 +190,24 @@ def test_an_unknown_runtime() -> None:
             ["gpu"],
         ).impls
     )
+
+
+def test_a_configuration_nested_too_deeply_is_invalid_spec() -> None:
+    # Found by the fuzzer: the API server stored it, and pydantic failed to hash it for the
+    # revision on every pass, so the Pipeline never got a status.
+    from juturna_operator.reconciler import Resource, _spec_or_failure
+
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(40):
+        deep = {"d": deep}
+    body = spec().model_dump(mode="json", by_alias=True)
+    body["nodes"][1]["configuration"] = deep
+    key = PipelineKey("ns", "deep", "uid")
+    failure = _spec_or_failure(Resource(key, 1, body, {}))
+    assert isinstance(failure, PipelineFailure)
+    assert failure.reason is FailureReason.InvalidSpec
+    assert failure.message == "spec.nodes.1.configuration: Value error, nests deeper than 32 levels"
+    body["nodes"][1]["configuration"] = deep["d"]["d"]["d"]["d"]["d"]["d"]["d"]["d"]  # 33 levels
+    assert isinstance(_spec_or_failure(Resource(key, 1, body, {})), PipelineFailure)
+    body["nodes"][1]["configuration"] = deep["d"]["d"]["d"]["d"]["d"]["d"]["d"]["d"]["d"]
+    assert isinstance(_spec_or_failure(Resource(key, 1, body, {})), PipelineSpec)

@@ -211,3 +211,31 @@ def test_a_configuration_nested_too_deeply_is_invalid_spec() -> None:
     assert isinstance(_spec_or_failure(Resource(key, 1, body, {})), PipelineFailure)
     body["nodes"][1]["configuration"] = deep["d"]["d"]["d"]["d"]["d"]["d"]["d"]["d"]["d"]
     assert isinstance(_spec_or_failure(Resource(key, 1, body, {})), PipelineSpec)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"),
+    [
+        ("ns", ".."),
+        ("ns", "../../etc"),
+        ("ns", "/abs"),
+        ("..", "p"),
+        ("ns", ""),
+        ("ns", "a/b"),
+        ("ns", "\uff41\uff4d\uff50"),  # fullwidth lookalike
+        ("ns", "amp\u2215x"),  # division slash
+        ("ns", "UPPER"),
+        ("ns", "x" * 254),
+    ],
+)
+def test_the_engine_layer_refuses_names_that_are_not_object_names(
+    namespace: str, name: str
+) -> None:
+    with pytest.raises(ValueError, match="is not a Kubernetes object name"):
+        PipelineKey(namespace, name, "0123456789")
+
+
+def test_an_object_name_is_a_safe_folder_name() -> None:
+    key = PipelineKey("team-a", "my.pipe", "0123456789abcdef")
+    assert key.juturna_name == "team-a__my.pipe__01234567"
+    assert "/" not in key.juturna_name

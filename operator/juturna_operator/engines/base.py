@@ -8,6 +8,7 @@ comes back as a classified ``PipelineFailure``.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -51,6 +52,10 @@ def node_statuses(status: dict[str, Any]) -> dict[str, str]:
     }
 
 
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
+MAX_OBJECT_NAME = 253
+
+
 @dataclass(frozen=True)
 class PipelineKey:
     """Identifies one Pipeline resource; ``juturna_name`` is unique and safe as a folder name."""
@@ -58,6 +63,13 @@ class PipelineKey:
     namespace: str
     name: str
     uid: str
+
+    def __post_init__(self) -> None:
+        # The API server only admits DNS-1123 names; the engine layer checks again, so that
+        # no caller can turn a name into a path outside the work folder (Pitfall 7).
+        for what, value in (("namespace", self.namespace), ("name", self.name)):
+            if len(value) > MAX_OBJECT_NAME or not OBJECT_NAME.fullmatch(value):
+                raise ValueError(f"{what} {value!r} is not a Kubernetes object name")
 
     @property
     def juturna_name(self) -> str:

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack")]
 
 from baselines import FLOORS  # noqa: E402
-from controlplane import ControlPlane, ensure_binaries, free_port  # noqa: E402
+from controlplane import ControlPlane, ensure_binaries, free_port, rss_kib  # noqa: E402
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
@@ -176,13 +176,6 @@ def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
         key = tuple(labels.get(k, '""').strip('"') for k in ("verb", "resource", "subresource"))
         counts[key] += int(float(value))  # type: ignore[index]
     return counts
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def cpu_seconds(pid: int) -> float:

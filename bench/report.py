@@ -133,13 +133,11 @@ def markdown(results: dict[str, Any]) -> str:
             ("serve", "`POST /pipelines/deploy` on `juturna serve`"),
         ):
             runs = base[kind]
-            short = next(
-                (f" ({r['deployed']} of {n})" for r in runs if r.get("deployed", n) < n), ""
-            )
+            all_ready = _median(runs, lambda r: r["all_ready_s"])
             out.append(
                 f"| {label} | {n} | {_pct(runs, 50):.1f} ms | {_pct(runs, 95):.1f} ms | "
                 f"{_pct(runs, 99):.1f} ms | "
-                f"{_seconds(_median(runs, lambda r: r['all_ready_s']), short)} |"
+                f"{_seconds(all_ready, _count(runs, 'deployed', n))} |"
             )
     out += [
         "",
@@ -210,11 +208,13 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _count(runs: list[dict[str, Any]], key: str) -> str:
-    """`` (k of N)`` for the first repetition that fell short, else ``""``."""
+def _count(runs: list[dict[str, Any]], key: str, n: int | None = None) -> str:
+    """`` (k of N)`` for the first repetition that fell short, else ``""``. N is the run's
+    own ``n``, or ``n`` for runs that do not carry it (the baselines)."""
     for run in runs:
-        if key in run and run[key] < run["n"]:
-            return f" ({run[key]} of {run['n']})"
+        total = run.get("n", n)
+        if key in run and run[key] < total:
+            return f" ({run[key]} of {total})"
     return ""
 
 

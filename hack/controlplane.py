@@ -269,6 +269,14 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory in KiB (0 for a zombie; OSError once it is gone)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def stop_pid(pid: int, marker: str, grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL, one process we started; ``marker`` guards against a reused PID."""
     if pid not in processes_mentioning(marker):

@@ -16,10 +16,10 @@ import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
+from controlplane import rss_kib
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
@@ -213,13 +213,6 @@ def outcome_of(body: dict[str, Any]) -> str | None:
     return None
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_random_manifests_are_refused_reached_or_failed_with_a_reason(
     operator: Operator,
     objects: client.CustomObjectsApi,
@@ -229,7 +222,8 @@ def test_random_manifests_are_refused_reached_or_failed_with_a_reason(
     only_on(operator, "inprocess", "one engine is enough to fuzz the API and the lifecycle")
     assert operator.proc is not None
     log_from = len(operator.log_text())
-    rss_before = rss_mib(operator.proc.pid)
+    rss_before = rss_kib(operator.proc.pid) / 1024
+    assert rss_before > 0
     outcomes: Counter[str] = Counter()
     serial = iter(range(10**9))
     pool = concurrent.futures.ThreadPoolExecutor(BATCH)
@@ -301,6 +295,6 @@ def test_random_manifests_are_refused_reached_or_failed_with_a_reason(
     assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
     time.sleep(2)
     assert not list(operator.workdir.glob(f"{namespace}__*")), "pipeline folders left behind"
-    rss_after = rss_mib(operator.proc.pid)
+    rss_after = rss_kib(operator.proc.pid) / 1024
     print(f"operator RSS before {rss_before:.0f} MiB, after {rss_after:.0f} MiB")
     assert rss_after < rss_before + RSS_SLACK_MIB, (rss_before, rss_after)

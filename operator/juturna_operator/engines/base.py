@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 from juturna.names import ComponentStatus
 
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import NAMESPACE_NAME
 
 T = TypeVar("T")
 
@@ -67,9 +68,10 @@ class PipelineKey:
     def __post_init__(self) -> None:
         # The API server only admits DNS-1123 names; the engine layer checks again, so that
         # no caller can turn a name into a path outside the work folder (Pitfall 7).
-        for what, value in (("namespace", self.namespace), ("name", self.name)):
-            if len(value) > MAX_OBJECT_NAME or not OBJECT_NAME.fullmatch(value):
-                raise ValueError(f"{what} {value!r} is not a Kubernetes object name")
+        if not NAMESPACE_NAME.fullmatch(self.namespace):
+            raise ValueError(f"namespace {self.namespace!r} is not a Kubernetes object name")
+        if len(self.name) > MAX_OBJECT_NAME or not OBJECT_NAME.fullmatch(self.name):
+            raise ValueError(f"name {self.name!r} is not a Kubernetes object name")
 
     @property
     def juturna_name(self) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
 
+from juturna_operator.api import MAX_NAME
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import NAMESPACE_NAME
 
@@ -100,6 +101,39 @@ def log_extra_of_juturna_name(juturna_name: str) -> dict[str, object]:
     namespace, _, rest = juturna_name.partition("__")
     name, _, uid8 = rest.rpartition("__")
     return log_extra(namespace, name or rest, uid8)
+
+
+# A node name becomes a folder name inside the pipeline's folder (Pitfall 7): ASCII letters,
+# digits, "_" and "-" only, as the CRD admits (api.SAFE_NAME, without its anchors).
+NODE_FOLDER_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NAME}}}")
+
+
+def confined(key: PipelineKey, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` if none of its names can make Juturna write outside the work folder.
+
+    Every engine calls this before it hands a config to Juturna. The API server and the graph
+    validation refuse such names first; this check keeps the engine layer safe on its own,
+    for any caller, so a bug upstream cannot become a write to an arbitrary path."""
+    pipeline = config.get("pipeline") if isinstance(config, dict) else None
+    if not isinstance(pipeline, dict):
+        raise PipelineFailure(FailureReason.InvalidSpec, Step.create, "the config has no pipeline")
+    if pipeline.get("name") != key.juturna_name:
+        raise PipelineFailure(
+            FailureReason.InvalidSpec,
+            Step.create,
+            f"pipeline name {pipeline.get('name')!r} is not {key.juturna_name!r}, the folder "
+            "name the operator chose for this resource",
+        )
+    for node in pipeline.get("nodes") or []:
+        name = node.get("name") if isinstance(node, dict) else None
+        if not isinstance(name, str) or not NODE_FOLDER_NAME.fullmatch(name):
+            raise PipelineFailure(
+                FailureReason.InvalidSpec,
+                Step.create,
+                f"node name {name!r} is not a safe folder name (1 to {MAX_NAME} ASCII "
+                "letters, digits, '_' or '-')",
+            )
+    return config
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from juturna_operator.engines.base import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    confined,
     held,
     log_extra_of_juturna_name,
     node_status,
@@ -210,7 +211,7 @@ class InProcessEngine(Exclusive):
     async def create(
         self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
     ) -> str:
-        return await self.exclusive(key, self._create, key, config, revision)
+        return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
     async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
         vacant(self._instances, key)

@@ -36,6 +36,7 @@ from juturna_operator.engines.base import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    confined,
     held,
     node_statuses,
     vacant,
@@ -265,7 +266,7 @@ class ProcessEngine(Exclusive):
     async def create(
         self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
     ) -> str:
-        return await self.exclusive(key, self._create, key, config, revision)
+        return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
     async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
         vacant(self._workers, key)

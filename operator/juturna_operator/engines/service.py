@@ -28,6 +28,7 @@ from juturna_operator.engines.base import (
     InstanceInfo,
     InstanceState,
     PipelineKey,
+    confined,
     held,
     log_extra_of_juturna_name,
     node_statuses,
@@ -88,6 +89,7 @@ class ServiceEngine(Exclusive):
                 FailureReason.UnknownRuntime, Step.create, f"no runtime named {runtime!r}"
             )
         assert runtime is not None
+        config = confined(key, config)
         return await self.exclusive(key, self._create, key, config, revision, runtime)
 
     async def _create(

@@ -1,0 +1,139 @@
+"""Paths: no node or pipeline name makes Juturna write outside the work folder.
+
+The API server refuses such names at admission (test_admission, the fuzzer). Here the same
+names go straight to each engine's ``create``, bypassing admission and graph validation:
+Juturna makes folders of both names without checking them (Pitfall 7), so the engine layer
+must refuse them on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from juturna.components._pipeline_manager import PipelineManager
+
+from juturna_operator.api import PipelineSpec
+from juturna_operator.engines.base import Engine, PipelineKey
+from juturna_operator.engines.inprocess import InProcessEngine
+from juturna_operator.engines.process import ProcessEngine
+from juturna_operator.engines.service import ServiceEngine
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import Runtime, Settings
+from support import PLUGIN_ROOTS
+
+BAD_NODE_NAMES = [
+    "",
+    ".",
+    "..",
+    "../escaped",
+    "../../escaped",
+    "/tmp/escaped",
+    "a/b",
+    "a\\b",
+    "\uff0e\uff0e",  # fullwidth "..", a lookalike
+    "amp\u2215x",  # division slash, looks like "/"
+    "über",
+    "nul\x00",
+    "trailing\n",
+    "x" * 64,
+]
+
+
+@pytest.fixture(scope="module", params=["inprocess", "process", "service"])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    kind = request.param
+    if kind == "inprocess":
+        # Juturna's base folder is set once per process (Pitfall 6): reuse it if set.
+        workdir = Path(PipelineManager._base_folder or tmp_path_factory.mktemp("paths"))
+    else:
+        workdir = tmp_path_factory.mktemp(f"paths-{kind}") / "work"
+        workdir.mkdir()
+    settings = Settings(
+        plugin_roots=PLUGIN_ROOTS,
+        workdir=workdir,
+        stop_timeout_s=3,
+        runtimes={"local": Runtime("local", "http://127.0.0.1:9")},  # nobody is asked
+        default_runtime="local",
+    )
+    eng: Engine = {"inprocess": InProcessEngine, "process": ProcessEngine}.get(kind, ServiceEngine)(
+        settings
+    )
+    yield eng, workdir
+    asyncio.run(eng.close())
+
+
+def example(key: PipelineKey) -> dict[str, Any]:
+    spec = PipelineSpec.model_validate(
+        {
+            "plugins": ["tones"],
+            "nodes": [
+                {"name": "src", "type": "source", "mark": "ticker"},
+                {"name": "out", "type": "sink", "mark": "jsonl"},
+            ],
+            "links": [{"from": "src", "to": "out"}],
+        }
+    )
+    return spec.to_juturna_config(key.juturna_name)
+
+
+def listing(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def refused(eng: Engine, key: PipelineKey, config: dict[str, Any]) -> PipelineFailure:
+    with pytest.raises(PipelineFailure) as err:
+        asyncio.run(eng.create(key, config, "r1"))
+    return err.value
+
+
+@pytest.mark.parametrize("bad", BAD_NODE_NAMES)
+def test_a_node_name_that_is_not_a_folder_name_is_refused_by_the_engine(
+    engine: tuple[Engine, Path], bad: str
+) -> None:
+    eng, workdir = engine
+    key = PipelineKey("paths", "p", str(uuid.uuid4()))
+    config = example(key)
+    config["pipeline"]["nodes"][1]["name"] = bad
+    config["pipeline"]["links"][0]["to"] = bad
+    outside_before, inside_before = listing(workdir.parent), listing(workdir)
+    failure = refused(eng, key, config)
+    assert failure.reason is FailureReason.InvalidSpec
+    assert failure.step is Step.create
+    assert failure.message == (
+        f"node name {bad!r} is not a safe folder name (1 to 63 ASCII letters, digits, '_' or '-')"
+    )
+    assert listing(workdir.parent) == outside_before, "something was written beside the workdir"
+    assert listing(workdir) == inside_before
+    assert asyncio.run(eng.status(key)) is None, "a refused create left an instance"
+
+
+@pytest.mark.parametrize("bad", ["../escaped", "/tmp/escaped", "", "..", "paths__other__0000"])
+def test_a_pipeline_name_other_than_the_operators_is_refused_by_the_engine(
+    engine: tuple[Engine, Path], bad: str
+) -> None:
+    eng, workdir = engine
+    key = PipelineKey("paths", "p", str(uuid.uuid4()))
+    config = example(key)
+    config["pipeline"]["name"] = bad
+    outside_before = listing(workdir.parent)
+    failure = refused(eng, key, config)
+    assert failure.reason is FailureReason.InvalidSpec
+    assert failure.message == (
+        f"pipeline name {bad!r} is not {key.juturna_name!r}, the folder name the operator "
+        "chose for this resource"
+    )
+    assert listing(workdir.parent) == outside_before
+    assert asyncio.run(eng.status(key)) is None
+
+
+def test_a_config_without_a_pipeline_is_refused_by_the_engine(
+    engine: tuple[Engine, Path],
+) -> None:
+    eng, _ = engine
+    key = PipelineKey("paths", "p", str(uuid.uuid4()))
+    assert refused(eng, key, {"version": "1.0"}).message == "the config has no pipeline"

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries podman image cluster-up cluster-down run test bench crds lint clean
+.PHONY: help venv binaries podman image cluster-up cluster-down run test reliability bench crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -45,6 +45,13 @@ run: venv ## the demo: control plane (unless a cluster is reachable), operator, 
 test: venv binaries podman ## lint, then the whole test suite against a real control plane
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
+
+reliability: venv binaries podman ## fault injection, fuzzing, security checks at full counts (~45 min): docs/reliability.md
+	@mkdir -p .state
+	RELIABILITY=full FUZZ_CASES=1000 RELIABILITY_REPEAT=5 RELIABILITY_RESULTS=docs/reliability.json \
+	  $(PY) -m pytest -m reliability --junitxml=.state/reliability.xml; status=$$?; \
+	  $(PY) hack/reliability_report.py docs/reliability.json .state/reliability.xml > docs/reliability.md; \
+	  exit $$status
 
 MODE ?= quick
 bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~12 min, into .state/bench; MODE=full: N = 1000 too)

@@ -506,6 +506,35 @@ class ControlPlane:
             "the default ServiceAccount in namespace default",
         )
 
+    # -- fault injection (tests/integration/test_faults.py) --
+
+    def component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise ControlPlaneError(f"no component {name!r} in this control plane")
+
+    def pause(self, name: str) -> None:
+        """Stop one component by PID (SIGTERM, then SIGKILL after 10 s); ``resume`` starts it
+        again with the same arguments, so the same port and the same data."""
+        comp = self.component(name)
+        stop_pid(comp.pid, str(self.root))
+        if comp.popen is not None:
+            comp.popen.wait(timeout=10)
+
+    def resume(self, name: str) -> None:
+        """Start a paused component again and wait until it answers."""
+        readiness = {
+            "etcd": (lambda: _http_ok(f"{self.etcd_url}/health"), "GET /health"),
+            "kube-apiserver": (self._apiserver_ready, "GET /readyz"),
+        }
+        if name not in readiness:
+            raise ControlPlaneError(f"resume knows etcd and kube-apiserver, not {name!r}")
+        comp = self.component(name)
+        comp.start(tied=self.die_with_parent)
+        self._wait(comp, *readiness[name])
+        self.save_state()
+
     # -- state shared with `down` --
 
     def save_state(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,10 +98,18 @@ def operator(
             # output; a second runtime, "later", has nobody listening until a test starts it.
             serve = op.serve = JuturnaServe(op.workdir, base / "serve.log").start()
             op.later_port = free_port()
+            # A bearer token, as the chart mounts it from a Secret: it must appear nowhere.
+            op.runtime_token = f"jt-secret-{secrets.token_hex(16)}"
+            token_file = base / "runtime-token"
+            token_file.write_text(op.runtime_token + "\n")
+            token_file.chmod(0o600)
             op.env["JUTURNA_OPERATOR_RUNTIMES"] = json.dumps(
                 {
-                    "local": {"url": serve.url},
-                    "later": {"url": f"http://127.0.0.1:{op.later_port}"},
+                    "local": {"url": serve.url, "tokenFile": str(token_file)},
+                    "later": {
+                        "url": f"http://127.0.0.1:{op.later_port}",
+                        "tokenFile": str(token_file),
+                    },
                 }
             )
             op.env["JUTURNA_OPERATOR_DEFAULT_RUNTIME"] = "local"
@@ -131,6 +142,47 @@ def pipelines(
         p.delete(name)
     for name in left:
         p.wait_gone(name, timeout=30)
+
+
+class FaultLog:
+    """One row per injected fault: what, on which engine, how it ended, how long recovery took.
+    ``make reliability`` writes the rows to ``RELIABILITY_RESULTS`` for docs/reliability.md."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, object]] = []
+
+    def record(
+        self,
+        fault: str,
+        engine: str,
+        outcome: str,
+        recovery_s: float | None = None,
+        **figures: float,
+    ) -> None:
+        self.rows.append(
+            {"fault": fault, "engine": engine, "outcome": outcome, "recovery_s": recovery_s}
+            | {"at": time.time()}
+            | figures
+        )
+
+
+@pytest.fixture(scope="session")
+def fault_log() -> Iterator[FaultLog]:
+    log = FaultLog()
+    yield log
+    results = os.environ.get("RELIABILITY_RESULTS")
+    if results and log.rows:
+        Path(results).write_text(json.dumps(log.rows, indent=1) + "\n")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``RELIABILITY_REPEAT=n`` runs each ``reliability(repeat=True)`` test n times (``make
+    reliability``); tests that inject a fault many times take their counts from the environment."""
+    marker = metafunc.definition.get_closest_marker("reliability")
+    repeat = int(os.environ.get("RELIABILITY_REPEAT", "1"))
+    if marker is not None and marker.kwargs.get("repeat") and repeat > 1:
+        metafunc.fixturenames.append("fault_round")
+        metafunc.parametrize("fault_round", range(repeat))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest has grouped the tests by engine

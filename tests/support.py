@@ -71,6 +71,7 @@ class Operator:
         self.metrics_port = free_port()
         self.serve: JuturnaServe | None = None  # the default runtime (engine "service")
         self.later_port = 0  # the runtime "later" (engine "service")
+        self.runtime_token = ""  # both runtimes' bearer token (engine "service")
         roots = [*PLUGIN_ROOTS, extra_root]
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {
@@ -86,6 +87,8 @@ class Operator:
         }
 
     def start(self) -> None:
+        """Start and wait until kopf has authenticated (in this start's part of the log)."""
+        offset = len(self.log_text())
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "juturna_operator.cli", "run", *self.where],
@@ -96,7 +99,7 @@ class Operator:
                 stdin=subprocess.DEVNULL,
             )
         deadline = time.monotonic() + 60
-        while "Initial authentication has finished" not in self.log_text():
+        while "Initial authentication has finished" not in self.log_text()[offset:]:
             assert self.proc.poll() is None, f"operator exited:\n{self.log_text()[-3000:]}"
             assert time.monotonic() < deadline, f"operator not up:\n{self.log_text()[-3000:]}"
             time.sleep(0.1)

@@ -86,6 +86,7 @@ CASES: list[tuple[str, Mutation, str]] = [
 ]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize(("what", "mutate", "message"), CASES, ids=[c[0] for c in CASES])
 def test_rejected_at_admission(
     kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str

@@ -154,6 +154,7 @@ def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, p
     return path
 
 
+@pytest.mark.reliability
 @pytest.mark.own_operator
 @pytest.mark.usefixtures("crd")
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])

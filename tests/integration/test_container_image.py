@@ -125,6 +125,7 @@ def container(
         print(logs[-3000:])
 
 
+@pytest.mark.reliability
 @pytest.mark.timeout(1200)  # a cold build takes minutes: debootstrap, pip, ffmpeg
 @pytest.mark.usefixtures("crd")
 def test_the_image_runs_the_operator_and_a_pipeline_gets_ready(

@@ -112,9 +112,11 @@ def test_a_constructor_that_raises_is_warmup_failed_and_retried(
 
 
 @pytest.mark.not_on_plain_service
+@pytest.mark.reliability(repeat=True)
 def test_a_node_crash_is_node_failed_then_restarts_then_failed(
-    pipelines: Pipelines, operator: Operator
+    pipelines: Pipelines, operator: Operator, fault_log: Any
 ) -> None:
+    applied = time.monotonic()
     pipelines.apply(
         faulty(
             "crash",
@@ -134,6 +136,12 @@ def test_a_node_crash_is_node_failed_then_restarts_then_failed(
     )
     assert condition(body, "Running")["reason"] == "NodeFailed"
     assert instance_folders(operator.workdir, body) == []
+    fault_log.record(
+        "a node crash (3 crashes: 2 restarts, then Failed)",
+        operator.engine,
+        "NodeFailed, restarted twice, then Failed; no instance left",
+        time.monotonic() - applied,
+    )
 
 
 def hanging(name: str) -> dict[str, Any]:
@@ -141,7 +149,10 @@ def hanging(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.not_on_plain_service
-def test_delete_of_a_pipeline_whose_stop_hangs(pipelines: Pipelines, operator: Operator) -> None:
+@pytest.mark.reliability(repeat=True)
+def test_delete_of_a_pipeline_whose_stop_hangs(
+    pipelines: Pipelines, operator: Operator, fault_log: Any
+) -> None:
     pipelines.apply(hanging("hang"))
     body = pipelines.wait_ready("hang")
     time.sleep(3)  # 2000 msg/s fill both 999-message queues: stop will block forever
@@ -157,16 +168,24 @@ def test_delete_of_a_pipeline_whose_stop_hangs(pipelines: Pipelines, operator: O
     # The operator kept serving the other pipeline.
     pipelines.patch_spec("bystander", {"state": "Ready"})
     assert pipelines.wait_ready("bystander")["status"]["phase"] == "Ready"
+    fault_log.record(
+        "a hung stop, on delete",
+        operator.engine,
+        "StopTimeout after 3 s; instance abandoned, resource gone, others served",
+        elapsed,
+    )
 
 
 @pytest.mark.not_on_plain_service
+@pytest.mark.reliability(repeat=True)
 def test_a_hung_stop_on_a_state_change_is_stop_timeout(
-    pipelines: Pipelines, operator: Operator
+    pipelines: Pipelines, operator: Operator, fault_log: Any
 ) -> None:
     pipelines.apply(hanging("hang2"))
     pipelines.wait_ready("hang2")
     time.sleep(3)
     pipelines.patch_spec("hang2", {"state": "Stopped"})
+    asked = time.monotonic()
     body = failed_with(pipelines, "hang2", "StopTimeout")
     failure = body["status"]["failure"]
     assert failure["code"] == 504
@@ -179,6 +198,12 @@ def test_a_hung_stop_on_a_state_change_is_stop_timeout(
     # Retryable: after the backoff the abandoned instance is gone and Stopped is reached.
     body = pipelines.wait_ready("hang2", timeout=30)
     assert body["status"]["phase"] == "Stopped"
+    fault_log.record(
+        "a hung stop, on a state change",
+        operator.engine,
+        "StopTimeout (504), then Stopped after the backoff",
+        time.monotonic() - asked,
+    )
 
 
 def test_delete_during_a_failing_warmup(pipelines: Pipelines, operator: Operator) -> None:

@@ -27,7 +27,7 @@ from kubernetes import client
 from juturna_operator.reasons import FailureReason
 from support import GROUP, PLURAL, VERSION, Operator, Pipelines, only_on
 
-pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
+pytestmark = [pytest.mark.cluster, pytest.mark.reliability, pytest.mark.usefixtures("crd")]
 
 CASES = int(os.environ.get("FUZZ_CASES", "200"))
 BATCH = 10  # manifests applied at once, per Hypothesis example
@@ -218,8 +218,10 @@ def test_random_manifests_are_refused_reached_or_failed_with_a_reason(
     objects: client.CustomObjectsApi,
     pipelines: Pipelines,
     namespace: str,
+    fault_log: Any,
 ) -> None:
     only_on(operator, "inprocess", "one engine is enough to fuzz the API and the lifecycle")
+    started = time.monotonic()
     assert operator.proc is not None
     log_from = len(operator.log_text())
     rss_before = rss_kib(operator.proc.pid) / 1024
@@ -298,3 +300,10 @@ def test_random_manifests_are_refused_reached_or_failed_with_a_reason(
     rss_after = rss_kib(operator.proc.pid) / 1024
     print(f"operator RSS before {rss_before:.0f} MiB, after {rss_after:.0f} MiB")
     assert rss_after < rss_before + RSS_SLACK_MIB, (rss_before, rss_after)
+    ends = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items()))
+    fault_log.record(
+        f"fuzzed manifests ({sum(outcomes.values())})",
+        operator.engine,
+        f"{ends}; no traceback; RSS {rss_before:.0f} -> {rss_after:.0f} MiB",
+        time.monotonic() - started,
+    )

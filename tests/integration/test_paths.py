@@ -26,6 +26,8 @@ from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 from support import PLUGIN_ROOTS
 
+pytestmark = pytest.mark.reliability
+
 BAD_NODE_NAMES = [
     "",
     ".",

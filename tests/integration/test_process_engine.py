@@ -6,6 +6,7 @@ import os
 import signal
 import textwrap
 import time
+from typing import Any
 
 import pytest
 from controlplane import processes_mentioning
@@ -26,8 +27,9 @@ def worker_of(operator: Operator, uid: str) -> int:
     return pids[0]
 
 
+@pytest.mark.reliability(repeat=True)
 def test_a_worker_killed_from_outside_is_detected_and_restarted(
-    pipelines: Pipelines, process_operator: Operator
+    pipelines: Pipelines, process_operator: Operator, fault_log: Any
 ) -> None:
     pipelines.apply(manifest("k9", restartPolicy={"maxRestarts": 3, "backoffSeconds": 0.2}))
     body = pipelines.wait_ready("k9")
@@ -58,6 +60,12 @@ def test_a_worker_killed_from_outside_is_detected_and_restarted(
     assert any(f"worker process {pid} was killed by SIGKILL" in m for m in events), events
     assert worker_of(process_operator, body["metadata"]["uid"]) != pid
     assert seen
+    fault_log.record(
+        "a worker killed from outside (SIGKILL)",
+        "process",
+        "NodeFailed names the signal; a new worker, Running",
+        time.monotonic() - killed,
+    )
 
 
 SHIFT_CONFIG = "[arguments]\n"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,9 @@ def service_operator(operator: Operator) -> Operator:
     return only_on(operator, "service", "runtimes are configured only for the service engine run")
 
 
+@pytest.mark.reliability(repeat=True)
 def test_an_unreachable_runtime_is_retried_and_recovers_by_itself(
-    pipelines: Pipelines, service_operator: Operator
+    pipelines: Pipelines, service_operator: Operator, fault_log: Any
 ) -> None:
     policy = {"maxRestarts": 1, "backoffSeconds": 0.2}
     pipelines.apply(manifest("far", runtime="later", restartPolicy=policy))
@@ -46,9 +48,16 @@ def test_an_unreachable_runtime_is_retried_and_recovers_by_itself(
         port=service_operator.later_port,
     ).start()
     try:
+        up = time.monotonic()
         body = pipelines.wait_ready("far", timeout=30)
         assert body["status"]["phase"] == "Running"
         assert body["status"].get("failure") is None
+        fault_log.record(
+            "a runtime unreachable, then started",
+            "service",
+            "RuntimeUnavailable (503), no restart spent; Running once it answers",
+            time.monotonic() - up,
+        )
         pipelines.delete("far")
         pipelines.wait_gone("far")
     finally:

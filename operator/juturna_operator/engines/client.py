@@ -65,6 +65,8 @@ class JuturnaClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        # What messages show: the URL without any user:password part.
+        self.shown_url = str(httpx.URL(self.base_url).copy_with(userinfo=b""))
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout_s)
         self._retries = connect_retries
@@ -73,7 +75,21 @@ class JuturnaClient:
     async def request(
         self, method: str, path: str, step: Step, timeout_s: float | None = None, **kw: Any
     ) -> Any:
-        """One call; a 2xx answer's JSON, or a classified ``PipelineFailure``."""
+        """One call; a 2xx answer's JSON, or a classified ``PipelineFailure``.
+
+        A failure's message goes to status, Events and logs, so the token never does: a
+        service that echoes the request's headers in its error would otherwise publish it."""
+        try:
+            return await self._request(method, path, step, timeout_s, **kw)
+        except PipelineFailure as failure:
+            if self.token and self.token in failure.message:
+                failure.message = failure.message.replace(self.token, "<token>")
+                failure.args = (failure.message,)
+            raise
+
+    async def _request(
+        self, method: str, path: str, step: Step, timeout_s: float | None, **kw: Any
+    ) -> Any:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
         for attempt in range(self._retries + 1):
             try:
@@ -92,20 +108,20 @@ class JuturnaClient:
                     raise PipelineFailure(
                         FailureReason.RuntimeUnavailable,
                         step,
-                        f"cannot connect to {self.base_url}: {type(err).__name__}",
+                        f"cannot connect to {self.shown_url}: {type(err).__name__}",
                     ) from err
                 await asyncio.sleep(0.1 * 2**attempt)
             except httpx.TimeoutException as err:
                 raise PipelineFailure(
                     FailureReason.RuntimeUnavailable,
                     step,
-                    f"{self.base_url}{path} gave no answer within {timeout:g} s",
+                    f"{self.shown_url}{path} gave no answer within {timeout:g} s",
                 ) from err
             except httpx.TransportError as err:
                 raise PipelineFailure(
                     FailureReason.RuntimeUnavailable,
                     step,
-                    f"{self.base_url}{path}: {type(err).__name__}: {err}",
+                    f"{self.shown_url}{path}: {type(err).__name__}: {err}",
                 ) from err
         if response.is_success:
             return response.json()

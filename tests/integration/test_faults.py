@@ -47,9 +47,14 @@ from support import (
     output_of,
 )
 
-pytestmark = [pytest.mark.cluster, pytest.mark.reliability]
-
 FULL = os.environ.get("RELIABILITY") == "full"
+
+# The full counts take long: 20 kills with 50 worker processes, five outages of up to 30 s.
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.reliability,
+    pytest.mark.timeout(3600 if FULL else 600),
+]
 
 
 def count(name: str, short: int, full: int) -> int:

@@ -27,9 +27,14 @@ from kubernetes import client
 from juturna_operator.reasons import FailureReason
 from support import GROUP, PLURAL, VERSION, Operator, Pipelines, only_on
 
-pytestmark = [pytest.mark.cluster, pytest.mark.reliability, pytest.mark.usefixtures("crd")]
-
 CASES = int(os.environ.get("FUZZ_CASES", "200"))
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.reliability,
+    pytest.mark.usefixtures("crd"),
+    pytest.mark.timeout(max(300, CASES)),  # about 0.1 s a manifest here; 1 s is the bound
+]
 BATCH = 10  # manifests applied at once, per Hypothesis example
 SETTLE_S = 60.0
 DOCUMENTED = set(FailureReason.__members__)

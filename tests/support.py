@@ -52,6 +52,27 @@ ARGOCD_HEALTH = REPO / "argocd" / "juturna.io" / "Pipeline"
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 
+# Names that must never become a folder name: paths, lookalikes, control characters.
+UNSAFE_NAMES = [
+    "",
+    ".",
+    "..",
+    "../escaped",
+    "../../escaped",
+    "/tmp/escaped",
+    "a/b",
+    "a\\b",
+    "\uff0e\uff0e",  # fullwidth "..", a lookalike
+    "\uff41\uff4d\uff50",  # fullwidth "amp"
+    "amp\u2215x",  # division slash, looks like "/"
+    "über",
+    "a b",
+    "nul\x00",
+    "trailing\n",
+    "x" * 64,
+    "x" * 300,
+]
+
 
 class Operator:
     """``juturna-operator run -A`` as its own process, as in production."""

@@ -64,12 +64,14 @@ def test_an_unknown_mark_is_plugin_not_found(pipelines: Pipelines) -> None:
     assert "ticker" in failure["message"]
 
 
+@pytest.mark.reliability
 def test_a_plugin_outside_the_roots_is_not_allowed(pipelines: Pipelines) -> None:
     pipelines.apply(manifest("root", plugins=["tones", "nowhere"]))
     failure = failed_with(pipelines, "root", "PluginNotFound")["status"]["failure"]
     assert 'plugin folder "nowhere" not found under any plugin root' in failure["message"]
 
 
+@pytest.mark.reliability
 def test_a_plugin_that_escapes_by_symlink_is_refused(pipelines: Pipelines) -> None:
     # The operator fixture's third plugin root holds "escape", a symlink out of the root.
     pipelines.apply(manifest("esc", plugins=["escape"]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import textwrap
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -137,3 +139,36 @@ def test_a_worker_whose_resource_vanished_while_the_operator_was_down_is_ended(
         assert time.monotonic() < deadline, "the unowned worker is still running"
         time.sleep(0.2)
     assert "whose resource is gone" in process_operator.log_text()
+
+
+@pytest.mark.parametrize(
+    ("done_by_the_worker", "state", "phase"),
+    [("stop", "Stopped", "Stopped"), ("start", "Running", "Running")],
+)
+def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
+    pipelines: Pipelines,
+    process_operator: Operator,
+    done_by_the_worker: str,
+    state: str,
+    phase: str,
+) -> None:
+    """An operator killed between a worker's step and saving the worker's new state leaves the
+    record one step behind (the fault suite hit it: a stop refused as NotRunning for ever).
+    The test does the step on the worker itself while no operator runs, then asks for it."""
+    start_state = "Running" if done_by_the_worker == "stop" else "Ready"
+    pipelines.apply(manifest("lag", state=start_state))
+    uid = pipelines.wait_ready("lag")["metadata"]["uid"]
+    pid = worker_of(process_operator, uid)
+    process_operator.kill()
+    record = json.loads((process_operator.workdir / ".workers" / f"{uid}.json").read_text())
+    url = (
+        f"http://127.0.0.1:{record['port']}/pipelines/{record['pipeline_id']}/{done_by_the_worker}"
+    )
+    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10).close()
+    pipelines.patch_spec("lag", {"state": state})
+    process_operator.start()
+    body = pipelines.wait_ready("lag", timeout=30)
+    assert body["status"]["phase"] == phase
+    if state == "Running":
+        assert worker_of(process_operator, uid) == pid  # the same, adopted worker
+    assert body["status"].get("failure") is None

@@ -46,11 +46,12 @@ test: venv binaries podman ## lint, then the whole test suite against a real con
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
 
-reliability: venv binaries podman ## fault injection, fuzzing, security checks at full counts (~45 min): docs/reliability.md
+reliability: venv binaries podman ## fault injection, fuzzing, security checks at full counts (~35 min): docs/reliability.md
 	@mkdir -p .state
 	RELIABILITY=full FUZZ_CASES=1000 RELIABILITY_REPEAT=5 RELIABILITY_RESULTS=docs/reliability.json \
 	  $(PY) -m pytest -m reliability --junitxml=.state/reliability.xml; status=$$?; \
-	  $(PY) hack/reliability_report.py docs/reliability.json .state/reliability.xml > docs/reliability.md; \
+	  $(PY) hack/reliability_report.py docs/reliability.json .state/reliability.xml \
+	    --notes hack/reliability_findings.md > docs/reliability.md; \
 	  exit $$status
 
 MODE ?= quick

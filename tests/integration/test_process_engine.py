@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import subprocess
 import textwrap
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from controlplane import processes_mentioning
 
+from juturna_operator.engines.process import ProcessEngine
+from juturna_operator.settings import Settings
 from support import Operator, Pipelines, manifest, only_on, output_of
 
 pytestmark = pytest.mark.cluster
@@ -172,3 +177,26 @@ def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
     if state == "Running":
         assert worker_of(process_operator, uid) == pid  # the same, adopted worker
     assert body["status"].get("failure") is None
+
+
+def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) -> None:
+    """What a process killed while it ended a worker leaves: the record, the worker's files
+    and the instance folder, the worker gone. The next process removes them all at start."""
+    workdir = tmp_path / "work"
+    state = workdir / ".workers"
+    state.mkdir(parents=True)
+    uid = "0123abcd-0000-4000-8000-000000000000"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    record = {"namespace": "ns", "name": "p", "uid": uid, "revision": "r", "pid": gone.pid}
+    (state / f"{uid}.json").write_text(json.dumps(record | {"port": 1, "pipeline_id": "x"}))
+    for suffix in (".port", ".log"):
+        (state / f"{uid}{suffix}").write_text("")
+    folder = workdir / "ns__p__0123abcd_x"
+    (folder / "out").mkdir(parents=True)
+    other = workdir / "ns__q__99999999_y"  # another resource's: left alone
+    other.mkdir()
+    asyncio.run(ProcessEngine(Settings(workdir=workdir)).close())
+    assert not folder.exists()
+    assert sorted(p.name for p in state.iterdir()) == []
+    assert other.exists()

@@ -253,12 +253,14 @@ class ProcessEngine(Exclusive):
         os.replace(tmp, path)
 
     def _forget(self, record: WorkerRecord) -> None:
-        for suffix in (".json", ".port", ".log"):
-            (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
         # By the resource's Juturna name, not the pipeline id, which a record may lack; one
         # resource has one worker at a time, so these folders are all its instance's.
         for folder in self._workdir.glob(f"{record.key.juturna_name}_*"):
             shutil.rmtree(folder, ignore_errors=True)
+        # The record goes last: a process killed in here leaves it, and the next one finishes
+        # the job at start (killed after the record went, it leaked the folder in a full run).
+        for suffix in (".port", ".log", ".json"):
+            (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
 
     async def _end(self, worker: _Worker) -> None:
         """Stop the worker process for good and remove what it left."""

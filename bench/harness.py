@@ -39,7 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack")]
 
 from baselines import FLOORS  # noqa: E402
-from controlplane import ControlPlane, ensure_binaries, free_port, rss_kib  # noqa: E402
+from controlplane import (  # noqa: E402
+    ControlPlane,
+    cpu_seconds,
+    ensure_binaries,
+    free_port,
+    rss_kib,
+)
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
 GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
@@ -176,11 +182,6 @@ def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
         key = tuple(labels.get(k, '""').strip('"') for k in ("verb", "resource", "subresource"))
         counts[key] += int(float(value))  # type: ignore[index]
     return counts
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def workers_of(workdir: Path) -> list[int]:

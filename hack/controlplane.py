@@ -277,6 +277,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system, in seconds) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop_pid(pid: int, marker: str, grace_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL, one process we started; ``marker`` guards against a reused PID."""
     if pid not in processes_mentioning(marker):
@@ -441,7 +447,10 @@ class ControlPlane:
                 "--log-level=warn",
             ],
         )
-        self._wait(comp, lambda: _http_ok(f"{self.etcd_url}/health"), f"GET {self.etcd_url}/health")
+        self._wait(comp, self._etcd_ready, f"GET {self.etcd_url}/health")
+
+    def _etcd_ready(self) -> bool:
+        return _http_ok(f"{self.etcd_url}/health")
 
     def _start_apiserver(self) -> None:
         port = free_port()
@@ -525,7 +534,7 @@ class ControlPlane:
     def resume(self, name: str) -> None:
         """Start a paused component again and wait until it answers."""
         readiness = {
-            "etcd": (lambda: _http_ok(f"{self.etcd_url}/health"), "GET /health"),
+            "etcd": (self._etcd_ready, "GET /health"),
             "kube-apiserver": (self._apiserver_ready, "GET /readyz"),
         }
         if name not in readiness:

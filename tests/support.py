@@ -223,9 +223,13 @@ class Pipelines:
     def delete(self, name: str) -> None:
         self.objects.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
-    def names(self) -> list[str]:
+    def bodies(self) -> dict[str, dict[str, Any]]:
+        """Every Pipeline in the namespace, by name."""
         items = self.objects.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        return [item["metadata"]["name"] for item in items["items"]]
+        return {item["metadata"]["name"]: item for item in items["items"]}
+
+    def names(self) -> list[str]:
+        return list(self.bodies())
 
     def exists(self, name: str) -> bool:
         try:

@@ -13,7 +13,6 @@ a 30 s warmup) and writes every injection to ``RELIABILITY_RESULTS`` for docs/re
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
 import os
 import random
@@ -25,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import ControlPlane, processes_mentioning
+from controlplane import ControlPlane, cpu_seconds, processes_mentioning
 from kubernetes import client
 
 from support import (
-    EXAMPLE,
     GROUP,
     PLURAL,
     VERSION,
@@ -86,16 +84,9 @@ def slow_manifest(name: str, state: str = "Running", rate: float = 2.0) -> dict[
 # -- what the invariants read ------------------------------------------------------------------
 
 
-def live(pipelines: Pipelines) -> dict[str, dict[str, Any]]:
-    items = pipelines.objects.list_namespaced_custom_object(
-        GROUP, VERSION, pipelines.namespace, PLURAL
-    )["items"]
-    return {item["metadata"]["name"]: item for item in items}
-
-
 def not_converged(pipelines: Pipelines, desired: dict[str, str]) -> list[str]:
     """What still differs from the desired state (empty when converged)."""
-    bodies = live(pipelines)
+    bodies = pipelines.bodies()
     problems = [f"{n}: deleted but still present" for n in bodies if n not in desired]
     for name, state in desired.items():
         body = bodies.get(name)
@@ -140,7 +131,7 @@ def instances(operator: Operator, namespace: str) -> dict[str, list[tuple[str, s
 def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) -> list[str]:
     """Instances without a resource or not the one its status names, and resources at
     Running or Ready without exactly one instance (the one in ``status.pipelineId``)."""
-    bodies = {b["metadata"]["uid"][:8]: b for b in live(pipelines).values()}
+    bodies = {b["metadata"]["uid"][:8]: b for b in pipelines.bodies().values()}
     problems = []
     for uid8, held in instances(operator, pipelines.namespace).items():
         body = bodies.pop(uid8, None)
@@ -180,11 +171,6 @@ def settle(
             return time.monotonic() - started
         time.sleep(0.5)
     pytest.fail(f"not settled in {timeout:.0f} s ({len(problems)}):\n" + "\n".join(problems))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def outage(control_plane: ControlPlane, component: str, down_s: float, operator: Operator) -> float:
@@ -240,13 +226,12 @@ class Churn:
             p.delete(name)
         elif action == "state":
             name = rng.choice(names)
-            state = rng.choice([s for s in set(STATES) if s != self.desired[name]])
+            state = rng.choice([s for s in sorted(set(STATES)) if s != self.desired[name]])
             p.patch_spec(name, {"state": state})
             self.desired[name] = state
         else:  # a new revision: the instance is replaced
             name = rng.choice(names)
-            nodes = copy.deepcopy(EXAMPLE["spec"]["nodes"])
-            nodes[0]["configuration"] = {"rate": 2}
+            nodes = slow_manifest(name)["spec"]["nodes"]
             nodes[1]["configuration"] = {"factor": rng.randint(1, 99), "label": "churn"}
             p.patch_spec(name, {"nodes": nodes})
 
@@ -365,14 +350,12 @@ def test_spec_edits_racing_status_writes(
     pipelines.apply(slow_manifest("race", rate=20))
     pipelines.wait_ready("race")
     offset = len(operator.log_text())
-    nodes = copy.deepcopy(EXAMPLE["spec"]["nodes"])
-    nodes[0]["configuration"] = {"rate": 20}
-    state = "Running"
+    nodes = slow_manifest("race", rate=20)["spec"]["nodes"]
     for i in range(EDITS):
+        last = i == EDITS - 1  # ends Running, with the last label: checked below
         nodes[1]["configuration"] = {"factor": 10, "label": f"edit-{i}"}
-        state = "Running" if i == EDITS - 1 else rng.choice(STATES)
-        spec = {"state": state, "nodes": nodes} if rng.random() < 0.5 else {"state": state}
-        if "nodes" not in spec and i == EDITS - 1:
+        spec: dict[str, Any] = {"state": "Running" if last else rng.choice(STATES)}
+        if last or rng.random() < 0.5:
             spec["nodes"] = nodes
         # kubectl, so the user's edits carry their own field manager.
         kubectl(

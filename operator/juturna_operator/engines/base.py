@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
 
-from juturna_operator.api import MAX_NAME
+from juturna_operator.api import MAX_NAME, SAFE_NAME
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import NAMESPACE_NAME
 
@@ -103,9 +103,9 @@ def log_extra_of_juturna_name(juturna_name: str) -> dict[str, object]:
     return log_extra(namespace, name or rest, uid8)
 
 
-# A node name becomes a folder name inside the pipeline's folder (Pitfall 7): ASCII letters,
-# digits, "_" and "-" only, as the CRD admits (api.SAFE_NAME, without its anchors).
-NODE_FOLDER_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NAME}}}")
+# A node name becomes a folder name inside the pipeline's folder (Pitfall 7): what the CRD
+# admits, api.SAFE_NAME (fullmatch instead of its anchors: Python's "$" allows a final "\n").
+NODE_FOLDER_NAME = re.compile(SAFE_NAME.removeprefix("^").removesuffix("$"))
 
 
 def confined(key: PipelineKey, config: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +126,11 @@ def confined(key: PipelineKey, config: dict[str, Any]) -> dict[str, Any]:
         )
     for node in pipeline.get("nodes") or []:
         name = node.get("name") if isinstance(node, dict) else None
-        if not isinstance(name, str) or not NODE_FOLDER_NAME.fullmatch(name):
+        if (
+            not isinstance(name, str)
+            or len(name) > MAX_NAME
+            or not NODE_FOLDER_NAME.fullmatch(name)
+        ):
             raise PipelineFailure(
                 FailureReason.InvalidSpec,
                 Step.create,

@@ -30,7 +30,12 @@ COPY --from=build /opt/juturna-operator /opt/juturna-operator
 # a ConfigMap or a volume. The work folder is the only place the operator writes.
 # The demo plugin (tones) is there so that examples/pipeline.yaml runs out of the box.
 COPY examples/plugins/tones /plugins/tones
-RUN mkdir -p /var/lib/juturna-operator \
+# The user has a passwd entry: kopf names itself after getpass.getuser(), which looks the uid
+# up; podman adds an entry at run time, containerd (so every Kubernetes node) does not.
+RUN groupadd --system --gid 10001 juturna \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home \
+      --home-dir /var/lib/juturna-operator --shell /usr/sbin/nologin juturna \
+ && mkdir -p /var/lib/juturna-operator \
  && chown 10001:10001 /var/lib/juturna-operator
 ENV PATH=/opt/juturna-operator/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries podman image cluster-up cluster-down run test reliability bench crds lint clean
+.PHONY: help venv binaries packages image cluster-up cluster-down run test reliability bench crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -23,8 +23,8 @@ venv: $(STAMP) ## create .venv with Python 3.12 and install the project
 binaries: venv ## build or reuse kube-apiserver, kube-controller-manager, etcd and helm
 	@$(PY) hack/controlplane.py binaries
 
-podman: ## install podman, runc and debootstrap if missing (root Debian only; for the image test)
-	@hack/install-podman.sh
+packages: ## install podman, containerd, runc, CNI plugins and more if missing (root Debian only)
+	@hack/install-packages.sh
 
 # BASE_IMAGE: python:3.12-slim for real builds; `make image BASE_IMAGE=$$(hack/make-base-image.sh)`
 # where no registry is reachable.
@@ -33,20 +33,20 @@ CONTAINER  ?= podman
 image: ## build the operator image juturna-operator:dev (CONTAINER=docker works too)
 	$(CONTAINER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t juturna-operator:dev .
 
-cluster-up: venv ## start the local control plane; prints KUBECONFIG=<path>
-	@$(PY) hack/controlplane.py up
+cluster-up: venv packages ## start the local control plane and a real node (NODE=0: plane only); prints KUBECONFIG=<path>
+	@$(PY) hack/controlplane.py up $(if $(filter 0,$(NODE)),--no-node,--node)
 
-cluster-down: venv ## stop the local control plane started by cluster-up
+cluster-down: venv ## stop the node and the plane that cluster-up started; says if anything is left
 	@$(PY) hack/controlplane.py down
 
-run: venv ## the demo: control plane (unless a cluster is reachable), operator, example pipeline
-	@bash hack/run.sh
+run: venv ## the demo: plane (unless a cluster answers), operator, example; IN_CLUSTER=1: Helm, a pod on a real node
+	@IN_CLUSTER=$(IN_CLUSTER) bash hack/run.sh
 
-test: venv binaries podman ## lint, then the whole test suite against a real control plane
+test: venv binaries packages ## lint, then the whole test suite against a real control plane
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(PY) -m pytest
 
-reliability: venv binaries podman ## fault injection, fuzzing, security checks at full counts (~35 min): docs/reliability.md
+reliability: venv binaries packages ## fault injection, fuzzing, security checks at full counts (~35 min): docs/reliability.md
 	@mkdir -p .state
 	RELIABILITY=full FUZZ_CASES=1000 RELIABILITY_REPEAT=5 RELIABILITY_RESULTS=docs/reliability.json \
 	  $(PY) -m pytest -m reliability --junitxml=.state/reliability.xml; status=$$?; \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds (or reuses) the local control-plane binaries: kube-apiserver,
-# kube-controller-manager, etcd and helm, at the versions in hack/versions.env.
+# Builds (or reuses) the local cluster's binaries at the versions in hack/versions.env: the
+# control plane (kube-apiserver, kube-controller-manager, etcd), the node (kubelet,
+# kube-scheduler), a kubectl of the same version, and helm.
 #
 # Binaries live outside the repository, keyed by version, so every clone on this
 # machine shares them:  $JUTURNA_OPERATOR_CACHE/<component>-<version>/<binary>
@@ -50,11 +51,13 @@ kflags="-s -w"
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   kflags+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 done
-for cmd in kube-apiserver kube-controller-manager; do
-  if ! has_version "$kdir/$cmd" "$KUBERNETES_VERSION" --version; then
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+  # kubectl has no --version flag; `kubectl version --client` prints the same string.
+  vargs=(--version); [ "$cmd" = kubectl ] && vargs=(version --client)
+  if ! has_version "$kdir/$cmd" "$KUBERNETES_VERSION" "${vargs[@]}"; then
     go_build "$here/kube" "$kdir/$cmd" "$kdir/$cmd.build.log" "k8s.io/kubernetes/cmd/$cmd" "$kflags"
   fi
-  has_version "$kdir/$cmd" "$KUBERNETES_VERSION" --version || die "$kdir/$cmd does not report $KUBERNETES_VERSION after building"
+  has_version "$kdir/$cmd" "$KUBERNETES_VERSION" "${vargs[@]}" || die "$kdir/$cmd does not report $KUBERNETES_VERSION after building"
 done
 
 edir=$cache/etcd-$ETCD_VERSION

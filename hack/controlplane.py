@@ -79,6 +79,11 @@ class Binaries:
     def etcd_server(self) -> Path:
         return self.etcd / "etcd"
 
+    @property
+    def kubectl(self) -> Path:
+        """kubectl of the plane's own version: no version-skew warning against it."""
+        return self.kube / "kubectl"
+
 
 def ensure_binaries(quiet: bool = True) -> Binaries:
     """Build the binaries if they are missing (idempotent) and return where they are."""
@@ -471,7 +476,8 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",  # a loopback address cannot be published
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--authorization-mode=RBAC",
-                "--disable-admission-plugins=ServiceAccount",
+                # ServiceAccount admission stays on (the default): pods on the local node get
+                # real projected tokens signed with sa.key, so the chart runs unchanged.
                 "--allow-privileged=true",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
@@ -596,21 +602,55 @@ def stop_from_state(root: Path) -> list[int]:
 # --- CLI ----------------------------------------------------------------------------------
 
 
-def _cmd_up(_: argparse.Namespace) -> int:
-    if STATE_POINTER.exists():
-        state = json.loads(STATE_POINTER.read_text())
-        root = Path(state["root"])
-        if (root / "state.json").exists() and all(
-            pid_alive(p) for p in json.loads((root / "state.json").read_text())["pids"].values()
-        ):
-            print(f"KUBECONFIG={state['kubeconfig']}")
-            return 0
-        stop_from_state(root)
-    plane = ControlPlane(ensure_binaries(quiet=False)).start()
-    STATE_POINTER.parent.mkdir(parents=True, exist_ok=True)
-    STATE_POINTER.write_text(
-        json.dumps({"root": str(plane.root), "kubeconfig": str(plane.kubeconfig)})
-    )
+def _running_plane() -> ControlPlane | None:
+    """The plane that an earlier `up` of this clone started, if all of it still runs."""
+    if not STATE_POINTER.exists():
+        return None
+    root = Path(json.loads(STATE_POINTER.read_text())["root"])
+    try:
+        state = json.loads((root / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        state = None
+    if state is not None and all(pid_alive(p) for p in state["pids"].values()):
+        return ControlPlane(ensure_binaries(), root=root, server=state["server"])
+    _stop_everything(root)
+    return None
+
+
+def _stop_everything(root: Path) -> list[str]:
+    """The node on the plane at ``root`` (if any), then the plane; returns what is left."""
+    from node import running_node, stop_node  # the node module imports this one
+
+    left: list[str] = []
+    record = running_node()
+    if record is not None and str(record["root"]).startswith(str(root)):
+        stop_node(record)
+    left += [f"process {pid}" for pid in stop_from_state(root)]
+    return left
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from node import Node, running_node
+
+    plane = _running_plane()
+    fresh = plane is None
+    if plane is None:
+        plane = ControlPlane(ensure_binaries(quiet=False)).start()
+    record = running_node()
+    ours = record is not None and str(record["root"]).startswith(str(plane.root))
+    if args.node and not ours:
+        try:
+            node = Node(plane, plane.binaries).start()
+        except BaseException:
+            if fresh:  # leave nothing behind: no plane without the node that was asked for
+                plane.stop()
+            raise
+        print(f"node {node.name} is Ready (kubelet, containerd, kube-scheduler)", file=sys.stderr)
+    if fresh:
+        STATE_POINTER.parent.mkdir(parents=True, exist_ok=True)
+        STATE_POINTER.write_text(
+            json.dumps({"root": str(plane.root), "kubeconfig": str(plane.kubeconfig)})
+        )
     print(f"KUBECONFIG={plane.kubeconfig}")
     return 0
 
@@ -620,12 +660,25 @@ def _cmd_down(_: argparse.Namespace) -> int:
         print("no local control plane recorded in .state/cluster.json; nothing to stop")
         return 0
     root = Path(json.loads(STATE_POINTER.read_text())["root"])
-    left = stop_from_state(root)
+    left = _stop_everything(root)
     if left:
-        print(f"error: processes still alive after stop: {left}", file=sys.stderr)
+        print(f"error: still there after stop: {', '.join(left)}", file=sys.stderr)
         return 1
     STATE_POINTER.unlink()
-    print(f"stopped the local control plane and removed {root}")
+    print(f"stopped the local cluster and removed {root}")
+    return 0
+
+
+def _cmd_load_image(args: argparse.Namespace) -> int:
+    from node import PODMAN, load_podman_image, running_node
+
+    record = running_node()
+    if record is None:
+        raise ControlPlaneError(
+            "no local node runs on this machine: start one with make cluster-up"
+        )
+    copied = load_podman_image(Path(str(record["socket"])), args.image, PODMAN)
+    print(f"{args.image} {'copied into' if copied else 'already on'} the node", file=sys.stderr)
     return 0
 
 
@@ -638,11 +691,24 @@ def _cmd_binaries(_: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="start the plane (or reuse a running one); prints KUBECONFIG=<path>")
-    sub.add_parser("down", help="stop the plane that `up` started and remove its folder")
+    up = sub.add_parser("up", help="start the plane (or reuse a running one); prints KUBECONFIG=")
+    up.add_argument(
+        "--node",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a real node: containerd, kubelet, kube-scheduler (root Debian; hack/node.py)",
+    )
+    sub.add_parser("down", help="stop the node and plane that `up` started; remove their folders")
     sub.add_parser("binaries", help="build or reuse the binaries and print their folders")
+    load = sub.add_parser("load-image", help="copy an image from podman into the node")
+    load.add_argument("image", help="e.g. localhost/juturna-operator:dev")
     args = parser.parse_args(argv)
-    handler = {"up": _cmd_up, "down": _cmd_down, "binaries": _cmd_binaries}[args.command]
+    handler = {
+        "up": _cmd_up,
+        "down": _cmd_down,
+        "binaries": _cmd_binaries,
+        "load-image": _cmd_load_image,
+    }[args.command]
     try:
         return handler(args)
     except ControlPlaneError as err:

@@ -17,7 +17,7 @@ source "$here/versions.env"
 podman=(podman --runtime runc --cgroup-manager=cgroupfs)
 
 for tool in podman debootstrap; do
-  command -v "$tool" >/dev/null || { echo "error: $tool is missing; run hack/install-podman.sh" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "error: $tool is missing; run hack/install-packages.sh" >&2; exit 1; }
 done
 if "${podman[@]}" image exists "$image"; then
   echo "$image"; exit 0

@@ -6,16 +6,24 @@
 #  3. applies examples/pipeline.yaml, waits for Ready, shows `kubectl get pipelines` and the
 #     pipeline's growing output; then keeps the operator in the foreground until Ctrl-C.
 # RUN_SECONDS=N stops the operator after N seconds instead (for unattended runs).
+# IN_CLUSTER=1: the operator as users run it instead, installed by Helm as a pod on the local
+# real node (hack/run-in-cluster.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 STATE=.state
 mkdir -p "$STATE"
+# kubectl and helm of the pinned versions first on PATH (no version-skew warning).
+eval "$($PY hack/controlplane.py binaries | grep -E '^(KUBE|HELM)_BIN=')"
+export PATH=$KUBE_BIN:$HELM_BIN:$PATH
+if [ "${IN_CLUSTER:-0}" = 1 ]; then
+  exec bash hack/run-in-cluster.sh
+fi
 
 if kubectl --request-timeout=3s version >/dev/null 2>&1; then
   echo "== using the cluster of the current kubeconfig context: $(kubectl config current-context)"
 else
-  line=$($PY hack/controlplane.py up | tail -n 1)
+  line=$($PY hack/controlplane.py up --no-node | tail -n 1)
   export "${line?}"
   echo "== local control plane is up: $line   (stop it later with: make cluster-down)"
 fi

@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_mentioning
 from kubernetes import client, config
+from node import Node, missing_prerequisites
 
-from support import PLAIN_SERVICE, REPO, JuturnaServe, Kubectl, Operator, Pipelines, free_port
+from support import (
+    PLAIN_SERVICE,
+    PODMAN,
+    REPO,
+    JuturnaServe,
+    Kubectl,
+    Operator,
+    Pipelines,
+    build_operator_image,
+    free_port,
+)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +43,38 @@ def control_plane() -> Iterator[ControlPlane]:
         left = plane.leftovers()
         assert not left, f"control plane processes left behind after teardown: {left}"
         assert not root.exists(), f"control plane folder left behind: {root}"
+
+
+@pytest.fixture(scope="session")
+def node(control_plane: ControlPlane) -> Iterator[Node]:
+    """A real node (containerd, kubelet, kube-scheduler) on the session's plane, started when
+    a test first needs it. Skips, saying why, on a machine that cannot run one (not root, a
+    package missing); fails if another node runs on this machine (only one fits).
+
+    Teardown deletes its pods, stops what it started and proves that nothing is left."""
+    problems = missing_prerequisites()
+    if problems:
+        pytest.skip("no local node: " + "; ".join(problems))
+    started = Node(control_plane, control_plane.binaries).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+        left = started.leftovers()
+        assert not left, f"the node left these behind after teardown: {left}"
+
+
+@pytest.fixture(scope="session")
+def operator_image() -> str:
+    """The operator's image in podman's store (built from the Dockerfile once per session)."""
+    return build_operator_image()
+
+
+@pytest.fixture(scope="session")
+def node_image(node: Node, operator_image: str) -> str:
+    """The operator's image in the node's containerd, for pods with imagePullPolicy Never."""
+    node.load_podman_image(operator_image, PODMAN)
+    return operator_image
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,12 +20,26 @@ from typing import Any
 import lupa
 import pytest
 import yaml
-from controlplane import exit_with_parent, free_port, pid_alive, processes_mentioning
+from controlplane import (
+    Binaries,
+    ensure_binaries,
+    exit_with_parent,
+    free_port,
+    pid_alive,
+    processes_mentioning,
+)
 from kubernetes import client
+from node import PODMAN
+
+
+@functools.cache
+def binaries() -> Binaries:
+    """The pinned binaries, built or found once per test session."""
+    return ensure_binaries()
 
 
 class Kubectl:
-    """`kubectl` bound to the test plane's kubeconfig."""
+    """`kubectl` (the plane's own version) bound to the test plane's kubeconfig."""
 
     def __init__(self, kubeconfig: Path) -> None:
         self.kubeconfig = kubeconfig
@@ -32,7 +48,7 @@ class Kubectl:
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            [str(binaries().kubectl), f"--kubeconfig={self.kubeconfig}", *args],
             input=input,
             capture_output=True,
             text=True,
@@ -386,3 +402,147 @@ def health(obj: dict[str, Any]) -> dict[str, str]:
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute((ARGOCD_HEALTH / "health.lua").read_text())
     return {"status": result["status"], "message": result["message"]}
+
+
+# --- container images: podman builds, containerd (the node) runs ----------------------------
+
+# setrlimit is refused above these limits here (../shared/PLATFORM.md).
+LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+BASE_IMAGE = "localhost/juturna-operator-base:python3.12"
+IMAGE = "localhost/juturna-operator:test"
+
+
+def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def must(proc: subprocess.CompletedProcess[str], what: str) -> str:
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def build_operator_image() -> str:
+    """The operator's image, built by podman from the Dockerfile on a locally made base
+    (no registry is reachable). Skips, saying why, where containers cannot run."""
+    for tool in ("podman", "runc", "debootstrap"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (hack/install-packages.sh installs it as root)")
+    made = subprocess.run(
+        [str(REPO / "hack" / "make-base-image.sh"), BASE_IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    must(made, "hack/make-base-image.sh")
+    probe = podman(
+        "run", "--rm", "--network=host", *LIMITS, BASE_IMAGE, "python3", "-c", "print(42)"
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "42":
+        pytest.skip(f"containers cannot run on this machine: {probe.stderr.strip()[-800:]}")
+    build = podman(
+        "build",
+        "--network=host",
+        *LIMITS,
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "-t",
+        IMAGE,
+        str(REPO),
+        timeout=900,
+    )
+    must(build, "podman build")
+    return IMAGE
+
+
+# --- pods on the local node -------------------------------------------------------------------
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    what: str,
+    last: Callable[[], object] | None = None,
+    interval: float = 0.2,
+) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` and, if given, the last state seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    seen = f"; last seen: {json.dumps(last(), indent=1, default=str)}" if last else ""
+    pytest.fail(f"{what} not met in {timeout:g} s{seen}")
+
+
+# The securityContext of the `restricted` Pod Security Standard, for a container of our image.
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def run_pod(kubectl: Kubectl, namespace: str, name: str, image: str, command: list[str]) -> None:
+    """A pod of ``image`` running ``command`` once, restricted, never pulling an image."""
+    # ServiceAccount admission refuses pods until the namespace's `default` account exists.
+    wait_until(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "securityContext": RESTRICTED,
+                }
+            ],
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+
+def pod_body(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return json.loads(kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+
+
+def wait_pod(
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    ok: Callable[[dict[str, Any]], bool],
+    timeout: float = 60,
+    what: str = "the pod's state",
+) -> dict[str, Any]:
+    """Poll a pod until ``ok(body)``; the failure names the pod's last status."""
+    last: dict[str, Any] = {}
+
+    def check() -> bool:
+        nonlocal last
+        last = pod_body(kubectl, namespace, name)
+        return ok(last)
+
+    wait_until(check, timeout, f"{what} of pod {namespace}/{name}", lambda: last.get("status"))
+    return last
+
+
+def pod_ready(body: dict[str, Any]) -> bool:
+    conditions = body.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def pod_finished(body: dict[str, Any]) -> bool:
+    return body.get("status", {}).get("phase") in ("Succeeded", "Failed")

@@ -356,7 +356,11 @@ class Reconciler:
         """One Normal Event for the steps done since the last one, named after the last."""
         if p.done:
             reason = p.done[-1][0]
-            self._event(p, "Normal", reason, "; ".join(message for _, message in p.done))
+            message = "; ".join(message for _, message in p.done)
+            self._event(p, "Normal", reason, message)
+            # The same progress in the operator's log (`kubectl logs`), at INFO: below the
+            # level kopf posts as Events, so it costs no API call.
+            p.log.info("%s: %s", reason, message)
             p.done.clear()
 
     def _event(self, p: _Pass, kind: str, reason: str, message: str) -> None:

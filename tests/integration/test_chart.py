@@ -9,18 +9,31 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from controlplane import ControlPlane, ensure_binaries
+from controlplane import ControlPlane
+from kubernetes import client
+from node import Node
 
-from support import REPO, Kubectl, Operator, Pipelines, assert_sole_operator, manifest
+from support import (
+    REPO,
+    Kubectl,
+    Pipelines,
+    assert_sole_operator,
+    binaries,
+    is_ready,
+    manifest,
+    pod_ready,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 CHART = REPO / "charts" / "juturna-operator"
 
 
 def helm(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    binary = ensure_binaries().helm / "helm"
+    binary = binaries().helm / "helm"
     proc = subprocess.run(
         [str(binary), f"--kubeconfig={kubeconfig}", *args],
         capture_output=True,
@@ -129,23 +142,16 @@ def held_rules(listing: str) -> dict[str, set[str]]:
     return held
 
 
-def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, path: Path) -> Path:
-    token = kubectl("create", "token", "jo", "-n", ns, "--duration=1h").stdout.strip()
+def token_kubeconfig(plane: ControlPlane, token: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with ``token`` alone, for `kubectl auth can-i`."""
+    cluster = {"server": plane.server, "certificate-authority": str(plane.pki / "ca.crt")}
     path.write_text(
         json.dumps(
             {
                 "apiVersion": "v1",
                 "kind": "Config",
                 "current-context": "sa",
-                "clusters": [
-                    {
-                        "name": "local",
-                        "cluster": {
-                            "server": plane.server,
-                            "certificate-authority": str(plane.pki / "ca.crt"),
-                        },
-                    }
-                ],
+                "clusters": [{"name": "local", "cluster": cluster}],
                 "users": [{"name": "sa", "user": {"token": token}}],
                 "contexts": [{"name": "sa", "context": {"cluster": "local", "user": "sa"}}],
             }
@@ -154,25 +160,87 @@ def service_account_kubeconfig(plane: ControlPlane, kubectl: Kubectl, ns: str, p
     return path
 
 
+def image_values(image: str) -> list[str]:
+    """Helm values for an image that is already on the node: never pulled."""
+    repository, tag = image.rsplit(":", 1)
+    return [
+        *("--set", f"image.repository={repository}"),
+        *("--set", f"image.tag={tag}"),
+        *("--set", "image.pullPolicy=Never"),
+    ]
+
+
+SELECTOR = "app.kubernetes.io/name=juturna-operator"
+
+
+def operator_pod(kubectl: Kubectl, ns: str, timeout: float = 120, other_than: str = "") -> str:
+    """The name of the chart's operator pod once it is Ready (its probe on kopf's /healthz)."""
+    found: dict[str, Any] = {}
+
+    def ready() -> bool:
+        listed = json.loads(kubectl("get", "pods", "-n", ns, "-l", SELECTOR, "-o", "json").stdout)
+        pods = [p for p in listed["items"] if p["metadata"]["name"] != other_than]
+        found["pods"] = [p.get("status") for p in pods]
+        ok = [p for p in pods if pod_ready(p) and "deletionTimestamp" not in p["metadata"]]
+        if len(ok) == 1 and len(pods) == 1:
+            found["name"] = ok[0]["metadata"]["name"]
+            return True
+        return False
+
+    wait_until(ready, timeout, f"one Ready operator pod in {ns}", lambda: found.get("pods"))
+    return str(found["name"])
+
+
+def in_pod(kubectl: Kubectl, ns: str, pod: str, script: str) -> str:
+    """Run a shell line inside the operator's pod (`kubectl exec`, through the kubelet)."""
+    return kubectl("exec", "-n", ns, pod, "--", "sh", "-c", script).stdout
+
+
+def assert_output_grows(kubectl: Kubectl, ns: str, pod: str, body: dict[str, Any]) -> None:
+    """The example's output file, inside the operator's pod, gains lines."""
+    out = f"/var/lib/juturna-operator/*_{body['status']['pipelineId']}/out/output.jsonl"
+    count = f"cat {out} | wc -l"
+    first = int(in_pod(kubectl, ns, pod, count))
+    wait_until(
+        lambda: int(in_pod(kubectl, ns, pod, count)) > first,
+        20,
+        f"the output of {body['metadata']['name']} growing inside pod {pod}",
+    )
+
+
+# Worker processes in the pod (the name is split so that this script does not count itself).
+WORKERS = (
+    "import pathlib; w = b'juturna_operator' + b'.worker'; "
+    "print(sum(w in p.read_bytes() for p in pathlib.Path('/proc').glob('[0-9]*/cmdline')))"
+)
+
+
 @pytest.mark.reliability
 @pytest.mark.own_operator
+@pytest.mark.timeout(600)
 @pytest.mark.usefixtures("crd")
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
-def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
+def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     control_plane: ControlPlane,
+    node: Node,
+    node_image: str,
     kubectl: Kubectl,
     namespace: str,
-    objects: object,
+    objects: client.CustomObjectsApi,
     tmp_path: Path,
     mode: str,
 ) -> None:
-    """helm install, then the operator runs as the chart's ServiceAccount and nothing else:
-    create -> Ready -> delete works; without the status rule it fails, saying so."""
+    """helm install on a real kubelet: the pod gets Ready, reconciles the example with the
+    rights of its own mounted token and no more, shows it in its logs, rolls on upgrade,
+    and leaves nothing (pod, worker, Pipeline) behind; without its status rule it says why."""
     assert_sole_operator(control_plane.kubeconfig)
     namespaced = mode == "namespaced"
     values = ["--set", f"watchNamespaces={{{namespace}}}"] if namespaced else []
-    with installed(control_plane.kubeconfig, kubectl, *values) as ops:
-        sa = service_account_kubeconfig(control_plane, kubectl, ops, tmp_path / "sa")
+    with installed(control_plane.kubeconfig, kubectl, *image_values(node_image), *values) as ops:
+        pod = operator_pod(kubectl, ops)
+        # The RBAC proof, with the token Kubernetes mounted into the pod (projected, signed).
+        token = in_pod(kubectl, ops, pod, "cat /var/run/secrets/kubernetes.io/serviceaccount/token")
+        sa = token_kubeconfig(control_plane, token, tmp_path / "sa")
 
         def can_i(*args: str) -> str:
             return kubectl("auth", "can-i", *args, f"--kubeconfig={sa}", check=False).stdout
@@ -181,55 +249,144 @@ def test_the_chart_rbac_is_enough_and_each_rule_is_needed(
         assert can_i("list", "pipelines", "-A").strip() == ("no" if namespaced else "yes")
         assert can_i("get", "secrets", "-n", namespace).strip() == "no"
         assert can_i("list", "customresourcedefinitions").strip() == ("no" if namespaced else "yes")
-        # Every verb it holds, against the allow-list of what the operator uses.
         held = held_rules(can_i("--list", "-n", namespace))
         expected = dict(NAMESPACE_RULES) | ({} if namespaced else CLUSTER_RULES)
         assert {r: v for r, v in held.items() if r not in EVERY_USER} == expected
 
-        op = Operator(
-            sa,
-            tmp_path / "work",
-            tmp_path / "operator.log",
-            tmp_path,
-            "inprocess",
-            namespaces=(namespace,) if namespaced else (),
+        # The example Pipeline, reconciled by the pod; its output grows inside the pod.
+        pipelines = Pipelines(objects, namespace, kubectl)
+        pipelines.apply(manifest("tones"))
+        body = pipelines.wait_ready("tones", timeout=90)
+        assert body["status"]["phase"] == "Running"
+        assert_output_grows(kubectl, ops, pod, body)
+        logs = kubectl("logs", "-n", ops, pod).stdout
+        assert f"[{namespace}/tones]" in logs, logs[-3000:]
+        assert "Traceback" not in logs, logs[-3000:]
+
+        # Take away one rule, patching the status subresource: the pod's log says so.
+        where = ["role", "jo", "-n", namespace] if namespaced else ["clusterrole", "jo"]
+        role = json.loads(kubectl("get", *where, "-o", "json").stdout)
+        index = next(
+            i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
         )
-        op.start()
-        try:
-            pipelines = Pipelines(objects, namespace, kubectl)  # type: ignore[arg-type]
-            pipelines.apply(manifest("rbac"))
-            assert pipelines.wait_ready("rbac")["status"]["phase"] == "Running"
-            pipelines.delete("rbac")
-            pipelines.wait_gone("rbac")
-            assert "Forbidden" not in op.log_text()
 
-            # Take away one rule: patching the status subresource.
-            where = ["role", "jo", "-n", namespace] if namespaced else ["clusterrole", "jo"]
-            role = json.loads(kubectl("get", *where, "-o", "json").stdout)
-            index = next(
-                i for i, r in enumerate(role["rules"]) if r["resources"] == ["pipelines/status"]
+        def patch_role(operation: dict[str, object]) -> None:
+            kubectl("patch", *where, "--type=json", "-p", json.dumps([operation]))
+
+        patch_role({"op": "remove", "path": f"/rules/{index}"})
+        pipelines.apply(manifest("rbac2"))
+        expected_error = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
+        wait_until(
+            lambda: expected_error in kubectl("logs", "-n", ops, pod).stdout,
+            30,
+            "the forbidden status patch in the pod's log",
+        )
+        assert f"system:serviceaccount:{ops}:jo" in kubectl("logs", "-n", ops, pod).stdout
+        # Without it even deletion stalls (kopf keeps its progress in the status).
+        patch_role({"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
+        pipelines.delete("rbac2")
+        pipelines.wait_gone("rbac2", timeout=60)
+        # A value changes: the pod is replaced, and the new one serves the Pipeline again.
+        helm(
+            control_plane.kubeconfig,
+            "upgrade",
+            "jo",
+            str(CHART),
+            "-n",
+            ops,
+            "--reuse-values",
+            "--set",
+            "logFormat=json",
+        )
+        new = operator_pod(kubectl, ops, other_than=pod)
+        assert new != pod
+        old_id = body["status"]["pipelineId"]
+        body = pipelines.wait(
+            "tones",
+            lambda b: is_ready(b) and b["status"].get("pipelineId") != old_id,
+            timeout=90,
+            what="Ready again, deployed by the new pod",
+        )
+        assert_output_grows(kubectl, ops, new, body)
+        new_logs = kubectl("logs", "-n", ops, new).stdout.strip().splitlines()
+        assert new_logs, "the new pod logs nothing"
+        assert all(line.startswith("{") for line in new_logs), new_logs[:5]
+
+        workers = f'python3 -c "{WORKERS}"'
+        assert in_pod(kubectl, ops, new, workers).strip() == "1"  # the process engine's
+        pipelines.delete("tones")
+        pipelines.wait_gone("tones", timeout=60)
+        assert in_pod(kubectl, ops, new, workers).strip() == "0"
+
+    # helm uninstall (in `installed`): the operator's pod goes, and nothing is left running.
+    wait_until(
+        lambda: not kubectl("get", "pods", "-n", ops, "-o", "name").stdout.strip(),
+        60,
+        f"no pod left in {ops} after helm uninstall",
+    )
+    assert not pipelines.names()
+
+
+@pytest.mark.reliability
+@pytest.mark.own_operator
+@pytest.mark.timeout(300)
+@pytest.mark.usefixtures("crd")
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            ["--set", "pluginPath=/plugins:/no/such/plugins"],
+            "juturna-operator: configuration error: plugin root '/no/such/plugins' in "
+            "JUTURNA_OPERATOR_PLUGIN_PATH is not a directory",
+        ),
+        (
+            ["--set", "engine=service", "--set", "defaultRuntime=gpu"],
+            "juturna-operator: configuration error: engine 'service' needs "
+            "JUTURNA_OPERATOR_DEFAULT_RUNTIME to name one of the configured runtimes (none "
+            "configured), got 'gpu'",
+        ),
+    ],
+    ids=["missing-plugin-root", "default-runtime-not-configured"],
+)
+def test_a_broken_install_crash_loops_saying_why_and_touches_nothing(
+    control_plane: ControlPlane,
+    node: Node,
+    node_image: str,
+    kubectl: Kubectl,
+    namespace: str,
+    objects: client.CustomObjectsApi,
+    values: list[str],
+    message: str,
+) -> None:
+    assert_sole_operator(control_plane.kubeconfig)
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(manifest("untouched"))
+    before = pipelines.get("untouched")
+    with installed(control_plane.kubeconfig, kubectl, *image_values(node_image), *values) as ops:
+        seen: dict[str, Any] = {}
+
+        def crash_looping() -> bool:
+            listed = json.loads(kubectl("get", "pods", "-n", ops, "-o", "json").stdout)["items"]
+            statuses = [c for p in listed for c in p.get("status", {}).get("containerStatuses", [])]
+            seen["statuses"] = statuses
+            return any(
+                s["restartCount"] >= 2
+                and s.get("state", {}).get("waiting", {}).get("reason") == "CrashLoopBackOff"
+                for s in statuses
             )
 
-            def patch_role(operation: dict[str, object]) -> None:
-                kubectl("patch", *where, "--type=json", "-p", json.dumps([operation]))
-
-            patch_role({"op": "remove", "path": f"/rules/{index}"})
-            pipelines.apply(manifest("rbac2"))
-            expected = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
-            pipelines.wait(
-                "rbac2",
-                lambda _: expected in op.log_text(),
-                timeout=30,
-                what="the forbidden status patch in the operator's log",
-            )
-            assert f'User "system:serviceaccount:{ops}:jo"' in op.log_text()
-            # Without it even deletion stalls (kopf keeps its progress in the status), so the
-            # rule goes back before cleaning up.
-            patch_role({"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
-            pipelines.delete("rbac2")
-            pipelines.wait_gone("rbac2")
-        finally:
-            op.stop()
+        wait_until(crash_looping, 120, "a crash loop with back-off", lambda: seen.get("statuses"))
+        pod = kubectl("get", "pods", "-n", ops, "-o", "name").stdout.split()[0]
+        logs = kubectl("logs", "-n", ops, pod, "--previous").stdout
+        assert message in logs
+        assert "Traceback" not in logs
+        described = kubectl("describe", "-n", ops, pod).stdout
+        assert message in described  # the termination message (FallbackToLogsOnError)
+        assert "Back-off restarting failed container" in described
+    after = pipelines.get("untouched")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert "status" not in after
+    assert not after["metadata"].get("finalizers")
 
 
 def test_metrics_service_and_optional_service_monitor(kubeconfig: Path) -> None:

@@ -8,7 +8,6 @@ If containers cannot run on this machine, the test skips and says why.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -18,55 +17,9 @@ import pytest
 from controlplane import free_port
 from kubernetes import client
 
-from support import REPO, Kubectl, Pipelines, assert_sole_operator, manifest
+from support import LIMITS, Kubectl, Pipelines, assert_sole_operator, manifest, must, podman
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
-
-# These flags make podman work here (../shared/PLATFORM.md): crun fails on hybrid cgroups,
-# and setrlimit is refused above these limits.
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-BASE = "localhost/juturna-operator-base:python3.12"
-IMAGE = "localhost/juturna-operator:test"
-
-
-def podman(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def must(proc: subprocess.CompletedProcess[str], what: str) -> str:
-    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    for tool in ("podman", "runc", "debootstrap"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (hack/install-podman.sh installs it as root)")
-    made = subprocess.run(
-        [str(REPO / "hack" / "make-base-image.sh"), BASE],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    must(made, "hack/make-base-image.sh")
-    probe = podman("run", "--rm", "--network=host", *LIMITS, BASE, "python3", "-c", "print(42)")
-    if probe.returncode != 0 or probe.stdout.strip() != "42":
-        pytest.skip(f"containers cannot run on this machine: {probe.stderr.strip()[-800:]}")
-    build = podman(
-        "build",
-        "--network=host",
-        *LIMITS,
-        "--build-arg",
-        f"BASE_IMAGE={BASE}",
-        "-t",
-        IMAGE,
-        str(REPO),
-        timeout=900,
-    )
-    must(build, "podman build")
-    return IMAGE
 
 
 @pytest.fixture
@@ -80,7 +33,7 @@ def container_kubeconfig(kubectl: Kubectl, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def container(
-    image: str, container_kubeconfig: Path, namespace: str, tmp_path: Path
+    operator_image: str, container_kubeconfig: Path, namespace: str, tmp_path: Path
 ) -> Iterator[tuple[str, int]]:
     """The operator's container, watching only the test's namespace; yields (name, liveness).
     No plugin volume: the example's plugin (tones) ships in the image."""
@@ -107,7 +60,7 @@ def container(
         "KUBECONFIG=/etc/juturna-operator/kubeconfig",
         "--env",
         f"JUTURNA_OPERATOR_METRICS_PORT={free_port()}",
-        image,
+        operator_image,
         "run",
         "-n",
         namespace,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -160,11 +161,17 @@ class PipelineWatch:
         self._stop.set()
 
 
+@functools.cache
+def kubectl_binary() -> str:
+    """kubectl of the plane's own version (no version-skew warning)."""
+    return str(ensure_binaries().kubectl)
+
+
 def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
     """apiserver_request_total by (verb, resource, subresource), from kube-apiserver's
     own /metrics."""
     text = subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", "get", "--raw", "/metrics"],
+        [kubectl_binary(), f"--kubeconfig={kubeconfig}", "get", "--raw", "/metrics"],
         capture_output=True,
         text=True,
         check=True,
@@ -414,7 +421,7 @@ def cluster(use_kubeconfig: bool) -> Iterator[Path]:
     try:
         subprocess.run(
             [
-                "kubectl",
+                kubectl_binary(),
                 f"--kubeconfig={plane.kubeconfig}",
                 "apply",
                 "--server-side",
@@ -426,7 +433,7 @@ def cluster(use_kubeconfig: bool) -> Iterator[Path]:
         )
         subprocess.run(
             [
-                "kubectl",
+                kubectl_binary(),
                 f"--kubeconfig={plane.kubeconfig}",
                 "wait",
                 "--for=condition=Established",

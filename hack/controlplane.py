@@ -619,12 +619,12 @@ def _running_plane() -> ControlPlane | None:
 
 def _stop_everything(root: Path) -> list[str]:
     """The node on the plane at ``root`` (if any), then the plane; returns what is left."""
-    from node import running_node, stop_node  # the node module imports this one
+    from node import node_record, stop_node  # the node module imports this one
 
     left: list[str] = []
-    record = running_node()
+    record = node_record()
     if record is not None and str(record["root"]).startswith(str(root)):
-        stop_node(record)
+        left += stop_node(record)
     left += [f"process {pid}" for pid in stop_from_state(root)]
     return left
 

@@ -61,6 +61,7 @@ PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
 # Folders outside the node's own that the kubelet or CNI may create; removed only if we did.
 SYSTEM_FOLDERS = (Path("/var/lib/kubelet"), Path("/var/lib/cni"))
 NETNS_DIR = Path("/var/run/netns")
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NODE_READY_TIMEOUT_S = float(os.environ.get("JUTURNA_OPERATOR_NODE_TIMEOUT", "120"))
 POD_DELETE_TIMEOUT_S = 60.0
@@ -106,15 +107,20 @@ def missing_prerequisites() -> list[str]:
     return problems
 
 
-def running_node() -> dict[str, object] | None:
-    """The record of the node that runs on this machine now, if one does."""
+def node_record() -> dict[str, object] | None:
+    """The machine's record of its node (``stop_node`` reads it), alive or not."""
     try:
-        record = json.loads(MACHINE_RECORD.read_text())
+        return dict(json.loads(MACHINE_RECORD.read_text()))
     except (FileNotFoundError, ValueError):
         return None
-    pids = record.get("pids", {})
+
+
+def running_node() -> dict[str, object] | None:
+    """The record of the node that runs on this machine now, if one does."""
+    record = node_record()
+    pids = record.get("pids", {}) if record else {}
     if isinstance(pids, dict) and any(pid_alive(int(p)) for p in pids.values()):
-        return dict(record)
+        return record
     return None
 
 
@@ -286,17 +292,14 @@ class Node:
     def _clear_stale(self) -> None:
         """A node whose processes died without teardown (a killed test run) left its bridge,
         shims and mounts: finish that teardown first."""
-        try:
-            stale = json.loads(MACHINE_RECORD.read_text())
-        except (FileNotFoundError, ValueError):
-            stale = None
+        stale = node_record()
         if stale is not None:
             stop_node(stale)
         elif _link_exists(BRIDGE):
             run("ip", "link", "delete", BRIDGE, check=False)
 
     def _network(self) -> None:
-        if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "0":
+        if IP_FORWARD.read_text().strip() != "0":
             # Not ours to change back; but pods could then reach beyond the node. Say so.
             raise NodeError(
                 "net.ipv4.ip_forward is 1 on this machine: pods could reach other networks. "
@@ -543,7 +546,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     def leftovers(self) -> list[str]:
         """What still exists of this node after ``stop``; empty when teardown was complete."""
-        return leftovers(Path(str(self.state()["root"])), self.socket)
+        return leftovers(self.root, self.socket)
 
 
 # --- teardown, also for `make cluster-down` from the machine record --------------------------
@@ -599,6 +602,8 @@ def teardown(root: Path, socket: Path, created: list[str]) -> None:
     for folder in [root, *map(Path, created)]:
         shutil.rmtree(folder, ignore_errors=True)
     MACHINE_RECORD.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        MACHINE_RECORD.parent.rmdir()
 
 
 def leftovers(root: Path, socket: Path) -> list[str]:
@@ -676,8 +681,9 @@ def delete_pods(kubectl: str, kubeconfig: str, node: str) -> None:
         time.sleep(0.5)
 
 
-def stop_node(state: dict[str, object]) -> None:
-    """Stop a node from its state (this process's, or the machine record's), by PID."""
+def stop_node(state: dict[str, object]) -> list[str]:
+    """Stop a node from its state (this process's, or the machine record's), by PID; returns
+    what is left of it (nothing, normally)."""
     root, socket = Path(str(state["root"])), Path(str(state["socket"]))
     pids = {name: int(pid) for name, pid in dict(state["pids"]).items()}  # type: ignore[call-overload]
     if pid_alive(pids.get("kubelet", 0) or -1):
@@ -689,3 +695,4 @@ def stop_node(state: dict[str, object]) -> None:
         remove_containers(socket)
         stop_pid(pids["containerd"], str(root))
     teardown(root, socket, [str(p) for p in state.get("created", [])])  # type: ignore[union-attr]
+    return leftovers(root, socket)

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from controlplane import ControlPlane
 from kubernetes import client
-from node import Node
 
 from support import (
     REPO,
@@ -222,8 +221,7 @@ WORKERS = (
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     control_plane: ControlPlane,
-    node: Node,
-    node_image: str,
+    node_image: str,  # the image on the node (so a node runs)
     kubectl: Kubectl,
     namespace: str,
     objects: client.CustomObjectsApi,
@@ -350,8 +348,7 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
 )
 def test_a_broken_install_crash_loops_saying_why_and_touches_nothing(
     control_plane: ControlPlane,
-    node: Node,
-    node_image: str,
+    node_image: str,  # the image on the node (so a node runs)
     kubectl: Kubectl,
     namespace: str,
     objects: client.CustomObjectsApi,

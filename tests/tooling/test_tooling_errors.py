@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import controlplane
+import node
 import pytest
 from controlplane import ControlPlane, ControlPlaneError, ensure_binaries
+from node import Node, NodeError, NodeUnavailable
 
 HACK = Path(controlplane.__file__).parent
 
@@ -174,3 +176,40 @@ def test_a_killed_test_run_takes_its_plane_with_it() -> None:
         assert time.monotonic() < deadline, controlplane.processes_mentioning(root)
         time.sleep(0.1)
     shutil.rmtree(root, ignore_errors=True)
+
+
+# --- the node (hack/node.py) ------------------------------------------------------------------
+
+
+def test_a_machine_without_the_node_packages_is_told_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", _minimal_path(tmp_path, "gcc"))
+    monkeypatch.setattr(node, "CNI_BIN", tmp_path / "no-cni")
+    with pytest.raises(NodeUnavailable) as refused:
+        Node(plane=None, binaries=None).start()  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert message.startswith("this machine cannot run a node: ")
+    for tool in ("containerd", "ctr", "runc", "socat", "ip"):
+        assert f"{tool} is not installed (hack/install-packages.sh installs it)" in message
+    assert "gcc is not installed" not in message
+    assert f"CNI plugin {tmp_path / 'no-cni' / 'bridge'} is missing" in message
+
+
+def test_forwarding_on_is_refused_before_anything_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ip_forward 1, pods could reach other networks: the node refuses, touching nothing
+    (no bridge, no files)."""
+    forward = tmp_path / "ip_forward"
+    forward.write_text("1\n")
+    monkeypatch.setattr(node, "IP_FORWARD", forward)
+    plane = ControlPlane.__new__(ControlPlane)
+    plane.root = tmp_path / "plane"
+    with pytest.raises(NodeError) as refused:
+        Node(plane=plane, binaries=None)._network()  # type: ignore[arg-type]
+    assert str(refused.value) == (
+        "net.ipv4.ip_forward is 1 on this machine: pods could reach other networks. "
+        "The local node needs it 0 (sysctl -w net.ipv4.ip_forward=0)."
+    )
+    assert not plane.root.exists()

@@ -126,6 +126,11 @@ class ServiceEngine(Exclusive):
             try:
                 await self._client(remote.runtime).stop(remote.pipeline_id, timeout)
             except PipelineFailure as failure:
+                if failure.reason is FailureReason.InvalidPipelineId:
+                    # The service lost it (it restarted): nothing runs, nothing is left to
+                    # stop or delete. Absent, so the next pass deploys it again.
+                    self._remotes.pop(key, None)
+                    return
                 if "gave no answer within" not in failure.message:
                     raise
                 # Nothing can end it from here (a delete would stop it again, and hang too):

@@ -93,6 +93,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("jt").setLevel(logging.WARNING)  # Juturna logs every status read at INFO
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    # kopf's liveness endpoint: the kubelet's probe every few seconds is not news either.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # Every watch event runs the "wake" handler; its success is not news.
     logging.getLogger("kopf.objects").addFilter(
         lambda record: "Handler 'wake' succeeded" not in record.getMessage()

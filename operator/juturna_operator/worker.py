@@ -2,11 +2,14 @@
 
 The process engine starts one worker per pipeline::
 
-    python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID
+    python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID --token-file T
 
 It serves Juturna's FastAPI ``app`` unchanged (the contract upstream ships and keeps) on a
-free loopback port, and adds three things in this thin module:
+free loopback port, and adds four things in this thin module:
 
+* a bearer token on every request (the file's content, which the engine made for this
+  worker alone): any other local process gets 401, so it can neither create, stop nor shut
+  down pipelines here; only ``GET /operator/ready`` answers without it, and says nothing;
 * ``GET /operator/health``: the node threads that died (``threading.excepthook``), with
   exception type and message; Juturna's own status would still say running;
 * ``POST /operator/shutdown``: a clean exit;
@@ -20,6 +23,7 @@ bound; the engine then waits for ``/operator/health`` to answer.
 from __future__ import annotations
 
 import argparse
+import hmac
 import logging
 import os
 import socket
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 WORKER_MARKER = "juturna_operator.worker"
+OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: reveals nothing
 
 crashes: list[dict[str, str]] = []
 _server: Any = None
@@ -47,14 +52,31 @@ def _record_crash(args: threading.ExceptHookArgs) -> None:
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
 
 
-def build_app() -> Any:
-    """Juturna's service app with the operator's routes added."""
+def build_app(token: str) -> Any:
+    """Juturna's service app with the operator's routes added, behind ``token``."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from juturna.cli.commands._juturna_service import app
     from juturna.components._pipeline_manager import PipelineManager
 
     from juturna_operator.reasons import describe_exception, failing_node
+
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        given = request.headers.get("authorization", "").encode()
+        if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, expected):
+            return JSONResponse(
+                status_code=401,
+                content={"message": "this worker answers only its operator (bearer token)"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+    @app.get("/operator/ready")
+    def ready() -> dict[str, bool]:
+        return {"ready": True}
 
     @app.get("/operator/health")
     def health() -> dict[str, Any]:
@@ -84,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="juturna-operator-worker")
     parser.add_argument("--folder", required=True, help="Juturna's pipeline base folder")
     parser.add_argument("--port-file", required=True, help="where to write the bound port")
+    parser.add_argument("--port", type=int, default=0, help="port to bind (0: any free one)")
     parser.add_argument("--owner", required=True, help="uid of the Pipeline this serves")
+    parser.add_argument("--token-file", required=True, help="the bearer token requests carry")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
+    token = Path(args.token_file).read_text().strip()
+    if not token:
+        parser.error(f"--token-file {args.token_file} is empty")
 
     import uvicorn
     from juturna.components._pipeline_manager import PipelineManager
@@ -95,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     threading.excepthook = _record_crash
     Path(args.folder).mkdir(parents=True, exist_ok=True)
     PipelineManager.set_base_folder(args.folder)
-    app = build_app()
+    app = build_app(token)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, 0))
+    sock.bind((args.host, args.port))
     port_file = Path(args.port_file)
     tmp = port_file.with_suffix(".tmp")
     tmp.write_text(str(sock.getsockname()[1]))

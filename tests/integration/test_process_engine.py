@@ -9,6 +9,7 @@ import signal
 import subprocess
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -169,7 +170,11 @@ def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
     url = (
         f"http://127.0.0.1:{record['port']}/pipelines/{record['pipeline_id']}/{done_by_the_worker}"
     )
-    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10).close()
+    token = (process_operator.workdir / ".workers" / f"{uid}.token").read_text()
+    request = urllib.request.Request(
+        url, method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
     pipelines.patch_spec("lag", {"state": state})
     process_operator.start()
     body = pipelines.wait_ready("lag", timeout=30)
@@ -177,6 +182,50 @@ def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
     if state == "Running":
         assert worker_of(process_operator, uid) == pid  # the same, adopted worker
     assert body["status"].get("failure") is None
+
+
+def test_the_worker_answers_only_its_operator(
+    pipelines: Pipelines, process_operator: Operator
+) -> None:
+    """Any local process can reach a worker's loopback port: without the worker's own token
+    it gets 401 and changes nothing; the token is in a file only the operator's user reads,
+    and never in status, Events or the log."""
+    pipelines.apply(manifest("guarded"))
+    body = pipelines.wait_ready("guarded")
+    uid, pipeline_id = body["metadata"]["uid"], body["status"]["pipelineId"]
+    state = process_operator.workdir / ".workers"
+    port = json.loads((state / f"{uid}.json").read_text())["port"]
+    token_file = state / f"{uid}.token"
+    token = token_file.read_text()
+    assert token_file.stat().st_mode & 0o077 == 0
+    base = f"http://127.0.0.1:{port}"
+
+    def call(path: str, method: str, token: str | None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        request = urllib.request.Request(base + path, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    refusal = '{"message":"this worker answers only its operator (bearer token)"}'
+    for path, method in (
+        (f"/pipelines/{pipeline_id}/stop", "POST"),
+        ("/operator/shutdown", "POST"),
+        ("/pipelines", "GET"),
+        ("/operator/health", "GET"),
+    ):
+        assert call(path, method, None) == (401, refusal)
+        assert call(path, method, "x" + token) == (401, refusal)
+    assert call("/operator/ready", "GET", None) == (200, '{"ready":true}')
+    assert call("/pipelines", "GET", token)[0] == 200
+    # Nothing changed: still running, the same worker, Ready.
+    body = pipelines.get("guarded")
+    assert body["status"]["phase"] == "Running"
+    assert worker_of(process_operator, uid) > 0
+    events = json.dumps(pipelines.events("guarded"))
+    assert token not in json.dumps(body) + events + process_operator.log_text()
 
 
 def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -89,14 +90,22 @@ class WorkerRecord:
 
 
 class _Worker:
-    def __init__(self, record: WorkerRecord, popen: subprocess.Popen[bytes] | None) -> None:
+    def __init__(
+        self, record: WorkerRecord, popen: subprocess.Popen[bytes] | None, token: str
+    ) -> None:
         self.record = record
         self.popen = popen  # None for an adopted worker (not our child)
-        self.client = JuturnaClient(f"http://127.0.0.1:{record.port}", connect_retries=1)
+        self.token = token
+        self.client = self._client()
+
+    def _client(self) -> JuturnaClient:
+        return JuturnaClient(
+            f"http://127.0.0.1:{self.record.port}", token=self.token, connect_retries=1
+        )
 
     def connect(self, port: int) -> None:
         self.record.port = port
-        self.client = JuturnaClient(f"http://127.0.0.1:{port}", connect_retries=1)
+        self.client = self._client()
 
     @property
     def state(self) -> InstanceState:
@@ -144,8 +153,9 @@ class ProcessEngine(Exclusive):
                 continue
             line = cmdline(record.pid)
             ours = pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line
-            if ours and record.pipeline_id:
-                self._workers[record.key] = _Worker(record, None)
+            token = self._token_file(record.uid)
+            if ours and record.pipeline_id and token.exists():
+                self._workers[record.key] = _Worker(record, None, token.read_text().strip())
                 self._adopted.add(record.key)
                 adopted.add(record.pid)
                 log.info("adopted worker %s", record.pid, extra=record.key.log_extra)
@@ -155,8 +165,9 @@ class ProcessEngine(Exclusive):
                 # and pipeline id: nobody can talk to this worker, so it goes; the lifecycle
                 # creates the instance again (found by the fault suite: a leaked folder).
                 log.warning(
-                    "reaping worker %s: its create never finished",
+                    "reaping worker %s: %s",
                     record.pid,
+                    "its token is gone" if record.pipeline_id else "its create never finished",
                     extra=record.key.log_extra,
                 )
                 self._kill(record.pid, None)
@@ -167,6 +178,19 @@ class ProcessEngine(Exclusive):
                 if WORKER_MARKER in line and f"--folder {self._workdir} " in line:
                     log.warning("reaping a worker with no state: pid %s", entry.name)
                     self._kill(int(entry.name), None)
+
+    def _token_file(self, uid: str) -> Path:
+        return self._state_dir / f"{uid}.token"
+
+    def _new_token(self, uid: str) -> str:
+        """A token for one worker alone, in a file only this user can read."""
+        token = secrets.token_urlsafe(32)
+        path = self._token_file(uid)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        return token
 
     def _spawn(self, key: PipelineKey) -> tuple[subprocess.Popen[bytes], Path, Path]:
         port_file = self._state_dir / f"{key.uid}.port"
@@ -187,6 +211,8 @@ class ProcessEngine(Exclusive):
                     str(port_file),
                     "--owner",
                     key.uid,
+                    "--token-file",
+                    str(self._token_file(key.uid)),
                 ],
                 env=env,
                 stdout=out,
@@ -259,7 +285,7 @@ class ProcessEngine(Exclusive):
             shutil.rmtree(folder, ignore_errors=True)
         # The record goes last: a process killed in here leaves it, and the next one finishes
         # the job at start (killed after the record went, it leaked the folder in a full run).
-        for suffix in (".port", ".log", ".json"):
+        for suffix in (".port", ".log", ".token", ".json"):
             (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
 
     async def _end(self, worker: _Worker) -> None:
@@ -299,9 +325,10 @@ class ProcessEngine(Exclusive):
 
     async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
         vacant(self._workers, key)
+        token = await asyncio.to_thread(self._new_token, key.uid)
         popen, port_file, log_file = await asyncio.to_thread(self._spawn, key)
         record = WorkerRecord(key.namespace, key.name, key.uid, revision, popen.pid, 0)
-        worker = self._workers[key] = _Worker(record, popen)  # known from its first moment
+        worker = self._workers[key] = _Worker(record, popen, token)  # known from its first moment
         await asyncio.to_thread(self._save, worker)
         try:
             await self._wait_ready(worker, port_file, log_file)

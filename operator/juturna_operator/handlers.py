@@ -145,8 +145,9 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     settings.scanning.disabled = bool(state.settings and state.settings.namespaces)
     ours = state.settings or Settings.from_env()
     state.settings = ours
-    state.objects = k8s.CustomObjectsApi(_api_client())
-    state.engine = make_engine(ours)
+    api_client = _api_client()
+    state.objects = k8s.CustomObjectsApi(api_client)
+    state.engine = make_engine(ours, api_client)
     metrics = None
     if ours.metrics_port:
         metrics = Metrics()

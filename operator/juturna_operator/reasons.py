@@ -48,6 +48,8 @@ class FailureReason(Enum):
     NodeFailed = (500, "A node's thread died while the pipeline was running.")
     StopTimeout = (504, "Stopping the pipeline did not finish within the stop timeout.")
     RuntimeUnavailable = (503, "The pipeline runtime could not be reached.")
+    Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
+    ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
 
     @property
     def code(self) -> int:
@@ -64,9 +66,13 @@ class FailureReason(Enum):
 
     @property
     def counts_as_restart(self) -> bool:
-        """Whether a retry spends the restart policy's budget. An unreachable runtime is
-        the infrastructure's fault, not the pipeline's: it is retried until it answers."""
-        return self.retryable and self is not FailureReason.RuntimeUnavailable
+        """Whether a retry spends the restart policy's budget. An unreachable runtime or a
+        cluster with no room is the infrastructure's fault, not the pipeline's: it is retried
+        until it answers, or until a node fits."""
+        return self.retryable and self not in (
+            FailureReason.RuntimeUnavailable,
+            FailureReason.Unschedulable,
+        )
 
 
 class Step(StrEnum):

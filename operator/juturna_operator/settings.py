@@ -14,6 +14,8 @@
 | JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
 | JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
 | JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
+| JUTURNA_OPERATOR_RUNTIME_IMAGE           |                      | (none; needed by pod)      |
+| JUTURNA_OPERATOR_RUNTIME_PULL_POLICY     |                      | IfNotPresent               |
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ class Settings:
     metrics_port: int = 9090  # 0: no Prometheus endpoint
     namespaces: list[str] = field(default_factory=list)
     all_namespaces: bool = False
+    # Engine "pod": the image each Pipeline's pod runs (the operator's own holds the worker
+    # and the plugins; the chart sets it), and its pull policy.
+    runtime_image: str = ""
+    runtime_pull_policy: str = "IfNotPresent"
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -153,6 +159,8 @@ class Settings:
             default_runtime=_env("DEFAULT_RUNTIME", "") or None,
             sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),
             metrics_port=_port("METRICS_PORT", _env("METRICS_PORT", "9090")),
+            runtime_image=_env("RUNTIME_IMAGE", ""),
+            runtime_pull_policy=_env("RUNTIME_PULL_POLICY", defaults.runtime_pull_policy),
         )
         settings.check()
         return settings
@@ -176,6 +184,16 @@ class Settings:
                 f"engine 'service' needs {ENV_PREFIX}DEFAULT_RUNTIME to name one of the "
                 f"configured runtimes ({', '.join(sorted(self.runtimes)) or 'none configured'}),"
                 f" got {self.default_runtime!r}"
+            )
+        if self.engine == "pod" and not self.runtime_image:
+            raise SettingsError(
+                f"engine 'pod' needs {ENV_PREFIX}RUNTIME_IMAGE: the image each Pipeline's pod "
+                "runs (the operator's own image holds the worker and the plugins)"
+            )
+        if self.runtime_pull_policy not in ("Always", "IfNotPresent", "Never"):
+            raise SettingsError(
+                f"{ENV_PREFIX}RUNTIME_PULL_POLICY must be Always, IfNotPresent or Never, "
+                f"got {self.runtime_pull_policy!r}"
             )
         if self.namespaces and self.all_namespaces:
             raise SettingsError("choose either namespaces (-n) or all namespaces (-A), not both")

@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from juturna.components._pipeline_manager import PipelineManager
 
     global _server
+    # Plugin folders are import paths (JUTURNA.md): their roots go on the path. In a pod the
+    # image says where its plugins are (JUTURNA_OPERATOR_PLUGIN_PATH, /plugins in ours); the
+    # process engine passes the operator's own roots in PYTHONPATH as well.
+    for root in filter(None, os.environ.get("JUTURNA_OPERATOR_PLUGIN_PATH", "").split(":")):
+        if root not in sys.path:
+            sys.path.append(root)
     threading.excepthook = _record_crash
     Path(args.folder).mkdir(parents=True, exist_ok=True)
     PipelineManager.set_base_folder(args.folder)

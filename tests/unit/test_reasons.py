@@ -32,6 +32,8 @@ EXPECTED_CODES = {
     "NodeFailed": 500,
     "StopTimeout": 504,
     "RuntimeUnavailable": 503,
+    "Unschedulable": 503,
+    "ImagePullFailed": 502,
 }
 
 

@@ -101,7 +101,7 @@ def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError,
         match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of "
-        "inprocess, process, service",
+        "inprocess, process, service, pod",
     ):
         make_engine(Settings(engine="docker"))
 

@@ -12,10 +12,10 @@ from typing import Any
 from juturna_operator.engines.base import Engine, InstanceInfo, PipelineKey
 from juturna_operator.settings import Settings
 
-ENGINE_NAMES = ("inprocess", "process", "service")
+ENGINE_NAMES = ("inprocess", "process", "service", "pod")
 
 
-def _default_engine(settings: Settings) -> Engine:
+def _default_engine(settings: Settings, api_client: Any) -> Engine:
     if settings.engine == "inprocess":
         from juturna_operator.engines.inprocess import InProcessEngine
 
@@ -24,6 +24,10 @@ def _default_engine(settings: Settings) -> Engine:
         from juturna_operator.engines.process import ProcessEngine
 
         return ProcessEngine(settings)
+    if settings.engine == "pod":
+        from juturna_operator.engines.pod import PodEngine
+
+        return PodEngine(settings, api_client)
     raise ValueError(
         f"unknown engine {settings.engine!r}: JUTURNA_OPERATOR_ENGINE must be one of "
         f"{', '.join(ENGINE_NAMES)}"
@@ -90,8 +94,9 @@ class Router:
             await self._service.close()
 
 
-def make_engine(settings: Settings) -> Router:
-    """The default engine named by ``settings.engine``, plus the service engine if needed."""
+def make_engine(settings: Settings, api_client: Any = None) -> Router:
+    """The default engine named by ``settings.engine``, plus the service engine if needed.
+    ``api_client`` (a ``kubernetes.client.ApiClient``) is for the pod engine."""
     service = None
     if settings.runtimes:
         from juturna_operator.engines.service import ServiceEngine
@@ -100,4 +105,4 @@ def make_engine(settings: Settings) -> Router:
     if settings.engine == "service":
         assert service is not None  # Settings.check() requires a default runtime
         return Router(service, service)
-    return Router(_default_engine(settings), service)
+    return Router(_default_engine(settings, api_client), service)

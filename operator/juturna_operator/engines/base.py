@@ -54,6 +54,26 @@ def node_statuses(status: dict[str, Any]) -> dict[str, str]:
     }
 
 
+JUTURNA_STATE = {
+    "pipeline_created": InstanceState.Created,
+    "pipeline_ready": InstanceState.Ready,
+    "pipeline_running": InstanceState.Running,
+}
+
+
+def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
+    """Fill ``info`` from our worker's ``/operator/health`` answer: its pipeline's node
+    statuses and folder, and the node threads that died (Juturna's status misses those)."""
+    for entry in health.get("pipelines", []):
+        status = entry.get(info.pipeline_id)
+        if status:
+            info.folder = status.get("folder", "")
+            info.nodes = node_statuses(status)
+    info.crashes = [NodeCrash(c["node"], c["thread"], c["error"]) for c in health["crashes"]]
+    for crash in info.crashes:
+        info.nodes[crash.node] = "Failed"
+
+
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
 MAX_OBJECT_NAME = 253
 

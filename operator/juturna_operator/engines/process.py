@@ -38,9 +38,9 @@ from juturna_operator.engines.base import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    apply_health,
     confined,
     held,
-    node_statuses,
     vacant,
 )
 from juturna_operator.engines.client import JuturnaClient
@@ -422,14 +422,7 @@ class ProcessEngine(Exclusive):
             cause = failure.message if worker.alive() else worker.exit_description()
             info.crashes = [NodeCrash(WHOLE_RUNTIME, f"pid {worker.record.pid}", cause)]
             return info
-        for entry in health.get("pipelines", []):
-            status = entry.get(worker.record.pipeline_id)
-            if status:
-                info.folder = status.get("folder", "")
-                info.nodes = node_statuses(status)
-        info.crashes = [NodeCrash(c["node"], c["thread"], c["error"]) for c in health["crashes"]]
-        for crash in info.crashes:
-            info.nodes[crash.node] = "Failed"
+        apply_health(info, health)
         return info
 
     async def list(self) -> list[InstanceInfo]:

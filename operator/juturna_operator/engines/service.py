@@ -24,6 +24,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from juturna_operator.engines.base import (
+    JUTURNA_STATE,
     Exclusive,
     InstanceInfo,
     InstanceState,
@@ -42,11 +43,6 @@ from juturna_operator.settings import Runtime, Settings
 log = logging.getLogger(__name__)
 
 OURS = re.compile(r"^[a-z0-9.-]+__[a-z0-9.-]+__[0-9a-f-]{8}$")
-JUTURNA_STATE = {
-    "pipeline_created": InstanceState.Created,
-    "pipeline_ready": InstanceState.Ready,
-    "pipeline_running": InstanceState.Running,
-}
 
 
 @dataclass

@@ -1,0 +1,485 @@
+"""The pod engine: each Pipeline runs in a Pod of its own, in its namespace, placed by
+Kubernetes.
+
+The pod runs our worker module (Juturna's own HTTP service plus health and shutdown, behind a
+bearer token) from the runtime image; this engine drives it over HTTP at the pod's IP, as the
+process engine drives a local worker. What Kubernetes gives on top:
+
+* **tenancy**: the pod has no ServiceAccount token (``automountServiceAccountToken: false``)
+  and runs under the ``restricted`` Pod Security Standard, so a Pipeline author who makes a
+  built-in node run a command (``../shared/JUTURNA.md``, pitfalls 11-12) gets a pod with no
+  API rights and none of the operator's environment: no more than a Pod author has;
+* **placement and shared fate**: the scheduler places each pod; an operator restart leaves
+  the pods running, and the next operator adopts them (by name, owner uid and token);
+* **cleanup without us**: the pod and its token Secret are owned by the Pipeline, so the
+  garbage collector removes them even when no operator runs.
+
+Each pod's token lives in a Secret of the same name (owned by the Pipeline, mounted into
+the pod). It is never put in status, Events or logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+
+from juturna_operator import api
+from juturna_operator.engines.base import (
+    JUTURNA_STATE,
+    WHOLE_RUNTIME,
+    Exclusive,
+    InstanceInfo,
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+    apply_health,
+    confined,
+    held,
+    vacant,
+)
+from juturna_operator.engines.client import JuturnaClient
+from juturna_operator.engines.process import WARMUP_TIMEOUT_S
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PORT = 8080
+CONTAINER = "juturna"
+WORKDIR = "/var/lib/juturna"
+TOKEN_DIR = "/var/run/secrets/juturna"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "juturna-operator"}
+UID_LABEL = "juturna.io/pipeline-uid"
+NAME_LABEL = "juturna.io/pipeline"
+POD_READY_TIMEOUT_S = 300.0  # an image pull can take minutes
+POLL_S = 0.25
+DELETE_GRACE_S = 5
+# The kubelet's words for an image it cannot get.
+IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
+
+
+def pod_name(key: PipelineKey) -> str:
+    """One pod per resource; the uid part keeps a re-created resource's pod apart."""
+    return f"{key.name[:240]}-{key.uid[:8]}"
+
+
+def labels_of(key: PipelineKey) -> dict[str, str]:
+    labels = dict(MANAGED_BY) | {UID_LABEL: key.uid}
+    if len(key.name) <= 63:  # a label value's limit; longer names go by the uid label alone
+        labels[NAME_LABEL] = key.name
+    return labels
+
+
+def owner_of(key: PipelineKey) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{api.GROUP}/{api.VERSION}",
+        "kind": api.KIND,
+        "name": key.name,
+        "uid": key.uid,
+        "controller": True,
+    }
+
+
+def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": pod_name(key),
+            "namespace": key.namespace,
+            "labels": labels_of(key),
+            "ownerReferences": [owner_of(key)],
+        },
+        "type": "Opaque",
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
+
+
+def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str, Any]:
+    """The Pod for one Pipeline: restricted, no API token, the worker on ``PORT``. The
+    runtime image says where its plugins are (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
+    restricted = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": pod_name(key),
+            "namespace": key.namespace,
+            "labels": labels_of(key),
+            "annotations": {"juturna.io/revision": revision},
+            "ownerReferences": [owner_of(key)],
+        },
+        "spec": {
+            # The operator owns restarts (the Pipeline's restartPolicy): a failed pod is
+            # reported, then replaced.
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": int(settings.stop_timeout_s) + DELETE_GRACE_S,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 10001,
+                "runAsGroup": 10001,
+                "fsGroup": 10001,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": CONTAINER,
+                    "image": settings.runtime_image,
+                    "imagePullPolicy": settings.runtime_pull_policy,
+                    "command": ["python", "-m", "juturna_operator.worker"],
+                    "args": [
+                        *("--folder", WORKDIR),
+                        *("--port-file", "/tmp/juturna-port"),
+                        *("--host", "0.0.0.0", "--port", str(PORT)),
+                        *("--owner", key.uid),
+                        *("--token-file", f"{TOKEN_DIR}/token"),
+                    ],
+                    "ports": [{"name": "juturna", "containerPort": PORT}],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/operator/ready", "port": PORT},
+                        "periodSeconds": 1,
+                    },
+                    "securityContext": restricted,
+                    "volumeMounts": [
+                        {"name": "work", "mountPath": WORKDIR},
+                        {"name": "tmp", "mountPath": "/tmp"},
+                        {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "work", "emptyDir": {}},
+                {"name": "tmp", "emptyDir": {}},
+                {"name": "token", "secret": {"secretName": pod_name(key), "defaultMode": 0o440}},
+            ],
+        },
+    }
+
+
+def pod_problem(pod: dict[str, Any]) -> PipelineFailure | None:
+    """What keeps a pod from serving, in the scheduler's or the kubelet's own words."""
+    status = pod.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
+            return PipelineFailure(
+                FailureReason.Unschedulable,
+                Step.create,
+                f"pod {pod['metadata']['name']}: {cond.get('message') or 'no node fits'}",
+            )
+    for container in status.get("containerStatuses") or []:
+        state = container.get("state") or {}
+        waiting = state.get("waiting") or {}
+        if waiting.get("reason") in IMAGE_PROBLEMS:
+            return PipelineFailure(
+                FailureReason.ImagePullFailed,
+                Step.create,
+                f"{waiting['reason']}: {waiting.get('message') or container.get('image')}",
+            )
+        terminated = state.get("terminated")
+        if terminated:
+            return PipelineFailure(
+                FailureReason.NodeFailed, Step.run, describe_termination(terminated)
+            )
+    if status.get("phase") == "Failed":
+        return PipelineFailure(
+            FailureReason.NodeFailed,
+            Step.run,
+            f"pod {pod['metadata']['name']} failed: {status.get('reason') or ''} "
+            f"{status.get('message') or ''}".strip(),
+        )
+    return None
+
+
+def describe_termination(terminated: dict[str, Any]) -> str:
+    reason = terminated.get("reason") or "Terminated"
+    code = terminated.get("exitCode")
+    text = f"container {CONTAINER} {reason} (exit code {code})"
+    if reason == "OOMKilled":
+        text += ": it used more memory than its limit"
+    message = (terminated.get("message") or "").strip()
+    return f"{text}: {message[-500:]}" if message else text
+
+
+def removed_from_outside(pod: dict[str, Any] | None) -> str:
+    """Why a pod that is still listed is on its way out not by the pipeline's doing: being
+    deleted (its containers may exit 0 meanwhile), or evicted by the kubelet. Empty if not."""
+    if pod is None:
+        return ""
+    if pod["metadata"].get("deletionTimestamp"):
+        return "deleted"
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return f"evicted: {status.get('message') or 'by the kubelet'}"
+    return ""
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+@dataclass
+class _Runtime:
+    """What the engine holds for one Pipeline's pod."""
+
+    pod: str
+    revision: str
+    client: JuturnaClient
+    pipeline_id: str = ""
+    state: InstanceState = InstanceState.Created
+    gone: bool = False  # the pod is deleted or its container ended: nothing to stop
+
+
+class PodEngine(Exclusive):
+    """Runs each pipeline in a Pod of its own, in the Pipeline's namespace."""
+
+    name = "pod"
+
+    def __init__(self, settings: Settings, api_client: k8s.ApiClient) -> None:
+        super().__init__()
+        self._settings = settings
+        self._core = k8s.CoreV1Api(api_client)
+        self._runtimes: dict[PipelineKey, _Runtime] = {}
+        self._looked: set[PipelineKey] = set()  # adoption tried once per key
+
+    # -- the Kubernetes side (blocking client calls, run in threads) --
+
+    async def _call(self, method: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(method, *args, **kw)
+
+    async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
+        try:
+            pod = await self._call(self._core.read_namespaced_pod, pod_name(key), key.namespace)
+        except k8s.ApiException as err:
+            if err.status == 404:
+                return None
+            raise _api_failure(err, Step.run) from None
+        return dict(self._core.api_client.sanitize_for_serialization(pod))
+
+    async def _remove(self, key: PipelineKey) -> None:
+        """The pod (its grace period) and the Secret; gone already is fine."""
+        body = k8s.V1DeleteOptions(grace_period_seconds=DELETE_GRACE_S)
+        for delete in (self._core.delete_namespaced_pod, self._core.delete_namespaced_secret):
+            try:
+                await self._call(delete, pod_name(key), key.namespace, body=body)
+            except k8s.ApiException as err:
+                if err.status != 404:
+                    raise _api_failure(err, Step.delete) from None
+
+    async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
+        """The pod once it is Ready, or the reason it will not be."""
+        deadline = time.monotonic() + POD_READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            pod = await self._read_pod(key)
+            if pod is None:
+                raise PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    Step.create,
+                    f"pod {pod_name(key)} was deleted before it was ready",
+                )
+            problem = pod_problem(pod)
+            if problem is not None:
+                problem.step = Step.create
+                raise problem
+            if is_ready(pod):
+                return pod
+            await asyncio.sleep(POLL_S)
+        raise PipelineFailure(
+            FailureReason.RuntimeUnavailable,
+            Step.create,
+            f"pod {pod_name(key)} was not ready within {POD_READY_TIMEOUT_S:g} s",
+        )
+
+    @staticmethod
+    def _client(pod: dict[str, Any], token: str) -> JuturnaClient:
+        return JuturnaClient(f"http://{pod['status']['podIP']}:{PORT}", token=token)
+
+    # -- the Engine interface --
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+    ) -> str:
+        return await self.exclusive(key, self._create, key, confined(key, config), revision)
+
+    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        vacant(self._runtimes, key)
+        token = secrets.token_urlsafe(32)
+        try:
+            await self._call(
+                self._core.create_namespaced_secret, key.namespace, token_secret(key, token)
+            )
+            await self._call(
+                self._core.create_namespaced_pod,
+                key.namespace,
+                runtime_pod(key, revision, self._settings),
+            )
+            pod = await self._wait_serving(key)
+            client = self._client(pod, token)
+            pipeline_id = await client.create(config)
+        except k8s.ApiException as err:
+            await self._remove(key)
+            raise _api_failure(err, Step.create) from None
+        except BaseException:
+            await self._remove(key)  # a failed create leaves no half-built instance
+            raise
+        self._runtimes[key] = _Runtime(pod_name(key), revision, client, pipeline_id)
+        return pipeline_id
+
+    async def warmup(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._warmup, key)
+
+    async def _warmup(self, key: PipelineKey) -> None:
+        runtime = held(self._runtimes, key, Step.warmup)
+        await runtime.client.warmup(runtime.pipeline_id, WARMUP_TIMEOUT_S)
+        runtime.state = InstanceState.Ready
+
+    async def start(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._start, key)
+
+    async def _start(self, key: PipelineKey) -> None:
+        runtime = held(self._runtimes, key, Step.start)
+        await runtime.client.start(runtime.pipeline_id)
+        runtime.state = InstanceState.Running
+
+    async def stop(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._stop, key)
+
+    async def _stop(self, key: PipelineKey) -> None:
+        runtime = held(self._runtimes, key, Step.stop)
+        if runtime.state is InstanceState.Running and not runtime.gone:
+            timeout = self._settings.stop_timeout_s
+            try:
+                await runtime.client.stop(runtime.pipeline_id, timeout)
+            except PipelineFailure as failure:
+                if failure.reason is not FailureReason.RuntimeUnavailable:
+                    raise
+                await self._end(key)  # the cure for a hung stop: the pod goes
+                raise PipelineFailure(
+                    FailureReason.StopTimeout,
+                    Step.stop,
+                    f"stop did not finish within {timeout:g} s; pod {runtime.pod} was deleted",
+                ) from failure
+        runtime.state = InstanceState.Spent
+
+    async def delete(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._end, key)
+        self._locks.pop(key, None)
+
+    async def _end(self, key: PipelineKey) -> None:
+        runtime = self._runtimes.pop(key, None)
+        if runtime is not None:
+            if runtime.state is InstanceState.Running and not runtime.gone:
+                try:  # a bounded stop first: the nodes end their work cleanly
+                    await runtime.client.stop(runtime.pipeline_id, self._settings.stop_timeout_s)
+                except PipelineFailure as failure:
+                    log.info("stop before delete: %s", failure, extra=key.log_extra)
+            await runtime.client.close()
+        await self._remove(key)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        runtime = self._runtimes.get(key)
+        if runtime is None:
+            if key in self._looked or self.busy(key):
+                return None
+            self._looked.add(key)
+            runtime = await self.exclusive(key, self._adopt, key)
+            if runtime is None:
+                return None
+        info = InstanceInfo(key, runtime.pipeline_id, runtime.revision, runtime.state)
+        if self.busy(key):
+            return info
+        pod = await self._read_pod(key)
+        removed = removed_from_outside(pod)
+        if pod is None or removed:
+            # Deleted or evicted from outside: the infrastructure's doing, not the pipeline's.
+            runtime.gone = True
+            info.failure = PipelineFailure(
+                FailureReason.RuntimeUnavailable,
+                Step.run,
+                f"pod {runtime.pod} is gone ({removed or 'deleted'}); a new one replaces it",
+            )
+            return info
+        problem = pod_problem(pod)
+        if problem is not None:
+            runtime.gone = True
+            info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, problem.message)]
+            return info
+        try:
+            health = await runtime.client.request("GET", "/operator/health", Step.run, 2.0)
+        except PipelineFailure as failure:
+            info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, failure.message)]
+            return info
+        apply_health(info, health)
+        return info
+
+    async def _adopt(self, key: PipelineKey) -> _Runtime | None:
+        """A pod a previous operator process left for this resource: its pipeline keeps
+        running, and this process drives it from now on (no redeploy)."""
+        pod = await self._read_pod(key)
+        owner = ((pod or {}).get("metadata") or {}).get("labels", {}).get(UID_LABEL)
+        if pod is None or owner != key.uid or not is_ready(pod):
+            if pod is not None:
+                await self._remove(key)  # not serving: the lifecycle deploys anew
+            return None
+        try:
+            secret = await self._call(
+                self._core.read_namespaced_secret, pod_name(key), key.namespace
+            )
+            token = base64.b64decode(secret.data["token"]).decode()
+            client = self._client(pod, token)
+            health = await client.request("GET", "/operator/health", Step.run, 5.0)
+        except (k8s.ApiException, KeyError, PipelineFailure) as err:
+            log.warning("cannot adopt pod %s: %s", pod_name(key), err, extra=key.log_extra)
+            await self._remove(key)
+            return None
+        for entry in health.get("pipelines", []):
+            for pipeline_id, status in entry.items():
+                state = JUTURNA_STATE.get(status.get("self", ""), InstanceState.Created)
+                revision = pod["metadata"].get("annotations", {}).get("juturna.io/revision", "")
+                runtime = _Runtime(pod_name(key), revision, client, pipeline_id, state)
+                self._runtimes[key] = runtime
+                log.info("adopted pod %s", runtime.pod, extra=key.log_extra)
+                return runtime
+        await client.close()
+        await self._remove(key)
+        return None
+
+    async def list(self) -> list[InstanceInfo]:
+        infos = [await self.status(key) for key in list(self._runtimes)]
+        return [i for i in infos if i is not None]
+
+    async def sweep(self, keep: dict[str, str | None]) -> list[str]:
+        """Nothing to do: each pod is owned by its Pipeline, and the garbage collector
+        removes the pods and Secrets of deleted Pipelines, operator or not."""
+        return []
+
+    async def close(self) -> None:
+        """Leave the pods running: the next operator process adopts them."""
+        for runtime in self._runtimes.values():
+            await runtime.client.close()
+
+
+def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:
+    """The API server's refusal in its own words: 4xx means the Pod as built cannot exist
+    (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient."""
+    try:
+        message = json.loads(err.body or "").get("message") or err.reason
+    except (ValueError, AttributeError):
+        message = err.reason
+    if err.status is not None and 400 <= err.status < 500 and err.status not in (404, 409, 429):
+        return PipelineFailure(FailureReason.InvalidSpec, step, f"refused by the API: {message}")
+    return PipelineFailure(FailureReason.RuntimeUnavailable, step, f"API {err.status}: {message}")

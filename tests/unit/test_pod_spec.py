@@ -1,0 +1,159 @@
+"""The pod engine's pure parts: the Pod it builds, and how it reads a pod's troubles."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from juturna_operator.engines.base import PipelineKey
+from juturna_operator.engines.pod import (
+    pod_name,
+    pod_problem,
+    removed_from_outside,
+    runtime_pod,
+    token_secret,
+)
+from juturna_operator.reasons import FailureReason
+from juturna_operator.settings import Settings
+
+KEY = PipelineKey("team-a", "tones", "40ffacf7-0000-4000-8000-000000000000")
+SETTINGS = Settings(engine="pod", runtime_image="localhost/jo:1", stop_timeout_s=10)
+
+
+def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
+    pod = runtime_pod(KEY, "rev1", SETTINGS)
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == pod_name(KEY) == "tones-40ffacf7"
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "juturna.io/v1alpha1",
+            "kind": "Pipeline",
+            "name": "tones",
+            "uid": KEY.uid,
+            "controller": True,
+        }
+    ]
+    assert meta["labels"] == {
+        "app.kubernetes.io/managed-by": "juturna-operator",
+        "juturna.io/pipeline-uid": KEY.uid,
+        "juturna.io/pipeline": "tones",
+    }
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    assert container["image"] == "localhost/jo:1"
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert "env" not in container  # none of the operator's environment reaches the pod
+    assert {"name": "token", "secret": {"secretName": "tones-40ffacf7", "defaultMode": 0o440}} in (
+        spec["volumes"]
+    )
+
+
+def test_a_long_name_goes_by_its_uid_label_alone() -> None:
+    key = PipelineKey("team-a", "x" * 100, KEY.uid)
+    labels = runtime_pod(key, "r", SETTINGS)["metadata"]["labels"]
+    assert "juturna.io/pipeline" not in labels
+    assert labels["juturna.io/pipeline-uid"] == KEY.uid
+    assert token_secret(key, "t")["metadata"]["labels"] == labels
+
+
+def pod(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "tones-40ffacf7", **meta}, "status": status}
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "message"),
+    [
+        (
+            {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/1 nodes are available: 1 Insufficient example.com/gpu.",
+                    }
+                ],
+            },
+            FailureReason.Unschedulable,
+            "pod tones-40ffacf7: 0/1 nodes are available: 1 Insufficient example.com/gpu.",
+        ),
+        (
+            {
+                "containerStatuses": [
+                    {
+                        "image": "localhost/jo:2",
+                        "state": {
+                            "waiting": {
+                                "reason": "ErrImageNeverPull",
+                                "message": 'Container image "localhost/jo:2" is not present',
+                            }
+                        },
+                    }
+                ]
+            },
+            FailureReason.ImagePullFailed,
+            'ErrImageNeverPull: Container image "localhost/jo:2" is not present',
+        ),
+        (
+            {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {"state": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}
+                ],
+            },
+            FailureReason.NodeFailed,
+            "container juturna OOMKilled (exit code 137): it used more memory than its limit",
+        ),
+        (
+            {
+                "containerStatuses": [
+                    {
+                        "state": {
+                            "terminated": {
+                                "reason": "Error",
+                                "exitCode": 2,
+                                "message": "worker: error: --token-file is empty",
+                            }
+                        }
+                    }
+                ]
+            },
+            FailureReason.NodeFailed,
+            "container juturna Error (exit code 2): worker: error: --token-file is empty",
+        ),
+    ],
+    ids=["unschedulable", "image-not-on-node", "oom-killed", "exit-code"],
+)
+def test_a_pods_trouble_is_named_in_the_clusters_own_words(
+    status: dict[str, Any], reason: FailureReason, message: str
+) -> None:
+    problem = pod_problem(pod(status))
+    assert problem is not None
+    assert (problem.reason, problem.message) == (reason, message)
+
+
+def test_a_healthy_pending_pod_has_no_problem() -> None:
+    assert pod_problem(pod({"phase": "Pending", "conditions": []})) is None
+
+
+def test_deleted_and_evicted_pods_are_the_clusters_doing() -> None:
+    assert removed_from_outside(None) == ""
+    assert removed_from_outside(pod({}, deletionTimestamp="2026-11-30T00:00:00Z")) == "deleted"
+    evicted = pod({"phase": "Failed", "reason": "Evicted", "message": "low on memory"})
+    assert removed_from_outside(evicted) == "evicted: low on memory"
+    assert removed_from_outside(pod({"phase": "Running"})) == ""
+
+
+def test_unschedulable_waits_without_spending_restarts() -> None:
+    assert FailureReason.Unschedulable.retryable
+    assert not FailureReason.Unschedulable.counts_as_restart
+    assert FailureReason.ImagePullFailed.counts_as_restart

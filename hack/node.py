@@ -552,6 +552,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 # --- teardown, also for `make cluster-down` from the machine record --------------------------
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+    except OSError:
+        return "(gone)"
+
+
 def _link_exists(name: str) -> bool:
     return Path(f"/sys/class/net/{name}").exists()
 
@@ -588,8 +595,10 @@ def _remove_kubepods_cgroups() -> None:
 
 def teardown(root: Path, socket: Path, created: list[str]) -> None:
     """Everything after the processes: shims, mounts, netns, bridge, folders, cgroups, record."""
-    for pid in processes_mentioning(str(socket)):  # containerd's shims outlive containerd
-        stop_pid(pid, str(socket), grace_s=2)
+    # What our processes started and left: containerd's shims (they name its socket) and
+    # socat's forks, one per connection still open (they name the node's folder).
+    for pid in processes_mentioning(str(root)):
+        stop_pid(pid, str(root), grace_s=2)
     for point in reversed(_mounts_under([str(root), *created])):
         run("umount", "--lazy", point, check=False)
     for ns in _cni_netns():
@@ -608,8 +617,7 @@ def teardown(root: Path, socket: Path, created: list[str]) -> None:
 
 def leftovers(root: Path, socket: Path) -> list[str]:
     """Processes, mounts, bridge, cgroups and record a stopped node would have left."""
-    left = [f"process {pid}" for pid in processes_mentioning(str(root))]
-    left += [f"process {pid} (shim)" for pid in processes_mentioning(str(socket))]
+    left = [f"process {pid}: {_cmdline(pid)}" for pid in processes_mentioning(str(root))]
     left += [f"mount {m}" for m in _mounts_under([str(root)])]
     left += [f"netns {n}" for n in _cni_netns()]
     if _link_exists(BRIDGE):

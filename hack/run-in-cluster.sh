@@ -4,7 +4,8 @@
 #  2. builds the operator's image with podman (on a locally made base) and copies it into the
 #     node's containerd: no registry anywhere, the pod never pulls;
 #  3. helm install, operator pod Ready; kubectl apply examples/pipeline.yaml, Ready;
-#  4. shows `kubectl get pipelines`, the output growing inside the pod, and the pod's log.
+#  4. shows `kubectl get pipelines`, the pipeline's own pod (the chart's engine: pod) with its
+#     output growing, and the operator's log.
 # Ctrl-C (or RUN_SECONDS=N) deletes the pipeline and uninstalls the chart; the cluster stays
 # up for another run (stop it with make cluster-down). Called by hack/run.sh, PATH set there.
 set -euo pipefail
@@ -41,13 +42,14 @@ pod=$(kubectl get pods -n "$NS" -l app.kubernetes.io/name=juturna-operator -o js
 echo "== kubectl apply -f examples/pipeline.yaml"
 kubectl apply -f examples/pipeline.yaml
 kubectl wait --for=condition=Ready pipeline/tones --timeout=90s
-kubectl get pipelines
+kubectl get pipelines -o wide
 pid=$(kubectl get pipeline tones -o jsonpath='{.status.pipelineId}')
-out="/var/lib/juturna-operator/*_$pid/out/output.jsonl"
-echo "== the pipeline's output grows inside pod $pod ($out):"
+runtime=$(kubectl get pipeline tones -o jsonpath='{.status.pod.name}')
+out="/var/lib/juturna/*_$pid/out/output.jsonl"
+echo "== the pipeline runs in a pod of its own, $runtime; its output grows there ($out):"
 for _ in 1 2 3; do
   sleep 1
-  kubectl exec -n "$NS" "$pod" -- sh -c "printf '   %4d lines, last: %s\n' \$(cat $out | wc -l) \"\$(tail -n 1 $out)\""
+  kubectl exec "$runtime" -- sh -c "printf '   %4d lines, last: %s\n' \$(cat $out | wc -l) \"\$(tail -n 1 $out)\""
 done
 echo "== kubectl logs -n $NS $pod (last lines)"
 kubectl logs -n "$NS" "$pod" --tail=5 | sed 's/^/   /'

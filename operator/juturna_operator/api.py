@@ -183,6 +183,79 @@ class RestartPolicy(_Model):
     )
 
 
+def _pod_objects(description: str, item: str) -> Any:
+    """A list of Pod-spec objects (tolerations, env, volumes, ...): free-form here, checked
+    by the API server's dry run of the Pod."""
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={"items": {"type": "object", "description": item}},
+    )
+
+
+class ResourceRequirements(_Model):
+    """Compute resources of the pipeline's container, as in a Pod."""
+
+    requests: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Minimum resources, e.g. {cpu: 500m, memory: 1Gi}; the scheduler places "
+        "the pod where they fit.",
+    )
+    limits: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Maximum resources, e.g. {memory: 2Gi, nvidia.com/gpu: 1}; extended "
+        "resources such as GPUs are requested here.",
+    )
+
+
+class PodTemplate(_Model):
+    """Where and with what the pipeline runs, with the pod engine: the fields of a Pod that a
+    Pipeline may set. The API server checks them (a server-side dry run) before anything
+    deploys; other engines ignore them."""
+
+    resources: ResourceRequirements | None = Field(
+        default=None, description="Requests and limits of the pipeline's container."
+    )
+    nodeSelector: dict[str, str] = Field(
+        default_factory=dict, description="Labels a node must have to run the pod."
+    )
+    tolerations: list[dict[str, Any]] = _pod_objects(
+        "Pod tolerations, as in a Pod spec.", "A toleration."
+    )
+    affinity: dict[str, Any] = Field(
+        default_factory=dict, description="Pod affinity rules, as in a Pod spec."
+    )
+    priorityClassName: str | None = Field(
+        default=None, max_length=253, description="The pod's PriorityClass."
+    )
+    runtimeClassName: str | None = Field(
+        default=None, max_length=253, description="The pod's RuntimeClass (e.g. for GPUs)."
+    )
+    serviceAccountName: str | None = Field(
+        default=None,
+        max_length=253,
+        description="A ServiceAccount of the namespace for the pod. Without one the pod has "
+        "no API token at all.",
+    )
+    env: list[dict[str, Any]] = _pod_objects(
+        "Environment variables of the pipeline's container, as in a Pod spec.",
+        "An environment variable: name, and value or valueFrom.",
+    )
+    volumes: list[dict[str, Any]] = _pod_objects(
+        "Extra volumes (models, media), as in a Pod spec.", "A volume."
+    )
+    volumeMounts: list[dict[str, Any]] = _pod_objects(
+        "Where the extra volumes are mounted in the pipeline's container.", "A volume mount."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    image: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Another runtime image; only where the administrator allows overrides.",
+    )
+
+
 def _link_end_rule(end: str) -> dict[str, str]:
     """CEL: every link's ``end`` names a node; the message names the first bad link.
 
@@ -265,6 +338,11 @@ class PipelineSpec(_Model):
     restartPolicy: RestartPolicy = Field(
         default_factory=RestartPolicy, description="How runtime failures are retried."
     )
+    template: PodTemplate | None = Field(
+        default=None,
+        description="Engine pod: where and with what the pipeline's pod runs (resources, "
+        "node selection, volumes, ...). A change replaces the pod.",
+    )
 
     def revision(self) -> str:
         """A digest of what defines the pipeline itself (not ``state`` or ``restartPolicy``).
@@ -339,6 +417,13 @@ class NodeStatus(_Model):
     status: str = Field(description="Created, Configured, Running, Stopped or Failed.")
 
 
+class PodPlacement(_Model):
+    """Where the pipeline runs (engine pod)."""
+
+    name: str = Field(description="The pipeline's pod, in the Pipeline's namespace.")
+    node: str | None = Field(default=None, description="The node the scheduler placed it on.")
+
+
 class PipelineStatus(_Model):
     """What the operator observed. Written only through the status subresource."""
 
@@ -355,4 +440,7 @@ class PipelineStatus(_Model):
     nodes: list[NodeStatus] = Field(default_factory=list, description="Per-node status.")
     nodesReady: str | None = Field(
         default=None, description="Running (or warm) nodes over all nodes, e.g. 2/2."
+    )
+    pod: PodPlacement | None = Field(
+        default=None, description="The pipeline's pod and its node (engine pod only)."
     )

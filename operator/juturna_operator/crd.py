@@ -110,6 +110,13 @@ PRINTER_COLUMNS = [
         "description": "Failure reason, if the last attempt failed.",
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Node",
+        "type": "string",
+        "jsonPath": ".status.pod.node",
+        "description": "The node the pipeline's pod runs on (engine pod).",
+        "priority": 1,  # kubectl get -o wide
+    },
 ]
 
 

@@ -23,7 +23,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from juturna_operator import api
-from juturna_operator.engines import make_engine
+from juturna_operator.engines import Router, make_engine
 from juturna_operator.engines.base import Engine, PipelineKey
 from juturna_operator.metrics import Metrics
 from juturna_operator.reconciler import Reconciler, Resource
@@ -222,6 +222,23 @@ async def wake(body: kopf.Body, type: str | None, **_: Any) -> None:
     event = state.wakeups.get(uid)
     if event is not None:
         event.set()
+
+
+POD_LABELS = {"app.kubernetes.io/managed-by": "juturna-operator"}
+
+
+async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """A change of one of our pods (engine pod): the engine sees it, and its Pipeline wakes
+    at once, without waiting for its next health check. Registered by the CLI for that
+    engine only (it needs the right to watch pods)."""
+    if not isinstance(state.engine, Router):
+        return
+    pod = dict(body)
+    state.engine.observe(type or "", pod)
+    uid = (pod.get("metadata", {}).get("labels") or {}).get("juturna.io/pipeline-uid")
+    wakeup = state.wakeups.get(uid or "")
+    if wakeup is not None:
+        wakeup.set()
 
 
 # backoff: a pass that fails unexpectedly (e.g. an API error on a status write) is tried

@@ -50,6 +50,7 @@ class FailureReason(Enum):
     RuntimeUnavailable = (503, "The pipeline runtime could not be reached.")
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
+    ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")
 
     @property
     def code(self) -> int:

@@ -29,12 +29,15 @@ from juturna_operator.api import (
     NodeStatus,
     PipelineSpec,
     PipelineStatus,
+    PodPlacement,
 )
 from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
-from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
 from juturna_operator.settings import Settings
+
+log = logging.getLogger(__name__)
 
 MAX_STEPS = 16
 
@@ -325,7 +328,15 @@ class Reconciler:
         done, _ = await asyncio.wait({task}, timeout=self.settings.progress_threshold_s)
         if not done:
             await self._publish(p, info, action)
-        await task
+        try:
+            await task
+        except PipelineFailure:
+            raise
+        except Exception as exc:
+            # Never left to kopf's retry-forever with nothing in status: an error no engine
+            # foresaw is classified like any other (5xx for the step), and the user sees it.
+            log.exception("unexpected error in %s", action, extra=p.key.log_extra)
+            raise classify(exc, Step(action.value.lower())) from exc
 
     async def _act(self, p: _Pass, action: Action, spec: PipelineSpec | None) -> None:
         if action is Action.Validate:
@@ -340,14 +351,22 @@ class Reconciler:
         elif action is Action.Create:
             assert spec is not None
             config = spec.to_juturna_config(p.key.juturna_name)
-            pid = await self.engine.create(p.key, config, p.desired.revision, spec.runtime)
+            template = spec.template.model_dump(mode="json") if spec.template else None
+            pid = await self.engine.create(
+                p.key, config, p.desired.revision, spec.runtime, template
+            )
             p.done.append(("Created", f"pipeline instance {pid} created"))
+        elif action is Action.Delete:
+            # Unless the resource goes for good or stops, the engine may keep what the next
+            # deploy can reuse (the pod engine: a healthy pod).
+            release = p.resource.deleting or p.desired.state is DesiredState.Stopped
+            await self.engine.delete(p.key, release)
+            p.done.append(("Deleted", "pipeline instance deleted"))
         else:
             act, reason, message = {
                 Action.Warmup: (self.engine.warmup, "WarmedUp", "all nodes warmed up"),
                 Action.Start: (self.engine.start, "Started", "pipeline started"),
                 Action.Stop: (self.engine.stop, "Stopped", "pipeline stopped"),
-                Action.Delete: (self.engine.delete, "Deleted", "pipeline instance deleted"),
             }[action]
             await act(p.key)
             p.done.append((reason, message))
@@ -411,6 +430,7 @@ class Reconciler:
             restarts=p.mem.restarts,
             nodes=nodes,
             nodesReady=f"{sum(n.status in live for n in nodes)}/{total}",
+            pod=PodPlacement(name=info.pod[0], node=info.pod[1]) if info and info.pod else None,
         )
         # None values stay in: in a merge patch they delete a field that no longer applies.
         return status.model_dump(mode="json")

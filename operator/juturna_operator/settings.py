@@ -16,6 +16,7 @@
 | JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
 | JUTURNA_OPERATOR_RUNTIME_IMAGE           |                      | (none; needed by pod)      |
 | JUTURNA_OPERATOR_RUNTIME_PULL_POLICY     |                      | IfNotPresent               |
+| JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE    |                      | false (spec.template.image)|
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def _positive(name: str, raw: str) -> float:
     if value <= 0:
         raise SettingsError(f"{ENV_PREFIX}{name} must be positive, got {raw!r}")
     return value
+
+
+def _flag(name: str, raw: str) -> bool:
+    if raw.lower() not in ("true", "false"):
+        raise SettingsError(f"{ENV_PREFIX}{name} must be true or false, got {raw!r}")
+    return raw.lower() == "true"
 
 
 def _port(name: str, raw: str) -> int:
@@ -138,6 +145,7 @@ class Settings:
     # and the plugins; the chart sets it), and its pull policy.
     runtime_image: str = ""
     runtime_pull_policy: str = "IfNotPresent"
+    allow_image_override: bool = False  # may spec.template.image replace runtime_image?
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -161,6 +169,9 @@ class Settings:
             metrics_port=_port("METRICS_PORT", _env("METRICS_PORT", "9090")),
             runtime_image=_env("RUNTIME_IMAGE", ""),
             runtime_pull_policy=_env("RUNTIME_PULL_POLICY", defaults.runtime_pull_policy),
+            allow_image_override=_flag(
+                "ALLOW_IMAGE_OVERRIDE", _env("ALLOW_IMAGE_OVERRIDE", "false")
+            ),
         )
         settings.check()
         return settings

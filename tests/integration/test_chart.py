@@ -21,7 +21,6 @@ from support import (
     Pipelines,
     assert_sole_operator,
     binaries,
-    is_ready,
     manifest,
     pod_ready,
     wait_until,
@@ -90,7 +89,7 @@ def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
     proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "engine=docker", check=False)
     assert proc.returncode != 0
     assert "engine" in proc.stderr
-    assert "value must be one of 'process', 'inprocess', 'service'" in proc.stderr
+    assert "value must be one of 'pod', 'process', 'inprocess', 'service'" in proc.stderr
     proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "enigne=process", check=False)
     assert "additional properties 'enigne' not allowed" in proc.stderr
 
@@ -195,23 +194,38 @@ def in_pod(kubectl: Kubectl, ns: str, pod: str, script: str) -> str:
     return kubectl("exec", "-n", ns, pod, "--", "sh", "-c", script).stdout
 
 
-def assert_output_grows(kubectl: Kubectl, ns: str, pod: str, body: dict[str, Any]) -> None:
-    """The example's output file, inside the operator's pod, gains lines."""
-    out = f"/var/lib/juturna-operator/*_{body['status']['pipelineId']}/out/output.jsonl"
+def pipeline_pod(kubectl: Kubectl, ns: str, name: str) -> str:
+    """The pod engine's pod for Pipeline ``name``."""
+    selector = f"juturna.io/pipeline={name}"
+    return kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "name").stdout.strip()
+
+
+def assert_output_grows(kubectl: Kubectl, ns: str, body: dict[str, Any]) -> None:
+    """The example's output file, inside its Pipeline's own pod, gains lines."""
+    pod = pipeline_pod(kubectl, ns, body["metadata"]["name"])
+    out = f"/var/lib/juturna/*_{body['status']['pipelineId']}/out/output.jsonl"
     count = f"cat {out} | wc -l"
     first = int(in_pod(kubectl, ns, pod, count))
     wait_until(
         lambda: int(in_pod(kubectl, ns, pod, count)) > first,
         20,
-        f"the output of {body['metadata']['name']} growing inside pod {pod}",
+        f"the output of {body['metadata']['name']} growing inside {pod}",
     )
 
 
-# Worker processes in the pod (the name is split so that this script does not count itself).
+# Worker processes in a pod (the name is split so that this script does not count itself).
 WORKERS = (
     "import pathlib; w = b'juturna_operator' + b'.worker'; "
     "print(sum(w in p.read_bytes() for p in pathlib.Path('/proc').glob('[0-9]*/cmdline')))"
 )
+MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
+
+# The engine pod's rights on top of the Pipeline rules, in each watched namespace.
+POD_ENGINE_RULES = {
+    "pods": {"get", "list", "watch", "create", "delete", "patch"},
+    "pods/log": {"get"},
+    "secrets": {"get", "create", "delete"},
+}
 
 
 @pytest.mark.reliability
@@ -228,9 +242,11 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    """helm install on a real kubelet: the pod gets Ready, reconciles the example with the
-    rights of its own mounted token and no more, shows it in its logs, rolls on upgrade,
-    and leaves nothing (pod, worker, Pipeline) behind; without its status rule it says why."""
+    """helm install on a real kubelet: the operator's pod gets Ready and, with the rights of
+    its own mounted token and no more, runs the example in a pod of its own (the chart's
+    default engine), says so in its log, survives an upgrade that rolls it (the pipeline's
+    pod is adopted, never redeployed), and leaves nothing behind; without its status rule it
+    says why."""
     assert_sole_operator(control_plane.kubeconfig)
     namespaced = mode == "namespaced"
     values = ["--set", f"watchNamespaces={{{namespace}}}"] if namespaced else []
@@ -245,21 +261,26 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
 
         assert can_i("patch", "pipelines/status", "-n", namespace).strip() == "yes"
         assert can_i("list", "pipelines", "-A").strip() == ("no" if namespaced else "yes")
-        assert can_i("get", "secrets", "-n", namespace).strip() == "no"
+        assert can_i("create", "pods", "-n", namespace).strip() == "yes"
+        assert can_i("list", "secrets", "-n", namespace).strip() == "no"
+        assert can_i("update", "pods", "-n", namespace).strip() == "no"
         assert can_i("list", "customresourcedefinitions").strip() == ("no" if namespaced else "yes")
         held = held_rules(can_i("--list", "-n", namespace))
-        expected = dict(NAMESPACE_RULES) | ({} if namespaced else CLUSTER_RULES)
+        expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
         assert {r: v for r, v in held.items() if r not in EVERY_USER} == expected
 
-        # The example Pipeline, reconciled by the pod; its output grows inside the pod.
+        # The example Pipeline, in a pod of its own; its output grows there.
         pipelines = Pipelines(objects, namespace, kubectl)
         pipelines.apply(manifest("tones"))
-        body = pipelines.wait_ready("tones", timeout=90)
+        body = pipelines.wait_ready("tones", timeout=120)
         assert body["status"]["phase"] == "Running"
-        assert_output_grows(kubectl, ops, pod, body)
+        assert body["status"]["pod"]["node"] == "10.244.0.1"
+        assert_output_grows(kubectl, namespace, body)
         logs = kubectl("logs", "-n", ops, pod).stdout
-        assert f"[{namespace}/tones]" in logs, logs[-3000:]
+        assert f"[{namespace}/tones] Started: " in logs, logs[-3000:]
         assert "Traceback" not in logs, logs[-3000:]
+        workers = f'python3 -c "{WORKERS}"'
+        assert in_pod(kubectl, ops, pod, workers).strip() == "0"  # none in the operator's pod
 
         # Take away one rule, patching the status subresource: the pod's log says so.
         where = ["role", "jo", "-n", namespace] if namespaced else ["clusterrole", "jo"]
@@ -276,7 +297,7 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         expected_error = 'cannot patch resource "pipelines/status" in API group "juturna.io"'
         wait_until(
             lambda: expected_error in kubectl("logs", "-n", ops, pod).stdout,
-            30,
+            60,
             "the forbidden status patch in the pod's log",
         )
         assert f"system:serviceaccount:{ops}:jo" in kubectl("logs", "-n", ops, pod).stdout
@@ -284,7 +305,10 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         patch_role({"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
         pipelines.delete("rbac2")
         pipelines.wait_gone("rbac2", timeout=60)
-        # A value changes: the pod is replaced, and the new one serves the Pipeline again.
+
+        # A value changes: the operator's pod is replaced; the new one adopts the pipeline's
+        # pod, whose pipeline never stops (the same instance, its output still growing).
+        pipeline_pod_before = pipeline_pod(kubectl, namespace, "tones")
         helm(
             control_plane.kubeconfig,
             "upgrade",
@@ -298,24 +322,29 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         )
         new = operator_pod(kubectl, ops, other_than=pod)
         assert new != pod
-        old_id = body["status"]["pipelineId"]
-        body = pipelines.wait(
-            "tones",
-            lambda b: is_ready(b) and b["status"].get("pipelineId") != old_id,
-            timeout=90,
-            what="Ready again, deployed by the new pod",
+        wait_until(
+            lambda: "adopted pod tones-" in kubectl("logs", "-n", ops, new).stdout,
+            60,
+            "the new operator adopting the pipeline's pod",
         )
-        assert_output_grows(kubectl, ops, new, body)
         new_logs = kubectl("logs", "-n", ops, new).stdout.strip().splitlines()
-        assert new_logs, "the new pod logs nothing"
         assert all(line.startswith("{") for line in new_logs), new_logs[:5]
+        after = pipelines.wait_ready("tones", timeout=30)
+        assert after["status"]["pipelineId"] == body["status"]["pipelineId"]
+        assert pipeline_pod(kubectl, namespace, "tones") == pipeline_pod_before
+        assert_output_grows(kubectl, namespace, after)
 
-        workers = f'python3 -c "{WORKERS}"'
-        assert in_pod(kubectl, ops, new, workers).strip() == "1"  # the process engine's
         pipelines.delete("tones")
         pipelines.wait_gone("tones", timeout=60)
-        assert in_pod(kubectl, ops, new, workers).strip() == "0"
-
+        wait_until(
+            lambda: (
+                not kubectl(
+                    "get", "pods,secrets", "-n", namespace, "-l", MANAGED, "-o", "name"
+                ).stdout.strip()
+            ),
+            60,
+            "the pipeline's pod and Secret gone with it",
+        )
     # helm uninstall (in `installed`): the operator's pod goes, and nothing is left running.
     wait_until(
         lambda: not kubectl("get", "pods", "-n", ops, "-o", "name").stdout.strip(),

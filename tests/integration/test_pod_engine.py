@@ -11,7 +11,17 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from support import Kubectl, Operator, Pipelines, assert_sole_operator, manifest, wait_until
+from support import (
+    REPO,
+    Kubectl,
+    Operator,
+    Pipelines,
+    assert_sole_operator,
+    faulty,
+    is_ready,
+    manifest,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
 MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
@@ -77,6 +87,11 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
         }
     ]
     assert pod["metadata"]["labels"]["juturna.io/pipeline"] == "tones"
+    node = pod["spec"]["nodeName"]
+    assert body["status"]["pod"] == {"name": name, "node": node}
+    wide = kubectl("get", "pipelines", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[-1] == "NODE"
+    assert wide[1].split()[-1] == node
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert not any("kube-api-access" in v["name"] for v in spec["volumes"])
@@ -91,12 +106,31 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     events = json.dumps(pipelines.events("tones"))
     assert token not in json.dumps(pipelines.get("tones")) + events + pod_operator.log_text()
 
-    # Ready keeps the pod, warm; Stopped removes the pod and its Secret.
+    # Ready keeps the pod, warm; back to Running, and a change of configuration alone,
+    # redeploy inside that same pod; Stopped removes the pod and its Secret.
+    def same_pod() -> list[str]:
+        return [p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace)]
+
     pipelines.patch_spec("tones", {"state": "Ready"})
     body = pipelines.wait_phase("tones", "Ready", timeout=60)
-    assert [p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace)] == [
-        pod["metadata"]["uid"]
-    ]
+    assert same_pod() == [pod["metadata"]["uid"]]
+    pipelines.patch_spec("tones", {"state": "Running"})
+    body = pipelines.wait_phase("tones", "Running", timeout=60)
+    assert body["status"]["pipelineId"] != pipeline_id
+    assert same_pod() == [pod["metadata"]["uid"]]
+    assert_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
+    nodes = [dict(n) for n in pipelines.get("tones")["spec"]["nodes"]]
+    nodes[1]["configuration"] = {**nodes[1]["configuration"], "label": "changed"}
+    pipelines.patch_spec("tones", {"nodes": nodes})
+    before = body["status"]["pipelineId"]
+    body = pipelines.wait(
+        "tones",
+        lambda b: is_ready(b) and b["status"].get("pipelineId") != before,
+        60,
+        "Running the new configuration",
+    )
+    assert same_pod() == [pod["metadata"]["uid"]]
+    assert_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
     pipelines.patch_spec("tones", {"state": "Stopped"})
     pipelines.wait_phase("tones", "Stopped", timeout=60)
     wait_until(
@@ -205,3 +239,117 @@ def test_a_runtime_image_missing_from_the_node_is_image_pull_failed(
         30,
         "no pod and no Secret after the failed create",
     )
+
+
+def set_node_gpus(kubectl: Kubectl, node: str, count: int | None) -> None:
+    """Advertise ``count`` of the extended resource example.com/gpu on the node (None: no
+    longer), as Kubernetes documents for resources no device plugin manages."""
+    path = "/status/capacity/example.com~1gpu"
+    op = (
+        {"op": "remove", "path": path}
+        if count is None
+        else {"op": "add", "path": path, "value": str(count)}
+    )
+    kubectl("patch", "node", node, "--subresource=status", "--type=json", "-p", json.dumps([op]))
+
+
+def gpus(n: int) -> dict[str, Any]:
+    return {"resources": {"requests": {"example.com/gpu": n}, "limits": {"example.com/gpu": n}}}
+
+
+@pytest.mark.timeout(300)
+def test_an_unschedulable_pipeline_waits_then_runs_once_a_node_fits(
+    pod_operator: Operator,
+    node: Any,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    pipelines = Pipelines(objects, namespace, kubectl)
+    policy = {"maxRestarts": 0, "backoffSeconds": 1}
+    set_node_gpus(kubectl, node.name, 2)
+    try:
+        pipelines.apply(manifest("fits", template=gpus(1), restartPolicy=policy))
+        body = pipelines.wait_ready("fits", timeout=120)
+        assert body["status"]["phase"] == "Running"
+        pipelines.apply(manifest("waits", template=gpus(3), restartPolicy=policy))
+        body = pipelines.wait(
+            "waits",
+            lambda b: (b.get("status", {}).get("failure") or {}).get("reason") == "Unschedulable",
+            60,
+            "Unschedulable",
+        )
+        assert body["status"]["phase"] == "Pending"
+        assert body["status"]["failure"]["code"] == 503
+        assert "Insufficient example.com/gpu" in body["status"]["failure"]["message"]
+        set_node_gpus(kubectl, node.name, 4)
+        body = pipelines.wait_ready("waits", timeout=120)
+        assert body["status"]["phase"] == "Running"
+        assert body["status"].get("restarts", 0) == 0
+    finally:
+        for name in ("fits", "waits"):
+            pipelines.delete(name)
+        for name in ("fits", "waits"):
+            pipelines.wait_gone(name, timeout=60)
+        set_node_gpus(kubectl, node.name, None)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """The faulty plugins reach the pod through a hostPath volume (the image has only the
+    example's); the hog keeps 64 MiB per message under a 256 MiB limit."""
+    plugins = str(REPO / "tests" / "plugins")
+    template = {
+        "resources": {"limits": {"memory": "256Mi"}, "requests": {"memory": "256Mi"}},
+        "volumes": [{"name": "faulty", "hostPath": {"path": plugins, "type": "Directory"}}],
+        "volumeMounts": [{"name": "faulty", "mountPath": "/test-plugins", "readOnly": True}],
+        "env": [{"name": "JUTURNA_OPERATOR_PLUGIN_PATH", "value": "/plugins:/test-plugins"}],
+    }
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(
+        faulty(
+            "hog",
+            ("src", "source", "ticker", {"rate": 4}),
+            ("hog", "proc", "hog", {"mib_per_message": 64}),
+            ("out", "sink", "jsonl", {"file": "output.jsonl"}),
+            template=template,
+            restartPolicy={"maxRestarts": 1, "backoffSeconds": 0.5},
+        )
+    )
+    body = pipelines.wait_phase("hog", "Failed", timeout=180)
+    assert body["status"]["failure"] == {
+        "reason": "NodeFailed",
+        "code": 500,
+        "step": "run",
+        "message": "container juturna OOMKilled (exit code 137): it used more memory than "
+        "its limit",
+    }
+    assert body["status"]["restarts"] == 1  # one new pod, then the policy was spent
+    events = pipelines.events("hog")
+    assert any(reason == "Restarting" for _, reason, _ in events), events
+
+
+@pytest.mark.timeout(120)
+def test_a_pod_the_api_server_refuses_is_invalid_spec_before_anything_exists(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    template = {
+        "volumes": [{"name": "host", "hostPath": {"path": "/etc"}}],
+        "volumeMounts": [{"name": "host", "mountPath": "/host"}],
+    }
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(manifest("escape", template=template))
+    body = pipelines.wait_phase("escape", "Failed", timeout=60)
+    failure = body["status"]["failure"]
+    assert (failure["reason"], failure["code"], failure["step"]) == ("InvalidSpec", 422, "create")
+    uid8 = body["metadata"]["uid"][:8]
+    assert failure["message"] == (
+        f'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
+        'violates PodSecurity "restricted:latest": restricted volume types '
+        '(volume "host" uses restricted volume type "hostPath")'
+    )
+    assert not managed(kubectl, "pods", namespace)
+    assert not managed(kubectl, "secrets", namespace)

@@ -12,6 +12,7 @@ from juturna_operator.engines.pod import (
     pod_problem,
     removed_from_outside,
     runtime_pod,
+    template_hash,
     token_secret,
 )
 from juturna_operator.reasons import FailureReason
@@ -157,3 +158,60 @@ def test_unschedulable_waits_without_spending_restarts() -> None:
     assert FailureReason.Unschedulable.retryable
     assert not FailureReason.Unschedulable.counts_as_restart
     assert FailureReason.ImagePullFailed.counts_as_restart
+
+
+TEMPLATE: dict[str, Any] = {
+    "resources": {"requests": {"memory": "256Mi"}, "limits": {"example.com/gpu": 1}},
+    "nodeSelector": {"disk": "ssd"},
+    "tolerations": [{"key": "gpu", "operator": "Exists"}],
+    "affinity": {},
+    "priorityClassName": None,
+    "runtimeClassName": "nvidia",
+    "serviceAccountName": None,
+    "env": [{"name": "MODEL", "value": "/models/x"}],
+    "volumes": [{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+    "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+    "labels": {"team": "a", "juturna.io/pipeline-uid": "spoofed"},
+    "annotations": {"note": "x"},
+    "image": None,
+}
+
+
+def test_the_template_adds_to_the_pod_and_never_replaces_what_the_operator_needs() -> None:
+    pod = runtime_pod(KEY, "rev1", SETTINGS, TEMPLATE)
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    assert container["resources"] == {
+        "requests": {"memory": "256Mi"},
+        "limits": {"example.com/gpu": "1"},  # a quantity is a string in a Pod
+    }
+    assert container["env"] == TEMPLATE["env"]
+    assert container["volumeMounts"][-1] == TEMPLATE["volumeMounts"][0]
+    assert spec["volumes"][-1] == TEMPLATE["volumes"][0]
+    assert [v["name"] for v in spec["volumes"]][:3] == ["work", "tmp", "token"]
+    assert spec["nodeSelector"] == {"disk": "ssd"}
+    assert spec["tolerations"] == TEMPLATE["tolerations"]
+    assert spec["runtimeClassName"] == "nvidia"
+    assert "affinity" not in spec  # empty: left out
+    assert "priorityClassName" not in spec
+    assert spec["automountServiceAccountToken"] is False
+    assert pod["metadata"]["labels"]["team"] == "a"
+    assert pod["metadata"]["labels"]["juturna.io/pipeline-uid"] == KEY.uid  # ours win
+    assert pod["metadata"]["annotations"]["note"] == "x"
+    assert container["image"] == "localhost/jo:1"
+
+
+def test_a_named_service_account_is_the_only_way_to_an_api_token() -> None:
+    pod = runtime_pod(KEY, "r", SETTINGS, {**TEMPLATE, "serviceAccountName": "reader"})
+    assert pod["spec"]["serviceAccountName"] == "reader"
+    assert pod["spec"]["automountServiceAccountToken"] is True
+
+
+def test_a_template_change_means_another_pod() -> None:
+    same = template_hash(TEMPLATE, SETTINGS)
+    assert same == template_hash(dict(TEMPLATE), SETTINGS)
+    assert same != template_hash({**TEMPLATE, "nodeSelector": {}}, SETTINGS)
+    other_image = Settings(engine="pod", runtime_image="localhost/jo:2")
+    assert same != template_hash(TEMPLATE, other_image)
+    annotations = runtime_pod(KEY, "r", SETTINGS, TEMPLATE)["metadata"]["annotations"]
+    assert annotations["juturna.io/template"] == same

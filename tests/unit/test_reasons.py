@@ -34,6 +34,7 @@ EXPECTED_CODES = {
     "RuntimeUnavailable": 503,
     "Unschedulable": 503,
     "ImagePullFailed": 502,
+    "ImageNotAllowed": 403,
 }
 
 

@@ -15,6 +15,19 @@ app.kubernetes.io/name: juturna-operator
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* The operator's image, and the runtime image of engine pod (the same unless set). */}}
+{{- define "juturna-operator.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "juturna-operator.runtimeImage" -}}
+{{- if .Values.runtimeImage.repository -}}
+{{ .Values.runtimeImage.repository }}:{{ .Values.runtimeImage.tag | default .Chart.AppVersion }}
+{{- else -}}
+{{ include "juturna-operator.image" . }}
+{{- end -}}
+{{- end -}}
+
 {{/* What the operator does with Pipelines and Events: the same in both RBAC modes. */}}
 {{- define "juturna-operator.pipelineRules" -}}
 - apiGroups: [juturna.io]
@@ -26,6 +39,19 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- if eq .Values.engine "pod" }}
+{{- /* Engine pod: a Pod and its token Secret per Pipeline; the watch on those pods; the
+     pods' logs for whoever debugs through the operator's account. */}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete, patch]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, delete]
+{{- end }}
 {{- end -}}
 
 {{/* JUTURNA_OPERATOR_RUNTIMES: URLs from values; tokens as files from mounted Secrets. */}}

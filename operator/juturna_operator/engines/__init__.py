@@ -47,10 +47,15 @@ class Router:
         return self._owner.get(key, self._default)
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
         engine = self._service if runtime and self._service else self._default
-        pipeline_id = await engine.create(key, config, revision, runtime)
+        pipeline_id = await engine.create(key, config, revision, runtime, template)
         self._owner[key] = engine
         return pipeline_id
 
@@ -63,14 +68,20 @@ class Router:
     async def stop(self, key: PipelineKey) -> None:
         await self._for(key).stop(key)
 
-    async def delete(self, key: PipelineKey) -> None:
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
         owner = self._owner.get(key)
         if owner is not None:
-            await owner.delete(key)
+            await owner.delete(key, release)
         else:  # a create may still be in flight on either: each waits for its own
             for engine in filter(None, (self._default, self._service)):
-                await engine.delete(key)
+                await engine.delete(key, release)
         self._owner.pop(key, None)
+
+    def observe(self, event: str, body: dict[str, Any]) -> None:
+        """A watch event for a pod of the pod engine (handlers.pod_event)."""
+        observe = getattr(self._default, "observe", None)
+        if observe is not None:
+            observe(event, body)
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         info = await self._for(key).status(key)

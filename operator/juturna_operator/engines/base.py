@@ -190,6 +190,7 @@ class InstanceInfo:
     nodes: dict[str, str] = field(default_factory=dict)  # name -> Created|Configured|Running|...
     crashes: list[NodeCrash] = field(default_factory=list)
     failure: PipelineFailure | None = None  # the runtime could not be asked (e.g. unreachable)
+    pod: tuple[str, str | None] | None = None  # engine pod: (pod name, node name)
 
 
 class Engine(Protocol):
@@ -198,11 +199,17 @@ class Engine(Protocol):
     name: str
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
         """Register a new instance from Juturna's config dict; return its pipeline id.
 
-        ``runtime`` is ``spec.runtime``: only the service engine uses it."""
+        ``runtime`` is ``spec.runtime``: only the service engine uses it. ``template`` is
+        ``spec.template``: only the pod engine uses it."""
 
     async def warmup(self, key: PipelineKey) -> None: ...
 
@@ -211,8 +218,12 @@ class Engine(Protocol):
     async def stop(self, key: PipelineKey) -> None:
         """Stop within the engine's stop timeout, else raise ``StopTimeout``."""
 
-    async def delete(self, key: PipelineKey) -> None:
-        """Remove the instance and its folder; stop it first if it runs. Idempotent."""
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+        """Remove the instance and its folder; stop it first if it runs. Idempotent.
+
+        ``release=False``: the same resource is about to be deployed again (a new revision,
+        or Running after a stop); an engine may keep what it can reuse for that (the pod
+        engine keeps a healthy pod). Deletion, ``Stopped`` and failures release."""
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None: ...
 

@@ -209,7 +209,12 @@ class InProcessEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
         return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
@@ -293,7 +298,7 @@ class InProcessEngine(Exclusive):
         if pipeline is not None and pipeline.pipe_path:
             shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
 
-    async def delete(self, key: PipelineKey) -> None:
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
         await self.exclusive(key, self._delete, key)
         self._locks.pop(key, None)
 

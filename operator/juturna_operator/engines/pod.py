@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -58,10 +60,14 @@ WORKDIR = "/var/lib/juturna"
 TOKEN_DIR = "/var/run/secrets/juturna"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "juturna-operator"}
 UID_LABEL = "juturna.io/pipeline-uid"
+TEMPLATE_ANNOTATION = "juturna.io/template"
 NAME_LABEL = "juturna.io/pipeline"
 POD_READY_TIMEOUT_S = 300.0  # an image pull can take minutes
-POLL_S = 0.25
+POLL_S = 0.25  # without a watch (before its first event)
+FALLBACK_POLL_S = 5.0  # with the watch: only in case an event is missed
+ENDED_WAIT_S = 3.0  # how long a silent worker's pod may take to show its container ended
 DELETE_GRACE_S = 5
+IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
 # The kubelet's words for an image it cannot get.
 IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 
@@ -103,9 +109,37 @@ def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
     }
 
 
-def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str, Any]:
-    """The Pod for one Pipeline: restricted, no API token, the worker on ``PORT``. The
-    runtime image says where its plugins are (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
+def template_hash(template: dict[str, Any] | None, settings: Settings) -> str:
+    """What a pod was made from: a pod is reused for a redeploy only if this is unchanged."""
+    made_from = {"template": template or {}, "image": settings.runtime_image}
+    return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def runtime_pod(
+    key: PipelineKey, revision: str, settings: Settings, template: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The Pod for one Pipeline: restricted, no API token, the worker on ``PORT``, with what
+    ``spec.template`` adds. The runtime image says where its plugins are
+    (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
+    t = template or {}
+    # Quantities as strings (YAML's `nvidia.com/gpu: 1` is a number; a Pod wants "1").
+    resources = {
+        kind: {name: str(q) for name, q in amounts.items()}
+        for kind, amounts in (t.get("resources") or {}).items()
+        if amounts
+    }
+    placement = {
+        k: t[k]
+        for k in (
+            "nodeSelector",
+            "tolerations",
+            "affinity",
+            "priorityClassName",
+            "runtimeClassName",
+            "serviceAccountName",
+        )
+        if t.get(k)
+    }
     restricted = {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -117,15 +151,18 @@ def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str
         "metadata": {
             "name": pod_name(key),
             "namespace": key.namespace,
-            "labels": labels_of(key),
-            "annotations": {"juturna.io/revision": revision},
+            "labels": (t.get("labels") or {}) | labels_of(key),
+            "annotations": (t.get("annotations") or {})
+            | {"juturna.io/revision": revision, TEMPLATE_ANNOTATION: template_hash(t, settings)},
             "ownerReferences": [owner_of(key)],
         },
-        "spec": {
+        "spec": placement
+        | {
             # The operator owns restarts (the Pipeline's restartPolicy): a failed pod is
             # reported, then replaced.
             "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
+            # An API token only for a ServiceAccount the Pipeline names.
+            "automountServiceAccountToken": bool(t.get("serviceAccountName")),
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": int(settings.stop_timeout_s) + DELETE_GRACE_S,
             "securityContext": {
@@ -138,7 +175,7 @@ def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str
             "containers": [
                 {
                     "name": CONTAINER,
-                    "image": settings.runtime_image,
+                    "image": t.get("image") or settings.runtime_image,
                     "imagePullPolicy": settings.runtime_pull_policy,
                     "command": ["python", "-m", "juturna_operator.worker"],
                     "args": [
@@ -149,6 +186,8 @@ def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str
                         *("--token-file", f"{TOKEN_DIR}/token"),
                     ],
                     "ports": [{"name": "juturna", "containerPort": PORT}],
+                    **({"resources": resources} if resources else {}),
+                    **({"env": t["env"]} if t.get("env") else {}),
                     "readinessProbe": {
                         "httpGet": {"path": "/operator/ready", "port": PORT},
                         "periodSeconds": 1,
@@ -158,6 +197,7 @@ def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str
                         {"name": "work", "mountPath": WORKDIR},
                         {"name": "tmp", "mountPath": "/tmp"},
                         {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                        *(t.get("volumeMounts") or []),
                     ],
                 }
             ],
@@ -165,6 +205,7 @@ def runtime_pod(key: PipelineKey, revision: str, settings: Settings) -> dict[str
                 {"name": "work", "emptyDir": {}},
                 {"name": "tmp", "emptyDir": {}},
                 {"name": "token", "secret": {"secretName": pod_name(key), "defaultMode": 0o440}},
+                *(t.get("volumes") or []),
             ],
         },
     }
@@ -242,6 +283,10 @@ class _Runtime:
     pipeline_id: str = ""
     state: InstanceState = InstanceState.Created
     gone: bool = False  # the pod is deleted or its container ended: nothing to stop
+    healthy: bool = True  # no node thread has died in it
+    node: str | None = None  # where the scheduler placed it
+    template: str = ""  # template_hash of what it was made from
+    idle_since: float = 0.0  # kept for the next deploy of this resource (see delete)
 
 
 class PodEngine(Exclusive):
@@ -254,12 +299,42 @@ class PodEngine(Exclusive):
         self._settings = settings
         self._core = k8s.CoreV1Api(api_client)
         self._runtimes: dict[PipelineKey, _Runtime] = {}
+        self._idle: dict[PipelineKey, _Runtime] = {}  # healthy pods, their pipeline deleted
         self._looked: set[PipelineKey] = set()  # adoption tried once per key
+        # The watch on our pods (handlers.pod_event) keeps the latest body of each, by the
+        # Pipeline's uid (None: deleted), and wakes whoever waits for a change: no polling.
+        self._seen: dict[str, dict[str, Any] | None] = {}
+        self._changes: dict[str, asyncio.Event] = {}
+        self.watched = False  # set once the watch delivers; until then, reads go to the API
 
     # -- the Kubernetes side (blocking client calls, run in threads) --
 
     async def _call(self, method: Any, *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(method, *args, **kw)
+
+    def observe(self, event: str, pod: dict[str, Any]) -> None:
+        """A watch event for one of our pods: remember it, wake its waiters."""
+        uid = ((pod.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)
+        if not uid:
+            return
+        self.watched = True
+        self._seen[uid] = None if event == "DELETED" else pod
+        self._changes.setdefault(uid, asyncio.Event()).set()
+
+    async def _pod(self, key: PipelineKey) -> dict[str, Any] | None:
+        """The pod as the watch last saw it; from the API when the watch has not yet."""
+        if self.watched and key.uid in self._seen:
+            pod = self._seen[key.uid]
+            if pod is None or pod["metadata"].get("name") == pod_name(key):
+                return pod
+        return await self._read_pod(key)
+
+    async def _changed(self, key: PipelineKey) -> None:
+        """Until the watch reports a change of this pod; the caller bounds the wait (in case
+        an event is missed, or before the watch has delivered anything)."""
+        event = self._changes.setdefault(key.uid, asyncio.Event())
+        event.clear()
+        await event.wait()
 
     async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
         try:
@@ -283,8 +358,8 @@ class PodEngine(Exclusive):
     async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
         """The pod once it is Ready, or the reason it will not be."""
         deadline = time.monotonic() + POD_READY_TIMEOUT_S
+        pod = await self._read_pod(key)  # the first look: the watch may lag the create
         while time.monotonic() < deadline:
-            pod = await self._read_pod(key)
             if pod is None:
                 raise PipelineFailure(
                     FailureReason.RuntimeUnavailable,
@@ -297,12 +372,35 @@ class PodEngine(Exclusive):
                 raise problem
             if is_ready(pod):
                 return pod
-            await asyncio.sleep(POLL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FALLBACK_POLL_S if self.watched else POLL_S):
+                    await self._changed(key)
+            pod = await self._pod(key)
         raise PipelineFailure(
             FailureReason.RuntimeUnavailable,
             Step.create,
             f"pod {pod_name(key)} was not ready within {POD_READY_TIMEOUT_S:g} s",
         )
+
+    async def _ended(self, key: PipelineKey) -> PipelineFailure | None:
+        """Why the pod's worker stopped answering, if its container ended (OOMKilled, an
+        exit) or the pod is going: the kubelet reports it within about a second."""
+        deadline = time.monotonic() + ENDED_WAIT_S
+        while True:
+            pod = await self._read_pod(key)
+            removed = removed_from_outside(pod)
+            if pod is None or removed:
+                return PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    Step.run,
+                    f"pod {pod_name(key)} is gone ({removed or 'deleted'})",
+                )
+            problem = pod_problem(pod)
+            if problem is not None or time.monotonic() >= deadline:
+                return problem
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_S * 2):
+                    await self._changed(key)
 
     @staticmethod
     def _client(pod: dict[str, Any], token: str) -> JuturnaClient:
@@ -311,22 +409,61 @@ class PodEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
-        return await self.exclusive(key, self._create, key, confined(key, config), revision)
+        return await self.exclusive(
+            key, self._create, key, confined(key, config), revision, template
+        )
 
-    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+    async def _create(
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        template: dict[str, Any] | None,
+    ) -> str:
         vacant(self._runtimes, key)
+        if (template or {}).get("image") and not self._settings.allow_image_override:
+            raise PipelineFailure(
+                FailureReason.ImageNotAllowed,
+                Step.create,
+                "spec.template.image is set, but the administrator does not allow image "
+                "overrides (JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE)",
+            )
+        made_from = template_hash(template, self._settings)
+        idle = self._idle.pop(key, None)
+        if idle is not None and idle.template == made_from:
+            return await self._redeploy(key, idle, config, revision)
+        if idle is not None:  # another template: another pod
+            self._idle[key] = idle
+            await self._end(key)
+        pod_body = runtime_pod(key, revision, self._settings, template)
+        try:
+            # What the API server (and its admission, Pod Security included) would refuse,
+            # it refuses now, before anything exists: InvalidSpec with its own message.
+            await self._call(
+                self._core.create_namespaced_pod, key.namespace, pod_body, dry_run="All"
+            )
+        except k8s.ApiException as err:
+            raise _api_failure(err, Step.create) from None
+        except ValueError as err:  # the client's own check of the Pod, before any request
+            raise PipelineFailure(
+                FailureReason.InvalidSpec,
+                Step.create,
+                f"the pipeline's pod is not a valid Pod: {str(err).splitlines()[0]} "
+                f"({'; '.join(str(err).splitlines()[1:3])})",
+            ) from None
         token = secrets.token_urlsafe(32)
         try:
             await self._call(
                 self._core.create_namespaced_secret, key.namespace, token_secret(key, token)
             )
-            await self._call(
-                self._core.create_namespaced_pod,
-                key.namespace,
-                runtime_pod(key, revision, self._settings),
-            )
+            await self._call(self._core.create_namespaced_pod, key.namespace, pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
             pipeline_id = await client.create(config)
@@ -336,8 +473,31 @@ class PodEngine(Exclusive):
         except BaseException:
             await self._remove(key)  # a failed create leaves no half-built instance
             raise
-        self._runtimes[key] = _Runtime(pod_name(key), revision, client, pipeline_id)
+        node = (pod.get("spec") or {}).get("nodeName")
+        self._runtimes[key] = _Runtime(
+            pod_name(key), revision, client, pipeline_id, node=node, template=made_from
+        )
         return pipeline_id
+
+    async def _redeploy(
+        self, key: PipelineKey, runtime: _Runtime, config: dict[str, Any], revision: str
+    ) -> str:
+        """A new instance in the pod the last one left: no new pod, no image start."""
+        try:
+            runtime.pipeline_id = await runtime.client.create(config)
+            await self._call(
+                self._core.patch_namespaced_pod,
+                runtime.pod,
+                key.namespace,
+                {"metadata": {"annotations": {"juturna.io/revision": revision}}},
+            )
+        except BaseException:
+            await runtime.client.close()
+            await self._remove(key)
+            raise
+        runtime.revision, runtime.state = revision, InstanceState.Created
+        self._runtimes[key] = runtime
+        return runtime.pipeline_id
 
     async def warmup(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._warmup, key)
@@ -367,6 +527,9 @@ class PodEngine(Exclusive):
             except PipelineFailure as failure:
                 if failure.reason is not FailureReason.RuntimeUnavailable:
                     raise
+                if await self._ended(key) is not None:  # nothing runs there any more
+                    runtime.gone, runtime.state = True, InstanceState.Spent
+                    return
                 await self._end(key)  # the cure for a hung stop: the pod goes
                 raise PipelineFailure(
                     FailureReason.StopTimeout,
@@ -375,11 +538,35 @@ class PodEngine(Exclusive):
                 ) from failure
         runtime.state = InstanceState.Spent
 
-    async def delete(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._end, key)
-        self._locks.pop(key, None)
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+        if release:
+            await self.exclusive(key, self._end, key)
+            self._locks.pop(key, None)
+        else:
+            await self.exclusive(key, self._park, key)
+
+    async def _park(self, key: PipelineKey) -> None:
+        """Delete the pipeline but keep its pod, if healthy, for the deploy that follows."""
+        runtime = self._runtimes.get(key)
+        if runtime is None or runtime.gone or not runtime.healthy:
+            await self._end(key)
+            return
+        try:
+            if runtime.state is InstanceState.Running:
+                await runtime.client.stop(runtime.pipeline_id, self._settings.stop_timeout_s)
+            await runtime.client.delete(runtime.pipeline_id, self._settings.stop_timeout_s)
+        except PipelineFailure as failure:
+            log.info("not keeping pod %s: %s", runtime.pod, failure, extra=key.log_extra)
+            await self._end(key)
+            return
+        del self._runtimes[key]
+        runtime.pipeline_id, runtime.idle_since = "", time.monotonic()
+        self._idle[key] = runtime
 
     async def _end(self, key: PipelineKey) -> None:
+        idle = self._idle.pop(key, None)
+        if idle is not None:
+            await idle.client.close()
         runtime = self._runtimes.pop(key, None)
         if runtime is not None:
             if runtime.state is InstanceState.Running and not runtime.gone:
@@ -392,6 +579,11 @@ class PodEngine(Exclusive):
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         runtime = self._runtimes.get(key)
+        idle = self._idle.get(key)
+        if idle is not None and not self.busy(key):
+            if time.monotonic() - idle.idle_since > IDLE_S:
+                await self.exclusive(key, self._end, key)
+            return None
         if runtime is None:
             if key in self._looked or self.busy(key):
                 return None
@@ -400,9 +592,13 @@ class PodEngine(Exclusive):
             if runtime is None:
                 return None
         info = InstanceInfo(key, runtime.pipeline_id, runtime.revision, runtime.state)
+        info.pod = (runtime.pod, runtime.node)
         if self.busy(key):
             return info
-        pod = await self._read_pod(key)
+        pod = await self._pod(key)
+        if pod is not None:
+            runtime.node = (pod.get("spec") or {}).get("nodeName")
+            info.pod = (runtime.pod, runtime.node)
         removed = removed_from_outside(pod)
         if pod is None or removed:
             # Deleted or evicted from outside: the infrastructure's doing, not the pipeline's.
@@ -421,9 +617,13 @@ class PodEngine(Exclusive):
         try:
             health = await runtime.client.request("GET", "/operator/health", Step.run, 2.0)
         except PipelineFailure as failure:
-            info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, failure.message)]
+            ended = await self._ended(key)  # the kubelet's words beat "cannot connect"
+            runtime.gone = ended is not None
+            cause = ended.message if ended is not None else failure.message
+            info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, cause)]
             return info
         apply_health(info, health)
+        runtime.healthy = not info.crashes
         return info
 
     async def _adopt(self, key: PipelineKey) -> _Runtime | None:
@@ -451,6 +651,8 @@ class PodEngine(Exclusive):
                 state = JUTURNA_STATE.get(status.get("self", ""), InstanceState.Created)
                 revision = pod["metadata"].get("annotations", {}).get("juturna.io/revision", "")
                 runtime = _Runtime(pod_name(key), revision, client, pipeline_id, state)
+                runtime.node = (pod.get("spec") or {}).get("nodeName")
+                runtime.template = pod["metadata"]["annotations"].get(TEMPLATE_ANNOTATION, "")
                 self._runtimes[key] = runtime
                 log.info("adopted pod %s", runtime.pod, extra=key.log_extra)
                 return runtime
@@ -481,5 +683,7 @@ def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:
     except (ValueError, AttributeError):
         message = err.reason
     if err.status is not None and 400 <= err.status < 500 and err.status not in (404, 409, 429):
-        return PipelineFailure(FailureReason.InvalidSpec, step, f"refused by the API: {message}")
+        return PipelineFailure(
+            FailureReason.InvalidSpec, step, f"the API server refuses the pipeline's pod: {message}"
+        )
     return PipelineFailure(FailureReason.RuntimeUnavailable, step, f"API {err.status}: {message}")

@@ -319,7 +319,12 @@ class ProcessEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
         return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
@@ -382,7 +387,7 @@ class ProcessEngine(Exclusive):
             ) from failure
         await self._set_state(worker, InstanceState.Spent)
 
-    async def delete(self, key: PipelineKey) -> None:
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
         worker = self._workers.get(key)
         if worker is not None and self.busy(key):
             # A deletion does not wait out a long warmup: ending the process makes the

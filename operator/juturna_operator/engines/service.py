@@ -77,7 +77,12 @@ class ServiceEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str | None = None
+        self,
+        key: PipelineKey,
+        config: dict[str, Any],
+        revision: str,
+        runtime: str | None = None,
+        template: dict[str, Any] | None = None,
     ) -> str:
         runtime = runtime or self._settings.default_runtime
         if runtime not in self._runtimes:
@@ -141,7 +146,7 @@ class ServiceEngine(Exclusive):
                 ) from failure
         remote.state = InstanceState.Spent
 
-    async def delete(self, key: PipelineKey) -> None:
+    async def delete(self, key: PipelineKey, release: bool = True) -> None:
         await self.exclusive(key, self._delete, key)
         self._locks.pop(key, None)
 

@@ -208,6 +208,7 @@ class OperatorProcess:
     base: Path
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the pod engine's image
 
     @property
     def workdir(self) -> Path:
@@ -225,6 +226,7 @@ class OperatorProcess:
             "JUTURNA_OPERATOR_WORKDIR": str(self.workdir),
             "JUTURNA_OPERATOR_PLUGIN_PATH": str(REPO / "examples" / "plugins"),
             "JUTURNA_OPERATOR_METRICS_PORT": str(self.metrics_port),
+            **self.extra_env,
         }
         offset = self.log.stat().st_size if self.log.exists() else 0
         command = [sys.executable, "-m", "juturna_operator.cli", "run", "-n", self.namespace]

@@ -635,6 +635,55 @@ def ctr(socket: Path, *args: str, check: bool = True, timeout: float = 60):
     return run("ctr", "--address", str(socket), "-n", "k8s.io", *args, check=check, timeout=timeout)
 
 
+# setrlimit is refused above these limits here (../shared/PLATFORM.md).
+PODMAN_LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+BASE_IMAGE = "localhost/juturna-operator-base:python3.12"
+
+
+class ImageUnavailable(NodeError):
+    """This machine cannot build or run images (a tool missing, containers refused)."""
+
+
+def build_operator_image(image: str) -> str:
+    """The operator's image, built by podman from the Dockerfile on a locally made base (no
+    registry is reachable here). ImageUnavailable says why where containers cannot run."""
+    for tool in ("podman", "runc", "debootstrap"):
+        if shutil.which(tool) is None:
+            raise ImageUnavailable(
+                f"{tool} is not installed (hack/install-packages.sh installs it as root)"
+            )
+    repo = Path(__file__).resolve().parents[1]
+    run(str(repo / "hack" / "make-base-image.sh"), BASE_IMAGE, timeout=600)
+    probe = run(
+        *PODMAN,
+        "run",
+        "--rm",
+        "--network=host",
+        *PODMAN_LIMITS,
+        BASE_IMAGE,
+        "python3",
+        "-c",
+        "print(42)",
+        check=False,
+        timeout=120,
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "42":
+        raise ImageUnavailable(f"containers cannot run on this machine: {probe.stderr[-800:]}")
+    run(
+        *PODMAN,
+        "build",
+        "--network=host",
+        *PODMAN_LIMITS,
+        "--build-arg",
+        f"BASE_IMAGE={BASE_IMAGE}",
+        "-t",
+        image,
+        str(repo),
+        timeout=900,
+    )
+    return image
+
+
 def load_podman_image(socket: Path, image: str, podman: list[str]) -> bool:
     """Copy ``image`` from podman's store into the node's (``podman save | ctr import``),
     unless the node has that very image already (the store outlives the node, and an

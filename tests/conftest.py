@@ -23,7 +23,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
-    build_operator_image,
+    built_operator_image,
     free_port,
 )
 
@@ -67,7 +67,7 @@ def node(control_plane: ControlPlane) -> Iterator[Node]:
 @pytest.fixture(scope="session")
 def operator_image() -> str:
     """The operator's image in podman's store (built from the Dockerfile once per session)."""
-    return build_operator_image()
+    return built_operator_image()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,9 @@ from controlplane import (
     processes_mentioning,
 )
 from kubernetes import client
-from node import PODMAN
+from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
+
+LIMITS = PODMAN_LIMITS
 
 
 @functools.cache
@@ -406,9 +407,6 @@ def health(obj: dict[str, Any]) -> dict[str, str]:
 
 # --- container images: podman builds, containerd (the node) runs ----------------------------
 
-# setrlimit is refused above these limits here (../shared/PLATFORM.md).
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-BASE_IMAGE = "localhost/juturna-operator-base:python3.12"
 IMAGE = "localhost/juturna-operator:test"
 
 
@@ -421,37 +419,12 @@ def must(proc: subprocess.CompletedProcess[str], what: str) -> str:
     return proc.stdout
 
 
-def build_operator_image() -> str:
-    """The operator's image, built by podman from the Dockerfile on a locally made base
-    (no registry is reachable). Skips, saying why, where containers cannot run."""
-    for tool in ("podman", "runc", "debootstrap"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (hack/install-packages.sh installs it as root)")
-    made = subprocess.run(
-        [str(REPO / "hack" / "make-base-image.sh"), BASE_IMAGE],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    must(made, "hack/make-base-image.sh")
-    probe = podman(
-        "run", "--rm", "--network=host", *LIMITS, BASE_IMAGE, "python3", "-c", "print(42)"
-    )
-    if probe.returncode != 0 or probe.stdout.strip() != "42":
-        pytest.skip(f"containers cannot run on this machine: {probe.stderr.strip()[-800:]}")
-    build = podman(
-        "build",
-        "--network=host",
-        *LIMITS,
-        "--build-arg",
-        f"BASE_IMAGE={BASE_IMAGE}",
-        "-t",
-        IMAGE,
-        str(REPO),
-        timeout=900,
-    )
-    must(build, "podman build")
-    return IMAGE
+def built_operator_image() -> str:
+    """The operator's image (hack/node.py builds it); skips, saying why, where it cannot."""
+    try:
+        return build_operator_image(IMAGE)
+    except ImageUnavailable as err:
+        pytest.skip(str(err))
 
 
 # --- pods on the local node -------------------------------------------------------------------

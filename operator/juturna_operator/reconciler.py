@@ -31,13 +31,27 @@ from juturna_operator.api import (
     PipelineStatus,
     PodPlacement,
 )
-from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey
+from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey, Plan
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
 from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# What a create did beyond creating, by the state it left (the pod engine's deploy), told
+# as the step-by-step engines tell it.
+BEYOND_CREATED = {
+    InstanceState.Ready: [("WarmedUp", "all nodes warmed up")],
+    InstanceState.Running: [("WarmedUp", "all nodes warmed up"), ("Started", "pipeline started")],
+}
+# How far a create may go in one call, for each desired state (engines that cannot go
+# further create, and the lifecycle does the rest step by step).
+UNTIL = {
+    DesiredState.Running: InstanceState.Running,
+    DesiredState.Ready: InstanceState.Ready,
+    DesiredState.Stopped: InstanceState.Created,
+}
 
 MAX_STEPS = 16
 
@@ -228,6 +242,8 @@ class Reconciler:
                 info = await self.engine.status(p.key)
                 break  # look again at the next health check or when the backoff ends
             info = await self.engine.status(p.key)
+            if action is Action.Create and info is not None:
+                p.done.extend(BEYOND_CREATED.get(info.state, []))  # one call did more
         reached = lifecycle.desired_reached(p.desired, self._observed(mem, info))
         if reached:
             mem.attempts = 0
@@ -351,10 +367,12 @@ class Reconciler:
         elif action is Action.Create:
             assert spec is not None
             config = spec.to_juturna_config(p.key.juturna_name)
-            template = spec.template.model_dump(mode="json") if spec.template else None
-            pid = await self.engine.create(
-                p.key, config, p.desired.revision, spec.runtime, template
+            plan = Plan(
+                runtime=spec.runtime,
+                template=spec.template.model_dump(mode="json") if spec.template else None,
+                until=UNTIL[p.desired.state],
             )
+            pid = await self.engine.create(p.key, config, p.desired.revision, plan)
             p.done.append(("Created", f"pipeline instance {pid} created"))
         elif action is Action.Delete:
             # Unless the resource goes for good or stops, the engine may keep what the next

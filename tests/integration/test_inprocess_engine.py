@@ -34,12 +34,17 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def config(key: PipelineKey, middle: str = "scale", **cfg: Any) -> dict[str, Any]:
+def config(key: PipelineKey, middle: str = "scale", rate: float = 50, **cfg: Any) -> dict[str, Any]:
     spec = PipelineSpec.model_validate(
         {
             "plugins": ["tones", "faulty"],
             "nodes": [
-                {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 50}},
+                {
+                    "name": "src",
+                    "type": "source",
+                    "mark": "ticker",
+                    "configuration": {"rate": rate},
+                },
                 {"name": "mid", "type": "proc", "mark": middle, "configuration": cfg},
                 {"name": "out", "type": "sink", "mark": "jsonl"},
             ],
@@ -113,6 +118,27 @@ def test_a_node_crash_is_seen_and_mapped_to_its_pipeline(engine: InProcessEngine
     assert run(engine.status(other)).crashes == []  # same thread names, other pipeline
     for kk in (k, other):
         run(engine.delete(kk))
+
+
+def test_a_source_that_dies_as_it_starts_is_its_pipelines_crash(
+    engine: InProcessEngine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ticker at 1e-300 Hz dies in its first sleep, inside start_pipeline, before its
+    thread could be registered (found by the fuzzer: a bare traceback on stderr, and the
+    pipeline's crash told only as a dead thread). It is the pipeline's crash, named."""
+    k = key()
+    run(engine.create(k, config(k, rate=1e-300), "r1"))
+    run(engine.warmup(k))
+    run(engine.start(k))
+    deadline = time.monotonic() + 5
+    while not run(engine.status(k)).crashes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info = run(engine.status(k))
+    assert [(c.node, c.error) for c in info.crashes] == [
+        ("src", "OverflowError: timestamp out of range for platform time_t")
+    ]
+    assert "Traceback" not in capsys.readouterr().err
+    run(engine.delete(k))
 
 
 def test_pipeline_names_are_safe_folder_names() -> None:

@@ -4,6 +4,8 @@ with no API rights, under the restricted Pod Security Standard."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,19 +296,96 @@ def test_an_unschedulable_pipeline_waits_then_runs_once_a_node_fits(
         set_node_gpus(kubectl, node.name, None)
 
 
+# The faulty test plugins reach a pipeline's pod through a hostPath volume (the image has
+# only the example's), and the worker finds them through the plugin path.
+FAULTY_PLUGINS = {
+    "volumes": [
+        {
+            "name": "faulty",
+            "hostPath": {"path": str(REPO / "tests" / "plugins"), "type": "Directory"},
+        }
+    ],
+    "volumeMounts": [{"name": "faulty", "mountPath": "/test-plugins", "readOnly": True}],
+    "env": [{"name": "JUTURNA_OPERATOR_PLUGIN_PATH", "value": "/plugins:/test-plugins"}],
+}
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_deploy_names_its_step_and_leaves_nothing(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Juturna's one deploy call fails in its warmup (a node whose constructor raises): the
+    failure says warmup and names the node; the pod and its Secret are gone."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(
+        faulty(
+            "broken",
+            ("src", "source", "ticker", {"rate": 4}),
+            ("boom", "proc", "boom", {"model": "weights.bin"}),
+            ("out", "sink", "jsonl", {"file": "output.jsonl"}),
+            template=FAULTY_PLUGINS,
+            restartPolicy={"maxRestarts": 0, "backoffSeconds": 0.5},
+        )
+    )
+    body = pipelines.wait_phase("broken", "Failed", timeout=120)
+    assert body["status"]["failure"] == {
+        "reason": "WarmupFailed",
+        "code": 500,
+        "step": "warmup",
+        "message": 'node "boom": FileNotFoundError: model file weights.bin not found',
+    }
+    wait_until(
+        lambda: (
+            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
+        ),
+        60,
+        "no pod and no Secret after the failed deploy",
+    )
+
+
+@pytest.mark.timeout(300)
+def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """The owner references alone clean up: the operator is gone, the Pipeline's finalizer
+    removed by hand (README: troubleshooting), and the pod and Secret go with it. Also:
+    the pod's worker answers nobody but the operator (401 from the node itself)."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    _, pod = running_example(pipelines, kubectl, namespace)
+    url = f"http://{pod['status']['podIP']}:8080/pipelines"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=5)
+    assert refused.value.code == 401
+    pod_operator.kill()
+    kubectl("delete", "pipeline", "tones", "-n", namespace, "--wait=false")
+    kubectl(
+        "patch",
+        "pipeline",
+        "tones",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"metadata":{"finalizers":null}}',
+    )
+    pipelines.wait_gone("tones", timeout=30)
+    wait_until(
+        lambda: (
+            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
+        ),
+        90,
+        "the garbage collector removing the pod and the Secret",
+    )
+
+
 @pytest.mark.timeout(300)
 def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
     """The faulty plugins reach the pod through a hostPath volume (the image has only the
     example's); the hog keeps 64 MiB per message under a 256 MiB limit."""
-    plugins = str(REPO / "tests" / "plugins")
-    template = {
-        "resources": {"limits": {"memory": "256Mi"}, "requests": {"memory": "256Mi"}},
-        "volumes": [{"name": "faulty", "hostPath": {"path": plugins, "type": "Directory"}}],
-        "volumeMounts": [{"name": "faulty", "mountPath": "/test-plugins", "readOnly": True}],
-        "env": [{"name": "JUTURNA_OPERATOR_PLUGIN_PATH", "value": "/plugins:/test-plugins"}],
-    }
+    memory = {"limits": {"memory": "256Mi"}, "requests": {"memory": "256Mi"}}
+    template = FAULTY_PLUGINS | {"resources": memory}
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(
         faulty(

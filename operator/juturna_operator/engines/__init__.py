@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from juturna_operator.engines.base import Engine, InstanceInfo, PipelineKey
+from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, PipelineKey, Plan
 from juturna_operator.settings import Settings
 
 ENGINE_NAMES = ("inprocess", "process", "service", "pod")
@@ -47,15 +47,10 @@ class Router:
         return self._owner.get(key, self._default)
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
-        engine = self._service if runtime and self._service else self._default
-        pipeline_id = await engine.create(key, config, revision, runtime, template)
+        engine = self._service if plan.runtime and self._service else self._default
+        pipeline_id = await engine.create(key, config, revision, plan)
         self._owner[key] = engine
         return pipeline_id
 

@@ -193,23 +193,32 @@ class InstanceInfo:
     pod: tuple[str, str | None] | None = None  # engine pod: (pod name, node name)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a create needs besides Juturna's config, each part for the engines it concerns."""
+
+    runtime: str | None = None  # spec.runtime: the service engine's
+    template: dict[str, Any] | None = None  # spec.template: the pod engine's
+    # How far the create may take the instance in one call: the pod engine deploys (create,
+    # warm up, start) with Juturna's one call; the others create, and the lifecycle goes on.
+    until: InstanceState = InstanceState.Created
+
+
+DEFAULT_PLAN = Plan()
+
+
 class Engine(Protocol):
     """Create, warm up, start, stop and delete pipeline instances; report their status."""
 
     name: str
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
         """Register a new instance from Juturna's config dict; return its pipeline id.
 
-        ``runtime`` is ``spec.runtime``: only the service engine uses it. ``template`` is
-        ``spec.template``: only the pod engine uses it."""
+        ``plan`` says where (``spec.runtime``, ``spec.template``) and how far; the instance's
+        state (``status``) says how far it went."""
 
     async def warmup(self, key: PipelineKey) -> None: ...
 

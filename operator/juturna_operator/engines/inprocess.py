@@ -38,11 +38,13 @@ from juturna.components import _pipeline_manager as _pipeline_manager_module
 from juturna.components._pipeline_manager import PipelineManager
 
 from juturna_operator.engines.base import (
+    DEFAULT_PLAN,
     Exclusive,
     InstanceInfo,
     InstanceState,
     NodeCrash,
     PipelineKey,
+    Plan,
     confined,
     held,
     log_extra_of_juturna_name,
@@ -122,6 +124,9 @@ class _ThreadOwners:
         self._owners: weakref.WeakKeyDictionary[threading.Thread, tuple[_Instance, str]] = (
             weakref.WeakKeyDictionary()
         )
+        # Instances inside start_pipeline, with their node names: their threads run before
+        # they can be registered, and one may die at once (a source's first sleep).
+        self.starting: list[tuple[_Instance, list[str]]] = []
         self._previous = threading.excepthook
         threading.excepthook = self._hook
 
@@ -131,6 +136,8 @@ class _ThreadOwners:
 
     def _hook(self, args: threading.ExceptHookArgs) -> None:
         owner = self._owners.get(args.thread) if args.thread is not None else None
+        if owner is None and args.thread is not None:
+            owner = self._starting_owner(args.thread.name)
         if owner is None:
             self._previous(args)
             return
@@ -142,6 +149,15 @@ class _ThreadOwners:
         )
         instance.crashes.append(NodeCrash(node=node, thread=args.thread.name, error=error))
         log.warning("node %r crashed: %s", node, error, extra=instance.key.log_extra)
+
+    def _starting_owner(self, thread_name: str) -> tuple[_Instance, str] | None:
+        """The starting instance a node thread belongs to, by Juturna's thread names
+        (``_source_<node>``...; not unique across pipelines: the first match is taken)."""
+        for instance, nodes in list(self.starting):
+            for node in nodes:
+                if thread_name in (f"_source_{node}", f"_worker_{node}", f"_update_{node}"):
+                    return instance, node
+        return None
 
     def uninstall(self) -> None:
         if threading.excepthook == self._hook:
@@ -209,12 +225,7 @@ class InProcessEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
         return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
@@ -239,7 +250,12 @@ class InProcessEngine(Exclusive):
 
     async def _start(self, key: PipelineKey) -> None:
         instance = held(self._instances, key, Step.start)
-        await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
+        starting = (instance, list(self._pipeline(instance)._nodes or {}))
+        self._owners.starting.append(starting)
+        try:
+            await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
+        finally:
+            self._owners.starting.remove(starting)
         instance.state = InstanceState.Running
         for node_name, node in (self._pipeline(instance)._nodes or {}).items():
             for thread in (node._worker_thread, node._update_thread, node._source_thread):

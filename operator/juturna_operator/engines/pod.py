@@ -35,6 +35,7 @@ from kubernetes import client as k8s
 
 from juturna_operator import api
 from juturna_operator.engines.base import (
+    DEFAULT_PLAN,
     JUTURNA_STATE,
     WHOLE_RUNTIME,
     Exclusive,
@@ -42,6 +43,7 @@ from juturna_operator.engines.base import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    Plan,
     apply_health,
     confined,
     held,
@@ -409,24 +411,14 @@ class PodEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
-        return await self.exclusive(
-            key, self._create, key, confined(key, config), revision, template
-        )
+        return await self.exclusive(key, self._create, key, confined(key, config), revision, plan)
 
     async def _create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        template: dict[str, Any] | None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
+        template = plan.template
         vacant(self._runtimes, key)
         if (template or {}).get("image") and not self._settings.allow_image_override:
             raise PipelineFailure(
@@ -438,7 +430,7 @@ class PodEngine(Exclusive):
         made_from = template_hash(template, self._settings)
         idle = self._idle.pop(key, None)
         if idle is not None and idle.template == made_from:
-            return await self._redeploy(key, idle, config, revision)
+            return await self._redeploy(key, idle, config, revision, plan.until)
         if idle is not None:  # another template: another pod
             self._idle[key] = idle
             await self._end(key)
@@ -466,7 +458,7 @@ class PodEngine(Exclusive):
             await self._call(self._core.create_namespaced_pod, key.namespace, pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
-            pipeline_id = await client.create(config)
+            pipeline_id, state = await self._deploy(client, config, plan.until)
         except k8s.ApiException as err:
             await self._remove(key)
             raise _api_failure(err, Step.create) from None
@@ -475,16 +467,21 @@ class PodEngine(Exclusive):
             raise
         node = (pod.get("spec") or {}).get("nodeName")
         self._runtimes[key] = _Runtime(
-            pod_name(key), revision, client, pipeline_id, node=node, template=made_from
+            pod_name(key), revision, client, pipeline_id, state, node=node, template=made_from
         )
         return pipeline_id
 
     async def _redeploy(
-        self, key: PipelineKey, runtime: _Runtime, config: dict[str, Any], revision: str
+        self,
+        key: PipelineKey,
+        runtime: _Runtime,
+        config: dict[str, Any],
+        revision: str,
+        until: InstanceState,
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
-            runtime.pipeline_id = await runtime.client.create(config)
+            runtime.pipeline_id, state = await self._deploy(runtime.client, config, until)
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,
@@ -495,9 +492,49 @@ class PodEngine(Exclusive):
             await runtime.client.close()
             await self._remove(key)
             raise
-        runtime.revision, runtime.state = revision, InstanceState.Created
+        runtime.revision, runtime.state = revision, state
         self._runtimes[key] = runtime
         return runtime.pipeline_id
+
+    async def _deploy(
+        self, client: JuturnaClient, config: dict[str, Any], until: InstanceState
+    ) -> tuple[str, InstanceState]:
+        """Take a new instance as far as ``until``: to Running with Juturna's one call
+        (``POST /pipelines/deploy``: create, warm up, start), to Ready with create and warm
+        up. A failure names the step that failed (the caller removes the pod: nothing
+        half-built is kept)."""
+        if until is InstanceState.Running:
+            try:
+                status = await client.request(
+                    "POST", "/pipelines/deploy", Step.create, WARMUP_TIMEOUT_S, json=config
+                )
+            except PipelineFailure as failure:
+                raise await self._failed_step(client, failure) from None
+            return str(status["pipe_id"]), InstanceState.Running
+        pipeline_id = await client.create(config)
+        if until is InstanceState.Ready:
+            await client.warmup(pipeline_id, WARMUP_TIMEOUT_S)
+            return pipeline_id, InstanceState.Ready
+        return pipeline_id, InstanceState.Created
+
+    @staticmethod
+    async def _failed_step(client: JuturnaClient, failure: PipelineFailure) -> PipelineFailure:
+        """Juturna's deploy says only that it failed; the half-built pipeline it leaves
+        (pitfall 4) says where: still created, the warmup failed; ready, the start."""
+        if failure.reason is not FailureReason.CreateFailed:
+            return failure  # a refusal with its own reason (422, 409, unreachable)
+        try:
+            health = await client.request("GET", "/operator/health", Step.create, 2.0)
+        except PipelineFailure:
+            return failure
+        states = {s.get("self") for entry in health.get("pipelines", []) for s in entry.values()}
+        for juturna_state, step, reason in (
+            ("pipeline_created", Step.warmup, FailureReason.WarmupFailed),
+            ("pipeline_ready", Step.start, FailureReason.StartFailed),
+        ):
+            if juturna_state in states:
+                return PipelineFailure(reason, step, failure.message)
+        return failure
 
     async def warmup(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._warmup, key)

@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from juturna_operator.engines.base import (
+    DEFAULT_PLAN,
     WHOLE_RUNTIME,
     Exclusive,
     InstanceInfo,
     InstanceState,
     NodeCrash,
     PipelineKey,
+    Plan,
     apply_health,
     confined,
     held,
@@ -319,12 +321,7 @@ class ProcessEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
         return await self.exclusive(key, self._create, key, confined(key, config), revision)
 

@@ -24,11 +24,13 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from juturna_operator.engines.base import (
+    DEFAULT_PLAN,
     JUTURNA_STATE,
     Exclusive,
     InstanceInfo,
     InstanceState,
     PipelineKey,
+    Plan,
     confined,
     held,
     log_extra_of_juturna_name,
@@ -77,14 +79,9 @@ class ServiceEngine(Exclusive):
     # -- the Engine interface --
 
     async def create(
-        self,
-        key: PipelineKey,
-        config: dict[str, Any],
-        revision: str,
-        runtime: str | None = None,
-        template: dict[str, Any] | None = None,
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
     ) -> str:
-        runtime = runtime or self._settings.default_runtime
+        runtime = plan.runtime or self._settings.default_runtime
         if runtime not in self._runtimes:
             raise PipelineFailure(
                 FailureReason.UnknownRuntime, Step.create, f"no runtime named {runtime!r}"

@@ -1,0 +1,253 @@
+"""The pod engine's benchmark, on the local real node (``make bench-pods``).
+
+For N Pipelines of the example (engine pod), created as fast as the client can, it measures
+apply → Ready, beside the floor: N bare Pods of the same image running the same worker
+(the Pod the engine would build, with its token Secret), created the same way, in the same
+run, Ready by the same probe. It also counts the API writes the operator adds per Pipeline
+beyond its pod and Secret (kube-apiserver's own request counter) and the resident memory of
+each pipeline's pod (its worker process, seen from the node).
+
+    make bench-pods      (.venv/bin/python bench/pods.py [--n 1 20] [--repetitions 3] [--out D])
+
+The goals (issue 14): p50 within 1.5 times the bare-pod floor; at most 3 writes per Pipeline
+beyond the pod and its Secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
+
+from controlplane import ControlPlane, ensure_binaries, processes_mentioning, rss_kib  # noqa: E402
+from harness import OperatorProcess, PipelineWatch, apiserver_requests, percentile  # noqa: E402
+from node import PODMAN, Node, build_operator_image  # noqa: E402
+from workload import pipeline_manifest  # noqa: E402
+
+from juturna_operator.engines.base import PipelineKey  # noqa: E402
+from juturna_operator.engines.pod import runtime_pod, token_secret  # noqa: E402
+from juturna_operator.settings import Settings  # noqa: E402
+
+IMAGE = "localhost/juturna-operator:bench"
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+WORKERS = "juturna_operator.worker --folder /var/lib/juturna "
+
+
+class PodWatch:
+    """When each pod of a namespace is first Ready (stamped by a watch), by name."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str) -> None:
+        self.ready_at: dict[str, float] = {}
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        self._core, self._namespace = core, namespace
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    self._core.list_namespaced_pod, self._namespace, timeout_seconds=30
+                ):
+                    pod = event["object"]
+                    ready = any(
+                        c.type == "Ready" and c.status == "True"
+                        for c in (pod.status.conditions or [])
+                    )
+                    if ready:
+                        with self.changed:
+                            self.ready_at.setdefault(pod.metadata.name, time.monotonic())
+                            self.changed.notify_all()
+                    if self._stop.is_set():
+                        return
+            except Exception:  # a dropped watch: start again
+                time.sleep(0.2)
+
+    def wait(self, names: list[str], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: all(n in self.ready_at for n in names), timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def floor(core: client.CoreV1Api, namespace: str, n: int, settings: Settings) -> list[float]:
+    """N bare pods of the engine's own Pod spec: create → Ready, in seconds, each."""
+    pods = PodWatch(core, namespace)
+    started: dict[str, float] = {}
+    names = []
+    try:
+        for i in range(n):
+            key = PipelineKey(namespace, f"bare{i:03d}", str(uuid.uuid4()))
+            body = runtime_pod(key, "bench", settings)
+            del body["metadata"]["ownerReferences"]  # no Pipeline owns a bare pod
+            secret = token_secret(key, "bench-token")
+            del secret["metadata"]["ownerReferences"]
+            core.create_namespaced_secret(namespace, secret)
+            started[body["metadata"]["name"]] = time.monotonic()
+            core.create_namespaced_pod(namespace, body)
+            names.append(body["metadata"]["name"])
+        if not pods.wait(names, 300):
+            raise RuntimeError(f"bare pods not Ready in 300 s: {set(names) - set(pods.ready_at)}")
+        return [pods.ready_at[name] - started[name] for name in names]
+    finally:
+        pods.close()
+        for name in names:
+            core.delete_namespaced_pod(name, namespace, grace_period_seconds=1)
+            core.delete_namespaced_secret(name, namespace)
+        wait_no_pods(core, namespace)
+
+
+def wait_default_service_account(core: client.CoreV1Api, namespace: str) -> None:
+    """ServiceAccount admission refuses pods until the namespace's `default` exists."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            return
+        except client.ApiException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def wait_no_pods(core: client.CoreV1Api, namespace: str) -> None:
+    deadline = time.monotonic() + 120
+    while core.list_namespaced_pod(namespace).items:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pods left in {namespace}")
+        time.sleep(0.5)
+
+
+def with_operator(
+    kubeconfig: Path, objects: client.CustomObjectsApi, namespace: str, n: int
+) -> dict[str, Any]:
+    """N example Pipelines (engine pod): apply → Ready, writes per Pipeline, RSS per pod."""
+    seen = PipelineWatch(objects, namespace)
+    before = apiserver_requests(kubeconfig)
+    started: dict[str, float] = {}
+    names = [f"p{i:03d}" for i in range(n)]
+    try:
+        for name in names:
+            started[name] = time.monotonic()
+            objects.create_namespaced_custom_object(
+                "juturna.io", "v1alpha1", namespace, "pipelines", pipeline_manifest(name)
+            )
+        if not seen.wait(lambda: all(n in seen.ready_at for n in names), 300):
+            raise RuntimeError(f"Pipelines not Ready in 300 s: {set(names) - set(seen.ready_at)}")
+        latencies = [seen.ready_at[name] - started[name] for name in names]
+        time.sleep(2)  # writes that follow Ready (none expected) are counted too
+        writes: Counter[str] = Counter()
+        for (verb, resource, sub), count in (apiserver_requests(kubeconfig) - before).items():
+            if verb in WRITES:
+                writes[f"{verb}/{resource}{'/' + sub if sub else ''}"] += count
+        workers = processes_mentioning(WORKERS)
+        rss = statistics.median(rss_kib(p) for p in workers) / 1024 if workers else 0.0
+    finally:
+        seen.close()
+        for name in names:
+            objects.delete_namespaced_custom_object(
+                "juturna.io", "v1alpha1", namespace, "pipelines", name
+            )
+    # The benchmark's own writes (its creates of the Pipelines) are not the operator's.
+    writes["POST/pipelines"] -= n
+    ours = {k: v / n for k, v in writes.items() if v}
+    # Beyond the one pod and one Secret each Pipeline needs (a dry run of the pod counts: it
+    # is a POST the API server handles like any other).
+    beyond = sum(ours.values()) - 2
+    return {"latencies": latencies, "writes": ours, "beyond_pod": beyond, "rss_mib": rss}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / ".state" / "bench")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    build_operator_image(IMAGE)
+    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
+    rows = []
+    try:
+        node = Node(plane, plane.binaries).start()
+        try:
+            node.load_podman_image(IMAGE, PODMAN)
+            node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+            node.kubectl("wait", "--for=condition=Established", "crd/pipelines.juturna.io")
+            api = config.new_client_from_config(str(plane.kubeconfig))
+            core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
+            settings = Settings(
+                engine="pod", runtime_image=IMAGE, runtime_pull_policy="Never", metrics_port=0
+            )
+            for n in args.n:
+                for rep in range(args.repetitions):
+                    namespace = f"bench-{n}-{rep}"
+                    node.kubectl("create", "namespace", namespace)
+                    wait_default_service_account(core, namespace)
+                    bare = floor(core, namespace, n, settings)
+                    with tempfile.TemporaryDirectory() as base:
+                        op = OperatorProcess(plane.kubeconfig, namespace, "pod", Path(base))
+                        op.extra_env = {
+                            "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
+                            "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
+                        }
+                        op.start()
+                        try:
+                            measured = with_operator(plane.kubeconfig, objects, namespace, n)
+                            wait_no_pods(core, namespace)
+                        finally:
+                            op.stop()
+                    rows.append({"n": n, "rep": rep, "bare": bare, **measured})
+                    print(json.dumps(rows[-1]), flush=True)
+        finally:
+            node.stop()
+    finally:
+        plane.stop()
+    (args.out / "benchmarks-pods.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (args.out / "benchmarks-pods.md").write_text(
+        "# The pod engine against bare pods (bench/pods.py)\n\n"
+        f"Medians over {args.repetitions} repetitions; latencies from the create call to "
+        "Ready, seen by a watch.\n\n" + report(rows)
+    )
+    print(report(rows))
+    return 0
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """Medians over the repetitions, per N."""
+    lines = [
+        "| N | bare pods p50 | operator p50 | ratio | operator p95 | writes beyond pod+Secret "
+        "/ Pipeline | writes by kind / Pipeline | RSS / pipeline pod |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted({r["n"] for r in rows}):
+        mine = [r for r in rows if r["n"] == n]
+        bare = statistics.median(percentile(r["bare"], 50) for r in mine)
+        p50 = statistics.median(percentile(r["latencies"], 50) for r in mine)
+        p95 = statistics.median(percentile(r["latencies"], 95) for r in mine)
+        beyond = statistics.median(r["beyond_pod"] for r in mine)
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in sorted(mine[0]["writes"].items()))
+        rss = statistics.median(r["rss_mib"] for r in mine)
+        lines.append(
+            f"| {n} | {bare:.2f} s | {p50:.2f} s | {p50 / bare:.2f}x | {p95:.2f} s | "
+            f"{beyond:.2f} | {kinds} | {rss:.0f} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -243,6 +243,8 @@ class Reconciler:
                 break  # look again at the next health check or when the backoff ends
             info = await self.engine.status(p.key)
             if action is Action.Create and info is not None:
+                if info.pod is not None and info.pod[1]:  # engine pod: where it was placed
+                    p.done.append(("Scheduled", f"in pod {info.pod[0]} on node {info.pod[1]}"))
                 p.done.extend(BEYOND_CREATED.get(info.state, []))  # one call did more
         reached = lifecycle.desired_reached(p.desired, self._observed(mem, info))
         if reached:

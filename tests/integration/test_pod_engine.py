@@ -91,6 +91,11 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     assert pod["metadata"]["labels"]["juturna.io/pipeline"] == "tones"
     node = pod["spec"]["nodeName"]
     assert body["status"]["pod"] == {"name": name, "node": node}
+    started = [m for kind, reason, m in pipelines.events("tones") if reason == "Started"]
+    assert started == [
+        f"pipeline instance {pipeline_id} created; in pod {name} on node {node}; all nodes "
+        "warmed up; pipeline started"
+    ]
     wide = kubectl("get", "pipelines", "-n", namespace, "-o", "wide").stdout.splitlines()
     assert wide[0].split()[-1] == "NODE"
     assert wide[1].split()[-1] == node
@@ -133,6 +138,20 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     )
     assert same_pod() == [pod["metadata"]["uid"]]
     assert_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
+    # A change of template replaces the pod.
+    before = body["status"]["pipelineId"]
+    pipelines.patch_spec("tones", {"template": {"labels": {"team": "a"}}})
+    body = pipelines.wait(
+        "tones",
+        lambda b: is_ready(b) and b["status"].get("pipelineId") != before,
+        90,
+        "Running in a pod of the new template",
+    )
+    (replaced,) = [
+        p for p in managed(kubectl, "pods", namespace) if "deletionTimestamp" not in p["metadata"]
+    ]
+    assert replaced["metadata"]["uid"] != pod["metadata"]["uid"]
+    assert replaced["metadata"]["labels"]["team"] == "a"
     pipelines.patch_spec("tones", {"state": "Stopped"})
     pipelines.wait_phase("tones", "Stopped", timeout=60)
     wait_until(

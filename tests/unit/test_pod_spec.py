@@ -215,3 +215,25 @@ def test_a_template_change_means_another_pod() -> None:
     assert same != template_hash(TEMPLATE, other_image)
     annotations = runtime_pod(KEY, "r", SETTINGS, TEMPLATE)["metadata"]["annotations"]
     assert annotations["juturna.io/template"] == same
+
+
+def test_an_image_override_needs_the_administrators_leave() -> None:
+    import asyncio
+
+    from kubernetes import client
+
+    from juturna_operator.engines.base import Plan
+    from juturna_operator.engines.pod import PodEngine
+    from juturna_operator.reasons import PipelineFailure
+
+    engine = PodEngine(SETTINGS, client.ApiClient())  # refused before any request
+    config = {"version": "1", "plugins": [], "pipeline": {"name": KEY.juturna_name, "nodes": []}}
+    plan = Plan(template={"image": "localhost/mine:1"})
+    with pytest.raises(PipelineFailure) as refused:
+        asyncio.run(engine.create(KEY, config, "r", plan))
+    assert refused.value.reason is FailureReason.ImageNotAllowed
+    assert refused.value.reason.code == 403
+    assert refused.value.message == (
+        "spec.template.image is set, but the administrator does not allow image overrides "
+        "(JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE)"
+    )

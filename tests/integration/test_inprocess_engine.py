@@ -58,6 +58,14 @@ def key() -> PipelineKey:
     return PipelineKey("ns", "p", str(uuid.uuid4()))
 
 
+def crashed(engine: InProcessEngine, k: PipelineKey) -> Any:
+    """The instance's status once a crash is in it (or after 5 s)."""
+    deadline = time.monotonic() + 5
+    while not run(engine.status(k)).crashes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return run(engine.status(k))
+
+
 def reason_of(coro: Any) -> PipelineFailure:
     with pytest.raises(PipelineFailure) as err:
         run(coro)
@@ -108,10 +116,7 @@ def test_a_node_crash_is_seen_and_mapped_to_its_pipeline(engine: InProcessEngine
         run(engine.create(kk, config(kk, middle, **cfg), "r1"))
         run(engine.warmup(kk))
         run(engine.start(kk))
-    deadline = time.monotonic() + 5
-    while not run(engine.status(k)).crashes and time.monotonic() < deadline:
-        time.sleep(0.05)
-    info = run(engine.status(k))
+    info = crashed(engine, k)
     assert info.state is InstanceState.Running  # Juturna itself still says running
     assert [(c.node, c.error) for c in info.crashes] == [("mid", "RuntimeError: kaboom in mid")]
     assert info.nodes["mid"] == "Failed"
@@ -130,10 +135,7 @@ def test_a_source_that_dies_as_it_starts_is_its_pipelines_crash(
     run(engine.create(k, config(k, rate=1e-300), "r1"))
     run(engine.warmup(k))
     run(engine.start(k))
-    deadline = time.monotonic() + 5
-    while not run(engine.status(k)).crashes and time.monotonic() < deadline:
-        time.sleep(0.05)
-    info = run(engine.status(k))
+    info = crashed(engine, k)
     assert [(c.node, c.error) for c in info.crashes] == [
         ("src", "OverflowError: timestamp out of range for platform time_t")
     ]

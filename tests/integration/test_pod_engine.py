@@ -51,6 +51,17 @@ def managed(kubectl: Kubectl, kind: str, namespace: str) -> list[dict[str, Any]]
     return list(json.loads(listed)["items"])
 
 
+def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: float) -> None:
+    """No pod and no Secret of the operator's in ``namespace`` (``what``: after what)."""
+    wait_until(
+        lambda: (
+            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
+        ),
+        timeout,
+        what,
+    )
+
+
 def output_lines(kubectl: Kubectl, pod: str, namespace: str, pipeline_id: str) -> int:
     out = f"/var/lib/juturna/*_{pipeline_id}/out/output.jsonl"
     script = f"cat {out} | wc -l"
@@ -154,26 +165,14 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     assert replaced["metadata"]["labels"]["team"] == "a"
     pipelines.patch_spec("tones", {"state": "Stopped"})
     pipelines.wait_phase("tones", "Stopped", timeout=60)
-    wait_until(
-        lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
-        ),
-        60,
-        "no pod and no Secret for a Stopped Pipeline",
-    )
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret for a Stopped Pipeline", 60)
     pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_ready("tones", timeout=120)
     (pod,) = managed(kubectl, "pods", namespace)
     assert_output_grows(kubectl, pod["metadata"]["name"], namespace, body["status"]["pipelineId"])
     pipelines.delete("tones")
     pipelines.wait_gone("tones", timeout=60)
-    wait_until(
-        lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
-        ),
-        60,
-        "no pod and no Secret after the Pipeline is deleted",
-    )
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret after the Pipeline is deleted", 60)
     assert "Traceback" not in pod_operator.log_text()
 
 
@@ -253,13 +252,7 @@ def test_a_runtime_image_missing_from_the_node_is_image_pull_failed(
         "is not present with pull policy of Never",
     }
     # No half-built instance: neither pod nor Secret is left.
-    wait_until(
-        lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
-        ),
-        30,
-        "no pod and no Secret after the failed create",
-    )
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed create", 30)
 
 
 def set_node_gpus(kubectl: Kubectl, node: str, count: int | None) -> None:
@@ -353,13 +346,7 @@ def test_a_failed_deploy_names_its_step_and_leaves_nothing(
         "step": "warmup",
         "message": 'node "boom": FileNotFoundError: model file weights.bin not found',
     }
-    wait_until(
-        lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
-        ),
-        60,
-        "no pod and no Secret after the failed deploy",
-    )
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed deploy", 60)
 
 
 @pytest.mark.timeout(300)
@@ -388,12 +375,8 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
         '{"metadata":{"finalizers":null}}',
     )
     pipelines.wait_gone("tones", timeout=30)
-    wait_until(
-        lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
-        ),
-        90,
-        "the garbage collector removing the pod and the Secret",
+    wait_nothing_left(
+        kubectl, namespace, "the garbage collector removing the pod and the Secret", 90
     )
 
 

@@ -339,8 +339,8 @@ class Node:
         self.components.append(comp)
         return comp
 
-    def _wait(self, comp: Component, ready, what: str, timeout: float | None = None) -> None:
-        deadline = time.monotonic() + (timeout or self.ready_timeout_s)
+    def _wait(self, comp: Component, ready, what: str) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if comp.exited():
                 raise NodeError(
@@ -351,7 +351,7 @@ class Node:
                 return
             time.sleep(0.2)
         raise NodeError(
-            f"{comp.name}: no {what} within {timeout or self.ready_timeout_s:.0f} s. Last lines "
+            f"{comp.name}: no {what} within {self.ready_timeout_s:.0f} s. Last lines "
             f"of its log ({comp.log}):\n{log_tail(comp.log)}\nOn a slow machine raise "
             "JUTURNA_OPERATOR_NODE_TIMEOUT (seconds)."
         )
@@ -743,7 +743,7 @@ def stop_node(state: dict[str, object]) -> list[str]:
     what is left of it (nothing, normally)."""
     root, socket = Path(str(state["root"])), Path(str(state["socket"]))
     pids = {name: int(pid) for name, pid in dict(state["pids"]).items()}  # type: ignore[call-overload]
-    if pid_alive(pids.get("kubelet", 0) or -1):
+    if "kubelet" in pids and pid_alive(pids["kubelet"]):
         delete_pods(str(state["kubectl"]), str(state["kubeconfig"]), NODE_IP)
     for name in ("kube-scheduler", "kubelet", "api-forward"):
         if name in pids:

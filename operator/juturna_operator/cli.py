@@ -102,7 +102,9 @@ def _run(args: argparse.Namespace) -> int:
     handlers.use_settings(settings)
     if settings.engine == "pod":
         # Pod changes wake their Pipeline through a watch on our labelled pods, not a poll.
-        kopf.on.event("", "v1", "pods", labels=handlers.POD_LABELS)(handlers.pod_event)
+        from juturna_operator.engines.pod import MANAGED_BY
+
+        kopf.on.event("", "v1", "pods", labels=MANAGED_BY)(handlers.pod_event)
     sys.setswitchinterval(settings.gil_switch_interval_s)  # see Settings
     asyncio.run(
         kopf.operator(

@@ -13,7 +13,6 @@ kopf keeps no diff-base at all (``NoDiffBase``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,6 +25,7 @@ from juturna_operator import api
 from juturna_operator.engines import Router, make_engine
 from juturna_operator.engines.base import Engine, PipelineKey
 from juturna_operator.metrics import Metrics
+from juturna_operator.reasons import api_server_message
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 
@@ -91,10 +91,7 @@ class StatusWriteRefused(Exception):
 
     def __init__(self, err: k8s.ApiException) -> None:
         self.status = err.status
-        try:
-            message = json.loads(err.body or "").get("message") or err.body
-        except (ValueError, AttributeError):
-            message = err.body
+        message = api_server_message(err.body) or err.body
         super().__init__(f"status write refused ({err.status} {err.reason}): {message}")
 
 
@@ -224,18 +221,13 @@ async def wake(body: kopf.Body, type: str | None, **_: Any) -> None:
         event.set()
 
 
-POD_LABELS = {"app.kubernetes.io/managed-by": "juturna-operator"}
-
-
 async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
     """A change of one of our pods (engine pod): the engine sees it, and its Pipeline wakes
     at once, without waiting for its next health check. Registered by the CLI for that
     engine only (it needs the right to watch pods)."""
     if not isinstance(state.engine, Router):
         return
-    pod = dict(body)
-    state.engine.observe(type or "", pod)
-    uid = (pod.get("metadata", {}).get("labels") or {}).get("juturna.io/pipeline-uid")
+    uid = state.engine.observe(type or "", dict(body))
     wakeup = state.wakeups.get(uid or "")
     if wakeup is not None:
         wakeup.set()

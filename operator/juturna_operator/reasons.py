@@ -11,6 +11,7 @@ nothing is retried; 5xx means transient, retried with backoff under the restart 
 
 from __future__ import annotations
 
+import json
 from enum import Enum, StrEnum, unique
 from pathlib import Path
 
@@ -74,6 +75,16 @@ class FailureReason(Enum):
             FailureReason.RuntimeUnavailable,
             FailureReason.Unschedulable,
         )
+
+
+def api_server_message(body: str | None) -> str | None:
+    """The ``message`` of a Kubernetes API error body (a Status object), if it has one: the
+    client's exception shows it only JSON-escaped inside the raw body."""
+    try:
+        message = json.loads(body or "").get("message")
+    except (ValueError, AttributeError):
+        return None
+    return str(message) if message else None
 
 
 class Step(StrEnum):

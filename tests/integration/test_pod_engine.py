@@ -322,6 +322,21 @@ FAULTY_PLUGINS = {
 }
 
 
+def through_faulty(
+    name: str, middle: tuple[str, dict[str, Any]], template: dict[str, Any], max_restarts: int
+) -> dict[str, Any]:
+    """The example's ticker and sink around one faulty node (its mark names it too)."""
+    mark, configuration = middle
+    return faulty(
+        name,
+        ("src", "source", "ticker", {"rate": 4}),
+        (mark, "proc", mark, configuration),
+        ("out", "sink", "jsonl", {"file": "output.jsonl"}),
+        template=template,
+        restartPolicy={"maxRestarts": max_restarts, "backoffSeconds": 0.5},
+    )
+
+
 @pytest.mark.timeout(300)
 def test_a_failed_deploy_names_its_step_and_leaves_nothing(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
@@ -329,16 +344,7 @@ def test_a_failed_deploy_names_its_step_and_leaves_nothing(
     """Juturna's one deploy call fails in its warmup (a node whose constructor raises): the
     failure says warmup and names the node; the pod and its Secret are gone."""
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(
-        faulty(
-            "broken",
-            ("src", "source", "ticker", {"rate": 4}),
-            ("boom", "proc", "boom", {"model": "weights.bin"}),
-            ("out", "sink", "jsonl", {"file": "output.jsonl"}),
-            template=FAULTY_PLUGINS,
-            restartPolicy={"maxRestarts": 0, "backoffSeconds": 0.5},
-        )
-    )
+    pipelines.apply(through_faulty("broken", ("boom", {"model": "weights.bin"}), FAULTY_PLUGINS, 0))
     body = pipelines.wait_phase("broken", "Failed", timeout=120)
     assert body["status"]["failure"] == {
         "reason": "WarmupFailed",
@@ -389,16 +395,7 @@ def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
     memory = {"limits": {"memory": "256Mi"}, "requests": {"memory": "256Mi"}}
     template = FAULTY_PLUGINS | {"resources": memory}
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(
-        faulty(
-            "hog",
-            ("src", "source", "ticker", {"rate": 4}),
-            ("hog", "proc", "hog", {"mib_per_message": 64}),
-            ("out", "sink", "jsonl", {"file": "output.jsonl"}),
-            template=template,
-            restartPolicy={"maxRestarts": 1, "backoffSeconds": 0.5},
-        )
-    )
+    pipelines.apply(through_faulty("hog", ("hog", {"mib_per_message": 64}), template, 1))
     body = pipelines.wait_phase("hog", "Failed", timeout=180)
     assert body["status"]["failure"] == {
         "reason": "NodeFailed",

@@ -72,11 +72,11 @@ class Router:
                 await engine.delete(key, release)
         self._owner.pop(key, None)
 
-    def observe(self, event: str, body: dict[str, Any]) -> None:
-        """A watch event for a pod of the pod engine (handlers.pod_event)."""
+    def observe(self, event: str, body: dict[str, Any]) -> str | None:
+        """A watch event for a pod of the pod engine (handlers.pod_event); returns the uid
+        of the Pipeline the pod belongs to."""
         observe = getattr(self._default, "observe", None)
-        if observe is not None:
-            observe(event, body)
+        return observe(event, body) if observe is not None else None
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         info = await self._for(key).status(key)

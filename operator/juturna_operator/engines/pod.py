@@ -51,7 +51,7 @@ from juturna_operator.engines.base import (
 )
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.process import WARMUP_TIMEOUT_S
-from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_server_message
 from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,11 @@ def removed_from_outside(pod: dict[str, Any] | None) -> str:
     return ""
 
 
+def gone(name: str, removed: str) -> str:
+    """How a pod that went from under the operator is told (``removed``: why, if known)."""
+    return f"pod {name} is gone ({removed or 'deleted'})"
+
+
 def is_ready(pod: dict[str, Any]) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
@@ -314,14 +319,16 @@ class PodEngine(Exclusive):
     async def _call(self, method: Any, *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(method, *args, **kw)
 
-    def observe(self, event: str, pod: dict[str, Any]) -> None:
-        """A watch event for one of our pods: remember it, wake its waiters."""
+    def observe(self, event: str, pod: dict[str, Any]) -> str | None:
+        """A watch event for one of our pods: remember it, wake its waiters; returns the
+        uid of its Pipeline."""
         uid = ((pod.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)
         if not uid:
-            return
+            return None
         self.watched = True
         self._seen[uid] = None if event == "DELETED" else pod
         self._changes.setdefault(uid, asyncio.Event()).set()
+        return str(uid)
 
     async def _pod(self, key: PipelineKey) -> dict[str, Any] | None:
         """The pod as the watch last saw it; from the API when the watch has not yet."""
@@ -331,12 +338,14 @@ class PodEngine(Exclusive):
                 return pod
         return await self._read_pod(key)
 
-    async def _changed(self, key: PipelineKey) -> None:
-        """Until the watch reports a change of this pod; the caller bounds the wait (in case
-        an event is missed, or before the watch has delivered anything)."""
+    async def _changed(self, key: PipelineKey, within: float) -> None:
+        """Until the watch reports a change of this pod, or ``within`` seconds (an event
+        missed, or none delivered yet)."""
         event = self._changes.setdefault(key.uid, asyncio.Event())
         event.clear()
-        await event.wait()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await event.wait()
 
     async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
         try:
@@ -374,9 +383,7 @@ class PodEngine(Exclusive):
                 raise problem
             if is_ready(pod):
                 return pod
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FALLBACK_POLL_S if self.watched else POLL_S):
-                    await self._changed(key)
+            await self._changed(key, FALLBACK_POLL_S if self.watched else POLL_S)
             pod = await self._pod(key)
         raise PipelineFailure(
             FailureReason.RuntimeUnavailable,
@@ -393,16 +400,12 @@ class PodEngine(Exclusive):
             removed = removed_from_outside(pod)
             if pod is None or removed:
                 return PipelineFailure(
-                    FailureReason.RuntimeUnavailable,
-                    Step.run,
-                    f"pod {pod_name(key)} is gone ({removed or 'deleted'})",
+                    FailureReason.RuntimeUnavailable, Step.run, gone(pod_name(key), removed)
                 )
             problem = pod_problem(pod)
             if problem is not None or time.monotonic() >= deadline:
                 return problem
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(POLL_S * 2):
-                    await self._changed(key)
+            await self._changed(key, POLL_S * 2)
 
     @staticmethod
     def _client(pod: dict[str, Any], token: str) -> JuturnaClient:
@@ -643,7 +646,7 @@ class PodEngine(Exclusive):
             info.failure = PipelineFailure(
                 FailureReason.RuntimeUnavailable,
                 Step.run,
-                f"pod {runtime.pod} is gone ({removed or 'deleted'}); a new one replaces it",
+                f"{gone(runtime.pod, removed)}; a new one replaces it",
             )
             return info
         problem = pod_problem(pod)
@@ -715,10 +718,7 @@ class PodEngine(Exclusive):
 def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:
     """The API server's refusal in its own words: 4xx means the Pod as built cannot exist
     (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient."""
-    try:
-        message = json.loads(err.body or "").get("message") or err.reason
-    except (ValueError, AttributeError):
-        message = err.reason
+    message = api_server_message(err.body) or err.reason
     if err.status is not None and 400 <= err.status < 500 and err.status not in (404, 409, 429):
         return PipelineFailure(
             FailureReason.InvalidSpec, step, f"the API server refuses the pipeline's pod: {message}"

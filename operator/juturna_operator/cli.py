@@ -11,9 +11,8 @@ import asyncio
 import logging
 import os
 import sys
-from pathlib import Path
 
-from juturna_operator.settings import Settings, SettingsError, parse_plugin_path
+from juturna_operator.settings import ENGINE_NAMES, FLAGS, Settings, SettingsError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--plugin-path", help=f"plugin roots, separated by {os.pathsep!r}")
     run.add_argument("--workdir", help="folder for pipeline folders")
-    run.add_argument("--engine", help="engine: inprocess")
-    run.add_argument("--stop-timeout", type=float, help="seconds a stop may take")
-    run.add_argument("--health-interval", type=float, help="seconds between health checks (≤ 5)")
-    run.add_argument("--log-format", choices=["text", "json"])
-    run.add_argument("--max-concurrency", type=int, help="threads for blocking Juturna calls")
-    run.add_argument("--metrics-port", type=int, help="Prometheus endpoint port (0: off)")
+    # Raw strings: Settings checks flags and environment alike (settings.FLAGS).
+    run.add_argument("--engine", help=f"where pipelines run: {', '.join(ENGINE_NAMES)}")
+    run.add_argument("--stop-timeout", help="seconds a stop may take")
+    run.add_argument("--health-interval", help="seconds between health checks (≤ 5)")
+    run.add_argument("--log-format", help="text or json")
+    run.add_argument("--max-concurrency", help="threads for blocking Juturna calls")
+    run.add_argument("--metrics-port", help="Prometheus endpoint port (0: off)")
     run.add_argument(
         "--liveness",
         default=None,
@@ -58,22 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Environment first, then the flags given."""
-    settings = Settings.from_env()
-    if args.plugin_path is not None:
-        settings.plugin_roots = parse_plugin_path(args.plugin_path)
-    if args.workdir:
-        settings.workdir = Path(args.workdir).expanduser().resolve()
-    for flag, attr in (
-        ("engine", "engine"),
-        ("stop_timeout", "stop_timeout_s"),
-        ("health_interval", "health_interval_s"),
-        ("log_format", "log_format"),
-        ("max_concurrency", "max_concurrency"),
-        ("metrics_port", "metrics_port"),
-    ):
-        if getattr(args, flag) is not None:
-            setattr(settings, attr, getattr(args, flag))
+    """The environment, overridden by the flags given; both checked the same way."""
+    flags = {
+        name: value
+        for name, flag in FLAGS.items()
+        if (value := getattr(args, flag.removeprefix("--").replace("-", "_"))) is not None
+    }
+    settings = Settings.from_env(flags)
     settings.namespaces = list(args.namespace)
     settings.all_namespaces = not args.namespace
     settings.check()

@@ -1,4 +1,5 @@
-"""Operator configuration: command-line flags override environment variables.
+"""Operator configuration: command-line flags override environment variables; both go
+through the same checks, and an error names the flag or variable that was set.
 
 | environment variable                     | flag                 | default                    |
 |------------------------------------------|----------------------|----------------------------|
@@ -40,45 +41,84 @@ class SettingsError(ValueError):
     """A setting has a value the operator cannot use; the message says which and why."""
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(ENV_PREFIX + name, default)
+ENGINE_NAMES = ("inprocess", "process", "service", "pod")
+# The settings a command-line flag may give; a flag wins over its environment variable.
+FLAGS = {
+    "PLUGIN_PATH": "--plugin-path",
+    "WORKDIR": "--workdir",
+    "ENGINE": "--engine",
+    "STOP_TIMEOUT": "--stop-timeout",
+    "HEALTH_INTERVAL": "--health-interval",
+    "LOG_FORMAT": "--log-format",
+    "MAX_CONCURRENCY": "--max-concurrency",
+    "METRICS_PORT": "--metrics-port",
+}
 
 
-def _positive(name: str, raw: str) -> float:
+class _Sources:
+    """Raw values from flags, then the environment, and where each came from: one set of
+    checks for both, and each error names what the administrator actually set."""
+
+    def __init__(self, flags: dict[str, str]) -> None:
+        self._flags = flags
+
+    def get(self, name: str, default: str) -> str:
+        if name in self._flags:
+            return self._flags[name]
+        return os.environ.get(ENV_PREFIX + name, default)
+
+    def where(self, name: str) -> str:
+        return FLAGS[name] if name in self._flags else ENV_PREFIX + name
+
+    def seconds(self, name: str, default: str) -> float:
+        return _positive(self.where(name), self.get(name, default))
+
+    def count(self, name: str, default: str) -> int:
+        raw = self.get(name, default)
+        if not raw.isdigit() or int(raw) < 1:
+            raise SettingsError(
+                f"{self.where(name)} must be a whole number of at least 1, got {raw!r}"
+            )
+        return int(raw)
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        raw = self.get(name, default)
+        if raw not in choices:
+            raise SettingsError(
+                f"{self.where(name)} must be one of {', '.join(choices)}, got {raw!r}"
+            )
+        return raw
+
+
+def _positive(where: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(
-            f"{ENV_PREFIX}{name} must be a number of seconds, got {raw!r}"
-        ) from None
-    if value <= 0:
-        raise SettingsError(f"{ENV_PREFIX}{name} must be positive, got {raw!r}")
+        raise SettingsError(f"{where} must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{where} must be positive, got {raw!r}")
     return value
 
 
-def _flag(name: str, raw: str) -> bool:
+def _flag(where: str, raw: str) -> bool:
     if raw.lower() not in ("true", "false"):
-        raise SettingsError(f"{ENV_PREFIX}{name} must be true or false, got {raw!r}")
+        raise SettingsError(f"{where} must be true or false, got {raw!r}")
     return raw.lower() == "true"
 
 
-def _port(name: str, raw: str) -> int:
+def _port(where: str, raw: str) -> int:
     if not raw.isdigit() or int(raw) > 65535:
-        raise SettingsError(
-            f"{ENV_PREFIX}{name} must be a port number (0 turns it off), got {raw!r}"
-        )
+        raise SettingsError(f"{where} must be a port number (0 turns it off), got {raw!r}")
     return int(raw)
 
 
-def parse_plugin_path(raw: str) -> list[Path]:
+def parse_plugin_path(raw: str, where: str = ENV_PREFIX + "PLUGIN_PATH") -> list[Path]:
     """``os.pathsep``-separated plugin roots; each must be an existing directory."""
     roots = []
     for part in filter(None, raw.split(os.pathsep)):
         path = Path(part).expanduser().resolve()
         if not path.is_dir():
-            raise SettingsError(
-                f"plugin root {part!r} in {ENV_PREFIX}PLUGIN_PATH is not a directory"
-            )
+            raise SettingsError(f"plugin root {part!r} in {where} is not a directory")
         roots.append(path)
     return roots
 
@@ -148,29 +188,31 @@ class Settings:
     allow_image_override: bool = False  # may spec.template.image replace runtime_image?
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
+        """Settings from the environment; ``flags`` (raw strings by setting name, see
+        ``FLAGS``) override it and go through the same checks."""
+        src = _Sources(flags or {})
         defaults = cls()
         settings = cls(
-            plugin_roots=parse_plugin_path(_env("PLUGIN_PATH", "")),
-            workdir=Path(_env("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
-            engine=_env("ENGINE", defaults.engine),
-            stop_timeout_s=_positive("STOP_TIMEOUT", _env("STOP_TIMEOUT", "10")),
-            health_interval_s=_positive("HEALTH_INTERVAL", _env("HEALTH_INTERVAL", "3")),
-            log_format=_env("LOG_FORMAT", "text"),
-            max_concurrency=int(_positive("MAX_CONCURRENCY", _env("MAX_CONCURRENCY", "8"))),
-            progress_threshold_s=_positive("PROGRESS_THRESHOLD", _env("PROGRESS_THRESHOLD", "1")),
-            gil_switch_interval_s=_positive(
-                "GIL_SWITCH_INTERVAL",
-                _env("GIL_SWITCH_INTERVAL", str(defaults.gil_switch_interval_s)),
+            plugin_roots=parse_plugin_path(src.get("PLUGIN_PATH", ""), src.where("PLUGIN_PATH")),
+            workdir=Path(src.get("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
+            engine=src.choice("ENGINE", defaults.engine, ENGINE_NAMES),
+            stop_timeout_s=src.seconds("STOP_TIMEOUT", "10"),
+            health_interval_s=src.seconds("HEALTH_INTERVAL", "3"),
+            log_format=src.choice("LOG_FORMAT", "text", ("text", "json")),
+            max_concurrency=src.count("MAX_CONCURRENCY", "8"),
+            progress_threshold_s=src.seconds("PROGRESS_THRESHOLD", "1"),
+            gil_switch_interval_s=src.seconds(
+                "GIL_SWITCH_INTERVAL", str(defaults.gil_switch_interval_s)
             ),
-            runtimes=parse_runtimes(_env("RUNTIMES", "{}")),
-            default_runtime=_env("DEFAULT_RUNTIME", "") or None,
-            sweep_interval_s=_positive("SWEEP_INTERVAL", _env("SWEEP_INTERVAL", "60")),
-            metrics_port=_port("METRICS_PORT", _env("METRICS_PORT", "9090")),
-            runtime_image=_env("RUNTIME_IMAGE", ""),
-            runtime_pull_policy=_env("RUNTIME_PULL_POLICY", defaults.runtime_pull_policy),
+            runtimes=parse_runtimes(src.get("RUNTIMES", "{}")),
+            default_runtime=src.get("DEFAULT_RUNTIME", "") or None,
+            sweep_interval_s=src.seconds("SWEEP_INTERVAL", "60"),
+            metrics_port=_port(src.where("METRICS_PORT"), src.get("METRICS_PORT", "9090")),
+            runtime_image=src.get("RUNTIME_IMAGE", ""),
+            runtime_pull_policy=src.get("RUNTIME_PULL_POLICY", defaults.runtime_pull_policy),
             allow_image_override=_flag(
-                "ALLOW_IMAGE_OVERRIDE", _env("ALLOW_IMAGE_OVERRIDE", "false")
+                src.where("ALLOW_IMAGE_OVERRIDE"), src.get("ALLOW_IMAGE_OVERRIDE", "false")
             ),
         )
         settings.check()
@@ -178,6 +220,10 @@ class Settings:
 
     def check(self) -> None:
         """Refuse values the operator cannot work with, naming the setting."""
+        if self.engine not in ENGINE_NAMES:
+            raise SettingsError(
+                f"{ENV_PREFIX}ENGINE must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log format must be 'text' or 'json', got {self.log_format!r}")
         if self.health_interval_s > MAX_HEALTH_INTERVAL_S:

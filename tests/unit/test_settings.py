@@ -59,7 +59,18 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             "0",
             "JUTURNA_OPERATOR_GIL_SWITCH_INTERVAL must be positive, got '0'",
         ),
-        ("LOG_FORMAT", "xml", "log format must be 'text' or 'json', got 'xml'"),
+        ("LOG_FORMAT", "xml", "JUTURNA_OPERATOR_LOG_FORMAT must be one of text, json, got 'xml'"),
+        (
+            "ENGINE",
+            "proces",
+            "JUTURNA_OPERATOR_ENGINE must be one of inprocess, process, service, pod, got 'proces'",
+        ),
+        (
+            "MAX_CONCURRENCY",
+            "0",
+            "JUTURNA_OPERATOR_MAX_CONCURRENCY must be a whole number of at least 1, got '0'",
+        ),
+        ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL must be positive, got 'nan'"),
         (
             "METRICS_PORT",
             "http",
@@ -85,6 +96,57 @@ def test_the_cli_reports_a_configuration_error(
         "juturna-operator: configuration error: JUTURNA_OPERATOR_STOP_TIMEOUT must be a number "
         "of seconds, got 'soon'\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--engine", "proces"],
+            "--engine must be one of inprocess, process, service, pod, got 'proces'",
+        ),
+        (["--stop-timeout", "-1"], "--stop-timeout must be positive, got '-1'"),
+        (["--health-interval", "0"], "--health-interval must be positive, got '0'"),
+        (["--health-interval", "9"], "health interval must be at most 5 s, got 9"),
+        (
+            ["--max-concurrency", "0"],
+            "--max-concurrency must be a whole number of at least 1, got '0'",
+        ),
+        (["--log-format", "xml"], "--log-format must be one of text, json, got 'xml'"),
+        (
+            ["--metrics-port", "70000"],
+            "--metrics-port must be a port number (0 turns it off), got '70000'",
+        ),
+        (
+            ["--plugin-path", "/no/such/plugins"],
+            "plugin root '/no/such/plugins' in --plugin-path is not a directory",
+        ),
+    ],
+)
+def test_flags_get_the_same_checks_as_the_environment(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    """A bad flag stops the operator before kopf starts, with the message a bad environment
+    variable gets, naming the flag."""
+    assert main(["run", "-A", *flags]) == 2
+    assert capsys.readouterr().err == f"juturna-operator: configuration error: {message}\n"
+
+
+def test_a_flag_wins_over_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from juturna_operator.cli import _parser, settings_from
+
+    monkeypatch.setenv("JUTURNA_OPERATOR_STOP_TIMEOUT", "soon")  # a flag replaces it unread
+    monkeypatch.setenv("JUTURNA_OPERATOR_MAX_CONCURRENCY", "2")
+    args = _parser().parse_args(
+        ["run", "-n", "a", "--stop-timeout", "2.5", "--engine", "inprocess"]
+    )
+    settings = settings_from(args)
+    assert (settings.stop_timeout_s, settings.engine, settings.max_concurrency) == (
+        2.5,
+        "inprocess",
+        2,
+    )
+    assert (settings.namespaces, settings.all_namespaces) == (["a"], False)
 
 
 def test_a_watched_namespace_must_be_an_exact_name(capsys: pytest.CaptureFixture[str]) -> None:

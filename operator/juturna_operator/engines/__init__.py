@@ -10,9 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, PipelineKey, Plan
-from juturna_operator.settings import Settings
-
-ENGINE_NAMES = ("inprocess", "process", "service", "pod")
+from juturna_operator.settings import ENGINE_NAMES, Settings
 
 
 def _default_engine(settings: Settings, api_client: Any) -> Engine:

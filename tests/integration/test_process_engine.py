@@ -5,21 +5,36 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import textwrap
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from controlplane import processes_mentioning
 
-from juturna_operator.engines.process import ProcessEngine
+from juturna_operator.api import PipelineSpec
+from juturna_operator.engines.base import PipelineKey
+from juturna_operator.engines.process import INHERITED_VARIABLES, ProcessEngine
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
-from support import Operator, Pipelines, manifest, only_on, output_of
+from support import (
+    PLUGIN_ROOTS,
+    Operator,
+    Pipelines,
+    chain,
+    manifest,
+    nodes,
+    only_on,
+    output_of,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -249,3 +264,96 @@ def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) ->
     assert not folder.exists()
     assert sorted(p.name for p in state.iterdir()) == []
     assert other.exists()
+
+
+# -- the engine driven directly: real workers, real Juturna, no control plane ---------------
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    """Settings for engines driven directly, in a workdir of this test's own. Teardown
+    proves no worker of it is left (and ends, by PID, any that is, before failing)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    yield Settings(plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=3)
+    left = processes_mentioning(f"--folder {workdir} ")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"worker processes left behind: {left}"
+
+
+def direct_key() -> PipelineKey:
+    return PipelineKey("ns", "p", str(uuid.uuid4()))
+
+
+def direct_config(key: PipelineKey, *specs: tuple[str, str, str, dict[str, Any]]) -> dict:
+    """Juturna's config for a chain of ``specs``, with the example and the faulty plugins."""
+    spec = PipelineSpec.model_validate(
+        {
+            "plugins": ["tones", "faulty"],
+            "nodes": nodes(*specs),
+            "links": chain(*(name for name, *_ in specs)),
+        }
+    )
+    return spec.to_juturna_config(key.juturna_name)
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.decode().partition("=")[::2] for entry in raw.split(b"\0") if entry)
+
+
+def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$JT_ENV_<NAME>`` reads the worker's environment (JUTURNA.md, pitfall 12): a node
+    asking for an operator setting, a secret or any variable beyond what Python needs gets
+    nothing, and the warmup fails naming the variable."""
+    probe = "JUTURNA_OPERATOR_SECRET_PROBE"
+    secret = f"s3cret-{secrets.token_hex(8)}"
+    other = f"SOME_PROBE_{secrets.token_hex(4).upper()}"
+    monkeypatch.setenv(probe, secret)
+    monkeypatch.setenv(other, "other-value")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # as in the operator's pod
+    engine = ProcessEngine(settings)
+    k = direct_key()
+    config = direct_config(
+        k,
+        ("src", "source", "ticker", {}),
+        ("probe", "proc", "envprobe", {"value": f"$JT_ENV_{probe}"}),
+        ("out", "sink", "jsonl", {}),
+    )
+
+    async def scenario() -> tuple[PipelineFailure, dict[str, str]]:
+        try:
+            await engine.create(k, config, "r1")
+            [pid] = processes_mentioning(f"--owner {k.uid}")
+            environ = environment_of(pid)
+            with pytest.raises(PipelineFailure) as failed:
+                await engine.warmup(k)
+            # Nowhere the worker could have put it: its log, the pipeline's folder.
+            for path in settings.workdir.rglob("*"):
+                if path.is_file():
+                    assert secret not in path.read_text(errors="replace"), path
+            return failed.value, environ
+        finally:
+            await engine.delete(k)
+            await engine.close()
+
+    failure, environ = asyncio.run(scenario())
+    assert failure.reason is FailureReason.WarmupFailed
+    assert failure.step is Step.warmup
+    assert failure.message == (
+        f'node "probe": ValueError: env variable "{probe}" is not set in node "probe" for '
+        'config key "value" (found in config but not in environment)'
+    )
+    assert secret not in str(failure)
+    leaked = [n for n in environ if n.startswith(("JUTURNA_OPERATOR_", "KUBERNETES_"))]
+    assert not leaked, leaked
+    assert other not in environ
+    assert set(environ) - {"PYTHONPATH"} <= INHERITED_VARIABLES | {
+        n for n in environ if n.startswith("LC_")
+    }
+    assert environ["PYTHONPATH"].split(os.pathsep)[:2] == [str(r) for r in PLUGIN_ROOTS]
+    assert environ["PATH"] == os.environ["PATH"]
+    assert not list(settings.workdir.glob(f"{k.juturna_name}_*"))

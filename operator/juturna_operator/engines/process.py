@@ -73,6 +73,33 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+# What a worker inherits from the operator's environment: what Python and Juturna's nodes
+# need to run (ffmpeg on PATH, a home, a locale, a temporary folder, shared libraries, the
+# CA certificates for nodes that call HTTPS).
+# Nothing else: a Pipeline author reads any variable of the worker's environment with
+# "$JT_ENV_<NAME>" (JUTURNA.md, pitfall 12), and the operator's holds its settings, the
+# Kubernetes service address and whatever secrets the administrator passed it.
+INHERITED_VARIABLES = frozenset(
+    {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"}
+    | {"SSL_CERT_FILE", "SSL_CERT_DIR"}
+)
+INHERITED_PREFIXES = ("LC_",)
+
+
+def worker_environment(plugin_roots: list[Path]) -> dict[str, str]:
+    """A worker's whole environment: the few variables of ``INHERITED_VARIABLES`` (and
+    ``LC_*``) taken from the operator's, and ``PYTHONPATH`` with the plugin roots first
+    (plugin folders are import paths) followed by the operator's own ``PYTHONPATH``."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name in INHERITED_VARIABLES or name.startswith(INHERITED_PREFIXES)
+    }
+    paths = [*map(str, plugin_roots), os.environ.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    return env
+
+
 @dataclass
 class WorkerRecord:
     """What survives an operator restart: written to ``.workers/<uid>.json``."""
@@ -198,9 +225,7 @@ class ProcessEngine(Exclusive):
         port_file = self._state_dir / f"{key.uid}.port"
         port_file.unlink(missing_ok=True)
         log_file = self._state_dir / f"{key.uid}.log"
-        roots = [str(r) for r in self._settings.plugin_roots]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([*roots, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env = worker_environment(self._settings.plugin_roots)
         with open(log_file, "ab") as out:
             popen = subprocess.Popen(
                 [

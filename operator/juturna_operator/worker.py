@@ -5,13 +5,16 @@ The process engine starts one worker per pipeline::
     python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID --token-file T
 
 It serves Juturna's FastAPI ``app`` unchanged (the contract upstream ships and keeps) on a
-free loopback port, and adds four things in this thin module:
+free loopback port, and adds five things in this thin module:
 
 * a bearer token on every request (the file's content, which the engine made for this
   worker alone): any other local process gets 401, so it can neither create, stop nor shut
   down pipelines here; only ``GET /operator/ready`` answers without it, and says nothing;
 * ``GET /operator/health``: the node threads that died (``threading.excepthook``), with
-  exception type and message; Juturna's own status would still say running;
+  exception type and message (Juturna's own status would still say running), and the
+  pipelines whose warmup is in flight;
+* one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
+  and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/shutdown``: a clean exit;
 * 500 answers that keep the exception's message and the failing node (Juturna's own say
   only "Unexpected <Type> exception, see logs").
@@ -23,12 +26,15 @@ bound; the engine then waits for ``/operator/health`` to answer.
 from __future__ import annotations
 
 import argparse
+import functools
 import hmac
 import logging
 import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,53 @@ def _record_crash(args: threading.ExceptHookArgs) -> None:
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
 
 
+class Warmups:
+    """The warmups in flight in this worker, at most one per pipeline.
+
+    Juturna starts a second warmup of a pipeline that is still warming up (its status says
+    created until the first one ends): it builds a second set of nodes, loads every model
+    again, and orphans the first set. An operator restarted during a warmup asks for it
+    again (the worker's record still says Created), so a warmup asked for while one is in
+    flight waits for that one and shares its outcome, its exception included.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, Future[None]] = {}
+
+    def in_flight(self) -> list[str]:
+        """The ids of the pipelines warming up now."""
+        with self._lock:
+            return sorted(self._running)
+
+    def once(self, warmup: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
+        """``warmup`` (``PipelineManager.warmup_pipeline``), joined while in flight."""
+
+        @functools.wraps(warmup)
+        def joined(manager: Any, pipeline_id: str) -> None:
+            with self._lock:
+                running = self._running.get(pipeline_id)
+                if running is None:
+                    mine = self._running[pipeline_id] = Future()
+            if running is not None:
+                running.result()  # no timeout: the engine's request has its own
+                return
+            try:
+                warmup(manager, pipeline_id)
+                mine.set_result(None)
+            except BaseException as exc:
+                mine.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    del self._running[pipeline_id]
+
+        return joined
+
+
+warmups = Warmups()
+
+
 def build_app(token: str) -> Any:
     """Juturna's service app with the operator's routes added, behind ``token``."""
     from fastapi import Request
@@ -62,6 +115,9 @@ def build_app(token: str) -> Any:
     from juturna_operator.reasons import describe_exception, failing_node
 
     expected = f"Bearer {token}".encode()
+    # Juturna's routes (warmup and deploy) call the manager's method: joined there, they keep
+    # their answers, and no HTTP detail (a client gone, a route replaced) matters.
+    PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -81,7 +137,11 @@ def build_app(token: str) -> Any:
     @app.get("/operator/health")
     def health() -> dict[str, Any]:
         manager = PipelineManager()
-        return {"pipelines": manager.pipeline_list()["pipelines"], "crashes": crashes}
+        return {
+            "pipelines": manager.pipeline_list()["pipelines"],
+            "crashes": crashes,
+            "warming": warmups.in_flight(),
+        }
 
     @app.post("/operator/shutdown")
     def shutdown() -> dict[str, str]:

@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 import urllib.error
@@ -21,7 +22,7 @@ import pytest
 from controlplane import processes_mentioning
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.engines.base import InstanceInfo, InstanceState, PipelineKey
 from juturna_operator.engines.process import INHERITED_VARIABLES, ProcessEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
@@ -34,6 +35,7 @@ from support import (
     nodes,
     only_on,
     output_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -357,3 +359,116 @@ def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
     assert environ["PYTHONPATH"].split(os.pathsep)[:2] == [str(r) for r in PLUGIN_ROOTS]
     assert environ["PATH"] == os.environ["PATH"]
     assert not list(settings.workdir.glob(f"{k.juturna_name}_*"))
+
+
+# An operator process of its own, for a restart in the middle of a warmup: it creates the
+# instance and warms it up with the process engine, and is killed (SIGKILL) while it waits.
+FIRST_OPERATOR = """
+import asyncio, json, sys
+from pathlib import Path
+from juturna_operator.engines.base import PipelineKey
+from juturna_operator.engines.process import ProcessEngine
+from juturna_operator.settings import Settings
+
+workdir, uid, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+roots = [Path(r) for r in sys.argv[4:]]
+engine = ProcessEngine(Settings(plugin_roots=roots, workdir=Path(workdir)))
+key = PipelineKey("ns", "p", uid)
+
+async def main():
+    await engine.create(key, config, "r1")
+    await engine.warmup(key)
+
+asyncio.run(main())
+"""
+
+
+def worker_health(workdir: Path, uid: str) -> dict[str, Any]:
+    """The worker's ``/operator/health`` answer, asked as its operator would (its token)."""
+    state = workdir / ".workers"
+    port = json.loads((state / f"{uid}.json").read_text())["port"]
+    token = (state / f"{uid}.token").read_text()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/operator/health", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.load(reply)
+
+
+@pytest.mark.parametrize("fail", ["", "model file corrupt"], ids=["warms-up", "fails"])
+def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_twice(
+    settings: Settings, fail: str
+) -> None:
+    """The worker outlives the operator killed while it warmed up; the next operator adopts
+    it and asks for the warmup again (its record still says Created). That must join the
+    warmup in flight: one model load, one set of nodes; the pipeline runs, or the warmup's
+    own failure is what the user sees."""
+    k = direct_key()
+    config = direct_config(
+        k,
+        ("src", "source", "ticker", {"rate": 20}),
+        ("mid", "proc", "counted", {"seconds": 4, "fail": fail}),
+        ("out", "sink", "jsonl", {}),
+    )
+    roots = [str(r) for r in PLUGIN_ROOTS]
+    arguments = [str(settings.workdir), k.uid, json.dumps(config), *roots]
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST_OPERATOR, *arguments],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: bool(list(settings.workdir.glob(f"{k.juturna_name}_*/mid/warmups.log"))),
+            60,
+            "the first operator's warmup begun",
+            lambda: first.poll(),
+        )
+    finally:
+        first.kill()  # as a crash would: the worker, in a session of its own, lives on
+        _, errors = first.communicate(timeout=10)
+    assert first.returncode == -signal.SIGKILL, errors.decode()
+    [pid] = processes_mentioning(f"--owner {k.uid}")
+    [warmups] = settings.workdir.glob(f"{k.juturna_name}_*/mid/warmups.log")
+    pipeline_id = warmups.parent.parent.name.rsplit("_", 1)[1]
+    assert worker_health(settings.workdir, k.uid)["warming"] == [pipeline_id]
+
+    engine = ProcessEngine(settings)  # the restarted operator: adopts the worker
+
+    async def scenario() -> tuple[InstanceInfo | PipelineFailure | None, list[str]]:
+        try:
+            adopted = await engine.status(k)
+            assert adopted is not None
+            assert adopted.state is InstanceState.Created
+            assert adopted.pipeline_id == pipeline_id
+            # What the lifecycle does next for a Created instance that should run.
+            try:
+                await engine.warmup(k)
+            except PipelineFailure as failure:
+                return failure, warmups.read_text().splitlines()
+            await engine.start(k)
+            deadline = time.monotonic() + 10
+            while not (warmups.parent.parent / "out" / "output.jsonl").exists():
+                assert time.monotonic() < deadline, "no output"
+                await asyncio.sleep(0.1)
+            assert processes_mentioning(f"--owner {k.uid}") == [pid]  # the adopted one
+            return await engine.status(k), warmups.read_text().splitlines()
+        finally:
+            await engine.delete(k)
+            await engine.close()
+
+    outcome, seen = asyncio.run(scenario())
+    # Before the fix: "begin built=2" as well: a second warmup built a second set of nodes.
+    assert seen == ["begin built=1", "end built=1"]
+    if fail:
+        assert isinstance(outcome, PipelineFailure)
+        assert outcome.reason is FailureReason.WarmupFailed
+        assert outcome.message == f'node "mid": RuntimeError: {fail}'
+    else:
+        assert isinstance(outcome, InstanceInfo)
+        assert outcome.state is InstanceState.Running
+        assert outcome.crashes == []
+        assert outcome.nodes == {"src": "Running", "mid": "Running", "out": "Running"}
+        assert outcome.folder == str(warmups.parent.parent)
+    assert processes_mentioning(f"--owner {k.uid}") == []
+    assert not warmups.parent.parent.exists()

@@ -23,7 +23,7 @@ from controlplane import processes_mentioning
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.base import InstanceInfo, InstanceState, PipelineKey
-from juturna_operator.engines.process import INHERITED_VARIABLES, ProcessEngine
+from juturna_operator.engines.process import HEALTH_MISSES, INHERITED_VARIABLES, ProcessEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from support import (
@@ -472,3 +472,116 @@ def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_tw
         assert outcome.folder == str(warmups.parent.parent)
     assert processes_mentioning(f"--owner {k.uid}") == []
     assert not warmups.parent.parent.exists()
+
+
+def running_instance(
+    runner: asyncio.Runner, engine: ProcessEngine, k: PipelineKey
+) -> tuple[InstanceInfo, int, Path]:
+    """Deploy the example chain (a ticker at 20 Hz) and wait for its output: the instance's
+    status, its worker's PID and its output file."""
+
+    async def deploy() -> InstanceInfo | None:
+        config = direct_config(
+            k,
+            ("src", "source", "ticker", {"rate": 20}),
+            ("amp", "proc", "scale", {}),
+            ("out", "sink", "jsonl", {}),
+        )
+        await engine.create(k, config, "r1")
+        await engine.warmup(k)
+        await engine.start(k)
+        return await engine.status(k)
+
+    info = runner.run(deploy())
+    assert info is not None
+    assert info.state is InstanceState.Running
+    output = Path(info.folder) / "out" / "output.jsonl"
+    wait_until(output.exists, 10, "the pipeline's first output")
+    [pid] = processes_mentioning(f"--owner {k.uid}")
+    return info, pid, output
+
+
+def port_of(settings: Settings, k: PipelineKey) -> int:
+    return int(json.loads((settings.workdir / ".workers" / f"{k.uid}.json").read_text())["port"])
+
+
+def lines_of(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_a_worker_stalled_for_seconds_is_not_taken_for_a_dead_one(settings: Settings) -> None:
+    """A worker that answers nothing for 3 s (stopped with SIGSTOP: a loaded machine, a
+    node holding the GIL) keeps its last known state: no crash, no failure, the same
+    instance and process, its output intact. A worker that is really dead (SIGKILL) is
+    still reported at once, naming the signal."""
+    engine = ProcessEngine(settings)
+    k = direct_key()
+    runner = asyncio.Runner()  # one loop: the engine's HTTP clients belong to it
+    try:
+        before, pid, output = running_instance(runner, engine, k)
+        os.kill(pid, signal.SIGSTOP)
+        stalled = time.monotonic()
+        seen = []
+        try:
+            while time.monotonic() - stalled < 3:
+                seen.append(runner.run(engine.status(k)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert seen
+        for info in seen:
+            assert info is not None
+            assert info.crashes == []
+            assert info.failure is None
+            assert info.state is InstanceState.Running
+            assert info.pipeline_id == before.pipeline_id
+            assert info.nodes == before.nodes
+        written = lines_of(output)
+        wait_until(lambda: lines_of(output) > written, 10, "output after SIGCONT")
+        after = runner.run(engine.status(k))
+        assert after is not None
+        assert after.crashes == []
+        assert after.pipeline_id == before.pipeline_id
+        assert processes_mentioning(f"--owner {k.uid}") == [pid]
+        assert output.exists()
+
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        dead = runner.run(engine.status(k))
+        assert time.monotonic() - killed < 3
+        assert dead is not None
+        assert [c.describe() for c in dead.crashes] == [
+            f"worker process {pid} was killed by SIGKILL"
+        ]
+    finally:
+        runner.run(engine.delete(k))
+        runner.run(engine.close())
+        runner.close()
+    assert processes_mentioning(f"--owner {k.uid}") == []
+
+
+def test_a_worker_that_stays_stuck_is_a_failure_naming_it(settings: Settings) -> None:
+    """A live worker that leaves 3 health checks in a row unanswered is stuck: a crash that
+    says so (the lifecycle then replaces it under the restart policy); the engine ends it."""
+    engine = ProcessEngine(settings)
+    k = direct_key()
+    runner = asyncio.Runner()  # one loop: the engine's HTTP clients belong to it
+    try:
+        before, pid, _ = running_instance(runner, engine, k)
+        os.kill(pid, signal.SIGSTOP)  # left stopped: the delete below must end it
+        seen = [runner.run(engine.status(k)) for _ in range(HEALTH_MISSES)]
+        for info in seen[:-1]:
+            assert info is not None
+            assert info.crashes == []
+        stuck = seen[-1]
+        assert stuck is not None
+        assert stuck.pipeline_id == before.pipeline_id
+        assert [c.describe() for c in stuck.crashes] == [
+            f"worker process {pid} runs but gave no answer to {HEALTH_MISSES} health checks "
+            f"in a row (the last: http://127.0.0.1:{port_of(settings, k)}/operator/health "
+            "gave no answer within 2 s)"
+        ]
+    finally:
+        runner.run(engine.delete(k))
+        runner.run(engine.close())
+        runner.close()
+    assert processes_mentioning(f"--owner {k.uid}") == []

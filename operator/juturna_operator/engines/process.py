@@ -5,7 +5,9 @@ this engine drives it with ``JuturnaClient``. A worker is a real containment bou
 
 * a node that raises is reported by the worker's health route (``NodeFailed``);
 * a stop that hangs is ended by killing the worker (SIGTERM, then SIGKILL): ``StopTimeout``;
-* a worker killed from outside is seen at the next health check;
+* a worker killed from outside is seen at the next health check; one that runs but does not
+  answer (stopped, starved) keeps its last known state until it has missed ``HEALTH_MISSES``
+  checks in a row, and only then is a crash;
 * new plugin code is picked up, since every deploy imports it in a fresh process.
 
 Workers outlive the operator process on purpose: a restarted operator finds them through
@@ -55,6 +57,11 @@ log = logging.getLogger(__name__)
 WORKER_READY_TIMEOUT_S = 60.0
 WARMUP_TIMEOUT_S = 600.0  # model loads take minutes
 KILL_GRACE_S = 2.0
+HEALTH_TIMEOUT_S = 2.0
+# Health checks a live worker may leave unanswered in a row before it counts as stuck: one
+# slow answer (a loaded machine, a node holding the GIL, a process stopped for a moment) is
+# not a dead runtime, and taking it for one killed the worker and wiped its output.
+HEALTH_MISSES = 3
 
 
 def pid_alive(pid: int) -> bool:
@@ -126,6 +133,8 @@ class _Worker:
         self.popen = popen  # None for an adopted worker (not our child)
         self.token = token
         self.client = self._client()
+        self.last_health: dict[str, Any] | None = None  # the last answer of its health route
+        self.misses = 0  # health checks unanswered since then
 
     def _client(self) -> JuturnaClient:
         return JuturnaClient(
@@ -440,15 +449,40 @@ class ProcessEngine(Exclusive):
                 NodeCrash(WHOLE_RUNTIME, f"pid {worker.record.pid}", worker.exit_description())
             ]
             return info
+        pid = worker.record.pid
         try:
-            health = await worker.client.request("GET", "/operator/health", Step.run, 2.0)
+            health = await worker.client.request(
+                "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
+            )
         except PipelineFailure as failure:
             # A worker killed a moment ago refuses connections before it can be reaped: name
             # its signal rather than the refusal when it is gone (a flaky test showed both).
             await asyncio.sleep(0.2)
-            cause = failure.message if worker.alive() else worker.exit_description()
-            info.crashes = [NodeCrash(WHOLE_RUNTIME, f"pid {worker.record.pid}", cause)]
-            return info
+            if not worker.alive():
+                info.crashes = [NodeCrash(WHOLE_RUNTIME, f"pid {pid}", worker.exit_description())]
+                return info
+            worker.misses += 1
+            if worker.misses >= HEALTH_MISSES:
+                cause = (
+                    f"worker process {pid} runs but gave no answer to {worker.misses} health "
+                    f"checks in a row (the last: {failure.message})"
+                )
+                info.crashes = [NodeCrash(WHOLE_RUNTIME, f"pid {pid}", cause)]
+                return info
+            log.warning(
+                "worker %s gave no answer to its health check (%d in a row; %d make it "
+                "stuck), still running: %s",
+                pid,
+                worker.misses,
+                HEALTH_MISSES,
+                failure.message,
+                extra=key.log_extra,
+            )
+            if worker.last_health is None:
+                return info
+            health = worker.last_health  # the last known state until it answers again
+        else:
+            worker.last_health, worker.misses = health, 0
         apply_health(info, health)
         return info
 

@@ -7,6 +7,9 @@ checks (a cluster may run an older CRD) and adds what CEL cannot express:
 * cycles (Juturna accepts them silently and never runs the cycle's nodes);
 * plugin folders that resolve outside every configured root (symlinks included);
 * node marks that no built-in and no plugin folder provides;
+* built-ins and ``$JT_ENV_`` values the administrator did not allow where the pipeline
+  runs (``settings.CodePolicy``; JUTURNA.md pitfalls 11-12: both run or read as the
+  process that runs the pipeline);
 * configuration keys that the node's ``config.toml`` does not declare (Juturna drops
   them silently): these are warnings, not failures.
 
@@ -24,10 +27,13 @@ from pathlib import Path, PurePosixPath
 
 import juturna.nodes
 
-from juturna_operator.api import PipelineSpec
+from juturna_operator.api import NodeSpec, PipelineSpec
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import ENV_PREFIX, CodePolicy
 
 BUILTIN_NODES = Path(juturna.nodes.__file__).parent
+ENV_REFERENCE = "$JT_ENV_"  # Juturna's prefix (juturna.meta._constants)
+TRUSTING = CodePolicy("any", builtins=None, env_references=True)  # no restriction
 
 
 @dataclass(frozen=True)
@@ -189,10 +195,41 @@ def check_runtime(runtime: str | None, runtimes: Collection[str]) -> None:
         )
 
 
+def check_code(node_name: str, impl: NodeImpl, node: NodeSpec, policy: CodePolicy) -> None:
+    """Refuse what would run or read more than the administrator allows where it runs."""
+    if impl.folder.is_relative_to(BUILTIN_NODES) and not policy.allows_builtin(
+        node.type, node.mark
+    ):
+        allowed = ", ".join(sorted(policy.builtins or ())) or "none"
+        raise _fail(
+            FailureReason.BuiltinNotAllowed,
+            f'node "{node_name}": Juturna\'s built-in {node.type}/{node.mark} is not allowed '
+            f"on engine '{policy.engine}' (built-ins can run commands and reach any address "
+            "from their configuration); the administrator allows built-ins with "
+            f"{ENV_PREFIX}ALLOWED_BUILTINS (allowed now: {allowed})",
+        )
+    if policy.env_references:
+        return
+    for key, value in node.configuration.items():
+        if isinstance(value, str) and value.startswith(ENV_REFERENCE):
+            raise _fail(
+                FailureReason.EnvironmentNotAllowed,
+                f'node "{node_name}": configuration key "{key}" reads an environment variable '
+                f"(\"{value}\"); engine '{policy.engine}' runs nodes inside the operator, whose "
+                f"environment this would expose; allowed only with "
+                f"{ENV_PREFIX}ALLOW_ENV_REFERENCES=true",
+            )
+
+
 def validate(
-    spec: PipelineSpec, plugin_roots: Sequence[Path], runtimes: Collection[str] = ()
+    spec: PipelineSpec,
+    plugin_roots: Sequence[Path],
+    runtimes: Collection[str] = (),
+    policy: CodePolicy = TRUSTING,
 ) -> Validated:
-    """Check ``spec``; raise a ``PipelineFailure`` naming the first problem found."""
+    """Check ``spec``; raise a ``PipelineFailure`` naming the first problem found.
+
+    ``policy``: what the engine that will run it allows (``Settings.code_policy``)."""
     check_structure(spec)
     check_runtime(spec.runtime, runtimes)
     cycle = find_cycle([n.name for n in spec.nodes], [(lk.from_, lk.to) for lk in spec.links])
@@ -221,6 +258,7 @@ def validate(
                 f'node "{node.name}": plugin "{node.mark}" has no config.toml with an '
                 f"[arguments] table in {impl.folder}",
             )
+        check_code(node.name, impl, node, policy)
         result.impls[node.name] = impl
         for key in node.configuration:
             if key not in impl.arguments:

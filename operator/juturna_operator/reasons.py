@@ -52,6 +52,14 @@ class FailureReason(Enum):
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
     ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")
+    BuiltinNotAllowed = (
+        403,
+        "A node is a Juturna built-in the administrator did not allow where it runs.",
+    )
+    EnvironmentNotAllowed = (
+        403,
+        "A configuration value reads the operator's environment ($JT_ENV_), not allowed.",
+    )
 
     @property
     def code(self) -> int:
@@ -65,6 +73,19 @@ class FailureReason(Enum):
     def retryable(self) -> bool:
         """5xx reasons are transient and retried with backoff; 4xx wait for a spec change."""
         return self.code >= 500
+
+    @property
+    def set_by_configuration(self) -> bool:
+        """A 4xx the administrator's settings decide as much as the spec: an operator that
+        starts again (perhaps with the fix) checks again rather than trust the old status."""
+        return self in (
+            FailureReason.PluginNotFound,
+            FailureReason.PluginPathNotAllowed,
+            FailureReason.UnknownRuntime,
+            FailureReason.ImageNotAllowed,
+            FailureReason.BuiltinNotAllowed,
+            FailureReason.EnvironmentNotAllowed,
+        )
 
     @property
     def counts_as_restart(self) -> bool:

@@ -108,7 +108,12 @@ class Memory:
         mem = cls(restarts=int(status.get("restarts") or 0))
         mem.generation = status.get("observedGeneration")
         raw = status.get("failure")
-        if raw and raw.get("reason") in FailureReason.__members__ and mem.generation is not None:
+        if (
+            raw
+            and raw.get("reason") in FailureReason.__members__
+            and not FailureReason[raw["reason"]].set_by_configuration  # checked again instead
+            and mem.generation is not None
+        ):
             mem.failure = FailureRecord(
                 FailureReason[raw["reason"]],
                 Step(raw.get("step", "run")),
@@ -360,7 +365,11 @@ class Reconciler:
         if action is Action.Validate:
             assert spec is not None
             validated = await asyncio.to_thread(
-                graph.validate, spec, self.settings.plugin_roots, self.settings.runtimes
+                graph.validate,
+                spec,
+                self.settings.plugin_roots,
+                self.settings.runtimes,
+                self.settings.code_policy(spec.runtime),
             )
             p.mem.validated_generation = p.desired.generation
             p.mem.warnings = validated.warnings
@@ -477,16 +486,15 @@ class Reconciler:
             and _same_status(p.mem.last_status, p.resource.status)
         ):
             return  # nothing new, and the object still says it: skip building it again
-        p.mem.status_inputs = inputs
         status = self.build_status(p, info, in_progress)
         if self.metrics is not None:
             ready = in_progress is None and lifecycle.desired_reached(p.desired, observed)
             self.metrics.observed(p.key, status["phase"], p.mem.restarts, ready)
-        if status == p.mem.last_status or _same_status(status, p.resource.status):
-            p.mem.last_status = status
-            return
-        await self._write_status(p.key, status)
-        p.mem.last_status = status
+        if status != p.mem.last_status and not _same_status(status, p.resource.status):
+            await self._write_status(p.key, status)
+        # Remembered only once the object says it: after a failed write (it raises), the
+        # next pass builds and writes again instead of taking it for written.
+        p.mem.last_status, p.mem.status_inputs = status, inputs
 
 
 def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:

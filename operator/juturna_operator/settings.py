@@ -18,6 +18,8 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_RUNTIME_IMAGE           |                      | (none; needed by pod)      |
 | JUTURNA_OPERATOR_RUNTIME_PULL_POLICY     |                      | IfNotPresent               |
 | JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE    |                      | false (spec.template.image)|
+| JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
+| JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ class _Sources:
         self._flags = flags
 
     def get(self, name: str, default: str) -> str:
+        value = self.given(name)
+        return default if value is None else value
+
+    def given(self, name: str) -> str | None:
+        """The raw value, or None where neither a flag nor the variable is set."""
         if name in self._flags:
             return self._flags[name]
-        return os.environ.get(ENV_PREFIX + name, default)
+        return os.environ.get(ENV_PREFIX + name)
 
     def where(self, name: str) -> str:
         return FLAGS[name] if name in self._flags else ENV_PREFIX + name
@@ -110,6 +117,38 @@ def _port(where: str, raw: str) -> int:
     if not raw.isdigit() or int(raw) > 65535:
         raise SettingsError(f"{where} must be a port number (0 turns it off), got {raw!r}")
     return int(raw)
+
+
+BUILTIN_MARK = re.compile(r"(source|proc|sink)/[a-z0-9_]+")
+ALL = "*"
+
+
+def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
+    """``type/mark`` entries separated by commas, or ``*`` for all; None when not set."""
+    if raw is None:
+        return None
+    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
+    for entry in entries:
+        if entry != ALL and not BUILTIN_MARK.fullmatch(entry):
+            raise SettingsError(
+                f"{where} lists {entry!r}: each entry must be a built-in as type/mark "
+                "(e.g. sink/notifier_http), or * for all of them"
+            )
+    return entries
+
+
+@dataclass(frozen=True)
+class CodePolicy:
+    """What a Pipeline may make run, beyond the administrator's plugins, where it runs
+    (JUTURNA.md pitfalls 11-12): which Juturna built-ins, and whether a configuration
+    value may read that process's environment (``$JT_ENV_<NAME>``)."""
+
+    engine: str  # where the pipeline runs, for messages
+    builtins: frozenset[str] | None  # "type/mark" entries; None: every built-in
+    env_references: bool
+
+    def allows_builtin(self, node_type: str, mark: str) -> bool:
+        return self.builtins is None or f"{node_type}/{mark}" in self.builtins
 
 
 def parse_plugin_path(raw: str, where: str = ENV_PREFIX + "PLUGIN_PATH") -> list[Path]:
@@ -186,6 +225,11 @@ class Settings:
     runtime_image: str = ""
     runtime_pull_policy: str = "IfNotPresent"
     allow_image_override: bool = False  # may spec.template.image replace runtime_image?
+    # Juturna built-ins a Pipeline may use ("type/mark", "*": all). None: the engine's
+    # default, all in a pod of the Pipeline's own, none beside the operator.
+    allowed_builtins: tuple[str, ...] | None = None
+    # "$JT_ENV_<NAME>" in-process reads the operator's own environment: refused unless set.
+    allow_env_references: bool = False
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -214,9 +258,28 @@ class Settings:
             allow_image_override=_flag(
                 src.where("ALLOW_IMAGE_OVERRIDE"), src.get("ALLOW_IMAGE_OVERRIDE", "false")
             ),
+            allowed_builtins=parse_builtins(
+                src.given("ALLOWED_BUILTINS"), src.where("ALLOWED_BUILTINS")
+            ),
+            allow_env_references=_flag(
+                src.where("ALLOW_ENV_REFERENCES"), src.get("ALLOW_ENV_REFERENCES", "false")
+            ),
         )
         settings.check()
         return settings
+
+    def engine_for(self, runtime: str | None) -> str:
+        """The engine a Pipeline runs on: the service engine when it names a runtime."""
+        return "service" if runtime or self.engine == "service" else self.engine
+
+    def code_policy(self, runtime: str | None) -> CodePolicy:
+        """What a Pipeline with this ``spec.runtime`` may run where it runs."""
+        engine = self.engine_for(runtime)
+        if self.allowed_builtins is None:
+            builtins = None if engine == "pod" else frozenset[str]()
+        else:
+            builtins = None if ALL in self.allowed_builtins else frozenset(self.allowed_builtins)
+        return CodePolicy(engine, builtins, self.allow_env_references or engine != "inprocess")
 
     def check(self) -> None:
         """Refuse values the operator cannot work with, naming the setting."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from support import (
     instance_folders,
     manifest,
     nodes,
+    only_on,
 )
 
 pytestmark = pytest.mark.cluster
@@ -51,6 +53,59 @@ def test_a_cycle_is_invalid_graph(pipelines: Pipelines) -> None:
     assert status["phase"] == "Failed"
     assert condition(body, "Ready")["reason"] == "InvalidGraph"
     assert condition(body, "Created")["reason"] == "InvalidGraph"
+
+
+def test_a_builtin_that_runs_commands_is_refused_beside_the_operator(
+    pipelines: Pipelines, operator: Operator, tmp_path: Path
+) -> None:
+    """JUTURNA.md pitfall 11: Juturna's videostream_ffmpeg sink writes its configuration into
+    a shell script. Beside the operator no built-in runs unless the administrator lists it,
+    and the check comes before anything deploys: the injected command never runs."""
+    marker = tmp_path / "injected"
+    spec_nodes = nodes(
+        ("src", "source", "ticker", {}),
+        ("out", "sink", "videostream_ffmpeg", {"dst_host": f"127.0.0.1 ; touch {marker} ; #"}),
+    )
+    pipelines.apply(manifest("ffmpeg", nodes=spec_nodes, links=chain("src", "out")))
+    body = failed_with(pipelines, "ffmpeg", "BuiltinNotAllowed")
+    assert body["status"]["failure"] == {
+        "reason": "BuiltinNotAllowed",
+        "code": 403,
+        "step": "validate",
+        "message": 'node "out": Juturna\'s built-in sink/videostream_ffmpeg is not allowed on '
+        f"engine '{operator.engine}' (built-ins can run commands and reach any address from "
+        "their configuration); the administrator allows built-ins with "
+        "JUTURNA_OPERATOR_ALLOWED_BUILTINS (allowed now: none)",
+    }
+    assert ("Warning", "BuiltinNotAllowed") in [e[:2] for e in pipelines.events("ffmpeg")]
+    assert not instance_folders(operator.workdir, body), "something was deployed"
+    time.sleep(1)
+    assert not marker.exists(), "the command in the configuration ran"
+
+
+def test_in_process_a_value_may_not_read_the_operators_environment(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """JUTURNA.md pitfall 12: "$JT_ENV_<NAME>" reads the environment of the process running
+    the node; in-process that is the operator's own (settings, tokens)."""
+    only_on(operator, "inprocess", "the in-process engine's own rule (workers are scrubbed)")
+    spec_nodes = nodes(
+        ("src", "source", "ticker", {}),
+        ("amp", "proc", "scale", {"label": "$JT_ENV_JUTURNA_OPERATOR_WORKDIR"}),
+        ("out", "sink", "jsonl", {}),
+    )
+    pipelines.apply(manifest("envref", nodes=spec_nodes, links=chain("src", "amp", "out")))
+    body = failed_with(pipelines, "envref", "EnvironmentNotAllowed")
+    assert body["status"]["failure"] == {
+        "reason": "EnvironmentNotAllowed",
+        "code": 403,
+        "step": "validate",
+        "message": 'node "amp": configuration key "label" reads an environment variable '
+        "(\"$JT_ENV_JUTURNA_OPERATOR_WORKDIR\"); engine 'inprocess' runs nodes inside the "
+        "operator, whose environment this would expose; allowed only with "
+        "JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES=true",
+    }
+    assert not instance_folders(operator.workdir, body), "something was deployed"
 
 
 def test_an_unknown_mark_is_plugin_not_found(pipelines: Pipelines) -> None:

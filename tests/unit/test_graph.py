@@ -11,6 +11,7 @@ from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.base import PipelineKey
 from juturna_operator.graph import find_cycle, validate
 from juturna_operator.reasons import FailureReason, PipelineFailure
+from juturna_operator.settings import Settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
 
@@ -239,3 +240,70 @@ def test_an_object_name_is_a_safe_folder_name() -> None:
     key = PipelineKey("team-a", "my.pipe", "0123456789abcdef")
     assert key.juturna_name == "team-a__my.pipe__01234567"
     assert "/" not in key.juturna_name
+
+
+NOTIFIER = spec(
+    nodes=[
+        {"name": "src", "type": "source", "mark": "ticker"},
+        {"name": "out", "type": "sink", "mark": "notifier_http"},
+    ],
+    links=[{"from": "src", "to": "out"}],
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "runtime", "allowed"),
+    [
+        (Settings(engine="process"), None, False),  # beside the operator: none by default
+        (Settings(engine="inprocess"), None, False),
+        (Settings(engine="pod", runtime_image="x"), None, True),  # the tenant's own pod
+        (Settings(engine="pod", runtime_image="x"), "gpu", False),  # a shared runtime
+        (Settings(engine="process", allowed_builtins=("sink/notifier_http",)), None, True),
+        (Settings(engine="process", allowed_builtins=("sink/notifier_udp",)), None, False),
+        (Settings(engine="process", allowed_builtins=("*",)), None, True),
+        (Settings(engine="pod", runtime_image="x", allowed_builtins=()), None, False),
+    ],
+)
+def test_builtins_run_only_where_the_administrator_allows(
+    settings: Settings, runtime: str | None, allowed: bool
+) -> None:
+    policy = settings.code_policy(runtime)
+    if allowed:
+        assert "out" in validate(NOTIFIER, [EXAMPLES], policy=policy).impls
+        return
+    with pytest.raises(PipelineFailure) as err:
+        validate(NOTIFIER, [EXAMPLES], policy=policy)
+    assert err.value.reason is FailureReason.BuiltinNotAllowed
+    assert "JUTURNA_OPERATOR_ALLOWED_BUILTINS" in err.value.message
+
+
+def test_a_plugin_that_shadows_a_builtin_is_the_administrators_code(tmp_path: Path) -> None:
+    """Juturna takes the last match: a plugin's own sink/_notifier_http is not the built-in."""
+    folder = tmp_path / "mine" / "nodes" / "sink" / "_notifier_http"
+    folder.mkdir(parents=True)
+    (folder / "notifier_http.py").write_text("")
+    (folder / "config.toml").write_text("[arguments]\n")
+    shadowed = NOTIFIER.model_copy(update={"plugins": ["tones", "mine"]})
+    policy = Settings(engine="process").code_policy(None)
+    assert "out" in validate(shadowed, [EXAMPLES, tmp_path], policy=policy).impls
+
+
+def test_env_references_are_refused_in_process_only_unless_allowed() -> None:
+    s = spec(
+        nodes=[
+            {"name": "src", "type": "source", "mark": "ticker"},
+            {
+                "name": "amp",
+                "type": "proc",
+                "mark": "scale",
+                "configuration": {"label": "$JT_ENV_HOME"},
+            },
+            {"name": "out", "type": "sink", "mark": "jsonl"},
+        ]
+    )
+    with pytest.raises(PipelineFailure) as err:
+        validate(s, [EXAMPLES], policy=Settings(engine="inprocess").code_policy(None))
+    assert err.value.reason is FailureReason.EnvironmentNotAllowed
+    allowed = Settings(engine="inprocess", allow_env_references=True).code_policy(None)
+    for policy in (allowed, Settings(engine="process").code_policy(None)):
+        assert "amp" in validate(s, [EXAMPLES], policy=policy).impls

@@ -35,6 +35,8 @@ EXPECTED_CODES = {
     "Unschedulable": 503,
     "ImagePullFailed": 502,
     "ImageNotAllowed": 403,
+    "BuiltinNotAllowed": 403,
+    "EnvironmentNotAllowed": 403,
 }
 
 

@@ -205,3 +205,33 @@ def test_runtimes_and_their_token_file(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("JUTURNA_OPERATOR_DEFAULT_RUNTIME", "gpu")
     runtime = Settings.from_env().runtimes["gpu"]
     assert (runtime.url, runtime.token()) == ("http://gpu:8080", "s3cret")
+
+
+@pytest.mark.parametrize(
+    ("raw", "parsed"),
+    [
+        ("", ()),
+        ("*", ("*",)),
+        (" sink/notifier_http, source/audio_rtp ", ("sink/notifier_http", "source/audio_rtp")),
+    ],
+)
+def test_allowed_builtins(
+    monkeypatch: pytest.MonkeyPatch, raw: str, parsed: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_BUILTINS", raw)
+    assert Settings.from_env().allowed_builtins == parsed
+
+
+def test_allowed_builtins_unset_is_the_engines_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_ALLOWED_BUILTINS", raising=False)
+    assert Settings.from_env().allowed_builtins is None
+
+
+def test_a_bad_builtin_entry_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_BUILTINS", "sink/notifier_http,rm -rf")
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env()
+    assert str(err.value) == (
+        "JUTURNA_OPERATOR_ALLOWED_BUILTINS lists 'rm -rf': each entry must be a built-in as "
+        "type/mark (e.g. sink/notifier_http), or * for all of them"
+    )

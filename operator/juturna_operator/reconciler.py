@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,9 @@ UNTIL = {
 }
 
 MAX_STEPS = 16
+# Deleted resources remembered, so that a pass that began before the deletion never deploys
+# again (uids are never reused; the oldest are forgotten long after their passes ended).
+FINALIZED_REMEMBERED = 10_000
 
 StatusWriter = Callable[[PipelineKey, dict[str, Any]], Awaitable[None]]
 EventPoster = Callable[[PipelineKey, str, str, str], None]  # key, type, reason, message
@@ -178,9 +182,17 @@ class Reconciler:
         self._post_event = post_event
         self._clock = clock
         self._memory: dict[str, Memory] = {}
+        # One pass at a time per resource (reconcile or finalize), and a resource whose
+        # finalizer ran is never deployed again by a pass that started before it.
+        self._passes: dict[str, asyncio.Lock] = {}
+        self._finalizing: set[str] = set()
+        self._finalized: OrderedDict[str, None] = OrderedDict()
 
     def forget(self, uid: str) -> None:
         self._memory.pop(uid, None)
+
+    def _finished(self, uid: str) -> bool:
+        return uid in self._finalizing or uid in self._finalized
 
     def _remember(self, resource: Resource) -> Memory:
         mem = self._memory.get(resource.key.uid)
@@ -201,6 +213,13 @@ class Reconciler:
 
     async def reconcile(self, resource: Resource, log: Log) -> float:
         """Act until the next step is to wait; write status. Returns seconds until next look."""
+        uid = resource.key.uid
+        async with self._passes.setdefault(uid, asyncio.Lock()):
+            if self._finished(uid):
+                return self.settings.health_interval_s  # its finalizer owns it now
+            return await self._reconcile(resource, log)
+
+    async def _reconcile(self, resource: Resource, log: Log) -> float:
         mem = self._remember(resource)
         if mem.parsed is None or mem.parsed_generation != resource.generation:
             mem.parsed = _spec_or_failure(resource)
@@ -221,6 +240,8 @@ class Reconciler:
         if info is not None:
             mem.recovering_from = None  # the engine still holds it: nothing to recover
         for _ in range(MAX_STEPS):
+            if self._finished(p.key.uid):
+                break  # a deletion came while this pass ran: it must not deploy any more
             self._check_health(p, info)
             action = lifecycle.next_step(p.desired, self._observed(mem, info), self._clock())
             if action in (Action.Nothing, Action.Wait):
@@ -268,7 +289,22 @@ class Reconciler:
         return self._next_look(p)
 
     async def finalize(self, resource: Resource, log: Log) -> None:
-        """Deletion: stop (bounded) and delete the instance. Never raises, never hangs."""
+        """Deletion: stop (bounded) and delete the instance. Never raises, never hangs.
+
+        A pass in flight stops before its next step, and none deploys this resource again."""
+        uid = resource.key.uid
+        self._finalizing.add(uid)
+        try:
+            async with self._passes.setdefault(uid, asyncio.Lock()):
+                await self._finalize(resource, log)
+        finally:
+            self._finalizing.discard(uid)
+            self._passes.pop(uid, None)
+            self._finalized[uid] = None
+            while len(self._finalized) > FINALIZED_REMEMBERED:
+                self._finalized.popitem(last=False)
+
+    async def _finalize(self, resource: Resource, log: Log) -> None:
         resource.deleting = True
         p = _Pass(resource, self._remember(resource), _desired(resource, None, ""), log)
         for _ in range(MAX_STEPS):

@@ -273,6 +273,7 @@ class Exclusive:
 
     def __init__(self) -> None:
         self._locks: dict[PipelineKey, asyncio.Lock] = {}
+        self._users: dict[PipelineKey, int] = {}  # holding or waiting for each lock
 
     def _lock(self, key: PipelineKey) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -280,11 +281,23 @@ class Exclusive:
     def busy(self, key: PipelineKey) -> bool:
         return self._lock(key).locked()
 
+    def drop_lock(self, key: PipelineKey) -> None:
+        """Drop the lock of a deleted instance, unless an operation still holds or waits
+        for it: a new lock beside a waited-for one would let two operations run at once."""
+        if not self._users.get(key):
+            self._locks.pop(key, None)
+
     async def exclusive(
         self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
         async def locked() -> T:
-            async with self._lock(key):
-                return await operation(*args)
+            self._users[key] = self._users.get(key, 0) + 1
+            try:
+                async with self._lock(key):
+                    return await operation(*args)
+            finally:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key]
 
         return await asyncio.shield(locked())

@@ -316,7 +316,7 @@ class InProcessEngine(Exclusive):
 
     async def delete(self, key: PipelineKey, release: bool = True) -> None:
         await self.exclusive(key, self._delete, key)
-        self._locks.pop(key, None)
+        self.drop_lock(key)
 
     async def _delete(self, key: PipelineKey) -> None:
         instance = self._instances.get(key)

@@ -581,7 +581,7 @@ class PodEngine(Exclusive):
     async def delete(self, key: PipelineKey, release: bool = True) -> None:
         if release:
             await self.exclusive(key, self._end, key)
-            self._locks.pop(key, None)
+            self.drop_lock(key)
         else:
             await self.exclusive(key, self._park, key)
 

@@ -425,7 +425,7 @@ class ProcessEngine(Exclusive):
             # operation in progress fail at once.
             await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
         await self.exclusive(key, self._delete, key)
-        self._locks.pop(key, None)
+        self.drop_lock(key)
 
     async def _delete(self, key: PipelineKey) -> None:
         worker = self._workers.get(key)

@@ -145,7 +145,7 @@ class ServiceEngine(Exclusive):
 
     async def delete(self, key: PipelineKey, release: bool = True) -> None:
         await self.exclusive(key, self._delete, key)
-        self._locks.pop(key, None)
+        self.drop_lock(key)
 
     async def _delete(self, key: PipelineKey) -> None:
         remote = self._remotes.get(key)

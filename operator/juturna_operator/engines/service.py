@@ -8,7 +8,11 @@ choosing.
 Each remote pipeline is named ``<namespace>__<name>__<uid8>``, so the operator can tell its
 own pipelines from anybody else's on a shared service. ``sweep`` removes the ones no
 resource references any more: pipelines of deleted resources, and half-built pipelines a
-failed deploy left (Juturna's deploy has no rollback).
+failed deploy left (Juturna's deploy has no rollback). It sweeps only the namespaces this
+operator watches: an operator started with ``-n a`` shares the runtime with the one that
+watches ``b``. Juturna reports back nothing else the operator could mark its pipelines with
+(status and list give the id, the folder, the state and the nodes' known configuration
+keys), so the namespace in the name is the owner.
 
 What a plain remote service cannot tell: Juturna does not report a node thread that died
 (its status still says running). Only our worker module (``juturna_operator.worker``), run
@@ -192,6 +196,14 @@ class ServiceEngine(Exclusive):
         infos = [await self.status(key) for key in list(self._remotes)]
         return [i for i in infos if i is not None]
 
+    def _owns(self, juturna_name: str) -> bool:
+        """Whether a pipeline named like ours belongs to this operator: its namespace is one
+        this operator watches (all of them without ``-n``). Another operator, watching other
+        namespaces, may share the runtime; its pipelines are not in ``keep``."""
+        if not self._settings.namespaces:
+            return True
+        return juturna_name.partition("__")[0] in self._settings.namespaces
+
     def _claimed(self, pipeline_id: str, name: str) -> bool:
         """Held, abandoned, or being created right now by this process.
 
@@ -208,8 +220,9 @@ class ServiceEngine(Exclusive):
         """Delete this operator's pipelines that no resource references any more.
 
         ``keep`` maps each existing resource's Juturna name to the pipeline id its status
-        references. A pipeline named like ours is removed when its resource is gone, or
-        when the resource references another id and this process does not hold it.
+        references, for the namespaces this operator watches. A pipeline named like ours in
+        one of those namespaces is removed when its resource is gone, or when the resource
+        references another id and this process does not hold it.
         """
         removed = []
         for runtime in self._runtimes:
@@ -222,7 +235,9 @@ class ServiceEngine(Exclusive):
             for pipeline_id, status in listed.items():
                 folder = PurePosixPath(str(status.get("folder", ""))).name
                 name = folder.removesuffix(f"_{pipeline_id}")
-                if not OURS.match(name) or self._claimed(pipeline_id, name):
+                if not OURS.match(name) or not self._owns(name):
+                    continue
+                if self._claimed(pipeline_id, name):
                     continue
                 if name in keep and keep[name] == pipeline_id:
                     continue

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from controlplane import free_port
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.base import PipelineKey
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import ServiceEngine
-from juturna_operator.reasons import PipelineFailure
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 from support import PLUGIN_ROOTS, JuturnaServe
 
@@ -37,6 +38,79 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuturnaServe]:
     assert server.proc is not None
     os.kill(server.proc.pid, signal.SIGCONT)  # never leave it frozen, whatever a test did
     server.stop()
+
+
+# -- a loopback proxy the test starts and stops ------------------------------------------------
+
+
+async def read_message(reader: asyncio.StreamReader) -> bytes | None:
+    """One HTTP/1.1 message (its head and Content-Length body), or None at the stream's end."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return head + await reader.readexactly(length)
+
+
+class Proxy:
+    """Forwards HTTP requests on a loopback port to the serve, one upstream connection each.
+
+    ``down()`` refuses connections and cuts those open (the serve keeps running, with its
+    pipelines); ``up()`` listens again on the same port. A path ending in one of ``drops``
+    is forwarded once and its connection cut after the serve answered: the answer is lost.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.drops: list[str] = []
+        self.dropped: list[str] = []  # request lines whose answer was lost
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> Proxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def down(self) -> None:
+        if self._server is not None:
+            self._server.close()  # closes the listening socket at once: connections refused
+            self._server = None
+        for writer in list(self._clients):
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
+        try:
+            while (request := await read_message(reader)) is not None:
+                line = request.split(b"\r\n", 1)[0].decode()
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+                try:
+                    up_writer.write(request)
+                    await up_writer.drain()
+                    answer = await read_message(up_reader)
+                finally:
+                    up_writer.close()
+                path = line.split()[1].split("?")[0]
+                drop = next((d for d in self.drops if path.endswith(d)), None)
+                if answer is None or drop is not None:
+                    if drop is not None:
+                        self.drops.remove(drop)
+                        self.dropped.append(line)
+                    return
+                writer.write(answer)
+                await writer.drain()
+        except ConnectionError:
+            return
+        finally:
+            self._clients.discard(writer)
+            writer.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -134,5 +208,57 @@ def test_the_sweep_leaves_the_pipelines_of_namespaces_it_does_not_watch(
             await watching_a.close()
             await watching_all.close()
             await remove(serve.url, ours, theirs)
+
+    asyncio.run(scenario())
+
+
+# -- 2. a delete while the runtime is unreachable ----------------------------------------------
+
+
+def test_a_pipeline_deleted_while_its_runtime_is_unreachable_is_swept_once_it_answers(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        proxy = await Proxy(serve.port).up()
+        engine = ServiceEngine(settings(proxy.url, tmp_path))
+        key = new_key("lost")
+        pipeline_id = ""
+        try:
+            pipeline_id = await deploy(engine, key)
+            await proxy.down()  # a partition: the serve runs on, unreachable
+            failure = await failure_of(engine.delete(key))
+            assert (failure.reason, failure.step, failure.message) == (
+                FailureReason.RuntimeUnavailable,
+                Step.delete,
+                f"cannot connect to {proxy.url}: ConnectError; pipeline {pipeline_id} is left on "
+                "runtime 'local', and the orphan sweep removes it once the runtime answers",
+            )
+            assert await engine.status(key) is None  # the resource may go
+            assert (await listed(serve.url))[pipeline_id]["self"] == "pipeline_running"
+            assert await engine.sweep({}) == []  # still unreachable: nothing to do yet
+            await proxy.up()
+            assert await engine.sweep({}) == [pipeline_id]
+            assert pipeline_id not in await listed(serve.url)
+        finally:
+            await engine.close()
+            await proxy.down()
+            await remove(serve.url, pipeline_id)
+
+    asyncio.run(scenario())
+
+
+def test_deleting_a_pipeline_the_service_no_longer_has_is_done(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(serve.url, tmp_path))
+        key = new_key("vanished")
+        try:
+            pipeline_id = await deploy(engine, key)
+            await remove(serve.url, pipeline_id)  # as a service that restarted lost it
+            await engine.delete(key)
+            assert await engine.status(key) is None
+        finally:
+            await engine.close()
 
     asyncio.run(scenario())

@@ -7,12 +7,13 @@ choosing.
 
 Each remote pipeline is named ``<namespace>__<name>__<uid8>``, so the operator can tell its
 own pipelines from anybody else's on a shared service. ``sweep`` removes the ones no
-resource references any more: pipelines of deleted resources, and half-built pipelines a
-failed deploy left (Juturna's deploy has no rollback). It sweeps only the namespaces this
-operator watches: an operator started with ``-n a`` shares the runtime with the one that
-watches ``b``. Juturna reports back nothing else the operator could mark its pipelines with
-(status and list give the id, the folder, the state and the nodes' known configuration
-keys), so the namespace in the name is the owner.
+resource references any more: pipelines of deleted resources, half-built pipelines a
+failed deploy left (Juturna's deploy has no rollback), and pipelines a delete could not
+reach (the runtime was unreachable; the resource went, the sweep retries). It sweeps only
+the namespaces this operator watches: an operator started with ``-n a`` shares the runtime
+with the one that watches ``b``. Juturna reports back nothing else the operator could mark
+its pipelines with (status and list give the id, the folder, the state and the nodes' known
+configuration keys), so the namespace in the name is the owner.
 
 What a plain remote service cannot tell: Juturna does not report a node thread that died
 (its status still says running). Only our worker module (``juturna_operator.worker``), run
@@ -49,6 +50,7 @@ from juturna_operator.settings import Runtime, Settings
 log = logging.getLogger(__name__)
 
 OURS = re.compile(r"^[a-z0-9.-]+__[a-z0-9.-]+__[0-9a-f-]{8}$")
+PROBE_TIMEOUT_S = 2.0  # a runtime that does not list its pipelines within this is unreachable
 
 
 @dataclass
@@ -133,18 +135,12 @@ class ServiceEngine(Exclusive):
                     # stop or delete. Absent, so the next pass deploys it again.
                     self._remotes.pop(key, None)
                     return
-                if "gave no answer within" not in failure.message:
+                if failure.reason is not FailureReason.RuntimeUnavailable:
                     raise
-                # Nothing can end it from here (a delete would stop it again, and hang too):
-                # let it go, so the resource can be deleted or redeployed.
-                self._abandoned.add(remote.pipeline_id)
-                self._remotes.pop(key, None)
-                raise PipelineFailure(
-                    FailureReason.StopTimeout,
-                    Step.stop,
-                    f"stop did not finish within {timeout:g} s on runtime {remote.runtime!r}; "
-                    f"pipeline {remote.pipeline_id} was left there, stuck",
-                ) from failure
+                stuck = await self._abandon_if_stuck(key, remote, failure, Step.stop)
+                if stuck is None:
+                    raise  # unreachable: still ours, the next pass stops it again
+                raise stuck from failure
         remote.state = InstanceState.Spent
 
     async def delete(self, key: PipelineKey, release: bool = True) -> None:
@@ -156,17 +152,67 @@ class ServiceEngine(Exclusive):
         if remote is None:
             return
         client = self._client(remote.runtime)
-        if remote.state is InstanceState.Running:
-            try:
-                await client.stop(remote.pipeline_id, self._settings.stop_timeout_s)
-            except PipelineFailure as failure:
-                log.warning("stopping before delete: %s", failure, extra=key.log_extra)
         try:
+            if remote.state is InstanceState.Running:
+                await self._stop_before_delete(key, client, remote)
             await client.delete(remote.pipeline_id)
         except PipelineFailure as failure:
-            if failure.reason is not FailureReason.InvalidPipelineId:
+            if failure.reason is FailureReason.InvalidPipelineId:
+                self._remotes.pop(key, None)  # gone already (the service restarted)
+                return
+            if failure.reason is not FailureReason.RuntimeUnavailable:
                 raise
+            # Let go: the resource goes (a deletion must not wait for a runtime that may
+            # never come back), and nothing references the pipeline any more, so the sweep,
+            # which lists every runtime at each round, removes it once the runtime answers.
+            self._remotes.pop(key, None)
+            raise PipelineFailure(
+                failure.reason,
+                Step.delete,
+                f"{failure.message}; pipeline {remote.pipeline_id} is left on runtime "
+                f"{remote.runtime!r}, and the orphan sweep removes it once the runtime answers",
+            ) from failure
         self._remotes.pop(key, None)
+
+    async def _stop_before_delete(
+        self, key: PipelineKey, client: JuturnaClient, remote: _Remote
+    ) -> None:
+        """Stop a running pipeline before its delete (Juturna's delete would stop it too,
+        with no bound). An unreachable runtime raises ``RuntimeUnavailable``; a stop that
+        hangs on a runtime that answers, ``StopTimeout``."""
+        try:
+            await client.stop(remote.pipeline_id, self._settings.stop_timeout_s)
+        except PipelineFailure as failure:
+            if failure.reason is not FailureReason.RuntimeUnavailable:
+                log.warning("stopping before delete: %s", failure, extra=key.log_extra)
+                return
+            stuck = await self._abandon_if_stuck(key, remote, failure, Step.delete)
+            if stuck is None:
+                raise  # unreachable: the caller lets the sweep retry
+            raise stuck from failure
+
+    async def _abandon_if_stuck(
+        self, key: PipelineKey, remote: _Remote, failure: PipelineFailure, step: Step
+    ) -> PipelineFailure | None:
+        """After a stop that failed with ``RuntimeUnavailable``: None if the runtime is
+        unreachable; ``StopTimeout`` if it lists its pipelines while the stop gave no answer.
+        A node then blocks the stop, and nothing from here can end it (a delete or a sweep
+        would stop it again, and hang too): the pipeline is abandoned there."""
+        if "gave no answer within" not in failure.message:
+            return None
+        try:
+            await self._client(remote.runtime).request("GET", "/pipelines", step, PROBE_TIMEOUT_S)
+        except PipelineFailure:
+            return None
+        self._abandoned.add(remote.pipeline_id)
+        self._remotes.pop(key, None)
+        timeout = self._settings.stop_timeout_s
+        return PipelineFailure(
+            FailureReason.StopTimeout,
+            step,
+            f"stop did not finish within {timeout:g} s on runtime {remote.runtime!r}; "
+            f"pipeline {remote.pipeline_id} was left there, stuck",
+        )
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         remote = self._remotes.get(key)

@@ -20,7 +20,7 @@ import pytest
 from controlplane import free_port
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.engines.base import InstanceState, PipelineKey
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -260,5 +260,74 @@ def test_deleting_a_pipeline_the_service_no_longer_has_is_done(
             assert await engine.status(key) is None
         finally:
             await engine.close()
+
+    asyncio.run(scenario())
+
+
+# -- 3. a POST whose answer was lost -----------------------------------------------------------
+
+
+def test_a_warmup_and_a_start_whose_answers_were_lost_are_done_not_conflicts(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        proxy = await Proxy(serve.port).up()
+        engine = ServiceEngine(settings(proxy.url, tmp_path))
+        key = new_key("lossy")
+        pipeline_id = ""
+        try:
+            pipeline_id = await engine.create(key, config(key.juturna_name), "r1")
+            proxy.drops = ["/warmup", "/start"]
+            await engine.warmup(key)  # sent again, AlreadyWarmedUp: the lost attempt did it
+            await engine.start(key)  # sent again, AlreadyRunning: likewise
+            assert proxy.dropped == [
+                f"POST /pipelines/{pipeline_id}/warmup HTTP/1.1",
+                f"POST /pipelines/{pipeline_id}/start HTTP/1.1",
+            ]
+            info = await engine.status(key)
+            assert info is not None
+            assert (info.state, info.failure, info.pipeline_id) == (
+                InstanceState.Running,
+                None,
+                pipeline_id,
+            )
+            await engine.delete(key)
+            assert pipeline_id not in await listed(serve.url)
+        finally:
+            await engine.close()
+            await proxy.down()
+            await remove(serve.url, pipeline_id)
+
+    asyncio.run(scenario())
+
+
+def test_a_deploy_whose_answer_was_lost_is_not_sent_again(serve: JuturnaServe) -> None:
+    async def scenario() -> None:
+        proxy = await Proxy(serve.port).up()
+        client = JuturnaClient(proxy.url)
+        before = set(await listed(serve.url))
+        made: set[str] = set()
+        try:
+            proxy.drops = ["/pipelines/deploy"]
+            failure = await failure_of(
+                client.request(
+                    "POST",
+                    "/pipelines/deploy",
+                    Step.create,
+                    30,
+                    json=config("once__video__abcdef12"),
+                )
+            )
+            assert (failure.reason, failure.message) == (
+                FailureReason.RuntimeUnavailable,
+                f"{proxy.url}/pipelines/deploy: the connection dropped before the answer "
+                "(RemoteProtocolError); not sent again, as the service may have done it",
+            )
+            made = set(await listed(serve.url)) - before
+            assert len(made) == 1, "a deploy that may have been done was sent again"
+        finally:
+            await client.close()
+            await proxy.down()
+            await remove(serve.url, *made)
 
     asyncio.run(scenario())

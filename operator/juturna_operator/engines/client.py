@@ -2,8 +2,19 @@
 
 The endpoints are the contract upstream Juturna ships (``juturna serve``): ``/pipelines/new``,
 ``/{id}/warmup``, ``/{id}/start``, ``/{id}/stop``, ``/{id}/delete``, ``/{id}/status`` and
-``GET /pipelines``. Connections are reused; only connection failures are retried (the
-request never reached the service, so a retry cannot do anything twice).
+``GET /pipelines``. Connections are reused, and a failed connection is retried, but a
+request is sent again only where that is safe:
+
+* the connection was never made (refused, connect timeout): nothing reached the service;
+* a GET, which changes nothing;
+* a POST whose repetition is recognisable: when the connection dropped after the request
+  went out, the service may have done it and only the answer was lost. The retry then gets
+  Juturna's conflict (a warmup's ``AlreadyWarmedUp``, a start's ``AlreadyRunning``, a stop's
+  ``NotRunning``, a delete's 404), and that conflict means done;
+* a create (a second pipeline at worst; the orphan sweep removes it).
+
+Any other POST (Juturna's deploy, our worker's shutdown) is not sent twice: the drop is
+``RuntimeUnavailable``, and the caller looks at the service before it acts again.
 """
 
 from __future__ import annotations
@@ -14,6 +25,11 @@ from typing import Any
 import httpx
 
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
+
+# The request never reached the service.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+# The request may have reached it, and been done: only the answer is surely lost.
+MAYBE_SENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 CONFLICTS = {
     "already warmed up": FailureReason.AlreadyWarmedUp,
@@ -77,6 +93,10 @@ class JuturnaClient:
     ) -> Any:
         """One call; a 2xx answer's JSON, or a classified ``PipelineFailure``.
 
+        ``done_if``: the failure that, on a POST sent again after its connection dropped,
+        means the lost attempt did it (the call then returns None); ``resend=True``: a POST
+        that may be repeated anyway. Other POSTs are never sent twice (see the module).
+
         A failure's message goes to status, Events and logs, so the token never does: a
         service that echoes the request's headers in its error would otherwise publish it."""
         try:
@@ -88,22 +108,36 @@ class JuturnaClient:
             raise
 
     async def _request(
-        self, method: str, path: str, step: Step, timeout_s: float | None, **kw: Any
+        self,
+        method: str,
+        path: str,
+        step: Step,
+        timeout_s: float | None,
+        done_if: FailureReason | None = None,
+        resend: bool = False,
+        **kw: Any,
     ) -> Any:
         timeout = timeout_s if timeout_s is not None else self._timeout_s
+        resend = resend or method == "GET" or done_if is not None
+        dropped = False  # a request went out and its connection dropped before the answer
         for attempt in range(self._retries + 1):
             try:
                 response = await self._http.request(method, path, timeout=timeout, **kw)
                 break
-            # A pooled connection the service closed (uvicorn does after a 500) fails with a
-            # ReadError or RemoteProtocolError before the request is read: retried like a
-            # refusal. (At worst a create runs twice; the orphan sweep removes the extra one.)
-            except (
-                httpx.ConnectError,
-                httpx.ConnectTimeout,
-                httpx.RemoteProtocolError,
-                httpx.ReadError,
-            ) as err:
+            except (*NOT_SENT, *MAYBE_SENT) as err:
+                # A pooled connection the service closed (uvicorn does after a 500) fails
+                # like a dropped one, whether or not the service read the request: only a
+                # request that is safe to repeat is sent again.
+                if isinstance(err, MAYBE_SENT):
+                    if not resend:
+                        raise PipelineFailure(
+                            FailureReason.RuntimeUnavailable,
+                            step,
+                            f"{self.shown_url}{path}: the connection dropped before the answer "
+                            f"({type(err).__name__}); not sent again, as the service may have "
+                            "done it",
+                        ) from err
+                    dropped = True
                 if attempt == self._retries:
                     raise PipelineFailure(
                         FailureReason.RuntimeUnavailable,
@@ -125,22 +159,43 @@ class JuturnaClient:
                 ) from err
         if response.is_success:
             return response.json()
-        raise failure_of(response, step)
+        failure = failure_of(response, step)
+        if dropped and failure.reason is done_if:
+            return None  # the attempt whose answer was lost did it
+        raise failure
 
     async def create(self, config: dict[str, Any]) -> str:
-        answer = await self.request("POST", "/pipelines/new", Step.create, json=config)
+        answer = await self.request("POST", "/pipelines/new", Step.create, json=config, resend=True)
         return str(answer["data"]["pipeline_id"])
 
     async def warmup(self, pipeline_id: str, timeout_s: float) -> Any:
+        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
         return await self.request(
-            "POST", f"/pipelines/{pipeline_id}/warmup", Step.warmup, timeout_s
+            "POST",
+            f"/pipelines/{pipeline_id}/warmup",
+            Step.warmup,
+            timeout_s,
+            done_if=FailureReason.AlreadyWarmedUp,
         )
 
     async def start(self, pipeline_id: str) -> Any:
-        return await self.request("POST", f"/pipelines/{pipeline_id}/start", Step.start)
+        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
+        return await self.request(
+            "POST",
+            f"/pipelines/{pipeline_id}/start",
+            Step.start,
+            done_if=FailureReason.AlreadyRunning,
+        )
 
     async def stop(self, pipeline_id: str, timeout_s: float) -> Any:
-        return await self.request("POST", f"/pipelines/{pipeline_id}/stop", Step.stop, timeout_s)
+        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
+        return await self.request(
+            "POST",
+            f"/pipelines/{pipeline_id}/stop",
+            Step.stop,
+            timeout_s,
+            done_if=FailureReason.NotRunning,
+        )
 
     async def delete(self, pipeline_id: str, timeout_s: float | None = None) -> Any:
         return await self.request(
@@ -149,6 +204,7 @@ class JuturnaClient:
             Step.delete,
             timeout_s,
             params={"wipe": "true"},
+            done_if=FailureReason.InvalidPipelineId,
         )
 
     async def status(self, pipeline_id: str) -> Any:

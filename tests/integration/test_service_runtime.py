@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from controlplane import free_port
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.base import InstanceState, PipelineKey
 from juturna_operator.engines.client import JuturnaClient
-from juturna_operator.engines.service import ServiceEngine
+from juturna_operator.engines.service import MISSES_ALLOWED, ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 from support import PLUGIN_ROOTS, JuturnaServe
@@ -329,5 +330,96 @@ def test_a_deploy_whose_answer_was_lost_is_not_sent_again(serve: JuturnaServe) -
             await client.close()
             await proxy.down()
             await remove(serve.url, *made)
+
+    asyncio.run(scenario())
+
+
+# -- 5. a slow answer is not a dead runtime ----------------------------------------------------
+
+
+def test_a_runtime_frozen_for_one_status_request_keeps_the_pipeline_running(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    assert serve.proc is not None
+    pid = serve.proc.pid
+
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(serve.url, tmp_path))
+        key = new_key("frozen")
+        try:
+            pipeline_id = await deploy(engine, key)
+            await engine.status(key)  # the reconciler looks after each step
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                info = await engine.status(key)  # no answer within the client's timeout
+                assert time.monotonic() - started >= 5, "the status request did not time out"
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert info is not None
+            assert (info.state, info.failure, info.pipeline_id) == (
+                InstanceState.Running,
+                None,
+                pipeline_id,
+            )
+            assert info.nodes == {"src": "Running", "out": "Running"}  # the last known
+            info = await engine.status(key)
+            assert info is not None
+            assert (info.state, info.failure, info.pipeline_id) == (
+                InstanceState.Running,
+                None,
+                pipeline_id,
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            await engine.delete(key)
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_status_misses_in_a_row_are_runtime_unavailable(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        proxy = await Proxy(serve.port).up()
+        engine = ServiceEngine(settings(proxy.url, tmp_path))
+        key = new_key("gone")
+        pipeline_id = ""
+        try:
+            pipeline_id = await deploy(engine, key)
+            await proxy.down()
+            for _ in range(MISSES_ALLOWED - 1):
+                info = await engine.status(key)
+                assert info is not None
+                assert (info.state, info.failure) == (InstanceState.Running, None)
+            info = await engine.status(key)
+            assert info is not None
+            assert info.failure is not None
+            assert (info.failure.reason, info.failure.step, info.failure.message) == (
+                FailureReason.RuntimeUnavailable,
+                Step.run,
+                f"cannot connect to {proxy.url}: ConnectError ({MISSES_ALLOWED} status "
+                "requests in a row failed)",
+            )
+            await proxy.up()
+            info = await engine.status(key)
+            assert info is not None
+            assert (info.state, info.failure, info.pipeline_id) == (
+                InstanceState.Running,
+                None,
+                pipeline_id,
+            )
+            # An answer starts the count again: one miss is again only a miss.
+            await proxy.down()
+            info = await engine.status(key)
+            assert info is not None
+            assert info.failure is None
+            await proxy.up()
+            await engine.delete(key)
+        finally:
+            await engine.close()
+            await proxy.down()
+            await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())

@@ -15,6 +15,10 @@ with the one that watches ``b``. Juturna reports back nothing else the operator 
 its pipelines with (status and list give the id, the folder, the state and the nodes' known
 configuration keys), so the namespace in the name is the owner.
 
+One status request that fails is not a dead runtime (a loaded service answers late):
+``MISSES_ALLOWED`` failures in a row are ``RuntimeUnavailable``; until then the last known
+state stands.
+
 What a plain remote service cannot tell: Juturna does not report a node thread that died
 (its status still says running). Only our worker module (``juturna_operator.worker``), run
 as the remote service, adds the health route that reports it.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -50,6 +54,7 @@ from juturna_operator.settings import Runtime, Settings
 log = logging.getLogger(__name__)
 
 OURS = re.compile(r"^[a-z0-9.-]+__[a-z0-9.-]+__[0-9a-f-]{8}$")
+MISSES_ALLOWED = 3  # failed status requests in a row before the runtime counts as unavailable
 PROBE_TIMEOUT_S = 2.0  # a runtime that does not list its pipelines within this is unreachable
 
 
@@ -59,6 +64,10 @@ class _Remote:
     pipeline_id: str
     revision: str
     state: InstanceState = InstanceState.Created
+    # The last status the runtime gave, kept through a few failed status requests.
+    folder: str = ""
+    nodes: dict[str, str] = field(default_factory=dict)
+    misses: int = 0
 
 
 class ServiceEngine(Exclusive):
@@ -228,14 +237,34 @@ class ServiceEngine(Exclusive):
                 # The service lost it (it restarted): nothing is there to stop or delete.
                 self._remotes.pop(key, None)
                 return None
+            if failure.reason is FailureReason.RuntimeUnavailable:
+                remote.misses += 1
+                if remote.misses < MISSES_ALLOWED:
+                    # A late answer is not a dead runtime: the last known state stands.
+                    log.info(
+                        "status %d of %d in a row failed: %s",
+                        remote.misses,
+                        MISSES_ALLOWED,
+                        failure,
+                        extra=key.log_extra,
+                    )
+                    info.folder, info.nodes = remote.folder, dict(remote.nodes)
+                    return info
+                failure = PipelineFailure(
+                    failure.reason,
+                    failure.step,
+                    f"{failure.message} ({remote.misses} status requests in a row failed)",
+                )
             info.failure = failure
             return info
+        remote.misses = 0
         seen = JUTURNA_STATE.get(status.get("self", ""), remote.state)
         if not (remote.state is InstanceState.Spent and seen is InstanceState.Ready):
             remote.state = seen
             info.state = seen
-        info.folder = status.get("folder", "")
+        info.folder = remote.folder = status.get("folder", "")
         info.nodes = node_statuses(status)
+        remote.nodes = dict(info.nodes)
         return info
 
     async def list(self) -> list[InstanceInfo]:

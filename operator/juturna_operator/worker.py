@@ -17,7 +17,9 @@ free loopback port, and adds five things in this thin module:
   and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/shutdown``: a clean exit;
 * 500 answers that keep the exception's message and the failing node (Juturna's own say
-  only "Unexpected <Type> exception, see logs").
+  only "Unexpected <Type> exception, see logs");
+* a start that fails stops the nodes it had started (Juturna leaves them running in a
+  pipeline that is not running, which neither its stop nor its delete then stops).
 
 Ready handshake: the port is written to ``--port-file`` (atomically) once the socket is
 bound; the engine then waits for ``/operator/health`` to answer.
@@ -105,6 +107,34 @@ class Warmups:
 warmups = Warmups()
 
 
+def stop_nodes_when_start_fails() -> None:
+    """Make a failed ``start_pipeline`` (and so a failed deploy) stop what it started.
+
+    Juturna starts the nodes one by one; when one raises, those already started keep their
+    threads and the pipeline stays ready, so its stop refuses ("not running") and its
+    delete stops nothing: they would run until the process ends."""
+    from juturna.components._pipeline_manager import PipelineManager
+
+    start = PipelineManager.start_pipeline
+    if getattr(start, "stops_nodes_on_failure", False):
+        return
+
+    def start_pipeline(self: PipelineManager, pipeline_id: str) -> None:
+        try:
+            start(self, pipeline_id)
+        except Exception:
+            nodes = getattr(self._pipelines.get(pipeline_id), "_nodes", None) or {}
+            for name, node in list(nodes.items()):
+                try:
+                    node.stop()  # a node never started stops at once
+                except Exception:  # the start's own error is the one to report
+                    logging.getLogger("juturna_operator.worker").exception("stopping %s", name)
+            raise
+
+    start_pipeline.stops_nodes_on_failure = True  # type: ignore[attr-defined]
+    PipelineManager.start_pipeline = start_pipeline  # type: ignore[method-assign]
+
+
 def build_app(token: str) -> Any:
     """Juturna's service app with the operator's routes added, behind ``token``."""
     from fastapi import Request
@@ -118,6 +148,7 @@ def build_app(token: str) -> Any:
     # Juturna's routes (warmup and deploy) call the manager's method: joined there, they keep
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
+    stop_nodes_when_start_fails()
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:

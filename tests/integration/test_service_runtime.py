@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import free_port
+from controlplane import exit_with_parent, free_port
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.base import InstanceState, PipelineKey
@@ -26,7 +30,7 @@ from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import MISSES_ALLOWED, ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
-from support import PLUGIN_ROOTS, JuturnaServe
+from support import PLUGIN_ROOTS, JuturnaServe, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -39,6 +43,46 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuturnaServe]:
     assert server.proc is not None
     os.kill(server.proc.pid, signal.SIGCONT)  # never leave it frozen, whatever a test did
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """Our worker module run as a remote service: (url, token file, pipeline folder)."""
+    base = tmp_path_factory.mktemp("worker-service")
+    token, port_file, folder = base / "token", base / "port", base / "pipelines"
+    token.write_text(secrets.token_hex(16))
+    token.chmod(0o600)
+    env = {**os.environ, "JUTURNA_OPERATOR_PLUGIN_PATH": os.pathsep.join(map(str, PLUGIN_ROOTS))}
+    command = [sys.executable, "-m", "juturna_operator.worker", "--folder", str(folder)]
+    command += ["--port-file", str(port_file), "--owner", "service", "--token-file", str(token)]
+    with open(base / "worker.log", "ab") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=exit_with_parent
+        )
+    try:
+        url = ""
+
+        def ready() -> bool:
+            nonlocal url
+            assert proc.poll() is None, (base / "worker.log").read_text()[-2000:]
+            if not port_file.exists():
+                return False
+            url = f"http://127.0.0.1:{port_file.read_text()}"
+            try:
+                urllib.request.urlopen(f"{url}/operator/ready", timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(ready, 60, "the worker service answers")
+        yield url, token, folder
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 # -- a loopback proxy the test starts and stops ------------------------------------------------
@@ -330,6 +374,69 @@ def test_a_deploy_whose_answer_was_lost_is_not_sent_again(serve: JuturnaServe) -
             await client.close()
             await proxy.down()
             await remove(serve.url, *made)
+
+    asyncio.run(scenario())
+
+
+# -- 4. a start that fails after some nodes started --------------------------------------------
+
+
+def output_lines(folder: str) -> int:
+    out = Path(folder, "out", "output.jsonl")
+    return len(out.read_text().splitlines()) if out.exists() else 0
+
+
+def test_a_failed_start_leaves_no_node_running_on_our_worker(
+    worker: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    url, token, _ = worker
+
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(url, tmp_path, token))
+        key = new_key("cams")
+        try:
+            await engine.create(key, config(key.juturna_name, dud=True), "r1")
+            await engine.warmup(key)
+            failure = await failure_of(engine.start(key))
+            assert (failure.reason, failure.step, failure.message) == (
+                FailureReason.StartFailed,
+                Step.start,
+                'node "cam": OSError: cannot open /dev/video9',
+            )
+            info = await engine.status(key)
+            assert info is not None
+            assert info.nodes == {"src": "Stopped", "cam": "Stopped", "out": "Stopped"}
+            written = output_lines(info.folder)
+            await asyncio.sleep(1)  # the ticker sends 20 a second while it runs
+            assert output_lines(info.folder) == written, "the nodes that started still run"
+        finally:
+            await engine.delete(key)
+            await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_start_on_a_plain_service_names_the_nodes_it_cannot_stop(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(serve.url, tmp_path))
+        key = new_key("cams")
+        try:
+            await engine.create(key, config(key.juturna_name, dud=True, rate=1), "r1")
+            await engine.warmup(key)
+            failure = await failure_of(engine.start(key))
+            assert (failure.reason, failure.step, failure.message) == (
+                FailureReason.StartFailed,
+                Step.start,
+                "Unexpected OSError exception, see logs; node(s) out, src started and keep "
+                "running on runtime 'local' until it restarts: Juturna's service cannot stop the "
+                "nodes of a pipeline whose start failed (run juturna_operator.worker as the "
+                "service: it stops them)",
+            )
+        finally:
+            await engine.delete(key)
+            await engine.close()
 
     asyncio.run(scenario())
 

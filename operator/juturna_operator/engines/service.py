@@ -21,7 +21,8 @@ state stands.
 
 What a plain remote service cannot tell: Juturna does not report a node thread that died
 (its status still says running). Only our worker module (``juturna_operator.worker``), run
-as the remote service, adds the health route that reports it.
+as the remote service, adds the health route that reports it. Nor can a plain service stop
+the nodes of a pipeline whose start failed (see ``_start``); our worker stops them itself.
 """
 
 from __future__ import annotations
@@ -126,8 +127,39 @@ class ServiceEngine(Exclusive):
 
     async def _start(self, key: PipelineKey) -> None:
         remote = held(self._remotes, key, Step.start)
-        await self._client(remote.runtime).start(remote.pipeline_id)
+        client = self._client(remote.runtime)
+        try:
+            await client.start(remote.pipeline_id)
+        except PipelineFailure as failure:
+            if failure.reason is FailureReason.StartFailed:
+                failure = await self._still_running(client, remote, failure)
+            raise failure
         remote.state = InstanceState.Running
+
+    async def _still_running(
+        self, client: JuturnaClient, remote: _Remote, failure: PipelineFailure
+    ) -> PipelineFailure:
+        """``failure``, saying which nodes still run if the start left some running.
+
+        Juturna starts the nodes one by one and, when one fails, leaves the others running
+        and the pipeline ready (not running). A plain ``juturna serve`` then has no way to
+        stop them: its stop answers "not running", and its delete does not stop a pipeline
+        that is not running. Our worker, run as the service, stops them itself."""
+        try:
+            nodes = node_statuses(await client.status(remote.pipeline_id))
+        except PipelineFailure:
+            return failure
+        running = sorted(name for name, status in nodes.items() if status == "Running")
+        if not running:
+            return failure
+        return PipelineFailure(
+            failure.reason,
+            failure.step,
+            f"{failure.message}; node(s) {', '.join(running)} started and keep running on "
+            f"runtime {remote.runtime!r} until it restarts: Juturna's service cannot stop the "
+            "nodes of a pipeline whose start failed (run juturna_operator.worker as the "
+            "service: it stops them)",
+        )
 
     async def stop(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._stop, key)

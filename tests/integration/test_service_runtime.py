@@ -172,12 +172,12 @@ def settings(url: str, tmp_path: Path, token: Path | None = None, **kw: Any) -> 
     )
 
 
-def config(name: str, dud: bool = False, rate: float = 20) -> dict[str, Any]:
-    """The ticker and the jsonl sink; with ``dud``, a second source whose start fails
+def config(name: str, dud: bool = False, rate: float = 20, sink: str = "jsonl") -> dict[str, Any]:
+    """The ticker and a sink (jsonl); with ``dud``, a second source whose start fails
     (Juturna starts it last: the other two run by then)."""
     nodes = [
         {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": rate}},
-        {"name": "out", "type": "sink", "mark": "jsonl"},
+        {"name": "out", "type": "sink", "mark": sink},
     ]
     links = [{"from": "src", "to": "out"}]
     if dud:
@@ -307,6 +307,40 @@ def test_deleting_a_pipeline_the_service_no_longer_has_is_done(
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_delete_whose_stop_hangs_on_a_runtime_that_answers_abandons_the_pipeline(
+    tmp_path: Path,
+) -> None:
+    # A serve of its own: the hung stop keeps one of its request threads for good.
+    serve = JuturnaServe(tmp_path / "pipelines", tmp_path / "serve.log").start()
+
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(serve.url, tmp_path))
+        key = new_key("stuck")
+        try:
+            pipeline_id = await deploy(engine, key, rate=2000, sink="hang")
+            await asyncio.sleep(3)  # 2000 messages a second fill the 999-message queues
+            failure = await failure_of(engine.delete(key))
+            assert (failure.reason, failure.step, failure.message) == (
+                FailureReason.StopTimeout,
+                Step.delete,
+                f"stop did not finish within 3 s on runtime 'local'; pipeline {pipeline_id} "
+                "was left there, stuck",
+            )
+            assert await engine.status(key) is None
+            # Never touched again: a stop, or a delete (which stops), would hang once more.
+            assert pipeline_id not in await engine.sweep({})
+            assert pipeline_id in await listed(serve.url)
+        finally:
+            await engine.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert serve.proc is not None
+        serve.proc.kill()  # a graceful exit would wait for the hung request
+        serve.proc.wait(timeout=10)
 
 
 # -- 3. a POST whose answer was lost -----------------------------------------------------------

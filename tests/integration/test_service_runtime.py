@@ -278,12 +278,44 @@ def test_a_pipeline_deleted_while_its_runtime_is_unreachable_is_swept_once_it_an
                 f"cannot connect to {proxy.url}: ConnectError; pipeline {pipeline_id} is left on "
                 "runtime 'local', and the orphan sweep removes it once the runtime answers",
             )
-            assert await engine.status(key) is None  # the resource may go
             assert (await listed(serve.url))[pipeline_id]["self"] == "pipeline_running"
             assert await engine.sweep({}) == []  # still unreachable: nothing to do yet
             await proxy.up()
-            assert await engine.sweep({}) == [pipeline_id]
+            assert await engine.sweep({}) == [pipeline_id]  # the resource is gone
             assert pipeline_id not in await listed(serve.url)
+            assert await engine.status(key) is None
+        finally:
+            await engine.close()
+            await proxy.down()
+            await remove(serve.url, pipeline_id)
+
+    asyncio.run(scenario())
+
+
+def test_a_delete_that_could_not_reach_the_runtime_is_done_by_the_next_one(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    """A redeploy (the resource stays): its next pass deletes the old instance again before
+    it creates another, and meanwhile the sweep keeps what the resource references."""
+
+    async def scenario() -> None:
+        proxy = await Proxy(serve.port).up()
+        engine = ServiceEngine(settings(proxy.url, tmp_path))
+        key = new_key("redeploy")
+        pipeline_id = ""
+        try:
+            pipeline_id = await deploy(engine, key)
+            await proxy.down()
+            failure = await failure_of(engine.delete(key, release=False))
+            assert failure.reason is FailureReason.RuntimeUnavailable
+            await proxy.up()
+            assert await engine.sweep({key.juturna_name: pipeline_id}) == []
+            info = await engine.status(key)
+            assert info is not None
+            assert (info.state, info.pipeline_id) == (InstanceState.Running, pipeline_id)
+            await engine.delete(key, release=False)
+            assert pipeline_id not in await listed(serve.url)
+            assert await engine.status(key) is None
         finally:
             await engine.close()
             await proxy.down()

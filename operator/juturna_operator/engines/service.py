@@ -69,6 +69,8 @@ class _Remote:
     folder: str = ""
     nodes: dict[str, str] = field(default_factory=dict)
     misses: int = 0
+    # A delete could not reach the runtime: the pipeline must go, and the sweep may take it.
+    doomed: bool = False
 
 
 class ServiceEngine(Exclusive):
@@ -203,10 +205,11 @@ class ServiceEngine(Exclusive):
                 return
             if failure.reason is not FailureReason.RuntimeUnavailable:
                 raise
-            # Let go: the resource goes (a deletion must not wait for a runtime that may
-            # never come back), and nothing references the pipeline any more, so the sweep,
-            # which lists every runtime at each round, removes it once the runtime answers.
-            self._remotes.pop(key, None)
+            # A deletion must not wait for a runtime that may never come back: the resource
+            # may go. The pipeline stays held (a redeploy's next pass deletes it again before
+            # it creates another), doomed: the sweep, which lists every runtime at each round,
+            # removes it once the runtime answers, if nothing else has by then.
+            remote.doomed = True
             raise PipelineFailure(
                 failure.reason,
                 Step.delete,
@@ -312,16 +315,22 @@ class ServiceEngine(Exclusive):
         return juturna_name.partition("__")[0] in self._settings.namespaces
 
     def _claimed(self, pipeline_id: str, name: str) -> bool:
-        """Held, abandoned, or being created right now by this process.
+        """Held (and not doomed), abandoned, or being created right now by this process.
 
         Asked at each decision, with no await since the listing: a create in flight has its
         pipeline on the service before ``_remotes`` knows the id, so the name of a resource
         with an operation under way is never swept."""
         if pipeline_id in self._abandoned or any(
-            r.pipeline_id == pipeline_id for r in self._remotes.values()
+            r.pipeline_id == pipeline_id and not r.doomed for r in self._remotes.values()
         ):
             return True
         return any(key.juturna_name == name and self.busy(key) for key in list(self._locks))
+
+    def _forget_doomed(self, pipeline_id: str) -> None:
+        """The sweep deleted a pipeline a delete could not reach: nothing holds it now."""
+        for key, remote in list(self._remotes.items()):
+            if remote.pipeline_id == pipeline_id and remote.doomed:
+                self._remotes.pop(key, None)
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Delete this operator's pipelines that no resource references any more.
@@ -360,6 +369,7 @@ class ServiceEngine(Exclusive):
                 try:
                     await client.delete(pipeline_id)
                     removed.append(pipeline_id)
+                    self._forget_doomed(pipeline_id)
                 except PipelineFailure as failure:
                     log.warning("sweep: deleting %s: %s", pipeline_id, failure, extra=about)
         return removed

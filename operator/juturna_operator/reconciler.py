@@ -321,7 +321,7 @@ class Reconciler:
         try:
             # A create still in flight (its daemon was cancelled; engine operations are
             # shielded) is not in the engine's status until it ends. delete() waits for it
-            # and removes what it made; with nothing there it is a no-op.
+            # and removes what it made, output included; with nothing there it is a no-op.
             await self.engine.delete(p.key)
         except PipelineFailure as failure:
             self._event(p, "Warning", failure.reason.name, failure.message)
@@ -375,7 +375,7 @@ class Reconciler:
 
     async def _discard(self, p: _Pass) -> None:
         try:
-            await self.engine.delete(p.key)
+            await self.engine.delete(p.key, keep_output=True)  # the retry's instance gets it
         except PipelineFailure as failure:
             p.log.warning("could not discard a failed instance: %s", failure)
 
@@ -425,7 +425,8 @@ class Reconciler:
             # Unless the resource goes for good or stops, the engine may keep what the next
             # deploy can reuse (the pod engine: a healthy pod).
             release = p.resource.deleting or p.desired.state is DesiredState.Stopped
-            await self.engine.delete(p.key, release)
+            # Output stays with the resource: only its deletion wipes it.
+            await self.engine.delete(p.key, release, keep_output=not p.resource.deleting)
             p.done.append(("Deleted", "pipeline instance deleted"))
         else:
             act, reason, message = {

@@ -47,16 +47,33 @@ crashes: list[dict[str, str]] = []
 _server: Any = None
 
 
+def _owner(thread: threading.Thread | None) -> tuple[str, str] | None:
+    """(pipeline id, node name) of a node thread: Juturna's thread names (``_update_<node>``)
+    are not unique across the pipelines of a worker run as a shared service."""
+    from juturna.components._pipeline_manager import PipelineManager
+
+    manager = PipelineManager._instance  # not PipelineManager(): a new one when empty
+    pipelines = list(manager._pipelines.items()) if manager is not None else []
+    for pipeline_id, pipeline in pipelines:
+        for name, node in list((getattr(pipeline, "_nodes", None) or {}).items()):
+            if thread in (node._worker_thread, node._update_thread, node._source_thread):
+                return str(pipeline_id), str(name)
+    return None
+
+
 def _record_crash(args: threading.ExceptHookArgs) -> None:
     thread = args.thread.name if args.thread is not None else "?"
-    # One pipeline per worker, so Juturna's thread names (_update_<node>) are unique here.
-    node = thread.split("_", 2)[2] if thread.count("_") >= 2 else thread
+    owner = _owner(args.thread)
+    node = owner[1] if owner else thread.split("_", 2)[2] if thread.count("_") >= 2 else thread
     error = (
         f"{args.exc_type.__name__}: {args.exc_value}"
         if args.exc_value
         else (args.exc_type.__name__)
     )
-    crashes.append({"node": node, "thread": thread, "error": error})
+    crash = {"node": node, "thread": thread, "error": error}
+    if owner:
+        crash["pipeline"] = owner[0]
+    crashes.append(crash)
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
 
 

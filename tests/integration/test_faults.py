@@ -130,7 +130,9 @@ def instances(operator: Operator, namespace: str) -> dict[str, list[tuple[str, s
 
 def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) -> list[str]:
     """Instances without a resource or not the one its status names, and resources at
-    Running or Ready without exactly one instance (the one in ``status.pipelineId``)."""
+    Running or Ready without exactly one instance (the one in ``status.pipelineId``). A
+    resource with no instance (Stopped, Failed) may keep one folder: its output, which
+    the engines beside the operator keep until the resource is deleted (README: Output)."""
     bodies = {b["metadata"]["uid"][:8]: b for b in pipelines.bodies().values()}
     problems = []
     for uid8, held in instances(operator, pipelines.namespace).items():
@@ -141,7 +143,8 @@ def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) ->
         name, current_id = body["metadata"]["name"], body["status"].get("pipelineId")
         ids = [what for kind, what in held if kind == "instance"]
         workers = [what for kind, what in held if kind == "worker"]
-        if [i for i in ids if i != current_id] or len(workers) > 1:
+        stale = [i for i in ids if i != current_id] if current_id else ids[1:]
+        if stale or len(workers) > 1:
             problems.append(f"{name}: {held}, but its status names instance {current_id}")
         elif desired.get(name) in ("Running", "Ready") and not ids:
             problems.append(f"{name} ({desired[name]}): no instance")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -147,3 +150,301 @@ def test_pipeline_names_are_safe_folder_names() -> None:
     k = PipelineKey("team-a", "my.pipe", "0123456789abcdef")
     assert k.juturna_name == "team-a__my.pipe__01234567"
     assert "/" not in k.juturna_name
+
+
+def node_threads(*names: str) -> list[str]:
+    """The live Juturna node threads of the given nodes (thread names are Juturna's)."""
+    wanted = {f"_{kind}_{name}" for name in names for kind in ("source", "worker", "update")}
+    return [t.name for t in threading.enumerate() if t.name in wanted]
+
+
+def all_node_threads() -> int:
+    return sum(
+        t.name.startswith(("_source_", "_worker_", "_update_")) for t in threading.enumerate()
+    )
+
+
+def camera_config(k: PipelineKey, **cam: Any) -> tuple[dict[str, Any], list[str]]:
+    """A ticking source and a camera source (``nostart``: its start raises, after its threads
+    started) into a proc and a sink; node names unique to this pipeline, for its threads.
+    The camera starts last, when everything else already runs (Juturna starts sources last)."""
+    tag = uuid.uuid4().hex[:6]  # Juturna's thread names are not unique across pipelines
+    src, cam_, mid, out = names = [f"{n}_{tag}" for n in ("src", "cam", "mid", "out")]
+    spec = PipelineSpec.model_validate(
+        {
+            "plugins": ["tones", "faulty"],
+            "nodes": [
+                {"name": src, "type": "source", "mark": "ticker", "configuration": {"rate": 50}},
+                {"name": cam_, "type": "source", "mark": "nostart", "configuration": cam},
+                {"name": mid, "type": "proc", "mark": "scale", "configuration": {}},
+                {"name": out, "type": "sink", "mark": "jsonl", "configuration": {}},
+            ],
+            "links": [
+                {"from": src, "to": mid},
+                {"from": cam_, "to": mid},
+                {"from": mid, "to": out},
+            ],
+        }
+    )
+    return spec.to_juturna_config(k.juturna_name), names
+
+
+def no_node_threads_left(names: list[str], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while node_threads(*names) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_threads(*names) == [], f"{what}: still running"
+
+
+def test_a_failed_start_leaves_no_node_running(engine: InProcessEngine) -> None:
+    """A source whose start raises starts last, after a ticking source and the rest already
+    run: Juturna's start raises half-way and its delete stops nothing (the pipeline is not
+    "running"). After StartFailed and the delete the reconciler calls, nothing may run; four
+    retries leave no thread behind."""
+    before = all_node_threads()
+    for attempt in range(4):
+        k = key()
+        cfg, names = camera_config(k)
+        cam = names[1]
+        run(engine.create(k, cfg, "r1"))
+        run(engine.warmup(k))
+        f = reason_of(engine.start(k))
+        assert (f.reason, f.reason.code, f.step) == (FailureReason.StartFailed, 500, Step.start)
+        assert f.message == f'node "{cam}": OSError: {cam}: cannot open /dev/video9'
+        run(engine.delete(k))  # what the reconciler's _discard does after it
+        assert run(engine.status(k)) is None
+        no_node_threads_left(names, f"attempt {attempt}")
+    assert all_node_threads() == before
+
+
+def test_a_start_that_hangs_fails_and_leaves_no_node_running(engine: InProcessEngine) -> None:
+    """The camera's start hangs after the ticking source started: StartFailed after the stop
+    timeout naming the node; what had started is stopped at once, the rest when the start
+    returns."""
+    module = importlib.import_module("faulty.nodes.source._nostart.nostart")
+    module.RELEASE.clear()
+    limit = engine._settings.stop_timeout_s
+    k = key()
+    cfg, names = camera_config(k, block_s=3600)
+    cam = names[1]
+    try:
+        run(engine.create(k, cfg, "r1"))
+        run(engine.warmup(k))
+        f = reason_of(asyncio.wait_for(engine.start(k), limit + 30))
+        assert (f.reason, f.reason.code, f.step) == (FailureReason.StartFailed, 500, Step.start)
+        assert f.message == (
+            f'start did not finish within {limit:g} s (node "{cam}" still in it). The instance '
+            "was abandoned and its folder removed; the start's thread stays in the operator "
+            "process until it returns (the process engine can kill it instead)"
+        )
+        assert run(engine.status(k)) is None
+        assert not list(engine._settings.workdir.glob(f"{k.juturna_name}_*"))
+        run(engine.delete(k))  # the reconciler's _discard: nothing left to do
+        no_node_threads_left([n for n in names if n != cam], "the nodes started before it")
+    finally:
+        module.RELEASE.set()
+    no_node_threads_left(names, "once its start returned")
+
+
+@pytest.fixture
+def stall(engine: InProcessEngine) -> Iterator[ModuleType]:
+    """The ``stall`` test plugin's module (its warmup blocks until released); released at the
+    end, so that no blocked warmup thread outlives the test."""
+    module = importlib.import_module("faulty.nodes.proc._stall.stall")
+    module.RELEASE.clear()
+    yield module
+    module.RELEASE.set()
+    deadline = time.monotonic() + 10
+    while (module.STALLED or call_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not module.STALLED
+    assert call_threads() == [], "warmup threads left behind"
+
+
+def call_threads() -> list[str]:
+    """The engine's threads of warmups and starts still running."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("juturna-warmup-")]
+
+
+async def until(check: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not met in {within_s:g} s"
+        await asyncio.sleep(0.05)
+
+
+def test_a_hung_warmup_does_not_hold_up_its_deletion(
+    engine: InProcessEngine, stall: ModuleType
+) -> None:
+    """A warmup that never returns holds the instance; a delete waits for it at most the stop
+    timeout, then abandons the instance: gone from status, its folder removed, the blocked
+    thread named as left in the process."""
+    k = key()
+    limit = engine._settings.stop_timeout_s
+
+    async def scenario() -> tuple[PipelineFailure, float, Path, BaseException]:
+        await engine.create(k, config(k, "stall"), "r1")
+        warming = asyncio.ensure_future(engine.warmup(k))
+        await until(lambda: len(stall.STALLED) == 1, 30, "the warmup blocked")
+        folder = Path(next(iter(stall.STALLED))).parent
+        began = time.monotonic()
+        with pytest.raises(PipelineFailure) as err:
+            await asyncio.wait_for(engine.delete(k), limit + 30)
+        took = time.monotonic() - began
+        with pytest.raises(PipelineFailure) as warm:
+            await asyncio.wait_for(warming, 10)
+        return err.value, took, folder, warm.value
+
+    failure, took, folder, warm_failure = run(scenario())
+    assert took < limit + 5
+    assert (failure.reason, failure.reason.code, failure.step) == (
+        FailureReason.StopTimeout,
+        504,
+        Step.delete,
+    )
+    assert failure.message == (
+        f'delete waited {limit:g} s for the warmup in flight (node "mid" still in it). The '
+        "instance was abandoned and its folder removed; the warmup's thread stays in the "
+        "operator process until it returns (the process engine can kill it instead)"
+    )
+    assert warm_failure.message.startswith("the instance was deleted while its warmup ran")
+    assert run(engine.status(k)) is None
+    assert not folder.exists()
+    assert len(stall.STALLED) == 1  # as the message says: the thread is still blocked
+
+
+def test_hung_warmups_leave_room_for_other_pipelines(
+    engine: InProcessEngine, stall: ModuleType
+) -> None:
+    """As many hung warmups as the engine runs calls at once (max_concurrency) used to fill
+    its pool for good: no other pipeline could be created. Now a healthy one still deploys,
+    and the hung ones are deleted, each within the stop timeout."""
+    n = engine._settings.max_concurrency
+    limit = engine._settings.stop_timeout_s
+    stuck = [key() for _ in range(n)]
+    k = key()
+
+    async def deploy() -> None:
+        await engine.create(k, config(k), "r1")
+        await engine.warmup(k)
+        await engine.start(k)
+
+    async def scenario() -> list[BaseException | None]:
+        for s in stuck:
+            await engine.create(s, config(s, "stall"), "r1")
+        warming = [asyncio.ensure_future(engine.warmup(s)) for s in stuck]
+        await until(lambda: len(stall.STALLED) == n, 60, f"{n} warmups blocked")
+        await asyncio.wait_for(deploy(), limit + 30)
+        info = await engine.status(k)
+        assert info is not None
+        assert info.state is InstanceState.Running
+        await engine.delete(k)
+        began = time.monotonic()
+        deleted = await asyncio.gather(*(engine.delete(s) for s in stuck), return_exceptions=True)
+        assert time.monotonic() - began < limit + 10
+        await asyncio.wait_for(asyncio.gather(*warming, return_exceptions=True), 10)
+        return deleted
+
+    deleted = run(scenario())
+    assert all(isinstance(d, PipelineFailure) for d in deleted), deleted
+    assert {d.reason for d in deleted if isinstance(d, PipelineFailure)} == {
+        FailureReason.StopTimeout
+    }
+    assert all(run(engine.status(s)) is None for s in [*stuck, k])
+
+
+def test_a_warmup_that_outlives_its_timeout_fails_naming_the_node(
+    engine: InProcessEngine, stall: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine, "warmup_timeout_s", 2.0, raising=False)
+    k = key()
+    run(engine.create(k, config(k, "stall"), "r1"))
+    f = reason_of(asyncio.wait_for(engine.warmup(k), 30))
+    assert (f.reason, f.reason.code, f.step) == (FailureReason.WarmupFailed, 500, Step.warmup)
+    assert f.message == (
+        'warmup did not finish within 2 s (node "mid" still in it). The instance was '
+        "abandoned and its folder removed; the warmup's thread stays in the operator process "
+        "until it returns (the process engine can kill it instead)"
+    )
+    assert run(engine.status(k)) is None
+    assert not list(engine._settings.workdir.glob(f"{k.juturna_name}_*"))
+    run(engine.delete(k))  # what the reconciler does after a failed warmup: nothing left
+
+
+def test_warmups_beyond_the_bound_of_hung_ones_are_refused(
+    engine: InProcessEngine, stall: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hung calls keep their threads; past a bound, new warmups are refused (a 503, retried
+    without spending restarts) instead of piling up threads."""
+    monkeypatch.setattr(engine, "max_hung_calls", 1, raising=False)
+    limit = engine._settings.stop_timeout_s
+    hung, k = key(), key()
+
+    async def scenario() -> PipelineFailure:
+        await engine.create(hung, config(hung, "stall"), "r1")
+        warming = asyncio.ensure_future(engine.warmup(hung))
+        await until(lambda: engine.hung_calls() == 1, limit + 30, "the warmup counted as hung")
+        await engine.create(k, config(k), "r1")
+        with pytest.raises(PipelineFailure) as err:
+            await engine.warmup(k)
+        await engine.delete(k)
+        with pytest.raises(PipelineFailure):
+            await engine.delete(hung)
+        with pytest.raises(PipelineFailure):
+            await warming
+        return err.value
+
+    f = run(scenario())
+    assert (f.reason, f.reason.code, f.step) == (
+        FailureReason.RuntimeUnavailable,
+        503,
+        Step.warmup,
+    )
+    assert f.message == (
+        f"1 warmup or start still runs in the operator process after {limit:g} s (at most 1 "
+        "may; a hung one ends only when it returns or the operator restarts); this warmup is "
+        "retried when fewer run"
+    )
+
+
+def test_a_create_stuck_behind_a_full_pool_does_not_hold_up_its_deletion(
+    engine: InProcessEngine,
+) -> None:
+    """Every pool thread busy (here: blocked on purpose), a create waits in the queue; its
+    delete gives up after the stop timeout, and the create, once it runs, undoes itself."""
+    manager = PipelineManager()
+    before = len(manager)
+    limit = engine._settings.stop_timeout_s
+    gate = threading.Event()
+    k = key()
+
+    async def scenario() -> tuple[PipelineFailure, float, BaseException]:
+        blockers = [engine._pool.submit(gate.wait, 60) for _ in range(engine._pool._max_workers)]
+        creating = asyncio.ensure_future(engine.create(k, config(k), "r1"))
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        try:
+            with pytest.raises(PipelineFailure) as err:
+                await asyncio.wait_for(engine.delete(k), limit + 30)
+            took = time.monotonic() - began
+        finally:
+            gate.set()
+        with pytest.raises(PipelineFailure) as created:
+            await asyncio.wait_for(creating, 30)
+        for blocker in blockers:
+            blocker.result(10)
+        return err.value, took, created.value
+
+    failure, took, create_failure = run(scenario())
+    assert took < limit + 5
+    assert (failure.reason, failure.step) == (FailureReason.StopTimeout, Step.delete)
+    assert failure.message == (
+        f"delete waited {limit:g} s for the create in flight; nothing was registered yet, and "
+        "what it makes is deleted"
+    )
+    assert (create_failure.reason, create_failure.message) == (
+        FailureReason.CreateFailed,
+        f"{k} was deleted while its create ran",
+    )
+    assert run(engine.status(k)) is None
+    assert len(manager) == before

@@ -17,6 +17,7 @@ from support import (
     condition,
     health,
     instance_folders,
+    is_ready,
     manifest,
     output_lines,
     output_of,
@@ -76,13 +77,14 @@ def test_state_changes(pipelines: Pipelines, operator: Operator) -> None:
     assert body["status"]["pipelineId"] != first
     assert grows(operator, pipelines, "st")
 
-    # Running -> Stopped: no instance, no folder; the resource stays.
+    # Running -> Stopped: no instance; the resource stays (and, beside the operator, its
+    # output: test_output_stays_with_the_resource_until_it_is_deleted).
     pipelines.patch_spec("st", {"state": "Stopped"})
     body = pipelines.wait_ready("st")
     assert body["status"]["phase"] == "Stopped"
     assert body["status"].get("pipelineId") is None
     assert body["status"]["nodesReady"] == "0/3"
-    assert instance_folders(operator.workdir, body) == []
+    assert len(instance_folders(operator.workdir, body)) == (operator.engine != "service")
 
     # Stopped -> Running.
     pipelines.patch_spec("st", {"state": "Running"})
@@ -141,6 +143,61 @@ def test_spec_change_redeploys_and_an_invalid_change_keeps_the_old_instance(
     assert condition(body, "Ready")["status"] == "False"
     assert condition(body, "Ready")["reason"] == "InvalidGraph"
     assert grows(operator, pipelines, "chg")
+
+
+def test_output_stays_with_the_resource_until_it_is_deleted(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """Every redeploy of one resource (a spec change, Running after a stop, Running after
+    Stopped) hands the pipeline's folder to the next instance; only deletion wipes it."""
+    only_on_local_folders(operator)
+    workdir = operator.workdir
+    pipelines.apply(manifest("keep"))
+    pipelines.wait("keep", lambda b: len(output_of(workdir, b)) >= 2, what="some output")
+    kept = output_of(workdir, pipelines.get("keep"))
+    seen = {pipelines.get("keep")["status"]["pipelineId"]}
+
+    def carried_on(b: dict) -> bool:
+        out = output_of(workdir, b)
+        return (
+            b["status"].get("pipelineId") not in seen
+            and is_ready(b)
+            and len(out) > len(kept)
+            and out[: len(kept)] == kept
+        )
+
+    def redeployed(what: str) -> None:
+        nonlocal kept
+        body = pipelines.wait("keep", carried_on, what=what)
+        seen.add(body["status"]["pipelineId"])
+        kept = output_of(workdir, body)
+        assert len(instance_folders(workdir, body)) == 1
+
+    changed = manifest("keep")
+    changed["spec"]["nodes"][1]["configuration"]["factor"] = 7
+    pipelines.apply(changed)
+    redeployed("the new spec's instance, writing after the old output")
+    assert output_of(workdir, pipelines.get("keep"))[-1]["value"] % 7 == 0
+
+    pipelines.patch_spec("keep", {"state": "Ready"})
+    pipelines.wait_phase("keep", "Ready")
+    pipelines.patch_spec("keep", {"state": "Running"})
+    redeployed("Running again after a stop, writing after the old output")
+
+    pipelines.patch_spec("keep", {"state": "Stopped"})
+    stopped = pipelines.wait_phase("keep", "Stopped")
+    assert len(instance_folders(workdir, stopped)) == 1, "the output went with the instance"
+    pipelines.patch_spec("keep", {"state": "Running"})
+    redeployed("Running after Stopped, writing after the old output")
+
+    pipelines.delete("keep")
+    pipelines.wait_gone("keep", timeout=15)
+    assert instance_folders(workdir, stopped) == []
+
+
+def only_on_local_folders(operator: Operator) -> None:
+    if operator.engine == "service":
+        pytest.skip("a runtime's folders are its own: each instance there has its own folder")
 
 
 def test_delete_while_running_cleans_up(pipelines: Pipelines, operator: Operator) -> None:

@@ -596,3 +596,55 @@ def test_status_misses_in_a_row_are_runtime_unavailable(
             await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())
+
+
+# -- a node that dies, on our worker run as the service ----------------------------------------
+
+
+def test_a_node_that_dies_at_once_on_our_worker_is_a_crash_of_its_pipeline_only(
+    worker: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """Juturna's status still says running; our worker's health route names the node, and
+    on a shared worker only the pipeline whose thread died (thread names repeat)."""
+    url, token, _ = worker
+
+    def crashing(name: str) -> dict[str, Any]:
+        spec = {
+            "plugins": ["tones", "faulty"],
+            "nodes": [
+                {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 20}},
+                {"name": "amp", "type": "proc", "mark": "crasher", "configuration": {"after": 0}},
+                {"name": "out", "type": "sink", "mark": "jsonl"},
+            ],
+            "links": [{"from": "src", "to": "amp"}, {"from": "amp", "to": "out"}],
+        }
+        return PipelineSpec.model_validate(spec).to_juturna_config(name)
+
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(url, tmp_path, token))
+        bad, good = new_key("cams"), new_key("cams")
+        try:
+            await deploy(engine, good)
+            await engine.create(bad, crashing(bad.juturna_name), "r1")
+            await engine.warmup(bad)
+            await engine.start(bad)
+            deadline = time.monotonic() + 10
+            info = await engine.status(bad)
+            while info is not None and not info.crashes and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                info = await engine.status(bad)
+            assert info is not None
+            assert [c.describe() for c in info.crashes] == [
+                'node "amp" crashed: RuntimeError: kaboom in amp (thread _update_amp)'
+            ]
+            assert info.nodes["amp"] == "Failed"
+            healthy = await engine.status(good)
+            assert healthy is not None
+            assert healthy.crashes == []
+            assert healthy.state is InstanceState.Running
+        finally:
+            for key in (bad, good):
+                await engine.delete(key)
+            await engine.close()
+
+    asyncio.run(scenario())

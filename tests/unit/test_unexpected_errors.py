@@ -29,7 +29,9 @@ class ExplodingEngine:
     async def create(self, *args: Any, **kwargs: Any) -> str:
         raise RuntimeError("disk on fire")
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
         return None
 
 

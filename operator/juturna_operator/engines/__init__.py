@@ -61,13 +61,15 @@ class Router:
     async def stop(self, key: PipelineKey) -> None:
         await self._for(key).stop(key)
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
         owner = self._owner.get(key)
         if owner is not None:
-            await owner.delete(key, release)
+            await owner.delete(key, release, keep_output)
         else:  # a create may still be in flight on either: each waits for its own
             for engine in filter(None, (self._default, self._service)):
-                await engine.delete(key, release)
+                await engine.delete(key, release, keep_output)
         self._owner.pop(key, None)
 
     def observe(self, event: str, body: dict[str, Any]) -> str | None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
@@ -69,7 +71,11 @@ def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
         if status:
             info.folder = status.get("folder", "")
             info.nodes = node_statuses(status)
-    info.crashes = [NodeCrash(c["node"], c["thread"], c["error"]) for c in health["crashes"]]
+    info.crashes = [
+        NodeCrash(c["node"], c["thread"], c["error"])
+        for c in health["crashes"]
+        if c.get("pipeline") in (None, info.pipeline_id)  # a shared worker: this one's only
+    ]
     for crash in info.crashes:
         info.nodes[crash.node] = "Failed"
 
@@ -227,12 +233,16 @@ class Engine(Protocol):
     async def stop(self, key: PipelineKey) -> None:
         """Stop within the engine's stop timeout, else raise ``StopTimeout``."""
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
         """Remove the instance and its folder; stop it first if it runs. Idempotent.
 
         ``release=False``: the same resource is about to be deployed again (a new revision,
         or Running after a stop); an engine may keep what it can reuse for that (the pod
-        engine keeps a healthy pod). Deletion, ``Stopped`` and failures release."""
+        engine keeps a healthy pod). Deletion, ``Stopped`` and failures release.
+        ``keep_output``: the resource stays; the engines with a local work folder keep the
+        pipeline's folder for its next instance (``carry_output``). Only deletion wipes it."""
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None: ...
 
@@ -243,6 +253,21 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release everything the engine holds (operator shutdown)."""
+
+
+def carry_output(workdir: Path, key: PipelineKey, pipeline_id: str) -> None:
+    """Give a new instance the folder its resource's previous instance left (the newest, if
+    a crash left several): Juturna names a folder after the instance (``<name>_<id>``), and
+    creates it only at warmup, so a rename after create keeps the pipeline's output across
+    redeploys of the same resource."""
+    target = workdir / f"{key.juturna_name}_{pipeline_id}"
+    left = [p for p in workdir.glob(f"{key.juturna_name}_*") if p != target and p.is_dir()]
+    if not left or target.exists():
+        return
+    left.sort(key=lambda p: p.stat().st_mtime)
+    left[-1].rename(target)
+    for older in left[:-1]:
+        shutil.rmtree(older, ignore_errors=True)
 
 
 def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
@@ -263,6 +288,14 @@ def vacant(instances: dict[PipelineKey, Any], key: PipelineKey) -> None:
         )
 
 
+class KeyLock(asyncio.Lock):
+    """One instance's lock, saying which operation holds it (``holder``: "create",
+    "warmup", ...), and ``abandoned`` when a delete gave up waiting for that operation."""
+
+    abandoned = False
+    holder = ""
+
+
 class Exclusive:
     """One operation at a time per instance, and never abandoned halfway.
 
@@ -272,28 +305,32 @@ class Exclusive:
     """
 
     def __init__(self) -> None:
-        self._locks: dict[PipelineKey, asyncio.Lock] = {}
+        self._locks: dict[PipelineKey, KeyLock] = {}
         self._users: dict[PipelineKey, int] = {}  # holding or waiting for each lock
 
-    def _lock(self, key: PipelineKey) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    def _lock(self, key: PipelineKey) -> KeyLock:
+        return self._locks.setdefault(key, KeyLock())
 
     def busy(self, key: PipelineKey) -> bool:
         return self._lock(key).locked()
 
-    def drop_lock(self, key: PipelineKey) -> None:
-        """Drop the lock of a deleted instance, unless an operation still holds or waits
-        for it: a new lock beside a waited-for one would let two operations run at once."""
-        if not self._users.get(key):
+    def drop_lock(self, key: PipelineKey, lock: KeyLock | None = None) -> None:
+        """Drop the lock of a deleted instance (``lock``: if it is still that one), unless an
+        operation still holds or waits for it: a new lock beside a waited-for one would let
+        two operations run at once."""
+        if not self._users.get(key) and (lock is None or self._locks.get(key) is lock):
             self._locks.pop(key, None)
 
     async def exclusive(
         self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
     ) -> T:
+        lock = self._lock(key)
+
         async def locked() -> T:
             self._users[key] = self._users.get(key, 0) + 1
             try:
-                async with self._lock(key):
+                async with lock:
+                    lock.holder = operation.__name__.strip("_")
                     return await operation(*args)
             finally:
                 self._users[key] -= 1

@@ -8,7 +8,10 @@ pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply h
    that every node thread of a running pipeline is alive.
 2. Stop can hang forever: it runs on a thread of its own and is abandoned after the stop
    timeout (``StopTimeout``); the stuck threads stay in this process until it restarts.
-   The process engine is the real cure.
+   The process engine is the real cure. Warmups and starts run plugin code that may hang
+   too: each runs on a thread of its own, within a timeout, and hands its pool thread back
+   after the stop timeout; a delete waits for a call in flight at most the stop timeout,
+   then abandons the instance. A failed start stops the nodes it had started.
 3. Start after stop is a no-op: a stopped instance is reported as ``Spent``.
 5. The singleton breaks while empty: one reference is held for the engine's life.
 6. The base folder is set once per process: a second, different workdir is refused.
@@ -19,6 +22,7 @@ pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -30,32 +34,38 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from juturna.cli.commands.models.api import PipelineConfig
 from juturna.components import _pipeline as _pipeline_module
 from juturna.components import _pipeline_manager as _pipeline_manager_module
 from juturna.components._pipeline_manager import PipelineManager
+from juturna.names import PipelineStatus
 
 from juturna_operator.engines.base import (
     DEFAULT_PLAN,
     Exclusive,
     InstanceInfo,
     InstanceState,
+    KeyLock,
     NodeCrash,
     PipelineKey,
     Plan,
+    carry_output,
     confined,
     held,
     log_extra_of_juturna_name,
     node_status,
     vacant,
 )
+from juturna_operator.engines.process import WARMUP_TIMEOUT_S
 from juturna_operator.reasons import (
+    JUTURNA_DIR,
     FailureReason,
     PipelineFailure,
     Step,
     classify,
+    describe_exception,
     failing_node,
 )
 from juturna_operator.settings import Settings
@@ -63,6 +73,10 @@ from juturna_operator.settings import Settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 JUTURNA_MODULES_THAT_COLLECT = (_pipeline_module, _pipeline_manager_module)
+# Warmups or starts that may run on past the stop timeout (hung, or a long model load), per
+# pool thread (max_concurrency); beyond that, new warmups and starts are refused (503).
+HUNG_CALLS_PER_SLOT = 2
+CALL_REASONS = {Step.warmup: FailureReason.WarmupFailed, Step.start: FailureReason.StartFailed}
 
 
 class CoalescedCollector:
@@ -115,6 +129,33 @@ class _Instance:
     revision: str
     state: InstanceState = InstanceState.Created
     crashes: list[NodeCrash] = field(default_factory=list)
+    call: _Call | None = None  # the warmup or start in flight
+
+
+@dataclass
+class _Call:
+    """A Juturna call that runs plugin code (warmup, start) on a thread of its own.
+
+    Whichever comes second, the call's end or the instance's abandonment, disposes of the
+    pipeline (``handoff``): an abandoned instance's nodes must not start and run for good."""
+
+    step: Step
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future[None]
+    pipeline: Any  # Juturna's Pipeline: still there when the manager no longer lists it
+    thread: threading.Thread | None = None
+    handoff: threading.Lock = field(default_factory=threading.Lock)
+    finished: bool = False
+    abandoned: bool = False
+
+
+class _Overran(Exception):
+    """A warmup or start outlived its timeout; ``where`` names the node it was in."""
+
+    def __init__(self, call: _Call, node: str | None) -> None:
+        super().__init__(call.step)
+        self.call = call
+        self.where = f' (node "{node}" still in it)' if node else ""
 
 
 class _ThreadOwners:
@@ -169,9 +210,13 @@ class InProcessEngine(Exclusive):
 
     name = "inprocess"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, warmup_timeout_s: float = WARMUP_TIMEOUT_S) -> None:
         super().__init__()
         self._settings = settings
+        self.warmup_timeout_s = warmup_timeout_s
+        self.max_hung_calls = HUNG_CALLS_PER_SLOT * settings.max_concurrency
+        self._hung: set[threading.Thread] = set()
+        self._hung_lock = threading.Lock()  # relays on pool threads add, the loop counts
         workdir = settings.workdir
         workdir.mkdir(parents=True, exist_ok=True)
         PipelineManager.set_base_folder(str(workdir))
@@ -181,7 +226,9 @@ class InProcessEngine(Exclusive):
                 f"process and cannot change to {workdir} (Juturna sets it once per process)"
             )
         self._manager = PipelineManager()  # the one reference (Pitfall 5)
-        self._remove_stale_folders(workdir)
+        # Folders a previous process left (``<ns>__<name>__<uid8>_<id>``: its instances died
+        # with it) hold their resources' output: the next instance of each takes its folder
+        # over (carry_output), and the sweep removes those whose resource is gone.
         for root in reversed(settings.plugin_roots):
             if str(root) not in sys.path:
                 sys.path.insert(0, str(root))  # Juturna imports plugin folders by import path
@@ -195,17 +242,9 @@ class InProcessEngine(Exclusive):
 
     # -- helpers --
 
-    def _remove_stale_folders(self, workdir: Path) -> None:
-        """In-process instances die with their process: folders left by a killed operator
-        (``<ns>__<name>__<uid8>_<pipeline id>``) belong to nothing now."""
-        for folder in workdir.glob("*__*__*_*-*-*-*-*"):
-            if folder.is_dir() and not self._manager._pipelines:
-                log.info(
-                    "removing a pipeline folder left by a previous process: %s",
-                    folder,
-                    extra=log_extra_of_juturna_name(folder.name.rsplit("_", 1)[0]),  # "_<id>"
-                )
-                shutil.rmtree(folder, ignore_errors=True)
+    def _wipe(self, key: PipelineKey) -> None:
+        for folder in self._settings.workdir.glob(f"{key.juturna_name}_*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     async def _call(self, step: Step, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking Juturna call on the pool; classify what it raises."""
@@ -222,6 +261,107 @@ class InProcessEngine(Exclusive):
     def _pipeline(self, instance: _Instance) -> Any:
         return self._manager._pipelines.get(instance.pipeline_id)
 
+    def hung_calls(self) -> int:
+        """How many warmups or starts still run after the stop timeout, their pool thread
+        handed back (hung, or a long model load)."""
+        with self._hung_lock:
+            self._hung = {t for t in self._hung if t.is_alive()}
+            return len(self._hung)
+
+    async def _plugin_call(
+        self, step: Step, instance: _Instance, fn: Callable[[str], object], limit_s: float
+    ) -> None:
+        """Run a Juturna call that runs plugin code (warmup, start), which may hang.
+
+        A pool thread relays it: the call runs on a thread of its own, and the pool thread
+        waits for it at most the stop timeout, then goes back to the pool. Quick calls are
+        still bounded by the pool; a hung one does not keep a pool thread (eight of them
+        used to stall every in-process pipeline). Raises ``_Overran`` after ``limit_s``,
+        the classified failure if the call raised, or a failure if the instance was
+        abandoned meanwhile."""
+        hold = self._settings.stop_timeout_s
+        hung = self.hung_calls()
+        if hung >= self.max_hung_calls:
+            many = hung != 1
+            raise PipelineFailure(
+                FailureReason.RuntimeUnavailable,
+                step,
+                f"{hung} warmup{'s' * many} or start{'s' * many} still run{'s' * (not many)} "
+                f"in the operator process after {hold:g} s (at most {self.max_hung_calls} "
+                "may; a hung one ends only when it returns or the operator restarts); this "
+                f"{step} is retried when fewer run",
+            )
+        loop = asyncio.get_running_loop()
+        call = _Call(step, loop, loop.create_future(), self._pipeline(instance))
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                fn(instance.pipeline_id)
+            except BaseException as exc:
+                error = exc
+            with call.handoff:
+                call.finished = True
+                dispose = call.abandoned
+            if dispose:
+                self._dispose(call.pipeline)  # nobody holds it any more
+            else:
+                _settle_threadsafe(loop, call.done, error)
+
+        call.thread = threading.Thread(
+            target=work, name=f"juturna-{step}-{instance.key}", daemon=True
+        )
+
+        def relay() -> None:
+            if call.abandoned:  # deleted while it waited for a pool thread: never run it
+                return
+            assert call.thread is not None
+            call.thread.start()
+            call.thread.join(hold)
+            if call.thread.is_alive():
+                with self._hung_lock:
+                    self._hung.add(call.thread)
+                log.warning(
+                    "the %s still runs after %g s; it hands its pool thread back",
+                    step,
+                    hold,
+                    extra=instance.key.log_extra,
+                )
+
+        instance.call = call
+        self._pool.submit(relay)
+        try:
+            await asyncio.wait_for(asyncio.shield(call.done), limit_s)
+        except TimeoutError:
+            raise _Overran(call, _node_in_progress(call.thread)) from None
+        except PipelineFailure:
+            raise
+        except Exception as exc:
+            failure = classify(exc, step)
+            node = failing_node(exc)
+            if node is not None and failure.reason.retryable:
+                failure.message = f'node "{node}": {failure.message}'
+            raise failure from exc
+        finally:
+            if instance.call is call:
+                instance.call = None
+        if call.abandoned:  # it ended just as a delete let go of the instance
+            raise _abandoned(call)
+
+    def _dispose(self, pipeline: Any) -> None:
+        """Stop and destroy the pipeline of an abandoned instance once its warmup or start
+        has returned (on that call's thread, or one of its own: it may block)."""
+        try:
+            if pipeline._status == PipelineStatus.RUNNING:
+                pipeline.stop()
+            else:
+                _stop_started_nodes(pipeline)
+            pipeline.destroy()
+        except Exception as exc:
+            log.warning("disposing of an abandoned pipeline: %s", describe_exception(exc))
+        if pipeline.pipe_path:
+            shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
+
     # -- the Engine interface --
 
     async def create(
@@ -230,10 +370,18 @@ class InProcessEngine(Exclusive):
         return await self.exclusive(key, self._create, key, confined(key, config), revision)
 
     async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
+        lock = self._locks.get(key)
         vacant(self._instances, key)
         created = await self._call(
             Step.create, self._manager.create_pipeline, PipelineConfig(**config)
         )
+        if lock is not None and lock.abandoned:
+            # A delete gave up waiting for this create (a full pool): undo it.
+            await self._call(Step.delete, self._manager.delete_pipeline, created.pipeline_id, True)
+            raise PipelineFailure(
+                FailureReason.CreateFailed, Step.create, f"{key} was deleted while its create ran"
+            )
+        await asyncio.to_thread(carry_output, self._settings.workdir, key, created.pipeline_id)
         self._instances[key] = _Instance(key, created.pipeline_id, revision)
         return str(created.pipeline_id)
 
@@ -242,7 +390,18 @@ class InProcessEngine(Exclusive):
 
     async def _warmup(self, key: PipelineKey) -> None:
         instance = held(self._instances, key, Step.warmup)
-        await self._call(Step.warmup, self._manager.warmup_pipeline, instance.pipeline_id)
+        limit = self.warmup_timeout_s
+        try:
+            await self._plugin_call(Step.warmup, instance, self._manager.warmup_pipeline, limit)
+        except _Overran as overran:
+            self._abandon(instance, overran.call)
+            raise PipelineFailure(
+                FailureReason.WarmupFailed,
+                Step.warmup,
+                f"warmup did not finish within {limit:g} s{overran.where}. The instance was "
+                "abandoned and its folder removed; the warmup's thread stays in the operator "
+                "process until it returns (the process engine can kill it instead)",
+            ) from None
         instance.state = InstanceState.Ready
 
     async def start(self, key: PipelineKey) -> None:
@@ -252,8 +411,33 @@ class InProcessEngine(Exclusive):
         instance = held(self._instances, key, Step.start)
         starting = (instance, list(self._pipeline(instance)._nodes or {}))
         self._owners.starting.append(starting)
+        limit = self._settings.stop_timeout_s  # a start only starts threads, as stop ends them
         try:
-            await self._call(Step.start, self._manager.start_pipeline, instance.pipeline_id)
+            await self._plugin_call(Step.start, instance, self._manager.start_pipeline, limit)
+        except _Overran as overran:
+            await self._halt_started(instance)  # what started so far; the rest when it returns
+            self._abandon(instance, overran.call)
+            raise PipelineFailure(
+                FailureReason.StartFailed,
+                Step.start,
+                f"start did not finish within {limit:g} s{overran.where}. The instance was "
+                "abandoned and its folder removed; the start's thread stays in the operator "
+                "process until it returns (the process engine can kill it instead)",
+            ) from None
+        except PipelineFailure as failure:
+            if self._instances.get(key) is not instance:  # abandoned: disposed of elsewhere
+                raise
+            # Juturna starts node by node and rolls nothing back; its delete stops only a
+            # pipeline that reached "running". Stop what started, or it runs on for good.
+            blocked = await self._halt_started(instance)
+            if blocked is not None:
+                failure.message += (
+                    f"; the nodes it had started did not stop within "
+                    f"{self._settings.stop_timeout_s:g} s (blocked node threads: "
+                    f"{', '.join(blocked) or 'none'}). The instance was abandoned; its threads "
+                    "stay in the operator process (the process engine can kill them instead)"
+                )
+            raise
         finally:
             self._owners.starting.remove(starting)
         instance.state = InstanceState.Running
@@ -262,28 +446,21 @@ class InProcessEngine(Exclusive):
                 self._owners.register(thread, instance, node_name)
 
     async def stop(self, key: PipelineKey) -> None:
-        await self.exclusive(key, lambda: self._stop_locked(held(self._instances, key, Step.stop)))
+        await self.exclusive(key, self._stop, key)
+
+    async def _stop(self, key: PipelineKey) -> None:
+        await self._stop_locked(held(self._instances, key, Step.stop))
 
     async def _stop_locked(self, instance: _Instance) -> None:
         if instance.state is not InstanceState.Running:
             return
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def run() -> None:
-            try:
-                self._manager.stop_pipeline(instance.pipeline_id)
-            except BaseException as exc:
-                loop.call_soon_threadsafe(_settle, done, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, done, None)
-
-        # A thread of its own, not the pool: a stop that hangs forever (Pitfall 2) must
-        # not use up a pool worker for good.
-        threading.Thread(target=run, name=f"juturna-stop-{instance.key}", daemon=True).start()
         timeout = self._settings.stop_timeout_s
         try:
-            await asyncio.wait_for(asyncio.shield(done), timeout)
+            await _on_own_thread(
+                f"juturna-stop-{instance.key}",
+                functools.partial(self._manager.stop_pipeline, instance.pipeline_id),
+                timeout,
+            )
         except TimeoutError:
             blocked = self._live_node_threads(instance)
             self._abandon(instance)
@@ -298,6 +475,31 @@ class InProcessEngine(Exclusive):
             raise classify(exc, Step.stop) from exc
         instance.state = InstanceState.Spent
 
+    async def _halt_started(self, instance: _Instance) -> list[str] | None:
+        """Stop the nodes a failed start left running, as Juturna's stop would (node by node,
+        in configuration order), within the stop timeout. Returns ``None`` when done, else
+        the node threads still blocked; the instance is then abandoned."""
+        pipeline = self._pipeline(instance)
+        if pipeline is None:
+            return None
+        try:
+            await _on_own_thread(
+                f"juturna-halt-{instance.key}",
+                functools.partial(_stop_started_nodes, pipeline),
+                self._settings.stop_timeout_s,
+            )
+        except TimeoutError:
+            blocked = self._live_node_threads(instance)
+            self._abandon(instance)
+            return blocked
+        except Exception as exc:
+            log.warning(
+                "stopping the nodes of a failed start: %s",
+                describe_exception(exc),
+                extra=instance.key.log_extra,
+            )
+        return None
+
     def _live_node_threads(self, instance: _Instance) -> list[str]:
         pipeline = self._pipeline(instance)
         names = []
@@ -307,26 +509,93 @@ class InProcessEngine(Exclusive):
                     names.append(thread.name)
         return names
 
-    def _abandon(self, instance: _Instance) -> None:
-        """Forget an instance whose stop hangs: unregister it and remove its folder."""
+    def _abandon(self, instance: _Instance, call: _Call | None = None) -> None:
+        """Forget an instance whose stop, warmup or start hangs: unregister it and remove its
+        folder. A warmup or start still running for it disposes of the pipeline when it
+        returns (or now, if it has just returned)."""
+        call = call or instance.call
         pipeline = self._manager._pipelines.pop(instance.pipeline_id, None)
-        self._instances.pop(instance.key, None)
+        if self._instances.get(instance.key) is instance:  # not a newer one for the key
+            del self._instances[instance.key]
         if pipeline is not None and pipeline.pipe_path:
             shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
+        if call is None:
+            return
+        with call.handoff:
+            call.abandoned = True
+            finished = call.finished
+        _settle_threadsafe(call.loop, call.done, _abandoned(call))
+        if finished and call.pipeline is not None:
+            threading.Thread(
+                target=self._dispose, args=(call.pipeline,), name="juturna-dispose", daemon=True
+            ).start()
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
-        await self.exclusive(key, self._delete, key)
-        self.drop_lock(key)
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
+        """Delete within bounds: the operation in flight is waited for at most the stop
+        timeout, then the instance is abandoned (``StopTimeout`` says so)."""
+        await asyncio.shield(self._delete_within(key, keep_output))
 
-    async def _delete(self, key: PipelineKey) -> None:
+    async def _delete_within(self, key: PipelineKey, keep_output: bool) -> None:
+        lock = self._lock(key)
+        limit = self._settings.stop_timeout_s
+        try:
+            await asyncio.wait_for(lock.acquire(), limit)
+        except TimeoutError:
+            # A stop (or a delete) in flight ends within the stop timeout by itself, abandoning
+            # what hangs: let it, rather than give up just as it does.
+            if lock.holder not in ("stop", "delete"):
+                self._give_up(key, lock, limit)
+            try:
+                await asyncio.wait_for(lock.acquire(), limit)
+            except TimeoutError:
+                self._give_up(key, lock, 2 * limit)
+        try:
+            lock.holder = "delete"
+            await self._delete(key, keep_output)
+        finally:
+            lock.release()
+            self.drop_lock(key, lock)
+
+    def _give_up(self, key: PipelineKey, lock: KeyLock, limit: float) -> NoReturn:
+        """A delete waited ``limit`` for the operation in flight (a hung warmup, a create
+        queued behind a full pool): abandon the instance, and let go of the key."""
+        holder = lock.holder
+        lock.abandoned = True
+        if self._locks.get(key) is lock:
+            del self._locks[key]  # its waiters wait for the hung call: the key moves on
+        instance = self._instances.get(key)
+        call = instance.call if instance is not None else None
+        waited = f"delete waited {limit:g} s for the {holder or 'operation'} in flight"
+        if call is not None:
+            where = _Overran(call, _node_in_progress(call.thread)).where
+            message = (
+                f"delete waited {limit:g} s for the {call.step} in flight{where}. The instance "
+                f"was abandoned and its folder removed; the {call.step}'s thread stays in the "
+                "operator process until it returns (the process engine can kill it instead)"
+            )
+        elif instance is not None:
+            message = f"{waited}. The instance was abandoned and its folder removed"
+        else:  # a create queued behind a full pool: _create undoes it when it returns
+            message = f"{waited}; nothing was registered yet, and what it makes is deleted"
+        if instance is not None:
+            self._abandon(instance, call)
+        raise PipelineFailure(FailureReason.StopTimeout, Step.delete, message)
+
+    async def _delete(self, key: PipelineKey, keep_output: bool = False) -> None:
         instance = self._instances.get(key)
         if instance is None:
+            if not keep_output:  # a folder kept by an earlier delete (a redeploy)
+                await asyncio.to_thread(self._wipe, key)
             return
         await self._stop_locked(instance)
         if key not in self._instances:  # abandoned by a stop timeout
             return
         try:
-            await self._call(Step.delete, self._manager.delete_pipeline, instance.pipeline_id, True)
+            await self._call(
+                Step.delete, self._manager.delete_pipeline, instance.pipeline_id, not keep_output
+            )
         except PipelineFailure as failure:
             if failure.reason is not FailureReason.InvalidPipelineId:
                 self._abandon(instance)
@@ -367,18 +636,98 @@ class InProcessEngine(Exclusive):
         return [self._info(i) for i in list(self._instances.values())]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
-        """Local instances all belong to reconciled resources; a deletion removes them."""
-        return []
+        """Remove folders whose resource is gone: kept output of a resource deleted while no
+        operator ran (its instances all belong to reconciled resources: deletion removes
+        them). Returns the folders removed."""
+        held = {key.juturna_name for key in self._instances} | {
+            key.juturna_name for key in self._locks
+        }
+        removed = []
+        for folder in self._settings.workdir.glob("*__*__*_*-*-*-*-*"):
+            name = folder.name.rsplit("_", 1)[0]  # "_<pipeline id>"
+            if folder.is_dir() and name not in keep and name not in held:
+                log.info(
+                    "sweep: removing %s, whose resource is gone",
+                    folder,
+                    extra=log_extra_of_juturna_name(name),
+                )
+                await asyncio.to_thread(shutil.rmtree, folder, True)
+                removed.append(folder.name)
+        return removed
 
     async def close(self) -> None:
         for key in list(self._instances):
             try:
-                await self.delete(key)
+                await self.delete(key, keep_output=True)  # the resource outlives the operator
             except PipelineFailure as failure:
                 log.warning("while shutting down: %s", failure, extra=key.log_extra)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._owners.uninstall()
         self._collector.uninstall()
+
+
+def _started_nodes(pipeline: Any) -> list[Any]:
+    return [
+        node
+        for node in (pipeline._nodes or {}).values()
+        if any((node._worker_thread, node._update_thread, node._source_thread))
+    ]
+
+
+def _stop_started_nodes(pipeline: Any) -> None:
+    """Stop the nodes that have threads, as Juturna's stop would (node by node, in
+    configuration order): for a pipeline whose start raised half-way, which Juturna's own
+    stop and delete leave running (it never reached "running")."""
+    for node in _started_nodes(pipeline):
+        node.stop()
+    if pipeline._telemetry_manager is not None:
+        pipeline._telemetry_manager.stop()  # Pipeline.start starts it first; a no-op if not
+
+
+def _node_in_progress(thread: threading.Thread | None) -> str | None:
+    """The node a running Juturna call is in: its loops keep the name in ``node_name``
+    (as ``reasons.failing_node`` reads it from a traceback)."""
+    frame = sys._current_frames().get(thread.ident) if thread and thread.ident else None
+    while frame is not None:
+        value = frame.f_locals.get("node_name")
+        if frame.f_code.co_filename.startswith(JUTURNA_DIR) and isinstance(value, str):
+            return value
+        frame = frame.f_back
+    return None
+
+
+def _abandoned(call: _Call) -> PipelineFailure:
+    return PipelineFailure(
+        CALL_REASONS.get(call.step, FailureReason.DeleteFailed),
+        call.step,
+        f"the instance was deleted while its {call.step} ran",
+    )
+
+
+async def _on_own_thread(name: str, fn: Callable[[], object], limit_s: float) -> None:
+    """Run ``fn`` on a daemon thread of its own, not the pool, and wait at most ``limit_s``
+    (``TimeoutError``): a call that hangs forever (Pitfall 2) must not use up a pool worker
+    for good. What ``fn`` raises is raised here."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            _settle_threadsafe(loop, done, exc)
+        else:
+            _settle_threadsafe(loop, done, None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await asyncio.wait_for(asyncio.shield(done), limit_s)
+
+
+def _settle_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], exc: BaseException | None
+) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+        loop.call_soon_threadsafe(_settle, future, exc)
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

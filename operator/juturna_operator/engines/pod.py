@@ -578,7 +578,10 @@ class PodEngine(Exclusive):
                 ) from failure
         runtime.state = InstanceState.Spent
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
+        # keep_output: a runtime's or a pod's folder is not the operator's to carry over.
         if release:
             await self.exclusive(key, self._end, key)
             self.drop_lock(key)

@@ -43,6 +43,7 @@ from juturna_operator.engines.base import (
     PipelineKey,
     Plan,
     apply_health,
+    carry_output,
     confined,
     held,
     vacant,
@@ -314,25 +315,30 @@ class ProcessEngine(Exclusive):
         tmp.write_text(json.dumps(asdict(worker.record)))
         os.replace(tmp, path)
 
-    def _forget(self, record: WorkerRecord) -> None:
-        # By the resource's Juturna name, not the pipeline id, which a record may lack; one
-        # resource has one worker at a time, so these folders are all its instance's.
-        for folder in self._workdir.glob(f"{record.key.juturna_name}_*"):
-            shutil.rmtree(folder, ignore_errors=True)
+    def _forget(self, record: WorkerRecord, keep_output: bool = False) -> None:
+        if not keep_output:
+            self._wipe(record.key)
         # The record goes last: a process killed in here leaves it, and the next one finishes
         # the job at start (killed after the record went, it leaked the folder in a full run).
         for suffix in (".port", ".log", ".token", ".json"):
             (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
 
-    async def _end(self, worker: _Worker) -> None:
-        """Stop the worker process for good and remove what it left."""
+    def _wipe(self, key: PipelineKey) -> None:
+        # By the resource's Juturna name, not the pipeline id, which a record may lack; one
+        # resource has one worker at a time, so these folders are all its instances'.
+        for folder in self._workdir.glob(f"{key.juturna_name}_*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def _end(self, worker: _Worker, keep_output: bool = False) -> None:
+        """Stop the worker process for good and remove what it left (``keep_output``: all
+        but the pipeline's folder, which the resource's next instance takes over)."""
         if worker.alive():
             with contextlib.suppress(PipelineFailure):
                 await worker.client.request("POST", "/operator/shutdown", Step.delete, 2.0)
             await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
         await worker.client.close()
         self._workers.pop(worker.record.key, None)
-        await asyncio.to_thread(self._forget, worker.record)
+        await asyncio.to_thread(self._forget, worker.record, keep_output)
 
     async def _set_state(self, worker: _Worker, state: InstanceState) -> None:
         worker.record.state = state.value
@@ -369,9 +375,10 @@ class ProcessEngine(Exclusive):
         try:
             await self._wait_ready(worker, port_file, log_file)
             record.pipeline_id = await worker.client.create(config)
+            await asyncio.to_thread(carry_output, self._workdir, key, record.pipeline_id)
             await self._set_state(worker, InstanceState.Created)
         except BaseException:
-            await self._end(worker)
+            await self._end(worker, keep_output=True)  # a previous instance's output stays
             raise
         return record.pipeline_id
 
@@ -409,7 +416,8 @@ class ProcessEngine(Exclusive):
             if failure.reason is not FailureReason.RuntimeUnavailable:
                 raise
             pid = worker.record.pid
-            await self._end(worker)  # the cure for a hung stop: end the process
+            # The cure for a hung stop: end the process (its output stays with the resource).
+            await self._end(worker, keep_output=True)
             raise PipelineFailure(
                 FailureReason.StopTimeout,
                 Step.stop,
@@ -418,21 +426,25 @@ class ProcessEngine(Exclusive):
             ) from failure
         await self._set_state(worker, InstanceState.Spent)
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
         worker = self._workers.get(key)
         if worker is not None and self.busy(key):
             # A deletion does not wait out a long warmup: ending the process makes the
             # operation in progress fail at once.
             await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
-        await self.exclusive(key, self._delete, key)
+        await self.exclusive(key, self._delete, key, keep_output)
         self.drop_lock(key)
 
-    async def _delete(self, key: PipelineKey) -> None:
+    async def _delete(self, key: PipelineKey, keep_output: bool) -> None:
         worker = self._workers.get(key)
         if worker is not None:
             # Ending the process frees everything Juturna held, without Juturna's slow
-            # delete (two gc.collect() calls); _end removes the folder.
-            await self._end(worker)
+            # delete (two gc.collect() calls); _end removes the folder unless it is kept.
+            await self._end(worker, keep_output)
+        elif not keep_output:
+            await asyncio.to_thread(self._wipe, key)  # kept by an earlier end (a redeploy)
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         worker = self._workers.get(key)

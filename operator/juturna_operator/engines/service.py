@@ -41,6 +41,7 @@ from juturna_operator.engines.base import (
     InstanceState,
     PipelineKey,
     Plan,
+    apply_health,
     confined,
     held,
     log_extra_of_juturna_name,
@@ -55,6 +56,7 @@ from juturna_operator.settings import Runtime, Settings
 log = logging.getLogger(__name__)
 
 OURS = re.compile(r"^[a-z0-9.-]+__[a-z0-9.-]+__[0-9a-f-]{8}$")
+HEALTH_TIMEOUT_S = 2.0
 MISSES_ALLOWED = 3  # failed status requests in a row before the runtime counts as unavailable
 PROBE_TIMEOUT_S = 2.0  # a runtime that does not list its pipelines within this is unreachable
 
@@ -85,6 +87,7 @@ class ServiceEngine(Exclusive):
         self._remotes: dict[PipelineKey, _Remote] = {}
         self._abandoned: set[str] = set()  # stuck in a stop on the service: never touched again
         self._clients: dict[str, JuturnaClient] = {}
+        self._plain: dict[str, bool] = {}  # runtime -> a plain `juturna serve` (no health route)
 
     def _client(self, runtime: str) -> JuturnaClient:
         config = self._runtimes[runtime]
@@ -186,7 +189,10 @@ class ServiceEngine(Exclusive):
                 raise stuck from failure
         remote.state = InstanceState.Spent
 
-    async def delete(self, key: PipelineKey, release: bool = True) -> None:
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
+        # keep_output: a runtime's or a pod's folder is not the operator's to carry over.
         await self.exclusive(key, self._delete, key)
         self.drop_lock(key)
 
@@ -300,7 +306,25 @@ class ServiceEngine(Exclusive):
         info.folder = remote.folder = status.get("folder", "")
         info.nodes = node_statuses(status)
         remote.nodes = dict(info.nodes)
+        if info.state is InstanceState.Running:
+            await self._crashes(remote.runtime, info)
         return info
+
+    async def _crashes(self, runtime: str, info: InstanceInfo) -> None:
+        """Dead node threads, where the runtime is our worker module: a plain ``juturna
+        serve`` cannot tell (its status says running), our worker's health route can."""
+        if self._plain.get(runtime):
+            return
+        try:
+            health = await self._client(runtime).request(
+                "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
+            )
+        except PipelineFailure as failure:
+            if failure.reason is FailureReason.InvalidPipelineId:  # 404: no such route
+                self._plain[runtime] = True
+            return  # else a late answer: the status request decides about the runtime
+        self._plain[runtime] = False
+        apply_health(info, health)
 
     async def list(self) -> list[InstanceInfo]:
         infos = [await self.status(key) for key in list(self._remotes)]

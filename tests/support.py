@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lupa
+import lupa.lua51
 import pytest
 import yaml
 from controlplane import (
@@ -398,11 +398,15 @@ class JuturnaServe:
 
 
 def health(obj: dict[str, Any]) -> dict[str, str]:
-    """Evaluate health.lua with ``obj`` as Argo CD passes it (a global Lua table)."""
-    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    """Evaluate health.lua with ``obj`` as Argo CD passes it (a global Lua table).
+
+    Lua 5.1: Argo CD runs gopher-lua, a 5.1 dialect; lupa's default runtime is newer and would
+    accept what gopher-lua refuses (integer division, goto, utf8). An absent message is "", as
+    in Argo CD's HealthStatus (``message,omitempty``)."""
+    lua = lupa.lua51.LuaRuntime(unpack_returned_tuples=True)
     lua.globals().obj = lua.table_from(obj, recursive=True)
     result = lua.execute((ARGOCD_HEALTH / "health.lua").read_text())
-    return {"status": result["status"], "message": result["message"]}
+    return {"status": result["status"], "message": result["message"] or ""}
 
 
 # --- container images: podman builds, containerd (the node) runs ----------------------------

@@ -1,7 +1,7 @@
--- Argo CD health check for juturna.io/Pipeline.
+-- Argo CD health check for juturna.io/Pipeline (Lua 5.1, as gopher-lua runs it).
 -- Progressing: the operator has not yet described this generation, or a step is under way.
 -- Healthy:     the desired state is reached, including Ready (a warm standby) and Stopped.
--- Degraded:    the last attempt failed; the message says why.
+-- Degraded:    the last attempt at this generation failed; the message says why.
 local hs = {}
 local status = obj.status
 if status == nil then
@@ -9,14 +9,27 @@ if status == nil then
   hs.message = "Waiting for the juturna-operator to see this Pipeline"
   return hs
 end
+-- Generation first: a status about an older generation (a failure included) says nothing
+-- about the spec Argo CD just applied; Degraded here would fail a sync with waves.
+local generation = obj.metadata.generation
+if generation ~= nil then
+  local observed = status.observedGeneration
+  if observed == nil or observed < generation then
+    hs.status = "Progressing"
+    hs.message = "Waiting for the juturna-operator to observe generation " .. generation
+    if observed ~= nil then
+      hs.message = hs.message .. " (the status describes generation " .. observed .. ")"
+    end
+    return hs
+  end
+end
 if status.failure ~= nil then
   hs.status = "Degraded"
-  hs.message = status.failure.reason .. ": " .. status.failure.message
-  return hs
-end
-if status.observedGeneration == nil or status.observedGeneration < obj.metadata.generation then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the juturna-operator to act on generation " .. obj.metadata.generation
+  hs.message = status.failure.reason or "Failed"
+  -- Argo CD reads an absent message as an empty one: neither adds a dangling ": ".
+  if status.failure.message ~= nil and status.failure.message ~= "" then
+    hs.message = hs.message .. ": " .. status.failure.message
+  end
   return hs
 end
 if status.conditions ~= nil then

@@ -252,11 +252,7 @@ class InProcessEngine(Exclusive):
         try:
             return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
         except Exception as exc:
-            failure = classify(exc, step)
-            node = failing_node(exc)
-            if node is not None and failure.reason.retryable:
-                failure.message = f'node "{node}": {failure.message}'
-            raise failure from exc
+            raise _classified(exc, step) from exc
 
     def _pipeline(self, instance: _Instance) -> Any:
         return self._manager._pipelines.get(instance.pipeline_id)
@@ -337,11 +333,7 @@ class InProcessEngine(Exclusive):
         except PipelineFailure:
             raise
         except Exception as exc:
-            failure = classify(exc, step)
-            node = failing_node(exc)
-            if node is not None and failure.reason.retryable:
-                failure.message = f'node "{node}": {failure.message}'
-            raise failure from exc
+            raise _classified(exc, step) from exc
         finally:
             if instance.call is call:
                 instance.call = None
@@ -728,6 +720,15 @@ def _settle_threadsafe(
 ) -> None:
     with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
         loop.call_soon_threadsafe(_settle, future, exc)
+
+
+def _classified(exc: Exception, step: Step) -> PipelineFailure:
+    """What a Juturna call raised, classified, naming the node where Juturna's error does."""
+    failure = classify(exc, step)
+    node = failing_node(exc)
+    if node is not None and failure.reason.retryable:
+        failure.message = f'node "{node}": {failure.message}'
+    return failure
 
 
 def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:

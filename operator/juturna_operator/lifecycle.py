@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from juturna_operator.api import Condition, ConditionType, DesiredState, Phase
+from juturna_operator.api import Condition, ConditionType, DesiredState, Phase, RestartPolicy
 from juturna_operator.engines.base import InstanceState
 from juturna_operator.reasons import FailureReason, Step
 
@@ -48,8 +48,8 @@ class Desired:
     state: DesiredState
     generation: int
     revision: str = ""  # identifies the pipeline itself: a state change keeps the revision
-    max_restarts: int = 3
-    backoff_seconds: float = 5.0
+    max_restarts: int = RestartPolicy.model_fields["maxRestarts"].default  # one source
+    backoff_seconds: float = RestartPolicy.model_fields["backoffSeconds"].default
     deleting: bool = False
 
 

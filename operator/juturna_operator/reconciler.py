@@ -12,31 +12,23 @@ always written, and nothing is written when nothing changed.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from juturna_operator import graph, lifecycle
-from juturna_operator.api import (
-    Condition,
-    DesiredState,
-    Failure,
-    NodeStatus,
-    PipelineSpec,
-    PipelineStatus,
-    PodPlacement,
-)
+from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy
 from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey, Plan
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
 from juturna_operator.settings import Settings
+from juturna_operator.status import Facts, StatusWriter, WrittenStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +51,6 @@ MAX_STEPS = 16
 # again (uids are never reused; the oldest are forgotten long after their passes ended).
 FINALIZED_REMEMBERED = 10_000
 
-StatusWriter = Callable[[PipelineKey, dict[str, Any]], Awaitable[None]]
 EventPoster = Callable[[PipelineKey, str, str, str], None]  # key, type, reason, message
 
 
@@ -86,51 +77,65 @@ class Resource:
 
 
 @dataclass
-class Memory:
-    """What the operator remembers about one resource between reconciles."""
+class Retries:
+    """Failures, restarts and the backoff of one resource, for the generation they concern."""
 
     generation: int | None = None
-    validated_generation: int | None = None
-    warnings: list[str] = field(default_factory=list)
     failure: FailureRecord | None = None
     restarts: int = 0
     retry_at: float | None = None
     attempts: int = 0  # failed attempts in a row: the backoff's exponent
-    last_status: dict[str, Any] | None = None
-    recovering_from: str | None = None  # a pipelineId from before an operator restart
-    # Per-generation work done once, not on every pass (health checks come every few
-    # seconds for every Pipeline): the parsed spec and its revision.
+
+
+@dataclass
+class SpecWork:
+    """Work done once per generation, not on every pass (health checks come every few
+    seconds for every Pipeline): the parsed spec, its revision, its validation."""
+
     parsed_generation: int | None = None
     parsed: PipelineSpec | PipelineFailure | None = None
     revision: str = ""
-    # What ``last_status`` was built from: the same inputs give the same status.
-    status_inputs: tuple[Any, ...] | None = None
+    validated_generation: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def parse(self, resource: Resource) -> PipelineSpec | PipelineFailure:
+        """The resource's spec, parsed once per generation (or why it cannot be)."""
+        if self.parsed is None or self.parsed_generation != resource.generation:
+            self.parsed = _spec_or_failure(resource)
+            self.revision = self.parsed.revision() if isinstance(self.parsed, PipelineSpec) else ""
+            self.parsed_generation = resource.generation
+        return self.parsed
+
+
+@dataclass
+class Memory:
+    """What the operator remembers about one resource between reconciles."""
+
+    retry: Retries = field(default_factory=Retries)
+    spec: SpecWork = field(default_factory=SpecWork)
+    written: WrittenStatus = field(default_factory=WrittenStatus)
+    recovering_from: str | None = None  # a pipelineId from before an operator restart
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
         """Restore what a previous operator process wrote."""
-        mem = cls(restarts=int(status.get("restarts") or 0))
-        mem.generation = status.get("observedGeneration")
+        generation = status.get("observedGeneration")
+        retry = Retries(generation=generation, restarts=int(status.get("restarts") or 0))
         raw = status.get("failure")
         if (
             raw
             and raw.get("reason") in FailureReason.__members__
             and not FailureReason[raw["reason"]].set_by_configuration  # checked again instead
-            and mem.generation is not None
+            and generation is not None
         ):
-            mem.failure = FailureRecord(
+            retry.failure = FailureRecord(
                 FailureReason[raw["reason"]],
                 Step(raw.get("step", "run")),
                 raw.get("message", ""),
-                int(mem.generation),
+                int(generation),
             )
-            mem.retry_at = 0.0  # a retry that was due is due now
-        mem.recovering_from = status.get("pipelineId")
-        return mem
-
-
-def now_rfc3339() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            retry.retry_at = 0.0  # a retry that was due is due now
+        return cls(retry=retry, recovering_from=status.get("pipelineId"))
 
 
 def _spec_or_failure(resource: Resource) -> PipelineSpec | PipelineFailure:
@@ -198,15 +203,15 @@ class Reconciler:
         mem = self._memory.get(resource.key.uid)
         if mem is None:
             mem = self._memory[resource.key.uid] = Memory.from_status(resource.status)
-        if mem.generation != resource.generation:
+        if mem.retry.generation != resource.generation:
             if self.metrics is not None:
                 self.metrics.spec_changed(resource.key)
             # A spec change: restarts count from zero and the new spec is validated again.
-            mem.generation = resource.generation
-            mem.restarts = 0
-            mem.attempts = 0
-            mem.retry_at = None
-            mem.validated_generation = None
+            mem.retry.generation = resource.generation
+            mem.retry.restarts = 0
+            mem.retry.attempts = 0
+            mem.retry.retry_at = None
+            mem.spec.validated_generation = None
         return mem
 
     # -- the loop --
@@ -221,13 +226,9 @@ class Reconciler:
 
     async def _reconcile(self, resource: Resource, log: Log) -> float:
         mem = self._remember(resource)
-        if mem.parsed is None or mem.parsed_generation != resource.generation:
-            mem.parsed = _spec_or_failure(resource)
-            mem.revision = mem.parsed.revision() if isinstance(mem.parsed, PipelineSpec) else ""
-            mem.parsed_generation = resource.generation
-        parsed = mem.parsed
+        parsed = mem.spec.parse(resource)
         spec = parsed if isinstance(parsed, PipelineSpec) else None
-        p = _Pass(resource, mem, _desired(resource, spec, mem.revision), log)
+        p = _Pass(resource, mem, _desired(resource, spec, mem.spec.revision), log)
         if (
             isinstance(parsed, PipelineFailure)
             and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
@@ -247,17 +248,17 @@ class Reconciler:
             if action in (Action.Nothing, Action.Wait):
                 break
             if action is Action.Retry:
-                assert mem.failure is not None
-                if mem.failure.reason.counts_as_restart:
-                    mem.restarts += 1
+                assert mem.retry.failure is not None
+                if mem.retry.failure.reason.counts_as_restart:
+                    mem.retry.restarts += 1
                     self._event(
                         p,
                         "Normal",
                         "Restarting",
-                        f"restart {mem.restarts} of "
-                        f"{p.desired.max_restarts} after {mem.failure.reason.name}",
+                        f"restart {mem.retry.restarts} of "
+                        f"{p.desired.max_restarts} after {mem.retry.failure.reason.name}",
                     )
-                mem.failure, mem.retry_at = None, None
+                mem.retry.failure, mem.retry.retry_at = None, None
                 continue
             try:
                 await self._with_progress(p, info, action, spec)
@@ -274,7 +275,7 @@ class Reconciler:
                 p.done.extend(BEYOND_CREATED.get(info.state, []))  # one call did more
         reached = lifecycle.desired_reached(p.desired, self._observed(mem, info))
         if reached:
-            mem.attempts = 0
+            mem.retry.attempts = 0
         if mem.recovering_from and reached:
             p.done.append(
                 (
@@ -338,10 +339,10 @@ class Reconciler:
         return Observed(
             instance=info.state if info else InstanceState.Absent,
             instance_revision=info.revision if info else None,
-            validated_generation=mem.validated_generation,
-            failure=mem.failure,
-            restarts=mem.restarts,
-            retry_at=mem.retry_at,
+            validated_generation=mem.spec.validated_generation,
+            failure=mem.retry.failure,
+            restarts=mem.retry.restarts,
+            retry_at=mem.retry.retry_at,
         )
 
     def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
@@ -359,14 +360,14 @@ class Reconciler:
         self._record_failure(p, failure)
 
     def _record_failure(self, p: _Pass, failure: PipelineFailure) -> None:
-        p.mem.failure = FailureRecord(
+        p.mem.retry.failure = FailureRecord(
             failure.reason, failure.step, failure.message, p.desired.generation
         )
         if failure.reason.retryable:
-            p.mem.retry_at = self._clock() + lifecycle.backoff_delay(
-                p.desired.backoff_seconds, p.mem.attempts
+            p.mem.retry.retry_at = self._clock() + lifecycle.backoff_delay(
+                p.desired.backoff_seconds, p.mem.retry.attempts
             )
-            p.mem.attempts += 1
+            p.mem.retry.attempts += 1
         p.log.warning("%s", failure)
         self._tell(p)  # what was done before it failed comes first
         self._event(p, "Warning", failure.reason.name, failure.message)
@@ -407,8 +408,8 @@ class Reconciler:
                 self.settings.runtimes,
                 self.settings.code_policy(spec.runtime),
             )
-            p.mem.validated_generation = p.desired.generation
-            p.mem.warnings = validated.warnings
+            p.mem.spec.validated_generation = p.desired.generation
+            p.mem.spec.warnings = validated.warnings
             for warning in validated.warnings:
                 self._event(p, "Warning", "UnknownConfigurationKey", warning)
         elif action is Action.Create:
@@ -453,7 +454,7 @@ class Reconciler:
 
     def _next_look(self, p: _Pass) -> float:
         interval = self.settings.health_interval_s
-        retry_at = p.mem.retry_at
+        retry_at = p.mem.retry.retry_at
         if retry_at is not None and not lifecycle.is_terminal(
             p.desired, self._observed(p.mem, None)
         ):
@@ -462,104 +463,37 @@ class Reconciler:
 
     # -- status --
 
-    def build_status(
-        self, p: _Pass, info: InstanceInfo | None, in_progress: Action | None
-    ) -> dict[str, Any]:
-        """The whole status this operator owns, as a merge patch."""
-        observed = self._observed(p.mem, info)
-        source = p.mem.last_status or p.resource.status
-        previous = [
-            Condition.model_validate(c)
-            for c in source.get("conditions") or []
-            if isinstance(c, dict) and c.get("type") in lifecycle.ConditionType.__members__
-        ]
-        failure = lifecycle.current_failure(p.desired, observed)
-        nodes = [NodeStatus(name=n, status=s) for n, s in (info.nodes if info else {}).items()]
-        total = len(p.resource.spec.get("nodes") or [])
-        running = info is not None and info.state is InstanceState.Running
-        live = {"Running"} if running else {"Configured", "Stopped"}  # warm standby counts
-        status = PipelineStatus(
-            phase=lifecycle.phase(p.desired, observed, in_progress),
-            observedGeneration=p.desired.generation,
-            conditions=lifecycle.conditions(
-                p.desired, observed, previous, now_rfc3339(), "; ".join(p.mem.warnings)
-            ),
-            failure=Failure(
-                reason=failure.reason.name,
-                code=failure.reason.code,
-                step=failure.step,
-                message=failure.message,
-            )
-            if failure
-            else None,
-            pipelineId=info.pipeline_id if info else None,
-            restarts=p.mem.restarts,
-            nodes=nodes,
-            nodesReady=f"{sum(n.status in live for n in nodes)}/{total}",
-            pod=PodPlacement(name=info.pod[0], node=info.pod[1]) if info and info.pod else None,
-        )
-        # None values stay in: in a merge patch they delete a field that no longer applies.
-        return status.model_dump(mode="json")
-
     async def _publish(
         self, p: _Pass, info: InstanceInfo | None, in_progress: Action | None
     ) -> None:
         """Write the status, unless it says nothing new (each write is an API call)."""
         if p.resource.deleting and in_progress is None:
             return
-        observed = self._observed(p.mem, info)
-        inputs = (
-            p.desired,
-            observed,
-            in_progress,
-            tuple(p.mem.warnings),
-            None
-            if info is None
-            else (info.pipeline_id, info.state, tuple(info.nodes.items()), len(info.crashes)),
+        facts = Facts(
+            desired=p.desired,
+            observed=self._observed(p.mem, info),
+            in_progress=in_progress,
+            warnings=tuple(p.mem.spec.warnings),
+            restarts=p.mem.retry.restarts,
+            node_total=len(p.resource.spec.get("nodes") or []),
+            info=info,
         )
-        if (
-            inputs == p.mem.status_inputs
-            and p.mem.last_status is not None
-            and _same_status(p.mem.last_status, p.resource.status)
-        ):
-            return  # nothing new, and the object still says it: skip building it again
-        status = self.build_status(p, info, in_progress)
-        if self.metrics is not None:
-            ready = in_progress is None and lifecycle.desired_reached(p.desired, observed)
-            self.metrics.observed(p.key, status["phase"], p.mem.restarts, ready)
-        if status != p.mem.last_status and not _same_status(status, p.resource.status):
-            await self._write_status(p.key, status)
-        # Remembered only once the object says it: after a failed write (it raises), the
-        # next pass builds and writes again instead of taking it for written.
-        p.mem.last_status, p.mem.status_inputs = status, inputs
+        status = await p.mem.written.publish(p.key, facts, p.resource.status, self._write_status)
+        if status is not None and self.metrics is not None:
+            ready = in_progress is None and lifecycle.desired_reached(p.desired, facts.observed)
+            self.metrics.observed(p.key, status["phase"], p.mem.retry.restarts, ready)
 
 
 def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:
     raw_state = resource.spec.get("state") or "Running"
-    policy = spec.restartPolicy if spec else None
+    policy = spec.restartPolicy if spec else RestartPolicy()  # its defaults: the API's
     return Desired(
         state=DesiredState(raw_state)
         if raw_state in DesiredState.__members__
         else DesiredState.Running,
         generation=resource.generation,
         revision=revision,
-        max_restarts=policy.maxRestarts if policy else 3,
-        backoff_seconds=policy.backoffSeconds if policy else 5.0,
+        max_restarts=policy.maxRestarts,
+        backoff_seconds=policy.backoffSeconds,
         deleting=resource.deleting,
     )
-
-
-def _same_status(new: dict[str, Any], current: dict[str, Any]) -> bool:
-    """True when ``current`` (from the API) already says what ``new`` says. A top-level None
-    deletes a field; nested Nones never reach the object (a merge patch drops them)."""
-    return all(
-        current.get(k) == _without_none(v) for k, v in new.items() if v is not None or k in current
-    )
-
-
-def _without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from juturna_operator.reconciler import _same_status
+from juturna_operator.status import same_status
 
 
 def test_nested_nones_are_not_differences() -> None:
@@ -13,10 +13,10 @@ def test_nested_nones_are_not_differences() -> None:
         "conditions": [{"type": "Ready", "status": "True", "message": None}],
     }
     stored = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-    assert _same_status(built, stored)
+    assert same_status(built, stored)
 
 
 def test_a_real_difference_or_a_field_to_delete_is_one() -> None:
     built = {"phase": "Running", "failure": None}
-    assert not _same_status(built, {"phase": "Ready"})
-    assert not _same_status(built, {"phase": "Running", "failure": {"reason": "NodeFailed"}})
+    assert not same_status(built, {"phase": "Ready"})
+    assert not same_status(built, {"phase": "Running", "failure": {"reason": "NodeFailed"}})

@@ -1,0 +1,228 @@
+"""The reconcile loop in milliseconds: a fake engine, a recording status writer and Event
+poster, and a clock the test moves (as kopf tests its own core in ``tests/handling/``).
+
+The engine here is pure bookkeeping, so these tests are about the loop's decisions and
+writes; the engines themselves are tested on real Juturna in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from juturna_operator.engines.base import (
+    DEFAULT_PLAN,
+    InstanceInfo,
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+    Plan,
+)
+from juturna_operator.lifecycle import BACKOFF_CAP_S
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.reconciler import Reconciler, Resource
+from juturna_operator.settings import Settings
+
+LOG = logging.getLogger("test")
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
+UID = "0123abcd-uid"
+NODES = [
+    {"name": "src", "type": "source", "mark": "ticker"},
+    {"name": "out", "type": "sink", "mark": "jsonl"},
+]
+
+
+class FakeEngine:
+    """Instances as records; ``fail_start`` makes each start fail with that reason."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.instances: dict[PipelineKey, InstanceInfo] = {}
+        self.fail_start: FailureReason | None = None
+        self.created = 0
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
+    ) -> str:
+        self.created += 1
+        pid = f"id-{self.created}"
+        nodes = {n["name"]: "Created" for n in config["pipeline"]["nodes"]}
+        self.instances[key] = InstanceInfo(key, pid, revision, InstanceState.Created, nodes=nodes)
+        return pid
+
+    async def warmup(self, key: PipelineKey) -> None:
+        info = self.instances[key]
+        info.state, info.nodes = InstanceState.Ready, dict.fromkeys(info.nodes, "Configured")
+
+    async def start(self, key: PipelineKey) -> None:
+        if self.fail_start is not None:
+            raise PipelineFailure(self.fail_start, Step.start, "camera unplugged")
+        info = self.instances[key]
+        info.state, info.nodes = InstanceState.Running, dict.fromkeys(info.nodes, "Running")
+
+    async def stop(self, key: PipelineKey) -> None:
+        self.instances[key].state = InstanceState.Spent
+
+    async def delete(
+        self, key: PipelineKey, release: bool = True, keep_output: bool = False
+    ) -> None:
+        self.instances.pop(key, None)
+
+    async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        info = self.instances.get(key)
+        if info is None:
+            return None
+        return InstanceInfo(
+            key,
+            info.pipeline_id,
+            info.revision,
+            info.state,
+            nodes=dict(info.nodes),
+            crashes=list(info.crashes),
+        )
+
+    def crash(self, key: PipelineKey) -> None:
+        self.instances[key].crashes.append(NodeCrash("src", "_source_src", "OSError: gone"))
+
+
+class Harness:
+    """One resource, the reconciler, and what it wrote and posted."""
+
+    def __init__(self, engine: FakeEngine | None = None, status: dict[str, Any] | None = None):
+        self.now = 1000.0
+        self.engine = engine or FakeEngine()
+        self.writes: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.refuse_writes = 0
+        self.generation = 1
+        self.spec: dict[str, Any] = {
+            "plugins": ["tones"],
+            "nodes": NODES,
+            "links": [{"from": "src", "to": "out"}],
+        }
+        self.status: dict[str, Any] = dict(status or {})
+        settings = Settings(plugin_roots=[EXAMPLES], metrics_port=0, progress_threshold_s=60)
+        self.reconciler = Reconciler(
+            self.engine,  # type: ignore[arg-type]
+            settings,
+            self.write,
+            self.post,
+            clock=lambda: self.now,
+        )
+
+    async def write(self, key: PipelineKey, status: dict[str, Any]) -> None:
+        if self.refuse_writes:
+            self.refuse_writes -= 1
+            raise RuntimeError("500 Internal Server Error")
+        self.writes.append(status)
+        self.status.update(status)  # as a merge patch does, top level
+
+    def post(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+    def body(self) -> dict[str, Any]:
+        meta = {
+            "namespace": "ns",
+            "name": "p",
+            "uid": "0123abcd-uid",
+            "generation": self.generation,
+        }
+        return {"metadata": meta, "spec": self.spec, "status": self.status}
+
+    def reconcile(self) -> float:
+        return asyncio.run(self.reconciler.reconcile(Resource.from_body(self.body()), LOG))
+
+
+def test_a_deploy_is_one_write_and_one_event() -> None:
+    h = Harness()
+    h.reconcile()
+    assert [w["phase"] for w in h.writes] == ["Running"]
+    assert [(k, r) for k, r, _ in h.events] == [("Normal", "Started")]
+    assert h.events[0][2] == (
+        "pipeline instance id-1 created; all nodes warmed up; pipeline started"
+    )
+
+
+def test_nothing_is_written_or_posted_when_nothing_changed() -> None:
+    h = Harness()
+    h.reconcile()
+    writes, events = len(h.writes), len(h.events)
+    for _ in range(5):
+        h.now += 3
+        h.reconcile()
+    assert (len(h.writes), len(h.events)) == (writes, events)
+
+
+def test_a_crash_counts_one_restart_and_tells_it_once() -> None:
+    h = Harness()
+    h.reconcile()
+    h.engine.crash(next(iter(h.engine.instances)))
+    h.reconcile()  # seen: NodeFailed, backoff starts
+    assert h.writes[-1]["failure"]["reason"] == "NodeFailed"
+    for _ in range(3):  # passes during the backoff change nothing
+        h.now += 1
+        h.reconcile()
+    h.now += 5
+    h.reconcile()  # the backoff is over: one restart
+    restarting = [e for e in h.events if e[1] == "Restarting"]
+    assert restarting == [("Normal", "Restarting", "restart 1 of 3 after NodeFailed")]
+    assert h.writes[-1]["restarts"] == 1
+    assert h.writes[-1]["phase"] == "Running"
+    assert h.writes[-1]["failure"] is None
+
+
+def test_the_backoff_doubles_up_to_its_cap() -> None:
+    engine = FakeEngine()
+    engine.fail_start = FailureReason.StartFailed
+    h = Harness(engine)
+    h.spec["restartPolicy"] = {"maxRestarts": 20, "backoffSeconds": 40}
+    waits = []
+    for _ in range(6):
+        next_look = h.reconcile()
+        retry_at = h.reconciler._memory[UID].retry.retry_at
+        assert retry_at is not None
+        waits.append(retry_at - h.now)
+        assert next_look == min(h.reconciler.settings.health_interval_s, retry_at - h.now)
+        h.now = retry_at  # the next pass retries
+    assert waits == [40, 80, 160, BACKOFF_CAP_S, BACKOFF_CAP_S, BACKOFF_CAP_S]
+    assert h.writes[-1]["restarts"] == 5
+    assert h.writes[-1]["failure"]["reason"] == "StartFailed"
+
+
+def test_a_failed_status_write_is_made_again_by_the_next_pass() -> None:
+    h = Harness()
+    h.reconcile()
+    h.engine.crash(next(iter(h.engine.instances)))
+    h.refuse_writes = 1  # the write that says NodeFailed gets a 500
+    with pytest.raises(RuntimeError):
+        h.reconcile()
+    assert [w["phase"] for w in h.writes] == ["Running"]
+    h.now += 1
+    h.reconcile()  # the object still says Running: the failure is written now
+    assert h.writes[-1]["failure"]["reason"] == "NodeFailed"
+    assert h.status["conditions"][-1]["status"] == "False"
+
+
+def test_an_operator_restart_recovers_from_status_alone() -> None:
+    h = Harness()
+    h.spec["restartPolicy"] = {"maxRestarts": 5, "backoffSeconds": 1}
+    h.reconcile()
+    h.engine.crash(next(iter(h.engine.instances)))
+    h.reconcile()
+    h.now += 2
+    h.reconcile()  # restart 1
+    written = dict(h.status)
+    # A new operator process: a new reconciler and an engine that holds nothing.
+    again = Harness(status=written)
+    again.spec = h.spec
+    again.now = h.now
+    again.reconcile()
+    assert again.writes[-1]["restarts"] == 1, "restarts are restored from status"
+    assert again.writes[-1]["phase"] == "Running"
+    recovered = [m for _, r, m in again.events if r == "Recovered"]
+    assert recovered, again.events
+    assert written["pipelineId"] in recovered[0]

@@ -42,8 +42,7 @@ cluster-down: venv ## stop the node and the plane that cluster-up started; says 
 run: venv ## the demo: plane (unless a cluster answers), operator, example; IN_CLUSTER=1: Helm, a pod on a real node
 	@IN_CLUSTER=$(IN_CLUSTER) bash hack/run.sh
 
-test: venv binaries packages ## lint, then the whole test suite against a real control plane
-	$(VENV)/bin/ruff check operator tests hack bench examples
+test: venv binaries packages lint ## lint, then the whole test suite against a real control plane
 	$(PY) -m pytest
 
 reliability: venv binaries packages ## fault injection, fuzzing, security checks at full counts (~35 min): docs/reliability.md
@@ -64,9 +63,11 @@ bench-pods: venv binaries packages ## the pod engine against bare pods on the re
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds
 
-lint: venv ## ruff
+lint: venv ## ruff, mypy --strict on the package, and the layers' import contract (pyproject.toml)
 	$(VENV)/bin/ruff check operator tests hack bench examples
 	$(VENV)/bin/ruff format --check operator tests hack bench examples
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 clean: ## remove the venv and local state (not the binary cache)
 	rm -rf $(VENV) .state .pytest_cache .ruff_cache

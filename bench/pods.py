@@ -37,7 +37,7 @@ from harness import OperatorProcess, PipelineWatch, apiserver_requests, percenti
 from node import PODMAN, Node, build_operator_image  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
 
-from juturna_operator.engines.base import PipelineKey  # noqa: E402
+from juturna_operator.domain import PipelineKey  # noqa: E402
 from juturna_operator.engines.pod import runtime_pod, token_secret  # noqa: E402
 from juturna_operator.settings import Settings  # noqa: E402
 

@@ -15,6 +15,7 @@ from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_men
 from kubernetes import client, config
 from node import Node, missing_prerequisites
 
+from juturna_operator.registry import ENGINES as REGISTERED
 from support import (
     PLAIN_SERVICE,
     PODMAN,
@@ -116,7 +117,8 @@ def crd(kubectl: Kubectl) -> None:
     kubectl("wait", "--for=condition=Established", "crd/pipelines.juturna.io", "--timeout=30s")
 
 
-ENGINES = ["inprocess", "process", "service"]
+# Every registered engine but pod, whose tests need the real node (test_pod_engine.py).
+ENGINES = [name for name in REGISTERED if name != "pod"]
 
 
 @pytest.fixture(scope="session", params=ENGINES)

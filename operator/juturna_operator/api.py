@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
 GROUP = "juturna.io"
 VERSION = "v1alpha1"
@@ -53,7 +53,23 @@ SAFE_NAME = r"^[A-Za-z0-9_-]+$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-def _cel(rule: str, message_expression: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
+def first_error(err: ValidationError) -> str:
+    """The first problem of a spec, as users read it: ``spec.<path>: <message>``."""
+    first = err.errors()[0]
+    return f"spec.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+
+
+class _LifecycleOnly:
+    """Marks a spec field that says how to run the pipeline, not what it is: changing it
+    keeps the revision (and the instance). Any field without it redeploys when it changes."""
+
+
+LIFECYCLE_ONLY = _LifecycleOnly()
+
+
+def _cel(
+    rule: str, message_expression: str, reason: str = "FieldValueInvalid"
+) -> dict[str, JsonValue]:
     return {"rule": rule, "messageExpression": message_expression, "reason": reason}
 
 
@@ -61,13 +77,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="forbid", use_enum_values=True)
 
 
-def _validated(*rules: dict[str, str]) -> ConfigDict:
+def _validated(*rules: dict[str, JsonValue]) -> ConfigDict:
     """The shared model config, plus CEL rules the API server enforces on the object."""
+    validations: list[JsonValue] = [*rules]
     return ConfigDict(
         populate_by_name=True,
         extra="forbid",
         use_enum_values=True,
-        json_schema_extra={"x-kubernetes-validations": list(rules)},
+        json_schema_extra={"x-kubernetes-validations": validations},
     )
 
 
@@ -256,7 +273,7 @@ class PodTemplate(_Model):
     )
 
 
-def _link_end_rule(end: str) -> dict[str, str]:
+def _link_end_rule(end: str) -> dict[str, JsonValue]:
     """CEL: every link's ``end`` names a node; the message names the first bad link.
 
     Messages use ``format``: concatenating a filtered element makes the API server's
@@ -284,7 +301,7 @@ class PipelineSpec(_Model):
         _link_end_rule("to"),
     )
 
-    state: DesiredState = Field(
+    state: Annotated[DesiredState, LIFECYCLE_ONLY] = Field(
         default=DesiredState.Running,
         description=(
             "Desired lifecycle. Running: created, warmed up and started. Ready: created and "
@@ -335,7 +352,7 @@ class PipelineSpec(_Model):
         max_length=MAX_NAME,
         description="Name of a runtime the administrator configured. Empty: the default.",
     )
-    restartPolicy: RestartPolicy = Field(
+    restartPolicy: Annotated[RestartPolicy, LIFECYCLE_ONLY] = Field(
         default_factory=RestartPolicy, description="How runtime failures are retried."
     )
     template: PodTemplate | None = Field(
@@ -350,7 +367,12 @@ class PipelineSpec(_Model):
         Two generations with the same revision can share one instance: changing only the
         desired state stops or starts it instead of redeploying.
         """
-        defining = self.model_dump(mode="json", by_alias=True, exclude={"state", "restartPolicy"})
+        lifecycle_only = {
+            name
+            for name, field in type(self).model_fields.items()
+            if LIFECYCLE_ONLY in field.metadata
+        }
+        defining = self.model_dump(mode="json", by_alias=True, exclude=lifecycle_only)
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 

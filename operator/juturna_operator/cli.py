@@ -12,7 +12,8 @@ import logging
 import os
 import sys
 
-from juturna_operator.settings import ENGINE_NAMES, FLAGS, Settings, SettingsError
+from juturna_operator.registry import ENGINES
+from juturna_operator.settings import FLAGS, Settings, SettingsError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin-path", help=f"plugin roots, separated by {os.pathsep!r}")
     run.add_argument("--workdir", help="folder for pipeline folders")
     # Raw strings: Settings checks flags and environment alike (settings.FLAGS).
-    run.add_argument("--engine", help=f"where pipelines run: {', '.join(ENGINE_NAMES)}")
+    run.add_argument(
+        "--engine",
+        help="where pipelines run: "
+        + "; ".join(f"{name} ({e.summary})" for name, e in ENGINES.items()),
+    )
     run.add_argument("--stop-timeout", help="seconds a stop may take")
     run.add_argument("--health-interval", help="seconds between health checks (≤ 5)")
     run.add_argument("--log-format", help="text or json")
@@ -90,7 +95,6 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("kopf.objects").addFilter(
         lambda record: "Handler 'wake' succeeded" not in record.getMessage()
     )
-    handlers.use_settings(settings)
     if settings.engine == "pod":
         # Pod changes wake their Pipeline through a watch on our labelled pods, not a poll.
         from juturna_operator.engines.pod import MANAGED_BY
@@ -103,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
             clusterwide=settings.all_namespaces,
             namespaces=settings.namespaces,
             liveness_endpoint=args.liveness,
+            memo=handlers.memo_for(settings),
         )
     )
     return 0

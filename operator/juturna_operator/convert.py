@@ -19,18 +19,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from juturna_operator.api import GROUP, KIND, VERSION, PipelineSpec
+from juturna_operator.api import GROUP, KIND, VERSION, NodeSpec, PipelineSpec, first_error
 
-SPEC_NODE_KEYS = (
-    "name",
-    "type",
-    "mark",
-    "configuration",
-    "auto_dump",
-    "sync",
-    "warped",
-    "warp_configuration",
-)
+SPEC_NODE_KEYS = tuple(NodeSpec.model_fields)  # Juturna's node keys that the spec models
 PIPELINE_KEYS = ("name", "id", "folder", "nodes", "links", "telemetry")
 TOP_KEYS = ("version", "plugins", "pipeline")
 A_NAME, A_ID, A_FOLDER, A_EXTRAS = (
@@ -84,9 +75,7 @@ def to_manifest(config: dict[str, Any], name: str | None = None) -> dict[str, An
     try:
         PipelineSpec.model_validate(spec)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConvertError(f"spec.{where}: {first['msg']}") from None
+        raise ConvertError(first_error(err)) from None
     original = str(pipeline.get("name", ""))
     metadata: dict[str, Any] = {"name": name or dns_name(original)}
     annotations = {A_NAME: original} if original and original != metadata["name"] else {}

@@ -172,7 +172,7 @@ def _node_impl(base: Path, node_type: str, mark: str) -> NodeImpl | None:
 
 
 def _known_marks(bases: Sequence[Path], node_type: str) -> list[str]:
-    marks = set()
+    marks: set[str] = set()
     for base in bases:
         type_dir = base / node_type
         if type_dir.is_dir():

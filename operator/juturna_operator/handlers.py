@@ -22,8 +22,8 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
 from juturna_operator import api
+from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router, make_engine
-from juturna_operator.engines.base import Engine, PipelineKey
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import api_server_message
 from juturna_operator.reconciler import Reconciler, Resource
@@ -48,26 +48,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
-class _State:
-    """What the handlers share; set up once at startup."""
-
-    settings: Settings | None = None
-    engine: Engine | None = None
-    reconciler: Reconciler | None = None
-    objects: k8s.CustomObjectsApi | None = None
-    sweeper: asyncio.Task[None] | None = None
-    wakeups: dict[str, asyncio.Event] = {}  # noqa: RUF012 - one process-wide registry
-    bodies: dict[str, Any] = {}  # noqa: RUF012 - uid -> latest body, for Events
-
-
-state = _State()
-
-
-def use_settings(settings: Settings) -> None:
-    """Called by the CLI before kopf starts."""
-    state.settings = settings
-
-
 # Status writes run in the default executor (the Kubernetes client blocks); its default
 # size, cores + 4, queued them behind each other when many Pipelines change at once.
 STATUS_WRITE_THREADS = 32
@@ -75,9 +55,9 @@ STATUS_WRITE_THREADS = 32
 
 def _api_client() -> k8s.ApiClient:
     try:
-        k8s_config.load_incluster_config()
+        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
     except k8s_config.ConfigException:
-        k8s_config.load_kube_config()
+        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     configuration = k8s.Configuration.get_default_copy()
     # One pooled connection per writing thread: the client's default pool (10) made urllib3
     # discard and reopen connections under a burst.
@@ -95,35 +75,94 @@ class StatusWriteRefused(Exception):
         super().__init__(f"status write refused ({err.status} {err.reason}): {message}")
 
 
-async def write_status(key: PipelineKey, status: dict[str, Any]) -> None:
-    """One merge patch of the status subresource (never the spec)."""
-    assert state.objects is not None
-    try:
-        response = await asyncio.to_thread(
-            state.objects.patch_namespaced_custom_object_status,
-            api.GROUP,
-            api.VERSION,
-            key.namespace,
-            api.PLURAL,
-            key.name,
-            {"status": status},
-            _preload_content=False,  # read as bytes, never parsed: parsing cost CPU at scale
+class Operator:
+    """What the handlers share, built once at startup and handed to each through kopf's
+    ``memo`` (``memo.operator``): no module-wide state, so one process can hold two."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        objects: k8s.CustomObjectsApi,
+        engine: Router,
+        metrics: Metrics | None,
+    ) -> None:
+        self.settings, self.objects, self.engine = settings, objects, engine
+        self.reconciler = Reconciler(
+            engine, settings, self.write_status, self.post_event, metrics=metrics
         )
-        response.data  # noqa: B018  (consumed before the connection is reused)
-        response.release_conn()
-    except k8s.ApiException as err:
-        if err.status != 404:  # deleted meanwhile: nothing to describe
-            raise StatusWriteRefused(err) from None
+        self.sweeper: asyncio.Task[None] | None = None
+        self.wakeups: dict[str, asyncio.Event] = {}  # uid -> wakes its daemon
+        self.bodies: dict[str, Any] = {}  # uid -> latest body, for Events
+
+    async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
+        """One merge patch of the status subresource (never the spec)."""
+        try:
+            # The client's hints say object: with _preload_content=False it is urllib3's.
+            response: Any = await asyncio.to_thread(
+                self.objects.patch_namespaced_custom_object_status,
+                api.GROUP,
+                api.VERSION,
+                key.namespace,
+                api.PLURAL,
+                key.name,
+                {"status": status},
+                _preload_content=False,  # read as bytes, never parsed: parsing cost CPU at scale
+            )
+            response.data  # noqa: B018  (consumed before the connection is reused)
+            response.release_conn()
+        except k8s.ApiException as err:
+            if err.status != 404:  # deleted meanwhile: nothing to describe
+                raise StatusWriteRefused(err) from None
+
+    def post_event(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
+        body = self.bodies.get(key.uid)
+        if body is not None:
+            kopf.event(body, type=kind, reason=reason, message=message[:1024])
+
+    def references(self) -> dict[str, str | None]:
+        """Juturna name -> referenced pipeline id, for every Pipeline this operator watches."""
+        objects: Any = self.objects  # the client's hints say object; it returns parsed JSON
+        if self.settings.namespaces:
+            items = [
+                item
+                for ns in self.settings.namespaces
+                for item in objects.list_namespaced_custom_object(
+                    api.GROUP, api.VERSION, ns, api.PLURAL
+                )["items"]
+            ]
+        else:
+            items = objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)["items"]
+        return {
+            PipelineKey(
+                i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"]["uid"]
+            ).juturna_name: (i.get("status") or {}).get("pipelineId")
+            for i in items
+        }
+
+    async def sweep_orphans(self) -> None:
+        """Now and then, remove engine instances that no Pipeline references any more."""
+        interval = self.settings.sweep_interval_s
+        await asyncio.sleep(min(10.0, interval))
+        while True:
+            try:
+                keep = await asyncio.to_thread(self.references)
+                removed = await self.engine.sweep(keep)
+                if removed:
+                    log.warning("removed %d orphaned pipeline(s): %s", len(removed), removed)
+            except Exception:  # the sweep must never take the operator down
+                log.exception("orphan sweep failed; trying again later")
+            await asyncio.sleep(interval)
 
 
-def post_event(key: PipelineKey, kind: str, reason: str, message: str) -> None:
-    body = state.bodies.get(key.uid)
-    if body is not None:
-        kopf.event(body, type=kind, reason=reason, message=message[:1024])
+def memo_for(settings: Settings) -> kopf.Memo:
+    """The memo the CLI gives ``kopf.operator``: the settings, until startup adds the rest."""
+    return kopf.Memo(settings=settings)
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
+) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = NoDiffBase()
@@ -136,21 +175,21 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=STATUS_WRITE_THREADS, thread_name_prefix="k8s-call")
     )
+    ours: Settings = memo.get("settings") or Settings.from_env()
     # Watching named namespaces needs no cluster-wide right: kopf would otherwise list
     # namespaces (to match patterns; ours are exact names) and watch CRDs, and without the
     # rights retry for ~45 s before falling back. The CRD must then exist at startup.
-    settings.scanning.disabled = bool(state.settings and state.settings.namespaces)
-    ours = state.settings or Settings.from_env()
-    state.settings = ours
+    settings.scanning.disabled = bool(ours.namespaces)
     api_client = _api_client()
-    state.objects = k8s.CustomObjectsApi(api_client)
-    state.engine = make_engine(ours, api_client)
     metrics = None
     if ours.metrics_port:
         metrics = Metrics()
         metrics.serve(ours.metrics_port)
-    state.reconciler = Reconciler(state.engine, ours, write_status, post_event, metrics=metrics)
-    state.sweeper = asyncio.create_task(sweep_orphans(ours))
+    operator = Operator(
+        ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics
+    )
+    operator.sweeper = asyncio.create_task(operator.sweep_orphans())
+    memo.operator = operator
     logger.info(
         "juturna-operator ready: engine=%s workdir=%s plugin roots=%s",
         ours.engine,
@@ -159,76 +198,39 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_: 
     )
 
 
-def _references() -> dict[str, str | None]:
-    """Juturna name -> referenced pipeline id, for every Pipeline this operator watches."""
-    assert state.objects is not None
-    assert state.settings is not None
-    if state.settings.namespaces:
-        items = [
-            item
-            for ns in state.settings.namespaces
-            for item in state.objects.list_namespaced_custom_object(
-                api.GROUP, api.VERSION, ns, api.PLURAL
-            )["items"]
-        ]
-    else:
-        items = state.objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)[
-            "items"
-        ]
-    return {
-        PipelineKey(
-            i["metadata"]["namespace"], i["metadata"]["name"], i["metadata"]["uid"]
-        ).juturna_name: (i.get("status") or {}).get("pipelineId")
-        for i in items
-    }
-
-
-async def sweep_orphans(settings: Settings) -> None:
-    """Now and then, remove engine instances that no Pipeline references any more."""
-    await asyncio.sleep(min(10.0, settings.sweep_interval_s))
-    while True:
-        try:
-            keep = await asyncio.to_thread(_references)
-            assert state.engine is not None
-            removed = await state.engine.sweep(keep)
-            if removed:
-                log.warning("removed %d orphaned pipeline(s): %s", len(removed), removed)
-        except Exception:  # the sweep must never take the operator down
-            log.exception("orphan sweep failed; trying again later")
-        await asyncio.sleep(settings.sweep_interval_s)
-
-
 @kopf.on.cleanup()
-async def cleanup(logger: logging.Logger, **_: Any) -> None:
-    if state.sweeper is not None:
-        state.sweeper.cancel()
-    if state.engine is not None:
-        await state.engine.close()
-        logger.info("engine closed")
+async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    operator: Operator | None = memo.get("operator")
+    if operator is None:
+        return
+    if operator.sweeper is not None:
+        operator.sweeper.cancel()
+    await operator.engine.close()
+    logger.info("engine closed")
 
 
 @kopf.on.event(*RESOURCE)
-async def wake(body: kopf.Body, type: str | None, **_: Any) -> None:
+async def wake(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    operator: Operator = memo.operator
     uid = body.get("metadata", {}).get("uid")
     if not uid:
         return
     if type == "DELETED":
-        state.bodies.pop(uid, None)
+        operator.bodies.pop(uid, None)
         return
-    state.bodies[uid] = body
-    event = state.wakeups.get(uid)
+    operator.bodies[uid] = body
+    event = operator.wakeups.get(uid)
     if event is not None:
         event.set()
 
 
-async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
+async def pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
     """A change of one of our pods (engine pod): the engine sees it, and its Pipeline wakes
     at once, without waiting for its next health check. Registered by the CLI for that
     engine only (it needs the right to watch pods)."""
-    if not isinstance(state.engine, Router):
-        return
-    uid = state.engine.observe(type or "", dict(body))
-    wakeup = state.wakeups.get(uid or "")
+    operator: Operator = memo.operator
+    uid = operator.engine.observe(type or "", dict(body))
+    wakeup = operator.wakeups.get(uid or "")
     if wakeup is not None:
         wakeup.set()
 
@@ -237,17 +239,21 @@ async def pod_event(body: kopf.Body, type: str | None, **_: Any) -> None:
 # again in 2 s, not kopf's default 60 s.
 @kopf.daemon(*RESOURCE, cancellation_timeout=5.0, backoff=2.0)
 async def run_pipeline(
-    body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
 ) -> None:
     """Keep one Pipeline at its desired state for as long as it exists."""
-    assert state.reconciler is not None
+    operator: Operator = memo.operator
     uid = body["metadata"]["uid"]
-    state.bodies[uid] = body
-    wakeup = state.wakeups.setdefault(uid, asyncio.Event())
+    operator.bodies[uid] = body
+    wakeup = operator.wakeups.setdefault(uid, asyncio.Event())
     try:
         while not stopped:
             wakeup.clear()
-            delay = await state.reconciler.reconcile(Resource.from_body(body), logger)
+            delay = await operator.reconciler.reconcile(Resource.from_body(body), logger)
             waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())]
             try:
                 await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
@@ -255,13 +261,13 @@ async def run_pipeline(
                 for waiter in waiters:
                     waiter.cancel()
     finally:
-        state.wakeups.pop(uid, None)
+        operator.wakeups.pop(uid, None)
 
 
 @kopf.on.delete(*RESOURCE)
-async def delete_pipeline(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+async def delete_pipeline(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Stop and delete the instance; the finalizer goes when this returns."""
-    assert state.reconciler is not None
-    state.bodies[body["metadata"]["uid"]] = body
-    await state.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
-    state.bodies.pop(body["metadata"]["uid"], None)
+    operator: Operator = memo.operator
+    operator.bodies[body["metadata"]["uid"]] = body
+    await operator.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
+    operator.bodies.pop(body["metadata"]["uid"], None)

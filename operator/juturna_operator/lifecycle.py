@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from juturna_operator.api import Condition, ConditionType, DesiredState, Phase, RestartPolicy
-from juturna_operator.engines.base import InstanceState
+from juturna_operator.domain import InstanceState
 from juturna_operator.reasons import FailureReason, Step
 
 BACKOFF_CAP_S = 300.0

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
 
 
 @dataclass

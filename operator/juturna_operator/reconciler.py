@@ -22,8 +22,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from juturna_operator import graph, lifecycle
-from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy
-from juturna_operator.engines.base import Engine, InstanceInfo, InstanceState, PipelineKey, Plan
+from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy, first_error
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import Engine, InstanceInfo, Plan
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
@@ -142,11 +143,7 @@ def _spec_or_failure(resource: Resource) -> PipelineSpec | PipelineFailure:
     try:
         return PipelineSpec.model_validate(resource.spec)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        return PipelineFailure(
-            FailureReason.InvalidSpec, Step.validate, f"spec.{where}: {first['msg']}"
-        )
+        return PipelineFailure(FailureReason.InvalidSpec, Step.validate, first_error(err))
 
 
 Log = logging.Logger | logging.LoggerAdapter[Any]

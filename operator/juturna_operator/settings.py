@@ -32,18 +32,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from juturna_operator.domain import NAMESPACE_NAME
+from juturna_operator.registry import ENGINES
+
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
 MAX_GIL_SWITCH_INTERVAL_S = 0.1  # beyond it, one busy node thread stalls all others
 DEFAULT_HEALTH_INTERVAL_S = 3.0  # a dead node is seen within ~3 s
-NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label
 
 
 class SettingsError(ValueError):
     """A setting has a value the operator cannot use; the message says which and why."""
 
 
-ENGINE_NAMES = ("inprocess", "process", "service", "pod")
 # The settings a command-line flag may give; a flag wins over its environment variable.
 FLAGS = {
     "PLUGIN_PATH": "--plugin-path",
@@ -240,7 +241,7 @@ class Settings:
         settings = cls(
             plugin_roots=parse_plugin_path(src.get("PLUGIN_PATH", ""), src.where("PLUGIN_PATH")),
             workdir=Path(src.get("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
-            engine=src.choice("ENGINE", defaults.engine, ENGINE_NAMES),
+            engine=src.choice("ENGINE", defaults.engine, tuple(ENGINES)),
             stop_timeout_s=src.seconds("STOP_TIMEOUT", "10"),
             health_interval_s=src.seconds("HEALTH_INTERVAL", "3"),
             log_format=src.choice("LOG_FORMAT", "text", ("text", "json")),
@@ -283,9 +284,10 @@ class Settings:
 
     def check(self) -> None:
         """Refuse values the operator cannot work with, naming the setting."""
-        if self.engine not in ENGINE_NAMES:
+        if self.engine not in tuple(ENGINES):
             raise SettingsError(
-                f"{ENV_PREFIX}ENGINE must be one of {', '.join(ENGINE_NAMES)}, got {self.engine!r}"
+                f"{ENV_PREFIX}ENGINE must be one of {', '.join(tuple(ENGINES))}, "
+                f"got {self.engine!r}"
             )
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"log format must be 'text' or 'json', got {self.log_format!r}")

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from juturna_operator import lifecycle
-from juturna_operator.api import Condition, Failure, NodeStatus, PipelineStatus, PodPlacement
-from juturna_operator.engines.base import InstanceInfo, InstanceState, PipelineKey
+from juturna_operator.api import (
+    Condition,
+    ConditionType,
+    Failure,
+    NodeStatus,
+    PipelineStatus,
+    PodPlacement,
+)
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.lifecycle import Action, Desired, Observed
 
 StatusWriter = Callable[[PipelineKey, dict[str, Any]], Awaitable[None]]
@@ -60,7 +68,7 @@ def build_status(facts: Facts, previous_conditions: list[dict[str, Any]]) -> dic
     previous = [
         Condition.model_validate(c)
         for c in previous_conditions
-        if isinstance(c, dict) and c.get("type") in lifecycle.ConditionType.__members__
+        if isinstance(c, dict) and c.get("type") in ConditionType.__members__
     ]
     failure = lifecycle.current_failure(desired, observed)
     nodes = [NodeStatus(name=n, status=s) for n, s in (info.nodes if info else {}).items()]

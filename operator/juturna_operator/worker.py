@@ -38,7 +38,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 WORKER_MARKER = "juturna_operator.worker"
 OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: reveals nothing
@@ -149,14 +152,16 @@ def stop_nodes_when_start_fails() -> None:
             raise
 
     start_pipeline.stops_nodes_on_failure = True  # type: ignore[attr-defined]
-    PipelineManager.start_pipeline = start_pipeline  # type: ignore[method-assign]
+    PipelineManager.start_pipeline = start_pipeline
 
 
-def build_app(token: str) -> Any:
+def build_app(token: str) -> FastAPI:
     """Juturna's service app with the operator's routes added, behind ``token``."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
-    from juturna.cli.commands._juturna_service import app
+    from juturna.cli.commands._juturna_service import app as juturna_app
+
+    app: FastAPI = juturna_app  # Juturna ships no types: its app is FastAPI's
     from juturna.components._pipeline_manager import PipelineManager
 
     from juturna_operator.reasons import describe_exception, failing_node

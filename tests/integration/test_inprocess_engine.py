@@ -17,7 +17,7 @@ from juturna.cli.commands.exceptions import InvalidPipelineIdException, NotRunni
 from juturna.components._pipeline_manager import PipelineManager
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import InstanceState, PipelineKey
+from juturna_operator.domain import InstanceState, PipelineKey
 from juturna_operator.engines.inprocess import InProcessEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
 from juturna_operator.settings import Settings

@@ -18,7 +18,8 @@ import pytest
 from juturna.components._pipeline_manager import PipelineManager
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import Engine, PipelineKey
+from juturna_operator.domain import PipelineKey
+from juturna_operator.engines.base import Engine
 from juturna_operator.engines.inprocess import InProcessEngine
 from juturna_operator.engines.process import ProcessEngine
 from juturna_operator.engines.service import ServiceEngine

@@ -22,7 +22,8 @@ import pytest
 from controlplane import processes_mentioning
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import InstanceInfo, InstanceState, PipelineKey
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.engines.process import HEALTH_MISSES, INHERITED_VARIABLES, ProcessEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
@@ -366,7 +367,7 @@ def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
 FIRST_OPERATOR = """
 import asyncio, json, sys
 from pathlib import Path
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.process import ProcessEngine
 from juturna_operator.settings import Settings
 
@@ -469,7 +470,7 @@ def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_tw
         assert outcome.state is InstanceState.Running
         assert outcome.crashes == []
         assert outcome.nodes == {"src": "Running", "mid": "Running", "out": "Running"}
-        assert outcome.folder == str(warmups.parent.parent)
+        assert warmups.parent.parent.name == f"{k.juturna_name}_{outcome.pipeline_id}"
     assert processes_mentioning(f"--owner {k.uid}") == []
     assert not warmups.parent.parent.exists()
 
@@ -495,7 +496,8 @@ def running_instance(
     info = runner.run(deploy())
     assert info is not None
     assert info.state is InstanceState.Running
-    output = Path(info.folder) / "out" / "output.jsonl"
+    folder = engine._settings.workdir / f"{k.juturna_name}_{info.pipeline_id}"
+    output = folder / "out" / "output.jsonl"
     wait_until(output.exists, 10, "the pipeline's first output")
     [pid] = processes_mentioning(f"--owner {k.uid}")
     return info, pid, output

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from juturna.components._pipeline_manager import PipelineManager
 
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.inprocess import InProcessEngine
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings

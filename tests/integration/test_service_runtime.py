@@ -25,7 +25,7 @@ import pytest
 from controlplane import exit_with_parent, free_port
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import InstanceState, PipelineKey
+from juturna_operator.domain import InstanceState, PipelineKey
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import MISSES_ALLOWED, ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -472,9 +472,12 @@ def test_a_failed_start_leaves_no_node_running_on_our_worker(
             info = await engine.status(key)
             assert info is not None
             assert info.nodes == {"src": "Stopped", "cam": "Stopped", "out": "Stopped"}
-            written = output_lines(info.folder)
+            client = JuturnaClient(url, token=token.read_text().strip())
+            folder = (await client.status(info.pipeline_id))["folder"]
+            await client.close()
+            written = output_lines(folder)
             await asyncio.sleep(1)  # the ticker sends 20 a second while it runs
-            assert output_lines(info.folder) == written, "the nodes that started still run"
+            assert output_lines(folder) == written, "the nodes that started still run"
         finally:
             await engine.delete(key)
             await engine.close()

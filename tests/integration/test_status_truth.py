@@ -16,7 +16,8 @@ from juturna.components._pipeline_manager import PipelineManager
 from kubernetes import client
 
 from juturna_operator import api, handlers
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
+from juturna_operator.engines import Router
 from juturna_operator.engines.inprocess import InProcessEngine
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
@@ -57,12 +58,13 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
     )
     attempts: list[str] = []
     seen: list[Resource] = []
+    operators: list[handlers.Operator] = []  # the operator's own status writer, on the plane
 
     async def write_status(key: PipelineKey, status: dict[str, Any]) -> None:
         attempts.append(status["phase"])
         if status["phase"] == "Running" and attempts.count("Running") == 1:
             raise refused(500)
-        await handlers.write_status(key, status)
+        await operators[0].write_status(key, status)
 
     def current() -> Resource:
         return Resource.from_body(
@@ -73,6 +75,7 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
 
     async def passes() -> None:
         engine = InProcessEngine(settings)
+        operators.append(handlers.Operator(settings, objects, Router(engine, None), None))
         reconciler = Reconciler(engine, settings, write_status, lambda *_: None)
         log = logging.getLogger("test")
         try:
@@ -85,11 +88,7 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
             await reconciler.finalize(current(), log)
             await engine.close()
 
-    previous, handlers.state.objects = handlers.state.objects, objects
-    try:
-        asyncio.run(passes())
-    finally:
-        handlers.state.objects = previous
+    asyncio.run(passes())
     assert attempts[:5] == ["Pending", "Creating", "WarmingUp", "Starting", "Running"], attempts
     assert attempts.count("Running") == 2, f"the refused write was not made again: {attempts}"
     live = seen[0]

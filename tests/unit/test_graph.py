@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
 from juturna_operator.graph import find_cycle, validate
 from juturna_operator.reasons import FailureReason, PipelineFailure
 from juturna_operator.settings import Settings

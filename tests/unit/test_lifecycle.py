@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from juturna_operator.api import Condition, ConditionType, DesiredState, Phase
-from juturna_operator.engines.base import InstanceState as I
+from juturna_operator.domain import InstanceState as I
 from juturna_operator.lifecycle import (
     Action,
     Desired,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from juturna_operator.engines.base import PipelineKey
+from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import (
     pod_name,
     pod_problem,

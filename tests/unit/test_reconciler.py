@@ -13,14 +13,8 @@ from typing import Any
 
 import pytest
 
-from juturna_operator.engines.base import (
-    DEFAULT_PLAN,
-    InstanceInfo,
-    InstanceState,
-    NodeCrash,
-    PipelineKey,
-    Plan,
-)
+from juturna_operator.domain import InstanceState, NodeCrash, PipelineKey
+from juturna_operator.engines.base import DEFAULT_PLAN, InstanceInfo, Plan
 from juturna_operator.lifecycle import BACKOFF_CAP_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.reconciler import Reconciler, Resource

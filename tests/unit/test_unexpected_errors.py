@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-from juturna_operator.engines.base import InstanceInfo, PipelineKey
+from juturna_operator.domain import PipelineKey
+from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 

@@ -7,29 +7,27 @@ the administrator's runtimes.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, PipelineKey, Plan
-from juturna_operator.settings import ENGINE_NAMES, Settings
+from juturna_operator.domain import PipelineKey
+from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, Plan
+from juturna_operator.registry import ENGINES
+from juturna_operator.settings import Settings
 
 
 def _default_engine(settings: Settings, api_client: Any) -> Engine:
-    if settings.engine == "inprocess":
-        from juturna_operator.engines.inprocess import InProcessEngine
-
-        return InProcessEngine(settings)
-    if settings.engine == "process":
-        from juturna_operator.engines.process import ProcessEngine
-
-        return ProcessEngine(settings)
-    if settings.engine == "pod":
-        from juturna_operator.engines.pod import PodEngine
-
-        return PodEngine(settings, api_client)
-    raise ValueError(
-        f"unknown engine {settings.engine!r}: JUTURNA_OPERATOR_ENGINE must be one of "
-        f"{', '.join(ENGINE_NAMES)}"
+    entry = ENGINES.get(settings.engine)
+    if entry is None:
+        raise ValueError(
+            f"unknown engine {settings.engine!r}: JUTURNA_OPERATOR_ENGINE must be one of "
+            f"{', '.join(ENGINES)}"
+        )
+    engine_class = getattr(importlib.import_module(entry.module), entry.cls)
+    engine: Engine = (
+        engine_class(settings, api_client) if entry.needs_api_client else engine_class(settings)
     )
+    return engine
 
 
 class Router:
@@ -37,7 +35,6 @@ class Router:
     engine; it remembers which one holds each instance."""
 
     def __init__(self, default: Engine, service: Engine | None) -> None:
-        self.name = default.name
         self._default, self._service = default, service
         self._owner: dict[PipelineKey, Engine] = {}
 
@@ -83,10 +80,6 @@ class Router:
         if info is None:
             self._owner.pop(key, None)
         return info
-
-    async def list(self) -> list[InstanceInfo]:
-        engines = [self._default] + ([self._service] if self._service else [])
-        return [info for engine in engines for info in await engine.list()]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         removed = await self._default.sweep(keep)

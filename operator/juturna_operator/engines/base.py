@@ -12,27 +12,23 @@ import re
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
 
 from juturna_operator.api import MAX_NAME, SAFE_NAME
+from juturna_operator.domain import (
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+)
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from juturna_operator.settings import NAMESPACE_NAME
 
 T = TypeVar("T")
 
-
-class InstanceState(StrEnum):
-    """What an engine holds for one Pipeline resource."""
-
-    Absent = "Absent"
-    Created = "Created"
-    Ready = "Ready"  # warmed up, never started
-    Running = "Running"
-    Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
+# How long a warmup may take on every engine: model loads take minutes.
+WARMUP_TIMEOUT_S = 600.0
 
 
 # Juturna's node status -> ours. ComponentStatus is a StrEnum, so the same table serves
@@ -65,11 +61,10 @@ JUTURNA_STATE = {
 
 def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
     """Fill ``info`` from our worker's ``/operator/health`` answer: its pipeline's node
-    statuses and folder, and the node threads that died (Juturna's status misses those)."""
+    statuses, and the node threads that died (Juturna's status misses those)."""
     for entry in health.get("pipelines", []):
         status = entry.get(info.pipeline_id)
         if status:
-            info.folder = status.get("folder", "")
             info.nodes = node_statuses(status)
     info.crashes = [
         NodeCrash(c["node"], c["thread"], c["error"])
@@ -78,55 +73,6 @@ def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
     ]
     for crash in info.crashes:
         info.nodes[crash.node] = "Failed"
-
-
-OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
-MAX_OBJECT_NAME = 253
-
-
-@dataclass(frozen=True)
-class PipelineKey:
-    """Identifies one Pipeline resource; ``juturna_name`` is unique and safe as a folder name."""
-
-    namespace: str
-    name: str
-    uid: str
-
-    def __post_init__(self) -> None:
-        # The API server only admits DNS-1123 names; the engine layer checks again, so that
-        # no caller can turn a name into a path outside the work folder (Pitfall 7).
-        if not NAMESPACE_NAME.fullmatch(self.namespace):
-            raise ValueError(f"namespace {self.namespace!r} is not a Kubernetes object name")
-        if len(self.name) > MAX_OBJECT_NAME or not OBJECT_NAME.fullmatch(self.name):
-            raise ValueError(f"name {self.name!r} is not a Kubernetes object name")
-
-    @property
-    def juturna_name(self) -> str:
-        # namespace and name are DNS-1123 (lowercase letters, digits, '-' and '.'),
-        # so this holds no '/' and is never '.' or '..' (Pitfall 7).
-        return f"{self.namespace}__{self.name}__{self.uid[:8]}"
-
-    def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def log_extra(self) -> dict[str, object]:
-        """``extra=`` for a log line about this pipeline. kopf's formatters then name it as
-        they name their own: a ``[namespace/name]`` prefix in text, an ``object`` in JSON."""
-        return log_extra(self.namespace, self.name, self.uid)
-
-
-def log_extra(namespace: str, name: str, uid: str = "") -> dict[str, object]:
-    """See ``PipelineKey.log_extra``; ``k8s_skip`` keeps the line out of Kubernetes Events."""
-    ref = {"apiVersion": "juturna.io/v1alpha1", "kind": "Pipeline", "namespace": namespace}
-    return {"k8s_ref": ref | {"name": name, "uid": uid}, "k8s_skip": True}
-
-
-def log_extra_of_juturna_name(juturna_name: str) -> dict[str, object]:
-    """``log_extra`` for an instance known only by its Juturna name (orphans, old folders)."""
-    namespace, _, rest = juturna_name.partition("__")
-    name, _, uid8 = rest.rpartition("__")
-    return log_extra(namespace, name or rest, uid8)
 
 
 # A node name becomes a folder name inside the pipeline's folder (Pitfall 7): what the CRD
@@ -166,24 +112,6 @@ def confined(key: PipelineKey, config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-@dataclass(frozen=True)
-class NodeCrash:
-    """A node thread that died while the pipeline ran (Juturna does not report it), or,
-    with ``node == WHOLE_RUNTIME``, the process that ran the whole pipeline."""
-
-    node: str
-    thread: str
-    error: str
-
-    def describe(self) -> str:
-        if self.node == WHOLE_RUNTIME:
-            return self.error
-        return f'node "{self.node}" crashed: {self.error} (thread {self.thread})'
-
-
-WHOLE_RUNTIME = "(worker)"
-
-
 @dataclass
 class InstanceInfo:
     """An engine's view of one instance."""
@@ -192,7 +120,6 @@ class InstanceInfo:
     pipeline_id: str
     revision: str  # the spec revision it was built from
     state: InstanceState
-    folder: str = ""
     nodes: dict[str, str] = field(default_factory=dict)  # name -> Created|Configured|Running|...
     crashes: list[NodeCrash] = field(default_factory=list)
     failure: PipelineFailure | None = None  # the runtime could not be asked (e.g. unreachable)
@@ -215,8 +142,6 @@ DEFAULT_PLAN = Plan()
 
 class Engine(Protocol):
     """Create, warm up, start, stop and delete pipeline instances; report their status."""
-
-    name: str
 
     async def create(
         self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
@@ -245,8 +170,6 @@ class Engine(Protocol):
         pipeline's folder for its next instance (``carry_output``). Only deletion wipes it."""
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None: ...
-
-    async def list(self) -> list[InstanceInfo]: ...
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Remove instances no resource references (``keep``: Juturna name -> pipeline id)."""
@@ -338,3 +261,38 @@ class Exclusive:
                     del self._users[key]
 
         return await asyncio.shield(locked())
+
+
+class LockedEngine(Exclusive):
+    """The steps every engine takes the same way: each under its instance's lock, shielded
+    from cancellation (``Exclusive``), and a create's config confined first. An engine
+    implements ``_create``, ``_warmup``, ``_start`` and ``_stop``; deletion differs (how far
+    it may wait, what it keeps) and stays each engine's own."""
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
+    ) -> str:
+        return await self.exclusive(key, self._create, key, confined(key, config), revision, plan)
+
+    async def warmup(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._warmup, key)
+
+    async def start(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._start, key)
+
+    async def stop(self, key: PipelineKey) -> None:
+        await self.exclusive(key, self._stop, key)
+
+    async def _create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
+    ) -> str:
+        raise NotImplementedError
+
+    async def _warmup(self, key: PipelineKey) -> None:
+        raise NotImplementedError
+
+    async def _start(self, key: PipelineKey) -> None:
+        raise NotImplementedError
+
+    async def _stop(self, key: PipelineKey) -> None:
+        raise NotImplementedError

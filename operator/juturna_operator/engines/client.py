@@ -39,6 +39,22 @@ CONFLICTS = {
 }
 
 
+# What Juturna answers to a step sent twice, when the first did it.
+DONE_IF_REPEATED = {
+    Step.warmup: FailureReason.AlreadyWarmedUp,
+    Step.start: FailureReason.AlreadyRunning,
+    Step.stop: FailureReason.NotRunning,
+}
+
+
+class NoAnswer(PipelineFailure):
+    """The service took the request and gave no answer in time (``RuntimeUnavailable``): a
+    stop stuck there is told apart from a runtime that cannot be reached by this type."""
+
+    def __init__(self, step: Step, message: str) -> None:
+        super().__init__(FailureReason.RuntimeUnavailable, step, message)
+
+
 def _message(response: httpx.Response) -> str:
     try:
         body = response.json()
@@ -146,10 +162,8 @@ class JuturnaClient:
                     ) from err
                 await asyncio.sleep(0.1 * 2**attempt)
             except httpx.TimeoutException as err:
-                raise PipelineFailure(
-                    FailureReason.RuntimeUnavailable,
-                    step,
-                    f"{self.shown_url}{path} gave no answer within {timeout:g} s",
+                raise NoAnswer(
+                    step, f"{self.shown_url}{path} gave no answer within {timeout:g} s"
                 ) from err
             except httpx.TransportError as err:
                 raise PipelineFailure(
@@ -169,32 +183,23 @@ class JuturnaClient:
         return str(answer["data"]["pipeline_id"])
 
     async def warmup(self, pipeline_id: str, timeout_s: float) -> Any:
-        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
-        return await self.request(
-            "POST",
-            f"/pipelines/{pipeline_id}/warmup",
-            Step.warmup,
-            timeout_s,
-            done_if=FailureReason.AlreadyWarmedUp,
-        )
+        return await self._step(pipeline_id, Step.warmup, timeout_s)
 
     async def start(self, pipeline_id: str) -> Any:
-        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
-        return await self.request(
-            "POST",
-            f"/pipelines/{pipeline_id}/start",
-            Step.start,
-            done_if=FailureReason.AlreadyRunning,
-        )
+        return await self._step(pipeline_id, Step.start, None)
 
     async def stop(self, pipeline_id: str, timeout_s: float) -> Any:
-        """Juturna's status dict, or None when a retry found it done (its answer was lost)."""
+        return await self._step(pipeline_id, Step.stop, timeout_s)
+
+    async def _step(self, pipeline_id: str, step: Step, timeout_s: float | None) -> Any:
+        """Juturna's status dict, or None when a retry found it done (its answer was lost:
+        the conflict Juturna then answers means the first request did it)."""
         return await self.request(
             "POST",
-            f"/pipelines/{pipeline_id}/stop",
-            Step.stop,
+            f"/pipelines/{pipeline_id}/{step}",
+            step,
             timeout_s,
-            done_if=FailureReason.NotRunning,
+            done_if=DONE_IF_REPEATED[step],
         )
 
     async def delete(self, pipeline_id: str, timeout_s: float | None = None) -> Any:

@@ -42,23 +42,18 @@ from juturna.components import _pipeline_manager as _pipeline_manager_module
 from juturna.components._pipeline_manager import PipelineManager
 from juturna.names import PipelineStatus
 
+from juturna_operator.domain import InstanceState, NodeCrash, PipelineKey, log_extra_of_juturna_name
 from juturna_operator.engines.base import (
-    DEFAULT_PLAN,
-    Exclusive,
+    WARMUP_TIMEOUT_S,
     InstanceInfo,
-    InstanceState,
     KeyLock,
-    NodeCrash,
-    PipelineKey,
+    LockedEngine,
     Plan,
     carry_output,
-    confined,
     held,
-    log_extra_of_juturna_name,
     node_status,
     vacant,
 )
-from juturna_operator.engines.process import WARMUP_TIMEOUT_S
 from juturna_operator.reasons import (
     JUTURNA_DIR,
     FailureReason,
@@ -114,11 +109,11 @@ class CoalescedCollector:
 
     def install(self) -> None:
         for module in JUTURNA_MODULES_THAT_COLLECT:
-            module.gc = self  # type: ignore[attr-defined]
+            module.gc = self
 
     def uninstall(self) -> None:
         for module in JUTURNA_MODULES_THAT_COLLECT:
-            module.gc = gc  # type: ignore[attr-defined]
+            module.gc = gc
         self._closed.set()
 
 
@@ -157,6 +152,16 @@ class _Overran(Exception):
         self.call = call
         self.where = f' (node "{node}" still in it)' if node else ""
 
+    def failure(self, reason: FailureReason, step: Step, limit: float) -> PipelineFailure:
+        """What the user reads when the call was given up after ``limit`` seconds."""
+        return PipelineFailure(
+            reason,
+            step,
+            f"{step} did not finish within {limit:g} s{self.where}. The instance was "
+            f"abandoned and its folder removed; the {step}'s thread stays in the operator "
+            "process until it returns (the process engine can kill it instead)",
+        )
+
 
 class _ThreadOwners:
     """Maps node threads to (instance, node); installed once as ``threading.excepthook``."""
@@ -188,7 +193,8 @@ class _ThreadOwners:
             if args.exc_value
             else (args.exc_type.__name__)
         )
-        instance.crashes.append(NodeCrash(node=node, thread=args.thread.name, error=error))
+        thread = args.thread.name if args.thread is not None else "?"
+        instance.crashes.append(NodeCrash(node=node, thread=thread, error=error))
         log.warning("node %r crashed: %s", node, error, extra=instance.key.log_extra)
 
     def _starting_owner(self, thread_name: str) -> tuple[_Instance, str] | None:
@@ -205,10 +211,8 @@ class _ThreadOwners:
             threading.excepthook = self._previous
 
 
-class InProcessEngine(Exclusive):
+class InProcessEngine(LockedEngine):
     """Runs every pipeline in this process through one ``PipelineManager``."""
-
-    name = "inprocess"
 
     def __init__(self, settings: Settings, warmup_timeout_s: float = WARMUP_TIMEOUT_S) -> None:
         super().__init__()
@@ -356,12 +360,9 @@ class InProcessEngine(Exclusive):
 
     # -- the Engine interface --
 
-    async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
+    async def _create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
-        return await self.exclusive(key, self._create, key, confined(key, config), revision)
-
-    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
         lock = self._locks.get(key)
         vacant(self._instances, key)
         created = await self._call(
@@ -377,9 +378,6 @@ class InProcessEngine(Exclusive):
         self._instances[key] = _Instance(key, created.pipeline_id, revision)
         return str(created.pipeline_id)
 
-    async def warmup(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._warmup, key)
-
     async def _warmup(self, key: PipelineKey) -> None:
         instance = held(self._instances, key, Step.warmup)
         limit = self.warmup_timeout_s
@@ -387,17 +385,8 @@ class InProcessEngine(Exclusive):
             await self._plugin_call(Step.warmup, instance, self._manager.warmup_pipeline, limit)
         except _Overran as overran:
             self._abandon(instance, overran.call)
-            raise PipelineFailure(
-                FailureReason.WarmupFailed,
-                Step.warmup,
-                f"warmup did not finish within {limit:g} s{overran.where}. The instance was "
-                "abandoned and its folder removed; the warmup's thread stays in the operator "
-                "process until it returns (the process engine can kill it instead)",
-            ) from None
+            raise overran.failure(FailureReason.WarmupFailed, Step.warmup, limit) from None
         instance.state = InstanceState.Ready
-
-    async def start(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._start, key)
 
     async def _start(self, key: PipelineKey) -> None:
         instance = held(self._instances, key, Step.start)
@@ -409,13 +398,7 @@ class InProcessEngine(Exclusive):
         except _Overran as overran:
             await self._halt_started(instance)  # what started so far; the rest when it returns
             self._abandon(instance, overran.call)
-            raise PipelineFailure(
-                FailureReason.StartFailed,
-                Step.start,
-                f"start did not finish within {limit:g} s{overran.where}. The instance was "
-                "abandoned and its folder removed; the start's thread stays in the operator "
-                "process until it returns (the process engine can kill it instead)",
-            ) from None
+            raise overran.failure(FailureReason.StartFailed, Step.start, limit) from None
         except PipelineFailure as failure:
             if self._instances.get(key) is not instance:  # abandoned: disposed of elsewhere
                 raise
@@ -436,9 +419,6 @@ class InProcessEngine(Exclusive):
         for node_name, node in (self._pipeline(instance)._nodes or {}).items():
             for thread in (node._worker_thread, node._update_thread, node._source_thread):
                 self._owners.register(thread, instance, node_name)
-
-    async def stop(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._stop, key)
 
     async def _stop(self, key: PipelineKey) -> None:
         await self._stop_locked(held(self._instances, key, Step.stop))
@@ -619,13 +599,9 @@ class InProcessEngine(Exclusive):
             pipeline_id=instance.pipeline_id,
             revision=instance.revision,
             state=instance.state,
-            folder=str(pipeline.pipe_path) if pipeline else "",
             nodes=nodes,
             crashes=crashes,
         )
-
-    async def list(self) -> list[InstanceInfo]:
-        return [self._info(i) for i in list(self._instances.values())]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Remove folders whose resource is gone: kept output of a resource deleted while no

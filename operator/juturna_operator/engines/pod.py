@@ -34,23 +34,18 @@ from typing import Any
 from kubernetes import client as k8s
 
 from juturna_operator import api
+from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import (
-    DEFAULT_PLAN,
     JUTURNA_STATE,
-    WHOLE_RUNTIME,
-    Exclusive,
+    WARMUP_TIMEOUT_S,
     InstanceInfo,
-    InstanceState,
-    NodeCrash,
-    PipelineKey,
+    LockedEngine,
     Plan,
     apply_health,
-    confined,
     held,
     vacant,
 )
 from juturna_operator.engines.client import JuturnaClient
-from juturna_operator.engines.process import WARMUP_TIMEOUT_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_server_message
 from juturna_operator.settings import Settings
 
@@ -296,10 +291,8 @@ class _Runtime:
     idle_since: float = 0.0  # kept for the next deploy of this resource (see delete)
 
 
-class PodEngine(Exclusive):
+class PodEngine(LockedEngine):
     """Runs each pipeline in a Pod of its own, in the Pipeline's namespace."""
-
-    name = "pod"
 
     def __init__(self, settings: Settings, api_client: k8s.ApiClient) -> None:
         super().__init__()
@@ -412,11 +405,6 @@ class PodEngine(Exclusive):
         return JuturnaClient(f"http://{pod['status']['podIP']}:{PORT}", token=token)
 
     # -- the Engine interface --
-
-    async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
-    ) -> str:
-        return await self.exclusive(key, self._create, key, confined(key, config), revision, plan)
 
     async def _create(
         self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
@@ -539,24 +527,15 @@ class PodEngine(Exclusive):
                 return PipelineFailure(reason, step, failure.message)
         return failure
 
-    async def warmup(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._warmup, key)
-
     async def _warmup(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.warmup)
         await runtime.client.warmup(runtime.pipeline_id, WARMUP_TIMEOUT_S)
         runtime.state = InstanceState.Ready
 
-    async def start(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._start, key)
-
     async def _start(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.start)
         await runtime.client.start(runtime.pipeline_id)
         runtime.state = InstanceState.Running
-
-    async def stop(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._stop, key)
 
     async def _stop(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.stop)
@@ -702,10 +681,6 @@ class PodEngine(Exclusive):
         await client.close()
         await self._remove(key)
         return None
-
-    async def list(self) -> list[InstanceInfo]:
-        infos = [await self.status(key) for key in list(self._runtimes)]
-        return [i for i in infos if i is not None]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Nothing to do: each pod is owned by its Pipeline, and the garbage collector

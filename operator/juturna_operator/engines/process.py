@@ -33,18 +33,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import (
-    DEFAULT_PLAN,
-    WHOLE_RUNTIME,
-    Exclusive,
+    WARMUP_TIMEOUT_S,
     InstanceInfo,
-    InstanceState,
-    NodeCrash,
-    PipelineKey,
+    LockedEngine,
     Plan,
     apply_health,
     carry_output,
-    confined,
     held,
     vacant,
 )
@@ -56,7 +52,6 @@ from juturna_operator.worker import WORKER_MARKER
 log = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 60.0
-WARMUP_TIMEOUT_S = 600.0  # model loads take minutes
 KILL_GRACE_S = 2.0
 HEALTH_TIMEOUT_S = 2.0
 # Health checks a live worker may leave unanswered in a row before it counts as stuck: one
@@ -164,10 +159,8 @@ class _Worker:
         return f"worker process {self.record.pid} exited with code {code}"
 
 
-class ProcessEngine(Exclusive):
+class ProcessEngine(LockedEngine):
     """Runs each pipeline in a worker process of its own."""
-
-    name = "process"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -360,12 +353,9 @@ class ProcessEngine(Exclusive):
 
     # -- the Engine interface --
 
-    async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
+    async def _create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
-        return await self.exclusive(key, self._create, key, confined(key, config), revision)
-
-    async def _create(self, key: PipelineKey, config: dict[str, Any], revision: str) -> str:
         vacant(self._workers, key)
         token = await asyncio.to_thread(self._new_token, key.uid)
         popen, port_file, log_file = await asyncio.to_thread(self._spawn, key)
@@ -382,26 +372,17 @@ class ProcessEngine(Exclusive):
             raise
         return record.pipeline_id
 
-    async def warmup(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._warmup, key)
-
     async def _warmup(self, key: PipelineKey) -> None:
         worker = held(self._workers, key, Step.warmup)
         async with self._already(FailureReason.AlreadyWarmedUp):
             await worker.client.warmup(worker.record.pipeline_id, WARMUP_TIMEOUT_S)
         await self._set_state(worker, InstanceState.Ready)
 
-    async def start(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._start, key)
-
     async def _start(self, key: PipelineKey) -> None:
         worker = held(self._workers, key, Step.start)
         async with self._already(FailureReason.AlreadyRunning):
             await worker.client.start(worker.record.pipeline_id)
         await self._set_state(worker, InstanceState.Running)
-
-    async def stop(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._stop, key)
 
     async def _stop(self, key: PipelineKey) -> None:
         worker = held(self._workers, key, Step.stop)
@@ -497,10 +478,6 @@ class ProcessEngine(Exclusive):
             worker.last_health, worker.misses = health, 0
         apply_health(info, health)
         return info
-
-    async def list(self) -> list[InstanceInfo]:
-        infos = [await self.status(key) for key in list(self._workers)]
-        return [i for i in infos if i is not None]
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """End adopted workers whose resource is gone (deleted while no operator ran).

@@ -33,23 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+from juturna_operator.domain import InstanceState, PipelineKey, log_extra_of_juturna_name
 from juturna_operator.engines.base import (
     DEFAULT_PLAN,
     JUTURNA_STATE,
-    Exclusive,
+    WARMUP_TIMEOUT_S,
     InstanceInfo,
-    InstanceState,
-    PipelineKey,
+    LockedEngine,
     Plan,
     apply_health,
-    confined,
     held,
-    log_extra_of_juturna_name,
     node_statuses,
     vacant,
 )
-from juturna_operator.engines.client import JuturnaClient
-from juturna_operator.engines.process import WARMUP_TIMEOUT_S
+from juturna_operator.engines.client import JuturnaClient, NoAnswer
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 
@@ -68,17 +65,14 @@ class _Remote:
     revision: str
     state: InstanceState = InstanceState.Created
     # The last status the runtime gave, kept through a few failed status requests.
-    folder: str = ""
     nodes: dict[str, str] = field(default_factory=dict)
     misses: int = 0
     # A delete could not reach the runtime: the pipeline must go, and the sweep may take it.
     doomed: bool = False
 
 
-class ServiceEngine(Exclusive):
+class ServiceEngine(LockedEngine):
     """Drives pipelines on the administrator's named Juturna services."""
-
-    name = "service"
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -107,28 +101,22 @@ class ServiceEngine(Exclusive):
             raise PipelineFailure(
                 FailureReason.UnknownRuntime, Step.create, f"no runtime named {runtime!r}"
             )
-        assert runtime is not None
-        config = confined(key, config)
-        return await self.exclusive(key, self._create, key, config, revision, runtime)
+        return await super().create(key, config, revision, plan)
 
     async def _create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, runtime: str
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
+        runtime = plan.runtime or self._settings.default_runtime
+        assert runtime is not None  # create() checked it
         vacant(self._remotes, key)
         pipeline_id = await self._client(runtime).create(config)
         self._remotes[key] = _Remote(runtime, pipeline_id, revision)
         return pipeline_id
 
-    async def warmup(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._warmup, key)
-
     async def _warmup(self, key: PipelineKey) -> None:
         remote = held(self._remotes, key, Step.warmup)
         await self._client(remote.runtime).warmup(remote.pipeline_id, WARMUP_TIMEOUT_S)
         remote.state = InstanceState.Ready
-
-    async def start(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._start, key)
 
     async def _start(self, key: PipelineKey) -> None:
         remote = held(self._remotes, key, Step.start)
@@ -165,9 +153,6 @@ class ServiceEngine(Exclusive):
             "nodes of a pipeline whose start failed (run juturna_operator.worker as the "
             "service: it stops them)",
         )
-
-    async def stop(self, key: PipelineKey) -> None:
-        await self.exclusive(key, self._stop, key)
 
     async def _stop(self, key: PipelineKey) -> None:
         remote = held(self._remotes, key, Step.stop)
@@ -248,7 +233,7 @@ class ServiceEngine(Exclusive):
         unreachable; ``StopTimeout`` if it lists its pipelines while the stop gave no answer.
         A node then blocks the stop, and nothing from here can end it (a delete or a sweep
         would stop it again, and hang too): the pipeline is abandoned there."""
-        if "gave no answer within" not in failure.message:
+        if not isinstance(failure, NoAnswer):
             return None
         try:
             await self._client(remote.runtime).request("GET", "/pipelines", step, PROBE_TIMEOUT_S)
@@ -289,7 +274,7 @@ class ServiceEngine(Exclusive):
                         failure,
                         extra=key.log_extra,
                     )
-                    info.folder, info.nodes = remote.folder, dict(remote.nodes)
+                    info.nodes = dict(remote.nodes)
                     return info
                 failure = PipelineFailure(
                     failure.reason,
@@ -303,7 +288,6 @@ class ServiceEngine(Exclusive):
         if not (remote.state is InstanceState.Spent and seen is InstanceState.Ready):
             remote.state = seen
             info.state = seen
-        info.folder = remote.folder = status.get("folder", "")
         info.nodes = node_statuses(status)
         remote.nodes = dict(info.nodes)
         if info.state is InstanceState.Running:
@@ -325,10 +309,6 @@ class ServiceEngine(Exclusive):
             return  # else a late answer: the status request decides about the runtime
         self._plain[runtime] = False
         apply_health(info, health)
-
-    async def list(self) -> list[InstanceInfo]:
-        infos = [await self.status(key) for key in list(self._remotes)]
-        return [i for i in infos if i is not None]
 
     def _owns(self, juturna_name: str) -> bool:
         """Whether a pipeline named like ours belongs to this operator: its namespace is one

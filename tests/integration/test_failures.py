@@ -192,7 +192,11 @@ def test_a_node_crash_is_node_failed_then_restarts_then_failed(
         'node "crash" crashed: RuntimeError: kaboom in crash'
     )
     assert condition(body, "Running")["reason"] == "NodeFailed"
-    assert instance_folders(operator.workdir, body) == []
+    # No instance: none in status, no worker; beside the operator the output stays with the
+    # resource until it is deleted (README: Output).
+    assert status.get("pipelineId") is None
+    assert processes_mentioning(f"--owner {body['metadata']['uid']}") == []
+    assert len(instance_folders(operator.workdir, body)) == (operator.engine != "service")
     fault_log.record(
         "a node crash (3 crashes: 2 restarts, then Failed)",
         operator.engine,

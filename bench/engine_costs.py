@@ -35,9 +35,9 @@ sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 
 from controlplane import processes_mentioning  # noqa: E402
 
+from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from support import JuturnaServe  # noqa: E402
 
-GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 
 

@@ -49,7 +49,8 @@ from controlplane import (  # noqa: E402
 )
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
-GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
+from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
+
 CREATE_THREADS = 16
 WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
 
@@ -439,7 +440,7 @@ def cluster(use_kubeconfig: bool) -> Iterator[Path]:
                 f"--kubeconfig={plane.kubeconfig}",
                 "wait",
                 "--for=condition=Established",
-                "crd/pipelines.juturna.io",
+                f"crd/{PLURAL}.{GROUP}",
                 "--timeout=60s",
             ],
             check=True,

@@ -37,6 +37,7 @@ from harness import OperatorProcess, PipelineWatch, apiserver_requests, percenti
 from node import PODMAN, Node, build_operator_image  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
 
+from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from juturna_operator.domain import PipelineKey  # noqa: E402
 from juturna_operator.engines.pod import runtime_pod, token_secret  # noqa: E402
 from juturna_operator.settings import Settings  # noqa: E402
@@ -160,7 +161,7 @@ def with_operator(
         for name in names:
             started[name] = time.monotonic()
             objects.create_namespaced_custom_object(
-                "juturna.io", "v1alpha1", namespace, "pipelines", pipeline_manifest(name)
+                GROUP, VERSION, namespace, PLURAL, pipeline_manifest(name)
             )
         if not seen.wait(lambda: all(n in seen.ready_at for n in names), 300):
             raise RuntimeError(f"Pipelines not Ready in 300 s: {set(names) - set(seen.ready_at)}")
@@ -177,9 +178,7 @@ def with_operator(
     finally:
         seen.close()
         for name in names:
-            objects.delete_namespaced_custom_object(
-                "juturna.io", "v1alpha1", namespace, "pipelines", name
-            )
+            objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     # The benchmark's own writes (its creates of the Pipelines) are not the operator's.
     writes["POST/pipelines"] -= n
     return {"latencies": latencies, "writes": writes, "rss_mib": rss, "events": events / n}
@@ -211,7 +210,7 @@ def main() -> int:
         try:
             node.load_podman_image(IMAGE, PODMAN)
             node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-            node.kubectl("wait", "--for=condition=Established", "crd/pipelines.juturna.io")
+            node.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}")
             api = config.new_client_from_config(str(plane.kubeconfig))
             core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
             settings = Settings(

@@ -30,6 +30,8 @@ from controlplane import (
 from kubernetes import client
 from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
 
+from juturna_operator.api import GROUP, PLURAL, VERSION
+
 LIMITS = PODMAN_LIMITS
 
 
@@ -67,7 +69,6 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 ARGOCD_HEALTH = REPO / "argocd" / "juturna.io" / "Pipeline"
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
-GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
 
 # Names that must never become a folder name: paths, lookalikes, control characters.
 UNSAFE_NAMES = [

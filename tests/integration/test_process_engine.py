@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from controlplane import processes_mentioning
 
-from juturna_operator.api import PipelineSpec
+from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
 from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.engines.process import HEALTH_MISSES, INHERITED_VARIABLES, ProcessEngine
@@ -147,10 +147,10 @@ def test_a_worker_whose_resource_vanished_while_the_operator_was_down_is_ended(
     process_operator.kill()
     # With no operator, someone force-removes the finalizer: the resource vanishes.
     pipelines.objects.patch_namespaced_custom_object(
-        "juturna.io",
-        "v1alpha1",
+        GROUP,
+        VERSION,
         pipelines.namespace,
-        "pipelines",
+        PLURAL,
         "gone",
         {"metadata": {"finalizers": None}},
     )

@@ -47,6 +47,7 @@ from controlplane import (  # noqa: E402
     free_port,
     rss_kib,
 )
+from report import write_report  # noqa: E402
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
@@ -83,13 +84,6 @@ MODES: dict[str, list[Scenario]] = {
         Scenario("process", 50, recovery=True),
     ],
 }
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 # -- observing the cluster --------------------------------------------------------------------
@@ -518,8 +512,6 @@ def main() -> int:
             for p in (item.split(":") for item in args.only.split(","))
         ]
     results = run(args.mode, reps, args.use_kubeconfig, out, args.resume)
-    from report import write_report  # matplotlib only here
-
     write_report(results, out)
     (out / "benchmarks.partial.json").unlink()
     print((out / "benchmarks.md").read_text())

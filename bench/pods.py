@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
 from controlplane import ControlPlane, ensure_binaries, processes_mentioning, rss_kib  # noqa: E402
-from harness import OperatorProcess, PipelineWatch, apiserver_requests, percentile  # noqa: E402
+from harness import OperatorProcess, PipelineWatch, apiserver_requests  # noqa: E402
 from node import PODMAN, Node, build_operator_image  # noqa: E402
+from report import percentile  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402

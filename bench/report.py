@@ -9,9 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import percentile
-
 FINDINGS = Path(__file__).with_name("findings.md")  # hand-written: what the profiles showed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
 
 
 def _median(runs: list[dict[str, Any]], pick: Callable[[dict[str, Any]], float | None]) -> float:

@@ -14,12 +14,12 @@ operator's plus its workers' for ``process``, the operator's plus the service's 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +33,8 @@ from kubernetes import client, config
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 
-from controlplane import processes_mentioning  # noqa: E402
+from controlplane import processes_mentioning, rss_kib  # noqa: E402
+from operator_process import OperatorProcess  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from support import JuturnaServe  # noqa: E402
@@ -41,15 +42,12 @@ from support import JuturnaServe  # noqa: E402
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 
 
-def rss_kib(pids: list[int]) -> int:
+def total_rss_kib(pids: list[int]) -> int:
+    """Resident memory of these processes together; one already gone counts 0."""
     total = 0
     for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            total += rss_kib(pid)
     return total
 
 
@@ -69,25 +67,17 @@ def measure(engine: str, n: int, objects: client.CustomObjectsApi, core: client.
         env["JUTURNA_OPERATOR_DEFAULT_RUNTIME"] = "local"
     ns = f"bench-{engine}-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    log = base / "operator.log"
-    with open(log, "ab") as out:
-        # Only its own namespace: other Pipelines in the cluster are not the benchmark's.
-        op = subprocess.Popen(
-            [sys.executable, "-m", "juturna_operator.cli", "run", "-n", ns],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    # Only its own namespace: other Pipelines in the cluster are not the benchmark's.
+    op = OperatorProcess(base / "operator.log", env, ["-n", ns], tied=False, grace_s=30)
     try:
-        while "Initial authentication has finished" not in log.read_text():
-            time.sleep(0.1)
+        op.start()
         time.sleep(1)
 
         def pids() -> list[int]:
             extra = processes_mentioning(f"--folder {work} ")
             return [op.pid, *extra, *([serve.proc.pid] if serve and serve.proc else [])]
 
-        before = rss_kib(pids())
+        before = total_rss_kib(pids())
         latencies = []
         for i in range(n):
             body = copy.deepcopy(EXAMPLE)
@@ -102,14 +92,13 @@ def measure(engine: str, n: int, objects: client.CustomObjectsApi, core: client.
                 time.sleep(0.01)
             latencies.append(time.monotonic() - started)
         time.sleep(1)
-        after = rss_kib(pids())
+        after = total_rss_kib(pids())
         for i in range(n):
             objects.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, f"p{i}")
         while objects.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]:
             time.sleep(0.1)
     finally:
-        op.terminate()
-        op.wait(timeout=30)
+        op.stop()
         if serve is not None:
             serve.stop()
         core.delete_namespace(ns)

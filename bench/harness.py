@@ -30,7 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from controlplane import (  # noqa: E402
     free_port,
     rss_kib,
 )
+from operator_process import OperatorProcess  # noqa: E402
 from report import write_report  # noqa: E402
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
@@ -195,65 +196,59 @@ def workers_of(workdir: Path) -> list[int]:
 # -- the operator as its own process ----------------------------------------------------------
 
 
-@dataclass
-class OperatorProcess:
-    kubeconfig: Path
-    namespace: str
-    engine: str
-    base: Path
-    metrics_port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. the pod engine's image
+class BenchOperator(OperatorProcess):
+    """The operator on one namespace, with the example's plugins; ``BENCH_PYSPY=<folder>``
+    runs it under py-spy (a profile per start)."""
 
-    @property
-    def workdir(self) -> Path:
-        return self.base / "work"
-
-    @property
-    def log(self) -> Path:
-        return self.base / "operator.log"
-
-    def start(self) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespace: str,
+        engine: str,
+        base: Path,
+        extra_env: dict[str, str] | None = None,  # e.g. the pod engine's image
+    ) -> None:
+        self.namespace, self.engine, self.base = namespace, engine, base
+        self.workdir = base / "work"
+        self.metrics_port = free_port()
+        self.profile = os.environ.get("BENCH_PYSPY")  # a folder: py-spy's collapsed stacks
         env = {
             **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            "JUTURNA_OPERATOR_ENGINE": self.engine,
+            "KUBECONFIG": str(kubeconfig),
+            "JUTURNA_OPERATOR_ENGINE": engine,
             "JUTURNA_OPERATOR_WORKDIR": str(self.workdir),
             "JUTURNA_OPERATOR_PLUGIN_PATH": str(REPO / "examples" / "plugins"),
             "JUTURNA_OPERATOR_METRICS_PORT": str(self.metrics_port),
-            **self.extra_env,
+            **(extra_env or {}),
         }
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        command = [sys.executable, "-m", "juturna_operator.cli", "run", "-n", self.namespace]
-        profile = os.environ.get("BENCH_PYSPY")  # a folder: py-spy's collapsed stacks go there
-        if profile:
-            out_file = Path(profile) / f"{self.namespace}-{time.time():.0f}.txt"
-            py_spy = Path(sys.executable).parent / "py-spy"
-            command = [
-                str(py_spy),
-                "record",
-                "--gil",
-                "-r",
-                "100",
-                "-f",
-                "raw",
-                "-o",
-                str(out_file),
-                "--",
-                *command,
-            ]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                command,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while b"Initial authentication has finished" not in self.log.read_bytes()[offset:]:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"operator did not start:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.05)
+        super().__init__(
+            base / "operator.log",
+            env,
+            ["-n", namespace],
+            tied=False,
+            # py-spy writes its profile on SIGINT, then ends the operator.
+            stop_signal=signal.SIGINT if self.profile else signal.SIGTERM,
+            grace_s=30,  # shutting down 1000 in-process pipelines is slow
+        )
+
+    def command(self) -> list[str]:
+        if not self.profile:
+            return super().command()
+        out_file = Path(self.profile) / f"{self.namespace}-{time.time():.0f}.txt"
+        py_spy = Path(sys.executable).parent / "py-spy"
+        return [
+            str(py_spy),
+            "record",
+            "--gil",
+            "-r",
+            "100",
+            "-f",
+            "raw",
+            "-o",
+            str(out_file),
+            "--",
+            *super().command(),
+        ]
 
     def running(self) -> int:
         """Pipelines this operator process has seen Running (its own metrics)."""
@@ -266,23 +261,6 @@ class OperatorProcess:
             if line.startswith("juturna_pipelines{") and 'phase="Running"' in line:
                 return int(float(line.rpartition(" ")[2]))
         return 0
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # py-spy writes its profile on SIGINT, then ends the operator.
-            self.proc.send_signal(
-                signal.SIGINT if os.environ.get("BENCH_PYSPY") else signal.SIGTERM
-            )
-            try:
-                self.proc.wait(timeout=30)  # shutting down 1000 in-process pipelines is slow
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
 
 
 # -- one scenario -----------------------------------------------------------------------------
@@ -301,7 +279,7 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     base = Path(tempfile.mkdtemp(prefix=f"bench-{scenario.engine}-"))
-    op = OperatorProcess(kubeconfig, ns, scenario.engine, base)
+    op = BenchOperator(kubeconfig, ns, scenario.engine, base)
     seen = PipelineWatch(objects, ns)
     result: dict[str, Any] = {"engine": scenario.engine, "n": n}
     names = [manifest(i)["metadata"]["name"] for i in range(n)]

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
 from controlplane import ControlPlane, ensure_binaries, processes_mentioning, rss_kib  # noqa: E402
-from harness import OperatorProcess, PipelineWatch, apiserver_requests  # noqa: E402
+from harness import BenchOperator, PipelineWatch, apiserver_requests  # noqa: E402
 from node import PODMAN, Node, build_operator_image  # noqa: E402
 from report import percentile  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
@@ -224,11 +224,16 @@ def main() -> int:
                     wait_default_service_account(core, namespace)
                     bare, bare_writes = floor(plane.kubeconfig, core, namespace, n, settings)
                     with tempfile.TemporaryDirectory() as base:
-                        op = OperatorProcess(plane.kubeconfig, namespace, "pod", Path(base))
-                        op.extra_env = {
-                            "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
-                            "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
-                        }
+                        op = BenchOperator(
+                            plane.kubeconfig,
+                            namespace,
+                            "pod",
+                            Path(base),
+                            {
+                                "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
+                                "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
+                            },
+                        )
                         op.start()
                         try:
                             measured = with_operator(plane.kubeconfig, objects, namespace, n)

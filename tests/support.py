@@ -7,7 +7,6 @@ import functools
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from controlplane import (
 )
 from kubernetes import client
 from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
+from operator_process import OperatorProcess, stop_popen
 
 from juturna_operator.api import GROUP, PLURAL, VERSION
 
@@ -92,8 +92,9 @@ UNSAFE_NAMES = [
 ]
 
 
-class Operator:
-    """``juturna-operator run -A`` as its own process, as in production."""
+class Operator(OperatorProcess):
+    """``juturna-operator run -A`` as its own process, as in production, with the tests'
+    settings (short timeouts and intervals, the test plugin roots and ``extra_root``)."""
 
     def __init__(
         self,
@@ -104,16 +105,14 @@ class Operator:
         engine: str,
         namespaces: tuple[str, ...] = (),
     ) -> None:
-        self.kubeconfig, self.workdir, self.log, self.engine = kubeconfig, workdir, log, engine
-        self.where = [a for ns in namespaces for a in ("-n", ns)] or ["-A"]
+        self.kubeconfig, self.workdir, self.engine = kubeconfig, workdir, engine
         self.extra_root = extra_root
         self.metrics_port = free_port()
         self.serve: JuturnaServe | None = None  # the default runtime (engine "service")
         self.later_port = 0  # the runtime "later" (engine "service")
         self.runtime_token = ""  # both runtimes' bearer token (engine "service")
         roots = [*PLUGIN_ROOTS, extra_root]
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.env = {
+        env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
             "JUTURNA_OPERATOR_PLUGIN_PATH": os.pathsep.join(map(str, roots)),
@@ -124,43 +123,8 @@ class Operator:
             "JUTURNA_OPERATOR_SWEEP_INTERVAL": "2",
             "JUTURNA_OPERATOR_METRICS_PORT": str(self.metrics_port),
         }
-
-    def start(self) -> None:
-        """Start and wait until kopf has authenticated (in this start's part of the log)."""
-        offset = len(self.log_text())
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "juturna_operator.cli", "run", *self.where],
-                env=self.env,
-                preexec_fn=exit_with_parent,  # a killed test run takes it along
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while "Initial authentication has finished" not in self.log_text()[offset:]:
-            assert self.proc.poll() is None, f"operator exited:\n{self.log_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"operator not up:\n{self.log_text()[-3000:]}"
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would: no cleanup runs."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        where = [a for ns in namespaces for a in ("-n", ns)] or ["-A"]
+        super().__init__(log, env, where)
 
 
 def only_on(operator: Operator, engine: str, why: str) -> Operator:
@@ -388,13 +352,8 @@ class JuturnaServe:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_popen(self.proc, grace_s=10)
         assert self.proc is None or not pid_alive(self.proc.pid)
 
 

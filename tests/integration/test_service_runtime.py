@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from controlplane import exit_with_parent, free_port
+from operator_process import stop_popen
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
@@ -77,12 +78,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         wait_until(ready, 60, "the worker service answers")
         yield url, token, folder
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_popen(proc, grace_s=10)
 
 
 # -- a loopback proxy the test starts and stops ------------------------------------------------

@@ -246,6 +246,18 @@ class Pipelines:
         """Ready=True for the current generation (a stale Ready does not count)."""
         return self.wait(name, is_ready, timeout, "Ready for the current generation")
 
+    def wait_failure(
+        self, name: str, reason: str, timeout: float = 30, what: str = ""
+    ) -> dict[str, Any]:
+        """``status.failure.reason == reason`` for the current generation (the operator writes
+        observedGeneration with every status, so an older generation's failure does not count)."""
+        return self.wait(
+            name,
+            lambda b: current(b) and failure_reason(b) == reason,
+            timeout,
+            what or f"failure {reason}",
+        )
+
     def wait_phase(self, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
         return self.wait(
             name,
@@ -277,6 +289,11 @@ class Pipelines:
 
 def current(body: dict[str, Any]) -> bool:
     return body.get("status", {}).get("observedGeneration") == body["metadata"]["generation"]
+
+
+def failure_reason(body: dict[str, Any]) -> str | None:
+    """``status.failure.reason``, or None while no failure is reported."""
+    return ((body.get("status") or {}).get("failure") or {}).get("reason")
 
 
 def condition(body: dict[str, Any], ctype: str) -> dict[str, Any]:

@@ -24,25 +24,13 @@ from support import (
 pytestmark = pytest.mark.cluster
 
 
-def failed_with(pipelines: Pipelines, name: str, reason: str, timeout: float = 30) -> dict:
-    return pipelines.wait(
-        name,
-        lambda b: (
-            (b.get("status", {}).get("failure") or {}).get("reason") == reason
-            and b["status"].get("observedGeneration") == b["metadata"]["generation"]
-        ),
-        timeout,
-        f"failure {reason}",
-    )
-
-
 FAST_RETRIES = {"maxRestarts": 2, "backoffSeconds": 0.2}
 
 
 def test_a_cycle_is_invalid_graph(pipelines: Pipelines) -> None:
     links = [*chain("src", "amp", "out"), {"from": "out", "to": "amp"}]
     pipelines.apply(manifest("cyc", links=links))
-    body = failed_with(pipelines, "cyc", "InvalidGraph")
+    body = pipelines.wait_failure("cyc", "InvalidGraph")
     status = body["status"]
     assert status["failure"] == {
         "reason": "InvalidGraph",
@@ -67,7 +55,7 @@ def test_a_builtin_that_runs_commands_is_refused_beside_the_operator(
         ("out", "sink", "videostream_ffmpeg", {"dst_host": f"127.0.0.1 ; touch {marker} ; #"}),
     )
     pipelines.apply(manifest("ffmpeg", nodes=spec_nodes, links=chain("src", "out")))
-    body = failed_with(pipelines, "ffmpeg", "BuiltinNotAllowed")
+    body = pipelines.wait_failure("ffmpeg", "BuiltinNotAllowed")
     assert body["status"]["failure"] == {
         "reason": "BuiltinNotAllowed",
         "code": 403,
@@ -95,7 +83,7 @@ def test_in_process_a_value_may_not_read_the_operators_environment(
         ("out", "sink", "jsonl", {}),
     )
     pipelines.apply(manifest("envref", nodes=spec_nodes, links=chain("src", "amp", "out")))
-    body = failed_with(pipelines, "envref", "EnvironmentNotAllowed")
+    body = pipelines.wait_failure("envref", "EnvironmentNotAllowed")
     assert body["status"]["failure"] == {
         "reason": "EnvironmentNotAllowed",
         "code": 403,
@@ -111,7 +99,7 @@ def test_in_process_a_value_may_not_read_the_operators_environment(
 def test_an_unknown_mark_is_plugin_not_found(pipelines: Pipelines) -> None:
     spec_nodes = nodes(("src", "source", "tickr", {}), ("out", "sink", "jsonl", {}))
     pipelines.apply(manifest("mark", nodes=spec_nodes, links=chain("src", "out")))
-    failure = failed_with(pipelines, "mark", "PluginNotFound")["status"]["failure"]
+    failure = pipelines.wait_failure("mark", "PluginNotFound")["status"]["failure"]
     assert failure["code"] == 422
     assert failure["message"].startswith(
         'node "src": no plugin "tickr" of type source in plugins ["tones"] (known: '
@@ -122,7 +110,7 @@ def test_an_unknown_mark_is_plugin_not_found(pipelines: Pipelines) -> None:
 @pytest.mark.reliability
 def test_a_plugin_outside_the_roots_is_not_allowed(pipelines: Pipelines) -> None:
     pipelines.apply(manifest("root", plugins=["tones", "nowhere"]))
-    failure = failed_with(pipelines, "root", "PluginNotFound")["status"]["failure"]
+    failure = pipelines.wait_failure("root", "PluginNotFound")["status"]["failure"]
     assert 'plugin folder "nowhere" not found under any plugin root' in failure["message"]
 
 
@@ -130,7 +118,7 @@ def test_a_plugin_outside_the_roots_is_not_allowed(pipelines: Pipelines) -> None
 def test_a_plugin_that_escapes_by_symlink_is_refused(pipelines: Pipelines) -> None:
     # The operator fixture's third plugin root holds "escape", a symlink out of the root.
     pipelines.apply(manifest("esc", plugins=["escape"]))
-    failure = failed_with(pipelines, "esc", "PluginPathNotAllowed")["status"]["failure"]
+    failure = pipelines.wait_failure("esc", "PluginPathNotAllowed")["status"]["failure"]
     assert failure["code"] == 403
     assert 'plugin folder "escape" resolves to ' in failure["message"]
     assert "outside the plugin root" in failure["message"]
@@ -247,7 +235,7 @@ def test_a_hung_stop_on_a_state_change_is_stop_timeout(
     time.sleep(3)
     pipelines.patch_spec("hang2", {"state": "Stopped"})
     asked = time.monotonic()
-    body = failed_with(pipelines, "hang2", "StopTimeout")
+    body = pipelines.wait_failure("hang2", "StopTimeout")
     failure = body["status"]["failure"]
     assert failure["code"] == 504
     assert failure["step"] == "stop"
@@ -277,7 +265,7 @@ def test_delete_during_a_failing_warmup(pipelines: Pipelines, operator: Operator
             restartPolicy=retries,
         )
     )
-    uid = failed_with(pipelines, "dw", "WarmupFailed")["metadata"]["uid"]
+    uid = pipelines.wait_failure("dw", "WarmupFailed")["metadata"]["uid"]
     pipelines.delete("dw")
     pipelines.wait_gone("dw", timeout=15)
     assert list(operator.workdir.glob(f"{pipelines.namespace}__dw__*")) == []
@@ -298,7 +286,7 @@ def test_unknown_configuration_keys_are_warnings(pipelines: Pipelines) -> None:
 
 def test_an_unknown_runtime_is_refused(pipelines: Pipelines) -> None:
     pipelines.apply(manifest("rt", runtime="gpu-pool"))
-    failure = failed_with(pipelines, "rt", "UnknownRuntime")["status"]["failure"]
+    failure = pipelines.wait_failure("rt", "UnknownRuntime")["status"]["failure"]
     assert failure["code"] == 422
     assert failure["message"].startswith('spec.runtime "gpu-pool" names no configured runtime')
 

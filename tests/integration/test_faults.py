@@ -421,11 +421,8 @@ def test_the_remote_runtime_goes_away_and_comes_back(
     serve = service.serve
     serve.stop()
     try:
-        pipelines.wait(
-            "r0",
-            lambda b: (b["status"].get("failure") or {}).get("reason") == "RuntimeUnavailable",
-            30,
-            "RuntimeUnavailable while the runtime is away",
+        pipelines.wait_failure(
+            "r0", "RuntimeUnavailable", 30, "RuntimeUnavailable while the runtime is away"
         )
     finally:
         service.serve = JuturnaServe(serve.folder, serve.log, port=serve.port).start()

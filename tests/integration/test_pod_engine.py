@@ -192,11 +192,8 @@ def test_a_pod_deleted_from_outside_is_replaced_without_spending_restarts(
     policy = {"maxRestarts": 0, "backoffSeconds": 0.5}
     body, pod = running_example(pipelines, kubectl, namespace, restartPolicy=policy)
     kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=false")
-    failed = pipelines.wait(
-        "tones",
-        lambda b: (b["status"].get("failure") or {}).get("reason") == "RuntimeUnavailable",
-        30,
-        "RuntimeUnavailable while the pod is gone",
+    failed = pipelines.wait_failure(
+        "tones", "RuntimeUnavailable", 30, "RuntimeUnavailable while the pod is gone"
     )
     assert failed["status"]["failure"]["message"] == (
         f"pod {pod['metadata']['name']} is gone (deleted); a new one replaces it"
@@ -287,12 +284,7 @@ def test_an_unschedulable_pipeline_waits_then_runs_once_a_node_fits(
         body = pipelines.wait_ready("fits", timeout=120)
         assert body["status"]["phase"] == "Running"
         pipelines.apply(manifest("waits", template=gpus(3), restartPolicy=policy))
-        body = pipelines.wait(
-            "waits",
-            lambda b: (b.get("status", {}).get("failure") or {}).get("reason") == "Unschedulable",
-            60,
-            "Unschedulable",
-        )
+        body = pipelines.wait_failure("waits", "Unschedulable", 60)
         assert body["status"]["phase"] == "Pending"
         assert body["status"]["failure"]["code"] == 503
         assert "Insufficient example.com/gpu" in body["status"]["failure"]["message"]

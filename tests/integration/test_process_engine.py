@@ -32,6 +32,7 @@ from support import (
     Operator,
     Pipelines,
     chain,
+    failure_reason,
     manifest,
     nodes,
     only_on,
@@ -64,10 +65,7 @@ def test_a_worker_killed_from_outside_is_detected_and_restarted(
     killed = time.monotonic()
     seen = pipelines.wait(
         "k9",
-        lambda b: (
-            (b["status"].get("failure") or {}).get("reason") == "NodeFailed"
-            or b["status"].get("restarts", 0) >= 1
-        ),
+        lambda b: failure_reason(b) == "NodeFailed" or b["status"].get("restarts", 0) >= 1,
         timeout=10,
         what="the dead worker noticed",
     )

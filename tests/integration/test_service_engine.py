@@ -28,11 +28,7 @@ def test_an_unreachable_runtime_is_retried_and_recovers_by_itself(
 ) -> None:
     policy = {"maxRestarts": 1, "backoffSeconds": 0.2}
     pipelines.apply(manifest("far", runtime="later", restartPolicy=policy))
-    body = pipelines.wait(
-        "far",
-        lambda b: (b.get("status", {}).get("failure") or {}).get("reason") == "RuntimeUnavailable",
-        what="RuntimeUnavailable",
-    )
+    body = pipelines.wait_failure("far", "RuntimeUnavailable")
     failure = body["status"]["failure"]
     assert failure["code"] == 503
     assert failure["message"] == (

@@ -117,12 +117,7 @@ def test_a_failure_the_configuration_caused_is_checked_again_after_a_restart(
     try:
         op.start()
         pipelines.apply(manifest("fixme"))
-        failed = pipelines.wait(
-            "fixme",
-            lambda b: (b.get("status", {}).get("failure") or {}).get("reason") == "PluginNotFound",
-            30,
-            "PluginNotFound",
-        )
+        failed = pipelines.wait_failure("fixme", "PluginNotFound", 30)
         assert failed["status"]["failure"]["code"] == 422
         op.stop()
         op.env["JUTURNA_OPERATOR_PLUGIN_PATH"] = os.pathsep.join(map(str, PLUGIN_ROOTS))

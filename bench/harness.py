@@ -453,7 +453,8 @@ def run(
                 save()
             print(f"  {scenario}: done", file=sys.stderr)
     # The deletion floor is measured once per N and method, each in a fresh process (at
-    # N = 1000 it takes minutes: Pitfall 10); the other repetitions measure deploys only.
+    # N = 1000 it takes minutes: docs/juturna.md, pitfall 10); the other repetitions
+    # measure deploys only.
     floors = [*FLOORS, *[None] * max(0, repetitions - len(FLOORS))]
     measured = {b["n"]: b for b in results.get("baselines", [])}
     results["baselines"] = []

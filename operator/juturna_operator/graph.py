@@ -8,7 +8,7 @@ checks (a cluster may run an older CRD) and adds what CEL cannot express:
 * plugin folders that resolve outside every configured root (symlinks included);
 * node marks that no built-in and no plugin folder provides;
 * built-ins and ``$JT_ENV_`` values the administrator did not allow where the pipeline
-  runs (``settings.CodePolicy``; JUTURNA.md pitfalls 11-12: both run or read as the
+  runs (``settings.CodePolicy``; docs/juturna.md, pitfalls 11-12: both run or read as the
   process that runs the pipeline);
 * configuration keys that the node's ``config.toml`` does not declare (Juturna drops
   them silently): these are warnings, not failures.

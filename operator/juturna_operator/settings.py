@@ -141,7 +141,7 @@ def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class CodePolicy:
     """What a Pipeline may make run, beyond the administrator's plugins, where it runs
-    (JUTURNA.md pitfalls 11-12): which Juturna built-ins, and whether a configuration
+    (docs/juturna.md, pitfalls 11-12): which Juturna built-ins, and whether a configuration
     value may read that process's environment (``$JT_ENV_<NAME>``)."""
 
     engine: str  # where the pipeline runs, for messages

@@ -46,7 +46,7 @@ def test_a_cycle_is_invalid_graph(pipelines: Pipelines) -> None:
 def test_a_builtin_that_runs_commands_is_refused_beside_the_operator(
     pipelines: Pipelines, operator: Operator, tmp_path: Path
 ) -> None:
-    """JUTURNA.md pitfall 11: Juturna's videostream_ffmpeg sink writes its configuration into
+    """docs/juturna.md, pitfall 11: Juturna's videostream_ffmpeg sink writes its configuration into
     a shell script. Beside the operator no built-in runs unless the administrator lists it,
     and the check comes before anything deploys: the injected command never runs."""
     marker = tmp_path / "injected"
@@ -74,7 +74,7 @@ def test_a_builtin_that_runs_commands_is_refused_beside_the_operator(
 def test_in_process_a_value_may_not_read_the_operators_environment(
     pipelines: Pipelines, operator: Operator
 ) -> None:
-    """JUTURNA.md pitfall 12: "$JT_ENV_<NAME>" reads the environment of the process running
+    """docs/juturna.md, pitfall 12: "$JT_ENV_<NAME>" reads the environment of the process running
     the node; in-process that is the operator's own (settings, tokens)."""
     only_on(operator, "inprocess", "the in-process engine's own rule (workers are scrubbed)")
     spec_nodes = nodes(

@@ -1,4 +1,6 @@
-"""The in-process engine on the real PipelineManager: Juturna's own errors, crashes, leaks."""
+"""The in-process engine on the real PipelineManager: Juturna's own errors, crashes, leaks.
+
+"Pitfall N": docs/juturna.md."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ The API server refuses such names at admission (test_admission, the fuzzer). Her
 names go straight to each engine's ``create``, bypassing admission and graph validation:
 Juturna makes folders of both names without checking them (Pitfall 7), so the engine layer
 must refuse them on its own.
+
+"Pitfall N": docs/juturna.md.
 """
 
 from __future__ import annotations

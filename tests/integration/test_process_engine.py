@@ -307,7 +307,7 @@ def environment_of(pid: int) -> dict[str, str]:
 def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``$JT_ENV_<NAME>`` reads the worker's environment (JUTURNA.md, pitfall 12): a node
+    """``$JT_ENV_<NAME>`` reads the worker's environment (docs/juturna.md, pitfall 12): a node
     asking for an operator setting, a secret or any variable beyond what Python needs gets
     nothing, and the warmup fails naming the variable."""
     probe = "JUTURNA_OPERATOR_SECRET_PROBE"

@@ -1,4 +1,5 @@
-"""The in-process engine's stand-in for Juturna's gc.collect() calls (Pitfall 10)."""
+"""The in-process engine's stand-in for Juturna's gc.collect() calls (docs/juturna.md,
+pitfall 10)."""
 
 from __future__ import annotations
 

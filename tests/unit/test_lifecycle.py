@@ -1,4 +1,6 @@
-"""The lifecycle table: every desired/observed pair, failures, backoff, phase and conditions."""
+"""The lifecycle table: every desired/observed pair, failures, backoff, phase and conditions.
+
+"Pitfall N": docs/juturna.md."""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 The reconciler never calls Juturna directly; it calls an ``Engine``. Each method is
 async so that no blocking Juturna call ever runs on the event loop, and each failure
 comes back as a classified ``PipelineFailure``.
+
+Juturna 2.1.1's pitfalls ("Pitfall N" below) are described in docs/juturna.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The in-process engine: Juturna's ``PipelineManager`` inside the operator's own process.
 
 Dense and fast (create + warmup + start of a light pipeline takes about 2 ms), but every
-pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply here:
+pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply here
+(numbered as in docs/juturna.md, and cited below as "Pitfall N"):
 
 1. A crashing node is invisible: a ``threading.excepthook`` maps each dead node thread to
    its pipeline (thread names are not unique across pipelines), and ``status`` also checks

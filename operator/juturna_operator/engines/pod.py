@@ -7,7 +7,7 @@ process engine drives a local worker. What Kubernetes gives on top:
 
 * **tenancy**: the pod has no ServiceAccount token (``automountServiceAccountToken: false``)
   and runs under the ``restricted`` Pod Security Standard, so a Pipeline author who makes a
-  built-in node run a command (``../shared/JUTURNA.md``, pitfalls 11-12) gets a pod with no
+  built-in node run a command (``docs/juturna.md``, pitfalls 11-12) gets a pod with no
   API rights and none of the operator's environment: no more than a Pod author has;
 * **placement and shared fate**: the scheduler places each pod; an operator restart leaves
   the pods running, and the next operator adopts them (by name, owner uid and token);

@@ -80,7 +80,7 @@ def cmdline(pid: int) -> str:
 # need to run (ffmpeg on PATH, a home, a locale, a temporary folder, shared libraries, the
 # CA certificates for nodes that call HTTPS).
 # Nothing else: a Pipeline author reads any variable of the worker's environment with
-# "$JT_ENV_<NAME>" (JUTURNA.md, pitfall 12), and the operator's holds its settings, the
+# "$JT_ENV_<NAME>" (docs/juturna.md, pitfall 12), and the operator's holds its settings, the
 # Kubernetes service address and whatever secrets the administrator passed it.
 INHERITED_VARIABLES = frozenset(
     {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"}

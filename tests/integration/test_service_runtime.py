@@ -9,6 +9,7 @@ the answer to one request after the serve has done it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -17,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,28 @@ async def remove(url: str, *pipeline_ids: str) -> None:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def through_proxy(
+    serve: JuturnaServe, tmp_path: Path, name: str
+) -> AsyncIterator[tuple[Proxy, ServiceEngine, PipelineKey, Callable[[str], str]]]:
+    """An engine that reaches the serve through a proxy the test can cut, a key, and
+    ``made(pipeline_id)``: what it records is removed from the serve afterwards."""
+    proxy = await Proxy(serve.port).up()
+    engine = ServiceEngine(settings(proxy.url, tmp_path))
+    pipeline_ids: list[str] = []
+
+    def made(pipeline_id: str) -> str:
+        pipeline_ids.append(pipeline_id)
+        return pipeline_id
+
+    try:
+        yield proxy, engine, new_key(name), made
+    finally:
+        await engine.close()
+        await proxy.down()
+        await remove(serve.url, *pipeline_ids)
+
+
 def failure_of(coro: Any) -> Any:
     async def run() -> PipelineFailure:
         with pytest.raises(PipelineFailure) as err:
@@ -260,12 +283,8 @@ def test_a_pipeline_deleted_while_its_runtime_is_unreachable_is_swept_once_it_an
     serve: JuturnaServe, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        proxy = await Proxy(serve.port).up()
-        engine = ServiceEngine(settings(proxy.url, tmp_path))
-        key = new_key("lost")
-        pipeline_id = ""
-        try:
-            pipeline_id = await deploy(engine, key)
+        async with through_proxy(serve, tmp_path, "lost") as (proxy, engine, key, made):
+            pipeline_id = made(await deploy(engine, key))
             await proxy.down()  # a partition: the serve runs on, unreachable
             failure = await failure_of(engine.delete(key))
             assert (failure.reason, failure.step, failure.message) == (
@@ -280,10 +299,6 @@ def test_a_pipeline_deleted_while_its_runtime_is_unreachable_is_swept_once_it_an
             assert await engine.sweep({}) == [pipeline_id]  # the resource is gone
             assert pipeline_id not in await listed(serve.url)
             assert await engine.status(key) is None
-        finally:
-            await engine.close()
-            await proxy.down()
-            await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())
 
@@ -295,12 +310,8 @@ def test_a_delete_that_could_not_reach_the_runtime_is_done_by_the_next_one(
     it creates another, and meanwhile the sweep keeps what the resource references."""
 
     async def scenario() -> None:
-        proxy = await Proxy(serve.port).up()
-        engine = ServiceEngine(settings(proxy.url, tmp_path))
-        key = new_key("redeploy")
-        pipeline_id = ""
-        try:
-            pipeline_id = await deploy(engine, key)
+        async with through_proxy(serve, tmp_path, "redeploy") as (proxy, engine, key, made):
+            pipeline_id = made(await deploy(engine, key))
             await proxy.down()
             failure = await failure_of(engine.delete(key, release=False))
             assert failure.reason is FailureReason.RuntimeUnavailable
@@ -312,10 +323,6 @@ def test_a_delete_that_could_not_reach_the_runtime_is_done_by_the_next_one(
             await engine.delete(key, release=False)
             assert pipeline_id not in await listed(serve.url)
             assert await engine.status(key) is None
-        finally:
-            await engine.close()
-            await proxy.down()
-            await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())
 
@@ -378,12 +385,8 @@ def test_a_warmup_and_a_start_whose_answers_were_lost_are_done_not_conflicts(
     serve: JuturnaServe, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        proxy = await Proxy(serve.port).up()
-        engine = ServiceEngine(settings(proxy.url, tmp_path))
-        key = new_key("lossy")
-        pipeline_id = ""
-        try:
-            pipeline_id = await engine.create(key, config(key.juturna_name), "r1")
+        async with through_proxy(serve, tmp_path, "lossy") as (proxy, engine, key, made):
+            pipeline_id = made(await engine.create(key, config(key.juturna_name), "r1"))
             proxy.drops = ["/warmup", "/start"]
             await engine.warmup(key)  # sent again, AlreadyWarmedUp: the lost attempt did it
             await engine.start(key)  # sent again, AlreadyRunning: likewise
@@ -400,10 +403,6 @@ def test_a_warmup_and_a_start_whose_answers_were_lost_are_done_not_conflicts(
             )
             await engine.delete(key)
             assert pipeline_id not in await listed(serve.url)
-        finally:
-            await engine.close()
-            await proxy.down()
-            await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())
 
@@ -554,12 +553,8 @@ def test_status_misses_in_a_row_are_runtime_unavailable(
     serve: JuturnaServe, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        proxy = await Proxy(serve.port).up()
-        engine = ServiceEngine(settings(proxy.url, tmp_path))
-        key = new_key("gone")
-        pipeline_id = ""
-        try:
-            pipeline_id = await deploy(engine, key)
+        async with through_proxy(serve, tmp_path, "gone") as (proxy, engine, key, made):
+            pipeline_id = made(await deploy(engine, key))
             await proxy.down()
             for _ in range(MISSES_ALLOWED - 1):
                 info = await engine.status(key)
@@ -589,10 +584,6 @@ def test_status_misses_in_a_row_are_runtime_unavailable(
             assert info.failure is None
             await proxy.up()
             await engine.delete(key)
-        finally:
-            await engine.close()
-            await proxy.down()
-            await remove(serve.url, pipeline_id)
 
     asyncio.run(scenario())
 

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries packages image cluster-up cluster-down run test reliability bench bench-pods crds lint clean
+.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ venv: $(STAMP) ## create .venv with Python 3.12 and install the project
 
 binaries: venv ## build or reuse kube-apiserver, kube-controller-manager, etcd and helm
 	@$(PY) hack/controlplane.py binaries
+
+argocd: venv ## build or reuse Argo CD for the GitOps test (cold ~6 min); says why where it cannot
+	@$(PY) hack/argocd.py build
 
 packages: ## install podman, containerd, runc, CNI plugins and more if missing (root Debian only)
 	@hack/install-packages.sh
@@ -42,7 +45,7 @@ cluster-down: venv ## stop the node and the plane that cluster-up started; says 
 run: venv ## the demo: plane (unless a cluster answers), operator, example; IN_CLUSTER=1: Helm, a pod on a real node
 	@IN_CLUSTER=$(IN_CLUSTER) bash hack/run.sh
 
-test: venv binaries packages lint ## lint, then the whole test suite against a real control plane
+test: venv binaries packages argocd lint ## lint, then the whole test suite against a real control plane
 	$(PY) -m pytest
 
 reliability: venv binaries packages ## fault injection, fuzzing, security checks at full counts (~35 min): docs/reliability.md

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs from Debian's packages what `make test` needs beyond Python and Go, when missing:
 #  - podman, runc and debootstrap: build and run the operator's image (the image tests);
-#  - containerd, runc, the CNI plugins, socat, iproute2 and gcc: the local node (hack/node.py).
+#  - containerd, runc, the CNI plugins, socat, iproute2 and gcc: the local node (hack/node.py);
+#  - redis-server: Argo CD's cache in the GitOps test (hack/argocd.py).
 #
 # Only on Debian-like machines, as root; anywhere else it says why and exits 0, and the tests
 # that need what is missing skip with that reason. Opt out on purpose with
@@ -19,6 +20,7 @@ if [ -z "${JUTURNA_OPERATOR_NO_NODE:-}" ]; then
   command -v gcc >/dev/null || need+=(gcc libc6-dev)
 fi
 command -v runc >/dev/null || need+=(runc)
+command -v redis-server >/dev/null || need+=(redis-server)
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || need+=(containernetworking-plugins)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then

@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -500,3 +501,14 @@ def pod_ready(body: dict[str, Any]) -> bool:
 
 def pod_finished(body: dict[str, Any]) -> bool:
     return body.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def minimal_path(tmp_path: Path, *tools: str) -> str:
+    """A PATH holding only the named tools, as symlinks (a machine that lacks the others)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found, tool
+        (bindir / tool).symlink_to(found)
+    return str(bindir)

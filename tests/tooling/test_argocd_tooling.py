@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,22 +11,13 @@ import argocd
 import pytest
 from argocd import ArgoCDUnavailable, ensure_argocd, redis_server
 
+from support import minimal_path
+
 HACK = Path(argocd.__file__).parent
 
 
-def _only(tmp_path: Path, *tools: str) -> str:
-    """A PATH holding only the named tools, as symlinks."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
-    for tool in tools:
-        found = shutil.which(tool)
-        assert found, tool
-        (bindir / tool).symlink_to(found)
-    return str(bindir)
-
-
 def test_no_go_toolchain_means_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", _only(tmp_path, "bash", "dirname", "basename", "python3"))
+    monkeypatch.setenv("PATH", minimal_path(tmp_path, "bash", "dirname", "basename", "python3"))
     monkeypatch.setenv("JUTURNA_OPERATOR_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ArgoCDUnavailable, match="cannot be built here: no Go toolchain on PATH"):
         ensure_argocd()
@@ -58,7 +48,7 @@ def test_no_module_proxy_means_unavailable(tmp_path: Path) -> None:
 def test_make_argocd_succeeds_with_a_note_where_it_cannot_build(tmp_path: Path) -> None:
     env = {
         **os.environ,
-        "PATH": _only(tmp_path, "dirname", "basename", "python3", "bash"),
+        "PATH": minimal_path(tmp_path, "dirname", "basename", "python3", "bash"),
         "JUTURNA_OPERATOR_CACHE": str(tmp_path / "cache"),
     }
     proc = subprocess.run(
@@ -76,6 +66,6 @@ def test_make_argocd_succeeds_with_a_note_where_it_cannot_build(tmp_path: Path) 
 
 
 def test_no_redis_server_means_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", _only(tmp_path, "python3"))
+    monkeypatch.setenv("PATH", minimal_path(tmp_path, "python3"))
     with pytest.raises(ArgoCDUnavailable, match="no redis-server on PATH"):
         redis_server()

@@ -18,22 +18,13 @@ import pytest
 from controlplane import ControlPlane, ControlPlaneError, ensure_binaries
 from node import Node, NodeError, NodeUnavailable
 
+from support import minimal_path
+
 HACK = Path(controlplane.__file__).parent
 
 
-def _minimal_path(tmp_path: Path, *tools: str) -> str:
-    """A PATH holding only the named tools, as symlinks."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
-    for tool in tools:
-        found = shutil.which(tool)
-        assert found, tool
-        (bindir / tool).symlink_to(found)
-    return str(bindir)
-
-
 def test_no_go_toolchain_is_explained(tmp_path: Path) -> None:
-    path = _minimal_path(tmp_path, "grep", "dirname", "basename")
+    path = minimal_path(tmp_path, "grep", "dirname", "basename")
     proc = subprocess.run(
         ["/bin/bash", str(HACK / "build-binaries.sh")],
         env={"PATH": path, "HOME": str(tmp_path), "JUTURNA_OPERATOR_CACHE": str(tmp_path / "c")},
@@ -48,7 +39,7 @@ def test_no_go_toolchain_is_explained(tmp_path: Path) -> None:
 
 
 def test_no_python312_is_explained(tmp_path: Path) -> None:
-    path = _minimal_path(tmp_path, "python3")  # python3 is 3.11 here: not good enough
+    path = minimal_path(tmp_path, "python3")  # python3 is 3.11 here: not good enough
     proc = subprocess.run(
         ["/bin/bash", str(HACK / "find-python.sh")],
         env={"PATH": path, "HOME": str(tmp_path)},
@@ -184,7 +175,7 @@ def test_a_killed_test_run_takes_its_plane_with_it() -> None:
 def test_a_machine_without_the_node_packages_is_told_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PATH", _minimal_path(tmp_path, "gcc"))
+    monkeypatch.setenv("PATH", minimal_path(tmp_path, "gcc"))
     monkeypatch.setattr(node, "CNI_BIN", tmp_path / "no-cni")
     with pytest.raises(NodeUnavailable) as refused:
         Node(plane=None, binaries=None).start()  # type: ignore[arg-type]

@@ -141,12 +141,15 @@ class ArgoCD:
 
     ``argocd_cm`` is added to the stock ``argocd-cm`` (a health check, say); ``kubectl`` is the
     binary used to write Argo CD's objects (its CRDs, ConfigMaps, Secret, the default
-    AppProject). ``tied``: the processes die with this one (tests)."""
+    AppProject). ``tools``: folders put on the components' PATH, for the programs the repo
+    server runs to render manifests (helm, for a Helm chart). ``tied``: the processes die with
+    this one (tests)."""
 
     build: ArgoCDBuild
     kubeconfig: Path
     kubectl: Path
     argocd_cm: dict[str, str] = field(default_factory=dict)
+    tools: tuple[Path, ...] = ()
     reconciliation_timeout: str = "10s"
     tied: bool = True
     root: Path = field(
@@ -266,8 +269,10 @@ class ArgoCD:
             "ARGOCD_BINARY_NAME": component,
             "KUBECONFIG": str(self.kubeconfig),
             "ARGOCD_FAKE_IN_CLUSTER": "true",  # in-cluster destination = KUBECONFIG's cluster
-            # Argo CD's image has git-verify-wrapper.sh and gpg-wrapper.sh on PATH.
-            "PATH": f"{self.build.folder}{os.pathsep}{os.environ.get('PATH', '')}",
+            # Argo CD's image has git-verify-wrapper.sh, gpg-wrapper.sh and helm on PATH.
+            "PATH": os.pathsep.join(
+                [str(self.build.folder), *map(str, self.tools), os.environ.get("PATH", "")]
+            ),
             "TMPDIR": str(root / "tmp"),  # the repo server's clones
             "HOME": str(root / "home"),  # no user git config leaks in
             "GIT_CONFIG_NOSYSTEM": "1",

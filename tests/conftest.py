@@ -15,18 +15,17 @@ from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_men
 from kubernetes import client, config
 from node import Node, missing_prerequisites
 
-from juturna_operator.api import GROUP, PLURAL
 from juturna_operator.registry import ENGINES as REGISTERED
 from support import (
     PLAIN_SERVICE,
     PODMAN,
-    REPO,
     JuturnaServe,
     Kubectl,
     Operator,
     Pipelines,
     built_operator_image,
     free_port,
+    install_crds,
 )
 
 
@@ -114,8 +113,7 @@ def kubectl(kubeconfig: Path) -> Kubectl:
 
 @pytest.fixture(scope="session")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=30s")
+    install_crds(kubectl)
 
 
 # Every registered engine but pod, whose tests need the real node (test_pod_engine.py).

@@ -141,6 +141,15 @@ PLAIN_SERVICE = (
 )
 
 
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+
+def install_crds(kubectl: Kubectl) -> None:
+    """The project's CRDs (crds/), as the session installs them, once established."""
+    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+
+
 def assert_sole_operator(kubeconfig: Path) -> None:
     """Fail if another operator runs against this plane: two would fight over each Pipeline.
     Tests marked ``own_operator`` run first, before the session's operator starts."""

@@ -4,7 +4,8 @@ Argo CD's repo server and application controller run against the test plane; the
 ``argocd/juturna.io/Pipeline/health.lua`` is installed in ``argocd-cm`` as the README tells
 users; Pipelines come from a local bare Git repository (``file://``, as Argo CD's own e2e tests
 do) through an Application with automated sync, prune and self-heal. The operator runs as its
-own process (engine inprocess) watching the test's namespace.
+own process (engine inprocess) watching the test's namespace, except in the last test, where
+the same Application installs the operator's chart as a pod on the real node.
 
 Each push is followed by a hard refresh, as a webhook would do. The Application is watched from
 the start: every state Argo CD wrote is kept, so a Synced → OutOfSync that no push caused (the
@@ -35,6 +36,7 @@ from kubernetes import client, watch
 
 from support import (
     ARGOCD_HEALTH,
+    CRD_NAME,
     EXAMPLE,
     REPO,
     Kubectl,
@@ -43,6 +45,7 @@ from support import (
     assert_sole_operator,
     binaries,
     condition,
+    install_crds,
     instance_folders,
     is_ready,
     wait_until,
@@ -68,7 +71,13 @@ def argocd(kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     except ArgoCDUnavailable as err:
         pytest.skip(str(err))
     lua = (ARGOCD_HEALTH / "health.lua").read_text()
-    started = ArgoCD(build, kubeconfig, binaries().kubectl, argocd_cm={HEALTH_KEY: lua}).start()
+    started = ArgoCD(
+        build,
+        kubeconfig,
+        binaries().kubectl,
+        argocd_cm={HEALTH_KEY: lua},
+        tools=(binaries().helm,),  # the repo server renders Helm charts with it
+    ).start()
     root = started.root
     try:
         yield started
@@ -112,12 +121,15 @@ class GitRepo:
         assert proc.returncode == 0, f"git {' '.join(args)} failed:\n{proc.stderr}"
         return proc.stdout.strip()
 
-    def push(self, message: str, files: dict[str, dict[str, Any] | None]) -> str:
-        """Write (a manifest) or delete (None) each file, commit, push; return the commit."""
+    def push(self, message: str, files: dict[str, dict[str, Any] | Path | None]) -> str:
+        """Write (a manifest), copy (a folder) or delete (None) each path, commit, push; return
+        the commit."""
         for name, body in files.items():
             path = self.work / name
             if body is None:
                 path.unlink()
+            elif isinstance(body, Path):
+                shutil.copytree(body, path)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(yaml.safe_dump(body, sort_keys=False))
@@ -150,10 +162,10 @@ class AppState:
         return cls(
             at=at,
             sync=sync.get("status", ""),
-            revision=sync.get("revision", ""),
+            revision=_revision(sync),
             health=(status.get("health") or {}).get("status", ""),
             operation=op.get("phase", ""),
-            operation_revision=(op.get("syncResult") or {}).get("revision", ""),
+            operation_revision=_revision(op.get("syncResult") or {}),
             resources=list(status.get("resources") or []),
             conditions=list(status.get("conditions") or []),
         )
@@ -163,6 +175,14 @@ class AppState:
             if res.get("kind") == kind and res.get("name") == name:
                 return res
         return None
+
+
+def _revision(part: dict[str, Any]) -> str:
+    """The commit a sync status or result names: ``revision``, or with several sources
+    (``revisions``, one each) their commit when all are the same one."""
+    if "revisions" in part:
+        return ",".join(sorted(set(part["revisions"])))
+    return str(part.get("revision", ""))
 
 
 @dataclass
@@ -283,7 +303,9 @@ class GitOps:
             "argocd.argoproj.io/refresh=hard",
         )
 
-    def push(self, message: str, files: dict[str, dict[str, Any] | None]) -> tuple[str, float]:
+    def push(
+        self, message: str, files: dict[str, dict[str, Any] | Path | None]
+    ) -> tuple[str, float]:
         sha = self.repo.push(message, files)
         pushed = time.monotonic()
         self.hard_refresh()
@@ -575,9 +597,8 @@ def test_one_application_holding_the_crd_and_a_pipeline_syncs_in_waves(
     Application, sync to Synced and Healthy in one go (Argo CD applies the wave -1 CRD, waits
     for its health, then the Pipeline).
 
-    Partly: the operator runs as a process here, not as the chart's pod in an earlier wave (that
-    needs the real node, which this module does not start), and the CRD is already there (the
-    other tests of the session installed it; deleting it would delete every Pipeline)."""
+    The operator runs as a process and the CRD is already there; the chart's pod and a missing
+    CRD are the next test's."""
     crd = yaml.safe_load((REPO / "crds" / "pipelines.juturna.io.yaml").read_text())
     crd["metadata"]["annotations"] = {
         "argocd.argoproj.io/sync-wave": "-1",
@@ -615,3 +636,103 @@ def test_one_application_holding_the_crd_and_a_pipeline_syncs_in_waves(
             "kubectl.kubernetes.io/last-applied-configuration-",
             check=False,
         )
+
+
+CHART = REPO / "charts" / "juturna-operator"
+
+
+def test_one_application_holding_the_operators_chart_and_a_pipeline_syncs_in_waves(
+    argocd: ArgoCD,
+    node_image: str,  # the operator's image on the real node (so a node runs)
+    gitops: GitOps,
+    objects: client.CustomObjectsApi,
+    kubectl: Kubectl,
+    kubeconfig: Path,
+    namespace: str,
+) -> None:
+    """The README's sync advice, whole: one Application, two sources from one repository, the
+    operator's chart (its CRD, RBAC and Deployment, rendered by Argo CD's repo server with
+    helm) in wave 0 and a Pipeline in wave 1, on a plane where the CRD does not exist before
+    the sync. Argo CD applies the CRD, runs the operator as a pod on the real node, waits for
+    it to be available, then applies the Pipeline, which the operator runs in a pod of its own
+    (the chart's default engine): Synced and Healthy in one go, with no drift."""
+    assert_sole_operator(kubeconfig)
+    left = kubectl("get", "pipelines.juturna.io", "-A", "-o", "name", check=False).stdout.strip()
+    assert not left, (
+        f"Pipelines of other tests still exist (deleting the CRD would take them): {left}"
+    )
+    kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    assert not kubectl("get", "crd", CRD_NAME, check=False).stdout.strip()
+
+    body = pipeline()
+    body["metadata"]["annotations"] = {"argocd.argoproj.io/sync-wave": "1"}
+    name = body["metadata"]["name"]
+    sha = gitops.repo.push(
+        "the operator's chart and a Pipeline", {"chart": CHART, "pipelines/pipeline.yaml": body}
+    )
+    pushed = time.monotonic()
+    repository, tag = node_image.rsplit(":", 1)
+    values = {"image": {"repository": repository, "tag": tag, "pullPolicy": "Never"}}
+    app = application(gitops.name, gitops.repo.url, "", namespace)
+    source = app["spec"].pop("source")
+    app["spec"]["sources"] = [
+        {**source, "path": "chart", "helm": {"valuesObject": values}},
+        {**source, "path": "pipelines"},
+    ]
+    pipelines = Pipelines(objects, namespace, kubectl)
+    try:
+        kubectl("apply", "-f", "-", input=json.dumps(app))
+        healthy = gitops.wait(
+            sha,
+            "Healthy",
+            pushed,
+            "the chart and the Pipeline",
+            ready=lambda: ready_now(pipelines, name),
+            timeout=300,  # the operator's pod, then the Pipeline's pod, on the real node
+        )
+        body = pipelines.get(name)
+        assert is_ready(body), body.get("status")
+        assert body["status"]["phase"] == "Running", body["status"]
+        assert body["status"]["pod"]["node"], body["status"]  # its own pod, placed on the node
+        synced = {(r.get("kind"), r.get("name")): r.get("status") for r in healthy.resources}
+        assert synced[("CustomResourceDefinition", CRD_NAME)] == "Synced", synced
+        assert synced[("Pipeline", name)] == "Synced", synced
+        deployments = [k for k in synced if k[0] == "Deployment"]
+        assert len(deployments) == 1, synced
+        assert synced[deployments[0]] == "Synced", synced
+        assert health_of(healthy.resource("Pipeline", name) or {}) == (
+            "Healthy",
+            "the pipeline is Running",
+        ), healthy.resources
+        # Wave 1 after wave 0: the Pipeline was created once the operator was available.
+        deployment = json.loads(
+            kubectl("get", "deployment", "-n", namespace, deployments[0][1], "-o", "json").stdout
+        )
+        available = condition(deployment, "Available")
+        assert available.get("status") == "True", deployment["status"]
+        created = body["metadata"]["creationTimestamp"]
+        assert created >= available["lastTransitionTime"], (created, available)
+        assert not gitops.watch.unexplained_out_of_sync(), gitops.watch.unexplained_out_of_sync()
+        ready_s = None if gitops.ready_at is None else round(gitops.ready_at - pushed, 1)
+        print(f"\ngitops chart: push → Ready {ready_s} s, → Healthy {healthy.at - pushed:.1f} s")
+    finally:
+        _remove_the_chart_and_restore_the_crd(gitops, pipelines, kubectl, namespace)
+
+
+def _remove_the_chart_and_restore_the_crd(
+    gitops: GitOps, pipelines: Pipelines, kubectl: Kubectl, namespace: str
+) -> None:
+    """Undo, in an order that finishes: the Application first (nothing syncs back), the
+    Pipelines while their operator still runs (its finalizer), then the operator and its
+    cluster-wide RBAC; last, the session's CRD as the other tests installed it."""
+    kubectl("delete", "application", "-n", NAMESPACE, gitops.name, "--ignore-not-found")
+    for left in pipelines.names():
+        pipelines.delete(left)
+    for left in pipelines.names():
+        pipelines.wait_gone(left, timeout=60)
+    instance = f"app.kubernetes.io/instance={gitops.name}"
+    kubectl("delete", "deployment", "-n", namespace, "-l", instance, "--wait=true")
+    kubectl("wait", "--for=delete", "pod", "-n", namespace, "-l", instance, "--timeout=60s")
+    kubectl("delete", "clusterrole,clusterrolebinding", "-l", instance, "--ignore-not-found")
+    kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s")
+    install_crds(kubectl)

@@ -419,6 +419,13 @@ def pipeline(**spec: Any) -> dict[str, Any]:
     return body
 
 
+def pipeline_in_wave(wave: str) -> dict[str, Any]:
+    """The example Pipeline, applied by Argo CD in sync wave ``wave``."""
+    body = pipeline()
+    body["metadata"]["annotations"] = {"argocd.argoproj.io/sync-wave": wave}
+    return body
+
+
 def ready_now(pipelines: Pipelines, name: str) -> bool:
     """The Pipeline exists (Argo CD may not have applied it yet) and is Ready."""
     try:
@@ -605,8 +612,7 @@ def test_one_application_holding_the_crd_and_a_pipeline_syncs_in_waves(
         # Never pruned or deleted with an Application: every Pipeline would go with it.
         "argocd.argoproj.io/sync-options": "Prune=false,Delete=false",
     }
-    body = pipeline()
-    body["metadata"]["annotations"] = {"argocd.argoproj.io/sync-wave": "0"}
+    body = pipeline_in_wave("0")
     name = body["metadata"]["name"]
     sha = gitops.repo.push(
         "the CRD and a Pipeline, in waves", {"all/crd.yaml": crd, "all/pipeline.yaml": body}
@@ -664,8 +670,7 @@ def test_one_application_holding_the_operators_chart_and_a_pipeline_syncs_in_wav
     kubectl("delete", "crd", CRD_NAME, "--ignore-not-found", "--wait=true", "--timeout=60s")
     assert not kubectl("get", "crd", CRD_NAME, check=False).stdout.strip()
 
-    body = pipeline()
-    body["metadata"]["annotations"] = {"argocd.argoproj.io/sync-wave": "1"}
+    body = pipeline_in_wave("1")
     name = body["metadata"]["name"]
     sha = gitops.repo.push(
         "the operator's chart and a Pipeline", {"chart": CHART, "pipelines/pipeline.yaml": body}

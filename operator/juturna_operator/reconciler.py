@@ -39,6 +39,8 @@ BEYOND_CREATED = {
     InstanceState.Ready: [("WarmedUp", "all nodes warmed up")],
     InstanceState.Running: [("WarmedUp", "all nodes warmed up"), ("Started", "pipeline started")],
 }
+# The phase shown while one call does several steps: the step it is in.
+STEP_ACTION = {Step.create: Action.Create, Step.warmup: Action.Warmup, Step.start: Action.Start}
 # How far a create may go in one call, for each desired state (engines that cannot go
 # further create, and the lifecycle does the rest step by step).
 UNTIL = {
@@ -380,11 +382,16 @@ class Reconciler:
     async def _with_progress(
         self, p: _Pass, info: InstanceInfo | None, action: Action, spec: PipelineSpec | None
     ) -> None:
-        """Run one action; if it outlives the progress threshold, say so in status first."""
+        """Run one action; if it outlives the progress threshold, say so in status first,
+        and again if the engine moves on to another step within it (a deploy)."""
         task = asyncio.ensure_future(self._act(p, action, spec))
-        done, _ = await asyncio.wait({task}, timeout=self.settings.progress_threshold_s)
-        if not done:
-            await self._publish(p, info, action)
+        shown: Action | None = None
+        while not (await asyncio.wait({task}, timeout=self.settings.progress_threshold_s))[0]:
+            step = self.engine.step_under_way(p.key)
+            now = STEP_ACTION.get(step, action) if step is not None else action
+            if now is not shown:
+                await self._publish(p, info, now)
+                shown = now
         try:
             await task
         except PipelineFailure:

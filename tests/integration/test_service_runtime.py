@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from operator_process import stop_popen
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import Plan
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import MISSES_ALLOWED, ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -113,6 +115,7 @@ class Proxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self.drops: list[str] = []
         self.dropped: list[str] = []  # request lines whose answer was lost
+        self.requests: list[str] = []  # every request line forwarded, in order
         self._server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
 
@@ -132,6 +135,7 @@ class Proxy:
         try:
             while (request := await read_message(reader)) is not None:
                 line = request.split(b"\r\n", 1)[0].decode()
+                self.requests.append(line)
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
                 try:
                     up_writer.write(request)
@@ -435,6 +439,98 @@ def test_a_deploy_whose_answer_was_lost_is_not_sent_again(serve: JuturnaServe) -
             await client.close()
             await proxy.down()
             await remove(serve.url, *made)
+
+    asyncio.run(scenario())
+
+
+def boom_config(name: str) -> dict[str, Any]:
+    """The ticker into a node whose constructor raises: Juturna builds nodes at warmup."""
+    nodes = [
+        {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 1}},
+        {"name": "amp", "type": "proc", "mark": "boom", "configuration": {"model": "/nope"}},
+        {"name": "out", "type": "sink", "mark": "jsonl"},
+    ]
+    links = [{"from": "src", "to": "amp"}, {"from": "amp", "to": "out"}]
+    spec = {"plugins": ["tones", "faulty"], "nodes": nodes, "links": links}
+    return PipelineSpec.model_validate(spec).to_juturna_config(name)
+
+
+RUNNING, READY = Plan(until=InstanceState.Running), Plan(until=InstanceState.Ready)
+
+
+def test_a_new_pipeline_reaches_running_with_one_request_and_ready_with_two(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    """Juturna's deploy does create, warm up and start in one request; Ready takes create and
+    warm up. Counted on the wire, through the proxy."""
+
+    async def scenario() -> None:
+        async with through_proxy(serve, tmp_path, "wire") as (proxy, engine, key, made):
+            pipeline_id = made(await engine.create(key, config(key.juturna_name), "r1", RUNNING))
+            assert proxy.requests == ["POST /pipelines/deploy HTTP/1.1"]
+            info = await engine.status(key)
+            assert info is not None
+            assert (info.state, info.pipeline_id) == (InstanceState.Running, pipeline_id)
+            await engine.delete(key)
+            proxy.requests.clear()
+            other = new_key("wire")
+            pipeline_id = made(await engine.create(other, config(other.juturna_name), "r1", READY))
+            assert proxy.requests == [
+                "POST /pipelines/new HTTP/1.1",
+                f"POST /pipelines/{pipeline_id}/warmup HTTP/1.1",
+            ]
+            info = await engine.status(other)
+            assert info is not None
+            assert info.state is InstanceState.Ready
+            await engine.delete(other)
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_deploy_names_the_step_and_its_half_built_pipeline_is_deleted(
+    serve: JuturnaServe, tmp_path: Path
+) -> None:
+    """Juturna's deploy rolls nothing back and its error names neither the step nor the
+    pipeline: the engine finds what it left by name, names the step from its state, and the
+    delete that follows (the reconciler's, after a failed step) removes it."""
+
+    async def scenario() -> None:
+        engine = ServiceEngine(settings(serve.url, tmp_path))
+        try:
+            for make, reason, step, words in (
+                (
+                    boom_config,
+                    FailureReason.WarmupFailed,
+                    Step.warmup,
+                    # What a plain serve says of any error (the per-step warmup says the same).
+                    "Unexpected FileNotFoundError exception, see logs",
+                ),
+                (
+                    functools.partial(config, dud=True, rate=1),
+                    FailureReason.StartFailed,
+                    Step.start,
+                    "Unexpected OSError exception, see logs; node(s) out, src started and keep "
+                    "running on runtime 'local' until it restarts: Juturna's service cannot stop "
+                    "the nodes of a pipeline whose start failed (run juturna_operator.worker as "
+                    "the service: it stops them)",
+                ),
+            ):
+                key = new_key("halves")
+                failure = await failure_of(
+                    engine.create(key, make(key.juturna_name), "r1", RUNNING)
+                )
+                assert (failure.reason, failure.step, failure.message) == (reason, step, words)
+                info = await engine.status(key)
+                assert info is not None, "the half-built pipeline is not held"
+                await engine.delete(key)
+                left = [
+                    pid
+                    for pid, status in (await listed(serve.url)).items()
+                    if key.juturna_name in str(status.get("folder", ""))
+                ]
+                assert not left, f"the half-built pipeline is still on the service: {left}"
+        finally:
+            await engine.close()
 
     asyncio.run(scenario())
 

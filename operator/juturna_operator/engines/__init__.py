@@ -12,6 +12,7 @@ from typing import Any
 
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, Plan
+from juturna_operator.reasons import Step
 from juturna_operator.registry import ENGINES
 from juturna_operator.settings import Settings
 
@@ -80,6 +81,13 @@ class Router:
         if info is None:
             self._owner.pop(key, None)
         return info
+
+    def step_under_way(self, key: PipelineKey) -> Step | None:
+        # A create in flight has no owner yet: either engine may hold it.
+        engines = (self._owner[key],) if key in self._owner else (self._default, self._service)
+        return next(
+            (step for e in engines if e is not None and (step := e.step_under_way(key))), None
+        )
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         removed = await self._default.sweep(keep)

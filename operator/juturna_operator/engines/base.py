@@ -54,13 +54,6 @@ def node_statuses(status: dict[str, Any]) -> dict[str, str]:
     }
 
 
-JUTURNA_STATE = {
-    "pipeline_created": InstanceState.Created,
-    "pipeline_ready": InstanceState.Ready,
-    "pipeline_running": InstanceState.Running,
-}
-
-
 def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
     """Fill ``info`` from our worker's ``/operator/health`` answer: its pipeline's node
     statuses, and the node threads that died (Juturna's status misses those)."""
@@ -134,8 +127,9 @@ class Plan:
 
     runtime: str | None = None  # spec.runtime: the service engine's
     template: dict[str, Any] | None = None  # spec.template: the pod engine's
-    # How far the create may take the instance in one call: the pod engine deploys (create,
-    # warm up, start) with Juturna's one call; the others create, and the lifecycle goes on.
+    # How far the create takes the instance in one engine call (Running: create, warm up and
+    # start; where the runtime is a Juturna service, with its one deploy call). The per-step
+    # calls stay for what is left (Ready → Running) and for recovery.
     until: InstanceState = InstanceState.Created
 
 
@@ -172,6 +166,9 @@ class Engine(Protocol):
         pipeline's folder for its next instance (``carry_output``). Only deletion wipes it."""
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None: ...
+
+    def step_under_way(self, key: PipelineKey) -> Step | None:
+        """Within a create that takes several Juturna steps in one call: the one under way."""
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Remove instances no resource references (``keep``: Juturna name -> pipeline id)."""
@@ -219,6 +216,16 @@ class KeyLock(asyncio.Lock):
 
     abandoned = False
     holder = ""
+    # The Juturna step a long operation is in, where one call does several (a deploy).
+    step: Step | None = None
+
+
+def deploying(lock: KeyLock, until: InstanceState) -> None:
+    """Mark a create that goes on to warm up (and start) in the same call: Juturna's create
+    takes a millisecond, its warmup (building the nodes: models load) is where the time goes,
+    so that is the step the reconciler shows while the call lasts."""
+    if until is not InstanceState.Created:
+        lock.step = Step.warmup
 
 
 class Exclusive:
@@ -239,6 +246,12 @@ class Exclusive:
     def busy(self, key: PipelineKey) -> bool:
         return self._lock(key).locked()
 
+    def step_under_way(self, key: PipelineKey) -> Step | None:
+        """The Juturna step an operation on ``key`` is in now, where it said (a deploy: the
+        reconciler shows it as the phase while the call lasts)."""
+        lock = self._locks.get(key)
+        return lock.step if lock is not None and lock.locked() else None
+
     def drop_lock(self, key: PipelineKey, lock: KeyLock | None = None) -> None:
         """Drop the lock of a deleted instance (``lock``: if it is still that one), unless an
         operation still holds or waits for it: a new lock beside a waited-for one would let
@@ -255,7 +268,7 @@ class Exclusive:
             self._users[key] = self._users.get(key, 0) + 1
             try:
                 async with lock:
-                    lock.holder = operation.__name__.strip("_")
+                    lock.holder, lock.step = operation.__name__.strip("_"), None
                     return await operation(*args)
             finally:
                 self._users[key] -= 1

@@ -20,11 +20,20 @@ Any other POST (Juturna's deploy, our worker's shutdown) is not sent twice: the 
 from __future__ import annotations
 
 import asyncio
+from pathlib import PurePosixPath
 from typing import Any
 
 import httpx
 
+from juturna_operator.domain import InstanceState
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
+
+# Juturna's pipeline states (status "self") as ours.
+JUTURNA_STATE = {
+    "pipeline_created": InstanceState.Created,
+    "pipeline_ready": InstanceState.Ready,
+    "pipeline_running": InstanceState.Running,
+}
 
 # The request never reached the service.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
@@ -44,6 +53,23 @@ DONE_IF_REPEATED = {
     Step.warmup: FailureReason.AlreadyWarmedUp,
     Step.start: FailureReason.AlreadyRunning,
     Step.stop: FailureReason.NotRunning,
+}
+
+
+class HalfBuilt(PipelineFailure):
+    """A deploy that failed part of the way. Juturna rolls nothing back (pitfall 4): the
+    pipeline it built so far stays registered, with ``pipeline_id`` in ``state``; the caller
+    takes it down."""
+
+    def __init__(self, failure: PipelineFailure, pipeline_id: str, state: InstanceState) -> None:
+        super().__init__(failure.reason, failure.step, failure.message)
+        self.pipeline_id, self.state = pipeline_id, state
+
+
+# Where a deploy stopped, read from the state of what it left: the step after that state.
+_FAILED_AFTER = {
+    InstanceState.Created: (FailureReason.WarmupFailed, Step.warmup),
+    InstanceState.Ready: (FailureReason.StartFailed, Step.start),
 }
 
 
@@ -177,6 +203,55 @@ class JuturnaClient:
         if dropped and failure.reason is done_if:
             return None  # the attempt whose answer was lost did it
         raise failure
+
+    async def deploy(
+        self, config: dict[str, Any], until: InstanceState, timeout_s: float
+    ) -> tuple[str, InstanceState]:
+        """Take a new pipeline as far as ``until`` in as few calls as Juturna allows: to
+        Running with its one call (``POST /pipelines/deploy``: create, warm up, start), to
+        Ready with create and warm up. Returns the pipeline's id and state.
+
+        A failure names the step that failed. Juturna's deploy says only that it failed, so
+        the half-built pipeline it left is found by its name and its state says where it
+        stopped: ``HalfBuilt`` carries it, for the caller to delete."""
+        if until is InstanceState.Running:
+            try:
+                status = await self.request(
+                    "POST", "/pipelines/deploy", Step.create, timeout_s, json=config
+                )
+            except PipelineFailure as failure:
+                raise await self._half_built(failure, config["pipeline"]["name"]) from None
+            return str(status["pipe_id"]), InstanceState.Running
+        pipeline_id = await self.create(config)
+        if until is InstanceState.Ready:
+            try:
+                await self.warmup(pipeline_id, timeout_s)
+            except PipelineFailure as failure:
+                raise HalfBuilt(failure, pipeline_id, InstanceState.Created) from None
+            return pipeline_id, InstanceState.Ready
+        return pipeline_id, InstanceState.Created
+
+    async def _half_built(self, failure: PipelineFailure, name: str) -> PipelineFailure:
+        """``failure`` of a deploy, as ``HalfBuilt`` if it left a pipeline called ``name``
+        (the newest, should an older one still wait for the orphan sweep)."""
+        if failure.reason is not FailureReason.CreateFailed:
+            return failure  # refused before anything was built (422, 409, unreachable)
+        try:
+            listed = await self.list()
+        except PipelineFailure:
+            return failure
+        found = [
+            (pipeline_id, JUTURNA_STATE.get(str(status.get("self"))))
+            for pipeline_id, status in listed.items()
+            if PurePosixPath(str(status.get("folder", ""))).name == f"{name}_{pipeline_id}"
+        ]
+        if not found:
+            return failure  # the create itself failed
+        pipeline_id, state = found[-1]
+        if state in _FAILED_AFTER:
+            reason, step = _FAILED_AFTER[state]
+            failure = PipelineFailure(reason, step, failure.message)
+        return HalfBuilt(failure, pipeline_id, state or InstanceState.Created)
 
     async def create(self, config: dict[str, Any]) -> str:
         answer = await self.request("POST", "/pipelines/new", Step.create, json=config, resend=True)

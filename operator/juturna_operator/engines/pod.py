@@ -36,16 +36,16 @@ from kubernetes import client as k8s
 from juturna_operator import api
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import (
-    JUTURNA_STATE,
     WARMUP_TIMEOUT_S,
     InstanceInfo,
     LockedEngine,
     Plan,
     apply_health,
+    deploying,
     held,
     vacant,
 )
-from juturna_operator.engines.client import JuturnaClient
+from juturna_operator.engines.client import JUTURNA_STATE, JuturnaClient
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_server_message
 from juturna_operator.settings import Settings
 
@@ -449,7 +449,8 @@ class PodEngine(LockedEngine):
             await self._call(self._core.create_namespaced_pod, key.namespace, pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
-            pipeline_id, state = await self._deploy(client, config, plan.until)
+            deploying(self._lock(key), plan.until)
+            pipeline_id, state = await client.deploy(config, plan.until, WARMUP_TIMEOUT_S)
         except k8s.ApiException as err:
             await self._remove(key)
             raise _api_failure(err, Step.create) from None
@@ -472,7 +473,10 @@ class PodEngine(LockedEngine):
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
-            runtime.pipeline_id, state = await self._deploy(runtime.client, config, until)
+            deploying(self._lock(key), until)
+            runtime.pipeline_id, state = await runtime.client.deploy(
+                config, until, WARMUP_TIMEOUT_S
+            )
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,
@@ -486,46 +490,6 @@ class PodEngine(LockedEngine):
         runtime.revision, runtime.state = revision, state
         self._runtimes[key] = runtime
         return runtime.pipeline_id
-
-    async def _deploy(
-        self, client: JuturnaClient, config: dict[str, Any], until: InstanceState
-    ) -> tuple[str, InstanceState]:
-        """Take a new instance as far as ``until``: to Running with Juturna's one call
-        (``POST /pipelines/deploy``: create, warm up, start), to Ready with create and warm
-        up. A failure names the step that failed (the caller removes the pod: nothing
-        half-built is kept)."""
-        if until is InstanceState.Running:
-            try:
-                status = await client.request(
-                    "POST", "/pipelines/deploy", Step.create, WARMUP_TIMEOUT_S, json=config
-                )
-            except PipelineFailure as failure:
-                raise await self._failed_step(client, failure) from None
-            return str(status["pipe_id"]), InstanceState.Running
-        pipeline_id = await client.create(config)
-        if until is InstanceState.Ready:
-            await client.warmup(pipeline_id, WARMUP_TIMEOUT_S)
-            return pipeline_id, InstanceState.Ready
-        return pipeline_id, InstanceState.Created
-
-    @staticmethod
-    async def _failed_step(client: JuturnaClient, failure: PipelineFailure) -> PipelineFailure:
-        """Juturna's deploy says only that it failed; the half-built pipeline it leaves
-        (pitfall 4) says where: still created, the warmup failed; ready, the start."""
-        if failure.reason is not FailureReason.CreateFailed:
-            return failure  # a refusal with its own reason (422, 409, unreachable)
-        try:
-            health = await client.request("GET", "/operator/health", Step.create, 2.0)
-        except PipelineFailure:
-            return failure
-        states = {s.get("self") for entry in health.get("pipelines", []) for s in entry.values()}
-        for juturna_state, step, reason in (
-            ("pipeline_created", Step.warmup, FailureReason.WarmupFailed),
-            ("pipeline_ready", Step.start, FailureReason.StartFailed),
-        ):
-            if juturna_state in states:
-                return PipelineFailure(reason, step, failure.message)
-        return failure
 
     async def _warmup(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.warmup)

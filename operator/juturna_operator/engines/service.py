@@ -15,6 +15,11 @@ with the one that watches ``b``. Juturna reports back nothing else the operator 
 its pipelines with (status and list give the id, the folder, the state and the nodes' known
 configuration keys), so the namespace in the name is the owner.
 
+A new pipeline reaches Running with one request, Juturna's deploy (``POST
+/pipelines/deploy``), and Ready with two (create, warm up); a failed deploy names the step
+that failed, and the half-built pipeline it leaves is held and deleted like any other. The
+per-step requests remain for Ready → Running and for recovery.
+
 One status request that fails is not a dead runtime (a loaded service answers late):
 ``MISSES_ALLOWED`` failures in a row are ``RuntimeUnavailable``; until then the last known
 state stands.
@@ -36,17 +41,17 @@ from typing import Any
 from juturna_operator.domain import InstanceState, PipelineKey, log_extra_of_juturna_name
 from juturna_operator.engines.base import (
     DEFAULT_PLAN,
-    JUTURNA_STATE,
     WARMUP_TIMEOUT_S,
     InstanceInfo,
     LockedEngine,
     Plan,
     apply_health,
+    deploying,
     held,
     node_statuses,
     vacant,
 )
-from juturna_operator.engines.client import JuturnaClient, NoAnswer
+from juturna_operator.engines.client import JUTURNA_STATE, HalfBuilt, JuturnaClient, NoAnswer
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 
@@ -109,8 +114,19 @@ class ServiceEngine(LockedEngine):
         runtime = plan.runtime or self._settings.default_runtime
         assert runtime is not None  # create() checked it
         vacant(self._remotes, key)
-        pipeline_id = await self._client(runtime).create(config)
-        self._remotes[key] = _Remote(runtime, pipeline_id, revision)
+        client = self._client(runtime)
+        deploying(self._lock(key), plan.until)
+        try:
+            pipeline_id, state = await client.deploy(config, plan.until, WARMUP_TIMEOUT_S)
+        except HalfBuilt as failure:
+            # Held like any instance, so the delete that follows a failed step takes it down.
+            remote = self._remotes[key] = _Remote(
+                runtime, failure.pipeline_id, revision, failure.state
+            )
+            if failure.reason is FailureReason.StartFailed:
+                raise await self._still_running(client, remote, failure) from None
+            raise
+        self._remotes[key] = _Remote(runtime, pipeline_id, revision, state)
         return pipeline_id
 
     async def _warmup(self, key: PipelineKey) -> None:

@@ -1,10 +1,15 @@
 """What the operator costs on top of Juturna: apply -> Ready latency, API writes, memory, CPU,
-recovery after a crash, and mass deletion, beside bare-Juturna baselines in the same run.
+recovery after a crash, and mass deletion, beside bare-Juturna baselines and the floor in the
+same run.
 
     python bench/harness.py --mode quick|full|smoke [--out docs] [--repetitions 3]
 
 quick: N = 1 and 100 (in-process), 1 and 50 (process); full: adds N = 1000 (in-process).
-smoke: N = 5, one repetition, a few seconds (the test suite runs it so that it cannot rot).
+smoke: N = 5 (in-process) and 1 (process), one repetition, under a minute (the test suite
+runs it so that it cannot rot).
+Each in-process size also runs the floor (``bench/floor.py``: a framework-free operator that
+makes the operator's writes per Pipeline and does no work), by turns with the operator's
+row of that size, measured the same way; the report gives each operator row as a ratio to it.
 The harness starts its own local control plane (or uses $KUBECONFIG with --use-kubeconfig),
 runs the operator as its own process as in production, and writes <out>/benchmarks.json,
 <out>/benchmarks.md and <out>/benchmarks-latency-cdf.png.
@@ -55,6 +60,8 @@ from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 
 CREATE_THREADS = 16
 WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
+FLOOR = "floor"  # the engine name of the floor's rows
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- what a run is made of --------------------------------------------------------------------
@@ -70,7 +77,7 @@ class Scenario:
 
 
 MODES: dict[str, list[Scenario]] = {
-    "smoke": [Scenario("inprocess", 5, recovery=True)],
+    "smoke": [Scenario("inprocess", 5, recovery=True), Scenario("process", 1)],
     "quick": [
         Scenario("inprocess", 1),
         Scenario("inprocess", 100, recovery=True),
@@ -87,15 +94,35 @@ MODES: dict[str, list[Scenario]] = {
 }
 
 
+def with_floors(scenarios: list[Scenario]) -> list[list[Scenario]]:
+    """The scenarios in groups run together: each in-process size's first row with the
+    floor's row of that size before it (unless the list has one), the others alone."""
+    floored = {s.n for s in scenarios if s.engine == FLOOR}
+    groups: list[list[Scenario]] = []
+    for s in scenarios:
+        if s.engine == "inprocess" and s.n not in floored:
+            floored.add(s.n)
+            groups.append([Scenario(FLOOR, s.n, limit_s=s.limit_s), s])
+        else:
+            groups.append([s])
+    return groups
+
+
 # -- observing the cluster --------------------------------------------------------------------
 
 
 class PipelineWatch:
     """A watch on one namespace's Pipelines, stamping when each is first Ready (for the
-    current generation), how many MODIFIED events it caused, and when it was deleted."""
+    current generation), how many MODIFIED events it caused, and when it was deleted.
+    ``on_ready(body, now)`` runs at each first Ready, before a waiter is woken."""
 
-    def __init__(self, objects: client.CustomObjectsApi, namespace: str) -> None:
-        self.objects, self.namespace = objects, namespace
+    def __init__(
+        self,
+        objects: client.CustomObjectsApi,
+        namespace: str,
+        on_ready: Callable[[dict[str, Any], float], None] | None = None,
+    ) -> None:
+        self.objects, self.namespace, self.on_ready = objects, namespace, on_ready
         self.ready_at: dict[str, float] = {}
         self.pipeline_id: dict[str, str] = {}
         self.modified: Counter[str] = Counter()
@@ -140,6 +167,8 @@ class PipelineWatch:
                 for c in status.get("conditions") or []
             )
             if ready and status.get("observedGeneration") == body["metadata"]["generation"]:
+                if name not in self.ready_at and self.on_ready is not None:
+                    self.on_ready(body, now)
                 self.ready_at.setdefault(name, now)
                 self.pipeline_id[name] = status.get("pipelineId") or ""
             self.changed.notify_all()
@@ -187,10 +216,55 @@ def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
     return counts
 
 
-def workers_of(workdir: Path) -> list[int]:
-    from controlplane import processes_mentioning
+def worker_pids(workdir: Path) -> list[int]:
+    """The process engine's live workers, from its records (``.workers/<uid>.json``): how
+    the engine finds them itself, whether it spawned or forked them."""
+    pids = []
+    for record in (workdir / ".workers").glob("*.json"):
+        try:
+            pids.append(int(json.loads(record.read_text())["pid"]))
+        except (OSError, ValueError, KeyError):
+            continue  # being written or removed
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
-    return processes_mentioning(f"--folder {workdir} ")
+
+def started_at(pid: int) -> float:
+    """When a process started, on ``time.monotonic``'s clock (to a clock tick, 10 ms):
+    /proc/<pid>/stat's starttime counts from boot, as CLOCK_BOOTTIME does."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    since_boot = int(fields[19]) / CLOCK_TICKS  # field 22, starttime
+    return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
+
+
+def pss_kib(pid: int) -> int:
+    """A process's proportional set size in KiB (its shared pages divided among sharers)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+class WorkerStarts:
+    """Each worker's start, read when its Pipeline's Ready event arrives: wall time from
+    the worker process's start to that event, its CPU (user + system) and PSS then."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.records = workdir / ".workers"
+        self.starts: list[dict[str, float]] = []
+
+    def __call__(self, body: dict[str, Any], now: float) -> None:
+        try:
+            record = json.loads((self.records / f"{body['metadata']['uid']}.json").read_text())
+            pid = int(record["pid"])
+            self.starts.append(
+                {
+                    "wall_s": now - started_at(pid),
+                    "cpu_s": cpu_seconds(pid),
+                    "pss_mib": pss_kib(pid) / 1024,
+                }
+            )
+        except (OSError, ValueError, KeyError):
+            pass  # no record or no process: this one is not measured (the count says so)
 
 
 # -- the operator as its own process ----------------------------------------------------------
@@ -263,6 +337,18 @@ class BenchOperator(OperatorProcess):
         return 0
 
 
+class FloorProcess(OperatorProcess):
+    """The floor (``bench/floor.py``) on one namespace, started and stopped as the operator
+    is; it logs kopf's start line once its watch is open."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, base: Path) -> None:
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        super().__init__(base / "floor.log", env, ["-n", namespace], tied=False)
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO / "bench" / "floor.py"), *self.where]
+
+
 # -- one scenario -----------------------------------------------------------------------------
 
 
@@ -279,8 +365,15 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     base = Path(tempfile.mkdtemp(prefix=f"bench-{scenario.engine}-"))
-    op = BenchOperator(kubeconfig, ns, scenario.engine, base)
-    seen = PipelineWatch(objects, ns)
+    op: OperatorProcess
+    starts: WorkerStarts | None = None
+    if scenario.engine == FLOOR:
+        op = FloorProcess(kubeconfig, ns, base)
+    else:
+        op = BenchOperator(kubeconfig, ns, scenario.engine, base)
+        if scenario.engine == "process":
+            starts = WorkerStarts(op.workdir)
+    seen = PipelineWatch(objects, ns, starts)
     result: dict[str, Any] = {"engine": scenario.engine, "n": n}
     names = [manifest(i)["metadata"]["name"] for i in range(n)]
     try:
@@ -323,11 +416,15 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
         result["cpu_s_per_pipeline"] = (cpu_seconds(op.proc.pid) - cpu_before) / n
         result["rss_mib"] = rss_kib(op.proc.pid) / 1024
         result["rss_per_pipeline_mib"] = (result["rss_mib"] - result["base_rss_mib"]) / n
-        if scenario.engine == "process":
-            workers = workers_of(op.workdir)
-            result["worker_rss_mib"] = statistics.median(rss_kib(p) for p in workers) / 1024
+        if starts is not None:
+            assert isinstance(op, BenchOperator)
+            result["worker_starts"] = starts.starts
+            workers = worker_pids(op.workdir)
+            if workers:
+                result["worker_rss_mib"] = statistics.median(rss_kib(p) for p in workers) / 1024
 
         if scenario.recovery and all_ready:
+            assert isinstance(op, BenchOperator), "the floor has no recovery row"
             ids_before = dict(seen.pipeline_id)
             op.kill()
             restarted = time.monotonic()
@@ -444,14 +541,21 @@ def run(
     results["scenarios"] = []
     sizes = sorted({s.n for s in MODES[mode] if s.engine == "inprocess"})
     with cluster(use_kubeconfig) as kubeconfig:
-        for scenario in MODES[mode]:
-            entry = done.get((scenario.engine, scenario.n)) or {"scenario": scenario.__dict__}
-            runs: list[dict[str, Any]] = entry.setdefault("runs", [])
-            results["scenarios"].append(entry)
-            while len(runs) < (scenario.repetitions or repetitions):
-                runs.append(run_scenario(kubeconfig, scenario))
-                save()
-            print(f"  {scenario}: done", file=sys.stderr)
+        for group in with_floors(MODES[mode]):
+            # A floor row and its operator row take turns, repetition by repetition, so
+            # that a slow spell of the shared machine weighs on both alike.
+            entries = [
+                done.get((s.engine, s.n)) or {"scenario": s.__dict__, "runs": []} for s in group
+            ]
+            results["scenarios"] += entries
+            wanted = [s.repetitions or repetitions for s in group]
+            for repetition in range(max(wanted)):
+                for scenario, entry, count in zip(group, entries, wanted, strict=True):
+                    if len(entry["runs"]) <= repetition < count:
+                        entry["runs"].append(run_scenario(kubeconfig, scenario))
+                        save()
+            for scenario in group:
+                print(f"  {scenario}: done", file=sys.stderr)
     # The deletion floor is measured once per N and method, each in a fresh process (at
     # N = 1000 it takes minutes: docs/juturna.md, pitfall 10); the other repetitions
     # measure deploys only.
@@ -476,7 +580,9 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=None, help="default: 3 (smoke: 1)")
     parser.add_argument("--out", type=Path, help="default: docs/ (full), .state/bench/ (others)")
     parser.add_argument(
-        "--only", help="scenarios instead of the mode's, e.g. inprocess:100,process:50:recovery"
+        "--only",
+        help="scenarios instead of the mode's, e.g. inprocess:100,process:50:recovery "
+        "(each in-process size brings its floor row; floor:100 alone runs only the floor)",
     )
     parser.add_argument("--use-kubeconfig", action="store_true", help="use $KUBECONFIG's cluster")
     parser.add_argument(

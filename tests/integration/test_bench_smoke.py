@@ -1,13 +1,15 @@
-"""The benchmark harness, at N = 5 and one repetition, so that it cannot rot.
+"""The benchmark harness in smoke mode (N = 5 in-process with its floor row, one process
+worker; one repetition), so that it cannot rot.
 
 No timing is asserted (the machine is shared and noisy): only that every measurement is
-made and the report is written.
+made, the floor makes the operator's writes, and the report is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +36,28 @@ def test_the_harness_measures_everything_at_n_5(kubeconfig: Path, tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "benchmarks.json").read_text())
-    (run,) = results["scenarios"][0]["runs"]
+    rows = {(s["scenario"]["engine"], s["scenario"]["n"]): s["runs"] for s in results["scenarios"]}
+    assert list(rows) == [("floor", 5), ("inprocess", 5), ("process", 1)]
+    (run,) = rows["inprocess", 5]
     assert len(run["latencies_s"]) == 5
     assert all(latency > 0 for latency in run["latencies_s"])
     for key in ("writes_per_pipeline", "requests_per_pipeline", "base_rss_mib", "delete_all_s"):
         assert run[key] > 0, key
     assert run["recovery_s"] > 0
     assert run["recovered_redeployed"] == 5  # in-process instances die with the operator
+    # The floor is measured as the operator is, and makes the same writes per Pipeline.
+    (floor,) = rows["floor", 5]
+    assert len(floor["latencies_s"]) == floor["ready"] == floor["deleted"] == 5
+    assert all(latency > 0 for latency in floor["latencies_s"])
+    # The same kinds of write; only counts may differ (a slow pass adds a progress status).
+    assert set(floor["writes_by_kind"]) == set(run["writes_by_kind"]), (floor, run)
+    assert all(count == 1 for count in floor["writes_by_kind"].values()), floor
+    assert floor["cpu_s_per_pipeline"] > 0
+    # One worker's start, read from its record and /proc at the Ready event.
+    (process,) = rows["process", 1]
+    (start,) = process["worker_starts"]
+    for key in ("wall_s", "cpu_s", "pss_mib"):
+        assert start[key] > 0, (key, start)
     (base,) = results["baselines"]
     assert len(base["direct"][0]["latencies_s"]) == len(base["serve"][0]["latencies_s"]) == 5
     # One deletion floor per method, each in its own process.
@@ -48,6 +65,15 @@ def test_the_harness_measures_everything_at_n_5(kubeconfig: Path, tmp_path: Path
     assert base["direct"][1]["delete_threaded_s"] > 0
     assert not (tmp_path / "benchmarks.partial.json").exists()  # the run completed
     report = (tmp_path / "benchmarks.md").read_text()
-    assert "### Targets" in report
-    assert "| inprocess | 5 |" in report
+    assert "### Goals (issue 17)" in report
+    assert "| floor | 5 |" in report
+    # The first such row is apply → Ready's, with the two xfloor columns after "all Ready".
+    operator_row = next(
+        line for line in report.splitlines() if line.startswith("| inprocess | 5 |")
+    )
+    assert re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \|", operator_row), operator_row  # xfloor
+    # The worker-start goals are measured at N = 1, so smoke mode fills them in.
+    assert re.search(
+        r"\| process engine, one worker's start: wall .* ms \| (yes|\*\*no\*\*) \|", report
+    )
     assert (tmp_path / "benchmarks-latency-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,8 +6,9 @@ It watches one namespace's Pipelines and, for each new generation, makes what th
 writes on its way to Ready (docs/benchmarks.md, "writes by kind", in-process): the finalizer
 (PATCH on the object), one status (PATCH on ``/status``, the shape ``status.build_status``
 writes for a Running pipeline: phase, observedGeneration, the four conditions with
-``Ready=True``, nodes) and one Normal Event (POST, kopf's body). It deploys nothing. When a
-Pipeline is deleted it removes its finalizer, as the operator does.
+``Ready=True``, nodes; tests/integration/test_bench_smoke.py holds it to ``build_status``)
+and one Normal Event (POST, kopf's body). It deploys nothing. When a Pipeline is deleted it
+removes its finalizer, as the operator does.
 
 What it is for: on our 2 shared cores the API server, etcd and the operator compete for the
 same CPU, so an absolute latency says as much about the machine as about the operator. The

@@ -96,13 +96,16 @@ MODES: dict[str, list[Scenario]] = {
 
 def with_floors(scenarios: list[Scenario]) -> list[list[Scenario]]:
     """The scenarios in groups run together: each in-process size's first row with the
-    floor's row of that size before it (unless the list has one), the others alone."""
-    floored = {s.n for s in scenarios if s.engine == FLOOR}
+    floor's row of that size before it (the one listed, or a new one), the others alone."""
+    floors = {s.n: s for s in scenarios if s.engine == FLOOR}
+    sizes = {s.n for s in scenarios if s.engine == "inprocess"}
     groups: list[list[Scenario]] = []
     for s in scenarios:
-        if s.engine == "inprocess" and s.n not in floored:
-            floored.add(s.n)
-            groups.append([Scenario(FLOOR, s.n, limit_s=s.limit_s), s])
+        if s.engine == FLOOR and s.n in sizes:
+            continue  # it runs with its in-process row
+        if s.engine == "inprocess" and s.n in sizes:
+            sizes.discard(s.n)
+            groups.append([floors.get(s.n) or Scenario(FLOOR, s.n, limit_s=s.limit_s), s])
         else:
             groups.append([s])
     return groups

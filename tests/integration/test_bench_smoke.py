@@ -7,15 +7,23 @@ made, the floor makes the operator's writes, and the report is written.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
+from juturna_operator.api import DesiredState
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo
+from juturna_operator.lifecycle import Desired, Observed
+from juturna_operator.status import Facts, build_status
 from support import REPO, assert_sole_operator
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
@@ -77,3 +85,48 @@ def test_the_harness_measures_everything_at_n_5(kubeconfig: Path, tmp_path: Path
         r"\| process engine, one worker's start: wall .* ms \| (yes|\*\*no\*\*) \|", report
     )
     assert (tmp_path / "benchmarks-latency-cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bench_module(name: str) -> ModuleType:
+    """A module of bench/ by its file (bench/ is not on the path: its names are generic)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_floor_writes_the_status_the_operator_writes_on_running() -> None:
+    """The floor's status is ``build_status``'s for a Running pipeline, field for field (but
+    the transition times): when the operator's status changes shape, this fails, and the
+    floor must follow (issue 17: the same writes per Pipeline)."""
+    floor, workload = bench_module("floor"), bench_module("workload")
+    body: dict[str, Any] = workload.pipeline_manifest("p0001")
+    body["metadata"] |= {"namespace": "bench", "uid": "u-1", "generation": 3}
+    nodes = [node["name"] for node in body["spec"]["nodes"]]
+    info = InstanceInfo(
+        PipelineKey("bench", "p0001", "u-1"),
+        "pid-1",
+        "rev",
+        InstanceState.Running,
+        dict.fromkeys(nodes, "Running"),
+    )
+    facts = Facts(
+        Desired(DesiredState.Running, 3, "rev"),
+        Observed(InstanceState.Running, "rev", 3),
+        None,
+        (),
+        0,
+        len(nodes),
+        info,
+    )
+
+    def timeless(status: dict[str, Any]) -> dict[str, Any]:
+        conditions = [c | {"lastTransitionTime": "-"} for c in status["conditions"]]
+        return status | {"conditions": conditions}
+
+    operators = timeless(build_status(facts, []))
+    floors = timeless(floor.running_status(body, "pid-1"))
+    assert floors == operators

@@ -43,8 +43,9 @@ from typing import Any
 import aiohttp
 import yaml
 
-GROUP, VERSION, PLURAL = "juturna.io", "v1alpha1", "pipelines"
-FINALIZER = f"{GROUP}/cleanup"  # the operator's (handlers.FINALIZER)
+from juturna_operator.api import GROUP, PLURAL, VERSION
+
+FINALIZER = f"{GROUP}/cleanup"  # the operator's (handlers.FINALIZER; that module needs kopf)
 UP_LINE = "Initial authentication has finished"  # what hack/operator_process.py waits for
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 WRITE_ATTEMPTS = 5  # a write that fails for a transient reason is retried

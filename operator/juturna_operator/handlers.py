@@ -25,7 +25,7 @@ from juturna_operator import api
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router, make_engine
 from juturna_operator.metrics import Metrics
-from juturna_operator.reasons import api_server_message
+from juturna_operator.patching import StatusPatcher
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 
@@ -48,9 +48,12 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
-# Status writes run in the default executor (the Kubernetes client blocks); its default
-# size, cores + 4, queued them behind each other when many Pipelines change at once.
-STATUS_WRITE_THREADS = 32
+# Blocking calls (the Kubernetes client of the pod engine and of the orphan sweep, file
+# work of the engines) run in the default executor; its default size, cores + 4, queued
+# them behind each other when many Pipelines change at once.
+BLOCKING_CALL_THREADS = 32
+# Status writes: one bounded pool of connections on the event loop (patching.py).
+STATUS_WRITE_CONNECTIONS = 32
 
 
 def _api_client() -> k8s.ApiClient:
@@ -59,20 +62,10 @@ def _api_client() -> k8s.ApiClient:
     except k8s_config.ConfigException:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
     configuration = k8s.Configuration.get_default_copy()
-    # One pooled connection per writing thread: the client's default pool (10) made urllib3
+    # One pooled connection per thread: the client's default pool (10) made urllib3
     # discard and reopen connections under a burst.
-    configuration.connection_pool_maxsize = STATUS_WRITE_THREADS
+    configuration.connection_pool_maxsize = BLOCKING_CALL_THREADS
     return k8s.ApiClient(configuration)
-
-
-class StatusWriteRefused(Exception):
-    """The API server refused a status write; the message is its own, in plain words (the
-    client's exception shows it JSON-escaped inside the response body)."""
-
-    def __init__(self, err: k8s.ApiException) -> None:
-        self.status = err.status
-        message = api_server_message(err.body) or err.body
-        super().__init__(f"status write refused ({err.status} {err.reason}): {message}")
 
 
 class Operator:
@@ -93,26 +86,11 @@ class Operator:
         self.sweeper: asyncio.Task[None] | None = None
         self.wakeups: dict[str, asyncio.Event] = {}  # uid -> wakes its daemon
         self.bodies: dict[str, Any] = {}  # uid -> latest body, for Events
+        self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
 
     async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
-        """One merge patch of the status subresource (never the spec)."""
-        try:
-            # The client's hints say object: with _preload_content=False it is urllib3's.
-            response: Any = await asyncio.to_thread(
-                self.objects.patch_namespaced_custom_object_status,
-                api.GROUP,
-                api.VERSION,
-                key.namespace,
-                api.PLURAL,
-                key.name,
-                {"status": status},
-                _preload_content=False,  # read as bytes, never parsed: parsing cost CPU at scale
-            )
-            response.data  # noqa: B018  (consumed before the connection is reused)
-            response.release_conn()
-        except k8s.ApiException as err:
-            if err.status != 404:  # deleted meanwhile: nothing to describe
-                raise StatusWriteRefused(err) from None
+        """One merge patch of the status subresource (never the spec), on the event loop."""
+        await self.patcher.patch(key, status)
 
     def post_event(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
         body = self.bodies.get(key.uid)
@@ -173,7 +151,7 @@ async def startup(
     settings.watching.connect_timeout = 15
     settings.peering.standalone = True
     asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=STATUS_WRITE_THREADS, thread_name_prefix="k8s-call")
+        ThreadPoolExecutor(max_workers=BLOCKING_CALL_THREADS, thread_name_prefix="k8s-call")
     )
     ours: Settings = memo.get("settings") or Settings.from_env()
     # Watching named namespaces needs no cluster-wide right: kopf would otherwise list
@@ -206,6 +184,7 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     if operator.sweeper is not None:
         operator.sweeper.cancel()
     await operator.engine.close()
+    await operator.patcher.close()
     logger.info("engine closed")
 
 

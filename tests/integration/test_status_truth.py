@@ -19,6 +19,7 @@ from juturna_operator import api, handlers
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router
 from juturna_operator.engines.inprocess import InProcessEngine
+from juturna_operator.patching import StatusPatcher, StatusWriteRefused
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 from support import (
@@ -34,8 +35,8 @@ from support import (
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
 
 
-def refused(status: int) -> handlers.StatusWriteRefused:
-    return handlers.StatusWriteRefused(client.ApiException(status=status, reason="Injected"))
+def refused(status: int) -> StatusWriteRefused:
+    return StatusWriteRefused(status, "Injected")
 
 
 def test_a_status_write_that_failed_is_written_on_the_next_pass(
@@ -79,7 +80,7 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
         reconciler = Reconciler(engine, settings, write_status, lambda *_: None)
         log = logging.getLogger("test")
         try:
-            with pytest.raises(handlers.StatusWriteRefused):
+            with pytest.raises(StatusWriteRefused):
                 await reconciler.reconcile(current(), log)
             for _ in range(2):  # as kopf runs the daemon again after its backoff
                 await reconciler.reconcile(current(), log)
@@ -87,6 +88,7 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
         finally:
             await reconciler.finalize(current(), log)
             await engine.close()
+            await operators[0].patcher.close()
 
     asyncio.run(passes())
     assert attempts[:5] == ["Pending", "Creating", "WarmingUp", "Starting", "Running"], attempts
@@ -94,6 +96,47 @@ def test_a_status_write_that_failed_is_written_on_the_next_pass(
     live = seen[0]
     assert live.status["phase"] == "Running"
     assert condition({"status": live.status}, "Ready")["status"] == "True"
+
+
+def test_a_refused_status_write_names_the_api_servers_reason(
+    objects: client.CustomObjectsApi, namespace: str, crd: None
+) -> None:
+    """The writer on the event loop: a write lands; a write the schema refuses raises with
+    the API server's own message (not its JSON); a Pipeline deleted meanwhile is no error."""
+    body = manifest("patched")
+    made = objects.create_namespaced_custom_object(
+        api.GROUP, api.VERSION, namespace, api.PLURAL, body
+    )
+    key = PipelineKey(namespace, "patched", made["metadata"]["uid"])
+    patcher = StatusPatcher(objects.api_client.configuration, connections=2)
+
+    async def writes() -> StatusWriteRefused:
+        try:
+            await patcher.patch(key, {"phase": "Pending", "restarts": 3})
+            with pytest.raises(StatusWriteRefused) as refusal:
+                await patcher.patch(key, {"phase": "Sleeping"})
+            await patcher.patch(PipelineKey(namespace, "absent", "x"), {"phase": "Pending"})
+            return refusal.value
+        finally:
+            await patcher.close()
+
+    try:
+        refusal = asyncio.run(writes())
+        live = objects.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, "patched"
+        )
+    finally:
+        objects.delete_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, "patched"
+        )
+    assert live["status"]["phase"] == "Pending"
+    assert live["status"]["restarts"] == 3
+    assert refusal.status == 422
+    text = str(refusal)
+    assert text.startswith("status write refused (422 Unprocessable Entity): "), text
+    assert 'status.phase: Unsupported value: "Sleeping"' in text, text
+    assert '\\"' not in text, text  # not JSON-escaped
+    assert "{" not in text.split(": ", 1)[1], text  # nor inside the body
 
 
 def test_a_failure_the_configuration_caused_is_checked_again_after_a_restart(

@@ -91,12 +91,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     # kopf's liveness endpoint: the kubelet's probe every few seconds is not news either.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # Every watch event runs the "wake" handler; its success is not news.
+    # Every watch event runs the "enqueue" handler; its success is not news.
     logging.getLogger("kopf.objects").addFilter(
-        lambda record: "Handler 'wake' succeeded" not in record.getMessage()
+        lambda record: "Handler 'enqueue' succeeded" not in record.getMessage()
     )
     if settings.engine == "pod":
-        # Pod changes wake their Pipeline through a watch on our labelled pods, not a poll.
+        # Pod changes queue their Pipeline through a watch on our labelled pods, not a poll.
         from juturna_operator.engines.pod import MANAGED_BY
 
         kopf.on.event("", "v1", "pods", labels=MANAGED_BY)(handlers.pod_event)

@@ -1,9 +1,12 @@
 """The kopf layer: thin handlers that hand each Pipeline to the reconciler.
 
-* ``on.event``: every watch event wakes the resource's daemon; it stores nothing, so
-  kopf writes no diff-base or progress for it (no GitOps drift).
-* ``daemon``: one per Pipeline, level-triggered: reconcile, then sleep until woken, the
-  health interval, or a backoff deadline.
+* ``on.event``: every watch event (and kopf's listing of every Pipeline at startup: how a
+  restarted operator adopts them) puts the Pipeline's uid on one reconcile queue
+  (``workqueue.WorkQueue``); it stores nothing, so kopf writes no diff-base or progress
+  for it (no GitOps drift).
+* The queue's workers, a bounded set shared by every Pipeline, reconcile level-triggered;
+  each pass says when it wants its next look (the health interval, or a backoff deadline),
+  kept in the queue's one timer heap.
 * ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
 
 kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
@@ -28,6 +31,7 @@ from juturna_operator.metrics import Metrics
 from juturna_operator.patching import StatusPatcher
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
+from juturna_operator.workqueue import WorkQueue
 
 FINALIZER = f"{api.GROUP}/cleanup"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps the last handled spec to tell creations from updates for ``on.create`` and
-    ``on.update`` handlers. This operator has none: the daemon reconciles level-triggered and
+    ``on.update`` handlers. This operator has none: the queue reconciles level-triggered and
     ``on.delete`` needs only the finalizer. Storing it would cost one more status write per
     Pipeline; without it, kopf sees every event as a creation that no handler wants."""
 
@@ -54,6 +58,14 @@ class NoDiffBase(kopf.DiffBaseStorage):
 BLOCKING_CALL_THREADS = 32
 # Status writes: one bounded pool of connections on the event loop (patching.py).
 STATUS_WRITE_CONNECTIONS = 32
+# Passes at once, over every Pipeline. A pass mostly awaits its engine (bounded itself:
+# JUTURNA_OPERATOR_MAX_CONCURRENCY threads in-process); more workers would only queue there.
+RECONCILE_WORKERS = 128
+# A pass that failed unexpectedly (e.g. an API error on a status write) is tried again soon.
+RETRY_AFTER_ERROR_S = 2.0
+# How long a pass in flight may go on once its Pipeline is deleted, or the operator stops,
+# before it is cancelled (engine operations are shielded: they finish on their own).
+PASS_GRACE_S = 5.0
 
 
 def _api_client() -> k8s.ApiClient:
@@ -78,15 +90,74 @@ class Operator:
         objects: k8s.CustomObjectsApi,
         engine: Router,
         metrics: Metrics | None,
+        kopf_settings: kopf.OperatorSettings | None = None,
     ) -> None:
         self.settings, self.objects, self.engine = settings, objects, engine
+        self.kopf_settings = kopf_settings or kopf.OperatorSettings()
         self.reconciler = Reconciler(
             engine, settings, self.write_status, self.post_event, metrics=metrics
         )
         self.sweeper: asyncio.Task[None] | None = None
-        self.wakeups: dict[str, asyncio.Event] = {}  # uid -> wakes its daemon
-        self.bodies: dict[str, Any] = {}  # uid -> latest body, for Events
+        self.bodies: dict[str, Any] = {}  # uid -> latest body, for passes and Events
+        # uid -> kopf's logger for that Pipeline: its warnings are posted as Events too.
+        self.loggers: dict[str, kopf.ObjectLogger] = {}
+        self.queue: WorkQueue[str] = WorkQueue(
+            self.reconcile, RECONCILE_WORKERS, retry_after_error_s=RETRY_AFTER_ERROR_S
+        )
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
+
+    def observe(self, body: kopf.Body, deleted: bool) -> None:
+        """A watch event of a Pipeline: keep its latest body, and queue it."""
+        uid = body.get("metadata", {}).get("uid")
+        if not uid:
+            return
+        if deleted:
+            self.bodies.pop(uid, None)
+            self.loggers.pop(uid, None)
+            return
+        self.bodies[uid] = body
+        self.start_queue()
+        self.queue.add(uid)
+
+    def start_queue(self) -> None:
+        """Start the queue's workers from inside a kopf handler, once: ``kopf.event`` (and
+        the Events kopf's logger posts) find kopf's event queue in context variables that
+        kopf sets for its handlers only, and a task inherits its creator's."""
+        if not self.queue.started:
+            self.queue.start()
+
+    async def reconcile(self, uid: str) -> float | None:
+        """One pass over a Pipeline (a queue worker's): seconds until its next look."""
+        body = self.bodies.get(uid)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # gone, or its finalizer owns it now
+        logger = self.loggers.get(uid)
+        if logger is None:
+            logger = self.loggers[uid] = kopf.ObjectLogger(body=body, settings=self.kopf_settings)
+        try:
+            return await self.reconciler.reconcile(Resource.from_body(body), logger)
+        except Exception:
+            logger.exception("reconcile failed; trying again in %g s", RETRY_AFTER_ERROR_S)
+            return RETRY_AFTER_ERROR_S
+
+    async def finalize(self, body: kopf.Body, logger: kopf.Logger) -> None:
+        """Deletion: the reconciler stops any pass at its next step and finalizes; a pass
+        stuck in one step past the grace is cancelled."""
+        uid = body["metadata"]["uid"]
+        self.bodies[uid] = body
+        finalizing = asyncio.ensure_future(
+            self.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
+        )
+        try:
+            done, _ = await asyncio.wait({finalizing}, timeout=PASS_GRACE_S)
+            if not done:
+                self.queue.cancel(uid)
+            await finalizing
+        except asyncio.CancelledError:
+            finalizing.cancel()  # kopf gave up on this handler (shutdown): so does it
+            raise
+        self.bodies.pop(uid, None)
+        self.loggers.pop(uid, None)
 
     async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
         """One merge patch of the status subresource (never the spec), on the event loop."""
@@ -164,7 +235,7 @@ async def startup(
         metrics = Metrics()
         metrics.serve(ours.metrics_port)
     operator = Operator(
-        ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics
+        ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics, settings
     )
     operator.sweeper = asyncio.create_task(operator.sweep_orphans())
     memo.operator = operator
@@ -183,70 +254,33 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         return
     if operator.sweeper is not None:
         operator.sweeper.cancel()
+    # The watches have ended: nothing queues any more. Passes in flight finish or are cancelled.
+    await operator.queue.stop(PASS_GRACE_S)
     await operator.engine.close()
     await operator.patcher.close()
     logger.info("engine closed")
 
 
 @kopf.on.event(*RESOURCE)
-async def wake(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+async def enqueue(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Every watch event of a Pipeline queues it; kopf's listing at startup queues them all."""
     operator: Operator = memo.operator
-    uid = body.get("metadata", {}).get("uid")
-    if not uid:
-        return
-    if type == "DELETED":
-        operator.bodies.pop(uid, None)
-        return
-    operator.bodies[uid] = body
-    event = operator.wakeups.get(uid)
-    if event is not None:
-        event.set()
+    operator.observe(body, deleted=type == "DELETED")
 
 
 async def pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """A change of one of our pods (engine pod): the engine sees it, and its Pipeline wakes
-    at once, without waiting for its next health check. Registered by the CLI for that
-    engine only (it needs the right to watch pods)."""
+    """A change of one of our pods (engine pod): the engine sees it, and its Pipeline is
+    queued at once, without waiting for its next health check. Registered by the CLI for
+    that engine only (it needs the right to watch pods)."""
     operator: Operator = memo.operator
     uid = operator.engine.observe(type or "", dict(body))
-    wakeup = operator.wakeups.get(uid or "")
-    if wakeup is not None:
-        wakeup.set()
-
-
-# backoff: a pass that fails unexpectedly (e.g. an API error on a status write) is tried
-# again in 2 s, not kopf's default 60 s.
-@kopf.daemon(*RESOURCE, cancellation_timeout=5.0, backoff=2.0)
-async def run_pipeline(
-    body: kopf.Body,
-    stopped: kopf.DaemonStopped,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
-) -> None:
-    """Keep one Pipeline at its desired state for as long as it exists."""
-    operator: Operator = memo.operator
-    uid = body["metadata"]["uid"]
-    operator.bodies[uid] = body
-    wakeup = operator.wakeups.setdefault(uid, asyncio.Event())
-    try:
-        while not stopped:
-            wakeup.clear()
-            delay = await operator.reconciler.reconcile(Resource.from_body(body), logger)
-            waiters = [asyncio.ensure_future(wakeup.wait()), asyncio.ensure_future(stopped.wait())]
-            try:
-                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-    finally:
-        operator.wakeups.pop(uid, None)
+    if uid and uid in operator.bodies:
+        operator.start_queue()
+        operator.queue.add(uid)
 
 
 @kopf.on.delete(*RESOURCE)
 async def delete_pipeline(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Stop and delete the instance; the finalizer goes when this returns."""
     operator: Operator = memo.operator
-    operator.bodies[body["metadata"]["uid"]] = body
-    await operator.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
-    operator.bodies.pop(body["metadata"]["uid"], None)
+    await operator.finalize(body, logger)

@@ -319,7 +319,7 @@ class Reconciler:
                 self._event(p, "Warning", failure.reason.name, failure.message)
                 log.warning("while deleting: %s", failure, extra=resource.key.log_extra)
         try:
-            # A create still in flight (its daemon was cancelled; engine operations are
+            # A create still in flight (its pass was cancelled; engine operations are
             # shielded) is not in the engine's status until it ends. delete() waits for it
             # and removes what it made, output included; with nothing there it is a no-op.
             await self.engine.delete(p.key)

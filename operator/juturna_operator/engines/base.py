@@ -231,8 +231,8 @@ def deploying(lock: KeyLock, until: InstanceState) -> None:
 class Exclusive:
     """One operation at a time per instance, and never abandoned halfway.
 
-    Each operation runs under its instance's lock inside ``asyncio.shield``: when kopf
-    cancels a caller (a daemon stopped by a deletion), the operation still finishes and
+    Each operation runs under its instance's lock inside ``asyncio.shield``: when its caller
+    is cancelled (a pass, after a deletion), the operation still finishes and
     records what it did, so the deletion that follows finds (and removes) it.
     """
 

@@ -1,0 +1,207 @@
+"""A de-duplicating reconcile queue served by a bounded set of asyncio workers, after
+controller-runtime's workqueue.
+
+* A key added while it waits is queued once; a key added while it is being processed is
+  processed again after that pass, never by two workers at once.
+* Each pass returns when it wants its next look (seconds, or None): one timer heap holds
+  these delayed re-queues for every key, served by a single timer handle on the loop, not
+  a task per key. A pass that begins supersedes the key's pending look (it schedules its own).
+* A pass that raises is logged and looked at again after ``retry_after_error_s``.
+* ``cancel(key)`` cancels a pass in flight (its worker carries on); ``stop`` lets passes in
+  flight finish within a grace period, then cancels them.
+
+A wake-up here is a deque append and, for an idle worker, one future resolved: about a
+microsecond, against 31-45 µs to wake one of a kopf daemon's two tasks per object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+
+log = logging.getLogger(__name__)
+
+
+class WorkQueue[K: Hashable]:
+    """Keys to process, each by one worker at a time; see the module's docstring."""
+
+    def __init__(
+        self,
+        process: Callable[[K], Awaitable[float | None]],
+        workers: int,
+        retry_after_error_s: float = 2.0,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"a work queue needs at least one worker, got {workers}")
+        self._process = process
+        self._worker_count = workers
+        self._retry_after_error_s = retry_after_error_s
+        self._ready: deque[K] = deque()  # in order of arrival, each key at most once
+        self._dirty: set[K] = set()  # to be processed (again): queued, or in flight and added
+        self._processing: dict[K, asyncio.Task[None]] = {}  # key -> the worker at it
+        self._cancelled: set[asyncio.Task[None]] = set()  # workers whose pass cancel() ended
+        self._idle: deque[asyncio.Future[None]] = deque()  # one per worker waiting for a key
+        self._due: dict[K, float] = {}  # key -> when its next look is due (loop time)
+        self._heap: list[tuple[float, int, K]] = []  # (due, order, key); stale ones skipped
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        """Whether ``start`` was called."""
+        return bool(self._workers) or self._closed
+
+    def start(self) -> None:
+        """Start the workers on the running loop; they run in a copy of the caller's
+        context (its context variables)."""
+        if self.started:
+            raise RuntimeError("the work queue was started already")
+        self._loop = asyncio.get_running_loop()
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"reconcile-worker-{i}")
+            for i in range(self._worker_count)
+        ]
+
+    def add(self, key: K) -> None:
+        """Process ``key`` as soon as a worker is free (once, however often it is added)."""
+        if self._closed or key in self._dirty:
+            return
+        self._dirty.add(key)
+        if key in self._processing:
+            return  # its worker queues it again when the pass in flight ends
+        self._ready.append(key)
+        self._wake_one()
+
+    def add_after(self, key: K, delay_s: float) -> None:
+        """Process ``key`` in ``delay_s`` seconds, unless a look is due sooner."""
+        if self._closed:
+            return
+        if delay_s <= 0:
+            self.add(key)
+            return
+        loop = self._running_loop()
+        due = loop.time() + delay_s
+        if self._due.get(key, due + 1) <= due:
+            return  # an earlier look is already due
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, next(self._order), key))
+        if self._timer_at is None or due < self._timer_at:
+            self._arm(loop, due)
+
+    def cancel(self, key: K) -> bool:
+        """Cancel the pass in flight for ``key``, if any; its worker goes on to the next."""
+        worker = self._processing.get(key)
+        if worker is None:
+            return False
+        self._cancelled.add(worker)
+        worker.cancel()
+        return True
+
+    def processing(self, key: K) -> bool:
+        """Whether a pass for ``key`` is in flight."""
+        return key in self._processing
+
+    def waiting(self) -> int:
+        """Keys queued and not yet taken by a worker."""
+        return len(self._ready)
+
+    def scheduled(self) -> int:
+        """Keys with a later look due."""
+        return len(self._due)
+
+    async def stop(self, grace_s: float) -> None:
+        """Take no more keys; let passes in flight end within ``grace_s``, then cancel them."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, None
+        self._heap.clear()
+        self._due.clear()
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self._workers:
+            return
+        _, late = await asyncio.wait(self._workers, timeout=grace_s)
+        for worker in late:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+
+    # -- inside --
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(at, self._fire), at
+
+    def _fire(self) -> None:
+        """Queue every key whose look is due; arm the timer for the next one."""
+        self._timer, self._timer_at = None, None
+        loop = self._running_loop()
+        now = loop.time()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            due, _, key = heapq.heappop(heap)
+            if self._due.get(key) == due:  # else superseded: a pass began, or sooner due
+                del self._due[key]
+                self.add(key)
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # stale: no reason to wake for it
+        if heap:
+            self._arm(loop, heap[0][0])
+
+    async def _work(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        loop = self._running_loop()
+        while not self._closed:
+            if not self._ready:
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            key = self._ready.popleft()
+            self._dirty.discard(key)
+            self._due.pop(key, None)  # this pass schedules the next look itself
+            self._processing[key] = me
+            delay: float | None = None
+            try:
+                delay = await self._process(key)
+            except asyncio.CancelledError:
+                if me not in self._cancelled:
+                    raise  # the queue stops
+            except Exception:
+                log.exception("processing %s failed; again in %g s", key, self._retry_after_error_s)
+                delay = self._retry_after_error_s
+            finally:
+                del self._processing[key]
+                if me in self._cancelled:  # cancel() came for this pass: it ends here
+                    self._cancelled.discard(me)
+                    me.uncancel()
+                    delay = None
+            if key in self._dirty:
+                self._ready.append(key)  # added while in flight: once more, after the others
+            elif delay is not None:
+                self.add_after(key, delay)

@@ -61,6 +61,35 @@ def test_pipelines_come_back_after_the_operator_is_killed(
     assert output_lines(operator.workdir, pipelines.get("r1")) > first
 
 
+def test_a_stopped_operator_ends_its_passes_cleanly_and_the_next_adopts_every_pipeline(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """SIGTERM with Pipelines Running and their next looks queued: kopf's cleanup stops the
+    reconcile queue's workers and closes the engine, and the process exits by itself, within
+    the grace, without an error; the next operator queues every Pipeline it lists, and each
+    is Ready again."""
+    names = [f"s{i}" for i in range(4)]
+    for name in names:
+        pipelines.apply(manifest(name))
+    for name in names:
+        pipelines.wait_ready(name)
+    log_start = len(operator.log_text())
+    assert operator.proc is not None
+    operator.stop()
+    assert operator.proc.returncode == 0, f"ended by {operator.proc.returncode}, not by itself"
+    log = operator.log_text()[log_start:]
+    assert "engine closed" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    operator.start()
+    for name in names:
+        body = pipelines.wait_ready(name, timeout=30)
+        assert body["status"]["phase"] == "Running"
+    for name in names:
+        pipelines.delete(name)
+    for name in names:
+        pipelines.wait_gone(name)
+
+
 def test_gitops_no_annotations_and_no_diff(pipelines: Pipelines) -> None:
     body = manifest("git")
     path_input = json.dumps(body)

@@ -1,6 +1,8 @@
 """A worker process: Juturna's own HTTP service for one pipeline, plus what it lacks.
 
-The process engine starts one worker per pipeline::
+The process engine forks one worker per pipeline from its zygote (``zygote.py``), which
+runs ``main`` with these arguments in the child; run as a program of its own (a runtime of
+the service engine, or the engine's fallback when no zygote starts) it is::
 
     python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID --token-file T
 
@@ -48,6 +50,8 @@ OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: revea
 
 crashes: list[dict[str, str]] = []
 _server: Any = None
+_app: FastAPI | None = None  # built once per process: a zygote's workers share it
+_expected = b""  # the Authorization header every request must carry
 
 
 def _owner(thread: threading.Thread | None) -> tuple[str, str] | None:
@@ -156,7 +160,19 @@ def stop_nodes_when_start_fails() -> None:
 
 
 def build_app(token: str) -> FastAPI:
-    """Juturna's service app with the operator's routes added, behind ``token``."""
+    """Juturna's service app with the operator's routes added, behind ``token``.
+
+    Built once per process (Juturna's app is a module global, and a started app takes no
+    more middleware): a later call only puts the app behind its new ``token``, as a worker
+    forked from the zygote does with its own."""
+    global _app, _expected
+    _expected = f"Bearer {token}".encode()
+    if _app is None:
+        _app = _build_app()
+    return _app
+
+
+def _build_app() -> FastAPI:
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from juturna.cli.commands._juturna_service import app as juturna_app
@@ -166,7 +182,6 @@ def build_app(token: str) -> FastAPI:
 
     from juturna_operator.reasons import describe_exception, failing_node
 
-    expected = f"Bearer {token}".encode()
     # Juturna's routes (warmup and deploy) call the manager's method: joined there, they keep
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
@@ -175,7 +190,7 @@ def build_app(token: str) -> FastAPI:
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
         given = request.headers.get("authorization", "").encode()
-        if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, expected):
+        if request.url.path not in OPEN_PATHS and not hmac.compare_digest(given, _expected):
             return JSONResponse(
                 status_code=401,
                 content={"message": "this worker answers only its operator (bearer token)"},

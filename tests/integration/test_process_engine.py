@@ -27,6 +27,8 @@ from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.engines.process import HEALTH_MISSES, INHERITED_VARIABLES, ProcessEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
+from juturna_operator.worker import WORKER_MARKER
+from juturna_operator.zygote import ZYGOTE_MARKER, start_time
 from support import (
     PLUGIN_ROOTS,
     Operator,
@@ -52,6 +54,57 @@ def worker_of(operator: Operator, uid: str) -> int:
     pids = processes_mentioning(f"--owner {uid}")
     assert len(pids) == 1, pids
     return pids[0]
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def zygote_of(worker: int) -> int:
+    """The zygote that forked ``worker`` (its parent, while the zygote lives)."""
+    zygote = parent_of(worker)
+    line = Path(f"/proc/{zygote}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert ZYGOTE_MARKER in line, f"worker {worker}'s parent {zygote} is no zygote: {line}"
+    return zygote
+
+
+def test_a_killed_zygote_is_replaced_and_its_workers_run_on(
+    pipelines: Pipelines, process_operator: Operator
+) -> None:
+    """The zygote dies (SIGKILL): the workers it forked run on, the engine says so in its log
+    and starts another, the next Pipeline deploys from that one, and the death of a worker
+    whose zygote is gone is still seen (by its PID and start time), and it is restarted."""
+    pipelines.apply(manifest("z1", restartPolicy={"maxRestarts": 3, "backoffSeconds": 0.2}))
+    first = pipelines.wait_ready("z1")
+    pid = worker_of(process_operator, first["metadata"]["uid"])
+    zygote = zygote_of(pid)
+    assert parent_of(zygote) == process_operator.pid
+    os.kill(zygote, signal.SIGKILL)
+    wait_until(
+        lambda: "starting a new zygote" in process_operator.log_text(),
+        10,
+        "the engine's word on the zygote's death",
+    )
+    assert f"the zygote {zygote} is gone (killed by SIGKILL)" in process_operator.log_text()
+
+    pipelines.apply(manifest("z2"))
+    second = pipelines.wait_ready("z2")
+    new_zygote = zygote_of(worker_of(process_operator, second["metadata"]["uid"]))
+    assert new_zygote != zygote
+    body = pipelines.get("z1")
+    assert body["status"]["phase"] == "Running"
+    assert body["status"].get("restarts", 0) == 0
+    assert worker_of(process_operator, first["metadata"]["uid"]) == pid
+
+    os.kill(pid, signal.SIGKILL)
+    pipelines.wait(
+        "z1",
+        lambda b: b["status"].get("restarts") == 1 and b["status"].get("phase") == "Running",
+        timeout=20,
+        what="the orphaned worker's death seen and the pipeline restarted",
+    )
+    events = [m for _, r, m in pipelines.events("z1") if r == "NodeFailed"]
+    assert any(f"worker process {pid} is gone" in m for m in events), events
 
 
 @pytest.mark.reliability(repeat=True)
@@ -265,8 +318,57 @@ def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) ->
     other.mkdir()
     asyncio.run(ProcessEngine(Settings(workdir=workdir)).close())
     assert not folder.exists()
-    assert sorted(p.name for p in state.iterdir()) == []
+    assert sorted(p.name for p in state.iterdir() if not p.name.startswith("zygote")) == []
     assert other.exists()
+
+
+def test_a_recycled_pid_is_not_adopted(settings: Settings) -> None:
+    """A record's worker died while no operator ran and its PID now names another process,
+    whose command line even looks like the worker's: its start time differs from the one the
+    record saw, so the next operator neither adopts nor signals it, and drops the record.
+    The same record with the process's true start time is adopted."""
+    k = direct_key()
+    impostor = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", WORKER_MARKER, "--owner", k.uid]
+    )
+    state = settings.workdir / ".workers"
+    state.mkdir()
+    record_file = state / f"{k.uid}.json"
+
+    async def adopted(started: int) -> InstanceInfo | None:
+        record = {
+            "namespace": k.namespace,
+            "name": k.name,
+            "uid": k.uid,
+            "revision": "r1",
+            "pid": impostor.pid,
+            "port": 1,  # nothing answers: the health check below counts one miss
+            "pipeline_id": "x",
+            "state": "Running",
+            "start_time": started,
+        }
+        record_file.write_text(json.dumps(record))
+        (state / f"{k.uid}.token").write_text("t")
+        engine = ProcessEngine(settings)
+        try:
+            return await engine.status(k)
+        finally:
+            await engine.close()
+
+    try:
+        real = start_time(impostor.pid)
+        assert real is not None
+        assert asyncio.run(adopted(real + 1)) is None
+        assert impostor.poll() is None, "the process behind a recycled PID was signalled"
+        assert not record_file.exists()
+        info = asyncio.run(adopted(real))
+        assert info is not None
+        assert info.pipeline_id == "x"
+        assert info.crashes == []  # one unanswered health check: not yet stuck
+        assert record_file.exists()
+    finally:
+        impostor.kill()
+        impostor.wait()
 
 
 # -- the engine driven directly: real workers, real Juturna, no control plane ---------------
@@ -306,12 +408,24 @@ def environment_of(pid: int) -> dict[str, str]:
     return dict(entry.decode().partition("=")[::2] for entry in raw.split(b"\0") if entry)
 
 
+def descriptors_of(pid: int) -> dict[int, str]:
+    """What each open descriptor of ``pid`` names (a path, ``socket:[inode]``, ...)."""
+    fds = Path(f"/proc/{pid}/fd")
+    return {int(fd.name): os.readlink(fd) for fd in fds.iterdir()}
+
+
 def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``$JT_ENV_<NAME>`` reads the worker's environment (docs/juturna.md, pitfall 12): a node
     asking for an operator setting, a secret or any variable beyond what Python needs gets
-    nothing, and the warmup fails naming the variable."""
+    nothing, and the warmup fails naming the variable. Neither the worker nor the zygote it
+    was forked from holds any of the operator's variables; the worker holds none of the
+    operator's or the zygote's descriptors (the operator's even marked inheritable), only
+    /dev/null, its log and its own; and it leads a session of its own."""
+    probe_file = settings.workdir.parent / "operator-only"
+    probe_fd = os.open(probe_file, os.O_RDWR | os.O_CREAT, 0o600)
+    os.set_inheritable(probe_fd, True)  # as a careless library in the operator could leave it
     probe = "JUTURNA_OPERATOR_SECRET_PROBE"
     secret = f"s3cret-{secrets.token_hex(8)}"
     other = f"SOME_PROBE_{secrets.token_hex(4).upper()}"
@@ -332,6 +446,19 @@ def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
             await engine.create(k, config, "r1")
             [pid] = processes_mentioning(f"--owner {k.uid}")
             environ = environment_of(pid)
+            zygote = zygote_of(pid)
+            assert parent_of(zygote) == os.getpid()
+            zygote_environ = environment_of(zygote)
+            assert zygote_environ == environ, "the zygote starts with the workers' environment"
+            held = descriptors_of(pid)
+            log_file = settings.workdir / ".workers" / f"{k.uid}.log"
+            assert (held[0], held[1], held[2]) == ("/dev/null", str(log_file), str(log_file))
+            assert str(probe_file) not in held.values()
+            shared = {
+                t for t in descriptors_of(zygote).values() if t.startswith(("socket:", "pipe:"))
+            }
+            assert not shared & set(held.values()), (held, shared)
+            assert os.getsid(pid) == pid
             with pytest.raises(PipelineFailure) as failed:
                 await engine.warmup(k)
             # Nowhere the worker could have put it: its log, the pipeline's folder.
@@ -342,6 +469,7 @@ def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
         finally:
             await engine.delete(k)
             await engine.close()
+            os.close(probe_fd)
 
     failure, environ = asyncio.run(scenario())
     assert failure.reason is FailureReason.WarmupFailed

@@ -10,9 +10,18 @@ this engine drives it with ``JuturnaClient``. A worker is a real containment bou
   checks in a row, and only then is a crash;
 * new plugin code is picked up, since every deploy imports it in a fresh process.
 
+Workers are forked from a zygote (``juturna_operator.zygote``): one process per engine,
+started with the workers' scrubbed environment, that has imported and warmed the worker's
+app once; a worker is then healthy in tens of milliseconds instead of seconds. The zygote
+reaps its children and tells the engine how each ended, so a worker's death and its signal
+are known at once, as with ``Popen.poll``. A zygote that dies is replaced (the log says so);
+one that fails to start ``ZYGOTE_START_ATTEMPTS`` times in a row leaves the engine starting
+each worker the plain way (``python -m juturna_operator.worker``), as the log says too.
+
 Workers outlive the operator process on purpose: a restarted operator finds them through
-their state files (``<workdir>/.workers/<uid>.json``), checks that each PID still runs our
-worker for that uid, and adopts it; anything else is reaped.
+their state files (``<workdir>/.workers/<uid>.json``), checks that each PID still names the
+process the record saw start (PID and start time: forked workers share the zygote's
+executable, and a PID may have been reused), and adopts it; anything else is reaped.
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import (
@@ -48,6 +58,7 @@ from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
+from juturna_operator.zygote import Forked, ZygoteGone, ZygoteHandle, start_time
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,8 @@ HEALTH_TIMEOUT_S = 2.0
 # slow answer (a loaded machine, a node holding the GIL, a process stopped for a moment) is
 # not a dead runtime, and taking it for one killed the worker and wiped its output.
 HEALTH_MISSES = 3
+# Zygotes that die before they are ready, in a row, before the engine stops starting them.
+ZYGOTE_START_ATTEMPTS = 3
 
 
 def pid_alive(pid: int) -> bool:
@@ -67,6 +80,12 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def same_process(pid: int, started: int) -> bool:
+    """True if ``pid`` runs, is not a zombie, and started at ``started`` (clock ticks since
+    boot; 0: unknown, for records written before start times were kept)."""
+    return pid_alive(pid) and started in (0, start_time(pid))
 
 
 def cmdline(pid: int) -> str:
@@ -115,18 +134,73 @@ class WorkerRecord:
     port: int
     pipeline_id: str = ""
     state: str = InstanceState.Created.value
+    start_time: int = 0  # the PID's start time (/proc/<pid>/stat field 22): its identity
 
     @property
     def key(self) -> PipelineKey:
         return PipelineKey(self.namespace, self.name, self.uid)
 
 
+class Child(Protocol):
+    """A worker process as the engine watches it, whoever its parent is."""
+
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22; 0 if unknown
+
+    def running(self) -> bool:
+        """True until it has exited (a zombie not yet reaped counts as running)."""
+        ...
+
+    def exit_code(self) -> int | None:
+        """Its ``Popen.returncode`` once known (negative: the signal); None if unknown."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Until it exits; ``subprocess.TimeoutExpired`` after ``timeout``."""
+        ...
+
+
+class Plain:
+    """A worker started the plain way, a child of the operator itself."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen, self.pid = popen, popen.pid
+        self.start_time = start_time(popen.pid) or 0  # not reaped yet: the PID is its own
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def exit_code(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float) -> None:
+        self.popen.wait(timeout)
+
+
+class Adopted:
+    """A worker another operator process started: only its PID and start time are known."""
+
+    def __init__(self, pid: int, started: int) -> None:
+        self.pid, self.start_time = pid, started
+
+    def running(self) -> bool:
+        return same_process(self.pid, self.start_time)
+
+    def exit_code(self) -> int | None:
+        return None
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
+            time.sleep(0.02)
+
+
 class _Worker:
-    def __init__(
-        self, record: WorkerRecord, popen: subprocess.Popen[bytes] | None, token: str
-    ) -> None:
+    def __init__(self, record: WorkerRecord, child: Child, token: str) -> None:
         self.record = record
-        self.popen = popen  # None for an adopted worker (not our child)
+        self.child = child
         self.token = token
         self.client = self._client()
         self.last_health: dict[str, Any] | None = None  # the last answer of its health route
@@ -146,12 +220,10 @@ class _Worker:
         return InstanceState(self.record.state)
 
     def alive(self) -> bool:
-        if self.popen is not None:
-            return self.popen.poll() is None
-        return pid_alive(self.record.pid)
+        return self.child.running()
 
     def exit_description(self) -> str:
-        code = self.popen.poll() if self.popen is not None else None
+        code = self.child.exit_code()
         if code is None:
             return f"worker process {self.record.pid} is gone"
         if code < 0:
@@ -171,6 +243,11 @@ class ProcessEngine(LockedEngine):
         self._workers: dict[PipelineKey, _Worker] = {}
         self._adopted: set[PipelineKey] = set()  # from a previous process, not yet claimed
         self._adopt_or_reap()
+        self._zygote_lock = threading.Lock()
+        self._zygote: ZygoteHandle | None = None
+        self._zygote_start_failures = 0  # in a row
+        self._closing = False
+        self._start_zygote()
 
     # -- worker processes --
 
@@ -183,11 +260,15 @@ class ProcessEngine(LockedEngine):
             except (ValueError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            line = cmdline(record.pid)
-            ours = pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line
+            if record.start_time:
+                ours = same_process(record.pid, record.start_time)
+            else:  # a record from before start times were kept: a worker started plainly
+                line = cmdline(record.pid)
+                ours = pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line
             token = self._token_file(record.uid)
+            child = Adopted(record.pid, record.start_time)
             if ours and record.pipeline_id and token.exists():
-                self._workers[record.key] = _Worker(record, None, token.read_text().strip())
+                self._workers[record.key] = _Worker(record, child, token.read_text().strip())
                 self._adopted.add(record.key)
                 adopted.add(record.pid)
                 log.info("adopted worker %s", record.pid, extra=record.key.log_extra)
@@ -202,14 +283,15 @@ class ProcessEngine(LockedEngine):
                     "its token is gone" if record.pipeline_id else "its create never finished",
                     extra=record.key.log_extra,
                 )
-                self._kill(record.pid, None)
+                self._kill(child)
             self._forget(record)
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit() and int(entry.name) not in adopted:
                 line = cmdline(int(entry.name))
                 if WORKER_MARKER in line and f"--folder {self._workdir} " in line:
                     log.warning("reaping a worker with no state: pid %s", entry.name)
-                    self._kill(int(entry.name), None)
+                    pid = int(entry.name)
+                    self._kill(Adopted(pid, start_time(pid) or 0))
 
     def _token_file(self, uid: str) -> Path:
         return self._state_dir / f"{uid}.token"
@@ -224,53 +306,126 @@ class ProcessEngine(LockedEngine):
             f.write(token)
         return token
 
-    def _spawn(self, key: PipelineKey) -> tuple[subprocess.Popen[bytes], Path, Path]:
-        port_file = self._state_dir / f"{key.uid}.port"
-        port_file.unlink(missing_ok=True)
-        log_file = self._state_dir / f"{key.uid}.log"
+    # -- the zygote --
+
+    def _worker_command(self, uid: str) -> tuple[list[str], Path, Path]:
+        """A worker's arguments (after ``python -m juturna_operator.worker``), its port file
+        and its log file."""
+        port_file = self._state_dir / f"{uid}.port"
+        arguments = [
+            "--folder",
+            str(self._workdir),
+            "--port-file",
+            str(port_file),
+            "--owner",
+            uid,
+            "--token-file",
+            str(self._token_file(uid)),
+        ]
+        return arguments, port_file, self._state_dir / f"{uid}.log"
+
+    def _start_zygote(self) -> None:
+        """Start a zygote (it preloads in the background), unless starting them failed
+        ``ZYGOTE_START_ATTEMPTS`` times in a row; the caller holds no lock."""
+        # Room for the longest title a worker takes: every uid has the same length.
+        arguments, _, _ = self._worker_command("0" * 36)
+        room = len("\0".join([sys.executable, "-m", WORKER_MARKER, *arguments]))
         env = worker_environment(self._settings.plugin_roots)
+        with self._zygote_lock:
+            if self._closing or self._zygote is not None:
+                return
+            if self._zygote_start_failures >= ZYGOTE_START_ATTEMPTS:
+                return
+            try:
+                self._zygote = ZygoteHandle(
+                    env, self._state_dir / "zygote.log", room, on_gone=self._zygote_gone
+                )
+            except OSError as err:
+                self._zygote_start_failures += 1
+                log.error("could not start a zygote for the workers: %s", err)
+            else:
+                log.info("started the workers' zygote, pid %s", self._zygote.pid)
+
+    def _drop_zygote(self, zygote: ZygoteHandle, reason: str) -> bool:
+        """Forget a zygote that died or failed; True if another one should start. Its
+        workers live on (sessions of their own); the engine watches them by PID and start
+        time from now on."""
+        with self._zygote_lock:
+            if self._zygote is not zygote or self._closing:
+                return False  # handled already, or the engine is closing
+            self._zygote = None
+            ready = zygote.was_ready()
+            self._zygote_start_failures = 0 if ready else self._zygote_start_failures + 1
+            given_up = self._zygote_start_failures >= ZYGOTE_START_ATTEMPTS
+        if given_up:
+            log.error(
+                "%s; %d zygotes in a row failed before they were ready: workers start the "
+                "plain way from now on (python -m %s, seconds each)",
+                reason,
+                ZYGOTE_START_ATTEMPTS,
+                WORKER_MARKER,
+            )
+            return False
+        log.warning("%s; starting a new zygote (its workers run on)", reason)
+        return True
+
+    def _zygote_gone(self, zygote: ZygoteHandle, reason: str) -> None:
+        if self._drop_zygote(zygote, reason):
+            self._start_zygote()
+
+    def _fork(self, arguments: list[str], log_file: Path) -> Forked | None:
+        """A worker forked by the zygote; None when there is no zygote to fork it."""
+        title = [sys.executable, "-m", WORKER_MARKER, *arguments]
+        for _ in range(ZYGOTE_START_ATTEMPTS):
+            zygote = self._zygote
+            if zygote is None:
+                return None
+            try:
+                return zygote.spawn(arguments, log_file, title)
+            except ZygoteGone as gone:
+                self._zygote_gone(zygote, f"could not fork a worker: {gone}")
+                zygote.close()
+        return None
+
+    # -- worker processes --
+
+    def _spawn(self, key: PipelineKey) -> tuple[Child, Path, Path]:
+        arguments, port_file, log_file = self._worker_command(key.uid)
+        port_file.unlink(missing_ok=True)
+        forked = self._fork(arguments, log_file)
+        if forked is not None:
+            return forked, port_file, log_file
+        log.info("starting a worker the plain way: no zygote", extra=key.log_extra)
         with open(log_file, "ab") as out:
             popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    WORKER_MARKER,
-                    "--folder",
-                    str(self._workdir),
-                    "--port-file",
-                    str(port_file),
-                    "--owner",
-                    key.uid,
-                    "--token-file",
-                    str(self._token_file(key.uid)),
-                ],
-                env=env,
+                [sys.executable, "-m", WORKER_MARKER, *arguments],
+                env=worker_environment(self._settings.plugin_roots),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C to the operator does not reach it
             )
-        return popen, port_file, log_file
+        return Plain(popen), port_file, log_file
 
     @staticmethod
-    def _port_of(popen: subprocess.Popen[bytes], port_file: Path, log_file: Path) -> int | None:
+    def _port_of(child: Child, port_file: Path, log_file: Path) -> int | None:
         """The worker's port once it has written it; a clear failure if it died first."""
-        if popen.poll() is not None:
+        if not child.running():
             tail = log_file.read_text(errors="replace")[-1500:]
             raise PipelineFailure(
                 FailureReason.CreateFailed,
                 Step.create,
-                f"the worker process exited with code {popen.returncode} before it was "
+                f"the worker process exited with code {child.exit_code()} before it was "
                 f"ready: {tail}",
             )
         return int(port_file.read_text()) if port_file.exists() else None
 
     async def _wait_ready(self, worker: _Worker, port_file: Path, log_file: Path) -> None:
         """The ready handshake: the port file appears, then the health route answers."""
-        assert worker.popen is not None
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        pause = 0.01  # a forked worker is up in tens of ms; a plain one takes seconds
         while time.monotonic() < deadline:
-            port = await asyncio.to_thread(self._port_of, worker.popen, port_file, log_file)
+            port = await asyncio.to_thread(self._port_of, worker.child, port_file, log_file)
             if port is not None:
                 worker.connect(port)
                 try:
@@ -278,29 +433,31 @@ class ProcessEngine(LockedEngine):
                     return
                 except PipelineFailure:
                     pass
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.08)
         raise PipelineFailure(
             FailureReason.RuntimeUnavailable,
             Step.create,
             f"the worker process was not ready within {WORKER_READY_TIMEOUT_S:g} s",
         )
 
-    def _kill(self, pid: int, popen: subprocess.Popen[bytes] | None) -> None:
-        """SIGTERM, then SIGKILL after a grace period; reap it if it is our child."""
+    @staticmethod
+    def _kill(child: Child) -> None:
+        """SIGTERM, then SIGKILL after a grace period; until it is gone (reaped, when it is
+        a child of ours or of the zygote)."""
         for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+            if not child.running():
+                return
             try:
-                os.kill(pid, sig)
+                os.kill(child.pid, sig)
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if popen is not None and popen.poll() is not None:
-                    return
-                if popen is None and not pid_alive(pid):
+                if not child.running():
                     return
                 time.sleep(0.02)
-        if popen is not None:
-            popen.wait(timeout=5)
+        child.wait(5)
 
     def _save(self, worker: _Worker) -> None:
         path = self._state_dir / f"{worker.record.uid}.json"
@@ -328,7 +485,7 @@ class ProcessEngine(LockedEngine):
         if worker.alive():
             with contextlib.suppress(PipelineFailure):
                 await worker.client.request("POST", "/operator/shutdown", Step.delete, 2.0)
-            await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
+            await asyncio.to_thread(self._kill, worker.child)
         await worker.client.close()
         self._workers.pop(worker.record.key, None)
         await asyncio.to_thread(self._forget, worker.record, keep_output)
@@ -358,9 +515,10 @@ class ProcessEngine(LockedEngine):
     ) -> str:
         vacant(self._workers, key)
         token = await asyncio.to_thread(self._new_token, key.uid)
-        popen, port_file, log_file = await asyncio.to_thread(self._spawn, key)
-        record = WorkerRecord(key.namespace, key.name, key.uid, revision, popen.pid, 0)
-        worker = self._workers[key] = _Worker(record, popen, token)  # known from its first moment
+        child, port_file, log_file = await asyncio.to_thread(self._spawn, key)
+        record = WorkerRecord(key.namespace, key.name, key.uid, revision, child.pid, 0)
+        record.start_time = child.start_time
+        worker = self._workers[key] = _Worker(record, child, token)  # known from its first moment
         await asyncio.to_thread(self._save, worker)
         try:
             await self._wait_ready(worker, port_file, log_file)
@@ -414,7 +572,7 @@ class ProcessEngine(LockedEngine):
         if worker is not None and self.busy(key):
             # A deletion does not wait out a long warmup: ending the process makes the
             # operation in progress fail at once.
-            await asyncio.to_thread(self._kill, worker.record.pid, worker.popen)
+            await asyncio.to_thread(self._kill, worker.child)
         await self.exclusive(key, self._delete, key, keep_output)
         self.drop_lock(key)
 
@@ -505,6 +663,12 @@ class ProcessEngine(LockedEngine):
         return removed
 
     async def close(self) -> None:
-        """Leave the workers running: the next operator process adopts them."""
+        """Leave the workers running: the next operator process adopts them. The zygote
+        ends (the next process starts its own)."""
         for worker in list(self._workers.values()):
             await worker.client.close()
+        with self._zygote_lock:
+            self._closing = True
+            zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            await asyncio.to_thread(zygote.close)

@@ -349,6 +349,7 @@ class ZygoteHandle:
                 start_new_session=True,  # a Ctrl-C to the operator does not reach it
             )
         theirs.close()
+        self._started = time.monotonic()
         self.pid = self._popen.pid
         self._lock = threading.Lock()
         self._ready: Future[int] = Future()
@@ -370,6 +371,10 @@ class ZygoteHandle:
                         self._exits[int(message["exited"])] = int(message["code"])
                 elif "ready" in message:
                     self._ready.set_result(int(message["ready"]))
+                    took = time.monotonic() - self._started
+                    log.info(
+                        "the workers' zygote %s is ready (preloaded in %.1f s)", self.pid, took
+                    )
                 elif "failed" in message:
                     last = str(message["failed"])
                 else:

@@ -68,6 +68,21 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def same_process(pid: int, started: int) -> bool:
+    """True if ``pid`` runs, is not a zombie, and started at ``started`` (clock ticks since
+    boot; 0: unknown, for records written before start times were kept)."""
+    return pid_alive(pid) and started in (0, start_time(pid))
+
+
 def thread_count() -> int:
     """Threads of this process, native ones included (``threading`` knows only its own)."""
     return len(os.listdir("/proc/self/task"))
@@ -279,23 +294,18 @@ class ZygoteGone(Exception):
     """The zygote died or never started: what it said last, or how it exited."""
 
 
-class Forked:
-    """A worker forked by a zygote, as the engine sees it: ``running`` and ``exit_code`` as
-    ``Popen.poll`` would say them while the zygote lives (it reaps and reports its children);
-    after the zygote's death, whether the PID still names the process it forked."""
+class KnownProcess:
+    """A process known by its PID and start time alone (not a child of this one): a worker
+    another operator process started, or one whose zygote is gone."""
 
-    def __init__(self, zygote: ZygoteHandle, pid: int, started: int) -> None:
-        self.zygote, self.pid, self.start_time = zygote, pid, started
-
-    def exit_code(self) -> int | None:
-        return self.zygote.exit_code(self.pid)
+    def __init__(self, pid: int, started: int) -> None:
+        self.pid, self.start_time = pid, started
 
     def running(self) -> bool:
-        if self.exit_code() is not None:
-            return False
-        if self.zygote.alive():
-            return True  # a zombie counts as running until the zygote reaps it, as with Popen
-        return start_time(self.pid) == self.start_time and _not_zombie(self.pid)
+        return same_process(self.pid, self.start_time)
+
+    def exit_code(self) -> int | None:
+        return None  # its parent reaped it, not us
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -305,12 +315,24 @@ class Forked:
             time.sleep(0.02)
 
 
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+class Forked(KnownProcess):
+    """A worker forked by a zygote, as the engine sees it: ``running`` and ``exit_code`` as
+    ``Popen.poll`` would say them while the zygote lives (it reaps and reports its children);
+    after the zygote's death, whether the PID still names the process it forked."""
+
+    def __init__(self, zygote: ZygoteHandle, pid: int, started: int) -> None:
+        super().__init__(pid, started)
+        self.zygote = zygote
+
+    def exit_code(self) -> int | None:
+        return self.zygote.exit_code(self.pid)
+
+    def running(self) -> bool:
+        if self.exit_code() is not None:
+            return False
+        if self.zygote.alive():
+            return True  # a zombie counts as running until the zygote reaps it, as with Popen
+        return super().running()
 
 
 class ZygoteHandle:

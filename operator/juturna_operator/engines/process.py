@@ -58,7 +58,15 @@ from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
-from juturna_operator.zygote import Forked, ZygoteGone, ZygoteHandle, start_time
+from juturna_operator.zygote import (
+    Forked,
+    KnownProcess,
+    ZygoteGone,
+    ZygoteHandle,
+    pid_alive,
+    same_process,
+    start_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +79,6 @@ HEALTH_TIMEOUT_S = 2.0
 HEALTH_MISSES = 3
 # Zygotes that die before they are ready, in a row, before the engine stops starting them.
 ZYGOTE_START_ATTEMPTS = 3
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def same_process(pid: int, started: int) -> bool:
-    """True if ``pid`` runs, is not a zombie, and started at ``started`` (clock ticks since
-    boot; 0: unknown, for records written before start times were kept)."""
-    return pid_alive(pid) and started in (0, start_time(pid))
 
 
 def cmdline(pid: int) -> str:
@@ -177,26 +170,6 @@ class Plain:
         self.popen.wait(timeout)
 
 
-class Adopted:
-    """A worker another operator process started: only its PID and start time are known."""
-
-    def __init__(self, pid: int, started: int) -> None:
-        self.pid, self.start_time = pid, started
-
-    def running(self) -> bool:
-        return same_process(self.pid, self.start_time)
-
-    def exit_code(self) -> int | None:
-        return None
-
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.running():
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout)
-            time.sleep(0.02)
-
-
 class _Worker:
     def __init__(self, record: WorkerRecord, child: Child, token: str) -> None:
         self.record = record
@@ -266,7 +239,7 @@ class ProcessEngine(LockedEngine):
                 line = cmdline(record.pid)
                 ours = pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line
             token = self._token_file(record.uid)
-            child = Adopted(record.pid, record.start_time)
+            child = KnownProcess(record.pid, record.start_time)
             if ours and record.pipeline_id and token.exists():
                 self._workers[record.key] = _Worker(record, child, token.read_text().strip())
                 self._adopted.add(record.key)
@@ -291,7 +264,7 @@ class ProcessEngine(LockedEngine):
                 if WORKER_MARKER in line and f"--folder {self._workdir} " in line:
                     log.warning("reaping a worker with no state: pid %s", entry.name)
                     pid = int(entry.name)
-                    self._kill(Adopted(pid, start_time(pid) or 0))
+                    self._kill(KnownProcess(pid, start_time(pid) or 0))
 
     def _token_file(self, uid: str) -> Path:
         return self._state_dir / f"{uid}.token"

@@ -24,7 +24,7 @@ free loopback port, and adds five things in this thin module:
   pipeline that is not running, which neither its stop nor its delete then stops).
 
 Ready handshake: the port is written to ``--port-file`` (atomically) once the socket is
-bound; the engine then waits for ``/operator/health`` to answer.
+bound and listening; the engine then waits for ``/operator/health`` to answer.
 """
 
 from __future__ import annotations
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    # Listening before the port is told: the engine's first health check then waits in the
+    # backlog until uvicorn serves, instead of a refusal and its client's retry pause.
+    sock.listen(2048)
     port_file = Path(args.port_file)
     tmp = port_file.with_suffix(".tmp")
     tmp.write_text(str(sock.getsockname()[1]))

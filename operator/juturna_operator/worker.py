@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     # backlog until uvicorn serves, instead of a refusal and its client's retry pause.
     sock.listen(2048)
     port_file = Path(args.port_file)
-    tmp = port_file.with_suffix(".tmp")
+    tmp = port_file.with_name(port_file.name + ".tmp")  # the engine's record has <uid>.json.tmp
     tmp.write_text(str(sock.getsockname()[1]))
     os.replace(tmp, port_file)
     logging.getLogger("jt").setLevel(logging.WARNING)

@@ -434,7 +434,9 @@ class ProcessEngine(LockedEngine):
 
     def _save(self, worker: _Worker) -> None:
         path = self._state_dir / f"{worker.record.uid}.json"
-        tmp = path.with_suffix(".tmp")
+        # Not <uid>.tmp, which the worker's port file once shared: a worker forked in
+        # milliseconds wrote its port while the record was saved, and one rename failed.
+        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(asdict(worker.record)))
         os.replace(tmp, path)
 
@@ -443,7 +445,7 @@ class ProcessEngine(LockedEngine):
             self._wipe(record.key)
         # The record goes last: a process killed in here leaves it, and the next one finishes
         # the job at start (killed after the record went, it leaked the folder in a full run).
-        for suffix in (".port", ".log", ".token", ".json"):
+        for suffix in (".port", ".port.tmp", ".log", ".token", ".json.tmp", ".json"):
             (self._state_dir / f"{record.uid}{suffix}").unlink(missing_ok=True)
 
     def _wipe(self, key: PipelineKey) -> None:

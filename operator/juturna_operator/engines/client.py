@@ -76,6 +76,12 @@ class HalfBuilt(PipelineFailure):
         self.pipeline_id, self.state = pipeline_id, state
 
 
+def listed_name(pipeline_id: str, status: dict[str, Any]) -> str:
+    """The name a listed pipeline was created with: Juturna reports no name, but names the
+    pipeline's folder ``<name>_<id>``."""
+    return PurePosixPath(str(status.get("folder", ""))).name.removesuffix(f"_{pipeline_id}")
+
+
 # Where a deploy stopped, read from the state of what it left: the step after that state.
 _FAILED_AFTER = {
     InstanceState.Created: (FailureReason.WarmupFailed, Step.warmup),
@@ -255,7 +261,7 @@ class JuturnaClient:
         found = [
             (pipeline_id, JUTURNA_STATE.get(str(status.get("self"))))
             for pipeline_id, status in listed.items()
-            if PurePosixPath(str(status.get("folder", ""))).name == f"{name}_{pipeline_id}"
+            if listed_name(pipeline_id, status) == name
         ]
         if not found:
             return failure  # the create itself failed

@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 from juturna_operator.domain import InstanceState, PipelineKey, log_extra_of_juturna_name
@@ -51,7 +50,13 @@ from juturna_operator.engines.base import (
     node_statuses,
     vacant,
 )
-from juturna_operator.engines.client import JUTURNA_STATE, HalfBuilt, JuturnaClient, NoAnswer
+from juturna_operator.engines.client import (
+    JUTURNA_STATE,
+    HalfBuilt,
+    JuturnaClient,
+    NoAnswer,
+    listed_name,
+)
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
 
@@ -369,8 +374,7 @@ class ServiceEngine(LockedEngine):
                 log.info("sweep: runtime %s: %s", runtime, failure)
                 continue
             for pipeline_id, status in listed.items():
-                folder = PurePosixPath(str(status.get("folder", ""))).name
-                name = folder.removesuffix(f"_{pipeline_id}")
+                name = listed_name(pipeline_id, status)
                 if not OURS.match(name) or not self._owns(name):
                     continue
                 if self._claimed(pipeline_id, name):

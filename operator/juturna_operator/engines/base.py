@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
 
@@ -26,6 +26,9 @@ from juturna_operator.domain import (
     PipelineKey,
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+
+if TYPE_CHECKING:
+    from juturna_operator.engines.client import JuturnaClient
 
 T = TypeVar("T")
 
@@ -220,14 +223,6 @@ class KeyLock(asyncio.Lock):
     step: Step | None = None
 
 
-def deploying(lock: KeyLock, until: InstanceState) -> None:
-    """Mark a create that goes on to warm up (and start) in the same call: Juturna's create
-    takes a millisecond, its warmup (building the nodes: models load) is where the time goes,
-    so that is the step the reconciler shows while the call lasts."""
-    if until is not InstanceState.Created:
-        lock.step = Step.warmup
-
-
 class Exclusive:
     """One operation at a time per instance, and never abandoned halfway.
 
@@ -291,6 +286,17 @@ class LockedEngine(Exclusive):
 
     async def warmup(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._warmup, key)
+
+    async def _deploy(
+        self, key: PipelineKey, client: JuturnaClient, config: dict[str, Any], until: InstanceState
+    ) -> tuple[str, InstanceState]:
+        """``client.deploy`` within ``key``'s create. A deploy that goes on to warm up marks
+        that step as under way for the whole call: Juturna's create takes a millisecond, its
+        warmup (building the nodes: models load) is where the time goes, so that is the step
+        the reconciler shows while the call lasts."""
+        if until is not InstanceState.Created:
+            self._lock(key).step = Step.warmup
+        return await client.deploy(config, until, WARMUP_TIMEOUT_S)
 
     async def start(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._start, key)

@@ -41,7 +41,6 @@ from juturna_operator.engines.base import (
     LockedEngine,
     Plan,
     apply_health,
-    deploying,
     held,
     vacant,
 )
@@ -449,8 +448,7 @@ class PodEngine(LockedEngine):
             await self._call(self._core.create_namespaced_pod, key.namespace, pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
-            deploying(self._lock(key), plan.until)
-            pipeline_id, state = await client.deploy(config, plan.until, WARMUP_TIMEOUT_S)
+            pipeline_id, state = await self._deploy(key, client, config, plan.until)
         except k8s.ApiException as err:
             await self._remove(key)
             raise _api_failure(err, Step.create) from None
@@ -473,10 +471,7 @@ class PodEngine(LockedEngine):
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
-            deploying(self._lock(key), until)
-            runtime.pipeline_id, state = await runtime.client.deploy(
-                config, until, WARMUP_TIMEOUT_S
-            )
+            runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, until)
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,

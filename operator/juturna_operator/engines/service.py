@@ -45,7 +45,6 @@ from juturna_operator.engines.base import (
     LockedEngine,
     Plan,
     apply_health,
-    deploying,
     held,
     node_statuses,
     vacant,
@@ -120,9 +119,8 @@ class ServiceEngine(LockedEngine):
         assert runtime is not None  # create() checked it
         vacant(self._remotes, key)
         client = self._client(runtime)
-        deploying(self._lock(key), plan.until)
         try:
-            pipeline_id, state = await client.deploy(config, plan.until, WARMUP_TIMEOUT_S)
+            pipeline_id, state = await self._deploy(key, client, config, plan.until)
         except HalfBuilt as failure:
             # Held like any instance, so the delete that follows a failed step takes it down.
             remote = self._remotes[key] = _Remote(

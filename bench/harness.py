@@ -57,6 +57,7 @@ from report import write_report  # noqa: E402
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
+from juturna_operator.zygote import start_time  # noqa: E402
 
 CREATE_THREADS = 16
 WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
@@ -234,8 +235,10 @@ def worker_pids(workdir: Path) -> list[int]:
 def started_at(pid: int) -> float:
     """When a process started, on ``time.monotonic``'s clock (to a clock tick, 10 ms):
     /proc/<pid>/stat's starttime counts from boot, as CLOCK_BOOTTIME does."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    since_boot = int(fields[19]) / CLOCK_TICKS  # field 22, starttime
+    ticks = start_time(pid)
+    if ticks is None:
+        raise ProcessLookupError(pid)
+    since_boot = ticks / CLOCK_TICKS
     return since_boot - (time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic())
 
 

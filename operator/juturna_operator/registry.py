@@ -28,6 +28,11 @@ ENGINES: dict[str, EngineEntry] = {
     "process": EngineEntry(
         "juturna_operator.engines.process", "ProcessEngine", "a worker process per pipeline"
     ),
+    "shard": EngineEntry(
+        "juturna_operator.engines.shard",
+        "ShardEngine",
+        "many pipelines per worker process (dense pipelines)",
+    ),
     "service": EngineEntry(
         "juturna_operator.engines.service", "ServiceEngine", "a runtime the administrator runs"
     ),

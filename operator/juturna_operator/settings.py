@@ -20,6 +20,7 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE    |                      | false (spec.template.image)|
 | JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
 | JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
+| JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
 """
 
 from __future__ import annotations
@@ -231,6 +232,9 @@ class Settings:
     allowed_builtins: tuple[str, ...] | None = None
     # "$JT_ENV_<NAME>" in-process reads the operator's own environment: refused unless set.
     allow_env_references: bool = False
+    # Engine "shard": the most pipelines one shard process runs (all of one namespace). A
+    # shard that dies fails all of them at once; more shards cost more memory.
+    shard_size: int = 32
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -265,6 +269,7 @@ class Settings:
             allow_env_references=_flag(
                 src.where("ALLOW_ENV_REFERENCES"), src.get("ALLOW_ENV_REFERENCES", "false")
             ),
+            shard_size=src.count("SHARD_SIZE", str(defaults.shard_size)),
         )
         settings.check()
         return settings

@@ -17,6 +17,9 @@ free loopback port, and adds five things in this thin module:
   pipelines whose warmup is in flight;
 * one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
   and shares its outcome (Juturna would build and warm up a second set of nodes);
+* ``POST /operator/deploy``: create, carry the resource's output folder over, warm up and
+  start, in one request (Juturna's own deploy leaves no moment for the folder between create
+  and warmup, and its error names neither the step that failed nor the pipeline it left);
 * ``POST /operator/shutdown``: a clean exit;
 * 500 answers that keep the exception's message and the failing node (Juturna's own say
   only "Unexpected <Type> exception, see logs");
@@ -30,15 +33,17 @@ bound and listening; the engine then waits for ``/operator/health`` to answer.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import hmac
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +54,11 @@ WORKER_MARKER = "juturna_operator.worker"
 OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: reveals nothing
 
 crashes: list[dict[str, str]] = []
+# Deploys block for a whole warmup (minutes, for models): their own threads, so that a shard
+# deploying many pipelines at once still answers its health route from the shared pool.
+_deploys = ThreadPoolExecutor(max_workers=256, thread_name_prefix="deploy")
+# Deploy steps in the order they run, and the state each leaves.
+DEPLOY_STEPS = (("warmup", "Ready"), ("start", "Running"))
 _server: Any = None
 _app: FastAPI | None = None  # built once per process: a zygote's workers share it
 _expected = b""  # the Authorization header every request must carry
@@ -129,6 +139,13 @@ class Warmups:
 
 
 warmups = Warmups()
+_start_locks: dict[str, threading.Lock] = {}
+_start_locks_guard = threading.Lock()
+
+
+def _start_lock(pipeline_id: str) -> threading.Lock:
+    with _start_locks_guard:
+        return _start_locks.setdefault(pipeline_id, threading.Lock())
 
 
 def stop_nodes_when_start_fails() -> None:
@@ -136,27 +153,99 @@ def stop_nodes_when_start_fails() -> None:
 
     Juturna starts the nodes one by one; when one raises, those already started keep their
     threads and the pipeline stays ready, so its stop refuses ("not running") and its
-    delete stops nothing: they would run until the process ends."""
+    delete stops nothing: they would run until the process ends. Only a start that Juturna
+    began does so: one it refused (already running, not ready) started nothing."""
     from juturna.components._pipeline_manager import PipelineManager
+    from juturna.names import PipelineStatus
 
     start = PipelineManager.start_pipeline
     if getattr(start, "stops_nodes_on_failure", False):
         return
 
     def start_pipeline(self: PipelineManager, pipeline_id: str) -> None:
-        try:
-            start(self, pipeline_id)
-        except Exception:
-            nodes = getattr(self._pipelines.get(pipeline_id), "_nodes", None) or {}
-            for name, node in list(nodes.items()):
-                try:
-                    node.stop()  # a node never started stops at once
-                except Exception:  # the start's own error is the one to report
-                    logging.getLogger("juturna_operator.worker").exception("stopping %s", name)
-            raise
+        # One start of a pipeline at a time (an adopted deploy and the operator's own start
+        # may race): the second finds it running and is refused, stopping nothing.
+        with _start_lock(pipeline_id):
+            pipeline = self._pipelines.get(pipeline_id)
+            if pipeline is None or pipeline.status["self"] != PipelineStatus.READY:
+                start(self, pipeline_id)  # refused (running, not ready, unknown): nothing ran
+                return
+            _start_or_stop_nodes(self, start, pipeline_id)
 
     start_pipeline.stops_nodes_on_failure = True  # type: ignore[attr-defined]
     PipelineManager.start_pipeline = start_pipeline
+
+
+def _start_or_stop_nodes(manager: Any, start: Callable[[Any, str], None], pipeline_id: str) -> None:
+    try:
+        start(manager, pipeline_id)
+    except Exception:
+        nodes = getattr(manager._pipelines.get(pipeline_id), "_nodes", None) or {}
+        for name, node in list(nodes.items()):
+            try:
+                node.stop()  # a node never started stops at once
+            except Exception:  # the start's own error is the one to report
+                logging.getLogger("juturna_operator.worker").exception("stopping %s", name)
+        raise
+
+
+def carry_output(workdir: Path, juturna_name: str, pipeline_id: str) -> None:
+    """Give a new instance the folder its resource's previous instance left (the newest, if
+    a crash left several): Juturna names a folder after the instance (``<name>_<id>``), and
+    creates it only at warmup, so a rename after create keeps the pipeline's output across
+    redeploys of the same resource."""
+    target = workdir / f"{juturna_name}_{pipeline_id}"
+    left = [p for p in workdir.glob(f"{juturna_name}_*") if p != target and p.is_dir()]
+    if not left or target.exists():
+        return
+    left.sort(key=lambda p: p.stat().st_mtime)
+    left[-1].rename(target)
+    for older in left[:-1]:
+        shutil.rmtree(older, ignore_errors=True)
+
+
+def pipelines_now() -> dict[str, Any]:
+    """``{pipeline id: Juturna's status}`` for every pipeline here. Not Juturna's
+    ``pipeline_list``, which iterates the manager's dict while deploys add to it."""
+    from juturna.components._pipeline_manager import PipelineManager
+
+    manager = PipelineManager()
+    return {str(pid): pipeline.status for pid, pipeline in list(manager._pipelines.items())}
+
+
+def deploy(config: dict[str, Any], until: str) -> tuple[int, dict[str, Any]]:
+    """Create a pipeline, carry its resource's output folder over, and take it as far as
+    ``until`` (Created, Ready or Running): ``(HTTP status, answer)``. A failure's answer
+    names the step that failed, and the pipeline it left behind (id and state), which is
+    not rolled back: the engine holds it and deletes it like any other."""
+    from juturna.cli.commands.models.api import PipelineConfig
+    from juturna.components._pipeline_manager import PipelineManager
+    from pydantic import ValidationError
+
+    from juturna_operator.reasons import describe_exception, failing_node
+
+    manager = PipelineManager()
+    try:
+        parsed = PipelineConfig.model_validate(config)
+    except ValidationError as err:
+        return 422, {"message": f"the config is not Juturna's: {err}", "step": "create"}
+    step, state, pipeline_id = "create", "Created", None
+    try:
+        pipeline_id = str(manager.create_pipeline(parsed).pipeline_id)
+        carry_output(Path(manager.base_folder), config["pipeline"]["name"], pipeline_id)
+        for step, reached in DEPLOY_STEPS[: ("Created", "Ready", "Running").index(until)]:
+            getattr(manager, f"{step}_pipeline")(pipeline_id)
+            state = reached
+    except Exception as exc:
+        logging.getLogger("juturna_operator.worker").exception("deploy, at %s", step)
+        node, message = failing_node(exc), describe_exception(exc)
+        return 500, {
+            "message": f'node "{node}": {message}' if node else message,
+            "step": step,
+            "pipeline_id": pipeline_id,
+            "state": state,
+        }
+    return 200, {"pipeline_id": pipeline_id, "state": state}
 
 
 def build_app(token: str) -> FastAPI:
@@ -186,6 +275,9 @@ def _build_app() -> FastAPI:
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
     stop_nodes_when_start_fails()
+    # Pitfall 5: an empty manager is falsy, so PipelineManager() makes a new one while none
+    # has a pipeline; two deploys at once on an empty shard lost one's pipeline that way.
+    PipelineManager.__bool__ = lambda self: True
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -204,12 +296,25 @@ def _build_app() -> FastAPI:
 
     @app.get("/operator/health")
     def health() -> dict[str, Any]:
-        manager = PipelineManager()
         return {
-            "pipelines": manager.pipeline_list()["pipelines"],
+            "pipelines": [pipelines_now()],
             "crashes": crashes,
             "warming": warmups.in_flight(),
         }
+
+    # Annotations here are resolved in this module's globals (FastAPI reads them): only
+    # names defined there, like Any.
+    @app.post("/operator/deploy", response_model=None)
+    async def deploy_route(body: dict[str, Any]) -> Any:
+        until = body.get("until", "Running")
+        if until not in ("Created", "Ready", "Running") or not isinstance(body.get("config"), dict):
+            return JSONResponse(
+                status_code=422,
+                content={"message": 'expected {"config": {...}, "until": "Created|Ready|Running"}'},
+            )
+        loop = asyncio.get_running_loop()
+        code, answer = await loop.run_in_executor(_deploys, deploy, body["config"], until)
+        return JSONResponse(status_code=code, content=answer)
 
     @app.post("/operator/shutdown")
     def shutdown() -> dict[str, str]:

@@ -66,8 +66,13 @@ EDITS = count("FAULT_SPEC_EDITS", 30, 200)
 WARMUP_S = count("FAULT_WARMUP_S", 10, 30)  # the slow node's warmup
 # 50 pipelines on every engine in the full run; the short form keeps 50 in-process and 10
 # on the engines where each pipeline is a process or a remote call.
-CHURN = {"inprocess": 50, "process": 50 if FULL else 10, "service": 50 if FULL else 10}
-CONVERGE_S = {"inprocess": 120.0, "process": 240.0, "service": 120.0}
+CHURN = {
+    "inprocess": 50,
+    "process": 50 if FULL else 10,
+    "shard": 50 if FULL else 10,
+    "service": 50 if FULL else 10,
+}
+CONVERGE_S = {"inprocess": 120.0, "process": 240.0, "shard": 120.0, "service": 120.0}
 ENGINE_AGNOSTIC = (
     "the API server connection is the same code for every engine (kopf and the status "
     "writer); run once, on the in-process engine"
@@ -107,7 +112,8 @@ def instances(operator: Operator, namespace: str) -> dict[str, list[tuple[str, s
     id)`` pairs, ``("instance", pipeline id)`` or ``("worker", pid)``. Instance folders are
     named ``<namespace>__<name>__<uid8>_<pipeline id>``.
 
-    In-process and process: the instance folders, and the process engine's workers. Service:
+    In-process, process and shard: the instance folders, and the process engine's workers
+    (a shard runs many pipelines: its folders are its instances). Service:
     what `juturna serve` lists, not its folders: a runtime that was stopped leaves its old
     instances' folders behind, beyond the operator's reach (it no longer knows them)."""
     folders = {f.name.rsplit("_", 1)[1]: f.name for f in operator.workdir.glob(f"{namespace}__*")}

@@ -22,14 +22,15 @@ def test_pipelines_come_back_after_the_operator_is_killed(
     workers_before = sorted(processes_mentioning(f"--folder {operator.workdir} "))
     operator.kill()
     operator.start()
-    if operator.engine == "process":
-        # Workers outlive the operator and are adopted: same instances, same processes.
+    if operator.engine in ("process", "shard"):
+        # Workers and shards outlive the operator and are adopted: same instances, same
+        # processes (a worker each; one shard for the namespace).
         time.sleep(2)
         for name in ("r1", "r2"):
             body = pipelines.wait_ready(name)
             assert body["status"]["pipelineId"] == before[name]
         assert sorted(processes_mentioning(f"--folder {operator.workdir} ")) == workers_before
-        assert len(workers_before) == 2
+        assert len(workers_before) == {"process": 2, "shard": 1}[operator.engine]
     else:
         # In-process instances died with the process, and a service's instances are no
         # longer known: each is deployed again.

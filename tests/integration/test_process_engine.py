@@ -24,7 +24,8 @@ from controlplane import processes_mentioning
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
 from juturna_operator.engines.base import InstanceInfo
-from juturna_operator.engines.process import HEALTH_MISSES, INHERITED_VARIABLES, ProcessEngine
+from juturna_operator.engines.process import HEALTH_MISSES, ProcessEngine
+from juturna_operator.engines.workers import INHERITED_VARIABLES
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
@@ -495,18 +496,22 @@ def test_a_worker_gets_none_of_the_operators_settings_or_secrets(
 FIRST_OPERATOR = """
 import asyncio, json, sys
 from pathlib import Path
-from juturna_operator.domain import PipelineKey
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import Plan
 from juturna_operator.engines.process import ProcessEngine
 from juturna_operator.settings import Settings
 
-workdir, uid, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-roots = [Path(r) for r in sys.argv[4:]]
+workdir, uid, config, how = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+roots = [Path(r) for r in sys.argv[5:]]
 engine = ProcessEngine(Settings(plugin_roots=roots, workdir=Path(workdir)))
 key = PipelineKey("ns", "p", uid)
 
 async def main():
-    await engine.create(key, config, "r1")
-    await engine.warmup(key)
+    if how == "deploy":  # the worker's one deploy, to Running: no pipeline id saved yet
+        await engine.create(key, config, "r1", Plan(until=InstanceState.Running))
+    else:
+        await engine.create(key, config, "r1")
+        await engine.warmup(key)
 
 asyncio.run(main())
 """
@@ -524,14 +529,17 @@ def worker_health(workdir: Path, uid: str) -> dict[str, Any]:
         return json.load(reply)
 
 
+@pytest.mark.parametrize("how", ["steps", "deploy"])
 @pytest.mark.parametrize("fail", ["", "model file corrupt"], ids=["warms-up", "fails"])
 def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_twice(
-    settings: Settings, fail: str
+    settings: Settings, fail: str, how: str
 ) -> None:
     """The worker outlives the operator killed while it warmed up; the next operator adopts
     it and asks for the warmup again (its record still says Created). That must join the
     warmup in flight: one model load, one set of nodes; the pipeline runs, or the warmup's
-    own failure is what the user sees."""
+    own failure is what the user sees. ``deploy``: the operator died inside the worker's one
+    deploy, before it knew the pipeline's id; the next one finds it by its name, and its
+    start and the deploy's own do not both start it (nor stop it)."""
     k = direct_key()
     config = direct_config(
         k,
@@ -540,7 +548,7 @@ def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_tw
         ("out", "sink", "jsonl", {}),
     )
     roots = [str(r) for r in PLUGIN_ROOTS]
-    arguments = [str(settings.workdir), k.uid, json.dumps(config), *roots]
+    arguments = [str(settings.workdir), k.uid, json.dumps(config), how, *roots]
     first = subprocess.Popen(
         [sys.executable, "-c", FIRST_OPERATOR, *arguments],
         stdout=subprocess.DEVNULL,
@@ -581,6 +589,7 @@ def test_an_operator_restart_during_a_warmup_waits_for_it_rather_than_warm_up_tw
                 assert time.monotonic() < deadline, "no output"
                 await asyncio.sleep(0.1)
             assert processes_mentioning(f"--owner {k.uid}") == [pid]  # the adopted one
+            await asyncio.sleep(1)  # the first operator's deploy, if any, has ended by now
             return await engine.status(k), warmups.read_text().splitlines()
         finally:
             await engine.delete(k)

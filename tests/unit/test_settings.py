@@ -63,12 +63,18 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "ENGINE",
             "proces",
-            "JUTURNA_OPERATOR_ENGINE must be one of inprocess, process, service, pod, got 'proces'",
+            "JUTURNA_OPERATOR_ENGINE must be one of inprocess, process, shard, service, pod, "
+            "got 'proces'",
         ),
         (
             "MAX_CONCURRENCY",
             "0",
             "JUTURNA_OPERATOR_MAX_CONCURRENCY must be a whole number of at least 1, got '0'",
+        ),
+        (
+            "SHARD_SIZE",
+            "many",
+            "JUTURNA_OPERATOR_SHARD_SIZE must be a whole number of at least 1, got 'many'",
         ),
         ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL must be positive, got 'nan'"),
         (
@@ -103,7 +109,7 @@ def test_the_cli_reports_a_configuration_error(
     [
         (
             ["--engine", "proces"],
-            "--engine must be one of inprocess, process, service, pod, got 'proces'",
+            "--engine must be one of inprocess, process, shard, service, pod, got 'proces'",
         ),
         (["--stop-timeout", "-1"], "--stop-timeout must be positive, got '-1'"),
         (["--health-interval", "0"], "--health-interval must be positive, got '0'"),
@@ -163,7 +169,7 @@ def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError,
         match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of "
-        "inprocess, process, service, pod",
+        "inprocess, process, shard, service, pod",
     ):
         make_engine(Settings(engine="docker"))
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
@@ -180,21 +178,6 @@ class Engine(Protocol):
         """Release everything the engine holds (operator shutdown)."""
 
 
-def carry_output(workdir: Path, key: PipelineKey, pipeline_id: str) -> None:
-    """Give a new instance the folder its resource's previous instance left (the newest, if
-    a crash left several): Juturna names a folder after the instance (``<name>_<id>``), and
-    creates it only at warmup, so a rename after create keeps the pipeline's output across
-    redeploys of the same resource."""
-    target = workdir / f"{key.juturna_name}_{pipeline_id}"
-    left = [p for p in workdir.glob(f"{key.juturna_name}_*") if p != target and p.is_dir()]
-    if not left or target.exists():
-        return
-    left.sort(key=lambda p: p.stat().st_mtime)
-    left[-1].rename(target)
-    for older in left[:-1]:
-        shutil.rmtree(older, ignore_errors=True)
-
-
 def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
     """The instance an engine holds for ``key``, or ``InvalidPipelineId``."""
     instance = instances.get(key)
@@ -288,15 +271,22 @@ class LockedEngine(Exclusive):
         await self.exclusive(key, self._warmup, key)
 
     async def _deploy(
-        self, key: PipelineKey, client: JuturnaClient, config: dict[str, Any], until: InstanceState
+        self,
+        key: PipelineKey,
+        client: JuturnaClient,
+        config: dict[str, Any],
+        until: InstanceState,
+        on_worker: bool = False,
     ) -> tuple[str, InstanceState]:
-        """``client.deploy`` within ``key``'s create. A deploy that goes on to warm up marks
-        that step as under way for the whole call: Juturna's create takes a millisecond, its
-        warmup (building the nodes: models load) is where the time goes, so that is the step
-        the reconciler shows while the call lasts."""
+        """``client.deploy`` (``deploy_on_worker`` where the runtime is our worker) within
+        ``key``'s create. A deploy that goes on to warm up marks that step as under way for
+        the whole call: Juturna's create takes a millisecond, its warmup (building the nodes:
+        models load) is where the time goes, so that is the step the reconciler shows while
+        the call lasts."""
         if until is not InstanceState.Created:
             self._lock(key).step = Step.warmup
-        return await client.deploy(config, until, WARMUP_TIMEOUT_S)
+        deploy = client.deploy_on_worker if on_worker else client.deploy
+        return await deploy(config, until, WARMUP_TIMEOUT_S)
 
     async def start(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._start, key)

@@ -97,10 +97,8 @@ class NoAnswer(PipelineFailure):
         super().__init__(FailureReason.RuntimeUnavailable, step, message)
 
 
-def _message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
+def _message(response: httpx.Response, body: Any) -> str:
+    if body is None:
         return response.text.strip()[:500] or response.reason_phrase
     if isinstance(body, dict) and "message" in body:
         return str(body["message"])
@@ -113,18 +111,33 @@ def _message(response: httpx.Response) -> str:
 
 
 def failure_of(response: httpx.Response, step: Step) -> PipelineFailure:
-    """The reason for a non-2xx answer, with the service's own words."""
-    message = _message(response)
+    """The reason for a non-2xx answer, with the service's own words. Our worker's deploy
+    names the step that failed and the pipeline it left: that step classifies the failure,
+    and the pipeline comes back as ``HalfBuilt``."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = _message(response, body)
+    said = body if isinstance(body, dict) else {}
+    if said.get("step") in {s.value for s in Step}:
+        step = Step(said["step"])
     code = response.status_code
+    failure = PipelineFailure(classify(RuntimeError(), step).reason, step, message)
     if code == 404:
-        return PipelineFailure(FailureReason.InvalidPipelineId, step, message)
-    if code == 409:
+        failure = PipelineFailure(FailureReason.InvalidPipelineId, step, message)
+    elif code == 409:
         for words, reason in CONFLICTS.items():
             if words in message:
-                return PipelineFailure(reason, step, message)
-    if code == 422:
-        return PipelineFailure(FailureReason.InvalidSpec, step, f"rejected by Juturna: {message}")
-    return PipelineFailure(classify(RuntimeError(), step).reason, step, message)
+                failure = PipelineFailure(reason, step, message)
+    elif code == 422:
+        failure = PipelineFailure(
+            FailureReason.InvalidSpec, step, f"rejected by Juturna: {message}"
+        )
+    if said.get("pipeline_id"):
+        state = InstanceState(said.get("state") or InstanceState.Created.value)
+        return HalfBuilt(failure, str(said["pipeline_id"]), state)
+    return failure
 
 
 class JuturnaClient:
@@ -249,6 +262,21 @@ class JuturnaClient:
             return pipeline_id, InstanceState.Ready
         return pipeline_id, InstanceState.Created
 
+    async def deploy_on_worker(
+        self, config: dict[str, Any], until: InstanceState, timeout_s: float
+    ) -> tuple[str, InstanceState]:
+        """``deploy`` on our worker (``juturna_operator.worker``): one request to any of
+        Created, Ready or Running, with the resource's output folder carried over between
+        create and warmup. A failure names its step; ``HalfBuilt`` carries what it left."""
+        answer = await self.request(
+            "POST",
+            "/operator/deploy",
+            Step.create,
+            timeout_s,
+            json={"config": config, "until": until.value},
+        )
+        return str(answer["pipeline_id"]), InstanceState(answer["state"])
+
     async def _half_built(self, failure: PipelineFailure, name: str) -> PipelineFailure:
         """``failure`` of a deploy, as ``HalfBuilt`` if it left a pipeline called ``name``
         (the newest, should an older one still wait for the orphan sweep)."""
@@ -295,13 +323,17 @@ class JuturnaClient:
             done_if=DONE_IF_REPEATED[step],
         )
 
-    async def delete(self, pipeline_id: str, timeout_s: float | None = None) -> Any:
+    async def delete(
+        self, pipeline_id: str, timeout_s: float | None = None, wipe: bool = True
+    ) -> Any:
+        """Juturna's delete; ``wipe``: its folder too (else it stays, for the resource's
+        next instance)."""
         return await self.request(
             "POST",
             f"/pipelines/{pipeline_id}/delete",
             Step.delete,
             timeout_s,
-            params={"wipe": "true"},
+            params={"wipe": "true" if wipe else "false"},
             done_if=FailureReason.InvalidPipelineId,
         )
 

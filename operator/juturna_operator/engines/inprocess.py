@@ -50,7 +50,6 @@ from juturna_operator.engines.base import (
     KeyLock,
     LockedEngine,
     Plan,
-    carry_output,
     held,
     node_status,
     vacant,
@@ -65,6 +64,7 @@ from juturna_operator.reasons import (
     failing_node,
 )
 from juturna_operator.settings import Settings
+from juturna_operator.worker import carry_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -375,7 +375,9 @@ class InProcessEngine(LockedEngine):
             raise PipelineFailure(
                 FailureReason.CreateFailed, Step.create, f"{key} was deleted while its create ran"
             )
-        await asyncio.to_thread(carry_output, self._settings.workdir, key, created.pipeline_id)
+        await asyncio.to_thread(
+            carry_output, self._settings.workdir, key.juturna_name, created.pipeline_id
+        )
         self._instances[key] = _Instance(key, created.pipeline_id, revision)
         return str(created.pipeline_id)
 

@@ -1,0 +1,343 @@
+"""What the shard engine promises: many pipelines per process, one namespace per shard, one
+call to deploy, one health call per shard, adoption after a restart, and each failure kept
+to what it concerns (a node: its pipeline; a shard: its pipelines; a hung stop: bounded)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from controlplane import processes_mentioning
+
+from juturna_operator.api import PipelineSpec
+from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo, Plan
+from juturna_operator.engines.shard import ShardEngine
+from juturna_operator.reasons import FailureReason, PipelineFailure
+from juturna_operator.settings import Settings
+from support import PLUGIN_ROOTS, chain, nodes, wait_until
+
+RUNNING = Plan(until=InstanceState.Running)
+TICKER = (
+    ("src", "source", "ticker", {"rate": 20}),
+    ("amp", "proc", "scale", {}),
+    ("out", "sink", "jsonl", {}),
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    """Shards of three, in a workdir of this test's own. Teardown proves no shard of it is
+    left (and ends, by PID, any that is, before failing)."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    yield Settings(plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=2, shard_size=3)
+    left = processes_mentioning(f"--folder {workdir} ")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"shard processes left behind: {left}"
+
+
+def key_in(namespace: str) -> PipelineKey:
+    return PipelineKey(namespace, f"p-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()))
+
+
+def config_of(key: PipelineKey, specs: tuple[tuple[str, str, str, dict[str, Any]], ...]) -> dict:
+    spec = PipelineSpec.model_validate(
+        {
+            "plugins": ["tones", "faulty"],
+            "nodes": nodes(*specs),
+            "links": chain(*(name for name, *_ in specs)),
+        }
+    )
+    return spec.to_juturna_config(key.juturna_name)
+
+
+def shard_of(key: PipelineKey, workdir: Path) -> str:
+    return str(
+        json.loads((workdir / ".shards" / "pipelines" / f"{key.uid}.json").read_text())["shard"]
+    )
+
+
+def shard_pids(workdir: Path) -> list[int]:
+    return sorted(processes_mentioning(f"--folder {workdir} "))
+
+
+def output_of(workdir: Path, key: PipelineKey, pipeline_id: str) -> Path:
+    return workdir / f"{key.juturna_name}_{pipeline_id}" / "out" / "output.jsonl"
+
+
+async def deploy(engine: ShardEngine, key: PipelineKey, specs: Any = TICKER) -> str:
+    return await engine.create(key, config_of(key, specs), "r1", RUNNING)
+
+
+class Driven:
+    """A shard engine driven from a test, with the keys it deployed: ``end`` deletes them,
+    sweeps and closes the engine."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.runner = asyncio.Runner()
+        self.engine = self.runner.run(self._make(settings))
+        self.keys: list[PipelineKey] = []
+        self.ended = False
+
+    @staticmethod
+    async def _make(settings: Settings) -> ShardEngine:
+        return ShardEngine(settings)
+
+    def run(self, coroutine: Any) -> Any:
+        return self.runner.run(coroutine)
+
+    def deploy(self, *keys: PipelineKey, specs: Any = TICKER) -> dict[PipelineKey, InstanceInfo]:
+        """Deploy ``keys`` at once, to Running; their status."""
+        self.keys.extend(keys)
+
+        async def all_of() -> dict[PipelineKey, InstanceInfo]:
+            await asyncio.gather(*(deploy(self.engine, k, specs) for k in keys))
+            infos = {k: await self.engine.status(k) for k in keys}
+            return {k: i for k, i in infos.items() if i is not None}
+
+        infos: dict[PipelineKey, InstanceInfo] = self.run(all_of())
+        assert set(infos) == set(keys)
+        return infos
+
+    def status(self, key: PipelineKey) -> InstanceInfo | None:
+        info: InstanceInfo | None = self.run(self.engine.status(key))
+        return info
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+
+        async def end() -> None:
+            for k in self.keys:
+                await self.engine.delete(k)
+            await self.engine.sweep({})
+            await self.engine.close()
+
+        try:
+            self.run(end())
+        finally:
+            self.runner.close()
+
+
+@pytest.fixture
+def driven(settings: Settings) -> Iterator[Driven]:
+    d = Driven(settings)
+    try:
+        yield d
+    finally:
+        d.end()
+
+
+def wait_for_output(workdir: Path, infos: dict[PipelineKey, InstanceInfo]) -> None:
+    for k, info in infos.items():
+        path = output_of(workdir, k, info.pipeline_id)
+        wait_until(path.exists, 10, f"{k}'s output")
+
+
+def test_pipelines_fill_shards_of_their_own_namespace_and_run(
+    settings: Settings, driven: Driven
+) -> None:
+    """Five pipelines of one namespace fill two shards of three; two of another namespace
+    get a shard of their own. Each reaches Running with one deploy; deleted, they leave
+    nothing: no folder, no record, no shard."""
+    a = [key_in("a") for _ in range(5)]
+    b = [key_in("b") for _ in range(2)]
+    infos = driven.deploy(*a, *b)
+    wait_for_output(settings.workdir, infos)
+    shards: dict[str, list[PipelineKey]] = {}
+    for k in a + b:
+        shards.setdefault(shard_of(k, settings.workdir), []).append(k)
+    assert sorted(len(keys) for keys in shards.values()) == [2, 2, 3]
+    for keys in shards.values():
+        assert len({k.namespace for k in keys}) == 1, "a shard ran two namespaces' pipelines"
+    assert len(shard_pids(settings.workdir)) == 3
+    for info in infos.values():
+        assert info.state is InstanceState.Running
+        assert info.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+        assert info.crashes == []
+    driven.end()
+    assert shard_pids(settings.workdir) == []
+    assert not list(settings.workdir.glob("*_*")), "a pipeline folder was left"
+    assert not list((settings.workdir / ".shards").glob("*.json"))
+    assert not list((settings.workdir / ".shards" / "pipelines").glob("*.json"))
+
+
+def test_a_node_that_raises_fails_its_own_pipeline_only(settings: Settings, driven: Driven) -> None:
+    """Two pipelines in one shard; a node of one raises at runtime: only that pipeline's
+    status names the crash (the shard's health route says whose node died)."""
+    calm, crashing = key_in("a"), key_in("a")
+    crasher = (
+        ("src", "source", "ticker", {"rate": 20}),
+        ("mid", "proc", "crasher", {"after": 3}),
+        ("out", "sink", "jsonl", {}),
+    )
+    driven.deploy(calm)
+    driven.deploy(crashing, specs=crasher)
+    assert shard_of(calm, settings.workdir) == shard_of(crashing, settings.workdir)
+
+    def crashed() -> bool:
+        info = driven.status(crashing)
+        return info is not None and bool(info.crashes)
+
+    wait_until(crashed, 10, "the crash seen")
+    info = driven.status(crashing)
+    assert info is not None
+    assert [(c.node, c.error) for c in info.crashes] == [("mid", "RuntimeError: kaboom in mid")]
+    assert info.nodes["mid"] == "Failed"
+    other = driven.status(calm)
+    assert other is not None
+    assert other.crashes == []
+    assert other.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+
+
+def test_a_killed_shard_fails_each_of_its_pipelines_naming_it_and_the_others_run_on(
+    settings: Settings, driven: Driven
+) -> None:
+    """SIGKILL to one shard: each of its pipelines reports the shard's death and how many
+    pipelines it took; the other shard's pipelines run on. A redeploy (what the restart
+    policy does: delete keeping the output, then create) lands on a live shard and keeps
+    the output the pipeline had written."""
+    keys = [key_in("a") for _ in range(4)]  # shards of three: 3 + 1
+    infos = driven.deploy(*keys)
+    wait_for_output(settings.workdir, infos)
+    by_shard: dict[str, list[PipelineKey]] = {}
+    for k in keys:
+        by_shard.setdefault(shard_of(k, settings.workdir), []).append(k)
+    victims = max(by_shard.values(), key=len)
+    [survivor] = min(by_shard.values(), key=len)
+    [pid] = processes_mentioning(f"--owner {shard_of(victims[0], settings.workdir)} ")
+    written = output_of(settings.workdir, victims[0], infos[victims[0]].pipeline_id)
+    wait_until(lambda: len(written.read_text().splitlines()) >= 3, 10, "some output")
+    before = written.read_text().splitlines()
+    os.kill(pid, signal.SIGKILL)
+
+    def dead(k: PipelineKey) -> bool:
+        info = driven.status(k)
+        return info is not None and bool(info.crashes)
+
+    wait_until(lambda: all(dead(k) for k in victims), 10, "the shard's death seen")
+    for k in victims:
+        info = driven.status(k)
+        assert info is not None
+        [crash] = info.crashes
+        assert crash.node == WHOLE_RUNTIME
+        assert crash.error == f"shard process {pid} was killed by SIGKILL; it ran 3 pipeline(s)"
+    alive = driven.status(survivor)
+    assert alive is not None
+    assert alive.crashes == []
+    assert alive.state is InstanceState.Running
+
+    victim = victims[0]
+
+    async def redeploy() -> str:
+        await driven.engine.delete(victim, release=False, keep_output=True)
+        return await deploy(driven.engine, victim)
+
+    new_id = driven.run(redeploy())
+    assert shard_of(victim, settings.workdir) == shard_of(survivor, settings.workdir)
+    carried = output_of(settings.workdir, victim, new_id)
+    wait_until(lambda: len(carried.read_text().splitlines()) > len(before), 10, "new output")
+    assert carried.read_text().splitlines()[: len(before)] == before
+
+
+def test_a_restarted_operator_adopts_the_shards_and_deploys_nothing_again(
+    settings: Settings, driven: Driven
+) -> None:
+    """The engine is closed (the operator stops) and another starts on the same folder: it
+    adopts every shard and pipeline, with the same ids and processes, including a deploy
+    that was still warming up, whose warmup it joins rather than run twice."""
+    keys = [key_in("a") for _ in range(4)]
+    infos = driven.deploy(*keys)
+    slow = key_in("a")
+    counted = (
+        ("src", "source", "ticker", {"rate": 20}),
+        ("mid", "proc", "counted", {"seconds": 3, "fail": ""}),
+        ("out", "sink", "jsonl", {}),
+    )
+    in_flight = driven.runner.get_loop().create_task(deploy(driven.engine, slow, counted))
+    driven.keys.append(slow)
+    warmups = settings.workdir
+
+    def warming() -> bool:
+        driven.run(asyncio.sleep(0.05))  # lets the first engine's deploy go out
+        return bool(list(warmups.glob(f"{slow.juturna_name}_*/mid/warmups.log")))
+
+    wait_until(warming, 20, "the slow warmup begun")
+    pids = shard_pids(settings.workdir)
+
+    second = Driven(settings)  # the restarted operator
+    try:
+        for k in keys:
+            adopted = second.status(k)
+            assert adopted is not None
+            assert adopted.pipeline_id == infos[k].pipeline_id
+            assert adopted.state is InstanceState.Running
+            assert adopted.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+        mid = second.status(slow)
+        assert mid is not None
+        assert mid.state is InstanceState.Created  # its record still says so
+
+        async def finish() -> InstanceInfo | None:
+            await second.engine.warmup(slow)  # joins the warmup in flight
+            await second.engine.start(slow)
+            return await second.engine.status(slow)
+
+        done = second.run(finish())
+        assert done is not None
+        assert done.state is InstanceState.Running
+        [log] = warmups.glob(f"{slow.juturna_name}_*/mid/warmups.log")
+        assert log.read_text().splitlines() == ["begin built=1", "end built=1"]
+        assert shard_pids(settings.workdir) == pids, "a shard was started or lost"
+        driven.run(asyncio.wait([in_flight]))  # the first engine's call, answered
+        second.keys = [*keys, slow]
+    finally:
+        second.end()
+        driven.keys.clear()  # the second engine deleted them
+        driven.end()
+    assert shard_pids(settings.workdir) == []
+
+
+def test_a_stop_that_hangs_is_bounded_and_its_shard_ends_when_the_others_leave(
+    settings: Settings, driven: Driven
+) -> None:
+    """A sink that never returns makes the stop hang: StopTimeout after the stop timeout,
+    naming the shard; the pipeline is left there, the shard takes no new pipeline, and it
+    ends once its other pipeline is deleted."""
+    hanging = (
+        ("src", "source", "ticker", {"rate": 2000}),
+        ("out", "sink", "hang", {}),
+    )
+    stuck, other = key_in("a"), key_in("a")
+    stuck_id = driven.deploy(stuck, specs=hanging)[stuck].pipeline_id
+    driven.deploy(other)
+    shard = shard_of(stuck, settings.workdir)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    time.sleep(3)  # 2000 messages a second fill both 999-message queues: stop blocks
+    began = time.monotonic()
+    with pytest.raises(PipelineFailure) as raised:
+        driven.run(driven.engine.stop(stuck))
+    took = time.monotonic() - began
+    assert raised.value.reason is FailureReason.StopTimeout
+    assert raised.value.message == (
+        f"stop did not finish within 2 s; pipeline {stuck_id} is left "
+        f"stuck in shard process {pid}, which takes no new pipelines and is ended once its "
+        "1 other pipeline(s) have left"
+    )
+    assert took < 2 + 3, took
+    assert driven.status(stuck) is None  # nothing the lifecycle could act on is left
+    later = key_in("a")
+    driven.deploy(later)
+    assert shard_of(later, settings.workdir) != shard
+    driven.run(driven.engine.delete(other))
+    wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the stuck shard ended")

@@ -5,8 +5,10 @@
   (``workqueue.WorkQueue``); it stores nothing, so kopf writes no diff-base or progress
   for it (no GitOps drift).
 * The queue's workers, a bounded set shared by every Pipeline, reconcile level-triggered;
-  each pass says when it wants its next look (the health interval, or a backoff deadline),
-  kept in the queue's one timer heap.
+  each pass says when it wants its next look (a backoff deadline, or a resync), kept in the
+  queue's one timer heap.
+* One health loop asks the engine about every instance each health interval and queues
+  only the Pipelines whose instance changed (``Reconciler.changed_instances``).
 * ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
 
 kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
@@ -98,6 +100,7 @@ class Operator:
             engine, settings, self.write_status, self.post_event, metrics=metrics
         )
         self.sweeper: asyncio.Task[None] | None = None
+        self.health_watch: asyncio.Task[None] | None = None
         self.bodies: dict[str, Any] = {}  # uid -> latest body, for passes and Events
         # uid -> kopf's logger for that Pipeline: its warnings are posted as Events too.
         self.loggers: dict[str, kopf.ObjectLogger] = {}
@@ -188,6 +191,18 @@ class Operator:
             for i in items
         }
 
+    async def watch_health(self) -> None:
+        """Each health interval, queue the Pipelines whose instance changed (the reconciler
+        asks the engine about all of them at once); the others get no pass."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            try:
+                for uid in await self.reconciler.changed_instances():
+                    if uid in self.bodies:
+                        self.queue.add(uid)
+            except Exception:  # the loop must never end: it is how crashes are seen
+                log.exception("health check round failed; trying again")
+
     async def sweep_orphans(self) -> None:
         """Now and then, remove engine instances that no Pipeline references any more."""
         interval = self.settings.sweep_interval_s
@@ -238,6 +253,7 @@ async def startup(
         ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics, settings
     )
     operator.sweeper = asyncio.create_task(operator.sweep_orphans())
+    operator.health_watch = asyncio.create_task(operator.watch_health())
     memo.operator = operator
     logger.info(
         "juturna-operator ready: engine=%s workdir=%s plugin roots=%s",
@@ -252,8 +268,9 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     operator: Operator | None = memo.get("operator")
     if operator is None:
         return
-    if operator.sweeper is not None:
-        operator.sweeper.cancel()
+    for task in (operator.sweeper, operator.health_watch):
+        if task is not None:
+            task.cancel()
     # The watches have ended: nothing queues any more. Passes in flight finish or are cancelled.
     await operator.queue.stop(PASS_GRACE_S)
     await operator.engine.close()

@@ -7,6 +7,13 @@ from ``status`` when the operator starts, so a restart loses nothing.
 Status writes cost API calls, so a step that finishes within the progress threshold
 gets no patch of its own; the final state, any failure and every condition change are
 always written, and nothing is written when nothing changed.
+
+Health is watched in one loop, not by a pass per Pipeline: ``changed_instances`` asks the
+engine about every instance at once (an engine that runs many pipelines in one process, the
+shard engine, answers each of its processes' with one call) and returns only the Pipelines
+whose instance changed since their last pass. A Pipeline at its desired state gets a pass
+for a change, a watch event, or its resync (``SETTLED_RESYNC_S``); one that waits for a
+backoff, at its end.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ UNTIL = {
 }
 
 MAX_STEPS = 16
+# A Pipeline at its desired state is looked at again after this even when nothing changed
+# (the health loop and the watch queue it for any change): a safety net, as
+# controller-runtime's resync is.
+SETTLED_RESYNC_S = 30.0
+# Instances asked about at once by the health loop (each may be an HTTP call).
+HEALTH_CONCURRENCY = 64
 # Deleted resources remembered, so that a pass that began before the deletion never deploys
 # again (uids are never reused; the oldest are forgotten long after their passes ended).
 FINALIZED_REMEMBERED = 10_000
@@ -110,6 +123,19 @@ class SpecWork:
         return self.parsed
 
 
+Fingerprint = tuple[Any, ...] | None
+
+
+def fingerprint(info: InstanceInfo | None) -> Fingerprint:
+    """What a pass would act on or show of an engine's answer: equal fingerprints, no pass."""
+    if info is None:
+        return None
+    failure = (info.failure.reason, info.failure.message) if info.failure else None
+    crashes = tuple((c.node, c.thread, c.error) for c in info.crashes)
+    nodes = tuple(sorted(info.nodes.items()))
+    return (info.state, info.revision, info.pipeline_id, nodes, crashes, failure, info.pod)
+
+
 @dataclass
 class Memory:
     """What the operator remembers about one resource between reconciles."""
@@ -118,6 +144,8 @@ class Memory:
     spec: SpecWork = field(default_factory=SpecWork)
     written: WrittenStatus = field(default_factory=WrittenStatus)
     recovering_from: str | None = None  # a pipelineId from before an operator restart
+    key: PipelineKey | None = None  # set by its first pass
+    seen: Fingerprint = None  # the engine's answer at the end of its last pass
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
@@ -194,6 +222,32 @@ class Reconciler:
 
     def forget(self, uid: str) -> None:
         self._memory.pop(uid, None)
+
+    async def changed_instances(self) -> list[str]:
+        """The uids of the Pipelines whose instance changed since their last pass: the
+        engine is asked about every one at once. Pipelines in a pass are left to it."""
+        asked = [
+            (uid, mem)
+            for uid, mem in list(self._memory.items())
+            if mem.key is not None and not self._finished(uid) and not self._in_pass(uid)
+        ]
+        room = asyncio.Semaphore(HEALTH_CONCURRENCY)
+
+        async def changed(mem: Memory) -> bool:
+            assert mem.key is not None
+            async with room:
+                try:
+                    info = await self.engine.status(mem.key)
+                except Exception:  # a pass asks again, and reports what it finds
+                    return True
+            return fingerprint(info) != mem.seen
+
+        found = await asyncio.gather(*(changed(mem) for _, mem in asked))
+        return [uid for (uid, _), yes in zip(asked, found, strict=True) if yes]
+
+    def _in_pass(self, uid: str) -> bool:
+        lock = self._passes.get(uid)
+        return lock is not None and lock.locked()
 
     def _finished(self, uid: str) -> bool:
         return uid in self._finalizing or uid in self._finalized
@@ -286,7 +340,8 @@ class Reconciler:
             mem.recovering_from = None
         self._tell(p)
         await self._publish(p, info, None)
-        return self._next_look(p)
+        mem.key, mem.seen = p.key, fingerprint(info)
+        return self._next_look(p, reached)
 
     async def finalize(self, resource: Resource, log: Log) -> None:
         """Deletion: stop (bounded) and delete the instance. Never raises, never hangs.
@@ -456,13 +511,17 @@ class Reconciler:
     def _event(self, p: _Pass, kind: str, reason: str, message: str) -> None:
         self._post_event(p.key, kind, reason, message)
 
-    def _next_look(self, p: _Pass) -> float:
+    def _next_look(self, p: _Pass, reached: bool) -> float:
+        """A backoff's end; the resync for a Pipeline with nothing pending (its desired
+        state reached, or failed for good: the health loop and the watch queue it for any
+        change); else the health interval."""
         interval = self.settings.health_interval_s
+        observed = self._observed(p.mem, None)
         retry_at = p.mem.retry.retry_at
-        if retry_at is not None and not lifecycle.is_terminal(
-            p.desired, self._observed(p.mem, None)
-        ):
+        if retry_at is not None and not lifecycle.is_terminal(p.desired, observed):
             return max(0.0, min(interval, retry_at - self._clock()))
+        if (reached and p.mem.retry.failure is None) or lifecycle.is_terminal(p.desired, observed):
+            return SETTLED_RESYNC_S
         return interval
 
     # -- status --

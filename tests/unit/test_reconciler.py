@@ -17,7 +17,7 @@ from juturna_operator.domain import InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import DEFAULT_PLAN, InstanceInfo, Plan
 from juturna_operator.lifecycle import BACKOFF_CAP_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from juturna_operator.reconciler import Reconciler, Resource
+from juturna_operator.reconciler import SETTLED_RESYNC_S, Reconciler, Resource, fingerprint
 from juturna_operator.settings import Settings
 
 LOG = logging.getLogger("test")
@@ -220,3 +220,48 @@ def test_an_operator_restart_recovers_from_status_alone() -> None:
     recovered = [m for _, r, m in again.events if r == "Recovered"]
     assert recovered, again.events
     assert written["pipelineId"] in recovered[0]
+
+
+def test_the_health_loop_queues_only_pipelines_whose_instance_changed() -> None:
+    """A Pipeline at its desired state asks for no look before the resync: the health loop
+    asks the engine about it, and queues it only once its instance changed."""
+    h = Harness()
+    assert h.reconcile() == SETTLED_RESYNC_S
+    assert asyncio.run(h.reconciler.changed_instances()) == []
+    h.engine.crash(next(iter(h.engine.instances)))
+    assert asyncio.run(h.reconciler.changed_instances()) == [UID]
+    # The pass that follows records the failure: its backoff, not the resync, is next.
+    assert h.reconcile() < SETTLED_RESYNC_S
+    assert h.writes[-1]["failure"]["reason"] == "NodeFailed"
+
+
+def test_an_instance_gone_from_the_engine_is_a_change() -> None:
+    h = Harness()
+    h.reconcile()
+    h.engine.instances.clear()  # the runtime lost it
+    assert asyncio.run(h.reconciler.changed_instances()) == [UID]
+    h.reconcile()
+    assert h.writes[-1]["phase"] == "Running"  # deployed again
+    assert asyncio.run(h.reconciler.changed_instances()) == []
+
+
+def test_a_pipeline_that_failed_for_good_waits_for_the_resync() -> None:
+    engine = FakeEngine()
+    engine.fail_start = FailureReason.StartFailed
+    h = Harness(engine)
+    h.spec["restartPolicy"] = {"maxRestarts": 0}
+    h.reconcile()
+    assert h.writes[-1]["phase"] == "Failed"
+    assert h.reconcile() == SETTLED_RESYNC_S
+
+
+def test_the_fingerprint_sees_what_a_pass_would_show() -> None:
+    key = PipelineKey("ns", "p", UID)
+    info = InstanceInfo(key, "id-1", "r1", InstanceState.Running, nodes={"src": "Running"})
+    same = InstanceInfo(key, "id-1", "r1", InstanceState.Running, nodes={"src": "Running"})
+    assert fingerprint(info) == fingerprint(same)
+    same.nodes["src"] = "Failed"
+    assert fingerprint(info) != fingerprint(same)
+    info.failure = PipelineFailure(FailureReason.RuntimeUnavailable, Step.run, "refused")
+    assert fingerprint(info) != fingerprint(same)
+    assert fingerprint(None) is None

@@ -5,6 +5,7 @@ to what it concerns (a node: its pipeline; a shard: its pipelines; a hung stop: 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -341,3 +342,43 @@ def test_a_stop_that_hangs_is_bounded_and_its_shard_ends_when_the_others_leave(
     assert shard_of(later, settings.workdir) != shard
     driven.run(driven.engine.delete(other))
     wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the stuck shard ended")
+
+
+def test_a_shard_that_stops_answering_is_a_failure_naming_it_and_is_ended(
+    settings: Settings, driven: Driven
+) -> None:
+    """A shard stopped (SIGSTOP: it runs, and answers nothing) keeps its pipelines' last
+    known state through two missed health checks; the third makes each of them a failure
+    naming the shard, and the delete that the restart policy makes ends the shard."""
+    keys = [key_in("a"), key_in("a")]
+    driven.deploy(*keys)
+    [pid] = processes_mentioning(f"--owner {shard_of(keys[0], settings.workdir)} ")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        seen: list[InstanceInfo | None] = []
+
+        def stuck() -> bool:
+            seen.append(driven.status(keys[0]))
+            return bool(seen[-1] and seen[-1].crashes)
+
+        wait_until(stuck, 30, "the stuck shard seen")
+        assert len(seen) >= 3, "fewer than three health checks made it a failure"
+        first = seen[0]
+        assert first is not None
+        assert first.crashes == []  # a miss: the last known state stands
+        assert first.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+        last = seen[-1]
+        assert last is not None
+        [crash] = last.crashes
+        assert crash.node == WHOLE_RUNTIME
+        assert crash.error.startswith(
+            f"shard process {pid} runs but gave no answer to 3 health checks in a row (the last: "
+        )
+        driven.run(driven.engine.delete(keys[0], release=False, keep_output=True))
+        wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the stuck shard ended")
+        other = driven.status(keys[1])
+        assert other is not None
+        assert other.crashes  # its shard is gone: its own failure, then its redeploy
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

@@ -73,8 +73,9 @@ def test_helm_lint(kubeconfig: Path) -> None:
             "--set",
             "logFormat=json",
         ],
+        ["--set", "engine=shard", "--set", "shardSize=8"],
     ],
-    ids=["cluster-wide", "namespaced", "service-runtimes"],
+    ids=["cluster-wide", "namespaced", "service-runtimes", "shards"],
 )
 def test_templates_pass_server_side_dry_run(
     kubeconfig: Path, kubectl: Kubectl, values: list[str]
@@ -89,7 +90,10 @@ def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
     proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "engine=docker", check=False)
     assert proc.returncode != 0
     assert "engine" in proc.stderr
-    assert "value must be one of 'pod', 'process', 'inprocess', 'service'" in proc.stderr
+    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in proc.stderr
+    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "shardSize=0", check=False)
+    assert proc.returncode != 0
+    assert "at '/shardSize': minimum: got 0, want 1" in proc.stderr
     proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "enigne=process", check=False)
     assert "additional properties 'enigne' not allowed" in proc.stderr
 

@@ -4,7 +4,8 @@ same run.
 
     python bench/harness.py --mode quick|full|smoke [--out docs] [--repetitions 3]
 
-quick: N = 1 and 100 (in-process), 1 and 50 (process); full: adds N = 1000 (in-process).
+quick: N = 1 and 100 (in-process), 1 and 50 (process), 100 (shard); full: adds N = 1000
+(in-process and shard, each with an operator restart).
 smoke: N = 5 (in-process) and 1 (process), one repetition, under a minute (the test suite
 runs it so that it cannot rot).
 Each in-process size also runs the floor (``bench/floor.py``: a framework-free operator that
@@ -60,6 +61,8 @@ from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from juturna_operator.zygote import start_time  # noqa: E402
 
 CREATE_THREADS = 16
+# Three health intervals with every Pipeline Running (BENCH_STEADY_S: longer, for a closer look).
+STEADY_S = float(os.environ.get("BENCH_STEADY_S", "9"))
 WRITE_VERBS = {"POST", "PATCH", "PUT", "APPLY"}
 FLOOR = "floor"  # the engine name of the floor's rows
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -84,6 +87,7 @@ MODES: dict[str, list[Scenario]] = {
         Scenario("inprocess", 100, recovery=True),
         Scenario("process", 1),
         Scenario("process", 50, recovery=True),
+        Scenario("shard", 100, recovery=True),
     ],
     "full": [
         Scenario("inprocess", 1),
@@ -91,6 +95,8 @@ MODES: dict[str, list[Scenario]] = {
         Scenario("inprocess", 1000, recovery=True, limit_s=240),
         Scenario("process", 1),
         Scenario("process", 50, recovery=True),
+        Scenario("shard", 100),
+        Scenario("shard", 1000, recovery=True, limit_s=240),
     ],
 }
 
@@ -221,10 +227,10 @@ def apiserver_requests(kubeconfig: Path) -> Counter[tuple[str, str, str]]:
 
 
 def worker_pids(workdir: Path) -> list[int]:
-    """The process engine's live workers, from its records (``.workers/<uid>.json``): how
-    the engine finds them itself, whether it spawned or forked them."""
+    """The live workers of the process engine and the shard engine, from their records
+    (``.workers/<uid>.json``, ``.shards/<name>.json``): how the engines find them."""
     pids = []
-    for record in (workdir / ".workers").glob("*.json"):
+    for record in [*(workdir / ".workers").glob("*.json"), *(workdir / ".shards").glob("*.json")]:
         try:
             pids.append(int(json.loads(record.read_text())["pid"]))
         except (OSError, ValueError, KeyError):
@@ -420,14 +426,22 @@ def run_scenario(kubeconfig: Path, scenario: Scenario) -> dict[str, Any]:
         result["requests_per_pipeline"] = sum(delta.values()) / n
         result["modified_events_per_pipeline"] = statistics.mean(seen.modified[x] for x in names)
         result["cpu_s_per_pipeline"] = (cpu_seconds(op.proc.pid) - cpu_before) / n
+        # All Running, nothing changing: what watching them costs (and, in-process, what
+        # the pipelines' own threads cost: they run in the operator's process).
+        idle_before = cpu_seconds(op.proc.pid)
+        time.sleep(STEADY_S)
+        result["steady_cpu_pct"] = (cpu_seconds(op.proc.pid) - idle_before) / STEADY_S * 100
         result["rss_mib"] = rss_kib(op.proc.pid) / 1024
         result["rss_per_pipeline_mib"] = (result["rss_mib"] - result["base_rss_mib"]) / n
         if starts is not None:
-            assert isinstance(op, BenchOperator)
             result["worker_starts"] = starts.starts
-            workers = worker_pids(op.workdir)
+        if isinstance(op, BenchOperator):
+            workers = worker_pids(op.workdir)  # the process engine's, or the shards
             if workers:
-                result["worker_rss_mib"] = statistics.median(rss_kib(p) for p in workers) / 1024
+                rss = [rss_kib(p) / 1024 for p in workers]
+                result["workers"] = len(workers)
+                result["worker_rss_mib"] = statistics.median(rss)
+                result["workers_rss_total_mib"] = sum(rss)
 
         if scenario.recovery and all_ready:
             assert isinstance(op, BenchOperator), "the floor has no recovery row"

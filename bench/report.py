@@ -114,14 +114,16 @@ def _worker(key: str, limit: float, scale: float, unit: str) -> Check:
 
 
 def _restart(scenarios: Scenarios) -> tuple[str, bool] | None:
-    runs = scenarios.get(("inprocess", 1000))
+    """The restart with 1000 Running on shards, the engine for dense pipelines that keeps
+    them across a restart (in-process instances die with the operator: its row is below)."""
+    runs = scenarios.get(("shard", 1000))
     if runs is None:
         return None
-    if not all("recovery_s" in r for r in runs):
-        return "not measured: not all were Ready", False
-    return _within(("inprocess", 1000), lambda r: _median(r, lambda x: x["recovery_s"]), 10)(
-        scenarios
-    )
+    if not all(r.get("recovery_s") is not None for r in runs):
+        return "not measured: not all were Ready again within the limit", False
+    value = _median(runs, lambda r: r["recovery_s"])
+    redeployed = _median(runs, lambda r: r.get("recovered_redeployed", 0))
+    return f"{value:.2f} s (redeployed: {redeployed:.0f} of 1000)", value <= 10 and not redeployed
 
 
 # Issue 17's goals: (what, goal, check).
@@ -137,7 +139,11 @@ GOALS: list[tuple[str, str, Check]] = [
         _same_writes,
     ),
     ("all Ready, in-process, N = 1000", "≤ 30 s", _within(("inprocess", 1000), _all_ready_s, 30)),
-    ("operator restart, 1000 Running (in-process): all Ready again", "≤ 10 s", _restart),
+    (
+        "operator restart, 1000 Running (shards): all Ready again, adopted",
+        "≤ 10 s, none redeployed",
+        _restart,
+    ),
     (
         "process engine, one worker's start: wall (start → Ready event)",
         "≤ 100 ms",
@@ -199,7 +205,8 @@ def markdown(results: dict[str, Any]) -> str:
         "framework-free operator that makes the same writes per Pipeline and does no work, run "
         'by turns with the in-process rows of its size (below: "The floor, and why the first '
         "goal is a ratio\"); `xfloor` is an operator row's ratio to the floor's row of the "
-        "same N.",
+        "same N. Steady CPU: the operator process's CPU over 9 s with every Pipeline Running, "
+        "in % of one core (in-process, the pipelines' own threads included).",
         "",
         "### apply → Ready",
         "",
@@ -242,8 +249,9 @@ def markdown(results: dict[str, Any]) -> str:
         "### API cost, resources, recovery, deletion",
         "",
         "| engine | N | writes / pipeline | requests / pipeline | MODIFIED events / pipeline "
-        "| base RSS | RSS / pipeline | CPU / pipeline | worker RSS | recovery | delete all |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| base RSS | RSS / pipeline | CPU / pipeline | steady CPU | worker RSS (median, count) "
+        "| recovery | delete all |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (engine, n), runs in scenarios.items():
 
@@ -251,14 +259,15 @@ def markdown(results: dict[str, Any]) -> str:
             values = [r[key] for r in runs if key in r]
             return statistics.median(values) if values else None
 
-        worker = med("worker_rss_mib")
+        worker, workers, steady = med("worker_rss_mib"), med("workers"), med("steady_cpu_pct")
         recovery = _median(runs, lambda r: r.get("recovery_s", -1.0))
         out.append(
             f"| {engine} | {n} | {med('writes_per_pipeline'):.1f} | "
             f"{med('requests_per_pipeline'):.1f} | {med('modified_events_per_pipeline'):.1f} | "
             f"{med('base_rss_mib'):.0f} MiB | {med('rss_per_pipeline_mib'):.2f} MiB | "
             f"{med('cpu_s_per_pipeline') * 1000:.0f} ms | "
-            f"{f'{worker:.0f} MiB' if worker is not None else '-'} | "
+            f"{f'{steady:.1f} %' if steady is not None else '-'} | "
+            f"{f'{worker:.0f} MiB, {workers:.0f}' if worker and workers else '-'} | "
             f"{'-' if recovery == -1.0 else _seconds(recovery, _count(runs, 'recovered'))} | "
             f"{_seconds(_median(runs, lambda r: r['delete_all_s']), _count(runs, 'deleted'))} |"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,18 +29,26 @@ from support import (
     install_crds,
 )
 
+KEPT_LOGS = Path(__file__).resolve().parents[1] / ".state" / "failed-session-logs"
+
 
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
+def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver and kube-controller-manager, started once for the session.
 
-    Teardown stops exactly what it started and then proves that nothing is left.
+    Teardown stops exactly what it started and then proves that nothing is left. After a
+    session with failures it first keeps the plane's and the node's logs (kubelet,
+    containerd, scheduler) in ``.state/failed-session-logs``: a node failure that did not
+    repeat could not be explained once they were gone.
     """
     plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
     try:
         yield plane
     finally:
         root = plane.root
+        if request.session.testsfailed:
+            shutil.rmtree(KEPT_LOGS, ignore_errors=True)
+            shutil.copytree(plane.logs, KEPT_LOGS, dirs_exist_ok=True)
         plane.stop()
         left = plane.leftovers()
         assert not left, f"control plane processes left behind after teardown: {left}"

@@ -456,6 +456,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 "nodefs.inodesFree": "1%",
                 "imagefs.available": "1%",
             },
+            # No image garbage collection: the machine's disk is shared, and at 85 % used the
+            # kubelet removed the pause image and the operator's image mid-session (every
+            # later pod then failed: "no pod sandbox exists"). 100 turns it off.
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
             "resolvConf": str(self.root / "resolv.conf"),
             "podLogsDir": str(self.root / "pod-logs"),
             "authentication": {

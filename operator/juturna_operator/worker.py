@@ -69,7 +69,7 @@ def _owner(thread: threading.Thread | None) -> tuple[str, str] | None:
     are not unique across the pipelines of a worker run as a shared service."""
     from juturna.components._pipeline_manager import PipelineManager
 
-    manager = PipelineManager._instance  # not PipelineManager(): a new one when empty
+    manager = PipelineManager._instance  # read only: never makes one in a thread's hook
     pipelines = list(manager._pipelines.items()) if manager is not None else []
     for pipeline_id, pipeline in pipelines:
         for name, node in list((getattr(pipeline, "_nodes", None) or {}).items()):

@@ -24,7 +24,6 @@ executable, and a PID may have been reused), and adopts it; anything else is rea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from juturna_operator.engines.workers import (
     done_already,
     pipeline_named,
     wipe_output,
+    worker_client,
     write_record,
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -90,9 +90,7 @@ class _Worker:
         self.misses = 0  # health checks unanswered since then
 
     def _client(self) -> JuturnaClient:
-        return JuturnaClient(
-            f"http://127.0.0.1:{self.record.port}", token=self.token, connect_retries=1
-        )
+        return worker_client(self.record.port, self.token)
 
     def connect(self, port: int) -> JuturnaClient:
         self.record.port = port
@@ -179,11 +177,7 @@ class ProcessEngine(LockedEngine):
     async def _end(self, worker: _Worker, keep_output: bool = False) -> None:
         """Stop the worker process for good and remove what it left (``keep_output``: all
         but the pipeline's folder, which the resource's next instance takes over)."""
-        if worker.alive():
-            with contextlib.suppress(PipelineFailure):
-                await worker.client.request("POST", "/operator/shutdown", Step.delete, 2.0)
-            await asyncio.to_thread(self._procs.kill, worker.child)
-        await worker.client.close()
+        await self._procs.end(worker.child, worker.client)
         self._workers.pop(worker.record.key, None)
         await asyncio.to_thread(self._forget, worker.record, keep_output)
 

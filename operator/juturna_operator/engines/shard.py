@@ -65,6 +65,7 @@ from juturna_operator.engines.workers import (
     done_already,
     pipeline_named,
     wipe_output,
+    worker_client,
     write_record,
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -122,7 +123,7 @@ class _Shard:
 
     def connect(self, port: int) -> JuturnaClient:
         self.record.port = port
-        self.client = JuturnaClient(f"http://127.0.0.1:{port}", token=self.token, connect_retries=1)
+        self.client = worker_client(port, self.token)
         return self.client
 
     @property
@@ -268,12 +269,7 @@ class ShardEngine(LockedEngine):
     async def _end_shard(self, shard: _Shard) -> None:
         """End a shard process for good, with whatever still runs in it."""
         self._shards.pop(shard.record.name, None)  # placed on no more, from this moment
-        if shard.alive() and shard.client is not None:
-            with contextlib.suppress(PipelineFailure):
-                await shard.client.request("POST", "/operator/shutdown", Step.delete, 2.0)
-        await asyncio.to_thread(self._procs.kill, shard.child)
-        if shard.client is not None:
-            await shard.client.close()
+        await self._procs.end(shard.child, shard.client)
         await asyncio.to_thread(self._forget_shard, shard)
         log.info("ended shard %s (pid %s)", shard.record.name, shard.record.pid)
 

@@ -125,6 +125,12 @@ class Plain:
         self.popen.wait(timeout)
 
 
+def worker_client(port: int, token: str) -> JuturnaClient:
+    """The client for our worker on loopback ``port``: one connect retry (a worker that
+    refuses is starting, or gone: the engine's own checks tell which)."""
+    return JuturnaClient(f"http://127.0.0.1:{port}", token=token, connect_retries=1)
+
+
 def describe_exit(what: str, child: Child) -> str:
     """How a worker process ended, for status: ``what`` names it ("worker process 42")."""
     code = child.exit_code()
@@ -391,6 +397,17 @@ class WorkerProcesses:
                     return
                 time.sleep(0.02)
         child.wait(5)
+
+    async def end(self, child: Child, client: JuturnaClient | None) -> None:
+        """End a worker for good: asked to shut down, then SIGTERM and SIGKILL if it still
+        runs; its client closed."""
+        if child.running():
+            if client is not None:
+                with contextlib.suppress(PipelineFailure):
+                    await client.request("POST", "/operator/shutdown", Step.delete, 2.0)
+            await asyncio.to_thread(self.kill, child)
+        if client is not None:
+            await client.close()
 
     async def close(self) -> None:
         """End the zygote (the next operator process starts its own); workers run on."""

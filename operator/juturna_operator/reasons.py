@@ -50,6 +50,10 @@ class FailureReason(Enum):
     StopTimeout = (504, "Stopping the pipeline did not finish within the stop timeout.")
     RuntimeUnavailable = (503, "The pipeline runtime could not be reached.")
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
+    NameConflict = (
+        503,
+        "An object the Pipeline needs (its pod or Secret) has a name another owner holds.",
+    )
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
     ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")
     BuiltinNotAllowed = (
@@ -95,6 +99,7 @@ class FailureReason(Enum):
         return self.retryable and self not in (
             FailureReason.RuntimeUnavailable,
             FailureReason.Unschedulable,
+            FailureReason.NameConflict,
         )
 
 

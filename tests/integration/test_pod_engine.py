@@ -4,8 +4,10 @@ with no API rights, under the restricted Pod Security Standard."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from support import (
     faulty,
     is_ready,
     manifest,
+    pod_body,
+    pod_ready,
+    wait_pod,
     wait_until,
 )
 
@@ -423,3 +428,194 @@ def test_a_pod_the_api_server_refuses_is_invalid_spec_before_anything_exists(
     )
     assert not managed(kubectl, "pods", namespace)
     assert not managed(kubectl, "secrets", namespace)
+
+
+# A pod that answers like a pipeline pod (ready on /operator/ready) and prints every other
+# request it gets, with its Authorization header: what an impostor would steal.
+RECORDER = """
+import http.server
+class Recorder(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        if self.path != "/operator/ready":
+            auth = self.headers.get("Authorization", "")
+            print("REQUEST", self.command, self.path, auth, flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+    do_GET = do_POST = answer
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Recorder).serve_forever()
+"""
+
+
+def impostor(kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: str) -> str:
+    """Tenant A's pod in its own namespace: the victim's pod name and labels (uids are not
+    secret), Ready, recording what it is sent. Returns its name once it is Ready."""
+    meta = victim["metadata"]
+    name = f"{meta['name']}-{meta['uid'][:8]}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "juturna-operator",
+                "juturna.io/pipeline-uid": meta["uid"],
+                "juturna.io/pipeline": meta["name"],
+            },
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [
+                {
+                    "name": "juturna",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": ["python", "-c", RECORDER],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/operator/ready", "port": 8080},
+                        "periodSeconds": 1,
+                    },
+                }
+            ],
+        },
+    }
+    wait_until(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+    kubectl("apply", "-f", "-", input=json.dumps(pod))
+    wait_pod(kubectl, namespace, name, pod_ready, 60, "Ready")
+    return name
+
+
+def requests_to(kubectl: Kubectl, namespace: str, pod: str) -> list[str]:
+    logs = kubectl("logs", pod, "-n", namespace).stdout
+    return [line for line in logs.splitlines() if line.startswith("REQUEST")]
+
+
+def never_within(seconds: float, happened: Any, what: str) -> None:
+    """``happened()`` stays false for ``seconds`` (the old code did it within one)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = happened()
+        assert not found, f"{what}: {found}"
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def tenant_a(core: client.CoreV1Api) -> Iterator[str]:
+    """A second tenant's namespace, deleted afterwards."""
+    name = f"a-{uuid.uuid4().hex[:10]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.mark.timeout(300)
+def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothing(
+    pod_operator: Operator,
+    node_image: str,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    tenant_a: str,
+) -> None:
+    """Round 3, item 1. Tenant A copies a victim's pod name and labels into its own namespace.
+    While the victim's pod is still being created (a ConfigMap it mounts is missing), A's
+    Ready pod must get no deploy, token or configuration; deleting A's pod must delete
+    nothing of the victim's; and the same for a victim that is Running."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    waiting = {
+        "volumes": [{"name": "cfg", "configMap": {"name": "not-yet"}}],
+        "volumeMounts": [{"name": "cfg", "mountPath": "/cfg", "readOnly": True}],
+    }
+    pipelines.apply(manifest("stuck", template=waiting))
+    wait_until(lambda: managed(kubectl, "pods", namespace), 60, "the stuck Pipeline's pod")
+    (stuck_pod,) = managed(kubectl, "pods", namespace)
+    stuck = pipelines.get("stuck")
+    token = kubectl(
+        "get",
+        "secret",
+        stuck_pod["metadata"]["name"],
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.data.token}",
+    ).stdout
+    fake = impostor(kubectl, tenant_a, stuck, node_image)
+    never_within(5, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
+    kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
+    never_within(
+        5,
+        lambda: [
+            p["metadata"]["uid"]
+            for p in managed(kubectl, "pods", namespace)
+            if p["metadata"]["uid"] != stuck_pod["metadata"]["uid"]
+            or p["metadata"].get("deletionTimestamp")
+        ],
+        "the stuck Pipeline's pod was replaced or deleted",
+    )
+    assert "failure" not in pipelines.get("stuck")["status"]
+    # The ConfigMap comes: the victim runs in its own pod, the one it was made with.
+    kubectl("create", "configmap", "not-yet", "-n", namespace)
+    body = pipelines.wait_ready("stuck", timeout=180)
+    (pod,) = managed(kubectl, "pods", namespace)
+    assert pod["metadata"]["uid"] == stuck_pod["metadata"]["uid"]
+
+    # Running now: another impostor comes and goes; its pod, instance and status stay.
+    fake = impostor(kubectl, tenant_a, body, node_image)
+    never_within(3, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
+    kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
+    never_within(
+        6,
+        lambda: (lambda b: b["status"].get("failure") or not is_ready(b))(pipelines.get("stuck")),
+        "the Running victim was disturbed",
+    )
+    after = pipelines.get("stuck")
+    assert after["status"]["pipelineId"] == body["status"]["pipelineId"]
+    (same,) = managed(kubectl, "pods", namespace)
+    assert same["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert "deletionTimestamp" not in same["metadata"]
+    assert "Restarting" not in [reason for _, reason, _ in pipelines.events("stuck")]
+    assert token not in pod_operator.log_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_pod_of_the_pipelines_name_it_does_not_own_is_a_name_conflict(
+    pod_operator: Operator,
+    node_image: str,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """A pod that holds the name the Pipeline's pod must have, in its namespace, is never
+    used, never deleted; once it is gone the Pipeline runs, without spending restarts."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(manifest("tones", state="Stopped"))
+    body = pipelines.wait_phase("tones", "Stopped", timeout=60)
+    squatter = impostor(kubectl, namespace, body, node_image)
+    squatter_uid = pod_body(kubectl, namespace, squatter)["metadata"]["uid"]
+    policy = {"maxRestarts": 0, "backoffSeconds": 0.5}
+    pipelines.patch_spec("tones", {"state": "Running", "restartPolicy": policy})
+    body = pipelines.wait_failure("tones", "NameConflict", 60)
+    assert body["status"]["failure"] == {
+        "reason": "NameConflict",
+        "code": 503,
+        "step": "create",
+        "message": f"pod {squatter} in namespace {namespace} is not owned by Pipeline tones; "
+        "the operator neither uses nor deletes it: remove it, or rename the Pipeline",
+    }
+    assert body["status"]["phase"] == "Pending"
+    assert pod_body(kubectl, namespace, squatter)["metadata"]["uid"] == squatter_uid
+    assert not requests_to(kubectl, namespace, squatter)
+    assert not managed(kubectl, "secrets", namespace)  # its own Secret was removed again
+    kubectl("delete", "pod", squatter, "-n", namespace, "--wait=true")
+    body = pipelines.wait_ready("tones", timeout=120)
+    assert body["status"].get("restarts", 0) == 0

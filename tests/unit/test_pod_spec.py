@@ -8,6 +8,8 @@ import pytest
 
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import (
+    PodEngine,
+    owned_by,
     pod_name,
     pod_problem,
     removed_from_outside,
@@ -237,3 +239,37 @@ def test_an_image_override_needs_the_administrators_leave() -> None:
         "spec.template.image is set, but the administrator does not allow image overrides "
         "(JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE)"
     )
+
+
+def test_only_the_pipelines_namespace_and_controller_owner_make_a_pod_its_own() -> None:
+    """Labels, the name and even an owner reference to the uid can be written by any tenant
+    in its own namespace: the namespace is what proves a pod is the Pipeline's."""
+    pod = runtime_pod(KEY, "rev1", SETTINGS)
+    assert owned_by(pod, KEY)
+    elsewhere = {**pod, "metadata": {**pod["metadata"], "namespace": "team-b"}}
+    assert not owned_by(elsewhere, KEY)  # an impostor that copies everything but the namespace
+    ref = pod["metadata"]["ownerReferences"][0]
+    for forged in (
+        [],
+        [{**ref, "controller": False}],
+        [{**ref, "uid": "0" * 36}],
+        [{**ref, "kind": "Deployment"}],
+        [{**ref, "apiVersion": "apps/v1"}],
+    ):
+        assert not owned_by(
+            {**pod, "metadata": {**pod["metadata"], "ownerReferences": forged}}, KEY
+        )
+
+
+def test_the_watch_files_only_a_known_pipelines_own_pod() -> None:
+    engine = PodEngine(SETTINGS, api_client=None)  # type: ignore[arg-type]
+    pod = runtime_pod(KEY, "rev1", SETTINGS)
+    assert engine.observe("ADDED", pod) is None  # no Pipeline of that uid is known yet
+    engine._known[KEY.uid] = KEY
+    impostor = {**pod, "metadata": {**pod["metadata"], "namespace": "team-b"}}
+    assert engine.observe("DELETED", impostor) is None
+    assert KEY.uid not in engine._seen
+    renamed = {**pod, "metadata": {**pod["metadata"], "name": "tones-other"}}
+    assert engine.observe("ADDED", renamed) is None
+    assert engine.observe("ADDED", pod) == KEY.uid
+    assert engine._seen[KEY.uid] is pod

@@ -33,6 +33,7 @@ EXPECTED_CODES = {
     "StopTimeout": 504,
     "RuntimeUnavailable": 503,
     "Unschedulable": 503,
+    "NameConflict": 503,
     "ImagePullFailed": 502,
     "ImageNotAllowed": 403,
     "BuiltinNotAllowed": 403,

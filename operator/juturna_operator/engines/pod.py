@@ -11,6 +11,12 @@ process engine drives a local worker. What Kubernetes gives on top:
   API rights and none of the operator's environment: no more than a Pod author has;
 * **placement and shared fate**: the scheduler places each pod; an operator restart leaves
   the pods running, and the next operator adopts them (by name, owner uid and token);
+* **whose pod is whose**: a pod or Secret counts as a Pipeline's only if it is in the
+  Pipeline's namespace and the Pipeline is its controller owner (``owned_by``). Labels,
+  names and uids prove nothing: anyone may put them on their own pods, in any namespace,
+  and the operator would send such a pod the Pipeline's token and configuration. An object
+  of the right name that the Pipeline does not own is ``NameConflict``: never adopted,
+  never deleted;
 * **cleanup without us**: the pod and its token Secret are owned by the Pipeline, so the
   garbage collector removes them even when no operator runs.
 
@@ -88,6 +94,34 @@ def owner_of(key: PipelineKey) -> dict[str, Any]:
         "uid": key.uid,
         "controller": True,
     }
+
+
+def owned_by(obj: dict[str, Any], key: PipelineKey) -> bool:
+    """Whether a pod or Secret is this Pipeline's: in its namespace, with the Pipeline as its
+    controller owner. The API server keeps an object's namespace and only an owner's rights
+    set ``blockOwnerDeletion``, but any tenant may write these labels, this name (in its own
+    namespace) or even an owner reference to a uid it has seen: the namespace is the proof."""
+    meta = obj.get("metadata") or {}
+    if meta.get("namespace") != key.namespace:
+        return False
+    return any(
+        ref.get("controller") is True
+        and ref.get("uid") == key.uid
+        and ref.get("kind") == api.KIND
+        and str(ref.get("apiVersion", "")).split("/")[0] == api.GROUP
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
+def name_conflict(kind: str, key: PipelineKey, step: Step) -> PipelineFailure:
+    """A pod or Secret of the name this Pipeline's must have, owned by someone else."""
+    return PipelineFailure(
+        FailureReason.NameConflict,
+        step,
+        f"{kind} {pod_name(key)} in namespace {key.namespace} is not owned by Pipeline "
+        f"{key.name}; the operator neither uses nor deletes it: remove it, or rename the "
+        "Pipeline",
+    )
 
 
 def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
@@ -300,6 +334,9 @@ class PodEngine(LockedEngine):
         self._runtimes: dict[PipelineKey, _Runtime] = {}
         self._idle: dict[PipelineKey, _Runtime] = {}  # healthy pods, their pipeline deleted
         self._looked: set[PipelineKey] = set()  # adoption tried once per key
+        # The Pipelines this engine has a pod for, or is making or adopting one for: the
+        # watch files a pod only under one of these, and only if the Pipeline owns it.
+        self._known: dict[str, PipelineKey] = {}
         # The watch on our pods (handlers.pod_event) keeps the latest body of each, by the
         # Pipeline's uid (None: deleted), and wakes whoever waits for a change: no polling.
         self._seen: dict[str, dict[str, Any] | None] = {}
@@ -312,22 +349,26 @@ class PodEngine(LockedEngine):
         return await asyncio.to_thread(method, *args, **kw)
 
     def observe(self, event: str, pod: dict[str, Any]) -> str | None:
-        """A watch event for one of our pods: remember it, wake its waiters; returns the
-        uid of its Pipeline."""
-        uid = ((pod.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)
-        if not uid:
-            return None
+        """A watch event for a pod with our label: if it is a known Pipeline's own pod,
+        remember it and wake its waiters, and return that Pipeline's uid. Any other pod,
+        whatever its labels or name, is nobody's (``owned_by``)."""
         self.watched = True
-        self._seen[uid] = None if event == "DELETED" else pod
-        self._changes.setdefault(uid, asyncio.Event()).set()
-        return str(uid)
+        uid = ((pod.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)
+        key = self._known.get(str(uid))
+        if key is None or not self._is_its_pod(pod, key):
+            return None
+        self._seen[key.uid] = None if event == "DELETED" else pod
+        self._changes.setdefault(key.uid, asyncio.Event()).set()
+        return key.uid
+
+    @staticmethod
+    def _is_its_pod(pod: dict[str, Any], key: PipelineKey) -> bool:
+        return pod["metadata"].get("name") == pod_name(key) and owned_by(pod, key)
 
     async def _pod(self, key: PipelineKey) -> dict[str, Any] | None:
         """The pod as the watch last saw it; from the API when the watch has not yet."""
         if self.watched and key.uid in self._seen:
-            pod = self._seen[key.uid]
-            if pod is None or pod["metadata"].get("name") == pod_name(key):
-                return pod
+            return self._seen[key.uid]
         return await self._read_pod(key)
 
     async def _changed(self, key: PipelineKey, within: float) -> None:
@@ -339,23 +380,50 @@ class PodEngine(LockedEngine):
             async with asyncio.timeout(within):
                 await event.wait()
 
-    async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
+    async def _read(self, read: Any, key: PipelineKey) -> dict[str, Any] | None:
+        """The object of this Pipeline's pod name that ``read`` reads (a pod, a Secret), as
+        a dict: None if there is none."""
         try:
-            pod = await self._call(self._core.read_namespaced_pod, pod_name(key), key.namespace)
+            found = await self._call(read, pod_name(key), key.namespace)
         except k8s.ApiException as err:
             if err.status == 404:
                 return None
             raise _api_failure(err, Step.run) from None
-        return dict(self._core.api_client.sanitize_for_serialization(pod))
+        return dict(self._core.api_client.sanitize_for_serialization(found))
+
+    async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
+        """The Pipeline's own pod from the API: None if there is none, or if the one of its
+        name is not the Pipeline's (the create reports that as ``NameConflict``)."""
+        pod = await self._read(self._core.read_namespaced_pod, key)
+        return pod if pod is not None and owned_by(pod, key) else None
 
     async def _remove(self, key: PipelineKey) -> None:
-        """The pod (its grace period) and the Secret; gone already is fine."""
-        body = k8s.V1DeleteOptions(grace_period_seconds=DELETE_GRACE_S)
-        for delete in (self._core.delete_namespaced_pod, self._core.delete_namespaced_secret):
+        """The pod (its grace period) and the Secret, if the Pipeline owns them; gone already
+        is fine. The uid precondition keeps a delete from reaching an object that took the
+        name after the read."""
+        kinds = (
+            (self._core.read_namespaced_pod, self._core.delete_namespaced_pod),
+            (self._core.read_namespaced_secret, self._core.delete_namespaced_secret),
+        )
+        for read, delete in kinds:
+            found = await self._read(read, key)
+            if found is None:
+                continue
+            if not owned_by(found, key):
+                log.warning(
+                    "not deleting %s: the Pipeline does not own it",
+                    pod_name(key),
+                    extra=key.log_extra,
+                )
+                continue
+            body = k8s.V1DeleteOptions(
+                grace_period_seconds=DELETE_GRACE_S,
+                preconditions=k8s.V1Preconditions(uid=found["metadata"]["uid"]),
+            )
             try:
                 await self._call(delete, pod_name(key), key.namespace, body=body)
             except k8s.ApiException as err:
-                if err.status != 404:
+                if err.status not in (404, 409):  # 409: another object holds the name now
                     raise _api_failure(err, Step.delete) from None
 
     async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
@@ -428,9 +496,7 @@ class PodEngine(LockedEngine):
         try:
             # What the API server (and its admission, Pod Security included) would refuse,
             # it refuses now, before anything exists: InvalidSpec with its own message.
-            await self._call(
-                self._core.create_namespaced_pod, key.namespace, pod_body, dry_run="All"
-            )
+            await self._create_owned(key, "pod", pod_body, dry_run="All")
         except k8s.ApiException as err:
             raise _api_failure(err, Step.create) from None
         except ValueError as err:  # the client's own check of the Pod, before any request
@@ -441,11 +507,10 @@ class PodEngine(LockedEngine):
                 f"({'; '.join(str(err).splitlines()[1:3])})",
             ) from None
         token = secrets.token_urlsafe(32)
+        self._known[key.uid] = key
         try:
-            await self._call(
-                self._core.create_namespaced_secret, key.namespace, token_secret(key, token)
-            )
-            await self._call(self._core.create_namespaced_pod, key.namespace, pod_body)
+            await self._create_owned(key, "Secret", token_secret(key, token))
+            await self._create_owned(key, "pod", pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
             pipeline_id, state = await self._deploy(key, client, config, plan.until)
@@ -460,6 +525,26 @@ class PodEngine(LockedEngine):
             pod_name(key), revision, client, pipeline_id, state, node=node, template=made_from
         )
         return pipeline_id
+
+    async def _create_owned(
+        self, key: PipelineKey, kind: str, body: dict[str, Any], **options: str
+    ) -> None:
+        """Create the Pipeline's pod or Secret (``options``: e.g. a dry run). Its name taken by
+        an object the Pipeline does not own is ``NameConflict``; by its own, on its way out,
+        a transient refusal."""
+        create, read = (
+            (self._core.create_namespaced_pod, self._core.read_namespaced_pod)
+            if kind == "pod"
+            else (self._core.create_namespaced_secret, self._core.read_namespaced_secret)
+        )
+        try:
+            await self._call(create, key.namespace, body, **options)
+        except k8s.ApiException as err:
+            if err.status == 409:
+                found = await self._read(read, key)
+                if found is not None and not owned_by(found, key):
+                    raise name_conflict(kind, key, Step.create) from None
+            raise
 
     async def _redeploy(
         self,
@@ -523,6 +608,9 @@ class PodEngine(LockedEngine):
         if release:
             await self.exclusive(key, self._end, key)
             self.drop_lock(key)
+            self._known.pop(key.uid, None)
+            self._seen.pop(key.uid, None)
+            self._changes.pop(key.uid, None)
         else:
             await self.exclusive(key, self._park, key)
 
@@ -610,17 +698,18 @@ class PodEngine(LockedEngine):
     async def _adopt(self, key: PipelineKey) -> _Runtime | None:
         """A pod a previous operator process left for this resource: its pipeline keeps
         running, and this process drives it from now on (no redeploy)."""
+        self._known[key.uid] = key
         pod = await self._read_pod(key)
-        owner = ((pod or {}).get("metadata") or {}).get("labels", {}).get(UID_LABEL)
-        if pod is None or owner != key.uid or not is_ready(pod):
-            if pod is not None:
-                await self._remove(key)  # not serving: the lifecycle deploys anew
+        if pod is None:
+            return None  # nothing to adopt; one not owned is the create's NameConflict
+        if not is_ready(pod):
+            await self._remove(key)  # not serving: the lifecycle deploys anew
             return None
         try:
-            secret = await self._call(
-                self._core.read_namespaced_secret, pod_name(key), key.namespace
-            )
-            token = base64.b64decode(secret.data["token"]).decode()
+            secret = await self._read(self._core.read_namespaced_secret, key)
+            if secret is None or not owned_by(secret, key):
+                raise KeyError("no token Secret owned by the Pipeline")
+            token = base64.b64decode(secret["data"]["token"]).decode()
             client = self._client(pod, token)
             health = await client.request("GET", "/operator/health", Step.run, 5.0)
         except (k8s.ApiException, KeyError, PipelineFailure) as err:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds (or reuses) the local cluster's binaries at the versions in hack/versions.env: the
 # control plane (kube-apiserver, kube-controller-manager, etcd), the node (kubelet,
-# kube-scheduler), a kubectl of the same version, and helm.
+# kube-scheduler, kube-proxy, CoreDNS), a kubectl of the same version, and helm.
 #
 # Binaries live outside the repository, keyed by version, so every clone on this
 # machine shares them:  $JUTURNA_OPERATOR_CACHE/<component>-<version>/<binary>
@@ -51,7 +51,7 @@ kflags="-s -w"
 for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   kflags+=" -X $p.gitVersion=$KUBERNETES_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
 done
-for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
   # kubectl has no --version flag; `kubectl version --client` prints the same string.
   vargs=(--version); [ "$cmd" = kubectl ] && vargs=(version --client)
   if ! has_version "$kdir/$cmd" "$KUBERNETES_VERSION" "${vargs[@]}"; then
@@ -80,7 +80,23 @@ if ! has_version "$hdir/helm" "$HELM_VERSION" version --short; then
 fi
 has_version "$hdir/helm" "$HELM_VERSION" version --short || die "$hdir/helm does not report $HELM_VERSION"
 
+# CoreDNS for the node's cluster DNS: a plain `go install` (its go.mod has no replaces that
+# break it); -mod=mod lets the install resolve its module graph itself.
+cdir=$cache/coredns-$COREDNS_VERSION
+if ! has_version "$cdir/coredns" "CoreDNS-${COREDNS_VERSION#v}" -version; then
+  say "installing coredns $COREDNS_VERSION (log: $cdir/coredns.build.log) ..."
+  mkdir -p "$cdir"
+  if ! GOBIN=$cdir GOFLAGS=-mod=mod CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" \
+      "github.com/coredns/coredns@$COREDNS_VERSION" >"$cdir/coredns.build.log" 2>&1; then
+    echo "error: go install of coredns $COREDNS_VERSION failed. Last lines of the go output:" >&2
+    tail -n 25 "$cdir/coredns.build.log" >&2
+    die "fix the cause above and run again."
+  fi
+fi
+has_version "$cdir/coredns" "CoreDNS-${COREDNS_VERSION#v}" -version || die "$cdir/coredns does not report $COREDNS_VERSION"
+
 # One line each, NAME=folder, for the Python launcher and the Makefile.
 echo "KUBE_BIN=$kdir"
 echo "ETCD_BIN=$edir"
 echo "HELM_BIN=$hdir"
+echo "COREDNS_BIN=$cdir"

@@ -66,6 +66,7 @@ class Binaries:
     kube: Path
     etcd: Path
     helm: Path
+    coredns: Path
 
     @property
     def kube_apiserver(self) -> Path:
@@ -100,7 +101,10 @@ def ensure_binaries(quiet: bool = True) -> Binaries:
         raise ControlPlaneError((proc.stderr or "").strip() or "hack/build-binaries.sh failed")
     dirs = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     return Binaries(
-        kube=Path(dirs["KUBE_BIN"]), etcd=Path(dirs["ETCD_BIN"]), helm=Path(dirs["HELM_BIN"])
+        kube=Path(dirs["KUBE_BIN"]),
+        etcd=Path(dirs["ETCD_BIN"]),
+        helm=Path(dirs["HELM_BIN"]),
+        coredns=Path(dirs["COREDNS_BIN"]),
     )
 
 
@@ -684,7 +688,10 @@ def _cmd_load_image(args: argparse.Namespace) -> int:
 
 def _cmd_binaries(_: argparse.Namespace) -> int:
     bins = ensure_binaries(quiet=False)
-    print(f"KUBE_BIN={bins.kube}\nETCD_BIN={bins.etcd}\nHELM_BIN={bins.helm}")
+    print(
+        f"KUBE_BIN={bins.kube}\nETCD_BIN={bins.etcd}\nHELM_BIN={bins.helm}\n"
+        f"COREDNS_BIN={bins.coredns}"
+    )
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs from Debian's packages what `make test` needs beyond Python and Go, when missing:
 #  - podman, runc and debootstrap: build and run the operator's image (the image tests);
-#  - containerd, runc, the CNI plugins, socat, iproute2 and gcc: the local node (hack/node.py);
+#  - containerd, runc, the CNI plugins, socat, iproute2, iptables and gcc: the local node
+#    (hack/node.py; iptables for kube-proxy's rules and their cleanup);
 #  - redis-server: Argo CD's cache in the GitOps test (hack/argocd.py).
 #
 # Only on Debian-like machines, as root; anywhere else it says why and exits 0, and the tests
@@ -17,6 +18,7 @@ if [ -z "${JUTURNA_OPERATOR_NO_NODE:-}" ]; then
   command -v containerd >/dev/null || need+=(containerd)
   command -v socat >/dev/null || need+=(socat)
   command -v ip >/dev/null || need+=(iproute2)
+  command -v iptables >/dev/null || need+=(iptables)
   command -v gcc >/dev/null || need+=(gcc libc6-dev)
 fi
 command -v runc >/dev/null || need+=(runc)

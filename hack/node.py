@@ -1,4 +1,5 @@
-"""A real, local Kubernetes node on the local control plane: containerd, kubelet, kube-scheduler.
+"""A real, local Kubernetes node on the local control plane: containerd, kubelet, kube-scheduler,
+kube-proxy and cluster DNS (CoreDNS).
 
 Where the plane (``controlplane.py``) proves the API, this proves what Kubernetes does to a pod:
 the scheduler, admission with real ServiceAccount tokens, the kubelet's probes, volumes,
@@ -8,8 +9,16 @@ The shape follows ``../shared/PLATFORM.md`` ("A real node"):
 
 * containerd runs with a config of its own (socket, state and CNI folders in the node's
   folder; its image store in the cache, so an imported image survives the node);
-* pods sit on a bridge of their own with no forwarding (``net.ipv4.ip_forward`` stays 0) and
-  no default route: they reach the node's bridge address and each other, nothing else;
+* pods sit on a bridge of their own with no default route: they reach the node's bridge
+  address, each other and the Service range, nothing else. ``net.ipv4.ip_forward`` stays 0;
+  forwarding is on for the bridge alone (kube-proxy's DNAT of a ClusterIP needs it), and a
+  ``FORWARD -i jtop0 ! -o jtop0 -j DROP`` rule keeps anything from leaving through it;
+* kube-proxy (iptables mode) makes Service ClusterIPs work from pods and from the node;
+  CoreDNS answers ``cluster.local`` on the bridge address from the API and refuses every
+  other name: it forwards nothing, so no query leaves the machine;
+* what the node changes on the machine (sysctls set by kube-proxy and the kubelet, the
+  kubelet's and kube-proxy's iptables chains, our FORWARD rule) is recorded and undone at
+  teardown; ``leftovers`` checks iptables too;
 * the ``kubernetes`` Service IP lives on the bridge and is forwarded (socat) to the API
   server on loopback, so in-cluster config works with TLS verified;
 * the kubelet's API listens on the bridge address only (anonymous, for ``kubectl logs``:
@@ -30,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -52,6 +62,23 @@ BRIDGE = "jtop0"
 NODE_IP = "10.244.0.1"  # the bridge's address, and the node's name
 POD_SUBNET = "10.244.0.0/24"
 SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service: first address of the plane's service range
+SERVICE_RANGE = "10.0.0.0/24"  # the plane's --service-cluster-ip-range
+CLUSTER_DOMAIN = "cluster.local"
+RULE_COMMENT = "juturna-operator node: nothing leaves through the pod bridge"
+# Machine-wide values the kubelet (kernel.*, vm.*) and kube-proxy (route_localnet,
+# conntrack) may set: recorded before the node starts, put back at teardown.
+SYSCTLS = (
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "vm/overcommit_memory",
+    "net/ipv4/conf/all/route_localnet",
+    "net/netfilter/nf_conntrack_max",
+    "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+    "net/netfilter/nf_conntrack_udp_timeout",
+    "net/netfilter/nf_conntrack_udp_timeout_stream",
+)
+IPTABLES_TABLES = ("filter", "nat", "mangle")
 KUBELET_PORT = 10250
 PAUSE_IMAGE = "localhost/juturna-operator-pause:1"
 MACHINE_RECORD = Path("/run/juturna-operator/node.json")
@@ -96,7 +123,7 @@ def missing_prerequisites() -> list[str]:
     problems = []
     if os.geteuid() != 0:
         problems.append("the node needs root (bridge, mounts, cgroups)")
-    for tool in ("containerd", "ctr", "runc", "socat", "ip", "gcc"):
+    for tool in ("containerd", "ctr", "runc", "socat", "ip", "gcc", "iptables"):
         if shutil.which(tool) is None:
             problems.append(f"{tool} is not installed (hack/install-packages.sh installs it)")
     for plugin in ("bridge", "host-local", "loopback"):
@@ -234,6 +261,7 @@ class Node:
     components: list[Component] = field(default_factory=list)
     ready_timeout_s: float = NODE_READY_TIMEOUT_S
     created: list[Path] = field(default_factory=list)  # system folders this node created
+    sysctls: dict[str, str] = field(default_factory=dict)  # machine values before the node
 
     @property
     def root(self) -> Path:
@@ -275,6 +303,7 @@ class Node:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.plane.kubeconfig, self.kubeconfig)
         self.created = [p for p in SYSTEM_FOLDERS if not p.exists()]
+        self.sysctls = read_sysctls()
         try:
             self._network()
             self._start_containerd()
@@ -282,6 +311,8 @@ class Node:
             self._start_api_forward()
             self._start_kubelet()
             self._start_scheduler()
+            self._start_proxy()
+            self._start_dns()
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -297,6 +328,7 @@ class Node:
             stop_node(stale)
         elif _link_exists(BRIDGE):
             run("ip", "link", "delete", BRIDGE, check=False)
+            remove_iptables(None)
 
     def _network(self) -> None:
         if IP_FORWARD.read_text().strip() != "0":
@@ -309,6 +341,14 @@ class Node:
         run("ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         run("ip", "addr", "add", f"{SERVICE_IP}/32", "dev", BRIDGE)
         run("ip", "link", "set", BRIDGE, "up")
+        # The node's own ClusterIP traffic: routed to the bridge, where kube-proxy's DNAT
+        # rewrites it (a blackhole would fail the route lookup before the DNAT).
+        run("ip", "route", "replace", SERVICE_RANGE, "dev", BRIDGE)
+        # A pod's ClusterIP packet is DNATed to another pod and forwarded back out of the
+        # bridge: forwarding on this interface only (it goes with the bridge); nothing that
+        # comes in from it may leave by another.
+        Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/forwarding").write_text("1\n")
+        run("iptables", "-I", "FORWARD", *_forward_rule())
         conf = self.root / "cni" / "net.d"
         conf.mkdir(parents=True, exist_ok=True)
         plugins = [
@@ -324,7 +364,7 @@ class Node:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": POD_SUBNET, "rangeStart": "10.244.0.10"}]],
-                    "routes": [{"dst": f"{SERVICE_IP}/32", "gw": NODE_IP}],
+                    "routes": [{"dst": SERVICE_RANGE, "gw": NODE_IP}],
                     "dataDir": str(self.root / "cni" / "ipam"),
                 },
             }
@@ -462,6 +502,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "resolvConf": str(self.root / "resolv.conf"),
+            "clusterDNS": [NODE_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
             "podLogsDir": str(self.root / "pod-logs"),
             "authentication": {
                 "anonymous": {"enabled": True},
@@ -497,6 +539,56 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             ],
         )
 
+    def _start_proxy(self) -> None:
+        """kube-proxy in iptables mode; it changes no machine-wide value it can leave alone
+        (conntrack sizes and timeouts 0, no localhost node ports: no route_localnet)."""
+        self._launch(
+            "kube-proxy",
+            [
+                str(self.binaries.kube / "kube-proxy"),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--hostname-override={NODE_IP}",
+                f"--cluster-cidr={POD_SUBNET}",
+                "--proxy-mode=iptables",
+                "--metrics-bind-address=127.0.0.1:10249",
+                "--healthz-bind-address=127.0.0.1:10256",
+                "--conntrack-max-per-core=0",
+                "--conntrack-min=0",
+                "--conntrack-tcp-timeout-established=0",
+                "--conntrack-tcp-timeout-close-wait=0",
+                "--conntrack-udp-timeout=0",
+                "--conntrack-udp-timeout-stream=0",
+                "--iptables-localhost-nodeports=false",
+                "--v=1",
+            ],
+        )
+
+    def _start_dns(self) -> None:
+        """CoreDNS on the bridge address: ``cluster.local`` from the API, every other name
+        REFUSED. It has no ``forward``: no query leaves the machine."""
+        corefile = self.root / "Corefile"
+        corefile.write_text(
+            f"""{CLUSTER_DOMAIN}:53 {{
+    bind {NODE_IP}
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa {{
+        kubeconfig {self.kubeconfig}
+        pods insecure
+    }}
+}}
+.:53 {{
+    bind {NODE_IP}
+    template ANY ANY {{
+        rcode REFUSED
+    }}
+}}
+"""
+        )
+        comp = self._launch(
+            "coredns", [str(self.binaries.coredns / "coredns"), "-conf", str(corefile)]
+        )
+        self._wait(comp, lambda: "CoreDNS-" in comp.log.read_text(errors="replace"), "start")
+
     def kubectl(self, *args: str, check: bool = True, timeout: float = 60):
         """The node's own kubectl (the plane's version) with the admin kubeconfig."""
         return run(
@@ -531,6 +623,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "kubeconfig": str(self.kubeconfig),
             "kubectl": str(self.binaries.kube / "kubectl"),
             "created": [str(p) for p in self.created],
+            "sysctls": self.sysctls,
+            "kube_proxy": str(self.binaries.kube / "kube-proxy"),
             "pids": {c.name: c.pid for c in self.components},
         }
 
@@ -550,8 +644,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         self.components.clear()
 
     def leftovers(self) -> list[str]:
-        """What still exists of this node after ``stop``; empty when teardown was complete."""
-        return leftovers(self.root, self.socket)
+        """What still exists of this node after ``stop``; empty when teardown was complete:
+        machine-wide values not back to what they were before the node included."""
+        changed = [
+            f"sysctl {name} is {now}, was {self.sysctls[name]}"
+            for name, now in read_sysctls().items()
+            if name in self.sysctls and now != self.sysctls[name]
+        ]
+        return leftovers(self.root, self.socket) + changed
 
 
 # --- teardown, also for `make cluster-down` from the machine record --------------------------
@@ -598,6 +698,87 @@ def _remove_kubepods_cgroups() -> None:
             top.rmdir()
 
 
+def read_sysctls() -> dict[str, str]:
+    """The machine's values of ``SYSCTLS`` (those this kernel has)."""
+    values = {}
+    for name in SYSCTLS:
+        with contextlib.suppress(OSError):
+            values[name] = Path("/proc/sys", name).read_text().strip()
+    return values
+
+
+def restore_sysctls(values: dict[str, str]) -> list[str]:
+    """Put back what the node changed; returns the names that could not be."""
+    failed = []
+    for name, value in values.items():
+        path = Path("/proc/sys", name)
+        try:
+            if path.read_text().strip() != value:
+                path.write_text(value + "\n")
+        except OSError:
+            failed.append(name)
+    return failed
+
+
+def _forward_rule() -> list[str]:
+    return [
+        "-i",
+        BRIDGE,
+        "!",
+        "-o",
+        BRIDGE,
+        "-m",
+        "comment",
+        "--comment",
+        RULE_COMMENT,
+        "-j",
+        "DROP",
+    ]
+
+
+def node_iptables_lines() -> list[str]:
+    """The rules and chains of the node still on the machine: KUBE-* (kubelet, kube-proxy)
+    and our FORWARD rule, in iptables and ip6tables."""
+    found = []
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        for table in IPTABLES_TABLES:
+            listed = run(tool, "-t", table, "-S", check=False).stdout.splitlines()
+            found += [
+                f"{tool} -t {table} {line}"
+                for line in listed
+                if "KUBE-" in line or RULE_COMMENT in line
+            ]
+    return found
+
+
+def remove_iptables(kube_proxy: str | None) -> None:
+    """kube-proxy's own cleanup, then every rule that jumps to a KUBE-* chain, every KUBE-*
+    chain (the kubelet's KUBE-FIREWALL, KUBE-KUBELET-CANARY, KUBE-IPTABLES-HINT, ...), and
+    our FORWARD rule."""
+    if kube_proxy and Path(kube_proxy).exists():
+        run(kube_proxy, "--cleanup", check=False, timeout=60)
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        for table in IPTABLES_TABLES:
+            listed = run(tool, "-t", table, "-S", check=False).stdout.splitlines()
+            for line in listed:
+                # Rules of built-in chains that name ours (-A INPUT ... -j KUBE-FIREWALL).
+                if (
+                    line.startswith("-A ")
+                    and not line.split()[1].startswith("KUBE-")
+                    and ("KUBE-" in line or RULE_COMMENT in line)
+                ):
+                    run(tool, "-t", table, *shlex.split(line.replace("-A", "-D", 1)), check=False)
+            chains = [ln.split()[1] for ln in listed if ln.startswith("-N KUBE-")]
+            for chain in chains:
+                run(tool, "-t", table, "-F", chain, check=False)
+            for chain in chains:
+                run(tool, "-t", table, "-X", chain, check=False)
+
+
 def teardown(root: Path, socket: Path, created: list[str]) -> None:
     """Everything after the processes: shims, mounts, netns, bridge, folders, cgroups, record."""
     # What our processes started and left: containerd's shims (they name its socket) and
@@ -628,6 +809,7 @@ def leftovers(root: Path, socket: Path) -> list[str]:
     if _link_exists(BRIDGE):
         left.append(f"bridge {BRIDGE}")
     left += [f"cgroup {c}" for c in _kubepods_cgroups()]
+    left += [f"iptables: {line}" for line in node_iptables_lines()]
     if MACHINE_RECORD.exists():
         left.append(f"record {MACHINE_RECORD}")
     if root.exists():
@@ -750,11 +932,15 @@ def stop_node(state: dict[str, object]) -> list[str]:
     pids = {name: int(pid) for name, pid in dict(state["pids"]).items()}  # type: ignore[call-overload]
     if "kubelet" in pids and pid_alive(pids["kubelet"]):
         delete_pods(str(state["kubectl"]), str(state["kubeconfig"]), NODE_IP)
-    for name in ("kube-scheduler", "kubelet", "api-forward"):
+    for name in ("kube-scheduler", "kube-proxy", "coredns", "kubelet", "api-forward"):
         if name in pids:
             stop_pid(pids[name], str(root))
     if "containerd" in pids and pid_alive(pids["containerd"]):
         remove_containers(socket)
         stop_pid(pids["containerd"], str(root))
     teardown(root, socket, [str(p) for p in state.get("created", [])])  # type: ignore[union-attr]
-    return leftovers(root, socket)
+    remove_iptables(str(state.get("kube_proxy") or "") or None)
+    left = leftovers(root, socket)
+    changed = restore_sysctls(dict(state.get("sysctls") or {}))  # type: ignore[call-overload]
+    left += [f"sysctl {name} could not be restored" for name in changed]
+    return left

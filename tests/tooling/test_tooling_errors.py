@@ -140,6 +140,7 @@ def test_a_second_run_builds_nothing() -> None:
         "KUBE_BIN",
         "ETCD_BIN",
         "HELM_BIN",
+        "COREDNS_BIN",
     ]
 
 

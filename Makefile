@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods crds lint clean
+.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods bench-live crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~12 min, into .state/be
 
 bench-pods: venv binaries packages ## the pod engine against bare pods on the real node (N = 1, 20): docs/benchmarks-pods.md
 	$(PY) bench/pods.py --out docs
+
+bench-live: venv binaries packages ## live pipelines on the real node: address, first result, idle RSS: docs/benchmarks-live.md
+	$(PY) bench/live.py --out docs
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds

@@ -137,6 +137,8 @@ def running_status(body: dict[str, Any], pipeline_id: str) -> dict[str, Any]:
         "nodes": [{"name": name, "status": "Running"} for name in nodes],
         "nodesReady": f"{len(nodes)}/{len(nodes)}",
         "pod": None,
+        "endpoints": [],
+        "address": None,
     }
 
 

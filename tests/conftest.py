@@ -24,6 +24,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
+    assert_sole_operator,
     built_operator_image,
     free_port,
     install_crds,
@@ -123,6 +124,23 @@ def kubectl(kubeconfig: Path) -> Kubectl:
 @pytest.fixture(scope="session")
 def crd(kubectl: Kubectl) -> None:
     install_crds(kubectl)
+
+
+@pytest.fixture
+def pod_operator(
+    request: pytest.FixtureRequest, node_image: str, crd: None, kubeconfig: Path, tmp_path: Path
+) -> Iterator[Operator]:
+    """The operator as a local process with the pod engine; its pods run the test image (or
+    the image a test names with ``@pytest.mark.parametrize("pod_operator", [image], ...)``)."""
+    assert_sole_operator(kubeconfig)
+    op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
+    op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = getattr(request, "param", node_image)
+    op.env["JUTURNA_OPERATOR_RUNTIME_PULL_POLICY"] = "Never"
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
 
 
 # Every registered engine but pod, whose tests need the real node (test_pod_engine.py).

@@ -479,6 +479,15 @@ def run_pod(kubectl: Kubectl, namespace: str, name: str, image: str, command: li
     kubectl("apply", "-f", "-", input=json.dumps(pod))
 
 
+MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
+
+
+def managed(kubectl: Kubectl, kind: str, namespace: str) -> list[dict[str, Any]]:
+    """The operator's objects of ``kind`` (pods, secrets, services) in ``namespace``."""
+    listed = kubectl("get", kind, "-n", namespace, "-l", MANAGED, "-o", "json").stdout
+    return list(json.loads(listed)["items"])
+
+
 def pod_body(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
     return json.loads(kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
 

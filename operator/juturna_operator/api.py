@@ -48,6 +48,9 @@ def _depth(value: Any) -> int:
 
 
 MAX_PATH = 253
+MAX_PORTS = 8
+MAX_PORT_NAME = 15
+PORT_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 SAFE_NAME = r"^[A-Za-z0-9_-]+$"
 IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -105,6 +108,57 @@ class NodeType(StrEnum):
     sink = "sink"
 
 
+class Protocol(StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+
+
+class PortSpec(_Model):
+    """A port a plugin node listens on. Juturna's own listening sources (RTP, json_http,
+    json_websocket) need none: the operator knows their configuration keys."""
+
+    model_config = _validated(
+        _cel(
+            "!(self.port == 8080 && self.protocol == 'TCP')",
+            "'port \"%s\": TCP 8080 is the pipeline pod\\'s own (the operator talks to the "
+            "pipeline there); choose another'.format([self.name])",
+        ),
+        _cel(
+            "self.port != 0 || has(self.configKey)",
+            '\'port "%s": port 0 (any) needs configKey, the configuration key the operator '
+            "writes the port it assigns to'.format([self.name])",
+        ),
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_PORT_NAME,
+        pattern=PORT_NAME,
+        description="The port's name within its node, e.g. rtp or http: lowercase letters, "
+        "digits and '-'.",
+    )
+    port: int = Field(
+        ge=0,
+        le=65535,
+        description="The port the node listens on. 0: the operator assigns a fixed one "
+        "(the same across revisions) and writes it to configKey. A configKey's value in "
+        "the configuration wins over this.",
+    )
+    protocol: Protocol = Field(default=Protocol.TCP, description="TCP or UDP.")
+    configKey: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        description="The configuration key that holds the port. Only when it is named does "
+        "the operator write the port into the node's configuration.",
+    )
+    hostKey: str | None = Field(
+        default=None,
+        max_length=MAX_NAME,
+        description="The configuration key that holds the bind address. In a pipeline pod "
+        "the operator sets it to 0.0.0.0, so that the pipeline's Service reaches it.",
+    )
+
+
 class NodeSpec(_Model):
     """One node of the graph, exactly as Juturna's pipeline config describes it."""
 
@@ -157,6 +211,33 @@ class NodeSpec(_Model):
     )
     warp_configuration: dict[str, Any] | None = Field(
         default=None, description="Juturna option: the warp node's configuration (with warped)."
+    )
+    ports: list[PortSpec] | None = Field(
+        default=None,
+        max_length=MAX_PORTS,
+        description="The ports a plugin node listens on, for the Pipeline's Service and "
+        "status.endpoints. Juturna's own listening sources need none.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.all(p, self.exists_one(q, q.name == p.name))",
+                    "'port names must be unique within a node: \"%s\" appears more than once'"
+                    ".format([self.filter(p, self.filter(q, q.name == p.name).size() > 1)[0]"
+                    ".name])",
+                ),
+                _cel(
+                    "self.all(p, p.port == 0 || self.exists_one(q, q.port == p.port && "
+                    "q.protocol == p.protocol))",
+                    '\'ports "%s" and "%s" both listen on %s %d\'.format([self.filter(p, '
+                    "p.port != 0 && self.filter(q, q.port == p.port && q.protocol == p.protocol)"
+                    ".size() > 1)[0].name, self.filter(p, p.port != 0 && self.filter(q, q.port "
+                    "== p.port && q.protocol == p.protocol).size() > 1)[1].name, self.filter(p, "
+                    "p.port != 0 && self.filter(q, q.port == p.port && q.protocol == p.protocol)"
+                    ".size() > 1)[0].protocol, self.filter(p, p.port != 0 && self.filter(q, "
+                    "q.port == p.port && q.protocol == p.protocol).size() > 1)[0].port])",
+                ),
+            ]
+        },
     )
 
     @field_validator("configuration", "warp_configuration")
@@ -378,7 +459,8 @@ class PipelineSpec(_Model):
 
     def to_juturna_config(self, name: str) -> dict[str, Any]:
         """Juturna's own config dict (``PipelineConfig``), for a pipeline called ``name``."""
-        nodes = [n.model_dump(exclude_none=True) for n in self.nodes]
+        # ports are the operator's (the pipeline's Service), not Juturna's.
+        nodes = [n.model_dump(exclude_none=True, exclude={"ports"}) for n in self.nodes]
         pipeline: dict[str, Any] = {
             "name": name,
             "nodes": nodes,
@@ -446,6 +528,23 @@ class PodPlacement(_Model):
     node: str | None = Field(default=None, description="The node the scheduler placed it on.")
 
 
+class Endpoint(_Model):
+    """Where one listening port of the pipeline takes input."""
+
+    node: str = Field(description="The node that listens.")
+    name: str = Field(description="The port's name within its node (rtp, rtcp, http, ...).")
+    protocol: Protocol = Field(description="TCP or UDP.")
+    host: str = Field(
+        description="Engine pod: the pipeline's Service, by its DNS name "
+        "(<service>.<namespace>.svc). Engines beside the operator: the address it binds."
+    )
+    port: int = Field(description="The port to send to.")
+    clusterIP: str | None = Field(
+        default=None, description="The Service's cluster IP (engine pod only)."
+    )
+    address: str = Field(description="host:port, for the ADDRESS column.")
+
+
 class PipelineStatus(_Model):
     """What the operator observed. Written only through the status subresource."""
 
@@ -465,4 +564,13 @@ class PipelineStatus(_Model):
     )
     pod: PodPlacement | None = Field(
         default=None, description="The pipeline's pod and its node (engine pod only)."
+    )
+    endpoints: list[Endpoint] = Field(
+        default_factory=list,
+        description="Where the pipeline takes input: one entry per listening port. Engine "
+        "pod: a Service of the Pipeline's own name, whose address survives pod replacement.",
+    )
+    address: str | None = Field(
+        default=None,
+        description="The first endpoint's host:port (and how many more), for the ADDRESS column.",
     )

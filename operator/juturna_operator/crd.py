@@ -111,6 +111,13 @@ PRINTER_COLUMNS = [
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {
+        "name": "Address",
+        "type": "string",
+        "jsonPath": ".status.address",
+        "description": "Where the pipeline takes input: the first endpoint (status.endpoints).",
+        "priority": 1,  # kubectl get -o wide
+    },
+    {
         "name": "Node",
         "type": "string",
         "jsonPath": ".status.pod.node",

@@ -86,3 +86,15 @@ class NodeCrash:
 
 
 WHOLE_RUNTIME = "(worker)"
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where one listening port of a pipeline takes input (``status.endpoints``)."""
+
+    node: str
+    name: str  # the port's name within its node
+    protocol: str  # TCP or UDP
+    host: str  # a Service's DNS name, or the address a local engine binds
+    port: int
+    cluster_ip: str | None = None

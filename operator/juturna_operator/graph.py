@@ -11,7 +11,8 @@ checks (a cluster may run an older CRD) and adds what CEL cannot express:
   runs (``settings.CodePolicy``; docs/juturna.md, pitfalls 11-12: both run or read as the
   process that runs the pipeline);
 * configuration keys that the node's ``config.toml`` does not declare (Juturna drops
-  them silently): these are warnings, not failures.
+  them silently): these are warnings, not failures;
+* two listeners on one port and protocol, or on the pipeline pod's own (``listening``).
 
 It mirrors Juturna's lookup: a plugin folder ``tones`` under root ``R`` is imported as
 ``tones.nodes.<type>._<mark>.<mark>`` with ``R`` on ``sys.path``; built-ins come first
@@ -27,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 import juturna.nodes
 
+from juturna_operator import listening
 from juturna_operator.api import NodeSpec, PipelineSpec
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import ENV_PREFIX, CodePolicy
@@ -50,6 +52,7 @@ class Validated:
 
     impls: dict[str, NodeImpl] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    listeners: list[listening.Listener] = field(default_factory=list)
 
 
 def _fail(reason: FailureReason, message: str) -> PipelineFailure:
@@ -266,6 +269,7 @@ def validate(
                 result.warnings.append(
                     f'node "{node.name}": unknown configuration key "{key}" (known: {known_keys})'
                 )
+    result.listeners = listening.listeners(spec)  # two on one port: InvalidSpec
     return result
 
 

@@ -52,7 +52,7 @@ class FailureReason(Enum):
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
     NameConflict = (
         503,
-        "An object the Pipeline needs (its pod or Secret) has a name another owner holds.",
+        "An object the Pipeline needs (its pod, Secret or Service) has a name another owner holds.",
     )
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
     ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")

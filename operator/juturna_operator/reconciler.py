@@ -28,9 +28,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from juturna_operator import graph, lifecycle
+from juturna_operator import graph, lifecycle, listening
 from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy, first_error
-from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.domain import Address, InstanceState, PipelineKey
 from juturna_operator.engines.base import Engine, InstanceInfo, Plan
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
@@ -113,6 +113,7 @@ class SpecWork:
     revision: str = ""
     validated_generation: int | None = None
     warnings: list[str] = field(default_factory=list)
+    listeners: tuple[listening.Listener, ...] = ()  # set by validation
 
     def parse(self, resource: Resource) -> PipelineSpec | PipelineFailure:
         """The resource's spec, parsed once per generation (or why it cannot be)."""
@@ -133,7 +134,16 @@ def fingerprint(info: InstanceInfo | None) -> Fingerprint:
     failure = (info.failure.reason, info.failure.message) if info.failure else None
     crashes = tuple((c.node, c.thread, c.error) for c in info.crashes)
     nodes = tuple(sorted(info.nodes.items()))
-    return (info.state, info.revision, info.pipeline_id, nodes, crashes, failure, info.pod)
+    return (
+        info.state,
+        info.revision,
+        info.pipeline_id,
+        nodes,
+        crashes,
+        failure,
+        info.pod,
+        info.addresses,
+    )
 
 
 @dataclass
@@ -469,6 +479,7 @@ class Reconciler:
             )
             p.mem.spec.validated_generation = p.desired.generation
             p.mem.spec.warnings = validated.warnings
+            p.mem.spec.listeners = tuple(validated.listeners)
             for warning in validated.warnings:
                 self._event(p, "Warning", "UnknownConfigurationKey", warning)
         elif action is Action.Create:
@@ -478,6 +489,7 @@ class Reconciler:
                 runtime=spec.runtime,
                 template=spec.template.model_dump(mode="json") if spec.template else None,
                 until=UNTIL[p.desired.state],
+                listeners=p.mem.spec.listeners,
             )
             pid = await self.engine.create(p.key, config, p.desired.revision, plan)
             p.done.append(("Created", f"pipeline instance {pid} created"))
@@ -540,11 +552,22 @@ class Reconciler:
             restarts=p.mem.retry.restarts,
             node_total=len(p.resource.spec.get("nodes") or []),
             info=info,
+            addresses=_addresses(info, p.mem.spec.listeners),
         )
         status = await p.mem.written.publish(p.key, facts, p.resource.status, self._write_status)
         if status is not None and self.metrics is not None:
             ready = in_progress is None and lifecycle.desired_reached(p.desired, facts.observed)
             self.metrics.observed(p.key, status["phase"], p.mem.retry.restarts, ready)
+
+
+def _addresses(
+    info: InstanceInfo | None, listeners: tuple[listening.Listener, ...]
+) -> tuple[Address, ...]:
+    """Where the pipeline takes input, while an instance exists: the engine's Service (pod),
+    or where the configuration binds (the engines beside the operator)."""
+    if info is None or info.state is InstanceState.Absent:
+        return ()
+    return info.addresses if info.addresses is not None else listening.local_addresses(listeners)
 
 
 def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:

@@ -17,12 +17,14 @@ from juturna_operator import lifecycle
 from juturna_operator.api import (
     Condition,
     ConditionType,
+    Endpoint,
     Failure,
     NodeStatus,
     PipelineStatus,
     PodPlacement,
+    Protocol,
 )
-from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.domain import Address, InstanceState, PipelineKey
 from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.lifecycle import Action, Desired, Observed
 
@@ -44,6 +46,7 @@ class Facts:
     restarts: int
     node_total: int  # nodes in the spec: the NODES column's denominator
     info: InstanceInfo | None
+    addresses: tuple[Address, ...] = ()  # status.endpoints
 
     def key(self) -> tuple[Any, ...]:
         """What decides the status, cheaply comparable (InstanceInfo holds lists)."""
@@ -55,6 +58,7 @@ class Facts:
             self.warnings,
             self.restarts,
             self.node_total,
+            self.addresses,
             None
             if info is None
             else (info.pipeline_id, info.state, tuple(info.nodes.items()), len(info.crashes)),
@@ -93,9 +97,29 @@ def build_status(facts: Facts, previous_conditions: list[dict[str, Any]]) -> dic
         nodes=nodes,
         nodesReady=f"{sum(n.status in live for n in nodes)}/{facts.node_total}",
         pod=PodPlacement(name=info.pod[0], node=info.pod[1]) if info and info.pod else None,
+        endpoints=[
+            Endpoint(
+                node=a.node,
+                name=a.name,
+                protocol=Protocol(a.protocol),
+                host=a.host,
+                port=a.port,
+                clusterIP=a.cluster_ip,
+                address=f"{a.host}:{a.port}",
+            )
+            for a in facts.addresses
+        ],
+        address=_address_column(facts.addresses),
     )
     # None values stay in: in a merge patch they delete a field that no longer applies.
     return status.model_dump(mode="json")
+
+
+def _address_column(addresses: tuple[Address, ...]) -> str | None:
+    if not addresses:
+        return None
+    first = f"{addresses[0].host}:{addresses[0].port}/{addresses[0].protocol}"
+    return first + (f" (+{len(addresses) - 1})" if len(addresses) > 1 else "")
 
 
 @dataclass

@@ -14,7 +14,34 @@ pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
 
 Mutation = Callable[[dict[str, Any]], None]
 
+
+def with_ports(*ports: dict[str, Any]) -> Mutation:
+    return lambda s: s["nodes"][0].update(ports=list(ports))
+
+
 CASES: list[tuple[str, Mutation, str]] = [
+    (
+        "a declared port on the pipeline pod's own",
+        with_ports({"name": "http", "port": 8080}),
+        'spec.nodes[0].ports[0]: Invalid value: port "http": TCP 8080 is the pipeline pod\'s '
+        "own (the operator talks to the pipeline there); choose another",
+    ),
+    (
+        "two declared ports of one name",
+        with_ports({"name": "a", "port": 7000}, {"name": "a", "port": 7001}),
+        'spec.nodes[0].ports: Invalid value: port names must be unique within a node: "a" '
+        "appears more than once",
+    ),
+    (
+        "two declared ports on one port and protocol",
+        with_ports({"name": "a", "port": 7000}, {"name": "b", "port": 7000, "protocol": "TCP"}),
+        'spec.nodes[0].ports: Invalid value: ports "a" and "b" both listen on TCP 7000',
+    ),
+    (
+        "any port without the key to write it to",
+        with_ports({"name": "a", "port": 0, "protocol": "UDP"}),
+        'spec.nodes[0].ports[0]: Invalid value: port "a": port 0 (any) needs configKey',
+    ),
     (
         "duplicate node names",
         lambda s: s["nodes"].append(dict(s["nodes"][0])),

@@ -16,6 +16,7 @@ from controlplane import ControlPlane
 from kubernetes import client
 
 from support import (
+    MANAGED,
     REPO,
     Kubectl,
     Pipelines,
@@ -222,13 +223,13 @@ WORKERS = (
     "import pathlib; w = b'juturna_operator' + b'.worker'; "
     "print(sum(w in p.read_bytes() for p in pathlib.Path('/proc').glob('[0-9]*/cmdline')))"
 )
-MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
 
 # The engine pod's rights on top of the Pipeline rules, in each watched namespace.
 POD_ENGINE_RULES = {
     "pods": {"get", "list", "watch", "create", "delete", "patch"},
     "pods/log": {"get"},
     "secrets": {"get", "create", "delete"},
+    "services": {"get", "create", "patch", "delete"},
 }
 
 

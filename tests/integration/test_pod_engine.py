@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +19,9 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
-    assert_sole_operator,
     faulty,
     is_ready,
+    managed,
     manifest,
     pod_body,
     pod_ready,
@@ -31,29 +30,6 @@ from support import (
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
-MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
-
-
-@pytest.fixture
-def pod_operator(
-    request: pytest.FixtureRequest, node_image: str, crd: None, kubeconfig: Path, tmp_path: Path
-) -> Iterator[Operator]:
-    """The operator as a local process with the pod engine; its pods run the test image (or
-    the image a test names with ``@pytest.mark.parametrize("pod_operator", [image], ...)``)."""
-    assert_sole_operator(kubeconfig)
-    op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
-    op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = getattr(request, "param", node_image)
-    op.env["JUTURNA_OPERATOR_RUNTIME_PULL_POLICY"] = "Never"
-    op.start()
-    try:
-        yield op
-    finally:
-        op.stop()
-
-
-def managed(kubectl: Kubectl, kind: str, namespace: str) -> list[dict[str, Any]]:
-    listed = kubectl("get", kind, "-n", namespace, "-l", MANAGED, "-o", "json").stdout
-    return list(json.loads(listed)["items"])
 
 
 def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: float) -> None:

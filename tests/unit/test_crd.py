@@ -49,7 +49,7 @@ def test_names_subresource_and_printer_columns() -> None:
     columns = [(c["name"], c.get("priority", 0)) for c in version["additionalPrinterColumns"]]
     # NODE only with `kubectl get -o wide` (priority 1).
     always = [("State", 0), ("Phase", 0), ("Nodes", 0), ("Reason", 0), ("Age", 0)]
-    assert columns == [*always, ("Node", 1)]
+    assert columns == [*always, ("Address", 1), ("Node", 1)]
 
 
 def test_cel_rules_are_declared() -> None:

@@ -41,7 +41,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [create]
 {{- if eq .Values.engine "pod" }}
 {{- /* Engine pod: a Pod and its token Secret per Pipeline; the watch on those pods; the
-     pods' logs for whoever debugs through the operator's account. */}}
+     pods' logs for whoever debugs through the operator's account; the Services. */}}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete, patch]
@@ -51,6 +51,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, delete]
+{{- /* The Service of each Pipeline that listens: made, its selector moved, removed. */}}
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create, patch, delete]
 {{- end }}
 {{- end -}}
 

@@ -19,10 +19,12 @@ from juturna.names import ComponentStatus
 
 from juturna_operator.api import MAX_NAME, SAFE_NAME
 from juturna_operator.domain import (
+    Address,
     InstanceState,
     NodeCrash,
     PipelineKey,
 )
+from juturna_operator.listening import Listener
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 
 if TYPE_CHECKING:
@@ -120,6 +122,8 @@ class InstanceInfo:
     crashes: list[NodeCrash] = field(default_factory=list)
     failure: PipelineFailure | None = None  # the runtime could not be asked (e.g. unreachable)
     pod: tuple[str, str | None] | None = None  # engine pod: (pod name, node name)
+    # Engine pod: the Pipeline's Service; None: where the configuration binds (local).
+    addresses: tuple[Address, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class Plan:
 
     runtime: str | None = None  # spec.runtime: the service engine's
     template: dict[str, Any] | None = None  # spec.template: the pod engine's
+    listeners: tuple[Listener, ...] = ()  # what it listens on: the pod engine's Service
     # How far the create takes the instance in one engine call (Running: create, warm up and
     # start; where the runtime is a Juturna service, with its one deploy call). The per-step
     # calls stay for what is left (Ready → Running) and for recovery.

@@ -18,7 +18,11 @@ process engine drives a local worker. What Kubernetes gives on top:
   of the right name that the Pipeline does not own is ``NameConflict``: never adopted,
   never deleted;
 * **cleanup without us**: the pod and its token Secret are owned by the Pipeline, so the
-  garbage collector removes them even when no operator runs.
+  garbage collector removes them even when no operator runs;
+* **a stable address**: a Pipeline that listens (``listening``) gets a Service of its own
+  (owned by it, named after it), whose selector names one pod by its instance label, and
+  only once that pod's pipeline is Running. Moving the address to another pod is one patch
+  of the selector; the Service, its ClusterIP and its DNS name outlive every pod.
 
 Each pod's token lives in a Secret of the same name (owned by the Pipeline, mounted into
 the pod). It is never put in status, Events or logs.
@@ -32,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -40,7 +45,7 @@ from typing import Any
 from kubernetes import client as k8s
 
 from juturna_operator import api
-from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
+from juturna_operator.domain import WHOLE_RUNTIME, Address, InstanceState, NodeCrash, PipelineKey
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
@@ -51,6 +56,7 @@ from juturna_operator.engines.base import (
     vacant,
 )
 from juturna_operator.engines.client import JUTURNA_STATE, JuturnaClient
+from juturna_operator.listening import Listener, bound_in_pod
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_server_message
 from juturna_operator.settings import Settings
 
@@ -64,6 +70,10 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "juturna-operator"}
 UID_LABEL = "juturna.io/pipeline-uid"
 TEMPLATE_ANNOTATION = "juturna.io/template"
 NAME_LABEL = "juturna.io/pipeline"
+INSTANCE_LABEL = "juturna.io/instance"  # one value per pod: what the Service selects
+NO_POD = "none"  # an instance label no pod has: the Service points at nothing
+LISTENERS_ANNOTATION = "juturna.io/listeners"  # the Service's, for an adopting operator
+MAX_SERVICE_NAME = 63
 POD_READY_TIMEOUT_S = 300.0  # an image pull can take minutes
 POLL_S = 0.25  # without a watch (before its first event)
 FALLBACK_POLL_S = 5.0  # with the watch: only in case an event is missed
@@ -113,15 +123,61 @@ def owned_by(obj: dict[str, Any], key: PipelineKey) -> bool:
     )
 
 
-def name_conflict(kind: str, key: PipelineKey, step: Step) -> PipelineFailure:
-    """A pod or Secret of the name this Pipeline's must have, owned by someone else."""
+def name_conflict(
+    kind: str, key: PipelineKey, step: Step, name: str | None = None
+) -> PipelineFailure:
+    """A pod, Secret or Service of the name this Pipeline's must have, owned by another."""
     return PipelineFailure(
         FailureReason.NameConflict,
         step,
-        f"{kind} {pod_name(key)} in namespace {key.namespace} is not owned by Pipeline "
+        f"{kind} {name or pod_name(key)} in namespace {key.namespace} is not owned by Pipeline "
         f"{key.name}; the operator neither uses nor deletes it: remove it, or rename the "
         "Pipeline",
     )
+
+
+def service_name(key: PipelineKey) -> str:
+    """The Pipeline's Service: its own name where that is a Service name (a DNS-1035 label:
+    at most 63 characters, a letter first, no dots); otherwise a name made from it with a uid
+    suffix, so that two Pipelines never map to one."""
+    if len(key.name) <= MAX_SERVICE_NAME and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", key.name):
+        return key.name
+    base = re.sub(r"[^a-z0-9-]+", "-", key.name).strip("-")
+    if not base[:1].isalpha():
+        base = "p-" + base
+    return f"{base[: MAX_SERVICE_NAME - 9].rstrip('-')}-{key.uid[:8]}"
+
+
+def service_body(
+    key: PipelineKey, listeners: tuple[Listener, ...], instance: str
+) -> dict[str, Any]:
+    """The Pipeline's Service: one port per listener, pointing at the pod labelled
+    ``instance`` (``NO_POD``: at none)."""
+    described = [[ln.node, ln.name, ln.port, ln.protocol] for ln in listeners]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(key),
+            "namespace": key.namespace,
+            "labels": labels_of(key),
+            "annotations": {LISTENERS_ANNOTATION: json.dumps(described)},
+            "ownerReferences": [owner_of(key)],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {UID_LABEL: key.uid, INSTANCE_LABEL: instance},
+            "ports": [
+                {
+                    "name": ln.service_port_name,
+                    "port": ln.port,
+                    "targetPort": ln.port,
+                    "protocol": ln.protocol,
+                }
+                for ln in listeners
+            ],
+        },
+    }
 
 
 def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
@@ -146,7 +202,11 @@ def template_hash(template: dict[str, Any] | None, settings: Settings) -> str:
 
 
 def runtime_pod(
-    key: PipelineKey, revision: str, settings: Settings, template: dict[str, Any] | None = None
+    key: PipelineKey,
+    revision: str,
+    settings: Settings,
+    template: dict[str, Any] | None = None,
+    instance: str = NO_POD,
 ) -> dict[str, Any]:
     """The Pod for one Pipeline: restricted, no API token, the worker on ``PORT``, with what
     ``spec.template`` adds. The runtime image says where its plugins are
@@ -181,7 +241,7 @@ def runtime_pod(
         "metadata": {
             "name": pod_name(key),
             "namespace": key.namespace,
-            "labels": (t.get("labels") or {}) | labels_of(key),
+            "labels": (t.get("labels") or {}) | labels_of(key) | {INSTANCE_LABEL: instance},
             "annotations": (t.get("annotations") or {})
             | {"juturna.io/revision": revision, TEMPLATE_ANNOTATION: template_hash(t, settings)},
             "ownerReferences": [owner_of(key)],
@@ -322,6 +382,18 @@ class _Runtime:
     node: str | None = None  # where the scheduler placed it
     template: str = ""  # template_hash of what it was made from
     idle_since: float = 0.0  # kept for the next deploy of this resource (see delete)
+    instance: str = NO_POD  # the pod's instance label: what the Service selects
+    listeners: tuple[Listener, ...] = ()  # what its pipeline listens on
+
+
+@dataclass(frozen=True)
+class _Service:
+    """The Pipeline's Service as last written."""
+
+    name: str
+    cluster_ip: str | None
+    listeners: tuple[Listener, ...]
+    instance: str  # the pod it points at (NO_POD: none)
 
 
 class PodEngine(LockedEngine):
@@ -341,6 +413,7 @@ class PodEngine(LockedEngine):
         # Pipeline's uid (None: deleted), and wakes whoever waits for a change: no polling.
         self._seen: dict[str, dict[str, Any] | None] = {}
         self._changes: dict[str, asyncio.Event] = {}
+        self._services: dict[str, _Service] = {}  # by the Pipeline's uid
         self.watched = False  # set once the watch delivers; until then, reads go to the API
 
     # -- the Kubernetes side (blocking client calls, run in threads) --
@@ -380,11 +453,13 @@ class PodEngine(LockedEngine):
             async with asyncio.timeout(within):
                 await event.wait()
 
-    async def _read(self, read: Any, key: PipelineKey) -> dict[str, Any] | None:
-        """The object of this Pipeline's pod name that ``read`` reads (a pod, a Secret), as
-        a dict: None if there is none."""
+    async def _read(
+        self, read: Any, key: PipelineKey, name: str | None = None
+    ) -> dict[str, Any] | None:
+        """The object ``read`` reads (a pod, a Secret, a Service) of the Pipeline's pod name
+        or ``name``, as a dict: None if there is none."""
         try:
-            found = await self._call(read, pod_name(key), key.namespace)
+            found = await self._call(read, name or pod_name(key), key.namespace)
         except k8s.ApiException as err:
             if err.status == 404:
                 return None
@@ -478,6 +553,7 @@ class PodEngine(LockedEngine):
     ) -> str:
         template = plan.template
         vacant(self._runtimes, key)
+        config = bound_in_pod(config, list(plan.listeners))
         if (template or {}).get("image") and not self._settings.allow_image_override:
             raise PipelineFailure(
                 FailureReason.ImageNotAllowed,
@@ -488,11 +564,12 @@ class PodEngine(LockedEngine):
         made_from = template_hash(template, self._settings)
         idle = self._idle.pop(key, None)
         if idle is not None and idle.template == made_from:
-            return await self._redeploy(key, idle, config, revision, plan.until)
+            return await self._redeploy(key, idle, config, revision, plan)
         if idle is not None:  # another template: another pod
             self._idle[key] = idle
             await self._end(key)
-        pod_body = runtime_pod(key, revision, self._settings, template)
+        instance = secrets.token_hex(4)
+        pod_body = runtime_pod(key, revision, self._settings, template, instance)
         try:
             # What the API server (and its admission, Pod Security included) would refuse,
             # it refuses now, before anything exists: InvalidSpec with its own message.
@@ -514,6 +591,8 @@ class PodEngine(LockedEngine):
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
             pipeline_id, state = await self._deploy(key, client, config, plan.until)
+            serving = instance if state is InstanceState.Running else NO_POD
+            await self._serve(key, plan.listeners, serving)
         except k8s.ApiException as err:
             await self._remove(key)
             raise _api_failure(err, Step.create) from None
@@ -522,7 +601,15 @@ class PodEngine(LockedEngine):
             raise
         node = (pod.get("spec") or {}).get("nodeName")
         self._runtimes[key] = _Runtime(
-            pod_name(key), revision, client, pipeline_id, state, node=node, template=made_from
+            pod_name(key),
+            revision,
+            client,
+            pipeline_id,
+            state,
+            node=node,
+            template=made_from,
+            instance=instance,
+            listeners=plan.listeners,
         )
         return pipeline_id
 
@@ -552,11 +639,13 @@ class PodEngine(LockedEngine):
         runtime: _Runtime,
         config: dict[str, Any],
         revision: str,
-        until: InstanceState,
+        plan: Plan,
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
-            runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, until)
+            runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, plan.until)
+            serving = runtime.instance if state is InstanceState.Running else NO_POD
+            await self._serve(key, plan.listeners, serving)
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,
@@ -567,7 +656,7 @@ class PodEngine(LockedEngine):
             await runtime.client.close()
             await self._remove(key)
             raise
-        runtime.revision, runtime.state = revision, state
+        runtime.revision, runtime.state, runtime.listeners = revision, state, plan.listeners
         self._runtimes[key] = runtime
         return runtime.pipeline_id
 
@@ -580,9 +669,11 @@ class PodEngine(LockedEngine):
         runtime = held(self._runtimes, key, Step.start)
         await runtime.client.start(runtime.pipeline_id)
         runtime.state = InstanceState.Running
+        await self._serve(key, runtime.listeners, runtime.instance)
 
     async def _stop(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.stop)
+        await self._serve(key, runtime.listeners, NO_POD)  # senders reach no stopped source
         if runtime.state is InstanceState.Running and not runtime.gone:
             timeout = self._settings.stop_timeout_s
             try:
@@ -605,6 +696,10 @@ class PodEngine(LockedEngine):
         self, key: PipelineKey, release: bool = True, keep_output: bool = False
     ) -> None:
         # keep_output: a runtime's or a pod's folder is not the operator's to carry over.
+        # Without it the Pipeline itself goes, and its Service with it; else the Service
+        # stays, and so does its address (a Stopped Pipeline, a pod replaced).
+        if not keep_output:
+            await self.exclusive(key, self._serve, key, (), NO_POD)
         if release:
             await self.exclusive(key, self._end, key)
             self.drop_lock(key)
@@ -662,6 +757,7 @@ class PodEngine(LockedEngine):
                 return None
         info = InstanceInfo(key, runtime.pipeline_id, runtime.revision, runtime.state)
         info.pod = (runtime.pod, runtime.node)
+        info.addresses = self._addresses(key)
         if self.busy(key):
             return info
         pod = await self._pod(key)
@@ -723,12 +819,101 @@ class PodEngine(LockedEngine):
                 runtime = _Runtime(pod_name(key), revision, client, pipeline_id, state)
                 runtime.node = (pod.get("spec") or {}).get("nodeName")
                 runtime.template = pod["metadata"]["annotations"].get(TEMPLATE_ANNOTATION, "")
+                runtime.instance = pod["metadata"].get("labels", {}).get(INSTANCE_LABEL, NO_POD)
+                runtime.listeners = await self._adopt_service(key)
                 self._runtimes[key] = runtime
                 log.info("adopted pod %s", runtime.pod, extra=key.log_extra)
                 return runtime
         await client.close()
         await self._remove(key)
         return None
+
+    # -- the Pipeline's Service --
+
+    async def _serve(
+        self, key: PipelineKey, listeners: tuple[Listener, ...], instance: str
+    ) -> None:
+        """The Pipeline's Service as ``listeners`` say, pointing at ``instance``'s pod: made,
+        changed with one merge patch (ports, selector), or removed when nothing listens. A
+        Service of its name that the Pipeline does not own is ``NameConflict``."""
+        current = self._services.get(key.uid)
+        if not listeners:
+            if current is not None:
+                await self._delete_service(key)
+            return
+        if current is not None and (current.listeners, current.instance) == (listeners, instance):
+            return
+        body = service_body(key, listeners, instance)
+        try:
+            if current is None:
+                made = await self._call(self._core.create_namespaced_service, key.namespace, body)
+            else:
+                made = await self._patch_service(key, body)
+        except k8s.ApiException as err:
+            if err.status != 409:
+                raise _api_failure(err, Step.create) from None
+            found = await self._read(self._core.read_namespaced_service, key, service_name(key))
+            if found is None or not owned_by(found, key):
+                raise name_conflict("Service", key, Step.create, service_name(key)) from None
+            made = await self._patch_service(key, body)  # ours, from an earlier process
+        cluster_ip = getattr(made.spec, "cluster_ip", None)
+        self._services[key.uid] = _Service(service_name(key), cluster_ip, listeners, instance)
+
+    async def _patch_service(self, key: PipelineKey, body: dict[str, Any]) -> Any:
+        # A merge patch replaces the ports list whole (a strategic one would merge by port).
+        change = {
+            "metadata": {"annotations": body["metadata"]["annotations"]},
+            "spec": body["spec"],
+        }
+        return await self._call(
+            self._core.patch_namespaced_service,
+            service_name(key),
+            key.namespace,
+            change,
+            _content_type="application/merge-patch+json",
+        )
+
+    async def _delete_service(self, key: PipelineKey) -> None:
+        self._services.pop(key.uid, None)
+        found = await self._read(self._core.read_namespaced_service, key, service_name(key))
+        if found is None or not owned_by(found, key):
+            return
+        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(uid=found["metadata"]["uid"]))
+        try:
+            await self._call(
+                self._core.delete_namespaced_service, service_name(key), key.namespace, body=body
+            )
+        except k8s.ApiException as err:
+            if err.status not in (404, 409):
+                raise _api_failure(err, Step.delete) from None
+
+    async def _adopt_service(self, key: PipelineKey) -> tuple[Listener, ...]:
+        """The Service a previous operator process made for this Pipeline, if any: what it
+        listens on (its annotation) and where it points."""
+        found = await self._read(self._core.read_namespaced_service, key, service_name(key))
+        if found is None or not owned_by(found, key):
+            return ()
+        meta, spec = found["metadata"], found.get("spec") or {}
+        try:
+            described = json.loads((meta.get("annotations") or {})[LISTENERS_ANNOTATION])
+            listeners = tuple(Listener(str(n), str(m), int(p), str(q)) for n, m, p, q in described)
+        except (KeyError, ValueError, TypeError):
+            return ()
+        instance = (spec.get("selector") or {}).get(INSTANCE_LABEL, NO_POD)
+        self._services[key.uid] = _Service(
+            service_name(key), spec.get("clusterIP"), listeners, instance
+        )
+        return listeners
+
+    def _addresses(self, key: PipelineKey) -> tuple[Address, ...]:
+        service = self._services.get(key.uid)
+        if service is None:
+            return ()
+        host = f"{service.name}.{key.namespace}.svc"
+        return tuple(
+            Address(ln.node, ln.name, ln.protocol, host, ln.port, service.cluster_ip)
+            for ln in service.listeners
+        )
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Nothing to do: each pod is owned by its Pipeline, and the garbage collector

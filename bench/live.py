@@ -124,7 +124,7 @@ def log_times(core: client.CoreV1Api, namespace: str, name: str) -> list[float]:
         text = core.read_namespaced_pod_log(name, namespace)
     except client.ApiException:
         return []
-    return [float(line) for line in text.split() if line.replace(".", "", 1).isdigit()]
+    return [float(word) for word in (text or "").split() if word.replace(".", "", 1).isdigit()]
 
 
 def one_round(
@@ -199,7 +199,9 @@ def main() -> int:
         try:
             node.load_podman_image(IMAGE, PODMAN)
             node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-            node.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}")
+            established = ["wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}"]
+            # Just after the apply the CRD may have no conditions yet: kubectl wait fails.
+            wait_for(lambda: node.kubectl(*established, check=False).returncode == 0, "the CRD")
             time.sleep(5)  # idle: no Service but the API's, nothing resolving
             idle = {
                 c.name: rss_kib(c.pid) / 1024
@@ -273,7 +275,7 @@ def render(rows: list[dict[str, float]], idle: dict[str, float]) -> str:
     lines = [
         "# Live pipelines on the real node (bench/live.py)",
         "",
-        f"Medians over {len(rows)} repetitions (range in brackets); the pod engine, one node, "
+        f"Medians over {len(rows)} repetitions, and their range; the pod engine, one node, "
         "kube-proxy in iptables mode, CoreDNS.",
         "",
         "| what | median | range |",

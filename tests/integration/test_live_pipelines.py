@@ -230,6 +230,55 @@ def test_real_audio_reaches_the_pipeline_by_its_address_and_survives_a_new_pod(
     )
 
 
+JSON_IN = {
+    "apiVersion": "juturna.io/v1alpha1",
+    "kind": "Pipeline",
+    "metadata": {"name": "json-in"},
+    "spec": {
+        "plugins": ["tones"],
+        "nodes": [
+            {"name": "web", "type": "source", "mark": "json_http",
+             "configuration": {"endpoint": "events", "port": "auto"}},
+            {"name": "out", "type": "sink", "mark": "jsonl",
+             "configuration": {"file": "output.jsonl"}},
+        ],
+        "links": [{"from": "web", "to": "out"}],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_a_service_of_the_pipelines_name_it_does_not_own_is_a_name_conflict(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Someone's Service holds the name: never adopted or changed; once it goes, the
+    Pipeline gets its own, without spending restarts."""
+    theirs = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "json-in", "namespace": namespace},
+        "spec": {"selector": {"app": "theirs"}, "ports": [{"port": 80}]},
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(theirs))
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(JSON_IN)
+    body = pipelines.wait_failure("json-in", "NameConflict", 60)
+    assert body["status"]["failure"] == {
+        "reason": "NameConflict",
+        "code": 503,
+        "step": "create",
+        "message": f"Service json-in in namespace {namespace} is not owned by Pipeline "
+        "json-in; the operator neither uses nor deletes it: remove it, or rename the Pipeline",
+    }
+    service = json.loads(kubectl("get", "service", "json-in", "-n", namespace, "-o", "json").stdout)
+    assert service["spec"]["selector"] == {"app": "theirs"}
+    assert not managed(kubectl, "pods", namespace)  # no pod is made without its address
+    kubectl("delete", "service", "json-in", "-n", namespace)
+    body = pipelines.wait_ready("json-in", timeout=120)
+    assert body["status"].get("restarts", 0) == 0
+    assert endpoint(body, "tcp")["host"] == f"json-in.{namespace}.svc"
+
+
 @pytest.mark.timeout(300)
 def test_json_posts_to_the_pipelines_address_reach_its_sink_in_order(
     pod_operator: Operator,
@@ -239,22 +288,7 @@ def test_json_posts_to_the_pipelines_address_reach_its_sink_in_order(
     namespace: str,
 ) -> None:
     pipelines = Pipelines(objects, namespace, kubectl)
-    manifest = {
-        "apiVersion": "juturna.io/v1alpha1",
-        "kind": "Pipeline",
-        "metadata": {"name": "json-in"},
-        "spec": {
-            "plugins": ["tones"],
-            "nodes": [
-                {"name": "web", "type": "source", "mark": "json_http",
-                 "configuration": {"endpoint": "events", "port": "auto"}},
-                {"name": "out", "type": "sink", "mark": "jsonl",
-                 "configuration": {"file": "output.jsonl"}},
-            ],
-            "links": [{"from": "web", "to": "out"}],
-        },
-    }  # fmt: skip
-    pipelines.apply(manifest)
+    pipelines.apply(JSON_IN)
     body = pipelines.wait_ready("json-in", timeout=120)
     web = endpoint(body, "tcp")
     assert (web["node"], web["protocol"]) == ("web", "TCP")

@@ -586,6 +586,9 @@ class PodEngine(LockedEngine):
         token = secrets.token_urlsafe(32)
         self._known[key.uid] = key
         try:
+            # The address first: its DNS name and ClusterIP exist while the pod starts, and
+            # once the pipeline runs only the Service's endpoints change.
+            await self._serve(key, plan.listeners, NO_POD)
             await self._create_owned(key, "Secret", token_secret(key, token))
             await self._create_owned(key, "pod", pod_body)
             pod = await self._wait_serving(key)

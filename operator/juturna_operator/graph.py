@@ -198,17 +198,34 @@ def check_runtime(runtime: str | None, runtimes: Collection[str]) -> None:
         )
 
 
-def check_code(node_name: str, impl: NodeImpl, node: NodeSpec, policy: CodePolicy) -> None:
-    """Refuse what would run or read more than the administrator allows where it runs."""
+def as_built(node: NodeSpec) -> NodeSpec:
+    """The node Juturna builds where the pipeline runs. ``warped: true`` replaces it with the
+    built-in ``proc/warp`` (gRPC to the host its ``warp_configuration`` names), whose
+    configuration is ``warp_configuration`` plus the node's own as ``remote_config``
+    (``components/_pipeline.py``): that is the code and the configuration to check."""
+    if not node.warped:
+        return node
+    configuration = {**(node.warp_configuration or {}), "remote_config": node.configuration}
+    return NodeSpec.model_validate(
+        {"name": node.name, "type": "proc", "mark": "warp", "configuration": configuration}
+    )
+
+
+def check_code(
+    node_name: str, impl: NodeImpl, node: NodeSpec, policy: CodePolicy, warped: bool = False
+) -> None:
+    """Refuse what would run or read more than the administrator allows where it runs
+    (``node``: as built, see ``as_built``; ``warped``: the spec's node was warped)."""
     if impl.folder.is_relative_to(BUILTIN_NODES) and not policy.allows_builtin(
         node.type, node.mark
     ):
         allowed = ", ".join(sorted(policy.builtins or ())) or "none"
+        why = " (warped: true runs the node as proc/warp)" if warped else ""
         raise _fail(
             FailureReason.BuiltinNotAllowed,
-            f'node "{node_name}": Juturna\'s built-in {node.type}/{node.mark} is not allowed '
-            f"on engine '{policy.engine}' (built-ins can run commands and reach any address "
-            "from their configuration); the administrator allows built-ins with "
+            f'node "{node_name}": Juturna\'s built-in {node.type}/{node.mark}{why} is not '
+            f"allowed on engine '{policy.engine}' (built-ins can run commands and reach any "
+            "address from their configuration); the administrator allows built-ins with "
             f"{ENV_PREFIX}ALLOWED_BUILTINS (allowed now: {allowed})",
         )
     if policy.env_references:
@@ -244,7 +261,8 @@ def validate(
     plugin_bases = [resolve_plugin(p, plugin_roots) / "nodes" for p in spec.plugins]
     bases = [BUILTIN_NODES, *plugin_bases]
     result = Validated()
-    for node in spec.nodes:
+    for declared in spec.nodes:
+        node = as_built(declared)
         impl = None
         for base in bases:  # the last match wins, as in Juturna
             impl = _node_impl(base, node.type, node.mark) or impl
@@ -261,7 +279,7 @@ def validate(
                 f'node "{node.name}": plugin "{node.mark}" has no config.toml with an '
                 f"[arguments] table in {impl.folder}",
             )
-        check_code(node.name, impl, node, policy)
+        check_code(node.name, impl, node, policy, bool(declared.warped))
         result.impls[node.name] = impl
         for key in node.configuration:
             if key not in impl.arguments:

@@ -307,3 +307,39 @@ def test_env_references_are_refused_in_process_only_unless_allowed() -> None:
     allowed = Settings(engine="inprocess", allow_env_references=True).code_policy(None)
     for policy in (allowed, Settings(engine="process").code_policy(None)):
         assert "amp" in validate(s, [EXAMPLES], policy=policy).impls
+
+
+def warped(warp_configuration: dict[str, Any]) -> PipelineSpec:
+    """The example, its scaler warped: Juturna runs it as the built-in proc/warp."""
+    nodes = [dict(n) for n in spec().model_dump(by_alias=True, exclude_none=True)["nodes"]]
+    nodes[1] |= {"warped": True, "warp_configuration": warp_configuration}
+    return spec(nodes=nodes)
+
+
+def test_a_warped_node_is_the_builtin_warp_for_the_allow_list() -> None:
+    """Round 3, item 5: warped: true bypassed the built-ins allow-list (the node's own mark,
+    a plugin, was checked; Juturna builds proc/warp, gRPC to any host, in its place)."""
+    policy = Settings(engine="process").code_policy(None)  # no built-in allowed
+    with pytest.raises(PipelineFailure) as err:
+        validate(warped({"grpc_host": "10.1.2.3"}), [EXAMPLES], policy=policy)
+    assert err.value.reason is FailureReason.BuiltinNotAllowed
+    assert err.value.message.startswith(
+        'node "amp": Juturna\'s built-in proc/warp (warped: true runs the node as proc/warp) '
+        "is not allowed on engine 'process'"
+    )
+    allowed = Settings(engine="process", allowed_builtins=("proc/warp",)).code_policy(None)
+    result = validate(warped({"grpc_host": "10.1.2.3"}), [EXAMPLES], policy=allowed)
+    assert result.impls["amp"].folder.name == "_warp"
+    assert result.warnings == []  # grpc_host and remote_config are warp's own arguments
+
+
+def test_a_warped_nodes_warp_configuration_may_not_read_the_environment() -> None:
+    """Round 3, item 5: a $JT_ENV_ value in warp_configuration reached the environment of the
+    process that runs the pipeline, past the check of the node's own configuration."""
+    policy = Settings(engine="inprocess", allowed_builtins=("*",)).code_policy(None)
+    with pytest.raises(PipelineFailure) as err:
+        validate(warped({"grpc_host": "$JT_ENV_SECRET"}), [EXAMPLES], policy=policy)
+    assert err.value.reason is FailureReason.EnvironmentNotAllowed
+    assert err.value.message.startswith(
+        'node "amp": configuration key "grpc_host" reads an environment variable ("$JT_ENV_SECRET")'
+    )

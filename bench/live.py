@@ -34,31 +34,21 @@ from kubernetes import client, config
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
-from controlplane import ControlPlane, ensure_binaries, rss_kib  # noqa: E402
-from harness import BenchOperator, PipelineWatch  # noqa: E402
-from node import PODMAN, Node, build_operator_image  # noqa: E402
+from controlplane import rss_kib  # noqa: E402
+from harness import PipelineWatch  # noqa: E402
+from pods import (  # noqa: E402
+    IMAGE,
+    plane_and_node,
+    pod_engine_operator,
+    wait_default_service_account,
+)
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec  # noqa: E402
 from juturna_operator.listening import listeners  # noqa: E402
 
-IMAGE = "localhost/juturna-operator:bench"
 TIMEOUT_S = 180.0
 
-JSON_PIPELINE: dict[str, Any] = {
-    "apiVersion": f"{GROUP}/{VERSION}",
-    "kind": "Pipeline",
-    "metadata": {"name": "json-in"},
-    "spec": {
-        "plugins": ["tones"],
-        "nodes": [
-            {"name": "web", "type": "source", "mark": "json_http",
-             "configuration": {"endpoint": "events", "port": "auto"}},
-            {"name": "out", "type": "sink", "mark": "jsonl",
-             "configuration": {"file": "output.jsonl"}},
-        ],
-        "links": [{"from": "web", "to": "out"}],
-    },
-}  # fmt: skip
+JSON_PIPELINE = yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text())
 
 KNOCKER = """
 import time, urllib.request
@@ -191,71 +181,42 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    build_operator_image(IMAGE)
-    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
     rows: list[dict[str, float]] = []
-    try:
-        node = Node(plane, plane.binaries).start()
-        try:
-            node.load_podman_image(IMAGE, PODMAN)
-            node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-            established = ["wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}"]
-            # Just after the apply the CRD may have no conditions yet: kubectl wait fails.
-            wait_for(lambda: node.kubectl(*established, check=False).returncode == 0, "the CRD")
-            time.sleep(5)  # idle: no Service but the API's, nothing resolving
-            idle = {
-                c.name: rss_kib(c.pid) / 1024
-                for c in node.components
-                if c.name in ("kube-proxy", "coredns")
-            }
-            api = config.new_client_from_config(str(plane.kubeconfig))
-            core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
-            for rep in range(args.repetitions):
-                namespace = f"live-{rep}"
-                node.kubectl("create", "namespace", namespace)
-                wait_for(
-                    lambda ns=namespace: (
-                        core.list_namespaced_service_account(
-                            ns, field_selector="metadata.name=default"
-                        ).items
-                    ),
-                    "the default ServiceAccount",
-                )
-                with tempfile.TemporaryDirectory() as base:
-                    op = BenchOperator(
-                        plane.kubeconfig,
-                        namespace,
-                        "pod",
-                        Path(base),
-                        {
-                            "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
-                            "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
-                        },
+    with plane_and_node() as (plane, node):
+        time.sleep(5)  # idle: no Service but the API's, nothing resolving
+        idle = {
+            c.name: rss_kib(c.pid) / 1024
+            for c in node.components
+            if c.name in ("kube-proxy", "coredns")
+        }
+        api = config.new_client_from_config(str(plane.kubeconfig))
+        core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        for rep in range(args.repetitions):
+            namespace = f"live-{rep}"
+            node.kubectl("create", "namespace", namespace)
+            wait_default_service_account(core, namespace)
+            with tempfile.TemporaryDirectory() as base:
+                op = pod_engine_operator(plane.kubeconfig, namespace, Path(base))
+                op.start()
+                try:
+                    rows.append(one_round(core, objects, namespace))
+                finally:
+                    for name in ("json-in", "live-audio"):
+                        with contextlib.suppress(client.ApiException):
+                            objects.delete_namespaced_custom_object(
+                                GROUP, VERSION, namespace, PLURAL, name
+                            )
+                    # The finalizer runs while the operator does.
+                    wait_for(
+                        lambda ns=namespace: (
+                            not objects.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)[
+                                "items"
+                            ]
+                        ),
+                        "the Pipelines deleted",
                     )
-                    op.start()
-                    try:
-                        rows.append(one_round(core, objects, namespace))
-                    finally:
-                        for name in ("json-in", "live-audio"):
-                            with contextlib.suppress(client.ApiException):
-                                objects.delete_namespaced_custom_object(
-                                    GROUP, VERSION, namespace, PLURAL, name
-                                )
-                        # The finalizer runs while the operator does.
-                        wait_for(
-                            lambda ns=namespace: (
-                                not objects.list_namespaced_custom_object(
-                                    GROUP, VERSION, ns, PLURAL
-                                )["items"]
-                            ),
-                            "the Pipelines deleted",
-                        )
-                        op.stop()
-                print(json.dumps(rows[-1]), flush=True)
-        finally:
-            node.stop()
-    finally:
-        plane.stop()
+                    op.stop()
+            print(json.dumps(rows[-1]), flush=True)
     report = render(rows, idle)
     (args.out / "benchmarks-live.json").write_text(
         json.dumps({"rows": rows, "idle_rss_mib": idle}, indent=1) + "\n"

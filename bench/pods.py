@@ -16,6 +16,7 @@ beyond the pod and its Secret.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,42 @@ def wait_default_service_account(core: client.CoreV1Api, namespace: str) -> None
             time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def plane_and_node() -> Iterator[tuple[ControlPlane, Node]]:
+    """The operator's image built, a plane and a node with it and the CRD; both stopped
+    after."""
+    build_operator_image(IMAGE)
+    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
+    try:
+        node = Node(plane, plane.binaries).start()
+        try:
+            node.load_podman_image(IMAGE, PODMAN)
+            node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+            established = ["wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}"]
+            deadline = time.monotonic() + 60
+            # Just after the apply the CRD may have no conditions yet: kubectl wait fails.
+            while node.kubectl(*established, check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    node.kubectl(*established)  # its error, raised
+                time.sleep(0.2)
+            yield plane, node
+        finally:
+            node.stop()
+    finally:
+        plane.stop()
+
+
+def pod_engine_operator(kubeconfig: Path, namespace: str, base: Path) -> BenchOperator:
+    """The operator on ``namespace`` with the pod engine, its pods running ``IMAGE``."""
+    return BenchOperator(
+        kubeconfig,
+        namespace,
+        "pod",
+        base,
+        {"JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE, "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never"},
+    )
+
+
 def wait_no_pods(core: client.CoreV1Api, namespace: str) -> None:
     deadline = time.monotonic() + 120
     while core.list_namespaced_pod(namespace).items:
@@ -203,53 +241,31 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    build_operator_image(IMAGE)
-    plane = ControlPlane(ensure_binaries(), die_with_parent=True).start()
     rows = []
-    try:
-        node = Node(plane, plane.binaries).start()
-        try:
-            node.load_podman_image(IMAGE, PODMAN)
-            node.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-            node.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}")
-            api = config.new_client_from_config(str(plane.kubeconfig))
-            core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
-            settings = Settings(
-                engine="pod", runtime_image=IMAGE, runtime_pull_policy="Never", metrics_port=0
-            )
-            for n in args.n:
-                for rep in range(args.repetitions):
-                    namespace = f"bench-{n}-{rep}"
-                    node.kubectl("create", "namespace", namespace)
-                    wait_default_service_account(core, namespace)
-                    bare, bare_writes = floor(plane.kubeconfig, core, namespace, n, settings)
-                    with tempfile.TemporaryDirectory() as base:
-                        op = BenchOperator(
-                            plane.kubeconfig,
-                            namespace,
-                            "pod",
-                            Path(base),
-                            {
-                                "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
-                                "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
-                            },
-                        )
-                        op.start()
-                        try:
-                            measured = with_operator(plane.kubeconfig, objects, namespace, n)
-                            wait_no_pods(core, namespace)
-                        finally:
-                            op.stop()
-                    added = added_by_operator(measured.pop("writes"), bare_writes, n)
-                    added["POST/events (on Pipelines)"] = measured.pop("events")
-                    rows.append(
-                        {"n": n, "rep": rep, "bare": bare, **measured, "added_writes": added}
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
-        finally:
-            node.stop()
-    finally:
-        plane.stop()
+    with plane_and_node() as (plane, node):
+        api = config.new_client_from_config(str(plane.kubeconfig))
+        core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
+        settings = Settings(
+            engine="pod", runtime_image=IMAGE, runtime_pull_policy="Never", metrics_port=0
+        )
+        for n in args.n:
+            for rep in range(args.repetitions):
+                namespace = f"bench-{n}-{rep}"
+                node.kubectl("create", "namespace", namespace)
+                wait_default_service_account(core, namespace)
+                bare, bare_writes = floor(plane.kubeconfig, core, namespace, n, settings)
+                with tempfile.TemporaryDirectory() as base:
+                    op = pod_engine_operator(plane.kubeconfig, namespace, Path(base))
+                    op.start()
+                    try:
+                        measured = with_operator(plane.kubeconfig, objects, namespace, n)
+                        wait_no_pods(core, namespace)
+                    finally:
+                        op.stop()
+                added = added_by_operator(measured.pop("writes"), bare_writes, n)
+                added["POST/events (on Pipelines)"] = measured.pop("events")
+                rows.append({"n": n, "rep": rep, "bare": bare, **measured, "added_writes": added})
+                print(json.dumps(rows[-1]), flush=True)
     (args.out / "benchmarks-pods.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / "benchmarks-pods.md").write_text(
         "# The pod engine against bare pods (bench/pods.py)\n\n"

@@ -449,7 +449,14 @@ RESTRICTED = {
 }
 
 
-def run_pod(kubectl: Kubectl, namespace: str, name: str, image: str, command: list[str]) -> None:
+def run_pod(
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    image: str,
+    command: list[str],
+    labels: dict[str, str] | None = None,
+) -> None:
     """A pod of ``image`` running ``command`` once, restricted, never pulling an image."""
     # ServiceAccount admission refuses pods until the namespace's `default` account exists.
     wait_until(
@@ -460,7 +467,7 @@ def run_pod(kubectl: Kubectl, namespace: str, name: str, image: str, command: li
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,

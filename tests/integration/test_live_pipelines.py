@@ -32,6 +32,7 @@ from support import (
     pod_body,
     pod_finished,
     pod_ready,
+    run_pod,
     wait_pod,
     wait_until,
 )
@@ -55,50 +56,6 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Receiver).serve_forever()
 """
-
-RESTRICTED = {
-    "runAsNonRoot": True,
-    "runAsUser": 10001,
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-
-
-def run_pod(
-    kubectl: Kubectl,
-    namespace: str,
-    name: str,
-    image: str,
-    command: list[str],
-    labels: dict[str, str] | None = None,
-) -> None:
-    """A pod of ``image`` running ``command``, never pulling an image."""
-    wait_until(
-        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": command,
-                    "securityContext": RESTRICTED,
-                }
-            ],
-        },
-    }
-    kubectl("apply", "-f", "-", input=json.dumps(pod))
 
 
 def receiver(kubectl: Kubectl, namespace: str, image: str) -> str:
@@ -230,21 +187,7 @@ def test_real_audio_reaches_the_pipeline_by_its_address_and_survives_a_new_pod(
     )
 
 
-JSON_IN = {
-    "apiVersion": "juturna.io/v1alpha1",
-    "kind": "Pipeline",
-    "metadata": {"name": "json-in"},
-    "spec": {
-        "plugins": ["tones"],
-        "nodes": [
-            {"name": "web", "type": "source", "mark": "json_http",
-             "configuration": {"endpoint": "events", "port": "auto"}},
-            {"name": "out", "type": "sink", "mark": "jsonl",
-             "configuration": {"file": "output.jsonl"}},
-        ],
-        "links": [{"from": "web", "to": "out"}],
-    },
-}  # fmt: skip
+JSON_IN = yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text())
 
 
 @pytest.mark.timeout(300)

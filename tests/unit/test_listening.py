@@ -209,7 +209,14 @@ def test_the_service_selects_one_pod_by_its_instance_and_is_owned_by_the_pipelin
     ]
 
 
-def test_the_live_audio_example_validates_and_listens_for_rtp() -> None:
+@pytest.mark.parametrize(
+    ("example", "listening"),
+    [
+        ("live-audio.yaml", [("mic", "rtp", "UDP"), ("mic", "rtcp", "UDP")]),
+        ("json-events.yaml", [("web", "tcp", "TCP")]),
+    ],
+)
+def test_the_live_examples_validate_and_listen(example: str, listening: list[tuple]) -> None:
     from pathlib import Path
 
     import yaml
@@ -217,10 +224,7 @@ def test_the_live_audio_example_validates_and_listens_for_rtp() -> None:
     from juturna_operator.graph import validate
 
     repo = Path(__file__).resolve().parents[2]
-    example = yaml.safe_load((repo / "examples" / "live-audio.yaml").read_text())
-    validated = validate(PipelineSpec.model_validate(example["spec"]), [repo / "examples/plugins"])
-    assert [(ln.node, ln.name, ln.protocol) for ln in validated.listeners] == [
-        ("mic", "rtp", "UDP"),
-        ("mic", "rtcp", "UDP"),
-    ]
+    manifest = yaml.safe_load((repo / "examples" / example).read_text())
+    validated = validate(PipelineSpec.model_validate(manifest["spec"]), [repo / "examples/plugins"])
+    assert [(ln.node, ln.name, ln.protocol) for ln in validated.listeners] == listening
     assert validated.warnings == []

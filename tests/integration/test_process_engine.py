@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import processes_mentioning
+from controlplane import pid_alive, processes_mentioning
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
@@ -36,6 +36,8 @@ from support import (
     Pipelines,
     chain,
     failure_reason,
+    faulty,
+    instance_folders,
     manifest,
     nodes,
     only_on,
@@ -144,6 +146,43 @@ def test_a_worker_killed_from_outside_is_detected_and_restarted(
         "NodeFailed names the signal; a new worker, Running",
         time.monotonic() - killed,
     )
+
+
+@pytest.mark.parametrize("how", ["deleted", "killed"])
+def test_a_program_a_node_started_ends_with_its_worker(
+    pipelines: Pipelines, process_operator: Operator, how: str
+) -> None:
+    """Round 3, item 10: the programs nodes start (ffmpeg; here a plugin's ``sleep`` that it
+    never ends) share the worker's process group; ending the worker, by a deletion or by a
+    restart after a kill, ends them too, instead of leaving them re-parented to PID 1."""
+    pipelines.apply(
+        faulty(
+            "spawns",
+            ("src", "source", "ticker", {"rate": 4}),
+            ("spawner", "proc", "spawner", {"seconds": 600}),
+            ("out", "sink", "jsonl", {"file": "output.jsonl"}),
+            restartPolicy={"maxRestarts": 3, "backoffSeconds": 0.2},
+        )
+    )
+    body = pipelines.wait_ready("spawns")
+    (folder,) = instance_folders(process_operator.workdir, body)
+    wait_until(lambda: (folder / "spawner" / "child.pid").exists(), 10, "the node's program")
+    program = int((folder / "spawner" / "child.pid").read_text())
+    assert pid_alive(program)
+    worker = worker_of(process_operator, body["metadata"]["uid"])
+    if how == "deleted":
+        pipelines.delete("spawns")
+        pipelines.wait_gone("spawns", timeout=30)
+    else:
+        os.kill(worker, signal.SIGKILL)  # the worker dies; the engine ends what is left
+        pipelines.wait(
+            "spawns",
+            lambda b: b["status"].get("restarts") == 1 and b["status"].get("phase") == "Running",
+            timeout=20,
+            what="restarted",
+        )
+    wait_until(lambda: not pid_alive(program), 10, f"the node's program {program} ended")
+    assert not pid_alive(worker)
 
 
 SHIFT_CONFIG = "[arguments]\n"

@@ -192,6 +192,17 @@ async def done_already(reason: FailureReason) -> AsyncIterator[None]:
         log.info("the worker had done this step already: %s", failure.message)
 
 
+def end_group(leader: int) -> None:
+    """SIGKILL what is left of a worker's process group once the worker is gone: the
+    programs its nodes started (ffmpeg from Juturna's media nodes) are in it, and would live
+    on, re-parented to PID 1. Every worker leads a session of its own (``setsid`` in the
+    zygote's child, ``start_new_session`` without a zygote), so the group's id is its PID."""
+    if leader == os.getpgrp():
+        return  # never the operator's own group
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
+
+
 class WorkerProcesses:
     """Starts an engine's workers, waits until they serve, and ends them."""
 
@@ -383,29 +394,31 @@ class WorkerProcesses:
     @staticmethod
     def kill(child: Child) -> None:
         """SIGTERM, then SIGKILL after a grace period; until it is gone (reaped, when it is
-        a child of ours or of the zygote)."""
-        for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
-            if not child.running():
-                return
-            try:
-                os.kill(child.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
+        a child of ours or of the zygote); then what is left of its process group."""
+        try:
+            for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
                 if not child.running():
                     return
-                time.sleep(0.02)
-        child.wait(5)
+                try:
+                    os.kill(child.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.monotonic() + wait
+                while time.monotonic() < deadline:
+                    if not child.running():
+                        return
+                    time.sleep(0.02)
+            child.wait(5)
+        finally:
+            end_group(child.pid)
 
     async def end(self, child: Child, client: JuturnaClient | None) -> None:
         """End a worker for good: asked to shut down, then SIGTERM and SIGKILL if it still
-        runs; its client closed."""
-        if child.running():
-            if client is not None:
-                with contextlib.suppress(PipelineFailure):
-                    await client.request("POST", "/operator/shutdown", Step.delete, 2.0)
-            await asyncio.to_thread(self.kill, child)
+        runs, and what is left of its process group; its client closed."""
+        if child.running() and client is not None:
+            with contextlib.suppress(PipelineFailure):
+                await client.request("POST", "/operator/shutdown", Step.delete, 2.0)
+        await asyncio.to_thread(self.kill, child)
         if client is not None:
             await client.close()
 

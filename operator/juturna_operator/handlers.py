@@ -108,6 +108,7 @@ class Operator:
             self.reconcile, RECONCILE_WORKERS, retry_after_error_s=RETRY_AFTER_ERROR_S
         )
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
+        self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one
 
     def observe(self, body: kopf.Body, deleted: bool) -> None:
         """A watch event of a Pipeline: keep its latest body, and queue it."""
@@ -117,6 +118,12 @@ class Operator:
         if deleted:
             self.bodies.pop(uid, None)
             self.loggers.pop(uid, None)
+            if not self.reconciler.finished(uid):
+                # Gone without its finalizer (removed by hand, or a delete that came before
+                # it was added): its instance must not run on until the operator restarts.
+                task = asyncio.ensure_future(self.finalize_vanished(body))
+                self.vanished.add(task)
+                task.add_done_callback(self.vanished.discard)
             return
         self.bodies[uid] = body
         self.start_queue()
@@ -161,6 +168,16 @@ class Operator:
             raise
         self.bodies.pop(uid, None)
         self.loggers.pop(uid, None)
+
+    async def finalize_vanished(self, body: kopf.Body) -> None:
+        """What the finalizer would have done, for a Pipeline deleted without it: a bounded
+        stop and delete of its instance."""
+        logger = kopf.ObjectLogger(body=body, settings=self.kopf_settings)
+        logger.warning("deleted without its finalizer: stopping and deleting its instance")
+        try:
+            await self.reconciler.finalize(Resource.from_body(body, deleting=True), logger)
+        except Exception:  # never ends the operator; the orphan sweep is the last resort
+            logger.exception("could not finalize a Pipeline deleted without its finalizer")
 
     async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
         """One merge patch of the status subresource (never the spec), on the event loop."""
@@ -268,7 +285,7 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     operator: Operator | None = memo.get("operator")
     if operator is None:
         return
-    for task in (operator.sweeper, operator.health_watch):
+    for task in (operator.sweeper, operator.health_watch, *operator.vanished):
         if task is not None:
             task.cancel()
     # The watches have ended: nothing queues any more. Passes in flight finish or are cancelled.

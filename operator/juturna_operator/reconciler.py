@@ -239,7 +239,7 @@ class Reconciler:
         asked = [
             (uid, mem)
             for uid, mem in list(self._memory.items())
-            if mem.key is not None and not self._finished(uid) and not self._in_pass(uid)
+            if mem.key is not None and not self.finished(uid) and not self._in_pass(uid)
         ]
         room = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
@@ -259,7 +259,8 @@ class Reconciler:
         lock = self._passes.get(uid)
         return lock is not None and lock.locked()
 
-    def _finished(self, uid: str) -> bool:
+    def finished(self, uid: str) -> bool:
+        """Whether a finalize of this resource ran or runs (it is never deployed again)."""
         return uid in self._finalizing or uid in self._finalized
 
     def _remember(self, resource: Resource) -> Memory:
@@ -283,7 +284,7 @@ class Reconciler:
         """Act until the next step is to wait; write status. Returns seconds until next look."""
         uid = resource.key.uid
         async with self._passes.setdefault(uid, asyncio.Lock()):
-            if self._finished(uid):
+            if self.finished(uid):
                 return self.settings.health_interval_s  # its finalizer owns it now
             return await self._reconcile(resource, log)
 
@@ -304,7 +305,7 @@ class Reconciler:
         if info is not None:
             mem.recovering_from = None  # the engine still holds it: nothing to recover
         for _ in range(MAX_STEPS):
-            if self._finished(p.key.uid):
+            if self.finished(p.key.uid):
                 break  # a deletion came while this pass ran: it must not deploy any more
             self._check_health(p, info)
             action = lifecycle.next_step(p.desired, self._observed(mem, info), self._clock())

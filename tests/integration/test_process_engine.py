@@ -32,6 +32,7 @@ from juturna_operator.worker import WORKER_MARKER
 from juturna_operator.zygote import ZYGOTE_MARKER, start_time
 from support import (
     PLUGIN_ROOTS,
+    Kubectl,
     Operator,
     Pipelines,
     chain,
@@ -183,6 +184,34 @@ def test_a_program_a_node_started_ends_with_its_worker(
         )
     wait_until(lambda: not pid_alive(program), 10, f"the node's program {program} ended")
     assert not pid_alive(worker)
+
+
+def test_a_pipeline_deleted_without_its_finalizer_takes_its_worker_with_it(
+    pipelines: Pipelines, process_operator: Operator, kubectl: Kubectl
+) -> None:
+    """Round 3, item 13: the finalizer removed by hand (or a delete before it was added), the
+    object goes at once and the operator sees only DELETED; its worker ran on until the
+    operator restarted. The operator is paused while it happens, so that it cannot put its
+    finalizer back in between."""
+    pipelines.apply(manifest("vanish"))
+    body = pipelines.wait_ready("vanish")
+    worker = worker_of(process_operator, body["metadata"]["uid"])
+    assert process_operator.proc is not None
+    os.kill(process_operator.proc.pid, signal.SIGSTOP)
+    try:
+        patch = '{"metadata":{"finalizers":null}}'
+        ns = pipelines.namespace
+        kubectl("patch", "pipeline", "vanish", "-n", ns, "--type=merge", "-p", patch)
+        kubectl("delete", "pipeline", "vanish", "-n", ns, "--wait=true")
+    finally:
+        os.kill(process_operator.proc.pid, signal.SIGCONT)
+    wait_until(lambda: not pid_alive(worker), 20, f"worker {worker} ended")
+    assert not processes_mentioning(f"--owner {body['metadata']['uid']}")
+    wait_until(
+        lambda: "deleted without its finalizer" in process_operator.log_text(),
+        5,
+        "the operator's word on it",
+    )
 
 
 SHIFT_CONFIG = "[arguments]\n"

@@ -20,10 +20,12 @@ RUN /opt/juturna-operator/bin/pip install --no-compile --no-deps . \
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
-# Juturna's file and RTP media nodes run the ffmpeg binary.
+# Juturna's file and RTP media nodes run the ffmpeg binary. tini is PID 1: it reaps the
+# orphans re-parented to it (workers whose zygote died, programs their nodes left behind),
+# which the operator would leave as zombies, and passes signals on.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ffmpeg \
+ && apt-get install -y --no-install-recommends ffmpeg tini \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/juturna-operator /opt/juturna-operator
 # Plugins come in at /plugins: a layer of your own (FROM juturna-operator, COPY ... /plugins/),
@@ -46,5 +48,5 @@ ENV PATH=/opt/juturna-operator/bin:$PATH \
 VOLUME ["/var/lib/juturna-operator"]
 USER 10001:10001
 EXPOSE 8080 9090
-ENTRYPOINT ["juturna-operator"]
+ENTRYPOINT ["tini", "--", "juturna-operator"]
 CMD ["run", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]

@@ -8,6 +8,7 @@ If containers cannot run on this machine, the test skips and says why.
 from __future__ import annotations
 
 import shutil
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -110,6 +111,30 @@ def test_the_image_runs_the_operator_and_a_pipeline_gets_ready(
     assert f"{namespace}__boxed__" in listed
     assert "ffmpeg version" in must(podman("exec", name, "ffmpeg", "-version"), "ffmpeg")
 
+    # Round 3, item 11: orphans re-parented to PID 1 (workers whose zygote died, programs
+    # their nodes left) are reaped: PID 1 is the image's init, not the operator.
+    assert must(podman("exec", name, "cat", "/proc/1/comm"), "comm").strip() == "tini"
+    must(podman("exec", name, "sh", "-c", "for i in 1 2 3; do (sleep 0.2 &); done"), "orphans")
+    time.sleep(2)  # they have exited: reaped, or zombies of PID 1
+    assert zombies(name) == [], logs()
+
     pipelines.delete("boxed")
     pipelines.wait_gone("boxed", timeout=60)
     assert "Traceback" not in logs()
+
+
+ZOMBIES = (
+    "import pathlib\n"
+    "for stat in pathlib.Path('/proc').glob('[0-9]*/stat'):\n"
+    "    try:\n"
+    "        fields = stat.read_text().rsplit(')', 1)[1].split()\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    if fields[0] == 'Z':\n"
+    "        print(stat.parent.name, 'parent', fields[1])\n"
+)
+
+
+def zombies(container: str) -> list[str]:
+    """The zombie processes in ``container``, with their parents."""
+    return must(podman("exec", container, "python", "-c", ZOMBIES), "zombies").splitlines()

@@ -649,7 +649,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
             if fresh:  # leave nothing behind: no plane without the node that was asked for
                 plane.stop()
             raise
-        print(f"node {node.name} is Ready (kubelet, containerd, kube-scheduler)", file=sys.stderr)
+        print(
+            f"node {node.name} is Ready (kubelet, containerd, kube-scheduler, kube-proxy, CoreDNS)",
+            file=sys.stderr,
+        )
     if fresh:
         STATE_POINTER.parent.mkdir(parents=True, exist_ok=True)
         STATE_POINTER.write_text(
@@ -703,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         "--node",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also a real node: containerd, kubelet, kube-scheduler (root Debian; hack/node.py)",
+        help="also a real node: containerd, kubelet, kube-scheduler, kube-proxy, CoreDNS "
+        "(root Debian; hack/node.py)",
     )
     sub.add_parser("down", help="stop the node and plane that `up` started; remove their folders")
     sub.add_parser("binaries", help="build or reuse the binaries and print their folders")

@@ -58,9 +58,10 @@ def control_plane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
 
 @pytest.fixture(scope="session")
 def node(control_plane: ControlPlane) -> Iterator[Node]:
-    """A real node (containerd, kubelet, kube-scheduler) on the session's plane, started when
-    a test first needs it. Skips, saying why, on a machine that cannot run one (not root, a
-    package missing); fails if another node runs on this machine (only one fits).
+    """A real node (containerd, kubelet, kube-scheduler, kube-proxy, CoreDNS) on the session's
+    plane, started when a test first needs it. Skips, saying why, on a machine that cannot run
+    one (not root, a package missing); fails if another node runs on this machine (only one
+    fits).
 
     Teardown deletes its pods, stops what it started and proves that nothing is left."""
     problems = missing_prerequisites()

@@ -42,6 +42,7 @@ def test_the_image_promises_what_the_chart_assumes() -> None:
     assert re.findall(r"^USER (\S+)$", text, re.M) == ["10001:10001"]
     deployment = (REPO / "charts/juturna-operator/templates/deployment.yaml").read_text()
     assert "runAsUser: 10001" in deployment
-    assert 'ENTRYPOINT ["juturna-operator"]' in text
+    # The chart sets args only: the image's init (tini, which reaps orphans) stays PID 1.
+    assert 'ENTRYPOINT ["tini", "--", "juturna-operator"]' in text
     assert re.search(r'^CMD \["run", .*"--liveness=http://0\.0\.0\.0:8080/healthz"\]$', text, re.M)
     assert "ffmpeg" in text  # Juturna's file and RTP nodes run it

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from controlplane import ControlPlane
 from kubernetes import client
 
@@ -286,6 +287,22 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         assert "Traceback" not in logs, logs[-3000:]
         workers = f'python3 -c "{WORKERS}"'
         assert in_pod(kubectl, ops, pod, workers).strip() == "0"  # none in the operator's pod
+
+        # A Pipeline that listens: with the operator's token and no more, it gets a Service
+        # of its own, named in its status, gone with it.
+        pipelines.apply(yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text()))
+        listening = pipelines.wait_ready("json-in", timeout=120)
+        (web,) = listening["status"]["endpoints"]
+        assert web["host"] == f"json-in.{namespace}.svc"
+        service = kubectl("get", "service", "json-in", "-n", namespace, "-o", "json").stdout
+        assert web["clusterIP"] == json.loads(service)["spec"]["clusterIP"]
+        pipelines.delete("json-in")
+        pipelines.wait_gone("json-in", timeout=60)
+        wait_until(
+            lambda: kubectl("get", "service", "json-in", "-n", namespace, check=False).returncode,
+            30,
+            "the Service gone with its Pipeline",
+        )
 
         # Take away one rule, patching the status subresource: the pod's log says so.
         where = ["role", "jo", "-n", namespace] if namespaced else ["clusterrole", "jo"]

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
+from juturna_operator.domain import WORKER_PORT
+
 GROUP = "juturna.io"
 VERSION = "v1alpha1"
 KIND = "Pipeline"
@@ -119,9 +121,9 @@ class PortSpec(_Model):
 
     model_config = _validated(
         _cel(
-            "!(self.port == 8080 && self.protocol == 'TCP')",
-            "'port \"%s\": TCP 8080 is the pipeline pod\\'s own (the operator talks to the "
-            "pipeline there); choose another'.format([self.name])",
+            f"!(self.port == {WORKER_PORT} && self.protocol == 'TCP')",
+            f"'port \"%s\": TCP {WORKER_PORT} is the pipeline pod\\'s own (the operator talks "
+            "to the pipeline there); choose another'.format([self.name])",
         ),
         _cel(
             "self.port != 0 || has(self.configKey)",

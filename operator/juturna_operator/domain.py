@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+# The pipeline pod's worker listens here (engine pod): no listener of a Pipeline may take it.
+WORKER_PORT = 8080
 NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # DNS-1123 label
 
 

@@ -22,18 +22,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from juturna_operator.api import NodeSpec, PipelineSpec, PortSpec
-from juturna_operator.domain import Address
+from juturna_operator.api import MAX_PORT_NAME, PORT_NAME, NodeSpec, PipelineSpec, PortSpec
+from juturna_operator.domain import WORKER_PORT, Address
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 
-WORKER_PORT = 8080  # the pipeline pod's worker (engines.pod.PORT)
 BIND_ALL = "0.0.0.0"
 AUTO = (0, "auto")
 # Ports the operator assigns: even (RTP's convention; RTCP takes the odd one above).
 ASSIGNED_FIRST, ASSIGNED_SPAN = 20000, 10000
 MAX_PORT = 65535
-SERVICE_PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-MAX_SERVICE_PORT_NAME = 15
+# A Service port name is a declared port's name too: the same rules (api.PortSpec.name).
+SERVICE_PORT_NAME = re.compile(PORT_NAME)
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ class Listener:
         (a digest of the names where ``<node>-<port>`` is not one already)."""
         plain = f"{self.node}-{self.name}"
         if (
-            len(plain) <= MAX_SERVICE_PORT_NAME
+            len(plain) <= MAX_PORT_NAME
             and SERVICE_PORT_NAME.match(plain)
             and "--" not in plain
             and any(c.isalpha() for c in plain)

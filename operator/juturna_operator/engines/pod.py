@@ -45,7 +45,14 @@ from typing import Any
 from kubernetes import client as k8s
 
 from juturna_operator import api
-from juturna_operator.domain import WHOLE_RUNTIME, Address, InstanceState, NodeCrash, PipelineKey
+from juturna_operator.domain import (
+    WHOLE_RUNTIME,
+    WORKER_PORT,
+    Address,
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+)
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
@@ -62,7 +69,7 @@ from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
 
-PORT = 8080
+PORT = WORKER_PORT
 CONTAINER = "juturna"
 WORKDIR = "/var/lib/juturna"
 TOKEN_DIR = "/var/run/secrets/juturna"

@@ -421,6 +421,25 @@ class PodEngine(LockedEngine):
         self._seen: dict[str, dict[str, Any] | None] = {}
         self._changes: dict[str, asyncio.Event] = {}
         self._services: dict[str, _Service] = {}  # by the Pipeline's uid
+        core = self._core
+        # Each kind of object the engine makes per Pipeline: (create, read, delete).
+        self._kinds: dict[str, tuple[Any, Any, Any]] = {
+            "pod": (
+                core.create_namespaced_pod,
+                core.read_namespaced_pod,
+                core.delete_namespaced_pod,
+            ),
+            "Secret": (
+                core.create_namespaced_secret,
+                core.read_namespaced_secret,
+                core.delete_namespaced_secret,
+            ),
+            "Service": (
+                core.create_namespaced_service,
+                core.read_namespaced_service,
+                core.delete_namespaced_service,
+            ),
+        }
         self.watched = False  # set once the watch delivers; until then, reads go to the API
 
     # -- the Kubernetes side (blocking client calls, run in threads) --
@@ -480,33 +499,32 @@ class PodEngine(LockedEngine):
         return pod if pod is not None and owned_by(pod, key) else None
 
     async def _remove(self, key: PipelineKey) -> None:
-        """The pod (its grace period) and the Secret, if the Pipeline owns them; gone already
-        is fine. The uid precondition keeps a delete from reaching an object that took the
-        name after the read."""
-        kinds = (
-            (self._core.read_namespaced_pod, self._core.delete_namespaced_pod),
-            (self._core.read_namespaced_secret, self._core.delete_namespaced_secret),
+        """The pod (its grace period) and the Secret, if the Pipeline owns them."""
+        await self._delete_owned(key, "pod", pod_name(key), DELETE_GRACE_S)
+        await self._delete_owned(key, "Secret", pod_name(key), DELETE_GRACE_S)
+
+    async def _delete_owned(
+        self, key: PipelineKey, kind: str, name: str, grace_s: int | None = None
+    ) -> None:
+        """Delete the Pipeline's pod, Secret or Service ``name`` if the Pipeline owns it; gone
+        already is fine. The uid precondition keeps the delete from reaching an object that
+        took the name after the read."""
+        read, delete = self._kinds[kind][1:]
+        found = await self._read(read, key, name)
+        if found is None:
+            return
+        if not owned_by(found, key):
+            log.warning("not deleting %s: the Pipeline does not own it", name, extra=key.log_extra)
+            return
+        body = k8s.V1DeleteOptions(
+            grace_period_seconds=grace_s,
+            preconditions=k8s.V1Preconditions(uid=found["metadata"]["uid"]),
         )
-        for read, delete in kinds:
-            found = await self._read(read, key)
-            if found is None:
-                continue
-            if not owned_by(found, key):
-                log.warning(
-                    "not deleting %s: the Pipeline does not own it",
-                    pod_name(key),
-                    extra=key.log_extra,
-                )
-                continue
-            body = k8s.V1DeleteOptions(
-                grace_period_seconds=DELETE_GRACE_S,
-                preconditions=k8s.V1Preconditions(uid=found["metadata"]["uid"]),
-            )
-            try:
-                await self._call(delete, pod_name(key), key.namespace, body=body)
-            except k8s.ApiException as err:
-                if err.status not in (404, 409):  # 409: another object holds the name now
-                    raise _api_failure(err, Step.delete) from None
+        try:
+            await self._call(delete, name, key.namespace, body=body)
+        except k8s.ApiException as err:
+            if err.status not in (404, 409):  # 409: another object holds the name now
+                raise _api_failure(err, Step.delete) from None
 
     async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
         """The pod once it is Ready, or the reason it will not be."""
@@ -625,22 +643,19 @@ class PodEngine(LockedEngine):
 
     async def _create_owned(
         self, key: PipelineKey, kind: str, body: dict[str, Any], **options: str
-    ) -> None:
-        """Create the Pipeline's pod or Secret (``options``: e.g. a dry run). Its name taken by
-        an object the Pipeline does not own is ``NameConflict``; by its own, on its way out,
-        a transient refusal."""
-        create, read = (
-            (self._core.create_namespaced_pod, self._core.read_namespaced_pod)
-            if kind == "pod"
-            else (self._core.create_namespaced_secret, self._core.read_namespaced_secret)
-        )
+    ) -> Any:
+        """Create the Pipeline's pod, Secret or Service (``options``: e.g. a dry run). Its
+        name taken by an object the Pipeline does not own is ``NameConflict``; by its own (on
+        its way out, or left by an earlier process), the API's 409, raised."""
+        create, read = self._kinds[kind][:2]
+        name = body["metadata"]["name"]
         try:
-            await self._call(create, key.namespace, body, **options)
+            return await self._call(create, key.namespace, body, **options)
         except k8s.ApiException as err:
             if err.status == 409:
-                found = await self._read(read, key)
+                found = await self._read(read, key, name)
                 if found is not None and not owned_by(found, key):
-                    raise name_conflict(kind, key, Step.create) from None
+                    raise name_conflict(kind, key, Step.create, name) from None
             raise
 
     async def _redeploy(
@@ -849,22 +864,20 @@ class PodEngine(LockedEngine):
         current = self._services.get(key.uid)
         if not listeners:
             if current is not None:
-                await self._delete_service(key)
+                del self._services[key.uid]
+                await self._delete_owned(key, "Service", service_name(key))
             return
         if current is not None and (current.listeners, current.instance) == (listeners, instance):
             return
         body = service_body(key, listeners, instance)
         try:
             if current is None:
-                made = await self._call(self._core.create_namespaced_service, key.namespace, body)
+                made = await self._create_owned(key, "Service", body)
             else:
                 made = await self._patch_service(key, body)
         except k8s.ApiException as err:
             if err.status != 409:
                 raise _api_failure(err, Step.create) from None
-            found = await self._read(self._core.read_namespaced_service, key, service_name(key))
-            if found is None or not owned_by(found, key):
-                raise name_conflict("Service", key, Step.create, service_name(key)) from None
             made = await self._patch_service(key, body)  # ours, from an earlier process
         cluster_ip = getattr(made.spec, "cluster_ip", None)
         self._services[key.uid] = _Service(service_name(key), cluster_ip, listeners, instance)
@@ -882,20 +895,6 @@ class PodEngine(LockedEngine):
             change,
             _content_type="application/merge-patch+json",
         )
-
-    async def _delete_service(self, key: PipelineKey) -> None:
-        self._services.pop(key.uid, None)
-        found = await self._read(self._core.read_namespaced_service, key, service_name(key))
-        if found is None or not owned_by(found, key):
-            return
-        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(uid=found["metadata"]["uid"]))
-        try:
-            await self._call(
-                self._core.delete_namespaced_service, service_name(key), key.namespace, body=body
-            )
-        except k8s.ApiException as err:
-            if err.status not in (404, 409):
-                raise _api_failure(err, Step.delete) from None
 
     async def _adopt_service(self, key: PipelineKey) -> tuple[Listener, ...]:
         """The Service a previous operator process made for this Pipeline, if any: what it

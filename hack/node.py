@@ -500,6 +500,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             # kubelet removed the pause image and the operator's image mid-session (every
             # later pod then failed: "no pod sandbox exists"). 100 turns it off.
             "imageGCHighThresholdPercent": 100,
+            # emptyDir usage measured every 5 s (default 1 min): an emptyDir's sizeLimit
+            # eviction then comes within seconds, in test time.
+            "volumeStatsAggPeriod": "5s",
             "imageGCLowThresholdPercent": 99,
             "resolvConf": str(self.root / "resolv.conf"),
             "clusterDNS": [NODE_IP],

@@ -26,6 +26,7 @@ from support import (
     Pipelines,
     assert_sole_operator,
     built_operator_image,
+    built_plugins_image,
     free_port,
     install_crds,
 )
@@ -90,6 +91,15 @@ def node_image(node: Node, operator_image: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def plugins_image(node: Node, operator_image: str) -> str:
+    """The operator's image plus the faulty test plugins (/plugins/faulty), in the node's
+    containerd: what pipeline pods of the pod engine's tests run."""
+    image = built_plugins_image(operator_image)
+    node.load_podman_image(image, PODMAN)
+    return image
+
+
+@pytest.fixture(scope="session")
 def kubeconfig(control_plane: ControlPlane) -> Path:
     return control_plane.kubeconfig
 
@@ -129,14 +139,21 @@ def crd(kubectl: Kubectl) -> None:
 
 @pytest.fixture
 def pod_operator(
-    request: pytest.FixtureRequest, node_image: str, crd: None, kubeconfig: Path, tmp_path: Path
+    request: pytest.FixtureRequest,
+    plugins_image: str,
+    crd: None,
+    kubeconfig: Path,
+    tmp_path: Path,
 ) -> Iterator[Operator]:
-    """The operator as a local process with the pod engine; its pods run the test image (or
-    the image a test names with ``@pytest.mark.parametrize("pod_operator", [image], ...)``)."""
+    """The operator as a local process with the pod engine; its pods run the test image with
+    the faulty plugins. A test changes its settings with
+    ``@pytest.mark.parametrize("pod_operator", [{"RUNTIME_IMAGE": image}], indirect=True)``."""
     assert_sole_operator(kubeconfig)
     op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
-    op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = getattr(request, "param", node_image)
+    op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = plugins_image
     op.env["JUTURNA_OPERATOR_RUNTIME_PULL_POLICY"] = "Never"
+    for name, value in getattr(request, "param", {}).items():
+        op.env["JUTURNA_OPERATOR_" + name] = value
     op.start()
     try:
         yield op

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -416,6 +417,27 @@ def built_operator_image() -> str:
         return build_operator_image(IMAGE)
     except ImageUnavailable as err:
         pytest.skip(str(err))
+
+
+PLUGINS_IMAGE = "localhost/juturna-operator:test-plugins"
+
+
+def built_plugins_image(base: str) -> str:
+    """``base`` with the faulty test plugins added under /plugins/faulty: a layer of the
+    user's own, the way the README tells users to bring plugins to pipeline pods (no
+    hostPath, no environment of its own: the pod policy refuses both)."""
+    with tempfile.TemporaryDirectory() as context:
+        shutil.copytree(
+            REPO / "tests" / "plugins" / "faulty",
+            Path(context, "faulty"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        Path(context, "Containerfile").write_text(f"FROM {base}\nCOPY faulty /plugins/faulty\n")
+        must(
+            podman("build", *PODMAN_LIMITS, "-t", PLUGINS_IMAGE, context, timeout=300),
+            f"building {PLUGINS_IMAGE}",
+        )
+    return PLUGINS_IMAGE
 
 
 # --- pods on the local node -------------------------------------------------------------------

@@ -21,6 +21,9 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
 | JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
 | JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
+| JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT     |                      | 1Gi ("": none)             |
+| JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT      |                      | 64Mi ("": none)            |
+| JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES   |                      | cpu 100m, memory 128Mi req.|
 """
 
 from __future__ import annotations
@@ -123,6 +126,48 @@ def _port(where: str, raw: str) -> int:
 
 BUILTIN_MARK = re.compile(r"(source|proc|sink)/[a-z0-9_]+")
 ALL = "*"
+
+
+# A Kubernetes quantity as pods take it: "64Mi", "1Gi", "100m", "0.5".
+QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+RESOURCE_KINDS = ("requests", "limits")
+
+
+def parse_size_limit(raw: str, where: str) -> str | None:
+    """An emptyDir ``sizeLimit`` (a quantity), or None for none (empty)."""
+    if not raw:
+        return None
+    if not QUANTITY.fullmatch(raw):
+        raise SettingsError(
+            f"{where} must be a quantity such as 64Mi or 1Gi (empty: no limit), got {raw!r}"
+        )
+    return raw
+
+
+def parse_resources(raw: str, where: str) -> dict[str, dict[str, str]]:
+    """``{"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {...}}``: what a pipeline
+    pod gets where its template gives no ``resources``."""
+    try:
+        data = json.loads(raw or "{}")
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or not set(data) <= set(RESOURCE_KINDS):
+        raise SettingsError(
+            f"{where} must be a JSON object with requests and/or limits, got {raw!r}"
+        )
+    resources: dict[str, dict[str, str]] = {}
+    for kind, amounts in data.items():
+        if not isinstance(amounts, dict):
+            raise SettingsError(f"{where}: {kind} must be an object of quantities by resource")
+        for name, quantity in amounts.items():
+            if not QUANTITY.fullmatch(str(quantity)):
+                raise SettingsError(
+                    f"{where}: {kind}.{name} must be a quantity such as 100m or 128Mi, "
+                    f"got {quantity!r}"
+                )
+        if amounts:
+            resources[kind] = {name: str(q) for name, q in amounts.items()}
+    return resources
 
 
 def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
@@ -235,6 +280,14 @@ class Settings:
     # Engine "shard": the most pipelines one shard process runs (all of one namespace). A
     # shard that dies fails all of them at once; more shards cost more memory.
     shard_size: int = 32
+    # Engine "pod": past these the kubelet evicts the pod (its work folder, its /tmp); None:
+    # no limit. A live stream that dumps to disk would otherwise fill the node.
+    pod_work_size_limit: str | None = "1Gi"
+    pod_tmp_size_limit: str | None = "64Mi"
+    # What a pipeline pod whose template gives no resources gets: never BestEffort.
+    pod_default_resources: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    )
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -270,6 +323,18 @@ class Settings:
                 src.where("ALLOW_ENV_REFERENCES"), src.get("ALLOW_ENV_REFERENCES", "false")
             ),
             shard_size=src.count("SHARD_SIZE", str(defaults.shard_size)),
+            pod_work_size_limit=parse_size_limit(
+                src.get("POD_WORK_SIZE_LIMIT", defaults.pod_work_size_limit or ""),
+                src.where("POD_WORK_SIZE_LIMIT"),
+            ),
+            pod_tmp_size_limit=parse_size_limit(
+                src.get("POD_TMP_SIZE_LIMIT", defaults.pod_tmp_size_limit or ""),
+                src.where("POD_TMP_SIZE_LIMIT"),
+            ),
+            pod_default_resources=parse_resources(
+                src.get("POD_DEFAULT_RESOURCES", json.dumps(defaults.pod_default_resources)),
+                src.where("POD_DEFAULT_RESOURCES"),
+            ),
         )
         settings.check()
         return settings

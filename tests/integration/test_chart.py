@@ -231,6 +231,7 @@ POD_ENGINE_RULES = {
     "pods/log": {"get"},
     "secrets": {"get", "create", "delete"},
     "services": {"get", "create", "patch", "delete"},
+    "events": {"create", "list"},  # list: a pod's eviction, where its status lost it
 }
 
 

@@ -15,7 +15,6 @@ import pytest
 from kubernetes import client
 
 from support import (
-    REPO,
     Kubectl,
     Operator,
     Pipelines,
@@ -215,7 +214,9 @@ def test_an_operator_restart_adopts_the_pod_and_the_output_never_stops(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pod_operator", ["localhost/juturna-operator:missing"], indirect=True)
+@pytest.mark.parametrize(
+    "pod_operator", [{"RUNTIME_IMAGE": "localhost/juturna-operator:missing"}], indirect=True
+)
 def test_a_runtime_image_missing_from_the_node_is_image_pull_failed(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -281,20 +282,6 @@ def test_an_unschedulable_pipeline_waits_then_runs_once_a_node_fits(
         set_node_gpus(kubectl, node.name, None)
 
 
-# The faulty test plugins reach a pipeline's pod through a hostPath volume (the image has
-# only the example's), and the worker finds them through the plugin path.
-FAULTY_PLUGINS = {
-    "volumes": [
-        {
-            "name": "faulty",
-            "hostPath": {"path": str(REPO / "tests" / "plugins"), "type": "Directory"},
-        }
-    ],
-    "volumeMounts": [{"name": "faulty", "mountPath": "/test-plugins", "readOnly": True}],
-    "env": [{"name": "JUTURNA_OPERATOR_PLUGIN_PATH", "value": "/plugins:/test-plugins"}],
-}
-
-
 def through_faulty(
     name: str, middle: tuple[str, dict[str, Any]], template: dict[str, Any], max_restarts: int
 ) -> dict[str, Any]:
@@ -317,7 +304,7 @@ def test_a_failed_deploy_names_its_step_and_leaves_nothing(
     """Juturna's one deploy call fails in its warmup (a node whose constructor raises): the
     failure says warmup and names the node; the pod and its Secret are gone."""
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(through_faulty("broken", ("boom", {"model": "weights.bin"}), FAULTY_PLUGINS, 0))
+    pipelines.apply(through_faulty("broken", ("boom", {"model": "weights.bin"}), {}, 0))
     body = pipelines.wait_phase("broken", "Failed", timeout=120)
     assert body["status"]["failure"] == {
         "reason": "WarmupFailed",
@@ -363,10 +350,10 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
 def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
-    """The faulty plugins reach the pod through a hostPath volume (the image has only the
-    example's); the hog keeps 64 MiB per message under a 256 MiB limit."""
+    """The hog (a faulty plugin, in the pods' test image) keeps 64 MiB per message under a
+    256 MiB limit."""
     memory = {"limits": {"memory": "256Mi"}, "requests": {"memory": "256Mi"}}
-    template = FAULTY_PLUGINS | {"resources": memory}
+    template = {"resources": memory}
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(through_faulty("hog", ("hog", {"mib_per_message": 64}), template, 1))
     body = pipelines.wait_phase("hog", "Failed", timeout=180)
@@ -380,6 +367,29 @@ def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
     assert body["status"]["restarts"] == 1  # one new pod, then the policy was spent
     events = pipelines.events("hog")
     assert any(reason == "Restarting" for _, reason, _ in events), events
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pod_operator", [{"POD_WORK_SIZE_LIMIT": "16Mi"}], indirect=True)
+def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Item 16: the spill node appends 4 MiB to its pipeline folder per message; past the
+    folder's 16Mi limit the kubelet evicts the pod, and the Pipeline fails with the
+    kubelet's words (no restart left), not "pod is gone"."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(through_faulty("spill", ("spill", {"mib_per_message": 4}), {}, 0))
+    body = pipelines.wait_phase("spill", "Failed", timeout=180)
+    uid8 = body["metadata"]["uid"][:8]
+    assert body["status"]["failure"] == {
+        "reason": "NodeFailed",
+        "code": 500,
+        "step": "run",
+        "message": f"pod spill-{uid8} was evicted for going past a limit of its own: Usage "
+        'of EmptyDir volume "work" exceeds the limit "16Mi".',
+    }
+    assert body["status"]["restarts"] == 0
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret after the eviction", 60)
 
 
 @pytest.mark.timeout(120)

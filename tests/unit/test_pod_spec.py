@@ -9,6 +9,7 @@ import pytest
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import (
     PodEngine,
+    ended_by_kubelet,
     owned_by,
     pod_name,
     pod_problem,
@@ -67,6 +68,10 @@ def test_a_long_name_goes_by_its_uid_label_alone() -> None:
     assert labels["juturna.io/pipeline-uid"] == KEY.uid
     del labels["juturna.io/instance"]  # the pod's own; the Secret has the rest
     assert token_secret(key, "t")["metadata"]["labels"] == labels
+
+
+def ended(code: int) -> dict[str, Any]:
+    return {"name": "juturna", "state": {"terminated": {"exitCode": code, "reason": "Completed"}}}
 
 
 def pod(status: dict[str, Any], **meta: Any) -> dict[str, Any]:
@@ -203,6 +208,77 @@ def test_the_template_adds_to_the_pod_and_never_replaces_what_the_operator_needs
     assert pod["metadata"]["labels"]["juturna.io/pipeline-uid"] == KEY.uid  # ours win
     assert pod["metadata"]["annotations"]["note"] == "x"
     assert container["image"] == "localhost/jo:1"
+
+
+def test_a_pod_is_bounded_where_its_template_says_nothing() -> None:
+    """Item 16: size-limited folders and default requests (never BestEffort); the
+    administrator's settings decide, and a template's resources replace them whole."""
+    pod = runtime_pod(KEY, "r", SETTINGS)
+    (container,) = pod["spec"]["containers"]
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["work"] == {"name": "work", "emptyDir": {"sizeLimit": "1Gi"}}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}
+    limits = {"limits": {"example.com/gpu": 1}}
+    (given,) = runtime_pod(KEY, "r", SETTINGS, {"resources": limits})["spec"]["containers"]
+    assert given["resources"] == {"limits": {"example.com/gpu": "1"}}
+    unbounded = Settings(
+        engine="pod",
+        runtime_image="localhost/jo:1",
+        pod_work_size_limit=None,
+        pod_tmp_size_limit="8Mi",
+        pod_default_resources={},
+    )
+    pod = runtime_pod(KEY, "r", unbounded)
+    (container,) = pod["spec"]["containers"]
+    assert "resources" not in container
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["work"] == {"name": "work", "emptyDir": {}}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "8Mi"}}
+    # Other defaults make another pod (a redeploy does not reuse the old one).
+    assert template_hash(None, unbounded) != template_hash(None, SETTINGS)
+
+
+def test_an_eviction_past_its_own_limit_is_the_pipelines_failure() -> None:
+    """The kubelet's own words (pkg/kubelet/eviction/helpers.go); node pressure stays the
+    cluster's doing."""
+    for message in (
+        'Usage of EmptyDir volume "work" exceeds the limit "1Gi". ',
+        'Container juturna exceeded its local ephemeral storage limit "1Gi". ',
+        "Pod ephemeral local storage usage exceeds the total limit of containers 1Gi. ",
+    ):
+        evicted = pod({"phase": "Failed", "reason": "Evicted", "message": message})
+        assert removed_from_outside(evicted) == ""
+        problem = pod_problem(evicted)
+        assert problem is not None
+        assert (problem.reason, problem.step.value) == (FailureReason.NodeFailed, "run")
+        assert problem.message == (
+            "pod tones-40ffacf7 was evicted for going past a limit of its own: " + message.strip()
+        )
+    # The status lost it (a worker that exits 0 on SIGTERM: phase Succeeded, no reason); the
+    # kubelet's Event has it.
+    quiet = pod({"phase": "Succeeded", "containerStatuses": [ended(0)]})
+    assert ended_by_kubelet(quiet)
+    assert not ended_by_kubelet(pod({"phase": "Failed", "containerStatuses": [ended(1)]}))
+    words = 'Usage of EmptyDir volume "work" exceeds the limit "16Mi".'
+    problem = pod_problem(quiet, words)
+    assert problem is not None
+    assert problem.message == (
+        f"pod tones-40ffacf7 was evicted for going past a limit of its own: {words}"
+    )
+    assert removed_from_outside(quiet, "The node was low on resource: memory.") == (
+        "evicted: The node was low on resource: memory."
+    )
+    pressure = pod(
+        {
+            "phase": "Failed",
+            "reason": "Evicted",
+            "message": "The node was low on resource: ephemeral-storage. ",
+        }
+    )
+    assert removed_from_outside(pressure) == (
+        "evicted: The node was low on resource: ephemeral-storage."
+    )
 
 
 def test_a_named_service_account_is_the_only_way_to_an_api_token() -> None:

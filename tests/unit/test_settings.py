@@ -78,6 +78,24 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         ),
         ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL must be positive, got 'nan'"),
         (
+            "POD_WORK_SIZE_LIMIT",
+            "lots",
+            "JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT must be a quantity such as 64Mi or 1Gi "
+            "(empty: no limit), got 'lots'",
+        ),
+        (
+            "POD_DEFAULT_RESOURCES",
+            '{"requests": {"cpu": "fast"}}',
+            "JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES: requests.cpu must be a quantity such as "
+            "100m or 128Mi, got 'fast'",
+        ),
+        (
+            "POD_DEFAULT_RESOURCES",
+            '{"request": {"cpu": "1"}}',
+            "JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES must be a JSON object with requests and/or "
+            """limits, got '{"request": {"cpu": "1"}}'""",
+        ),
+        (
             "METRICS_PORT",
             "http",
             "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",

@@ -51,6 +51,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, delete]
+{{- /* Why the kubelet evicted a pipeline pod, where the pod's status lost it: its Event. */}}
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list]
 {{- /* The Service of each Pipeline that listens: made, its selector moved, removed. */}}
 - apiGroups: [""]
   resources: [services]

@@ -204,7 +204,15 @@ def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
 
 def template_hash(template: dict[str, Any] | None, settings: Settings) -> str:
     """What a pod was made from: a pod is reused for a redeploy only if this is unchanged."""
-    made_from = {"template": template or {}, "image": settings.runtime_image}
+    made_from = {
+        "template": template or {},
+        "image": settings.runtime_image,
+        "defaults": [
+            settings.pod_work_size_limit,
+            settings.pod_tmp_size_limit,
+            settings.pod_default_resources,
+        ],
+    }
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -224,7 +232,7 @@ def runtime_pod(
         kind: {name: str(q) for name, q in amounts.items()}
         for kind, amounts in (t.get("resources") or {}).items()
         if amounts
-    }
+    } or settings.pod_default_resources  # never BestEffort: first evicted, unbounded
     placement = {
         k: t[k]
         for k in (
@@ -299,8 +307,8 @@ def runtime_pod(
                 }
             ],
             "volumes": [
-                {"name": "work", "emptyDir": {}},
-                {"name": "tmp", "emptyDir": {}},
+                scratch_volume("work", settings.pod_work_size_limit),
+                scratch_volume("tmp", settings.pod_tmp_size_limit),
                 {"name": "token", "secret": {"secretName": pod_name(key), "defaultMode": 0o440}},
                 *(t.get("volumes") or []),
             ],
@@ -308,9 +316,54 @@ def runtime_pod(
     }
 
 
-def pod_problem(pod: dict[str, Any]) -> PipelineFailure | None:
-    """What keeps a pod from serving, in the scheduler's or the kubelet's own words."""
+def scratch_volume(name: str, size_limit: str | None) -> dict[str, Any]:
+    """A writable folder of the pod; past ``size_limit`` the kubelet evicts the pod."""
+    return {"name": name, "emptyDir": {"sizeLimit": size_limit} if size_limit else {}}
+
+
+# The kubelet's words when it evicts a pod for going past a limit of its own (an emptyDir's
+# sizeLimit, a container's or the pod's ephemeral-storage limit): the pipeline's doing.
+OWN_LIMIT_EVICTIONS = (
+    "exceeds the limit",
+    "exceeded its local ephemeral storage limit",
+    "exceeds the total limit",
+)
+
+
+def eviction_in_status(pod: dict[str, Any]) -> str:
+    """The kubelet's message if the pod's status says it was evicted, else ''."""
     status = pod.get("status") or {}
+    if status.get("reason") != "Evicted":
+        return ""
+    return (status.get("message") or "").strip() or "by the kubelet"
+
+
+def ended_by_kubelet(pod: dict[str, Any]) -> bool:
+    """The worker's container exited 0: the worker never does on its own, only when the
+    kubelet stops it (tini passes its SIGTERM on), so the kubelet may have evicted it."""
+    return any(
+        ((c.get("state") or {}).get("terminated") or {}).get("exitCode") == 0
+        for c in (pod.get("status") or {}).get("containerStatuses") or []
+    )
+
+
+def over_own_limit(evicted: str) -> bool:
+    return any(words in evicted for words in OWN_LIMIT_EVICTIONS)
+
+
+def pod_problem(pod: dict[str, Any], evicted: str = "") -> PipelineFailure | None:
+    """What keeps a pod from serving, in the scheduler's or the kubelet's own words
+    (``evicted``: the kubelet's eviction message, where it is not in the status)."""
+    status = pod.get("status") or {}
+    evicted = evicted or eviction_in_status(pod)
+    if over_own_limit(evicted):
+        # Before the containers' states: the kubelet killed them, the limit is the cause.
+        return PipelineFailure(
+            FailureReason.NodeFailed,
+            Step.run,
+            f"pod {pod['metadata']['name']} was evicted for going past a limit of its own: "
+            f"{evicted}",
+        )
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
             return PipelineFailure(
@@ -352,16 +405,17 @@ def describe_termination(terminated: dict[str, Any]) -> str:
     return f"{text}: {message[-500:]}" if message else text
 
 
-def removed_from_outside(pod: dict[str, Any] | None) -> str:
+def removed_from_outside(pod: dict[str, Any] | None, evicted: str = "") -> str:
     """Why a pod that is still listed is on its way out not by the pipeline's doing: being
-    deleted (its containers may exit 0 meanwhile), or evicted by the kubelet. Empty if not."""
+    deleted (its containers may exit 0 meanwhile), or evicted by the kubelet for the node's
+    sake (``evicted``: its message, where the status lost it). Empty if not."""
     if pod is None:
         return ""
     if pod["metadata"].get("deletionTimestamp"):
         return "deleted"
-    status = pod.get("status") or {}
-    if status.get("reason") == "Evicted":
-        return f"evicted: {status.get('message') or 'by the kubelet'}"
+    evicted = evicted or eviction_in_status(pod)
+    if evicted and not over_own_limit(evicted):
+        return f"evicted: {evicted}"
     return ""
 
 
@@ -537,7 +591,7 @@ class PodEngine(LockedEngine):
                     Step.create,
                     f"pod {pod_name(key)} was deleted before it was ready",
                 )
-            problem = pod_problem(pod)
+            problem = pod_problem(pod, await self._evicted(pod))
             if problem is not None:
                 problem.step = Step.create
                 raise problem
@@ -557,15 +611,42 @@ class PodEngine(LockedEngine):
         deadline = time.monotonic() + ENDED_WAIT_S
         while True:
             pod = await self._read_pod(key)
-            removed = removed_from_outside(pod)
+            evicted = await self._evicted(pod)
+            removed = removed_from_outside(pod, evicted)
             if pod is None or removed:
                 return PipelineFailure(
                     FailureReason.RuntimeUnavailable, Step.run, gone(pod_name(key), removed)
                 )
-            problem = pod_problem(pod)
+            problem = pod_problem(pod, evicted)
             if problem is not None or time.monotonic() >= deadline:
                 return problem
             await self._changed(key, POLL_S * 2)
+
+    async def _evicted(self, pod: dict[str, Any] | None) -> str:
+        """The kubelet's eviction message for this pod, or ''. A pod whose worker exited 0
+        may have been evicted with its status saying nothing: the kubelet's last status
+        (phase Succeeded, no reason) replaces the one with its reason when the container
+        ends quickly. Its Warning Event keeps the words; it may lag the status a little."""
+        if pod is None:
+            return ""
+        if eviction_in_status(pod) or not ended_by_kubelet(pod):
+            return eviction_in_status(pod)
+        meta = pod["metadata"]
+        selector = f"involvedObject.uid={meta['uid']},reason=Evicted"
+        deadline = time.monotonic() + ENDED_WAIT_S
+        while True:
+            try:
+                found = await self._call(
+                    self._core.list_namespaced_event, meta["namespace"], field_selector=selector
+                )
+            except k8s.ApiException as err:  # e.g. no right to list Events: say so, go on
+                log.warning("cannot read the Events of pod %s: %s", meta["name"], err.reason)
+                return ""
+            if found.items:
+                return str(found.items[-1].message or "").strip() or "by the kubelet"
+            if time.monotonic() >= deadline:
+                return ""
+            await asyncio.sleep(POLL_S * 2)
 
     @staticmethod
     def _client(pod: dict[str, Any], token: str) -> JuturnaClient:
@@ -789,7 +870,8 @@ class PodEngine(LockedEngine):
         if pod is not None:
             runtime.node = (pod.get("spec") or {}).get("nodeName")
             info.pod = (runtime.pod, runtime.node)
-        removed = removed_from_outside(pod)
+        evicted = await self._evicted(pod)
+        removed = removed_from_outside(pod, evicted)
         if pod is None or removed:
             # Deleted or evicted from outside: the infrastructure's doing, not the pipeline's.
             runtime.gone = True
@@ -799,7 +881,7 @@ class PodEngine(LockedEngine):
                 f"{gone(runtime.pod, removed)}; a new one replaces it",
             )
             return info
-        problem = pod_problem(pod)
+        problem = pod_problem(pod, evicted)
         if problem is not None:
             runtime.gone = True
             info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, problem.message)]

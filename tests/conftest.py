@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_mentioning
 from kubernetes import client, config
-from node import Node, missing_prerequisites
+from node import NODE_IP, Node, missing_prerequisites
 
 from juturna_operator.registry import ENGINES as REGISTERED
 from support import (
@@ -152,6 +152,9 @@ def pod_operator(
     op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
     op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = plugins_image
     op.env["JUTURNA_OPERATOR_RUNTIME_PULL_POLICY"] = "Never"
+    # This operator and the kubelet reach pipeline pods from the node's own address; each
+    # pipeline pod gets its NetworkPolicy (our CNI does not enforce it; tests read it).
+    op.env["JUTURNA_OPERATOR_WORKER_PEERS"] = json.dumps([{"ipBlock": {"cidr": f"{NODE_IP}/32"}}])
     for name, value in getattr(request, "param", {}).items():
         op.env["JUTURNA_OPERATOR_" + name] = value
     op.start()

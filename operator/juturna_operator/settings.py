@@ -24,6 +24,7 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT     |                      | 1Gi ("": none)             |
 | JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT      |                      | 64Mi ("": none)            |
 | JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES   |                      | cpu 100m, memory 128Mi req.|
+| JUTURNA_OPERATOR_WORKER_PEERS            |                      | (none: no NetworkPolicy)   |
 """
 
 from __future__ import annotations
@@ -170,6 +171,32 @@ def parse_resources(raw: str, where: str) -> dict[str, dict[str, str]]:
     return resources
 
 
+PEER_KINDS = ("podSelector", "namespaceSelector", "ipBlock")
+
+
+def parse_worker_peers(raw: str | None, where: str) -> list[dict[str, object]] | None:
+    """NetworkPolicy peers (``[{"ipBlock": {"cidr": "10.0.0.0/24"}}, ...]``) that may reach
+    a pipeline pod's worker: the operator and the kubelet's probes. None (unset): no
+    NetworkPolicy. Never empty: a rule with no peers would let everyone in."""
+    if raw is None:
+        return None
+    try:
+        peers = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SettingsError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(peers, list) or not peers:
+        raise SettingsError(
+            f"{where} must be a JSON list of at least one NetworkPolicy peer (unset it for no "
+            f"NetworkPolicy: an empty list would let everyone in), got {raw!r}"
+        )
+    for peer in peers:
+        if not isinstance(peer, dict) or not peer or not set(peer) <= set(PEER_KINDS):
+            raise SettingsError(
+                f"{where}: each peer is an object of {', '.join(PEER_KINDS)}, got {peer!r}"
+            )
+    return peers
+
+
 def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
     """``type/mark`` entries separated by commas, or ``*`` for all; None when not set."""
     if raw is None:
@@ -289,6 +316,10 @@ class Settings:
         default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}}
     )
 
+    # Engine "pod": who may reach a pipeline pod's worker port (NetworkPolicy peers: the
+    # operator, the kubelet's probes). None: no NetworkPolicy is made.
+    worker_peers: list[dict[str, object]] | None = None
+
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
         """Settings from the environment; ``flags`` (raw strings by setting name, see
@@ -335,6 +366,7 @@ class Settings:
                 src.get("POD_DEFAULT_RESOURCES", json.dumps(defaults.pod_default_resources)),
                 src.where("POD_DEFAULT_RESOURCES"),
             ),
+            worker_peers=parse_worker_peers(src.given("WORKER_PEERS"), src.where("WORKER_PEERS")),
         )
         settings.check()
         return settings

@@ -23,6 +23,7 @@ from support import (
     Pipelines,
     assert_sole_operator,
     binaries,
+    managed,
     manifest,
     pod_ready,
     wait_until,
@@ -232,6 +233,7 @@ POD_ENGINE_RULES = {
     "secrets": {"get", "create", "delete"},
     "services": {"get", "create", "patch", "delete"},
     "events": {"create", "list"},  # list: a pod's eviction, where its status lost it
+    "networkpolicies.networking.k8s.io": {"get", "create", "patch", "delete"},
 }
 
 
@@ -297,6 +299,22 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         assert web["host"] == f"json-in.{namespace}.svc"
         service = kubectl("get", "service", "json-in", "-n", namespace, "-o", "json").stdout
         assert web["clusterIP"] == json.loads(service)["spec"]["clusterIP"]
+        # Its NetworkPolicy lets the worker's port be reached from the operator's own pod
+        # (the chart's peer), the input port from anyone.
+        (policy,) = managed(kubectl, "networkpolicies", namespace)
+        operator_peer = {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ops}},
+            "podSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/instance": "jo",
+                    "app.kubernetes.io/name": "juturna-operator",
+                }
+            },
+        }
+        assert policy["spec"]["ingress"] == [
+            {"from": [operator_peer], "ports": [{"protocol": "TCP", "port": 8080}]},
+            {"ports": [{"protocol": "TCP", "port": web["port"]}]},
+        ]
         pipelines.delete("json-in")
         pipelines.wait_gone("json-in", timeout=60)
         wait_until(

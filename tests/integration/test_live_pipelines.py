@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
+from node import NODE_IP
 
 from support import (
     REPO,
@@ -140,6 +141,28 @@ def test_real_audio_reaches_the_pipeline_by_its_address_and_survives_a_new_pod(
     )
     wide = kubectl("get", "pipelines", "-n", namespace, "-o", "wide").stdout.splitlines()
     assert f"{host}:{rtp['port']}/UDP" in wide[1]
+    # Item 7: its NetworkPolicy, as the API server stores it (our CNI does not enforce it):
+    # the worker's port from the operator and the kubelet (both from the node's address
+    # here, the fixture's JUTURNA_OPERATOR_WORKER_PEERS), the input ports from anyone.
+    (policy,) = managed(kubectl, "networkpolicies", namespace)
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"juturna.io/pipeline-uid": body["metadata"]["uid"]}},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [{"ipBlock": {"cidr": f"{NODE_IP}/32"}}],
+                "ports": [{"protocol": "TCP", "port": 8080}],
+            },
+            {
+                "ports": [
+                    {"protocol": "UDP", "port": rtp["port"]},
+                    {"protocol": "UDP", "port": rtcp["port"]},
+                ]
+            },
+        ],
+    }
+    assert pod["metadata"]["labels"]["juturna.io/pipeline-uid"] == body["metadata"]["uid"]
 
     # The sender: ffmpeg's own sine, Opus over RTP, by the Service's DNS name. It runs
     # past the replacement below and is never touched.

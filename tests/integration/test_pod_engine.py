@@ -32,10 +32,13 @@ pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
 
 
 def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: float) -> None:
-    """No pod and no Secret of the operator's in ``namespace`` (``what``: after what)."""
+    """No pod, Secret or NetworkPolicy of the operator's in ``namespace`` (``what``: after
+    what)."""
     wait_until(
         lambda: (
-            not managed(kubectl, "pods", namespace) and not managed(kubectl, "secrets", namespace)
+            not any(
+                managed(kubectl, kind, namespace) for kind in ("pods", "secrets", "networkpolicies")
+            )
         ),
         timeout,
         what,

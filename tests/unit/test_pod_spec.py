@@ -10,6 +10,7 @@ from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import (
     PodEngine,
     ended_by_kubelet,
+    network_policy,
     owned_by,
     pod_name,
     pod_problem,
@@ -351,3 +352,27 @@ def test_the_watch_files_only_a_known_pipelines_own_pod() -> None:
     assert engine.observe("ADDED", renamed) is None
     assert engine.observe("ADDED", pod) == KEY.uid
     assert engine._seen[KEY.uid] is pod
+
+
+def test_the_network_policy_lets_in_the_operator_the_probes_and_the_input_ports() -> None:
+    """Item 7: the worker port only from the administrator's peers; each declared input port
+    (RTP and its RTCP here) from anyone; every pod of the Pipeline, whatever its instance."""
+    from juturna_operator.listening import Listener
+
+    peers: list[dict[str, Any]] = [{"podSelector": {"matchLabels": {"app": "op"}}}]
+    listeners = (Listener("mic", "rtp", 20000, "UDP"), Listener("mic", "rtcp", 20001, "UDP"))
+    policy = network_policy(KEY, listeners, peers)
+    assert policy["metadata"]["name"] == "tones-40ffacf7"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == KEY.uid
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"juturna.io/pipeline-uid": KEY.uid}},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": peers, "ports": [{"protocol": "TCP", "port": 8080}]},
+            {"ports": [{"protocol": "UDP", "port": 20000}, {"protocol": "UDP", "port": 20001}]},
+        ],
+    }
+    # Nothing listens: the worker's port alone, never a rule open to all.
+    assert network_policy(KEY, (), peers)["spec"]["ingress"] == [
+        {"from": peers, "ports": [{"protocol": "TCP", "port": 8080}]}
+    ]

@@ -96,6 +96,18 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             """limits, got '{"request": {"cpu": "1"}}'""",
         ),
         (
+            "WORKER_PEERS",
+            "[]",
+            "JUTURNA_OPERATOR_WORKER_PEERS must be a JSON list of at least one NetworkPolicy "
+            "peer (unset it for no NetworkPolicy: an empty list would let everyone in), got '[]'",
+        ),
+        (
+            "WORKER_PEERS",
+            '[{"cidr": "10.0.0.0/8"}]',
+            "JUTURNA_OPERATOR_WORKER_PEERS: each peer is an object of podSelector, "
+            "namespaceSelector, ipBlock, got {'cidr': '10.0.0.0/8'}",
+        ),
+        (
             "METRICS_PORT",
             "http",
             "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",

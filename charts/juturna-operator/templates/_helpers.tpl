@@ -55,6 +55,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [list]
+{{- /* Each Pipeline's NetworkPolicy: who may reach its pods (values networkPolicy). */}}
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
 {{- /* The Service of each Pipeline that listens: made, its selector moved, removed. */}}
 - apiGroups: [""]
   resources: [services]

@@ -187,6 +187,34 @@ def service_body(
     }
 
 
+def network_policy(
+    key: PipelineKey, listeners: tuple[Listener, ...], worker_peers: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """What may reach the Pipeline's pods: its worker port only from ``worker_peers`` (the
+    operator, the kubelet's probes), its declared input ports from anyone; nothing else.
+    Egress is left open: sinks send where their configuration says."""
+    ingress: list[dict[str, Any]] = [
+        {"from": worker_peers, "ports": [{"protocol": "TCP", "port": PORT}]}
+    ]
+    if listeners:
+        ingress.append({"ports": [{"protocol": ln.protocol, "port": ln.port} for ln in listeners]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": pod_name(key),
+            "namespace": key.namespace,
+            "labels": labels_of(key),
+            "ownerReferences": [owner_of(key)],
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {UID_LABEL: key.uid}},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
 def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -476,6 +504,7 @@ class PodEngine(LockedEngine):
         self._changes: dict[str, asyncio.Event] = {}
         self._services: dict[str, _Service] = {}  # by the Pipeline's uid
         core = self._core
+        self._networking = networking = k8s.NetworkingV1Api(api_client)
         # Each kind of object the engine makes per Pipeline: (create, read, delete).
         self._kinds: dict[str, tuple[Any, Any, Any]] = {
             "pod": (
@@ -492,6 +521,11 @@ class PodEngine(LockedEngine):
                 core.create_namespaced_service,
                 core.read_namespaced_service,
                 core.delete_namespaced_service,
+            ),
+            "NetworkPolicy": (
+                networking.create_namespaced_network_policy,
+                networking.read_namespaced_network_policy,
+                networking.delete_namespaced_network_policy,
             ),
         }
         self.watched = False  # set once the watch delivers; until then, reads go to the API
@@ -553,9 +587,31 @@ class PodEngine(LockedEngine):
         return pod if pod is not None and owned_by(pod, key) else None
 
     async def _remove(self, key: PipelineKey) -> None:
-        """The pod (its grace period) and the Secret, if the Pipeline owns them."""
+        """The pod (its grace period), the Secret and the NetworkPolicy, if the Pipeline
+        owns them."""
         await self._delete_owned(key, "pod", pod_name(key), DELETE_GRACE_S)
         await self._delete_owned(key, "Secret", pod_name(key), DELETE_GRACE_S)
+        if self._settings.worker_peers is not None:
+            await self._delete_owned(key, "NetworkPolicy", pod_name(key))
+
+    async def _guard(self, key: PipelineKey, listeners: tuple[Listener, ...]) -> None:
+        """The Pipeline's NetworkPolicy, made or brought up to date before its pod serves
+        (where the administrator named the worker's peers)."""
+        peers = self._settings.worker_peers
+        if peers is None:
+            return
+        body = network_policy(key, listeners, peers)
+        try:
+            await self._create_owned(key, "NetworkPolicy", body)
+        except k8s.ApiException as err:
+            if err.status != 409:  # 409 here: its own, left by an earlier pod
+                raise
+            await self._call(
+                self._networking.patch_namespaced_network_policy,
+                body["metadata"]["name"],
+                key.namespace,
+                {"spec": body["spec"]},
+            )
 
     async def _delete_owned(
         self, key: PipelineKey, kind: str, name: str, grace_s: int | None = None
@@ -696,6 +752,7 @@ class PodEngine(LockedEngine):
             # once the pipeline runs only the Service's endpoints change.
             await self._serve(key, plan.listeners, NO_POD)
             await self._create_owned(key, "Secret", token_secret(key, token))
+            await self._guard(key, plan.listeners)
             await self._create_owned(key, "pod", pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
@@ -749,6 +806,7 @@ class PodEngine(LockedEngine):
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
+            await self._guard(key, plan.listeners)  # its input ports may have changed
             runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, plan.until)
             serving = runtime.instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)

@@ -33,10 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
 import logging
+import math
 import os
 import selectors
 import signal
@@ -54,6 +56,11 @@ from typing import Any
 ZYGOTE_MARKER = "juturna_operator.zygote"
 READY_TIMEOUT_S = 60.0  # imports on a loaded machine; the engine falls back beyond that
 SPAWN_TIMEOUT_S = 10.0  # a fork answers in milliseconds
+# A fault for the tests, off unless the operator's environment has this variable: what the
+# zygote does after fork(), before it answers (``Fault``). Only the first zygote an operator
+# process starts takes it (it leaves the operator's environment then), so the one that
+# replaces it forks normally; the zygote drops it from its own before it forks a worker.
+FAULT_VARIABLE = "JUTURNA_OPERATOR_TEST_ZYGOTE_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +96,37 @@ def thread_count() -> int:
 
 
 # -- the zygote process ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """What a zygote does after fork(), before it answers, when ``FAULT_VARIABLE`` says so
+    (tests only): nothing, wait ``delay_s``, or die by SIGKILL."""
+
+    delay_s: float = 0.0
+    die: bool = False
+
+    @classmethod
+    def parse(cls, value: str) -> Fault:
+        """``""`` (no fault), ``die-after-fork`` or ``answer-delay:<seconds>``; ValueError
+        naming the variable for anything else."""
+        if not value:
+            return cls()
+        if value == "die-after-fork":
+            return cls(die=True)
+        kind, _, seconds = value.partition(":")
+        with contextlib.suppress(ValueError):
+            delay = float(seconds)
+            if kind == "answer-delay" and math.isfinite(delay) and delay >= 0:
+                return cls(delay_s=delay)
+        raise ValueError(
+            f'{FAULT_VARIABLE}="{value}": expected "die-after-fork" or "answer-delay:<seconds>"'
+        )
+
+    def after_fork(self) -> None:
+        if self.die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay_s)
 
 
 async def _request(app: Any, path: str, token: str) -> int:
@@ -168,8 +206,9 @@ def set_title(args: list[str]) -> bool:
 class Zygote:
     """The zygote's loop: fork on request, reap and report the children."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, fault: Fault) -> None:
         self.control = control
+        self.fault = fault
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.buffer = b""
@@ -227,6 +266,7 @@ class Zygote:
             return
         if pid == 0:
             self.become_worker(request)  # never returns
+        self.fault.after_fork()
         # The child cannot have been reaped yet: its PID still names it.
         self.send({"id": request["id"], "pid": pid, "start_time": start_time(pid)})
 
@@ -278,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     try:
+        fault = Fault.parse(os.environ.pop(FAULT_VARIABLE, ""))  # not the workers'
         preload()
     except Exception as err:
         traceback.print_exc()
         with contextlib.suppress(OSError):
             control.sendall(json.dumps({"failed": f"{type(err).__name__}: {err}"}).encode() + b"\n")
         return 1
-    return Zygote(control).serve()
+    return Zygote(control, fault).serve()
 
 
 # -- the engine's handle ---------------------------------------------------------------------
@@ -349,6 +390,9 @@ class ZygoteHandle:
         """Start a zygote with ``env`` (all of it), its output to ``log_file``; ``on_gone``
         is called (from a thread of its own) when it dies, with why."""
         self._on_gone = on_gone
+        fault = os.environ.pop(FAULT_VARIABLE, None)  # the first zygote takes it, alone
+        if fault is not None:
+            env = {**env, FAULT_VARIABLE: fault}
         ours, theirs = socket.socketpair()
         self._socket = ours
         self.log_file = log_file

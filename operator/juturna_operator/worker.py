@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner", required=True, help="uid of the Pipeline this serves")
     parser.add_argument("--token-file", required=True, help="the bearer token requests carry")
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--spawn-id", default="", help="the engine's id of this start (unused here: see zygote)"
+    )
     args = parser.parse_args(argv)
     token = Path(args.token_file).read_text().strip()
     if not token:

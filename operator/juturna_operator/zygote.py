@@ -12,8 +12,10 @@ its own that the engine starts, with the scrubbed environment workers get, and t
 a socket pair (``--control-fd``), one JSON object per line:
 
 * zygote -> engine, once: ``{"ready": <pid>}``;
-* engine -> zygote: ``{"id": n, "argv": [...], "log": path, "title": [...]}``: fork a worker
-  that runs ``worker.main(argv)`` with ``log`` as stdout and stderr;
+* engine -> zygote: ``{"id": n, "argv": [...], "log": path, "title": [...], "spawn_id": s}``:
+  fork a worker that runs ``worker.main(argv)`` with ``log`` as stdout and stderr; ``s`` is
+  in ``title`` (``--spawn-id s``) and in the child's command line from fork() on (``carrying``),
+  so that the engine finds and ends a child whose answer it never got;
 * zygote -> engine: ``{"id": n, "pid": p, "start_time": t}`` (or ``{"id": n, "error": m}``);
 * zygote -> engine, whenever a worker ends: ``{"exited": p, "code": c}`` (negative: the
   signal), as ``Popen.returncode`` says it: the zygote is their parent and reaps them.
@@ -26,6 +28,11 @@ In a forked worker: a session of its own, every inherited descriptor closed, std
 generator is reseeded here), import caches dropped (plugins are never imported by the zygote,
 and new plugin code takes effect at the next worker), and its command line rewritten to the
 one a plainly started worker has (``ps`` and adoption tell workers apart by it).
+
+A lost answer: the zygote forked, but the engine never heard of the child (the zygote died
+right after fork(), or answered after ``SPAWN_TIMEOUT_S``). The engine then kills the zygote
+and ends every process whose command line holds the request's spawn id, before it asks a new
+zygote: otherwise two workers served one Pipeline, and the first outlived it and the engine.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
 import logging
+import math
 import os
 import selectors
 import signal
@@ -54,6 +63,11 @@ from typing import Any
 ZYGOTE_MARKER = "juturna_operator.zygote"
 READY_TIMEOUT_S = 60.0  # imports on a loaded machine; the engine falls back beyond that
 SPAWN_TIMEOUT_S = 10.0  # a fork answers in milliseconds
+# A fault for the tests, off unless the operator's environment has this variable: what the
+# zygote does after fork(), before it answers (``Fault``). Only the first zygote an operator
+# process starts takes it (it leaves the operator's environment then), so the one that
+# replaces it forks normally; the zygote drops it from its own before it forks a worker.
+FAULT_VARIABLE = "JUTURNA_OPERATOR_TEST_ZYGOTE_FAULT"
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +103,37 @@ def thread_count() -> int:
 
 
 # -- the zygote process ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """What a zygote does after fork(), before it answers, when ``FAULT_VARIABLE`` says so
+    (tests only): nothing, wait ``delay_s``, or die by SIGKILL."""
+
+    delay_s: float = 0.0
+    die: bool = False
+
+    @classmethod
+    def parse(cls, value: str) -> Fault:
+        """``""`` (no fault), ``die-after-fork`` or ``answer-delay:<seconds>``; ValueError
+        naming the variable for anything else."""
+        if not value:
+            return cls()
+        if value == "die-after-fork":
+            return cls(die=True)
+        kind, _, seconds = value.partition(":")
+        with contextlib.suppress(ValueError):
+            delay = float(seconds)
+            if kind == "answer-delay" and math.isfinite(delay) and delay >= 0:
+                return cls(delay_s=delay)
+        raise ValueError(
+            f'{FAULT_VARIABLE}="{value}": expected "die-after-fork" or "answer-delay:<seconds>"'
+        )
+
+    def after_fork(self) -> None:
+        if self.die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay_s)
 
 
 async def _request(app: Any, path: str, token: str) -> int:
@@ -146,6 +191,20 @@ def preload() -> None:
     gc.freeze()
 
 
+def carrying(own: list[str], title: list[str], spawn_id: str) -> list[str]:
+    """The zygote's command line ``own`` (its ``--title-room`` padding last) with the padding
+    resized and ``--spawn-id <spawn_id>`` after it, so that ``spawn_id`` lies at the byte
+    where ``title`` (the worker's command line) has it. Set just before fork(), it is the
+    child's command line from its first instant, and the child's rewrite to ``title`` leaves
+    those bytes as they are: a read of /proc/<pid>/cmdline in the middle of that write still
+    finds the spawn id. (Were the zygote's part the longer, the two would not line up: the
+    spawn id is then found before and after the child's rewrite, not during it.)"""
+    at = "\0".join(title).index(spawn_id)
+    head = "\0".join([*own[:-1], ""])
+    flag = "\0--spawn-id\0"
+    return [*own[:-1], " " * max(at - len(head) - len(flag), 0), "--spawn-id", spawn_id]
+
+
 def set_title(args: list[str]) -> bool:
     """Rewrite this process's command line (``/proc/self/cmdline``) to ``args``, within the
     room the zygote's own arguments leave; False if it does not fit or the write fails."""
@@ -168,8 +227,9 @@ def set_title(args: list[str]) -> bool:
 class Zygote:
     """The zygote's loop: fork on request, reap and report the children."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, fault: Fault) -> None:
         self.control = control
+        self.fault = fault
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.buffer = b""
@@ -220,13 +280,19 @@ class Zygote:
     def fork(self, request: dict[str, Any]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        # The child inherits this command line: it carries the spawn id from fork() on.
+        if not set_title(carrying(sys.orig_argv, request["title"], request["spawn_id"])):
+            print("could not write the spawn id into the command line", file=sys.stderr)
         try:
             pid = os.fork()
         except OSError as err:
+            set_title(sys.orig_argv)
             self.send({"id": request["id"], "error": f"fork failed: {err}"})
             return
         if pid == 0:
             self.become_worker(request)  # never returns
+        self.fault.after_fork()
+        set_title(sys.orig_argv)  # the zygote's own again
         # The child cannot have been reaped yet: its PID still names it.
         self.send({"id": request["id"], "pid": pid, "start_time": start_time(pid)})
 
@@ -278,13 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     control = socket.socket(fileno=args.control_fd)
     try:
+        fault = Fault.parse(os.environ.pop(FAULT_VARIABLE, ""))  # not the workers'
         preload()
     except Exception as err:
         traceback.print_exc()
         with contextlib.suppress(OSError):
             control.sendall(json.dumps({"failed": f"{type(err).__name__}: {err}"}).encode() + b"\n")
         return 1
-    return Zygote(control).serve()
+    return Zygote(control, fault).serve()
 
 
 # -- the engine's handle ---------------------------------------------------------------------
@@ -349,6 +416,9 @@ class ZygoteHandle:
         """Start a zygote with ``env`` (all of it), its output to ``log_file``; ``on_gone``
         is called (from a thread of its own) when it dies, with why."""
         self._on_gone = on_gone
+        fault = os.environ.pop(FAULT_VARIABLE, None)  # the first zygote takes it, alone
+        if fault is not None:
+            env = {**env, FAULT_VARIABLE: fault}
         ours, theirs = socket.socketpair()
         self._socket = ours
         self.log_file = log_file
@@ -449,15 +519,23 @@ class ZygoteHandle:
             self.close()
             raise ZygoteGone(f"the zygote {self.pid} was not ready within {timeout:g} s") from None
 
-    def spawn(self, argv: list[str], log_file: Path, title: list[str]) -> Forked:
-        """Fork a worker running ``worker.main(argv)``; ``ZygoteGone`` if the zygote is."""
+    def spawn(self, argv: list[str], log_file: Path, title: list[str], spawn_id: str) -> Forked:
+        """Fork a worker running ``worker.main(argv)``, its command line ``title`` (which
+        holds ``spawn_id``); ``ZygoteGone`` if the zygote is, or its answer is lost (then the
+        caller kills the zygote and ends what carries ``spawn_id``)."""
         self.wait_ready()
         future: Future[dict[str, Any]] = Future()
         with self._lock:
             if self._gone is not None:
                 raise ZygoteGone(self._gone)
             self._next_id += 1
-            request = {"id": self._next_id, "argv": argv, "log": str(log_file), "title": title}
+            request = {
+                "id": self._next_id,
+                "argv": argv,
+                "log": str(log_file),
+                "title": title,
+                "spawn_id": spawn_id,
+            }
             self._pending[self._next_id] = future
             try:
                 self._socket.sendall(json.dumps(request).encode() + b"\n")
@@ -473,6 +551,12 @@ class ZygoteHandle:
         if "error" in answer:
             raise ZygoteGone(f"the zygote {self.pid} could not fork: {answer['error']}")
         return Forked(self, int(answer["pid"]), int(answer["start_time"]))
+
+    def kill(self) -> None:
+        """End the zygote at once (SIGKILL), not its workers, and wait until it is gone. Once
+        the signal is sent it completes no fork(): a child it made is in /proc already."""
+        self._popen.kill()  # nothing once it was reaped: never another process by its PID
+        self.close()
 
     def close(self, timeout: float = 5.0) -> None:
         """End the zygote (EOF on its socket), not its workers; wait for it to exit."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 from controlplane import pid_alive, processes_mentioning
+from kubernetes import client
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey
@@ -29,12 +31,13 @@ from juturna_operator.engines.workers import INHERITED_VARIABLES
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
-from juturna_operator.zygote import ZYGOTE_MARKER, start_time
+from juturna_operator.zygote import FAULT_VARIABLE, ZYGOTE_MARKER, start_time
 from support import (
     PLUGIN_ROOTS,
     Kubectl,
     Operator,
     Pipelines,
+    assert_sole_operator,
     chain,
     failure_reason,
     faulty,
@@ -109,6 +112,65 @@ def test_a_killed_zygote_is_replaced_and_its_workers_run_on(
     )
     events = [m for _, r, m in pipelines.events("z1") if r == "NodeFailed"]
     assert any(f"worker process {pid} is gone" in m for m in events), events
+
+
+@pytest.mark.own_operator
+@pytest.mark.reliability
+@pytest.mark.usefixtures("crd")
+@pytest.mark.parametrize(
+    ("fault", "why"),
+    [
+        ("answer-delay:12", "gave no answer within 10 s"),
+        ("die-after-fork", "is gone (killed by SIGKILL)"),
+    ],
+    ids=["answer-late", "dies-after-fork"],
+)
+def test_a_worker_whose_zygote_answer_was_lost_is_ended(
+    kubeconfig: Path,
+    objects: client.CustomObjectsApi,
+    kubectl: Kubectl,
+    namespace: str,
+    tmp_path: Path,
+    fault: str,
+    why: str,
+) -> None:
+    """Issue 24, item 12: the zygote forks a Pipeline's worker and its answer is lost: it
+    comes 12 s late (the engine waits 10 s), or the zygote dies right after fork(). The
+    engine asks a new zygote, and ends the first worker (its command line carries the
+    request's spawn id) first: one worker serves the Pipeline, the one its record names, and
+    none outlives the Pipeline, nor the operator, nor do its zygotes."""
+    assert_sole_operator(kubeconfig)
+    pipelines = Pipelines(objects, namespace, kubectl)
+    op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "process")
+    op.env[FAULT_VARIABLE] = fault
+    op.start()
+    try:
+        pipelines.apply(manifest("lost"))
+        uid = pipelines.wait_ready("lost", timeout=60)["metadata"]["uid"]
+        record = json.loads((op.workdir / ".workers" / f"{uid}.json").read_text())
+        assert processes_mentioning(f"--owner {uid}") == [record["pid"]]
+        log = op.log_text()
+        first_zygote = int(re.findall(r"started the workers' zygote, pid (\d+)", log)[0])
+        assert f"the zygote {first_zygote} {why}" in log
+        ended = [int(p) for p in re.findall(r"ending worker (\d+): the zygote's answer", log)]
+        assert len(ended) == 1, log[-3000:]
+        assert ended[0] != record["pid"]
+        assert not pid_alive(ended[0])
+        pipelines.delete("lost")
+        pipelines.wait_gone("lost")
+        assert processes_mentioning(f"--owner {uid}") == []
+    finally:
+        if pipelines.exists("lost"):  # failed above: leave no Pipeline to the next operator
+            pipelines.delete("lost")
+            pipelines.wait_gone("lost")
+        op.stop()
+        left = processes_mentioning(f"--folder {op.workdir} ")
+        for pid in left:  # ended by PID before the test fails
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers outlived the Pipeline and the operator: {left}"
+    zygotes = [int(p) for p in re.findall(r"started the workers' zygote, pid (\d+)", op.log_text())]
+    assert len(zygotes) == 2, zygotes
+    assert not [z for z in zygotes if pid_alive(z)]
 
 
 @pytest.mark.reliability(repeat=True)

@@ -13,6 +13,11 @@ reaps its children and tells the engine how each ended, so a worker's death and 
 are known at once, as with ``Popen.poll``. A zygote that dies is replaced (the log says so);
 one that fails to start ``ZYGOTE_START_ATTEMPTS`` times in a row leaves the engine starting
 each worker the plain way (``python -m juturna_operator.worker``), as the log says too.
+
+Each start has a spawn id, in the worker's command line (``--spawn-id``). When a zygote's
+answer is lost (it died after fork(), or answered after ``zygote.SPAWN_TIMEOUT_S``), the
+engine kills that zygote and ends whatever carries the spawn id before it asks the next one:
+one worker per start, never a second one that nobody knows.
 """
 
 from __future__ import annotations
@@ -57,9 +62,22 @@ ZYGOTE_START_ATTEMPTS = 3
 
 def cmdline(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return ""
+    return raw.replace(b"\0", b" ").decode(errors="replace")  # any process's, any bytes
+
+
+def processes_with(text: str) -> list[int]:
+    """The PIDs whose command line contains ``text``."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if text in cmdline(pid)]
+
+
+def new_spawn_id() -> str:
+    """A start's id, in its worker's command line: how a worker whose start was never
+    confirmed is found (all have the same length: the zygote makes room for one)."""
+    return secrets.token_hex(16)
 
 
 # What a worker inherits from the operator's environment: what Python and Juturna's nodes
@@ -224,13 +242,10 @@ class WorkerProcesses:
     def reap_strays(self, keep: set[int]) -> None:
         """End every worker of this work folder whose PID is not in ``keep``: a previous
         operator process left it, and no record says what it serves."""
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) not in keep:
-                line = cmdline(int(entry.name))
-                if WORKER_MARKER in line and f"--folder {self._workdir} " in line:
-                    log.warning("reaping a worker with no state: pid %s", entry.name)
-                    pid = int(entry.name)
-                    self.kill(KnownProcess(pid, start_time(pid) or 0))
+        for pid in processes_with(f"{WORKER_MARKER} --folder {self._workdir} "):
+            if pid not in keep:
+                log.warning("reaping a worker with no state: pid %s", pid)
+                self.kill(KnownProcess(pid, start_time(pid) or 0))
 
     def forget(self, owner: str) -> None:
         """Remove an owner's files: its worker's port, log and token, and the engine's record
@@ -252,7 +267,7 @@ class WorkerProcesses:
             f.write(token)
         return token
 
-    def _command(self, owner: str) -> tuple[list[str], Path, Path]:
+    def _command(self, owner: str, spawn_id: str) -> tuple[list[str], Path, Path]:
         """A worker's arguments (after ``python -m juturna_operator.worker``), its port file
         and its log file."""
         port_file = self._state_dir / f"{owner}.port"
@@ -265,6 +280,8 @@ class WorkerProcesses:
             owner,
             "--token-file",
             str(self.token_file(owner)),
+            "--spawn-id",
+            spawn_id,
         ]
         return arguments, port_file, self._state_dir / f"{owner}.log"
 
@@ -272,7 +289,7 @@ class WorkerProcesses:
         """Start a zygote (it preloads in the background), unless starting them failed
         ``ZYGOTE_START_ATTEMPTS`` times in a row; the caller holds no lock."""
         # Room for the longest title a worker takes: every uid has the same length.
-        arguments, _, _ = self._command("0" * 36)
+        arguments, _, _ = self._command("0" * 36, new_spawn_id())
         room = len("\0".join([sys.executable, "-m", WORKER_MARKER, *arguments]))
         env = worker_environment(self._settings.plugin_roots)
         with self._zygote_lock:
@@ -317,7 +334,14 @@ class WorkerProcesses:
         if self._drop_zygote(zygote, reason):
             self.start_zygote()
 
-    def _fork(self, arguments: list[str], log_file: Path) -> Forked | None:
+    def _fork(
+        self,
+        arguments: list[str],
+        spawn_id: str,
+        port_file: Path,
+        log_file: Path,
+        about: dict[str, Any],
+    ) -> Forked | None:
         """A worker forked by the zygote; None when there is no zygote to fork it."""
         title = [sys.executable, "-m", WORKER_MARKER, *arguments]
         for _ in range(ZYGOTE_START_ATTEMPTS):
@@ -325,18 +349,31 @@ class WorkerProcesses:
             if zygote is None:
                 return None
             try:
-                return zygote.spawn(arguments, log_file, title)
+                return zygote.spawn(arguments, log_file, title, spawn_id)
             except ZygoteGone as gone:
                 self._zygote_gone(zygote, f"could not fork a worker: {gone}")
-                zygote.close()
+                zygote.kill()  # it forks nothing more: whatever it forked is in /proc now
+                self._end_unanswered(spawn_id, about)
+                port_file.unlink(missing_ok=True)  # maybe that worker's
         return None
+
+    def _end_unanswered(self, spawn_id: str, about: dict[str, Any]) -> None:
+        """End the worker a dead zygote forked for the start ``spawn_id`` without the engine
+        hearing of it (none, if it never forked). Left running, it served its owner next to
+        the worker the next zygote forked, and outlived both the owner and the engine."""
+        for pid in processes_with(spawn_id):
+            log.warning(
+                "ending worker %s: the zygote's answer to its start was lost", pid, extra=about
+            )
+            self.kill(KnownProcess(pid, start_time(pid) or 0))
 
     def spawn(self, owner: str, about: dict[str, Any]) -> tuple[Child, Path, Path]:
         """A new worker serving ``owner`` (a resource's uid, or a shard's name): the process,
         its port file and its log. ``about``: the log's extra fields."""
-        arguments, port_file, log_file = self._command(owner)
+        spawn_id = new_spawn_id()
+        arguments, port_file, log_file = self._command(owner, spawn_id)
         port_file.unlink(missing_ok=True)
-        forked = self._fork(arguments, log_file)
+        forked = self._fork(arguments, spawn_id, port_file, log_file, about)
         if forked is not None:
             return forked, port_file, log_file
         log.info("starting a worker the plain way: no zygote", extra=about)

@@ -60,9 +60,6 @@ class NoDiffBase(kopf.DiffBaseStorage):
 BLOCKING_CALL_THREADS = 32
 # Status writes: one bounded pool of connections on the event loop (patching.py).
 STATUS_WRITE_CONNECTIONS = 32
-# Passes at once, over every Pipeline. A pass mostly awaits its engine (bounded itself:
-# JUTURNA_OPERATOR_MAX_CONCURRENCY threads in-process); more workers would only queue there.
-RECONCILE_WORKERS = 128
 # A pass that failed unexpectedly (e.g. an API error on a status write) is tried again soon.
 RETRY_AFTER_ERROR_S = 2.0
 # How long a pass in flight may go on once its Pipeline is deleted, or the operator stops,
@@ -105,8 +102,9 @@ class Operator:
         # uid -> kopf's logger for that Pipeline: its warnings are posted as Events too.
         self.loggers: dict[str, kopf.ObjectLogger] = {}
         self.queue: WorkQueue[str] = WorkQueue(
-            self.reconcile, RECONCILE_WORKERS, retry_after_error_s=RETRY_AFTER_ERROR_S
+            self.reconcile, settings.reconcile_workers, retry_after_error_s=RETRY_AFTER_ERROR_S
         )
+        self.reconciler.released = self.queue.released
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
         self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one
 

@@ -55,6 +55,10 @@ class FailureReason(Enum):
         "An object the Pipeline needs (its pod, Secret or Service) has a name another owner holds.",
     )
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
+    PodNotStarted = (
+        504,
+        "The pipeline's pod was placed but did not start in time (the kubelet's warning says why).",
+    )
     ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")
     BuiltinNotAllowed = (
         403,

@@ -19,6 +19,7 @@ backoff, at its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -229,6 +230,11 @@ class Reconciler:
         self._passes: dict[str, asyncio.Lock] = {}
         self._finalizing: set[str] = set()
         self._finalized: OrderedDict[str, None] = OrderedDict()
+        # Where a long step waits without holding a shared pass (the work queue's
+        # ``released``, set by the handlers); by default it holds nothing to give back.
+        self.released: Callable[[], contextlib.AbstractAsyncContextManager[None]] = (
+            contextlib.nullcontext
+        )
 
     def forget(self, uid: str) -> None:
         self._memory.pop(uid, None)
@@ -451,13 +457,20 @@ class Reconciler:
         """Run one action; if it outlives the progress threshold, say so in status first,
         and again if the engine moves on to another step within it (a deploy)."""
         task = asyncio.ensure_future(self._act(p, action, spec))
-        shown: Action | None = None
-        while not (await asyncio.wait({task}, timeout=self.settings.progress_threshold_s))[0]:
-            step = self.engine.step_under_way(p.key)
-            now = STEP_ACTION.get(step, action) if step is not None else action
-            if now is not shown:
-                await self._publish(p, info, now)
-                shown = now
+        threshold = self.settings.progress_threshold_s
+        if not (await asyncio.wait({task}, timeout=threshold))[0]:
+            # A long step (a pod starting, a model loading) waits aside: it must not hold
+            # one of the passes every other Pipeline shares.
+            async with self.released():
+                shown: Action | None = None
+                while True:
+                    step = self.engine.step_under_way(p.key)
+                    now = STEP_ACTION.get(step, action) if step is not None else action
+                    if now is not shown:
+                        await self._publish(p, info, now)
+                        shown = now
+                    if (await asyncio.wait({task}, timeout=threshold))[0]:
+                        break
         try:
             await task
         except PipelineFailure:

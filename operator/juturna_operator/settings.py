@@ -25,6 +25,8 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT      |                      | 64Mi ("": none)            |
 | JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES   |                      | cpu 100m, memory 128Mi req.|
 | JUTURNA_OPERATOR_WORKER_PEERS            |                      | (none: no NetworkPolicy)   |
+| JUTURNA_OPERATOR_POD_START_TIMEOUT       |                      | 60 (seconds, with warnings)|
+| JUTURNA_OPERATOR_RECONCILE_WORKERS       |                      | 128 (passes at once)       |
 """
 
 from __future__ import annotations
@@ -319,6 +321,13 @@ class Settings:
     # Engine "pod": who may reach a pipeline pod's worker port (NetworkPolicy peers: the
     # operator, the kubelet's probes). None: no NetworkPolicy is made.
     worker_peers: list[dict[str, object]] | None = None
+    # Engine "pod": how long a placed pod may stay unstarted while the kubelet warns (a
+    # volume it cannot mount, a sandbox it cannot make) before the Pipeline fails with
+    # PodNotStarted in the kubelet's words. Without a warning (an image pull) it waits on.
+    pod_start_timeout_s: float = 60.0
+    # Passes at once, over every Pipeline. A pass that waits long (a pod starting, a model
+    # loading) gives its place to another meanwhile (workqueue.released).
+    reconcile_workers: int = 128
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -367,6 +376,8 @@ class Settings:
                 src.where("POD_DEFAULT_RESOURCES"),
             ),
             worker_peers=parse_worker_peers(src.given("WORKER_PEERS"), src.where("WORKER_PEERS")),
+            pod_start_timeout_s=src.seconds("POD_START_TIMEOUT", "60"),
+            reconcile_workers=src.count("RECONCILE_WORKERS", str(defaults.reconcile_workers)),
         )
         settings.check()
         return settings

@@ -9,6 +9,9 @@ controller-runtime's workqueue.
 * A pass that raises is logged and looked at again after ``retry_after_error_s``.
 * ``cancel(key)`` cancels a pass in flight (its worker carries on); ``stop`` lets passes in
   flight finish within a grace period, then cancels them.
+* A pass that waits long (a pod starting, a model loading) runs its wait inside
+  ``released()``: a spare worker takes its place meanwhile, so passes that wait never starve
+  the others; when the wait ends, one worker retires at its next idle moment.
 
 A wake-up here is a deque append and, for an idle worker, one future resolved: about a
 microsecond, against 31-45 µs to wake one of a kopf daemon's two tasks per object.
@@ -17,11 +20,12 @@ microsecond, against 31-45 µs to wake one of a kopf daemon's two tasks per obje
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class WorkQueue[K: Hashable]:
         self._workers: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._surplus = 0  # workers to retire: spares whose waiting pass is done waiting
 
     @property
     def started(self) -> bool:
@@ -69,6 +74,20 @@ class WorkQueue[K: Hashable]:
             asyncio.create_task(self._work(), name=f"reconcile-worker-{i}")
             for i in range(self._worker_count)
         ]
+
+    @contextlib.asynccontextmanager
+    async def released(self) -> AsyncIterator[None]:
+        """Inside a pass: its worker's place goes to a spare worker for the duration of the
+        block (a long wait), so at most ``workers`` passes run between their waits."""
+        if self._closed or not self._workers:
+            yield
+            return
+        self._workers.append(asyncio.create_task(self._work(), name="reconcile-worker-spare"))
+        try:
+            yield
+        finally:
+            self._surplus += 1
+            self._wake_one()  # an idle worker retires now; else the next one to finish
 
     def add(self, key: K) -> None:
         """Process ``key`` as soon as a worker is free (once, however often it is added)."""
@@ -131,10 +150,11 @@ class WorkQueue[K: Hashable]:
                 waiter.set_result(None)
         if not self._workers:
             return
-        _, late = await asyncio.wait(self._workers, timeout=grace_s)
+        workers = list(self._workers)
+        _, late = await asyncio.wait(workers, timeout=grace_s)
         for worker in late:
             worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
         self._workers = []
 
     # -- inside --
@@ -177,6 +197,10 @@ class WorkQueue[K: Hashable]:
         assert me is not None
         loop = self._running_loop()
         while not self._closed:
+            if self._surplus:
+                self._surplus -= 1
+                self._workers.remove(me)
+                return
             if not self._ready:
                 waiter: asyncio.Future[None] = loop.create_future()
                 self._idle.append(waiter)

@@ -608,3 +608,82 @@ def test_a_pod_of_the_pipelines_name_it_does_not_own_is_a_name_conflict(
     kubectl("delete", "pod", squatter, "-n", namespace, "--wait=true")
     body = pipelines.wait_ready("tones", timeout=120)
     assert body["status"].get("restarts", 0) == 0
+
+
+# A pod the kubelet cannot start: its ConfigMap volume names a ConfigMap that does not exist
+# (FailedMount, retried by the kubelet for ever; the pod stays ContainerCreating).
+UNMOUNTABLE = {
+    "volumes": [{"name": "settings", "configMap": {"name": "no-such-configmap"}}],
+    "volumeMounts": [{"name": "settings", "mountPath": "/settings"}],
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "pod_operator", [{"RECONCILE_WORKERS": "8", "POD_START_TIMEOUT": "240"}], indirect=True
+)
+def test_pipelines_stuck_starting_in_one_namespace_do_not_stall_another(
+    pod_operator: Operator,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    namespace: str,
+) -> None:
+    """Fairness: 8 reconcile workers, 10 Pipelines whose pods cannot start in one namespace.
+    A Pipeline in another namespace is Ready within the time it takes with nothing stuck,
+    plus 5 s: the stuck creates wait aside instead of holding the workers (before the fix,
+    all 8 waited up to 300 s each)."""
+    other = f"{namespace}-b"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
+    try:
+        calm = Pipelines(objects, other, kubectl)
+        began = time.monotonic()
+        calm.apply(manifest("first"))
+        calm.wait_ready("first", timeout=120)
+        alone_s = time.monotonic() - began
+
+        stuck = Pipelines(objects, namespace, kubectl)
+        for i in range(10):
+            stuck.apply(manifest(f"stuck-{i}", template=UNMOUNTABLE))
+        wait_until(
+            lambda: len(managed(kubectl, "pods", namespace)) == 10,
+            120,
+            "ten pods made, none able to start",
+        )
+        began = time.monotonic()
+        calm.apply(manifest("second"))
+        calm.wait_ready("second", timeout=alone_s + 5)
+        took_s = time.monotonic() - began
+        assert took_s <= alone_s + 5, (took_s, alone_s)
+        assert all(
+            stuck.get(f"stuck-{i}")["status"]["phase"] in ("Pending", "Creating") for i in range(10)
+        )
+    finally:
+        core.delete_namespace(other)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pod_operator", [{"POD_START_TIMEOUT": "10"}], indirect=True)
+def test_a_pod_that_cannot_start_fails_in_the_kubelets_words(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Past JUTURNA_OPERATOR_POD_START_TIMEOUT with the kubelet warning about it, a placed pod
+    that does not start is PodNotStarted, quoting the kubelet (before: 300 s of waiting, then
+    "was not ready within 300 s", naming no cause); nothing is left behind."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    policy = {"maxRestarts": 0, "backoffSeconds": 1}
+    pipelines.apply(manifest("unmountable", template=UNMOUNTABLE, restartPolicy=policy))
+    body = pipelines.wait_phase("unmountable", "Failed", timeout=120)
+    failure = body["status"]["failure"]
+    uid8 = body["metadata"]["uid"][:8]
+    assert (failure["reason"], failure["code"], failure["step"]) == (
+        "PodNotStarted",
+        504,
+        "create",
+    )
+    assert failure["message"] == (
+        f"pod unmountable-{uid8} did not start within 10 s: FailedMount: "
+        'MountVolume.SetUp failed for volume "settings" : configmap "no-such-configmap" '
+        "not found"
+    )
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed start", 60)

@@ -34,6 +34,7 @@ EXPECTED_CODES = {
     "RuntimeUnavailable": 503,
     "Unschedulable": 503,
     "NameConflict": 503,
+    "PodNotStarted": 504,
     "ImagePullFailed": 502,
     "ImageNotAllowed": 403,
     "BuiltinNotAllowed": 403,

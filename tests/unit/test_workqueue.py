@@ -235,3 +235,61 @@ def test_stop_cancels_a_pass_that_outlives_the_grace() -> None:
 def test_a_queue_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         WorkQueue(Recorder(), workers=0)
+
+
+def test_a_pass_that_waits_aside_gives_its_place_to_the_others() -> None:
+    """The fairness fix: with one worker, a pass waiting inside ``released()`` does not keep
+    another key from its pass; once the wait ends, the queue is back to one worker."""
+
+    async def test() -> None:
+        queue: WorkQueue[str] = WorkQueue(lambda key: process(key), workers=1)
+        done: list[str] = []
+        waited = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def process(key: str) -> None:
+            if key == "stuck":
+                async with queue.released():
+                    waited.set()
+                    await go_on.wait()
+            done.append(key)
+
+        queue.start()
+        queue.add("stuck")
+        await waited.wait()
+        queue.add("other")
+        await until(lambda: done == ["other"])
+        go_on.set()
+        await until(lambda: done == ["other", "stuck"])
+        await until(lambda: len(queue._workers) == 1)
+        # Still serving, one pass at a time.
+        queue.add("again")
+        await until(lambda: done[-1] == "again")
+        await queue.stop(1.0)
+
+    run(test)
+
+
+def test_without_release_a_waiting_pass_holds_its_worker() -> None:
+    """The same, without ``released()``: the other key waits (what the fix is for)."""
+
+    async def test() -> None:
+        done: list[str] = []
+        go_on = asyncio.Event()
+
+        async def process(key: str) -> None:
+            if key == "stuck":
+                await go_on.wait()
+            done.append(key)
+
+        queue: WorkQueue[str] = WorkQueue(process, workers=1)
+        queue.start()
+        queue.add("stuck")
+        queue.add("other")
+        await asyncio.sleep(0.2)
+        assert done == []
+        go_on.set()
+        await until(lambda: done == ["stuck", "other"])
+        await queue.stop(1.0)
+
+    run(test)

@@ -452,6 +452,16 @@ def gone(name: str, removed: str) -> str:
     return f"pod {name} is gone ({removed or 'deleted'})"
 
 
+def placed(pod: dict[str, Any]) -> bool:
+    """Scheduled to a node and not yet running: the kubelet's to start."""
+    status = pod.get("status") or {}
+    scheduled = any(
+        c.get("type") == "PodScheduled" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    return scheduled and status.get("phase") == "Pending"
+
+
 def is_ready(pod: dict[str, Any]) -> bool:
     conditions = (pod.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
@@ -638,7 +648,8 @@ class PodEngine(LockedEngine):
 
     async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
         """The pod once it is Ready, or the reason it will not be."""
-        deadline = time.monotonic() + POD_READY_TIMEOUT_S
+        began = time.monotonic()
+        deadline = began + POD_READY_TIMEOUT_S
         pod = await self._read_pod(key)  # the first look: the watch may lag the create
         while time.monotonic() < deadline:
             if pod is None:
@@ -653,6 +664,15 @@ class PodEngine(LockedEngine):
                 raise problem
             if is_ready(pod):
                 return pod
+            if time.monotonic() - began > self._settings.pod_start_timeout_s and placed(pod):
+                warning = await self._kubelet_warning(pod)
+                if warning:
+                    raise PipelineFailure(
+                        FailureReason.PodNotStarted,
+                        Step.create,
+                        f"pod {pod_name(key)} did not start within "
+                        f"{self._settings.pod_start_timeout_s:g} s: {warning}",
+                    )
             await self._changed(key, FALLBACK_POLL_S if self.watched else POLL_S)
             pod = await self._pod(key)
         raise PipelineFailure(
@@ -678,6 +698,29 @@ class PodEngine(LockedEngine):
                 return problem
             await self._changed(key, POLL_S * 2)
 
+    async def _kubelet_warning(self, pod: dict[str, Any]) -> str:
+        """The kubelet's latest Warning about this pod (``reason: message``), or ''."""
+        found = await self._events(pod, "type=Warning,source=kubelet")
+        if not found:
+            return ""
+        last = found[-1]  # listed in the order they were made
+        return f"{last.reason}: {str(last.message or '').strip()}"
+
+    async def _events(self, pod: dict[str, Any], selector: str) -> list[Any]:
+        """The Events about this pod that ``selector`` picks ([] where they cannot be read:
+        said in the log)."""
+        meta = pod["metadata"]
+        try:
+            found = await self._call(
+                self._core.list_namespaced_event,
+                meta["namespace"],
+                field_selector=f"involvedObject.uid={meta['uid']},{selector}",
+            )
+        except k8s.ApiException as err:
+            log.warning("cannot read the Events of pod %s: %s", meta["name"], err.reason)
+            return []
+        return list(found.items)
+
     async def _evicted(self, pod: dict[str, Any] | None) -> str:
         """The kubelet's eviction message for this pod, or ''. A pod whose worker exited 0
         may have been evicted with its status saying nothing: the kubelet's last status
@@ -687,19 +730,11 @@ class PodEngine(LockedEngine):
             return ""
         if eviction_in_status(pod) or not ended_by_kubelet(pod):
             return eviction_in_status(pod)
-        meta = pod["metadata"]
-        selector = f"involvedObject.uid={meta['uid']},reason=Evicted"
         deadline = time.monotonic() + ENDED_WAIT_S
         while True:
-            try:
-                found = await self._call(
-                    self._core.list_namespaced_event, meta["namespace"], field_selector=selector
-                )
-            except k8s.ApiException as err:  # e.g. no right to list Events: say so, go on
-                log.warning("cannot read the Events of pod %s: %s", meta["name"], err.reason)
-                return ""
-            if found.items:
-                return str(found.items[-1].message or "").strip() or "by the kubelet"
+            found = await self._events(pod, "reason=Evicted")
+            if found:
+                return str(found[-1].message or "").strip() or "by the kubelet"
             if time.monotonic() >= deadline:
                 return ""
             await asyncio.sleep(POLL_S * 2)

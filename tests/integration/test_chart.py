@@ -100,6 +100,12 @@ def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
     assert "additional properties 'enigne' not allowed" in proc.stderr
 
 
+def rendered(kubeconfig: Path, *values: str) -> list[dict[str, Any]]:
+    """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
+    out = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
 @contextlib.contextmanager
 def installed(kubeconfig: Path, kubectl: Kubectl, *values: str) -> Iterator[str]:
     """The chart installed as release "jo" into a new namespace, which it yields."""
@@ -225,13 +231,38 @@ WORKERS = (
     "print(sum(w in p.read_bytes() for p in pathlib.Path('/proc').glob('[0-9]*/cmdline')))"
 )
 
-# The engine pod's rights on top of the Pipeline rules, in each watched namespace.
+# The engine pod's rights on top of the Pipeline rules, in each watched namespace: no
+# pods/log (never used), no list or watch of Secrets, no update of anything.
 POD_ENGINE_RULES = {
     "pods": {"get", "list", "watch", "create", "delete", "patch"},
-    "pods/log": {"get"},
     "secrets": {"get", "create", "delete"},
     "services": {"get", "create", "patch", "delete"},
 }
+
+
+def granted(role: dict[str, Any]) -> dict[str, set[str]]:
+    """A Role's or ClusterRole's rules as {resource[.group]: verbs}, as `can-i --list` names
+    them."""
+    held: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                base, _, sub = resource.partition("/")  # pipelines/status: pipelines.<group>/status
+                name = f"{base}.{group}" if group else base
+                held.setdefault(name + (f"/{sub}" if sub else ""), set()).update(rule["verbs"])
+    return held
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_the_chart_grants_the_pod_engine_exactly_what_it_uses(kubeconfig: Path, mode: str) -> None:
+    """What the node test proves with the operator's own token (can-i), checked on the
+    rendering, so that it holds where no node runs."""
+    namespaced = mode == "namespaced"
+    values = ["--set", "watchNamespaces={team-a}"] if namespaced else []
+    kind = "Role" if namespaced else "ClusterRole"
+    (role,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == kind]
+    expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
+    assert granted(role) == expected
 
 
 @pytest.mark.reliability

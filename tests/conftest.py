@@ -132,11 +132,14 @@ def pod_operator(
     request: pytest.FixtureRequest, node_image: str, crd: None, kubeconfig: Path, tmp_path: Path
 ) -> Iterator[Operator]:
     """The operator as a local process with the pod engine; its pods run the test image (or
-    the image a test names with ``@pytest.mark.parametrize("pod_operator", [image], ...)``)."""
+    the image a test names with ``@pytest.mark.parametrize("pod_operator", [image], ...)``),
+    with the settings a test's ``@pytest.mark.operator_env(NAME=value)`` adds."""
     assert_sole_operator(kubeconfig)
     op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
     op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = getattr(request, "param", node_image)
     op.env["JUTURNA_OPERATOR_RUNTIME_PULL_POLICY"] = "Never"
+    for marker in request.node.iter_markers("operator_env"):
+        op.env.update(marker.kwargs)
     op.start()
     try:
         yield op

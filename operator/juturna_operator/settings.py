@@ -21,6 +21,8 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
 | JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
 | JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
+| JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
+| JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -125,18 +128,79 @@ BUILTIN_MARK = re.compile(r"(source|proc|sink)/[a-z0-9_]+")
 ALL = "*"
 
 
+def parse_names(
+    raw: str | None, where: str, valid: Callable[[str], bool], what: str
+) -> tuple[str, ...]:
+    """Entries separated by commas, each ``valid`` (``what`` says what they must be)."""
+    entries = tuple(e.strip() for e in (raw or "").split(",") if e.strip())
+    for entry in entries:
+        if not valid(entry):
+            raise SettingsError(f"{where} lists {entry!r}: each entry must be {what}")
+    return entries
+
+
 def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
     """``type/mark`` entries separated by commas, or ``*`` for all; None when not set."""
     if raw is None:
         return None
-    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
-    for entry in entries:
-        if entry != ALL and not BUILTIN_MARK.fullmatch(entry):
-            raise SettingsError(
-                f"{where} lists {entry!r}: each entry must be a built-in as type/mark "
-                "(e.g. sink/notifier_http), or * for all of them"
-            )
-    return entries
+    return parse_names(
+        raw,
+        where,
+        lambda entry: entry == ALL or bool(BUILTIN_MARK.fullmatch(entry)),
+        "a built-in as type/mark (e.g. sink/notifier_http), or * for all of them",
+    )
+
+
+# Every volume type of a Pod, as the API spells it: the vocabulary of ALLOWED_VOLUME_TYPES.
+VOLUME_TYPES = frozenset(
+    {
+        "awsElasticBlockStore",
+        "azureDisk",
+        "azureFile",
+        "cephfs",
+        "cinder",
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "fc",
+        "flexVolume",
+        "flocker",
+        "gcePersistentDisk",
+        "gitRepo",
+        "glusterfs",
+        "hostPath",
+        "image",
+        "iscsi",
+        "nfs",
+        "persistentVolumeClaim",
+        "photonPersistentDisk",
+        "portworxVolume",
+        "projected",
+        "quobyte",
+        "rbd",
+        "scaleIO",
+        "secret",
+        "storageos",
+        "vsphereVolume",
+    }
+)
+# A PriorityClass name: a DNS subdomain.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class PodPolicy:
+    """What a Pipeline's ``spec.template`` may give its pod (engine pod), checked before
+    anything is created (``podpolicy``), whatever the namespace's Pod Security label says."""
+
+    volume_types: frozenset[str]  # allowed beyond the restricted profile's
+    priority_classes: frozenset[str]  # the only priorityClassName values allowed
+    # May authors choose the code the pod runs (spec.template.image)? Then the checks that
+    # keep their code out of the runtime image's (env, mounts) guard nothing, and are off.
+    chooses_code: bool
+    plugin_roots: tuple[str, ...]  # the operator's, in the runtime image too
 
 
 @dataclass(frozen=True)
@@ -235,6 +299,10 @@ class Settings:
     # Engine "shard": the most pipelines one shard process runs (all of one namespace). A
     # shard that dies fails all of them at once; more shards cost more memory.
     shard_size: int = 32
+    # Engine "pod": volume types a template may use beyond the restricted profile's (e.g.
+    # hostPath), and the PriorityClasses it may name (system-* only if listed).
+    allowed_volume_types: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -270,6 +338,18 @@ class Settings:
                 src.where("ALLOW_ENV_REFERENCES"), src.get("ALLOW_ENV_REFERENCES", "false")
             ),
             shard_size=src.count("SHARD_SIZE", str(defaults.shard_size)),
+            allowed_volume_types=parse_names(
+                src.given("ALLOWED_VOLUME_TYPES"),
+                src.where("ALLOWED_VOLUME_TYPES"),
+                VOLUME_TYPES.__contains__,
+                "a volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
+            ),
+            allowed_priority_classes=parse_names(
+                src.given("ALLOWED_PRIORITY_CLASSES"),
+                src.where("ALLOWED_PRIORITY_CLASSES"),
+                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                "a PriorityClass name (lowercase letters, digits, '-' and '.')",
+            ),
         )
         settings.check()
         return settings
@@ -286,6 +366,18 @@ class Settings:
         else:
             builtins = None if ALL in self.allowed_builtins else frozenset(self.allowed_builtins)
         return CodePolicy(engine, builtins, self.allow_env_references or engine != "inprocess")
+
+    def pod_policy(self, runtime: str | None) -> PodPolicy | None:
+        """What the template of a Pipeline with this ``spec.runtime`` may give its pod; None
+        where it runs on another engine (which ignores the template)."""
+        if self.engine_for(runtime) != "pod":
+            return None
+        return PodPolicy(
+            volume_types=frozenset(self.allowed_volume_types),
+            priority_classes=frozenset(self.allowed_priority_classes),
+            chooses_code=self.allow_image_override,
+            plugin_roots=tuple(str(root) for root in self.plugin_roots),
+        )
 
     def check(self) -> None:
         """Refuse values the operator cannot work with, naming the setting."""

@@ -76,8 +76,14 @@ def test_helm_lint(kubeconfig: Path) -> None:
             "logFormat=json",
         ],
         ["--set", "engine=shard", "--set", "shardSize=8"],
+        [
+            "--set",
+            "allowedVolumeTypes={hostPath,nfs}",
+            "--set",
+            "allowedPriorityClasses={media-high}",
+        ],
     ],
-    ids=["cluster-wide", "namespaced", "service-runtimes", "shards"],
+    ids=["cluster-wide", "namespaced", "service-runtimes", "shards", "pod-policy"],
 )
 def test_templates_pass_server_side_dry_run(
     kubeconfig: Path, kubectl: Kubectl, values: list[str]
@@ -89,21 +95,42 @@ def test_templates_pass_server_side_dry_run(
 
 
 def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "engine=docker", check=False)
-    assert proc.returncode != 0
-    assert "engine" in proc.stderr
-    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in proc.stderr
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "shardSize=0", check=False)
-    assert proc.returncode != 0
-    assert "at '/shardSize': minimum: got 0, want 1" in proc.stderr
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "enigne=process", check=False)
-    assert "additional properties 'enigne' not allowed" in proc.stderr
+    def refused(value: str) -> str:
+        proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", value, check=False)
+        assert proc.returncode != 0, value
+        return proc.stderr
+
+    engine = refused("engine=docker")
+    assert "engine" in engine
+    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in engine
+    assert "at '/shardSize': minimum: got 0, want 1" in refused("shardSize=0")
+    assert "additional properties 'enigne' not allowed" in refused("enigne=process")
+    volume = refused("allowedVolumeTypes={hostpath}")
+    assert "at '/allowedVolumeTypes/0': value must be one of" in volume, volume
+    priority = refused("allowedPriorityClasses={High}")
+    assert "at '/allowedPriorityClasses/0'" in priority, priority
 
 
 def rendered(kubeconfig: Path, *values: str) -> list[dict[str, Any]]:
     """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
     out = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_the_pod_policy_values_reach_the_operator(kubeconfig: Path) -> None:
+    def env(*values: str) -> dict[str, str]:
+        (deployment,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    defaults = env()
+    assert defaults["JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES"] == ""
+    assert defaults["JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES"] == ""
+    more = env(
+        "--set", "allowedVolumeTypes={hostPath,nfs}", "--set", "allowedPriorityClasses={a,b}"
+    )
+    assert more["JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES"] == "hostPath,nfs"
+    assert more["JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES"] == "a,b"
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
+    assert_nothing_made,
     faulty,
     is_ready,
     managed,
@@ -282,7 +283,13 @@ def test_an_unschedulable_pipeline_waits_then_runs_once_a_node_fits(
 
 
 # The faulty test plugins reach a pipeline's pod through a hostPath volume (the image has
-# only the example's), and the worker finds them through the plugin path.
+# only the example's), and the worker finds them through the plugin path: code of the
+# author's choice, which the operator allows only with an administrator's leave for both
+# (hostPath volumes; authors choosing the code, as with image overrides).
+AUTHORS_CODE = pytest.mark.operator_env(
+    JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES="hostPath",
+    JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE="true",
+)
 FAULTY_PLUGINS = {
     "volumes": [
         {
@@ -311,6 +318,7 @@ def through_faulty(
 
 
 @pytest.mark.timeout(300)
+@AUTHORS_CODE
 def test_a_failed_deploy_names_its_step_and_leaves_nothing(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -360,6 +368,7 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
 
 
 @pytest.mark.timeout(300)
+@AUTHORS_CODE
 def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -383,27 +392,63 @@ def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
 
 
 @pytest.mark.timeout(120)
-def test_a_pod_the_api_server_refuses_is_invalid_spec_before_anything_exists(
-    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+@pytest.mark.parametrize(
+    ("enforced", "step", "message"),
+    [
+        pytest.param(
+            None,
+            "validate",
+            'spec.template.volumes[0].hostPath: host paths are not allowed (volume "host" '
+            "would reach the node's own files); allowed types: configMap, csi, downwardAPI, "
+            "emptyDir, ephemeral, image, persistentVolumeClaim, projected, secret; the "
+            "administrator allows more with JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES (chart: "
+            "allowedVolumeTypes)",
+            id="unlabelled-the-operator-refuses",
+        ),
+        pytest.param(
+            "restricted",
+            "create",
+            'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
+            'violates PodSecurity "restricted:latest": restricted volume types '
+            '(volume "host" uses restricted volume type "hostPath")',
+            id="allowed-by-the-administrator-refused-by-pod-security",
+            marks=pytest.mark.operator_env(JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES="hostPath"),
+        ),
+    ],
+)
+def test_a_host_path_is_invalid_spec_before_anything_exists(
+    pod_operator: Operator,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    enforced: str | None,
+    step: str,
+    message: str,
 ) -> None:
-    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    """Round 3, item 2: in a namespace with no Pod Security label the API server would admit
+    the pod, so the operator refuses the template itself. Where the administrator allows
+    hostPath volumes, the namespace's Pod Security still does, by the server-side dry run.
+    Either way no pod, Secret or Service is made."""
+    if enforced:
+        kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/enforce={enforced}")
+    else:
+        labels = kubectl("get", "namespace", namespace, "-o", "jsonpath={.metadata.labels}")
+        assert "pod-security.kubernetes.io" not in labels.stdout
     template = {
-        "volumes": [{"name": "host", "hostPath": {"path": "/etc"}}],
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
         "volumeMounts": [{"name": "host", "mountPath": "/host"}],
     }
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("escape", template=template))
     body = pipelines.wait_phase("escape", "Failed", timeout=60)
-    failure = body["status"]["failure"]
-    assert (failure["reason"], failure["code"], failure["step"]) == ("InvalidSpec", 422, "create")
-    uid8 = body["metadata"]["uid"][:8]
-    assert failure["message"] == (
-        f'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
-        'violates PodSecurity "restricted:latest": restricted volume types '
-        '(volume "host" uses restricted volume type "hostPath")'
-    )
-    assert not managed(kubectl, "pods", namespace)
-    assert not managed(kubectl, "secrets", namespace)
+    assert body["status"]["failure"] == {
+        "reason": "InvalidSpec",
+        "code": 422,
+        "step": step,
+        "message": message.format(uid8=body["metadata"]["uid"][:8]),
+    }
+    assert_nothing_made(kubectl, namespace)
+    assert not [e for e in pipelines.events("escape") if e[1] in ("Created", "Started")]
 
 
 # A pod that answers like a pipeline pod (ready on /operator/ready) and prints every other

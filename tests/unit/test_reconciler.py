@@ -265,3 +265,42 @@ def test_the_fingerprint_sees_what_a_pass_would_show() -> None:
     info.failure = PipelineFailure(FailureReason.RuntimeUnavailable, Step.run, "refused")
     assert fingerprint(info) != fingerprint(same)
     assert fingerprint(None) is None
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]},
+            'spec.template.volumes[0].hostPath: host paths are not allowed (volume "host" would '
+            "reach the node's own files); allowed types: configMap, csi, downwardAPI, emptyDir, "
+            "ephemeral, image, persistentVolumeClaim, projected, secret; the administrator "
+            "allows more with JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES (chart: allowedVolumeTypes)",
+        ),
+    ],
+    ids=["host-path"],
+)
+def test_a_template_the_policy_refuses_fails_validation_before_any_create(
+    template: dict[str, Any], message: str
+) -> None:
+    """Engine pod: the template is checked where the spec is validated, before the engine
+    makes anything."""
+    h = Harness()
+    h.reconciler.settings = Settings(
+        engine="pod",
+        runtime_image="localhost/jo:1",
+        plugin_roots=[EXAMPLES],
+        metrics_port=0,
+        progress_threshold_s=60,
+    )
+    h.spec["template"] = template
+    h.reconcile()
+    assert h.engine.created == 0
+    assert h.writes[-1]["phase"] == "Failed"
+    assert h.writes[-1]["failure"] == {
+        "reason": "InvalidSpec",
+        "code": 422,
+        "step": "validate",
+        "message": message,
+    }
+    assert ("Warning", "InvalidSpec", message) in h.events

@@ -82,6 +82,18 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             "http",
             "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",
         ),
+        (
+            "ALLOWED_VOLUME_TYPES",
+            "emptyDir,hostpath",
+            "JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES lists 'hostpath': each entry must be a "
+            "volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
+        ),
+        (
+            "ALLOWED_PRIORITY_CLASSES",
+            "high,System_Critical",
+            "JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES lists 'System_Critical': each entry must "
+            "be a PriorityClass name (lowercase letters, digits, '-' and '.')",
+        ),
     ],
 )
 def test_bad_values_are_named(
@@ -240,4 +252,20 @@ def test_a_bad_builtin_entry_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(err.value) == (
         "JUTURNA_OPERATOR_ALLOWED_BUILTINS lists 'rm -rf': each entry must be a built-in as "
         "type/mark (e.g. sink/notifier_http), or * for all of them"
+    )
+
+
+def test_what_templates_may_add_is_listed_by_the_administrator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES", raising=False)
+    monkeypatch.delenv("JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES", raising=False)
+    s = Settings.from_env()
+    assert (s.allowed_volume_types, s.allowed_priority_classes) == ((), ())
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES", " hostPath, nfs ")
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES", "media-high")
+    s = Settings.from_env()
+    assert (s.allowed_volume_types, s.allowed_priority_classes) == (
+        ("hostPath", "nfs"),
+        ("media-high",),
     )

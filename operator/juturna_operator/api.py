@@ -340,7 +340,8 @@ class PodTemplate(_Model):
         max_length=253,
         description="A ServiceAccount of the namespace for the pod; its own "
         "automountServiceAccountToken decides whether the pod gets its token. Without one "
-        "Kubernetes mounts no token, and projected ServiceAccount tokens are refused.",
+        "Kubernetes mounts no token, and projected ServiceAccount tokens are refused. Never "
+        "the operator's own account.",
     )
     env: list[dict[str, Any]] = _pod_objects(
         "Environment variables of the pipeline's container, as in a Pod spec; not PATH, "

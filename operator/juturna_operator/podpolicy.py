@@ -11,6 +11,7 @@ namespace's Pod Security label says (an unlabelled namespace enforces nothing):
   namespace's default account's, which the pod is meant not to have;
 * no security annotations (AppArmor, seccomp): the operator sets the pod's profiles;
 * a ``priorityClassName`` only from the administrator's list (none by default);
+* never the operator's own ServiceAccount (``PodPolicy.forbidden_account``);
 * unless authors may choose the image anyway (``PodPolicy.chooses_code``), nothing that
   would make the worker run code of the author's choice: no environment variable that
   changes how the interpreter, the loader or the worker start (``PYTHONPATH`` pointing at a
@@ -90,6 +91,7 @@ def check_template(template: PodTemplate | None, policy: PodPolicy) -> None:
     """Refuse what ``template`` may not give the pipeline's pod, naming the first field."""
     if template is None:
         return
+    _check_account(template, policy)
     _check_priority(template.priorityClassName, policy)
     for i, volume in enumerate(template.volumes):
         _check_volume(f"spec.template.volumes[{i}]", volume, template, policy)
@@ -107,6 +109,16 @@ def check_template(template: PodTemplate | None, policy: PodPolicy) -> None:
         _check_env(f"spec.template.env[{i}].name", env)
     for i, mount in enumerate(template.volumeMounts):
         _check_mount(f"spec.template.volumeMounts[{i}].mountPath", mount, policy)
+
+
+def _check_account(template: PodTemplate, policy: PodPolicy) -> None:
+    name = template.serviceAccountName
+    if name and name == policy.forbidden_account:
+        raise _refuse(
+            "spec.template.serviceAccountName",
+            f'"{name}" is the ServiceAccount the operator itself runs as, in this namespace; '
+            "a pipeline's pod never gets the operator's rights: name another account",
+        )
 
 
 def _check_priority(name: str | None, policy: PodPolicy) -> None:

@@ -23,10 +23,15 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
 | JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
 | JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
+
+The ServiceAccount the operator runs as is not a setting: it is read from the token the
+kubelet mounted into the operator's pod (``read_service_account``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
@@ -190,6 +195,48 @@ VOLUME_TYPES = frozenset(
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
+# Where the kubelet mounts a pod's ServiceAccount token (in-cluster config reads it too).
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+SERVICE_ACCOUNT_SUBJECT = re.compile(r"system:serviceaccount:([^:]+):([^:]+)")
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A ServiceAccount, by namespace and name."""
+
+    namespace: str
+    name: str
+
+
+def read_service_account(token_file: Path = SERVICE_ACCOUNT_TOKEN) -> ServiceAccount | None:
+    """The ServiceAccount whose token the kubelet mounted into the operator's pod: the one the
+    operator runs as in a cluster. None outside a pod (no such file).
+
+    The token is a JWT whose subject is ``system:serviceaccount:<namespace>:<name>``, as the
+    API server authenticates it. Its signature is not checked: the file is the kubelet's
+    mount in the operator's own pod, not anybody's input. The chart's account name is a
+    value, so it is read here rather than assumed."""
+    try:
+        token = token_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise SettingsError(f"cannot read the ServiceAccount token {token_file}: {err}") from None
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        subject = SERVICE_ACCOUNT_SUBJECT.fullmatch(str(claims["sub"]))
+    except (IndexError, ValueError, binascii.Error, KeyError, TypeError):
+        subject = None
+    if subject is None:
+        raise SettingsError(
+            f"the ServiceAccount token {token_file} names no ServiceAccount (a JWT whose "
+            "subject is system:serviceaccount:<namespace>:<name>); the operator cannot tell "
+            "which account it runs as"
+        )
+    return ServiceAccount(subject[1], subject[2])
+
+
 @dataclass(frozen=True)
 class PodPolicy:
     """What a Pipeline's ``spec.template`` may give its pod (engine pod), checked before
@@ -201,6 +248,7 @@ class PodPolicy:
     # keep their code out of the runtime image's (env, mounts) guard nothing, and are off.
     chooses_code: bool
     plugin_roots: tuple[str, ...]  # the operator's, in the runtime image too
+    forbidden_account: str | None  # the operator's own ServiceAccount, in its namespace
 
 
 @dataclass(frozen=True)
@@ -303,6 +351,8 @@ class Settings:
     # hostPath), and the PriorityClasses it may name (system-* only if listed).
     allowed_volume_types: tuple[str, ...] = ()
     allowed_priority_classes: tuple[str, ...] = ()
+    # The account the operator runs as (its pod's), refused in templates of its namespace.
+    service_account: ServiceAccount | None = None
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -350,6 +400,7 @@ class Settings:
                 lambda name: bool(OBJECT_NAME.fullmatch(name)),
                 "a PriorityClass name (lowercase letters, digits, '-' and '.')",
             ),
+            service_account=read_service_account(),
         )
         settings.check()
         return settings
@@ -367,16 +418,18 @@ class Settings:
             builtins = None if ALL in self.allowed_builtins else frozenset(self.allowed_builtins)
         return CodePolicy(engine, builtins, self.allow_env_references or engine != "inprocess")
 
-    def pod_policy(self, runtime: str | None) -> PodPolicy | None:
-        """What the template of a Pipeline with this ``spec.runtime`` may give its pod; None
-        where it runs on another engine (which ignores the template)."""
+    def pod_policy(self, runtime: str | None, namespace: str) -> PodPolicy | None:
+        """What the template of a Pipeline in ``namespace`` with this ``spec.runtime`` may
+        give its pod; None where it runs on another engine (which ignores the template)."""
         if self.engine_for(runtime) != "pod":
             return None
+        own = self.service_account
         return PodPolicy(
             volume_types=frozenset(self.allowed_volume_types),
             priority_classes=frozenset(self.allowed_priority_classes),
             chooses_code=self.allow_image_override,
             plugin_roots=tuple(str(root) for root in self.plugin_roots),
+            forbidden_account=own.name if own and own.namespace == namespace else None,
         )
 
     def check(self) -> None:

@@ -21,6 +21,7 @@ from support import (
     REPO,
     Kubectl,
     Pipelines,
+    assert_nothing_made,
     assert_sole_operator,
     binaries,
     manifest,
@@ -306,11 +307,11 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    """helm install on a real kubelet: the operator's pod gets Ready and, with the rights of
-    its own mounted token and no more, runs the example in a pod of its own (the chart's
-    default engine), says so in its log, survives an upgrade that rolls it (the pipeline's
-    pod is adopted, never redeployed), and leaves nothing behind; without its status rule it
-    says why."""
+    """helm install on a real kubelet: the operator's pod gets Ready, refuses its own account
+    to Pipelines of its namespace and, with the rights of its own mounted token and no more,
+    runs the example in a pod of its own (the chart's default engine), says so in its log,
+    survives an upgrade that rolls it (the pipeline's pod is adopted, never redeployed), and
+    leaves nothing behind; without its status rule it says why."""
     assert_sole_operator(control_plane.kubeconfig)
     namespaced = mode == "namespaced"
     values = ["--set", f"watchNamespaces={{{namespace}}}"] if namespaced else []
@@ -332,6 +333,23 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         held = held_rules(can_i("--list", "-n", namespace))
         expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
         assert {r: v for r, v in held.items() if r not in EVERY_USER} == expected
+        if not namespaced:
+            # Round 3, item 6: the operator's own account, named by a Pipeline of its own
+            # namespace, is refused; the operator read it from the token in its pod.
+            own = Pipelines(objects, ops, kubectl)
+            own.apply(manifest("borrow", template={"serviceAccountName": "jo"}))
+            refused = own.wait_phase("borrow", "Failed", timeout=60)["status"]["failure"]
+            assert refused == {
+                "reason": "InvalidSpec",
+                "code": 422,
+                "step": "validate",
+                "message": 'spec.template.serviceAccountName: "jo" is the ServiceAccount the '
+                "operator itself runs as, in this namespace; a pipeline's pod never gets the "
+                "operator's rights: name another account",
+            }
+            assert_nothing_made(kubectl, ops)
+            own.delete("borrow")
+            own.wait_gone("borrow", timeout=60)
 
         # The example Pipeline, in a pod of its own; its output grows there.
         pipelines = Pipelines(objects, namespace, kubectl)

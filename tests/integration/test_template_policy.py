@@ -1,7 +1,8 @@
 """What a Pipeline's template may give its pod (engine pod), on real parts and without a node:
 the operator refuses before anything exists, in a namespace with no Pod Security label; the
-real ServiceAccount admission honours an account's own automount setting; and the pod's
-interpreter imports nothing from its working folder or a user site."""
+real ServiceAccount admission honours an account's own automount setting; the operator
+reads its account from a token as the API server issues it; and the pod's interpreter
+imports nothing from its working folder or a user site."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from kubernetes import client
 
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import runtime_pod
-from juturna_operator.settings import Settings
+from juturna_operator.settings import ServiceAccount, Settings, read_service_account
 from support import (
     Kubectl,
     Operator,
@@ -183,6 +184,21 @@ def test_a_named_account_that_opted_out_of_automount_gives_the_pod_no_token(
     assert api_token_volumes(quiet) == []
     assert api_token_volumes(pod_of({"serviceAccountName": "loud"})) != []  # the account's way
     assert api_token_volumes(pod_of({})) == []
+
+
+@pytest.mark.cluster
+def test_the_operators_account_is_read_from_a_token_the_api_server_issued(
+    core: client.CoreV1Api, namespace: str, tmp_path: Path
+) -> None:
+    """A real token (TokenRequest, as the kubelet asks for the one it mounts into a pod)."""
+    core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="jo"))
+    )
+    request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[]))
+    issued = core.create_namespaced_service_account_token("jo", namespace, request)
+    token = tmp_path / "token"
+    token.write_text(issued.status.token)
+    assert read_service_account(token) == ServiceAccount(namespace, "jo")
 
 
 def test_the_pods_interpreter_imports_nothing_from_its_working_folder_or_a_user_site(

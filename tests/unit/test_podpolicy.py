@@ -14,14 +14,16 @@ from juturna_operator.api import PipelineSpec, PodTemplate, first_error
 from juturna_operator.engines.pod import TOKEN_DIR
 from juturna_operator.graph import validate
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from juturna_operator.settings import Settings
+from juturna_operator.settings import SERVICE_ACCOUNT_TOKEN, ServiceAccount, Settings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
 ROOT = "/srv/juturna-plugins"
+OPERATOR = ServiceAccount("ops", "jo")
 SETTINGS = Settings(
     engine="pod",
     runtime_image="localhost/jo:1",
     plugin_roots=[Path(ROOT)],
+    service_account=OPERATOR,
 )
 TYPES = (
     "configMap, csi, downwardAPI, emptyDir, ephemeral, image, persistentVolumeClaim, "
@@ -35,8 +37,8 @@ REFUSED_ENV = (
 TOKEN_VOLUME = {"name": "t", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}
 
 
-def refusal(template: dict[str, Any], settings: Settings = SETTINGS) -> str:
-    policy = settings.pod_policy(None)
+def refusal(template: dict[str, Any], settings: Settings = SETTINGS, ns: str = "team-a") -> str:
+    policy = settings.pod_policy(None, ns)
     assert policy is not None
     with pytest.raises(PipelineFailure) as refused:
         podpolicy.check_template(PodTemplate.model_validate(template), policy)
@@ -49,8 +51,8 @@ def refusal(template: dict[str, Any], settings: Settings = SETTINGS) -> str:
     return failure.message
 
 
-def allowed(template: dict[str, Any], settings: Settings = SETTINGS) -> None:
-    policy = settings.pod_policy(None)
+def allowed(template: dict[str, Any], settings: Settings = SETTINGS, ns: str = "team-a") -> None:
+    policy = settings.pod_policy(None, ns)
     assert policy is not None
     podpolicy.check_template(PodTemplate.model_validate(template), policy)
 
@@ -197,6 +199,18 @@ def test_a_template_that_asks_for_more_than_a_pod_author_gets_is_refused(
     assert refusal(template) == message
 
 
+def test_the_operators_own_account_is_refused_in_its_namespace_only() -> None:
+    assert refusal({"serviceAccountName": "jo"}, ns="ops") == (
+        'spec.template.serviceAccountName: "jo" is the ServiceAccount the operator itself '
+        "runs as, in this namespace; a pipeline's pod never gets the operator's rights: name "
+        "another account"
+    )
+    allowed({"serviceAccountName": "jo"}, ns="team-a")  # another namespace's account "jo"
+    allowed({"serviceAccountName": "reader"}, ns="ops")
+    outside = Settings(engine="pod", runtime_image="x")  # not in a pod: no account to refuse
+    allowed({"serviceAccountName": "jo"}, outside, ns="ops")
+
+
 def test_placement_gpus_models_and_a_named_accounts_token_stay_allowed() -> None:
     allowed(
         {
@@ -296,7 +310,7 @@ def test_host_namespaces_and_ports_cannot_be_asked_for(field: str, value: Any) -
 
 
 def test_the_pods_token_folders_are_among_the_protected() -> None:
-    for token in (TOKEN_DIR, "/var/run/secrets/kubernetes.io/serviceaccount"):
+    for token in (TOKEN_DIR, str(SERVICE_ACCOUNT_TOKEN.parent)):
         assert refusal(mount(token)).startswith(
             f'spec.template.volumeMounts[0].mountPath: "{token}" is not allowed: it is in '
             "/var/run/secrets, which holds the pod's tokens"
@@ -304,8 +318,8 @@ def test_the_pods_token_folders_are_among_the_protected() -> None:
 
 
 def test_only_the_pod_engine_checks_the_template() -> None:
-    assert Settings(engine="process").pod_policy(None) is None
-    assert SETTINGS.pod_policy("gpu") is None  # spec.runtime: the service engine
+    assert Settings(engine="process").pod_policy(None, "ns") is None
+    assert SETTINGS.pod_policy("gpu", "ns") is None  # spec.runtime: the service engine
 
 
 def test_validation_checks_the_template_before_anything_deploys() -> None:
@@ -317,7 +331,7 @@ def test_validation_checks_the_template_before_anything_deploys() -> None:
     spec = PipelineSpec.model_validate(body)
     assert "src" in validate(spec, [EXAMPLES]).impls  # other engines ignore the template
     with pytest.raises(PipelineFailure) as refused:
-        validate(spec, [EXAMPLES], pod_policy=SETTINGS.pod_policy(None))
+        validate(spec, [EXAMPLES], pod_policy=SETTINGS.pod_policy(None, "team-a"))
     assert refused.value.message.startswith(
         "spec.template.volumes[0].hostPath: host paths are not allowed"
     )

@@ -146,8 +146,8 @@ def pod_operator(
     tmp_path: Path,
 ) -> Iterator[Operator]:
     """The operator as a local process with the pod engine; its pods run the test image with
-    the faulty plugins. A test changes its settings with
-    ``@pytest.mark.parametrize("pod_operator", [{"RUNTIME_IMAGE": image}], indirect=True)``."""
+    the faulty plugins, with the settings a test's ``@pytest.mark.operator_env(NAME=value)``
+    adds (or replaces)."""
     assert_sole_operator(kubeconfig)
     op = Operator(kubeconfig, tmp_path / "work", tmp_path / "operator.log", tmp_path, "pod")
     op.env["JUTURNA_OPERATOR_RUNTIME_IMAGE"] = plugins_image
@@ -155,8 +155,8 @@ def pod_operator(
     # This operator and the kubelet reach pipeline pods from the node's own address; each
     # pipeline pod gets its NetworkPolicy (our CNI does not enforce it; tests read it).
     op.env["JUTURNA_OPERATOR_WORKER_PEERS"] = json.dumps([{"ipBlock": {"cidr": f"{NODE_IP}/32"}}])
-    for name, value in getattr(request, "param", {}).items():
-        op.env["JUTURNA_OPERATOR_" + name] = value
+    for marker in request.node.iter_markers("operator_env"):
+        op.env.update(marker.kwargs)
     op.start()
     try:
         yield op

@@ -517,6 +517,12 @@ def managed(kubectl: Kubectl, kind: str, namespace: str) -> list[dict[str, Any]]
     return list(json.loads(listed)["items"])
 
 
+def assert_nothing_made(kubectl: Kubectl, namespace: str) -> None:
+    """No pod, Secret or Service of the operator's in ``namespace``."""
+    for kind in ("pods", "secrets", "services"):
+        assert managed(kubectl, kind, namespace) == [], f"{kind} made in {namespace}"
+
+
 def pod_body(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
     return json.loads(kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
 

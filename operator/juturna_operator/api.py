@@ -310,8 +310,10 @@ class ResourceRequirements(_Model):
 
 class PodTemplate(_Model):
     """Where and with what the pipeline runs, with the pod engine: the fields of a Pod that a
-    Pipeline may set. The API server checks them (a server-side dry run) before anything
-    deploys; other engines ignore them."""
+    Pipeline may set. Before anything deploys, the operator holds them to what the restricted
+    Pod Security Standard lets a Pod author do, in any namespace (volume types, security
+    annotations, priority classes the administrator allows, no code of the author's choice),
+    and the API server checks the Pod (a server-side dry run); other engines ignore them."""
 
     resources: ResourceRequirements | None = Field(
         default=None, description="Requests and limits of the pipeline's container."
@@ -326,7 +328,9 @@ class PodTemplate(_Model):
         default_factory=dict, description="Pod affinity rules, as in a Pod spec."
     )
     priorityClassName: str | None = Field(
-        default=None, max_length=253, description="The pod's PriorityClass."
+        default=None,
+        max_length=253,
+        description="The pod's PriorityClass: one the administrator allows (none by default).",
     )
     runtimeClassName: str | None = Field(
         default=None, max_length=253, description="The pod's RuntimeClass (e.g. for GPUs)."
@@ -334,21 +338,32 @@ class PodTemplate(_Model):
     serviceAccountName: str | None = Field(
         default=None,
         max_length=253,
-        description="A ServiceAccount of the namespace for the pod. Without one the pod has "
-        "no API token at all.",
+        description="A ServiceAccount of the namespace for the pod; its own "
+        "automountServiceAccountToken decides whether the pod gets its token. Without one "
+        "Kubernetes mounts no token, and projected ServiceAccount tokens are refused. Never "
+        "the operator's own account.",
     )
     env: list[dict[str, Any]] = _pod_objects(
-        "Environment variables of the pipeline's container, as in a Pod spec.",
+        "Environment variables of the pipeline's container, as in a Pod spec; not PATH, "
+        "PYTHON*, LD_* or JUTURNA_OPERATOR_* (they choose the code the worker runs).",
         "An environment variable: name, and value or valueFrom.",
     )
     volumes: list[dict[str, Any]] = _pod_objects(
-        "Extra volumes (models, media), as in a Pod spec.", "A volume."
+        "Extra volumes (models, media), as in a Pod spec, of the types the restricted Pod "
+        "Security Standard allows (and those the administrator adds).",
+        "A volume.",
     )
     volumeMounts: list[dict[str, Any]] = _pod_objects(
-        "Where the extra volumes are mounted in the pipeline's container.", "A volume mount."
+        "Where the extra volumes are mounted in the pipeline's container: not over the "
+        "image's code (/usr, /etc, /opt, ...), its plugins or the pod's tokens.",
+        "A volume mount.",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod annotations; not AppArmor or seccomp ones (the operator sets "
+        "the pod's profiles).",
+    )
     image: str | None = Field(
         default=None,
         max_length=1024,

@@ -12,7 +12,8 @@ checks (a cluster may run an older CRD) and adds what CEL cannot express:
   process that runs the pipeline);
 * configuration keys that the node's ``config.toml`` does not declare (Juturna drops
   them silently): these are warnings, not failures;
-* two listeners on one port and protocol, or on the pipeline pod's own (``listening``).
+* two listeners on one port and protocol, or on the pipeline pod's own (``listening``);
+* on engine pod, what ``spec.template`` may not give the pod (``podpolicy``).
 
 It mirrors Juturna's lookup: a plugin folder ``tones`` under root ``R`` is imported as
 ``tones.nodes.<type>._<mark>.<mark>`` with ``R`` on ``sys.path``; built-ins come first
@@ -28,10 +29,10 @@ from pathlib import Path, PurePosixPath
 
 import juturna.nodes
 
-from juturna_operator import listening
+from juturna_operator import listening, podpolicy
 from juturna_operator.api import NodeSpec, PipelineSpec
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from juturna_operator.settings import ENV_PREFIX, CodePolicy
+from juturna_operator.settings import ENV_PREFIX, CodePolicy, PodPolicy
 
 BUILTIN_NODES = Path(juturna.nodes.__file__).parent
 ENV_REFERENCE = "$JT_ENV_"  # Juturna's prefix (juturna.meta._constants)
@@ -246,12 +247,17 @@ def validate(
     plugin_roots: Sequence[Path],
     runtimes: Collection[str] = (),
     policy: CodePolicy = TRUSTING,
+    pod_policy: PodPolicy | None = None,
 ) -> Validated:
     """Check ``spec``; raise a ``PipelineFailure`` naming the first problem found.
 
-    ``policy``: what the engine that will run it allows (``Settings.code_policy``)."""
+    ``policy``: what the engine that will run it allows (``Settings.code_policy``);
+    ``pod_policy``: what its template may give its pod, on engine pod
+    (``Settings.pod_policy``; None elsewhere: other engines ignore the template)."""
     check_structure(spec)
     check_runtime(spec.runtime, runtimes)
+    if pod_policy is not None:
+        podpolicy.check_template(spec.template, pod_policy)
     cycle = find_cycle([n.name for n in spec.nodes], [(lk.from_, lk.to) for lk in spec.links])
     if cycle:
         raise _fail(

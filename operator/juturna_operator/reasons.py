@@ -36,7 +36,11 @@ class FailureReason(Enum):
     AlreadyRunning = (409, "The pipeline is already running.")
     NotRunning = (409, "The pipeline is not running, so it cannot be stopped.")
     # The operator's own.
-    InvalidSpec = (422, "The spec breaks a structural rule (names, links, plugin folders).")
+    InvalidSpec = (
+        422,
+        "The spec breaks a structural rule (names, links, plugin folders), or its `template` "
+        "asks the pipeline's pod for more than a Pod author gets (engine `pod`).",
+    )
     InvalidGraph = (422, "The links form a cycle; Juturna would never run its nodes.")
     PluginNotFound = (422, "A node's type and mark are not found in the built-ins or plugins.")
     PluginPathNotAllowed = (403, "A plugin folder is outside every configured plugin root.")

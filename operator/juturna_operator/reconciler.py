@@ -490,6 +490,7 @@ class Reconciler:
                 self.settings.plugin_roots,
                 self.settings.runtimes,
                 self.settings.code_policy(spec.runtime),
+                self.settings.pod_policy(spec.runtime, p.key.namespace),
             )
             p.mem.spec.validated_generation = p.desired.generation
             p.mem.spec.warnings = validated.warnings

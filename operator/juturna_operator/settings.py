@@ -27,14 +27,22 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_WORKER_PEERS            |                      | (none: no NetworkPolicy)   |
 | JUTURNA_OPERATOR_POD_START_TIMEOUT       |                      | 60 (seconds, with warnings)|
 | JUTURNA_OPERATOR_RECONCILE_WORKERS       |                      | 128 (passes at once)       |
+| JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
+| JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
+
+The ServiceAccount the operator runs as is not a setting: it is read from the token the
+kubelet mounted into the operator's pod (``read_service_account``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -199,18 +207,122 @@ def parse_worker_peers(raw: str | None, where: str) -> list[dict[str, object]] |
     return peers
 
 
+def parse_names(
+    raw: str | None, where: str, valid: Callable[[str], bool], what: str
+) -> tuple[str, ...]:
+    """Entries separated by commas, each ``valid`` (``what`` says what they must be)."""
+    entries = tuple(e.strip() for e in (raw or "").split(",") if e.strip())
+    for entry in entries:
+        if not valid(entry):
+            raise SettingsError(f"{where} lists {entry!r}: each entry must be {what}")
+    return entries
+
+
 def parse_builtins(raw: str | None, where: str) -> tuple[str, ...] | None:
     """``type/mark`` entries separated by commas, or ``*`` for all; None when not set."""
     if raw is None:
         return None
-    entries = tuple(e.strip() for e in raw.split(",") if e.strip())
-    for entry in entries:
-        if entry != ALL and not BUILTIN_MARK.fullmatch(entry):
-            raise SettingsError(
-                f"{where} lists {entry!r}: each entry must be a built-in as type/mark "
-                "(e.g. sink/notifier_http), or * for all of them"
-            )
-    return entries
+    return parse_names(
+        raw,
+        where,
+        lambda entry: entry == ALL or bool(BUILTIN_MARK.fullmatch(entry)),
+        "a built-in as type/mark (e.g. sink/notifier_http), or * for all of them",
+    )
+
+
+# Every volume type of a Pod, as the API spells it: the vocabulary of ALLOWED_VOLUME_TYPES.
+VOLUME_TYPES = frozenset(
+    {
+        "awsElasticBlockStore",
+        "azureDisk",
+        "azureFile",
+        "cephfs",
+        "cinder",
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "fc",
+        "flexVolume",
+        "flocker",
+        "gcePersistentDisk",
+        "gitRepo",
+        "glusterfs",
+        "hostPath",
+        "image",
+        "iscsi",
+        "nfs",
+        "persistentVolumeClaim",
+        "photonPersistentDisk",
+        "portworxVolume",
+        "projected",
+        "quobyte",
+        "rbd",
+        "scaleIO",
+        "secret",
+        "storageos",
+        "vsphereVolume",
+    }
+)
+# A PriorityClass name: a DNS subdomain.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+# Where the kubelet mounts a pod's ServiceAccount token (in-cluster config reads it too).
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+SERVICE_ACCOUNT_SUBJECT = re.compile(r"system:serviceaccount:([^:]+):([^:]+)")
+
+
+@dataclass(frozen=True)
+class ServiceAccount:
+    """A ServiceAccount, by namespace and name."""
+
+    namespace: str
+    name: str
+
+
+def read_service_account(token_file: Path = SERVICE_ACCOUNT_TOKEN) -> ServiceAccount | None:
+    """The ServiceAccount whose token the kubelet mounted into the operator's pod: the one the
+    operator runs as in a cluster. None outside a pod (no such file).
+
+    The token is a JWT whose subject is ``system:serviceaccount:<namespace>:<name>``, as the
+    API server authenticates it. Its signature is not checked: the file is the kubelet's
+    mount in the operator's own pod, not anybody's input. The chart's account name is a
+    value, so it is read here rather than assumed."""
+    try:
+        token = token_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise SettingsError(f"cannot read the ServiceAccount token {token_file}: {err}") from None
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        subject = SERVICE_ACCOUNT_SUBJECT.fullmatch(str(claims["sub"]))
+    except (IndexError, ValueError, binascii.Error, KeyError, TypeError):
+        subject = None
+    if subject is None:
+        raise SettingsError(
+            f"the ServiceAccount token {token_file} names no ServiceAccount (a JWT whose "
+            "subject is system:serviceaccount:<namespace>:<name>); the operator cannot tell "
+            "which account it runs as"
+        )
+    return ServiceAccount(subject[1], subject[2])
+
+
+@dataclass(frozen=True)
+class PodPolicy:
+    """What a Pipeline's ``spec.template`` may give its pod (engine pod), checked before
+    anything is created (``podpolicy``), whatever the namespace's Pod Security label says."""
+
+    volume_types: frozenset[str]  # allowed beyond the restricted profile's
+    priority_classes: frozenset[str]  # the only priorityClassName values allowed
+    # May authors choose the code the pod runs (spec.template.image)? Then the checks that
+    # keep their code out of the runtime image's (env, mounts) guard nothing, and are off.
+    chooses_code: bool
+    plugin_roots: tuple[str, ...]  # the operator's, in the runtime image too
+    forbidden_account: str | None  # the operator's own ServiceAccount, in its namespace
 
 
 @dataclass(frozen=True)
@@ -328,6 +440,12 @@ class Settings:
     # Passes at once, over every Pipeline. A pass that waits long (a pod starting, a model
     # loading) gives its place to another meanwhile (workqueue.released).
     reconcile_workers: int = 128
+    # Engine "pod": volume types a template may use beyond the restricted profile's (e.g.
+    # hostPath), and the PriorityClasses it may name (system-* only if listed).
+    allowed_volume_types: tuple[str, ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    # The account the operator runs as (its pod's), refused in templates of its namespace.
+    service_account: ServiceAccount | None = None
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -378,6 +496,19 @@ class Settings:
             worker_peers=parse_worker_peers(src.given("WORKER_PEERS"), src.where("WORKER_PEERS")),
             pod_start_timeout_s=src.seconds("POD_START_TIMEOUT", "60"),
             reconcile_workers=src.count("RECONCILE_WORKERS", str(defaults.reconcile_workers)),
+            allowed_volume_types=parse_names(
+                src.given("ALLOWED_VOLUME_TYPES"),
+                src.where("ALLOWED_VOLUME_TYPES"),
+                VOLUME_TYPES.__contains__,
+                "a volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
+            ),
+            allowed_priority_classes=parse_names(
+                src.given("ALLOWED_PRIORITY_CLASSES"),
+                src.where("ALLOWED_PRIORITY_CLASSES"),
+                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                "a PriorityClass name (lowercase letters, digits, '-' and '.')",
+            ),
+            service_account=read_service_account(),
         )
         settings.check()
         return settings
@@ -394,6 +525,20 @@ class Settings:
         else:
             builtins = None if ALL in self.allowed_builtins else frozenset(self.allowed_builtins)
         return CodePolicy(engine, builtins, self.allow_env_references or engine != "inprocess")
+
+    def pod_policy(self, runtime: str | None, namespace: str) -> PodPolicy | None:
+        """What the template of a Pipeline in ``namespace`` with this ``spec.runtime`` may
+        give its pod; None where it runs on another engine (which ignores the template)."""
+        if self.engine_for(runtime) != "pod":
+            return None
+        own = self.service_account
+        return PodPolicy(
+            volume_types=frozenset(self.allowed_volume_types),
+            priority_classes=frozenset(self.allowed_priority_classes),
+            chooses_code=self.allow_image_override,
+            plugin_roots=tuple(str(root) for root in self.plugin_roots),
+            forbidden_account=own.name if own and own.namespace == namespace else None,
+        )
 
     def check(self) -> None:
         """Refuse values the operator cannot work with, naming the setting."""

@@ -21,6 +21,7 @@ from support import (
     REPO,
     Kubectl,
     Pipelines,
+    assert_nothing_made,
     assert_sole_operator,
     binaries,
     managed,
@@ -77,8 +78,14 @@ def test_helm_lint(kubeconfig: Path) -> None:
             "logFormat=json",
         ],
         ["--set", "engine=shard", "--set", "shardSize=8"],
+        [
+            "--set",
+            "allowedVolumeTypes={hostPath,nfs}",
+            "--set",
+            "allowedPriorityClasses={media-high}",
+        ],
     ],
-    ids=["cluster-wide", "namespaced", "service-runtimes", "shards"],
+    ids=["cluster-wide", "namespaced", "service-runtimes", "shards", "pod-policy"],
 )
 def test_templates_pass_server_side_dry_run(
     kubeconfig: Path, kubectl: Kubectl, values: list[str]
@@ -90,15 +97,42 @@ def test_templates_pass_server_side_dry_run(
 
 
 def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "engine=docker", check=False)
-    assert proc.returncode != 0
-    assert "engine" in proc.stderr
-    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in proc.stderr
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "shardSize=0", check=False)
-    assert proc.returncode != 0
-    assert "at '/shardSize': minimum: got 0, want 1" in proc.stderr
-    proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", "enigne=process", check=False)
-    assert "additional properties 'enigne' not allowed" in proc.stderr
+    def refused(value: str) -> str:
+        proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", value, check=False)
+        assert proc.returncode != 0, value
+        return proc.stderr
+
+    engine = refused("engine=docker")
+    assert "engine" in engine
+    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in engine
+    assert "at '/shardSize': minimum: got 0, want 1" in refused("shardSize=0")
+    assert "additional properties 'enigne' not allowed" in refused("enigne=process")
+    volume = refused("allowedVolumeTypes={hostpath}")
+    assert "at '/allowedVolumeTypes/0': value must be one of" in volume, volume
+    priority = refused("allowedPriorityClasses={High}")
+    assert "at '/allowedPriorityClasses/0'" in priority, priority
+
+
+def rendered(kubeconfig: Path, *values: str) -> list[dict[str, Any]]:
+    """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
+    out = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def test_the_pod_policy_values_reach_the_operator(kubeconfig: Path) -> None:
+    def env(*values: str) -> dict[str, str]:
+        (deployment,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value", "") for e in container["env"]}
+
+    defaults = env()
+    assert defaults["JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES"] == ""
+    assert defaults["JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES"] == ""
+    more = env(
+        "--set", "allowedVolumeTypes={hostPath,nfs}", "--set", "allowedPriorityClasses={a,b}"
+    )
+    assert more["JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES"] == "hostPath,nfs"
+    assert more["JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES"] == "a,b"
 
 
 @contextlib.contextmanager
@@ -226,15 +260,40 @@ WORKERS = (
     "print(sum(w in p.read_bytes() for p in pathlib.Path('/proc').glob('[0-9]*/cmdline')))"
 )
 
-# The engine pod's rights on top of the Pipeline rules, in each watched namespace.
+# The engine pod's rights on top of the Pipeline rules, in each watched namespace: no
+# pods/log (never used), no list or watch of Secrets, no update of anything.
 POD_ENGINE_RULES = {
     "pods": {"get", "list", "watch", "create", "delete", "patch"},
-    "pods/log": {"get"},
     "secrets": {"get", "create", "delete"},
     "services": {"get", "create", "patch", "delete"},
     "events": {"create", "list"},  # list: a pod's eviction, where its status lost it
     "networkpolicies.networking.k8s.io": {"get", "create", "patch", "delete"},
 }
+
+
+def granted(role: dict[str, Any]) -> dict[str, set[str]]:
+    """A Role's or ClusterRole's rules as {resource[.group]: verbs}, as `can-i --list` names
+    them."""
+    held: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                base, _, sub = resource.partition("/")  # pipelines/status: pipelines.<group>/status
+                name = f"{base}.{group}" if group else base
+                held.setdefault(name + (f"/{sub}" if sub else ""), set()).update(rule["verbs"])
+    return held
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_the_chart_grants_the_pod_engine_exactly_what_it_uses(kubeconfig: Path, mode: str) -> None:
+    """What the node test proves with the operator's own token (can-i), checked on the
+    rendering, so that it holds where no node runs."""
+    namespaced = mode == "namespaced"
+    values = ["--set", "watchNamespaces={team-a}"] if namespaced else []
+    kind = "Role" if namespaced else "ClusterRole"
+    (role,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == kind]
+    expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
+    assert granted(role) == expected
 
 
 @pytest.mark.reliability
@@ -251,11 +310,11 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     tmp_path: Path,
     mode: str,
 ) -> None:
-    """helm install on a real kubelet: the operator's pod gets Ready and, with the rights of
-    its own mounted token and no more, runs the example in a pod of its own (the chart's
-    default engine), says so in its log, survives an upgrade that rolls it (the pipeline's
-    pod is adopted, never redeployed), and leaves nothing behind; without its status rule it
-    says why."""
+    """helm install on a real kubelet: the operator's pod gets Ready, refuses its own account
+    to Pipelines of its namespace and, with the rights of its own mounted token and no more,
+    runs the example in a pod of its own (the chart's default engine), says so in its log,
+    survives an upgrade that rolls it (the pipeline's pod is adopted, never redeployed), and
+    leaves nothing behind; without its status rule it says why."""
     assert_sole_operator(control_plane.kubeconfig)
     namespaced = mode == "namespaced"
     values = ["--set", f"watchNamespaces={{{namespace}}}"] if namespaced else []
@@ -277,6 +336,23 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         held = held_rules(can_i("--list", "-n", namespace))
         expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
         assert {r: v for r, v in held.items() if r not in EVERY_USER} == expected
+        if not namespaced:
+            # Round 3, item 6: the operator's own account, named by a Pipeline of its own
+            # namespace, is refused; the operator read it from the token in its pod.
+            own = Pipelines(objects, ops, kubectl)
+            own.apply(manifest("borrow", template={"serviceAccountName": "jo"}))
+            refused = own.wait_phase("borrow", "Failed", timeout=60)["status"]["failure"]
+            assert refused == {
+                "reason": "InvalidSpec",
+                "code": 422,
+                "step": "validate",
+                "message": 'spec.template.serviceAccountName: "jo" is the ServiceAccount the '
+                "operator itself runs as, in this namespace; a pipeline's pod never gets the "
+                "operator's rights: name another account",
+            }
+            assert_nothing_made(kubectl, ops)
+            own.delete("borrow")
+            own.wait_gone("borrow", timeout=60)
 
         # The example Pipeline, in a pod of its own; its output grows there.
         pipelines = Pipelines(objects, namespace, kubectl)

@@ -18,6 +18,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
+    assert_nothing_made,
     faulty,
     is_ready,
     managed,
@@ -217,9 +218,7 @@ def test_an_operator_restart_adopts_the_pod_and_the_output_never_stops(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(
-    "pod_operator", [{"RUNTIME_IMAGE": "localhost/juturna-operator:missing"}], indirect=True
-)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_RUNTIME_IMAGE="localhost/juturna-operator:missing")
 def test_a_runtime_image_missing_from_the_node_is_image_pull_failed(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -373,7 +372,7 @@ def test_a_node_past_its_memory_limit_is_oom_killed_and_restarted_in_a_new_pod(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pod_operator", [{"POD_WORK_SIZE_LIMIT": "16Mi"}], indirect=True)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT="16Mi")
 def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
@@ -396,27 +395,63 @@ def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
 
 
 @pytest.mark.timeout(120)
-def test_a_pod_the_api_server_refuses_is_invalid_spec_before_anything_exists(
-    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+@pytest.mark.parametrize(
+    ("enforced", "step", "message"),
+    [
+        pytest.param(
+            None,
+            "validate",
+            'spec.template.volumes[0].hostPath: host paths are not allowed (volume "host" '
+            "would reach the node's own files); allowed types: configMap, csi, downwardAPI, "
+            "emptyDir, ephemeral, image, persistentVolumeClaim, projected, secret; the "
+            "administrator allows more with JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES (chart: "
+            "allowedVolumeTypes)",
+            id="unlabelled-the-operator-refuses",
+        ),
+        pytest.param(
+            "restricted",
+            "create",
+            'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
+            'violates PodSecurity "restricted:latest": restricted volume types '
+            '(volume "host" uses restricted volume type "hostPath")',
+            id="allowed-by-the-administrator-refused-by-pod-security",
+            marks=pytest.mark.operator_env(JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES="hostPath"),
+        ),
+    ],
+)
+def test_a_host_path_is_invalid_spec_before_anything_exists(
+    pod_operator: Operator,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    enforced: str | None,
+    step: str,
+    message: str,
 ) -> None:
-    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    """Round 3, item 2: in a namespace with no Pod Security label the API server would admit
+    the pod, so the operator refuses the template itself. Where the administrator allows
+    hostPath volumes, the namespace's Pod Security still does, by the server-side dry run.
+    Either way no pod, Secret or Service is made."""
+    if enforced:
+        kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/enforce={enforced}")
+    else:
+        labels = kubectl("get", "namespace", namespace, "-o", "jsonpath={.metadata.labels}")
+        assert "pod-security.kubernetes.io" not in labels.stdout
     template = {
-        "volumes": [{"name": "host", "hostPath": {"path": "/etc"}}],
+        "volumes": [{"name": "host", "hostPath": {"path": "/"}}],
         "volumeMounts": [{"name": "host", "mountPath": "/host"}],
     }
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("escape", template=template))
     body = pipelines.wait_phase("escape", "Failed", timeout=60)
-    failure = body["status"]["failure"]
-    assert (failure["reason"], failure["code"], failure["step"]) == ("InvalidSpec", 422, "create")
-    uid8 = body["metadata"]["uid"][:8]
-    assert failure["message"] == (
-        f'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
-        'violates PodSecurity "restricted:latest": restricted volume types '
-        '(volume "host" uses restricted volume type "hostPath")'
-    )
-    assert not managed(kubectl, "pods", namespace)
-    assert not managed(kubectl, "secrets", namespace)
+    assert body["status"]["failure"] == {
+        "reason": "InvalidSpec",
+        "code": 422,
+        "step": step,
+        "message": message.format(uid8=body["metadata"]["uid"][:8]),
+    }
+    assert_nothing_made(kubectl, namespace)
+    assert not [e for e in pipelines.events("escape") if e[1] in ("Created", "Started")]
 
 
 # A pod that answers like a pipeline pod (ready on /operator/ready) and prints every other
@@ -619,8 +654,8 @@ UNMOUNTABLE = {
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "pod_operator", [{"RECONCILE_WORKERS": "8", "POD_START_TIMEOUT": "240"}], indirect=True
+@pytest.mark.operator_env(
+    JUTURNA_OPERATOR_RECONCILE_WORKERS="8", JUTURNA_OPERATOR_POD_START_TIMEOUT="240"
 )
 def test_pipelines_stuck_starting_in_one_namespace_do_not_stall_another(
     pod_operator: Operator,
@@ -663,7 +698,7 @@ def test_pipelines_stuck_starting_in_one_namespace_do_not_stall_another(
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pod_operator", [{"POD_START_TIMEOUT": "10"}], indirect=True)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_POD_START_TIMEOUT="10")
 def test_a_pod_that_cannot_start_fails_in_the_kubelets_words(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:

@@ -18,7 +18,7 @@ from juturna_operator.engines.base import DEFAULT_PLAN, InstanceInfo, Plan
 from juturna_operator.lifecycle import BACKOFF_CAP_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.reconciler import SETTLED_RESYNC_S, Reconciler, Resource, fingerprint
-from juturna_operator.settings import Settings
+from juturna_operator.settings import ServiceAccount, Settings
 
 LOG = logging.getLogger("test")
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
@@ -265,3 +265,49 @@ def test_the_fingerprint_sees_what_a_pass_would_show() -> None:
     info.failure = PipelineFailure(FailureReason.RuntimeUnavailable, Step.run, "refused")
     assert fingerprint(info) != fingerprint(same)
     assert fingerprint(None) is None
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (
+            {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]},
+            'spec.template.volumes[0].hostPath: host paths are not allowed (volume "host" would '
+            "reach the node's own files); allowed types: configMap, csi, downwardAPI, emptyDir, "
+            "ephemeral, image, persistentVolumeClaim, projected, secret; the administrator "
+            "allows more with JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES (chart: allowedVolumeTypes)",
+        ),
+        (
+            {"serviceAccountName": "jo"},
+            'spec.template.serviceAccountName: "jo" is the ServiceAccount the operator itself '
+            "runs as, in this namespace; a pipeline's pod never gets the operator's rights: "
+            "name another account",
+        ),
+    ],
+    ids=["host-path", "the-operators-account"],
+)
+def test_a_template_the_policy_refuses_fails_validation_before_any_create(
+    template: dict[str, Any], message: str
+) -> None:
+    """Engine pod: the template is checked where the spec is validated, in the Pipeline's
+    namespace (here the operator's own), before the engine makes anything."""
+    h = Harness()
+    h.reconciler.settings = Settings(
+        engine="pod",
+        runtime_image="localhost/jo:1",
+        plugin_roots=[EXAMPLES],
+        service_account=ServiceAccount("ns", "jo"),
+        metrics_port=0,
+        progress_threshold_s=60,
+    )
+    h.spec["template"] = template
+    h.reconcile()
+    assert h.engine.created == 0
+    assert h.writes[-1]["phase"] == "Failed"
+    assert h.writes[-1]["failure"] == {
+        "reason": "InvalidSpec",
+        "code": 422,
+        "step": "validate",
+        "message": message,
+    }
+    assert ("Warning", "InvalidSpec", message) in h.events

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
 
 from juturna_operator.cli import main
-from juturna_operator.settings import Settings, SettingsError
+from juturna_operator.settings import (
+    ServiceAccount,
+    Settings,
+    SettingsError,
+    read_service_account,
+)
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,6 +118,18 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             "METRICS_PORT",
             "http",
             "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",
+        ),
+        (
+            "ALLOWED_VOLUME_TYPES",
+            "emptyDir,hostpath",
+            "JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES lists 'hostpath': each entry must be a "
+            "volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
+        ),
+        (
+            "ALLOWED_PRIORITY_CLASSES",
+            "high,System_Critical",
+            "JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES lists 'System_Critical': each entry must "
+            "be a PriorityClass name (lowercase letters, digits, '-' and '.')",
         ),
     ],
 )
@@ -270,4 +289,65 @@ def test_a_bad_builtin_entry_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(err.value) == (
         "JUTURNA_OPERATOR_ALLOWED_BUILTINS lists 'rm -rf': each entry must be a built-in as "
         "type/mark (e.g. sink/notifier_http), or * for all of them"
+    )
+
+
+def test_what_templates_may_add_is_listed_by_the_administrator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES", raising=False)
+    monkeypatch.delenv("JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES", raising=False)
+    s = Settings.from_env()
+    assert (s.allowed_volume_types, s.allowed_priority_classes) == ((), ())
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES", " hostPath, nfs ")
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES", "media-high")
+    s = Settings.from_env()
+    assert (s.allowed_volume_types, s.allowed_priority_classes) == (
+        ("hostPath", "nfs"),
+        ("media-high",),
+    )
+
+
+def jwt(claims: dict[str, object]) -> str:
+    """A token shaped as the API server issues them: header.payload.signature, base64url
+    without padding (the signature is not checked)."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    header = part(json.dumps({"alg": "RS256", "kid": "k"}).encode())
+    return f"{header}.{part(json.dumps(claims).encode())}.{part(b'signature')}"
+
+
+def test_the_operators_own_service_account_is_read_from_its_token(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    assert read_service_account(token) is None  # outside a pod: nothing to refuse
+    token.write_text(jwt({"sub": "system:serviceaccount:juturna-system:jo", "aud": ["x"]}))
+    assert read_service_account(token) == ServiceAccount("juturna-system", "jo")
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "not-a-jwt", "a.%%%.c", jwt({"sub": "admin"}), jwt({"aud": "x"}), "a.bnVsbA.c"],
+    ids=["empty", "no-dots", "not-base64", "a-user", "no-subject", "json-null"],
+)
+def test_a_token_that_names_no_service_account_stops_the_operator(
+    tmp_path: Path, content: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(content)
+    with pytest.raises(SettingsError) as err:
+        read_service_account(token)
+    assert str(err.value) == (
+        f"the ServiceAccount token {token} names no ServiceAccount (a JWT whose subject is "
+        "system:serviceaccount:<namespace>:<name>); the operator cannot tell which account "
+        "it runs as"
+    )
+
+
+def test_an_unreadable_token_stops_the_operator_saying_so(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError) as err:
+        read_service_account(tmp_path)  # a folder where the token should be
+    assert str(err.value) == (
+        f"cannot read the ServiceAccount token {tmp_path}: [Errno 21] Is a directory: '{tmp_path}'"
     )

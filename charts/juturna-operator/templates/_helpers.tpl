@@ -40,14 +40,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [events]
   verbs: [create]
 {{- if eq .Values.engine "pod" }}
-{{- /* Engine pod: a Pod and its token Secret per Pipeline; the watch on those pods; the
-     pods' logs for whoever debugs through the operator's account; the Services. */}}
+{{- /* Engine pod: a Pod per Pipeline (create, its dry run included; get, list and watch:
+     the watch on them; patch: its revision annotation; delete) and its token Secret (create;
+     get: read back by an adopting operator, and checked for its owner before a delete). No
+     pods/log, no list or watch of Secrets. */}}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete, patch]
-- apiGroups: [""]
-  resources: [pods/log]
-  verbs: [get]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, create, delete]

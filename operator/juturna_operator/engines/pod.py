@@ -5,10 +5,14 @@ The pod runs our worker module (Juturna's own HTTP service plus health and shutd
 bearer token) from the runtime image; this engine drives it over HTTP at the pod's IP, as the
 process engine drives a local worker. What Kubernetes gives on top:
 
-* **tenancy**: the pod has no ServiceAccount token (``automountServiceAccountToken: false``)
-  and runs under the ``restricted`` Pod Security Standard, so a Pipeline author who makes a
-  built-in node run a command (``docs/juturna.md``, pitfalls 11-12) gets a pod with no
-  API rights and none of the operator's environment: no more than a Pod author has;
+* **tenancy**: the pod runs under the ``restricted`` Pod Security Standard, with none of the
+  operator's environment, and ``spec.template`` gives it no more than a Pod author has under
+  that profile (``podpolicy``, checked before anything is created, in any namespace). It
+  gets a ServiceAccount token only if the template names an account, and then only if that
+  account lets its pods have one (its own ``automountServiceAccountToken``); without one,
+  Kubernetes mounts none (``automountServiceAccountToken: false``) and projected tokens are
+  refused. So a Pipeline author who makes a built-in node run a command
+  (``docs/juturna.md``, pitfalls 11-12) gets no more than a Pod author has;
 * **placement and shared fate**: the scheduler places each pod; an operator restart leaves
   the pods running, and the next operator adopts them (by name, owner uid and token);
 * **whose pod is whose**: a pod or Secret counts as a Pipeline's only if it is in the
@@ -251,9 +255,9 @@ def runtime_pod(
     template: dict[str, Any] | None = None,
     instance: str = NO_POD,
 ) -> dict[str, Any]:
-    """The Pod for one Pipeline: restricted, no API token, the worker on ``PORT``, with what
-    ``spec.template`` adds. The runtime image says where its plugins are
-    (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
+    """The Pod for one Pipeline: restricted, the worker on ``PORT``, with what
+    ``spec.template`` adds (``podpolicy`` checked it). The runtime image says where its
+    plugins are (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
     t = template or {}
     # Quantities as strings (YAML's `nvidia.com/gpu: 1` is a number; a Pod wants "1").
     resources = {
@@ -294,8 +298,10 @@ def runtime_pod(
             # The operator owns restarts (the Pipeline's restartPolicy): a failed pod is
             # reported, then replaced.
             "restartPolicy": "Never",
-            # An API token only for a ServiceAccount the Pipeline names.
-            "automountServiceAccountToken": bool(t.get("serviceAccountName")),
+            # No API token of the namespace's default account. A ServiceAccount the template
+            # names decides for itself (its own automountServiceAccountToken): forcing it
+            # on would override an account that opted out.
+            **({} if t.get("serviceAccountName") else {"automountServiceAccountToken": False}),
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": int(settings.stop_timeout_s) + DELETE_GRACE_S,
             "securityContext": {
@@ -310,7 +316,10 @@ def runtime_pod(
                     "name": CONTAINER,
                     "image": t.get("image") or settings.runtime_image,
                     "imagePullPolicy": settings.runtime_pull_policy,
-                    "command": ["python", "-m", "juturna_operator.worker"],
+                    # -P: the working folder (/) is not on the import path, so a volume
+                    # mounted at /juturna (say) cannot stand in for a module; -s: no user
+                    # site-packages under a HOME the template may set.
+                    "command": ["python", "-P", "-s", "-m", "juturna_operator.worker"],
                     "args": [
                         *("--folder", WORKDIR),
                         *("--port-file", "/tmp/juturna-port"),

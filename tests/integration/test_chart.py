@@ -377,7 +377,11 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         assert web["clusterIP"] == json.loads(service)["spec"]["clusterIP"]
         # Its NetworkPolicy lets the worker's port be reached from the operator's own pod
         # (the chart's peer), the input port from anyone.
-        (policy,) = managed(kubectl, "networkpolicies", namespace)
+        (policy,) = [
+            p
+            for p in managed(kubectl, "networkpolicies", namespace)
+            if p["metadata"]["ownerReferences"][0]["uid"] == listening["metadata"]["uid"]
+        ]
         operator_peer = {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ops}},
             "podSelector": {

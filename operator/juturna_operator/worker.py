@@ -7,14 +7,16 @@ the service engine, or the engine's fallback when no zygote starts) it is::
     python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID --token-file T
 
 It serves Juturna's FastAPI ``app`` unchanged (the contract upstream ships and keeps) on a
-free loopback port, and adds five things in this thin module:
+free loopback port, and adds what it lacks in this thin module:
 
 * a bearer token on every request (the file's content, which the engine made for this
   worker alone): any other local process gets 401, so it can neither create, stop nor shut
   down pipelines here; only ``GET /operator/ready`` answers without it, and says nothing;
-* ``GET /operator/health``: the node threads that died (``threading.excepthook``), with
-  exception type and message (Juturna's own status would still say running), and the
-  pipelines whose warmup is in flight;
+* ``GET /operator/health``: the threads that died (``threading.excepthook``), with
+  exception type and message (Juturna's own status would still say running), each with the
+  pipeline and node it was started for (read where it was started: a node's constructor,
+  warmup, start or update; else from the thread that started it), and the pipelines whose
+  warmup is in flight;
 * one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
   and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/deploy``: create, carry the resource's output folder over, warm up and
@@ -45,6 +47,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
 WORKER_MARKER = "juturna_operator.worker"
 OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: reveals nothing
 
-crashes: list[dict[str, str]] = []
 # Deploys block for a whole warmup (minutes, for models): their own threads, so that a shard
 # deploying many pipelines at once still answers its health route from the shared pool.
 _deploys = ThreadPoolExecutor(max_workers=256, thread_name_prefix="deploy")
@@ -63,34 +65,89 @@ _server: Any = None
 _app: FastAPI | None = None  # built once per process: a zygote's workers share it
 _expected = b""  # the Authorization header every request must carry
 
+# Each thread's origin, set when it is made: (pipeline id, node name, "" if not known).
+ORIGIN = "juturna_operator_origin"
+# Crashes kept per pipeline (and of threads no pipeline started): the first, which name the
+# cause; the health answer stays small however often a node's threads die.
+CRASHES_KEPT = 10
 
-def _owner(thread: threading.Thread | None) -> tuple[str, str] | None:
-    """(pipeline id, node name) of a node thread: Juturna's thread names (``_update_<node>``)
-    are not unique across the pipelines of a worker run as a shared service."""
-    from juturna.components._pipeline_manager import PipelineManager
 
-    manager = PipelineManager._instance  # read only: never makes one in a thread's hook
-    pipelines = list(manager._pipelines.items()) if manager is not None else []
-    for pipeline_id, pipeline in pipelines:
-        for name, node in list((getattr(pipeline, "_nodes", None) or {}).items()):
-            if thread in (node._worker_thread, node._update_thread, node._source_thread):
-                return str(pipeline_id), str(name)
-    return None
+def origin_here() -> tuple[str, str] | None:
+    """The pipeline (id, and node name, "" if not known) that the code running now works
+    for: the nearest Juturna node (once its pipeline gave it its id) or pipeline among the
+    calling frames (a node's constructor, warmup, start, update); else the origin of the
+    running thread, which it took from the thread that started it (thread ancestry: a
+    helper's helper). None: no pipeline's (the worker's own threads)."""
+    from juturna.components import Node, Pipeline
+
+    node = ""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Node):
+                node = node or str(owner.name)
+                if owner.pipe_id:
+                    return str(owner.pipe_id), node
+            elif isinstance(owner, Pipeline):
+                return str(owner.pipe_id), node
+        frame = frame.f_back
+    inherited: tuple[str, str] | None = getattr(threading.current_thread(), ORIGIN, None)
+    return inherited
+
+
+def remember_origins() -> None:
+    """Give every thread made from now on its origin (``origin_here`` when it is made):
+    Juturna's thread names (``_update_<node>``) are not unique across the pipelines of a
+    shard, and a plugin's own threads carry no name of theirs at all."""
+    init = threading.Thread.__init__
+    if getattr(init, "remembers_origin", False):
+        return
+
+    @functools.wraps(init)
+    def thread_init(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        setattr(self, ORIGIN, origin_here())
+
+    thread_init.remembers_origin = True  # type: ignore[attr-defined]
+    threading.Thread.__init__ = thread_init  # type: ignore[method-assign]
+
+
+class Crashes:
+    """The threads that died here (``threading.excepthook``), by the pipeline they were
+    started for (None: no pipeline's), at most ``CRASHES_KEPT`` of each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._of: dict[str | None, list[dict[str, str]]] = {}
+
+    def record(self, pipeline_id: str | None, crash: dict[str, str]) -> None:
+        with self._lock:
+            kept = self._of.setdefault(pipeline_id, [])
+            if len(kept) < CRASHES_KEPT:
+                kept.append(crash if pipeline_id is None else {**crash, "pipeline": pipeline_id})
+
+    def listed(self) -> list[dict[str, str]]:
+        """Every crash kept: ``{node, thread, error}``, and ``pipeline`` where known."""
+        with self._lock:
+            return [crash for kept in self._of.values() for crash in kept]
+
+
+crashes = Crashes()
 
 
 def _record_crash(args: threading.ExceptHookArgs) -> None:
     thread = args.thread.name if args.thread is not None else "?"
-    owner = _owner(args.thread)
-    node = owner[1] if owner else thread.split("_", 2)[2] if thread.count("_") >= 2 else thread
+    origin: tuple[str, str] | None = getattr(args.thread, ORIGIN, None)
+    named = thread.split("_", 2)[2] if thread.startswith("_") and thread.count("_") >= 2 else ""
+    node = (origin[1] if origin else "") or named or thread
     error = (
         f"{args.exc_type.__name__}: {args.exc_value}"
         if args.exc_value
         else (args.exc_type.__name__)
     )
-    crash = {"node": node, "thread": thread, "error": error}
-    if owner:
-        crash["pipeline"] = owner[0]
-    crashes.append(crash)
+    crashes.record(origin[0] if origin else None, {"node": node, "thread": thread, "error": error})
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
 
 
@@ -275,6 +332,7 @@ def _build_app() -> FastAPI:
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
     stop_nodes_when_start_fails()
+    remember_origins()
     # Pitfall 5: an empty manager is falsy, so PipelineManager() makes a new one while none
     # has a pipeline; two deploys at once on an empty shard lost one's pipeline that way.
     PipelineManager.__bool__ = lambda self: True
@@ -298,7 +356,7 @@ def _build_app() -> FastAPI:
     def health() -> dict[str, Any]:
         return {
             "pipelines": [pipelines_now()],
-            "crashes": crashes,
+            "crashes": crashes.listed(),
             "warming": warmups.in_flight(),
         }
 

@@ -34,6 +34,19 @@ TICKER = (
 )
 
 
+Specs = tuple[tuple[str, str, str, dict[str, Any]], ...]
+
+
+def through(name: str, mark: str, configuration: dict[str, Any], rate: float = 20) -> Specs:
+    """A ticker, then the proc node ``name`` (``mark``: one of the faulty plugin's), then a
+    sink."""
+    return (
+        ("src", "source", "ticker", {"rate": rate}),
+        (name, "proc", mark, configuration),
+        ("out", "sink", "jsonl", {}),
+    )
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
     """Shards of three, in a workdir of this test's own. Teardown proves no shard of it is
@@ -140,6 +153,20 @@ def driven(settings: Settings) -> Iterator[Driven]:
         d.end()
 
 
+def crashed(driven: Driven, key: PipelineKey) -> bool:
+    info = driven.status(key)
+    return info is not None and bool(info.crashes)
+
+
+def assert_unharmed(driven: Driven, key: PipelineKey) -> None:
+    """``key``'s pipeline (of ``TICKER``) runs on: no crash, each node Running."""
+    info = driven.status(key)
+    assert info is not None
+    assert info.state is InstanceState.Running
+    assert info.crashes == []
+    assert info.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+
+
 def wait_for_output(workdir: Path, infos: dict[PipelineKey, InstanceInfo]) -> None:
     for k, info in infos.items():
         path = output_of(workdir, k, info.pipeline_id)
@@ -178,28 +205,17 @@ def test_a_node_that_raises_fails_its_own_pipeline_only(settings: Settings, driv
     """Two pipelines in one shard; a node of one raises at runtime: only that pipeline's
     status names the crash (the shard's health route says whose node died)."""
     calm, crashing = key_in("a"), key_in("a")
-    crasher = (
-        ("src", "source", "ticker", {"rate": 20}),
-        ("mid", "proc", "crasher", {"after": 3}),
-        ("out", "sink", "jsonl", {}),
-    )
+    crasher = through("mid", "crasher", {"after": 3})
     driven.deploy(calm)
     driven.deploy(crashing, specs=crasher)
     assert shard_of(calm, settings.workdir) == shard_of(crashing, settings.workdir)
 
-    def crashed() -> bool:
-        info = driven.status(crashing)
-        return info is not None and bool(info.crashes)
-
-    wait_until(crashed, 10, "the crash seen")
+    wait_until(lambda: crashed(driven, crashing), 10, "the crash seen")
     info = driven.status(crashing)
     assert info is not None
     assert [(c.node, c.error) for c in info.crashes] == [("mid", "RuntimeError: kaboom in mid")]
     assert info.nodes["mid"] == "Failed"
-    other = driven.status(calm)
-    assert other is not None
-    assert other.crashes == []
-    assert other.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+    assert_unharmed(driven, calm)
 
 
 def test_a_killed_shard_fails_each_of_its_pipelines_naming_it_and_the_others_run_on(
@@ -382,3 +398,33 @@ def test_a_shard_that_stops_answering_is_a_failure_naming_it_and_is_ended(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_helper_thread_that_raises_fails_its_own_pipeline_only(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 8: a thread a plugin starts of its own (in its ``start()``, and one that
+    thread starts) that raises is a crash of that plugin's node and pipeline, found by where
+    the thread was started and by thread ancestry. The shard's other pipeline, and one placed
+    there after the crashed one is deleted, see no crash."""
+    helper = through("amp", "helper", {"after": 0.5, "depth": 1})
+    calm, helped = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.deploy(helped, specs=helper)
+    shard = shard_of(calm, settings.workdir)
+    assert shard_of(helped, settings.workdir) == shard
+    wait_until(lambda: crashed(driven, helped), 10, "the helper's crash seen")
+    assert_unharmed(driven, calm)
+    info = driven.status(helped)
+    assert info is not None
+    assert [(c.node, c.thread, c.error) for c in info.crashes] == [
+        ("amp", "helper-amp", "RuntimeError: helper of amp failed")
+    ]
+    assert info.nodes["amp"] == "Failed"
+    driven.run(driven.engine.delete(helped))
+    driven.keys.remove(helped)
+    later = key_in("a")
+    driven.deploy(later)
+    assert shard_of(later, settings.workdir) == shard
+    for k in (later, calm):
+        assert_unharmed(driven, k)

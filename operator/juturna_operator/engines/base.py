@@ -57,17 +57,22 @@ def node_statuses(status: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
+def apply_health(info: InstanceInfo, health: dict[str, Any], shared: bool = False) -> None:
     """Fill ``info`` from our worker's ``/operator/health`` answer: its pipeline's node
-    statuses, and the node threads that died (Juturna's status misses those)."""
+    statuses, and the node threads that died (Juturna's status misses those).
+
+    The worker names the pipeline of each thread that died, where one started it. ``shared``:
+    the worker runs other pipelines too (a shard), so a crash of no pipeline's is none of
+    this one's; a worker of one pipeline gives it to that one."""
     for entry in health.get("pipelines", []):
         status = entry.get(info.pipeline_id)
         if status:
             info.nodes = node_statuses(status)
+    mine = (info.pipeline_id,) if shared else (None, info.pipeline_id)
     info.crashes = [
         NodeCrash(c["node"], c["thread"], c["error"])
         for c in health["crashes"]
-        if c.get("pipeline") in (None, info.pipeline_id)  # a shared worker: this one's only
+        if c.get("pipeline") in mine
     ]
     for crash in info.crashes:
         info.nodes[crash.node] = "Failed"

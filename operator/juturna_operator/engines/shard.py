@@ -18,7 +18,8 @@ the previous process left in flight is found on its shard by the pipeline's name
 What a shard contains, and what it costs:
 
 * a node that raises fails its own pipeline only (the worker's health route names the
-  pipeline of each dead node thread);
+  pipeline of each thread that died, a plugin's own threads included; one no pipeline
+  started fails none);
 * a shard that dies (a segfault, the kernel's OOM killer, a kill) fails every pipeline it
   ran at once, each with the process's exit in its status; each is restarted by its own
   ``restartPolicy`` (a restart counted), on another shard, its output folder kept. Pipelines
@@ -450,7 +451,7 @@ class ShardEngine(LockedEngine):
             if shard.health is None:
                 return info
             health = shard.health  # the last known state until it answers again
-        apply_health(info, health)
+        apply_health(info, health, shared=True)
         return info
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:

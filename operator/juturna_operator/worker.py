@@ -17,6 +17,8 @@ free loopback port, and adds what it lacks in this thin module:
   pipeline and node it was started for (read where it was started: a node's constructor,
   warmup, start or update; else from the thread that started it), and the pipelines whose
   warmup is in flight;
+* a deleted pipeline is forgotten (a shard outlives many): its crashes, its start lock and
+  Juturna's loggers of its name; ``GET /operator/retained`` says what the process keeps;
 * one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
   and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/deploy``: create, carry the resource's output folder over, warm up and
@@ -44,7 +46,7 @@ import shutil
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -116,17 +118,30 @@ def remember_origins() -> None:
 
 class Crashes:
     """The threads that died here (``threading.excepthook``), by the pipeline they were
-    started for (None: no pipeline's), at most ``CRASHES_KEPT`` of each."""
+    started for (None: no pipeline's), at most ``CRASHES_KEPT`` of each; a pipeline's go when
+    it is deleted (a shard outlives many)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._of: dict[str | None, list[dict[str, str]]] = {}
 
     def record(self, pipeline_id: str | None, crash: dict[str, str]) -> None:
+        """Keep ``crash``, unless its pipeline is deleted already (a thread that outlived
+        its pipeline's stop): checked under the lock ``forget`` takes, which a delete takes
+        after the manager lets the pipeline go, so none is kept for a deleted pipeline."""
+        from juturna.components._pipeline_manager import PipelineManager
+
+        manager = PipelineManager._instance  # read only: never makes one in a thread's hook
         with self._lock:
+            if pipeline_id is not None and pipeline_id not in getattr(manager, "_pipelines", {}):
+                return
             kept = self._of.setdefault(pipeline_id, [])
             if len(kept) < CRASHES_KEPT:
                 kept.append(crash if pipeline_id is None else {**crash, "pipeline": pipeline_id})
+
+    def forget(self, pipeline_id: str) -> None:
+        with self._lock:
+            self._of.pop(pipeline_id, None)
 
     def listed(self) -> list[dict[str, str]]:
         """Every crash kept: ``{node, thread, error}``, and ``pipeline`` where known."""
@@ -203,6 +218,47 @@ _start_locks_guard = threading.Lock()
 def _start_lock(pipeline_id: str) -> threading.Lock:
     with _start_locks_guard:
         return _start_locks.setdefault(pipeline_id, threading.Lock())
+
+
+def drop_loggers(name: str) -> None:
+    """Remove Juturna's loggers of a pipeline name (``jt.<name>``, its nodes' below it) from
+    logging's registry, which keeps every logger for the life of the process."""
+    registry = logging.Logger.manager.loggerDict
+    mine = f"jt.{name}"
+    for logger in [n for n in list(registry) if n == mine or n.startswith(f"{mine}.")]:
+        registry.pop(logger, None)
+
+
+def forget_pipeline(pipeline_id: str, name: str, others: Iterable[Any]) -> None:
+    """Drop what this process kept of a deleted pipeline: its crashes, its start lock, and
+    Juturna's loggers of its name unless a pipeline in ``others`` still has that name (a
+    redeploy of the same resource)."""
+    crashes.forget(pipeline_id)
+    with _start_locks_guard:
+        _start_locks.pop(pipeline_id, None)
+    if all(getattr(other, "name", None) != name for other in others):
+        drop_loggers(name)
+
+
+def forget_deleted_pipelines() -> None:
+    """Make ``delete_pipeline`` forget the pipeline it deleted (``forget_pipeline``): a shard
+    lives through many pipelines, and grew with each one it had run."""
+    from juturna.components._pipeline_manager import PipelineManager
+
+    delete = PipelineManager.delete_pipeline
+    if getattr(delete, "forgets", False):
+        return
+
+    def delete_pipeline(self: PipelineManager, pipeline_id: str, wipe_folder: bool) -> None:
+        pipeline = self._pipelines.get(pipeline_id)
+        try:
+            delete(self, pipeline_id, wipe_folder)
+        finally:
+            if pipeline is not None and pipeline_id not in self._pipelines:
+                forget_pipeline(pipeline_id, pipeline.name, list(self._pipelines.values()))
+
+    delete_pipeline.forgets = True  # type: ignore[attr-defined]
+    PipelineManager.delete_pipeline = delete_pipeline
 
 
 def stop_nodes_when_start_fails() -> None:
@@ -332,6 +388,7 @@ def _build_app() -> FastAPI:
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
     stop_nodes_when_start_fails()
+    forget_deleted_pipelines()
     remember_origins()
     # Pitfall 5: an empty manager is falsy, so PipelineManager() makes a new one while none
     # has a pipeline; two deploys at once on an empty shard lost one's pipeline that way.
@@ -358,6 +415,16 @@ def _build_app() -> FastAPI:
             "pipelines": [pipelines_now()],
             "crashes": crashes.listed(),
             "warming": warmups.in_flight(),
+        }
+
+    @app.get("/operator/retained")
+    def retained() -> dict[str, Any]:
+        # What this process keeps per pipeline: all of it should go with a deleted one.
+        return {
+            "pipelines": len(pipelines_now()),
+            "crashes": len(crashes.listed()),
+            "start_locks": len(_start_locks),
+            "loggers": sorted(n for n in logging.Logger.manager.loggerDict if n.startswith("jt.")),
         }
 
     # Annotations here are resolved in this module's globals (FastAPI reads them): only

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,22 @@ def shard_of(key: PipelineKey, workdir: Path) -> str:
     return str(
         json.loads((workdir / ".shards" / "pipelines" / f"{key.uid}.json").read_text())["shard"]
     )
+
+
+def shard_request(workdir: Path, shard: str, path: str, body: Any = None) -> Any:
+    """A request to a shard's own HTTP API with its token, as the engine makes them."""
+    state = workdir / ".shards"
+    port = json.loads((state / f"{shard}.json").read_text())["port"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Bearer {(state / f'{shard}.token').read_text().strip()}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
 
 
 def shard_pids(workdir: Path) -> list[int]:
@@ -428,3 +445,55 @@ def test_a_helper_thread_that_raises_fails_its_own_pipeline_only(
     assert shard_of(later, settings.workdir) == shard
     for k in (later, calm):
         assert_unharmed(driven, k)
+
+
+def retained(workdir: Path, shard: str) -> dict[str, Any]:
+    kept: dict[str, Any] = shard_request(workdir, shard, "/operator/retained")
+    return kept
+
+
+def test_a_deleted_pipeline_leaves_nothing_in_its_shard(settings: Settings, driven: Driven) -> None:
+    """Round 3, item 14: a shard lives on through many pipelines, so each deleted one takes
+    what the shard kept of it: its crashes (sent in every health answer), its start lock and
+    Juturna's loggers of its name. What the shard's remaining pipeline has stays."""
+    crasher = through("mid", "crasher", {"after": 3})
+    calm = key_in("a")
+    gone = [key_in("a"), key_in("a")]
+    driven.deploy(calm)
+    driven.deploy(*gone, specs=crasher)
+    shard = shard_of(calm, settings.workdir)
+    assert {shard_of(k, settings.workdir) for k in gone} == {shard}
+    wait_until(lambda: all(crashed(driven, k) for k in gone), 10, "both crashes seen")
+    before = retained(settings.workdir, shard)
+    assert (before["pipelines"], before["crashes"], before["start_locks"]) == (3, 2, 3)
+    for k in (calm, *gone):
+        assert f"jt.{k.juturna_name}" in before["loggers"]
+    for k in gone:
+        driven.run(driven.engine.delete(k))
+        driven.keys.remove(k)
+    after = retained(settings.workdir, shard)
+    assert (after["pipelines"], after["crashes"], after["start_locks"]) == (1, 0, 1)
+    assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
+    left = [name for name in after["loggers"] if any(k.juturna_name in name for k in gone)]
+    assert left == [], "loggers of deleted pipelines are kept"
+    assert {f"jt.{calm.juturna_name}", f"jt.{calm.juturna_name}.amp"} <= set(after["loggers"])
+    assert_unharmed(driven, calm)
+
+
+def test_a_thread_that_dies_after_its_pipeline_is_deleted_leaves_no_crash(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 14: a thread of a deleted pipeline that outlives it and then raises (a
+    helper still sleeping when the pipeline was stopped) is logged by its shard, and kept
+    nowhere: the shard's crash list holds no entry for a pipeline it no longer runs."""
+    late = through("amp", "helper", {"after": 1.5, "depth": 0})
+    calm, gone = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.deploy(gone, specs=late)
+    shard = shard_of(calm, settings.workdir)
+    driven.run(driven.engine.delete(gone))  # before its helper raises
+    driven.keys.remove(gone)
+    shard_log = settings.workdir / ".shards" / f"{shard}.log"
+    wait_until(lambda: "helper of amp failed" in shard_log.read_text(), 10, "the late crash")
+    assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
+    assert retained(settings.workdir, shard)["crashes"] == 0

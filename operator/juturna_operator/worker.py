@@ -17,8 +17,9 @@ free loopback port, and adds what it lacks in this thin module:
   pipeline and node it was started for (read where it was started: a node's constructor,
   warmup, start or update; else from the thread that started it), and the pipelines whose
   warmup is in flight;
-* a deleted pipeline is forgotten (a shard outlives many): its crashes, its start lock and
-  Juturna's loggers of its name; ``GET /operator/retained`` says what the process keeps;
+* a deleted pipeline is forgotten (a shard outlives many): its crashes, its start lock,
+  Juturna's loggers of its name, and the programs its nodes left running, ended with what
+  they started; ``GET /operator/retained`` says what the process keeps;
 * one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
   and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/deploy``: create, carry the resource's output folder over, warm up and
@@ -38,12 +39,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -72,6 +76,7 @@ ORIGIN = "juturna_operator_origin"
 # Crashes kept per pipeline (and of threads no pipeline started): the first, which name the
 # cause; the health answer stays small however often a node's threads die.
 CRASHES_KEPT = 10
+KILL_WAIT_S = 5.0  # for a killed program to be reaped
 
 
 def origin_here() -> tuple[str, str] | None:
@@ -100,9 +105,10 @@ def origin_here() -> tuple[str, str] | None:
 
 
 def remember_origins() -> None:
-    """Give every thread made from now on its origin (``origin_here`` when it is made):
-    Juturna's thread names (``_update_<node>``) are not unique across the pipelines of a
-    shard, and a plugin's own threads carry no name of theirs at all."""
+    """Give every thread made from now on its origin (``origin_here`` when it is made), and
+    note every program started (``subprocess.Popen``) under its pipeline: Juturna's thread
+    names (``_update_<node>``) are not unique across the pipelines of a shard, and a plugin's
+    own threads and programs carry no name of theirs at all."""
     init = threading.Thread.__init__
     if getattr(init, "remembers_origin", False):
         return
@@ -112,8 +118,16 @@ def remember_origins() -> None:
         init(self, *args, **kwargs)
         setattr(self, ORIGIN, origin_here())
 
+    popen_init = subprocess.Popen.__init__
+
+    @functools.wraps(popen_init)
+    def started(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        popen_init(self, *args, **kwargs)
+        programs.started(self)
+
     thread_init.remembers_origin = True  # type: ignore[attr-defined]
     threading.Thread.__init__ = thread_init  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = started  # type: ignore[method-assign]
 
 
 class Crashes:
@@ -164,6 +178,63 @@ def _record_crash(args: threading.ExceptHookArgs) -> None:
     )
     crashes.record(origin[0] if origin else None, {"node": node, "thread": thread, "error": error})
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, from /proc (a shell's ffmpeg)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+class Programs:
+    """The programs pipelines' nodes started (``subprocess.Popen``), by pipeline: those a
+    deleted pipeline leaves running (a node that never ends its ffmpeg) end with it, with
+    what they started in turn, instead of living as long as the shard."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._of: dict[str, list[subprocess.Popen[Any]]] = {}
+
+    def started(self, popen: subprocess.Popen[Any]) -> None:
+        origin = origin_here()
+        if origin is None:
+            return  # the worker's own
+        with self._lock:
+            # The node's own Popen object: polling it reaps an ended program for the node too.
+            running = [p for p in self._of.get(origin[0], []) if p.poll() is None]
+            self._of[origin[0]] = [*running, popen]
+
+    def end(self, pipeline_id: str) -> None:
+        """SIGKILL what is left of ``pipeline_id``'s programs, with their descendants."""
+        with self._lock:
+            left = self._of.pop(pipeline_id, [])
+        for popen in left:
+            if popen.poll() is not None:
+                continue
+            for pid in [popen.pid, *descendants(popen.pid)]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(KILL_WAIT_S)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(kept) for kept in self._of.values())
+
+
+programs = Programs()
 
 
 class Warmups:
@@ -230,12 +301,13 @@ def drop_loggers(name: str) -> None:
 
 
 def forget_pipeline(pipeline_id: str, name: str, others: Iterable[Any]) -> None:
-    """Drop what this process kept of a deleted pipeline: its crashes, its start lock, and
-    Juturna's loggers of its name unless a pipeline in ``others`` still has that name (a
-    redeploy of the same resource)."""
+    """Drop what this process kept of a deleted pipeline: its crashes, its start lock, the
+    programs its nodes left running, and Juturna's loggers of its name unless a pipeline in
+    ``others`` still has that name (a redeploy of the same resource)."""
     crashes.forget(pipeline_id)
     with _start_locks_guard:
         _start_locks.pop(pipeline_id, None)
+    programs.end(pipeline_id)
     if all(getattr(other, "name", None) != name for other in others):
         drop_loggers(name)
 
@@ -424,6 +496,7 @@ def _build_app() -> FastAPI:
             "pipelines": len(pipelines_now()),
             "crashes": len(crashes.listed()),
             "start_locks": len(_start_locks),
+            "programs": programs.count(),
             "loggers": sorted(n for n in logging.Logger.manager.loggerDict if n.startswith("jt.")),
         }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import processes_mentioning
+from controlplane import pid_alive, processes_mentioning
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey
@@ -477,6 +477,31 @@ def test_a_deleted_pipeline_leaves_nothing_in_its_shard(settings: Settings, driv
     left = [name for name in after["loggers"] if any(k.juturna_name in name for k in gone)]
     assert left == [], "loggers of deleted pipelines are kept"
     assert {f"jt.{calm.juturna_name}", f"jt.{calm.juturna_name}.amp"} <= set(after["loggers"])
+    assert_unharmed(driven, calm)
+
+
+def test_a_program_a_deleted_pipelines_node_started_ends_with_it(
+    settings: Settings, driven: Driven
+) -> None:
+    """Item 10 on shards: a program that a node starts and never ends (here a plugin's
+    ``sleep``; ffmpeg, for Juturna's media nodes) ends when its pipeline is deleted from a
+    shard that lives on for its other pipelines, instead of when the shard ends."""
+    spawner = through("spawner", "spawner", {"seconds": 600}, rate=4)
+    calm, spawns = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    pipeline_id = driven.deploy(spawns, specs=spawner)[spawns].pipeline_id
+    shard = shard_of(calm, settings.workdir)
+    assert shard_of(spawns, settings.workdir) == shard
+    child_pid = settings.workdir / f"{spawns.juturna_name}_{pipeline_id}" / "spawner" / "child.pid"
+    wait_until(child_pid.exists, 10, "the node's program")
+    program = int(child_pid.read_text())
+    assert pid_alive(program)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    driven.run(driven.engine.delete(spawns))
+    driven.keys.remove(spawns)
+    wait_until(lambda: not pid_alive(program), 10, f"the node's program {program} ended")
+    assert pid_alive(pid)  # the shard runs on
+    assert retained(settings.workdir, shard)["programs"] == 0
     assert_unharmed(driven, calm)
 
 

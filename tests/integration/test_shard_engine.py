@@ -21,7 +21,9 @@ from controlplane import pid_alive, processes_mentioning
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey
+from juturna_operator.engines import base
 from juturna_operator.engines.base import InstanceInfo, Plan
+from juturna_operator.engines.client import listed_name
 from juturna_operator.engines.shard import ShardEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure
 from juturna_operator.settings import Settings
@@ -46,6 +48,11 @@ def through(name: str, mark: str, configuration: dict[str, Any], rate: float = 2
         (name, "proc", mark, configuration),
         ("out", "sink", "jsonl", {}),
     )
+
+
+def counted(seconds: float) -> Specs:
+    """A pipeline whose warmup takes ``seconds`` (a model load), noting each in warmups.log."""
+    return through("mid", "counted", {"seconds": seconds, "fail": ""})
 
 
 @pytest.fixture
@@ -96,6 +103,17 @@ def shard_request(workdir: Path, shard: str, path: str, body: Any = None) -> Any
     )
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.load(answer)
+
+
+def named_on_shard(workdir: Path, shard: str, key: PipelineKey) -> list[str]:
+    """The ids of the pipelines the shard runs under ``key``'s name."""
+    health = shard_request(workdir, shard, "/operator/health")
+    return [
+        pipeline_id
+        for entry in health["pipelines"]
+        for pipeline_id, status in entry.items()
+        if listed_name(pipeline_id, status) == key.juturna_name
+    ]
 
 
 def shard_pids(workdir: Path) -> list[int]:
@@ -182,6 +200,20 @@ def assert_unharmed(driven: Driven, key: PipelineKey) -> None:
     assert info.state is InstanceState.Running
     assert info.crashes == []
     assert info.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+
+
+def deploy_in_flight(driven: Driven, key: PipelineKey, workdir: Path) -> asyncio.Task[str]:
+    """A deploy of ``key`` whose warmup takes 3 s, under way on ``driven``'s loop: returned
+    once that warmup has begun in its shard."""
+    in_flight = driven.runner.get_loop().create_task(deploy(driven.engine, key, counted(3)))
+    driven.keys.append(key)
+
+    def warming() -> bool:
+        driven.run(asyncio.sleep(0.05))  # lets the engine's deploy go out
+        return bool(list(workdir.glob(f"{key.juturna_name}_*/mid/warmups.log")))
+
+    wait_until(warming, 20, "the slow warmup begun")
+    return in_flight
 
 
 def wait_for_output(workdir: Path, infos: dict[PipelineKey, InstanceInfo]) -> None:
@@ -294,20 +326,8 @@ def test_a_restarted_operator_adopts_the_shards_and_deploys_nothing_again(
     keys = [key_in("a") for _ in range(4)]
     infos = driven.deploy(*keys)
     slow = key_in("a")
-    counted = (
-        ("src", "source", "ticker", {"rate": 20}),
-        ("mid", "proc", "counted", {"seconds": 3, "fail": ""}),
-        ("out", "sink", "jsonl", {}),
-    )
-    in_flight = driven.runner.get_loop().create_task(deploy(driven.engine, slow, counted))
-    driven.keys.append(slow)
+    in_flight = deploy_in_flight(driven, slow, settings.workdir)
     warmups = settings.workdir
-
-    def warming() -> bool:
-        driven.run(asyncio.sleep(0.05))  # lets the first engine's deploy go out
-        return bool(list(warmups.glob(f"{slow.juturna_name}_*/mid/warmups.log")))
-
-    wait_until(warming, 20, "the slow warmup begun")
     pids = shard_pids(settings.workdir)
 
     second = Driven(settings)  # the restarted operator
@@ -503,6 +523,117 @@ def test_a_program_a_deleted_pipelines_node_started_ends_with_it(
     assert pid_alive(pid)  # the shard runs on
     assert retained(settings.workdir, shard)["programs"] == 0
     assert_unharmed(driven, calm)
+
+
+def test_a_deploy_whose_answer_is_lost_leaves_no_pipeline_behind(
+    settings: Settings, driven: Driven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 3, item 9: a deploy that gives no answer in time has built its pipeline all the
+    same. The engine finds it by its name and holds it, so the delete that follows the
+    failure (the reconciler's discard) removes it, and the retry leaves one pipeline, not
+    two; deleted, none."""
+    calm, slow = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    shard = shard_of(calm, settings.workdir)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    port = json.loads((settings.workdir / ".shards" / f"{shard}.json").read_text())["port"]
+    monkeypatch.setattr(base, "WARMUP_TIMEOUT_S", 1.0)
+    driven.keys.append(slow)
+    with pytest.raises(PipelineFailure) as raised:
+        driven.run(deploy(driven.engine, slow, counted(3)))
+    [built] = named_on_shard(settings.workdir, shard, slow)
+    assert raised.value.reason is FailureReason.RuntimeUnavailable
+    assert raised.value.message == (
+        f"http://127.0.0.1:{port}/operator/deploy gave no answer within 1 s; shard process "
+        f"{pid} built pipeline {built} all the same, which goes with this failed attempt"
+    )
+    held = driven.status(slow)
+    assert held is not None
+    assert held.pipeline_id == built
+    monkeypatch.undo()
+    # What the reconciler does after a failed create: discard the instance, deploy again.
+    driven.run(driven.engine.delete(slow, release=False, keep_output=True))
+    assert named_on_shard(settings.workdir, shard, slow) == []
+    again = driven.run(deploy(driven.engine, slow))
+    assert named_on_shard(settings.workdir, shard, slow) == [again]
+    driven.run(driven.engine.delete(slow))
+    driven.keys.remove(slow)
+    assert named_on_shard(settings.workdir, shard, slow) == []
+
+
+def test_the_sweep_removes_pipelines_the_engine_does_not_hold_from_live_shards(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 9: a pipeline in a live shard that no record of the engine holds (a
+    deploy whose answer was lost before it could be found) is removed by the sweep, its
+    folder too; the shard's own pipeline runs on."""
+    calm, lost = key_in("a"), key_in("a")
+    calm_id = driven.deploy(calm)[calm].pipeline_id
+    shard = shard_of(calm, settings.workdir)
+    ghost = shard_request(
+        settings.workdir,
+        shard,
+        "/operator/deploy",
+        {"config": config_of(lost, TICKER), "until": "Running"},
+    )["pipeline_id"]
+    assert named_on_shard(settings.workdir, shard, lost) == [ghost]
+    removed = driven.run(driven.engine.sweep({calm.juturna_name: calm_id}))
+    assert removed == [ghost]
+    assert named_on_shard(settings.workdir, shard, lost) == []
+    assert not list(settings.workdir.glob(f"{lost.juturna_name}_*"))
+    assert_unharmed(driven, calm)
+    assert named_on_shard(settings.workdir, shard, calm) == [calm_id]
+
+
+@pytest.mark.parametrize("close_wait_s", [10.0, 0.5], ids=["waited", "bounded"])
+def test_an_operator_stopped_during_a_deploy_leaves_one_pipeline_for_the_next(
+    settings: Settings, driven: Driven, close_wait_s: float
+) -> None:
+    """Round 3, item 9: the operator stops (SIGTERM: the engine is closed, then its event
+    loop ends, cancelling what is still in flight) while a deploy warms up. ``close()`` lets
+    the deploy finish within its bound; a deploy that outlasts the bound keeps its record.
+    Either way the next operator process finds the one pipeline, and deploys none again."""
+    calm, slow = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.engine.close_wait_s = close_wait_s
+    in_flight = deploy_in_flight(driven, slow, settings.workdir)
+    shard = shard_of(slow, settings.workdir)
+    began = time.monotonic()
+    driven.run(driven.engine.close())
+    took = time.monotonic() - began
+    driven.ended = True
+    driven.runner.close()  # the operator's loop ends: what is still in flight is cancelled
+    assert took < close_wait_s + 1.5, took
+    [built] = named_on_shard(settings.workdir, shard, slow)
+    record = json.loads(
+        (settings.workdir / ".shards" / "pipelines" / f"{slow.uid}.json").read_text()
+    )
+    if close_wait_s > 3:  # the deploy ended within close(), and saved its outcome
+        assert in_flight.result() == built
+        assert (record["pipeline_id"], record["state"]) == (built, "Running")
+    else:  # cut short (its connection closed): its record is kept as it was, without an id
+        assert in_flight.cancelled() or isinstance(in_flight.exception(), PipelineFailure)
+        assert (record["pipeline_id"], record["state"]) == ("", "Created")
+    second = Driven(settings)  # the restarted operator
+    second.keys = [calm, slow]
+    try:
+        adopted = second.status(slow)
+        assert adopted is not None
+        assert adopted.pipeline_id == built
+        if adopted.state is not InstanceState.Running:
+            assert close_wait_s < 3  # only a close that gave up before the warmup ended
+
+            async def finish() -> None:
+                await second.engine.warmup(slow)  # joins the warmup in flight
+                await second.engine.start(slow)
+
+            second.run(finish())
+        running = second.status(slow)
+        assert running is not None
+        assert running.state is InstanceState.Running
+        assert named_on_shard(settings.workdir, shard, slow) == [built]
+    finally:
+        second.end()
 
 
 def test_a_thread_that_dies_after_its_pipeline_is_deleted_leaves_no_crash(

@@ -227,6 +227,7 @@ class Exclusive:
     def __init__(self) -> None:
         self._locks: dict[PipelineKey, KeyLock] = {}
         self._users: dict[PipelineKey, int] = {}  # holding or waiting for each lock
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     def _lock(self, key: PipelineKey) -> KeyLock:
         return self._locks.setdefault(key, KeyLock())
@@ -263,7 +264,20 @@ class Exclusive:
                 if not self._users[key]:
                     del self._users[key]
 
-        return await asyncio.shield(locked())
+        task = asyncio.ensure_future(locked())
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Until no operation is in flight, for at most ``timeout_s``: a stopping operator
+        lets them end (its event loop would cancel them halfway)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._in_flight:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(set(self._in_flight), timeout=left)
 
 
 class LockedEngine(Exclusive):

@@ -7,14 +7,19 @@ the service engine, or the engine's fallback when no zygote starts) it is::
     python -m juturna_operator.worker --folder DIR --port-file FILE --owner UID --token-file T
 
 It serves Juturna's FastAPI ``app`` unchanged (the contract upstream ships and keeps) on a
-free loopback port, and adds five things in this thin module:
+free loopback port, and adds what it lacks in this thin module:
 
 * a bearer token on every request (the file's content, which the engine made for this
   worker alone): any other local process gets 401, so it can neither create, stop nor shut
   down pipelines here; only ``GET /operator/ready`` answers without it, and says nothing;
-* ``GET /operator/health``: the node threads that died (``threading.excepthook``), with
-  exception type and message (Juturna's own status would still say running), and the
-  pipelines whose warmup is in flight;
+* ``GET /operator/health``: the threads that died (``threading.excepthook``), with
+  exception type and message (Juturna's own status would still say running), each with the
+  pipeline and node it was started for (read where it was started: a node's constructor,
+  warmup, start or update; else from the thread that started it), and the pipelines whose
+  warmup is in flight;
+* a deleted pipeline is forgotten (a shard outlives many): its crashes, its start lock,
+  Juturna's loggers of its name, and the programs its nodes left running, ended with what
+  they started; ``GET /operator/retained`` says what the process keeps;
 * one warmup per pipeline at a time: a warmup asked for while one is in flight waits for it
   and shares its outcome (Juturna would build and warm up a second set of nodes);
 * ``POST /operator/deploy``: create, carry the resource's output folder over, warm up and
@@ -34,17 +39,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hmac
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,7 +62,6 @@ if TYPE_CHECKING:
 WORKER_MARKER = "juturna_operator.worker"
 OPEN_PATHS = frozenset({"/operator/ready"})  # answered without the token: reveals nothing
 
-crashes: list[dict[str, str]] = []
 # Deploys block for a whole warmup (minutes, for models): their own threads, so that a shard
 # deploying many pipelines at once still answers its health route from the shared pool.
 _deploys = ThreadPoolExecutor(max_workers=256, thread_name_prefix="deploy")
@@ -63,35 +71,170 @@ _server: Any = None
 _app: FastAPI | None = None  # built once per process: a zygote's workers share it
 _expected = b""  # the Authorization header every request must carry
 
+# Each thread's origin, set when it is made: (pipeline id, node name, "" if not known).
+ORIGIN = "juturna_operator_origin"
+# Crashes kept per pipeline (and of threads no pipeline started): the first, which name the
+# cause; the health answer stays small however often a node's threads die.
+CRASHES_KEPT = 10
+KILL_WAIT_S = 5.0  # for a killed program to be reaped
 
-def _owner(thread: threading.Thread | None) -> tuple[str, str] | None:
-    """(pipeline id, node name) of a node thread: Juturna's thread names (``_update_<node>``)
-    are not unique across the pipelines of a worker run as a shared service."""
-    from juturna.components._pipeline_manager import PipelineManager
 
-    manager = PipelineManager._instance  # read only: never makes one in a thread's hook
-    pipelines = list(manager._pipelines.items()) if manager is not None else []
-    for pipeline_id, pipeline in pipelines:
-        for name, node in list((getattr(pipeline, "_nodes", None) or {}).items()):
-            if thread in (node._worker_thread, node._update_thread, node._source_thread):
-                return str(pipeline_id), str(name)
-    return None
+def origin_here() -> tuple[str, str] | None:
+    """The pipeline (id, and node name, "" if not known) that the code running now works
+    for: the nearest Juturna node (once its pipeline gave it its id) or pipeline among the
+    calling frames (a node's constructor, warmup, start, update); else the origin of the
+    running thread, which it took from the thread that started it (thread ancestry: a
+    helper's helper). None: no pipeline's (the worker's own threads)."""
+    from juturna.components import Node, Pipeline
+
+    node = ""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, Node):
+                node = node or str(owner.name)
+                if owner.pipe_id:
+                    return str(owner.pipe_id), node
+            elif isinstance(owner, Pipeline):
+                return str(owner.pipe_id), node
+        frame = frame.f_back
+    inherited: tuple[str, str] | None = getattr(threading.current_thread(), ORIGIN, None)
+    return inherited
+
+
+def remember_origins() -> None:
+    """Give every thread made from now on its origin (``origin_here`` when it is made), and
+    note every program started (``subprocess.Popen``) under its pipeline: Juturna's thread
+    names (``_update_<node>``) are not unique across the pipelines of a shard, and a plugin's
+    own threads and programs carry no name of theirs at all."""
+    init = threading.Thread.__init__
+    if getattr(init, "remembers_origin", False):
+        return
+
+    @functools.wraps(init)
+    def thread_init(self: threading.Thread, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        setattr(self, ORIGIN, origin_here())
+
+    popen_init = subprocess.Popen.__init__
+
+    @functools.wraps(popen_init)
+    def started(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        popen_init(self, *args, **kwargs)
+        programs.started(self)
+
+    thread_init.remembers_origin = True  # type: ignore[attr-defined]
+    threading.Thread.__init__ = thread_init  # type: ignore[method-assign]
+    subprocess.Popen.__init__ = started  # type: ignore[method-assign]
+
+
+class Crashes:
+    """The threads that died here (``threading.excepthook``), by the pipeline they were
+    started for (None: no pipeline's), at most ``CRASHES_KEPT`` of each; a pipeline's go when
+    it is deleted (a shard outlives many)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._of: dict[str | None, list[dict[str, str]]] = {}
+
+    def record(self, pipeline_id: str | None, crash: dict[str, str]) -> None:
+        """Keep ``crash``, unless its pipeline is deleted already (a thread that outlived
+        its pipeline's stop): checked under the lock ``forget`` takes, which a delete takes
+        after the manager lets the pipeline go, so none is kept for a deleted pipeline."""
+        from juturna.components._pipeline_manager import PipelineManager
+
+        manager = PipelineManager._instance  # read only: never makes one in a thread's hook
+        with self._lock:
+            if pipeline_id is not None and pipeline_id not in getattr(manager, "_pipelines", {}):
+                return
+            kept = self._of.setdefault(pipeline_id, [])
+            if len(kept) < CRASHES_KEPT:
+                kept.append(crash if pipeline_id is None else {**crash, "pipeline": pipeline_id})
+
+    def forget(self, pipeline_id: str) -> None:
+        with self._lock:
+            self._of.pop(pipeline_id, None)
+
+    def listed(self) -> list[dict[str, str]]:
+        """Every crash kept: ``{node, thread, error}``, and ``pipeline`` where known."""
+        with self._lock:
+            return [crash for kept in self._of.values() for crash in kept]
+
+
+crashes = Crashes()
 
 
 def _record_crash(args: threading.ExceptHookArgs) -> None:
     thread = args.thread.name if args.thread is not None else "?"
-    owner = _owner(args.thread)
-    node = owner[1] if owner else thread.split("_", 2)[2] if thread.count("_") >= 2 else thread
+    origin: tuple[str, str] | None = getattr(args.thread, ORIGIN, None)
+    named = thread.split("_", 2)[2] if thread.startswith("_") and thread.count("_") >= 2 else ""
+    node = (origin[1] if origin else "") or named or thread
     error = (
         f"{args.exc_type.__name__}: {args.exc_value}"
         if args.exc_value
         else (args.exc_type.__name__)
     )
-    crash = {"node": node, "thread": thread, "error": error}
-    if owner:
-        crash["pipeline"] = owner[0]
-    crashes.append(crash)
+    crashes.record(origin[0] if origin else None, {"node": node, "thread": thread, "error": error})
     logging.getLogger("juturna_operator.worker").warning("node %s crashed: %s", node, error)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs, from /proc (a shell's ffmpeg)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+class Programs:
+    """The programs pipelines' nodes started (``subprocess.Popen``), by pipeline: those a
+    deleted pipeline leaves running (a node that never ends its ffmpeg) end with it, with
+    what they started in turn, instead of living as long as the shard."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._of: dict[str, list[subprocess.Popen[Any]]] = {}
+
+    def started(self, popen: subprocess.Popen[Any]) -> None:
+        origin = origin_here()
+        if origin is None:
+            return  # the worker's own
+        with self._lock:
+            # The node's own Popen object: polling it reaps an ended program for the node too.
+            running = [p for p in self._of.get(origin[0], []) if p.poll() is None]
+            self._of[origin[0]] = [*running, popen]
+
+    def end(self, pipeline_id: str) -> None:
+        """SIGKILL what is left of ``pipeline_id``'s programs, with their descendants."""
+        with self._lock:
+            left = self._of.pop(pipeline_id, [])
+        for popen in left:
+            if popen.poll() is not None:
+                continue
+            for pid in [popen.pid, *descendants(popen.pid)]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(KILL_WAIT_S)
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(kept) for kept in self._of.values())
+
+
+programs = Programs()
 
 
 class Warmups:
@@ -146,6 +289,48 @@ _start_locks_guard = threading.Lock()
 def _start_lock(pipeline_id: str) -> threading.Lock:
     with _start_locks_guard:
         return _start_locks.setdefault(pipeline_id, threading.Lock())
+
+
+def drop_loggers(name: str) -> None:
+    """Remove Juturna's loggers of a pipeline name (``jt.<name>``, its nodes' below it) from
+    logging's registry, which keeps every logger for the life of the process."""
+    registry = logging.Logger.manager.loggerDict
+    mine = f"jt.{name}"
+    for logger in [n for n in list(registry) if n == mine or n.startswith(f"{mine}.")]:
+        registry.pop(logger, None)
+
+
+def forget_pipeline(pipeline_id: str, name: str, others: Iterable[Any]) -> None:
+    """Drop what this process kept of a deleted pipeline: its crashes, its start lock, the
+    programs its nodes left running, and Juturna's loggers of its name unless a pipeline in
+    ``others`` still has that name (a redeploy of the same resource)."""
+    crashes.forget(pipeline_id)
+    with _start_locks_guard:
+        _start_locks.pop(pipeline_id, None)
+    programs.end(pipeline_id)
+    if all(getattr(other, "name", None) != name for other in others):
+        drop_loggers(name)
+
+
+def forget_deleted_pipelines() -> None:
+    """Make ``delete_pipeline`` forget the pipeline it deleted (``forget_pipeline``): a shard
+    lives through many pipelines, and grew with each one it had run."""
+    from juturna.components._pipeline_manager import PipelineManager
+
+    delete = PipelineManager.delete_pipeline
+    if getattr(delete, "forgets", False):
+        return
+
+    def delete_pipeline(self: PipelineManager, pipeline_id: str, wipe_folder: bool) -> None:
+        pipeline = self._pipelines.get(pipeline_id)
+        try:
+            delete(self, pipeline_id, wipe_folder)
+        finally:
+            if pipeline is not None and pipeline_id not in self._pipelines:
+                forget_pipeline(pipeline_id, pipeline.name, list(self._pipelines.values()))
+
+    delete_pipeline.forgets = True  # type: ignore[attr-defined]
+    PipelineManager.delete_pipeline = delete_pipeline
 
 
 def stop_nodes_when_start_fails() -> None:
@@ -275,6 +460,8 @@ def _build_app() -> FastAPI:
     # their answers, and no HTTP detail (a client gone, a route replaced) matters.
     PipelineManager.warmup_pipeline = warmups.once(PipelineManager.warmup_pipeline)
     stop_nodes_when_start_fails()
+    forget_deleted_pipelines()
+    remember_origins()
     # Pitfall 5: an empty manager is falsy, so PipelineManager() makes a new one while none
     # has a pipeline; two deploys at once on an empty shard lost one's pipeline that way.
     PipelineManager.__bool__ = lambda self: True
@@ -298,8 +485,19 @@ def _build_app() -> FastAPI:
     def health() -> dict[str, Any]:
         return {
             "pipelines": [pipelines_now()],
-            "crashes": crashes,
+            "crashes": crashes.listed(),
             "warming": warmups.in_flight(),
+        }
+
+    @app.get("/operator/retained")
+    def retained() -> dict[str, Any]:
+        # What this process keeps per pipeline: all of it should go with a deleted one.
+        return {
+            "pipelines": len(pipelines_now()),
+            "crashes": len(crashes.listed()),
+            "start_locks": len(_start_locks),
+            "programs": programs.count(),
+            "loggers": sorted(n for n in logging.Logger.manager.loggerDict if n.startswith("jt.")),
         }
 
     # Annotations here are resolved in this module's globals (FastAPI reads them): only

@@ -10,17 +10,20 @@ import json
 import os
 import signal
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import processes_mentioning
+from controlplane import pid_alive, processes_mentioning
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey
+from juturna_operator.engines import base
 from juturna_operator.engines.base import InstanceInfo, Plan
+from juturna_operator.engines.client import listed_name
 from juturna_operator.engines.shard import ShardEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure
 from juturna_operator.settings import Settings
@@ -32,6 +35,24 @@ TICKER = (
     ("amp", "proc", "scale", {}),
     ("out", "sink", "jsonl", {}),
 )
+
+
+Specs = tuple[tuple[str, str, str, dict[str, Any]], ...]
+
+
+def through(name: str, mark: str, configuration: dict[str, Any], rate: float = 20) -> Specs:
+    """A ticker, then the proc node ``name`` (``mark``: one of the faulty plugin's), then a
+    sink."""
+    return (
+        ("src", "source", "ticker", {"rate": rate}),
+        (name, "proc", mark, configuration),
+        ("out", "sink", "jsonl", {}),
+    )
+
+
+def counted(seconds: float) -> Specs:
+    """A pipeline whose warmup takes ``seconds`` (a model load), noting each in warmups.log."""
+    return through("mid", "counted", {"seconds": seconds, "fail": ""})
 
 
 @pytest.fixture
@@ -66,6 +87,33 @@ def shard_of(key: PipelineKey, workdir: Path) -> str:
     return str(
         json.loads((workdir / ".shards" / "pipelines" / f"{key.uid}.json").read_text())["shard"]
     )
+
+
+def shard_request(workdir: Path, shard: str, path: str, body: Any = None) -> Any:
+    """A request to a shard's own HTTP API with its token, as the engine makes them."""
+    state = workdir / ".shards"
+    port = json.loads((state / f"{shard}.json").read_text())["port"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "Authorization": f"Bearer {(state / f'{shard}.token').read_text().strip()}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def named_on_shard(workdir: Path, shard: str, key: PipelineKey) -> list[str]:
+    """The ids of the pipelines the shard runs under ``key``'s name."""
+    health = shard_request(workdir, shard, "/operator/health")
+    return [
+        pipeline_id
+        for entry in health["pipelines"]
+        for pipeline_id, status in entry.items()
+        if listed_name(pipeline_id, status) == key.juturna_name
+    ]
 
 
 def shard_pids(workdir: Path) -> list[int]:
@@ -140,6 +188,34 @@ def driven(settings: Settings) -> Iterator[Driven]:
         d.end()
 
 
+def crashed(driven: Driven, key: PipelineKey) -> bool:
+    info = driven.status(key)
+    return info is not None and bool(info.crashes)
+
+
+def assert_unharmed(driven: Driven, key: PipelineKey) -> None:
+    """``key``'s pipeline (of ``TICKER``) runs on: no crash, each node Running."""
+    info = driven.status(key)
+    assert info is not None
+    assert info.state is InstanceState.Running
+    assert info.crashes == []
+    assert info.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+
+
+def deploy_in_flight(driven: Driven, key: PipelineKey, workdir: Path) -> asyncio.Task[str]:
+    """A deploy of ``key`` whose warmup takes 3 s, under way on ``driven``'s loop: returned
+    once that warmup has begun in its shard."""
+    in_flight = driven.runner.get_loop().create_task(deploy(driven.engine, key, counted(3)))
+    driven.keys.append(key)
+
+    def warming() -> bool:
+        driven.run(asyncio.sleep(0.05))  # lets the engine's deploy go out
+        return bool(list(workdir.glob(f"{key.juturna_name}_*/mid/warmups.log")))
+
+    wait_until(warming, 20, "the slow warmup begun")
+    return in_flight
+
+
 def wait_for_output(workdir: Path, infos: dict[PipelineKey, InstanceInfo]) -> None:
     for k, info in infos.items():
         path = output_of(workdir, k, info.pipeline_id)
@@ -178,28 +254,17 @@ def test_a_node_that_raises_fails_its_own_pipeline_only(settings: Settings, driv
     """Two pipelines in one shard; a node of one raises at runtime: only that pipeline's
     status names the crash (the shard's health route says whose node died)."""
     calm, crashing = key_in("a"), key_in("a")
-    crasher = (
-        ("src", "source", "ticker", {"rate": 20}),
-        ("mid", "proc", "crasher", {"after": 3}),
-        ("out", "sink", "jsonl", {}),
-    )
+    crasher = through("mid", "crasher", {"after": 3})
     driven.deploy(calm)
     driven.deploy(crashing, specs=crasher)
     assert shard_of(calm, settings.workdir) == shard_of(crashing, settings.workdir)
 
-    def crashed() -> bool:
-        info = driven.status(crashing)
-        return info is not None and bool(info.crashes)
-
-    wait_until(crashed, 10, "the crash seen")
+    wait_until(lambda: crashed(driven, crashing), 10, "the crash seen")
     info = driven.status(crashing)
     assert info is not None
     assert [(c.node, c.error) for c in info.crashes] == [("mid", "RuntimeError: kaboom in mid")]
     assert info.nodes["mid"] == "Failed"
-    other = driven.status(calm)
-    assert other is not None
-    assert other.crashes == []
-    assert other.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+    assert_unharmed(driven, calm)
 
 
 def test_a_killed_shard_fails_each_of_its_pipelines_naming_it_and_the_others_run_on(
@@ -261,20 +326,8 @@ def test_a_restarted_operator_adopts_the_shards_and_deploys_nothing_again(
     keys = [key_in("a") for _ in range(4)]
     infos = driven.deploy(*keys)
     slow = key_in("a")
-    counted = (
-        ("src", "source", "ticker", {"rate": 20}),
-        ("mid", "proc", "counted", {"seconds": 3, "fail": ""}),
-        ("out", "sink", "jsonl", {}),
-    )
-    in_flight = driven.runner.get_loop().create_task(deploy(driven.engine, slow, counted))
-    driven.keys.append(slow)
+    in_flight = deploy_in_flight(driven, slow, settings.workdir)
     warmups = settings.workdir
-
-    def warming() -> bool:
-        driven.run(asyncio.sleep(0.05))  # lets the first engine's deploy go out
-        return bool(list(warmups.glob(f"{slow.juturna_name}_*/mid/warmups.log")))
-
-    wait_until(warming, 20, "the slow warmup begun")
     pids = shard_pids(settings.workdir)
 
     second = Driven(settings)  # the restarted operator
@@ -382,3 +435,221 @@ def test_a_shard_that_stops_answering_is_a_failure_naming_it_and_is_ended(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_a_helper_thread_that_raises_fails_its_own_pipeline_only(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 8: a thread a plugin starts of its own (in its ``start()``, and one that
+    thread starts) that raises is a crash of that plugin's node and pipeline, found by where
+    the thread was started and by thread ancestry. The shard's other pipeline, and one placed
+    there after the crashed one is deleted, see no crash."""
+    helper = through("amp", "helper", {"after": 0.5, "depth": 1})
+    calm, helped = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.deploy(helped, specs=helper)
+    shard = shard_of(calm, settings.workdir)
+    assert shard_of(helped, settings.workdir) == shard
+    wait_until(lambda: crashed(driven, helped), 10, "the helper's crash seen")
+    assert_unharmed(driven, calm)
+    info = driven.status(helped)
+    assert info is not None
+    assert [(c.node, c.thread, c.error) for c in info.crashes] == [
+        ("amp", "helper-amp", "RuntimeError: helper of amp failed")
+    ]
+    assert info.nodes["amp"] == "Failed"
+    driven.run(driven.engine.delete(helped))
+    driven.keys.remove(helped)
+    later = key_in("a")
+    driven.deploy(later)
+    assert shard_of(later, settings.workdir) == shard
+    for k in (later, calm):
+        assert_unharmed(driven, k)
+
+
+def retained(workdir: Path, shard: str) -> dict[str, Any]:
+    kept: dict[str, Any] = shard_request(workdir, shard, "/operator/retained")
+    return kept
+
+
+def test_a_deleted_pipeline_leaves_nothing_in_its_shard(settings: Settings, driven: Driven) -> None:
+    """Round 3, item 14: a shard lives on through many pipelines, so each deleted one takes
+    what the shard kept of it: its crashes (sent in every health answer), its start lock and
+    Juturna's loggers of its name. What the shard's remaining pipeline has stays."""
+    crasher = through("mid", "crasher", {"after": 3})
+    calm = key_in("a")
+    gone = [key_in("a"), key_in("a")]
+    driven.deploy(calm)
+    driven.deploy(*gone, specs=crasher)
+    shard = shard_of(calm, settings.workdir)
+    assert {shard_of(k, settings.workdir) for k in gone} == {shard}
+    wait_until(lambda: all(crashed(driven, k) for k in gone), 10, "both crashes seen")
+    before = retained(settings.workdir, shard)
+    assert (before["pipelines"], before["crashes"], before["start_locks"]) == (3, 2, 3)
+    for k in (calm, *gone):
+        assert f"jt.{k.juturna_name}" in before["loggers"]
+    for k in gone:
+        driven.run(driven.engine.delete(k))
+        driven.keys.remove(k)
+    after = retained(settings.workdir, shard)
+    assert (after["pipelines"], after["crashes"], after["start_locks"]) == (1, 0, 1)
+    assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
+    left = [name for name in after["loggers"] if any(k.juturna_name in name for k in gone)]
+    assert left == [], "loggers of deleted pipelines are kept"
+    assert {f"jt.{calm.juturna_name}", f"jt.{calm.juturna_name}.amp"} <= set(after["loggers"])
+    assert_unharmed(driven, calm)
+
+
+def test_a_program_a_deleted_pipelines_node_started_ends_with_it(
+    settings: Settings, driven: Driven
+) -> None:
+    """Item 10 on shards: a program that a node starts and never ends (here a plugin's
+    ``sleep``; ffmpeg, for Juturna's media nodes) ends when its pipeline is deleted from a
+    shard that lives on for its other pipelines, instead of when the shard ends."""
+    spawner = through("spawner", "spawner", {"seconds": 600}, rate=4)
+    calm, spawns = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    pipeline_id = driven.deploy(spawns, specs=spawner)[spawns].pipeline_id
+    shard = shard_of(calm, settings.workdir)
+    assert shard_of(spawns, settings.workdir) == shard
+    child_pid = settings.workdir / f"{spawns.juturna_name}_{pipeline_id}" / "spawner" / "child.pid"
+    wait_until(child_pid.exists, 10, "the node's program")
+    program = int(child_pid.read_text())
+    assert pid_alive(program)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    driven.run(driven.engine.delete(spawns))
+    driven.keys.remove(spawns)
+    wait_until(lambda: not pid_alive(program), 10, f"the node's program {program} ended")
+    assert pid_alive(pid)  # the shard runs on
+    assert retained(settings.workdir, shard)["programs"] == 0
+    assert_unharmed(driven, calm)
+
+
+def test_a_deploy_whose_answer_is_lost_leaves_no_pipeline_behind(
+    settings: Settings, driven: Driven, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 3, item 9: a deploy that gives no answer in time has built its pipeline all the
+    same. The engine finds it by its name and holds it, so the delete that follows the
+    failure (the reconciler's discard) removes it, and the retry leaves one pipeline, not
+    two; deleted, none."""
+    calm, slow = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    shard = shard_of(calm, settings.workdir)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    port = json.loads((settings.workdir / ".shards" / f"{shard}.json").read_text())["port"]
+    monkeypatch.setattr(base, "WARMUP_TIMEOUT_S", 1.0)
+    driven.keys.append(slow)
+    with pytest.raises(PipelineFailure) as raised:
+        driven.run(deploy(driven.engine, slow, counted(3)))
+    [built] = named_on_shard(settings.workdir, shard, slow)
+    assert raised.value.reason is FailureReason.RuntimeUnavailable
+    assert raised.value.message == (
+        f"http://127.0.0.1:{port}/operator/deploy gave no answer within 1 s; shard process "
+        f"{pid} built pipeline {built} all the same, which goes with this failed attempt"
+    )
+    held = driven.status(slow)
+    assert held is not None
+    assert held.pipeline_id == built
+    monkeypatch.undo()
+    # What the reconciler does after a failed create: discard the instance, deploy again.
+    driven.run(driven.engine.delete(slow, release=False, keep_output=True))
+    assert named_on_shard(settings.workdir, shard, slow) == []
+    again = driven.run(deploy(driven.engine, slow))
+    assert named_on_shard(settings.workdir, shard, slow) == [again]
+    driven.run(driven.engine.delete(slow))
+    driven.keys.remove(slow)
+    assert named_on_shard(settings.workdir, shard, slow) == []
+
+
+def test_the_sweep_removes_pipelines_the_engine_does_not_hold_from_live_shards(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 9: a pipeline in a live shard that no record of the engine holds (a
+    deploy whose answer was lost before it could be found) is removed by the sweep, its
+    folder too; the shard's own pipeline runs on."""
+    calm, lost = key_in("a"), key_in("a")
+    calm_id = driven.deploy(calm)[calm].pipeline_id
+    shard = shard_of(calm, settings.workdir)
+    ghost = shard_request(
+        settings.workdir,
+        shard,
+        "/operator/deploy",
+        {"config": config_of(lost, TICKER), "until": "Running"},
+    )["pipeline_id"]
+    assert named_on_shard(settings.workdir, shard, lost) == [ghost]
+    removed = driven.run(driven.engine.sweep({calm.juturna_name: calm_id}))
+    assert removed == [ghost]
+    assert named_on_shard(settings.workdir, shard, lost) == []
+    assert not list(settings.workdir.glob(f"{lost.juturna_name}_*"))
+    assert_unharmed(driven, calm)
+    assert named_on_shard(settings.workdir, shard, calm) == [calm_id]
+
+
+@pytest.mark.parametrize("close_wait_s", [10.0, 0.5], ids=["waited", "bounded"])
+def test_an_operator_stopped_during_a_deploy_leaves_one_pipeline_for_the_next(
+    settings: Settings, driven: Driven, close_wait_s: float
+) -> None:
+    """Round 3, item 9: the operator stops (SIGTERM: the engine is closed, then its event
+    loop ends, cancelling what is still in flight) while a deploy warms up. ``close()`` lets
+    the deploy finish within its bound; a deploy that outlasts the bound keeps its record.
+    Either way the next operator process finds the one pipeline, and deploys none again."""
+    calm, slow = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.engine.close_wait_s = close_wait_s
+    in_flight = deploy_in_flight(driven, slow, settings.workdir)
+    shard = shard_of(slow, settings.workdir)
+    began = time.monotonic()
+    driven.run(driven.engine.close())
+    took = time.monotonic() - began
+    driven.ended = True
+    driven.runner.close()  # the operator's loop ends: what is still in flight is cancelled
+    assert took < close_wait_s + 1.5, took
+    [built] = named_on_shard(settings.workdir, shard, slow)
+    record = json.loads(
+        (settings.workdir / ".shards" / "pipelines" / f"{slow.uid}.json").read_text()
+    )
+    if close_wait_s > 3:  # the deploy ended within close(), and saved its outcome
+        assert in_flight.result() == built
+        assert (record["pipeline_id"], record["state"]) == (built, "Running")
+    else:  # cut short (its connection closed): its record is kept as it was, without an id
+        assert in_flight.cancelled() or isinstance(in_flight.exception(), PipelineFailure)
+        assert (record["pipeline_id"], record["state"]) == ("", "Created")
+    second = Driven(settings)  # the restarted operator
+    second.keys = [calm, slow]
+    try:
+        adopted = second.status(slow)
+        assert adopted is not None
+        assert adopted.pipeline_id == built
+        if adopted.state is not InstanceState.Running:
+            assert close_wait_s < 3  # only a close that gave up before the warmup ended
+
+            async def finish() -> None:
+                await second.engine.warmup(slow)  # joins the warmup in flight
+                await second.engine.start(slow)
+
+            second.run(finish())
+        running = second.status(slow)
+        assert running is not None
+        assert running.state is InstanceState.Running
+        assert named_on_shard(settings.workdir, shard, slow) == [built]
+    finally:
+        second.end()
+
+
+def test_a_thread_that_dies_after_its_pipeline_is_deleted_leaves_no_crash(
+    settings: Settings, driven: Driven
+) -> None:
+    """Round 3, item 14: a thread of a deleted pipeline that outlives it and then raises (a
+    helper still sleeping when the pipeline was stopped) is logged by its shard, and kept
+    nowhere: the shard's crash list holds no entry for a pipeline it no longer runs."""
+    late = through("amp", "helper", {"after": 1.5, "depth": 0})
+    calm, gone = key_in("a"), key_in("a")
+    driven.deploy(calm)
+    driven.deploy(gone, specs=late)
+    shard = shard_of(calm, settings.workdir)
+    driven.run(driven.engine.delete(gone))  # before its helper raises
+    driven.keys.remove(gone)
+    shard_log = settings.workdir / ".shards" / f"{shard}.log"
+    wait_until(lambda: "helper of amp failed" in shard_log.read_text(), 10, "the late crash")
+    assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
+    assert retained(settings.workdir, shard)["crashes"] == 0

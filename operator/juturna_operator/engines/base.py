@@ -57,17 +57,22 @@ def node_statuses(status: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def apply_health(info: InstanceInfo, health: dict[str, Any]) -> None:
+def apply_health(info: InstanceInfo, health: dict[str, Any], shared: bool = False) -> None:
     """Fill ``info`` from our worker's ``/operator/health`` answer: its pipeline's node
-    statuses, and the node threads that died (Juturna's status misses those)."""
+    statuses, and the node threads that died (Juturna's status misses those).
+
+    The worker names the pipeline of each thread that died, where one started it. ``shared``:
+    the worker runs other pipelines too (a shard), so a crash of no pipeline's is none of
+    this one's; a worker of one pipeline gives it to that one."""
     for entry in health.get("pipelines", []):
         status = entry.get(info.pipeline_id)
         if status:
             info.nodes = node_statuses(status)
+    mine = (info.pipeline_id,) if shared else (None, info.pipeline_id)
     info.crashes = [
         NodeCrash(c["node"], c["thread"], c["error"])
         for c in health["crashes"]
-        if c.get("pipeline") in (None, info.pipeline_id)  # a shared worker: this one's only
+        if c.get("pipeline") in mine
     ]
     for crash in info.crashes:
         info.nodes[crash.node] = "Failed"
@@ -222,6 +227,7 @@ class Exclusive:
     def __init__(self) -> None:
         self._locks: dict[PipelineKey, KeyLock] = {}
         self._users: dict[PipelineKey, int] = {}  # holding or waiting for each lock
+        self._in_flight: set[asyncio.Future[Any]] = set()
 
     def _lock(self, key: PipelineKey) -> KeyLock:
         return self._locks.setdefault(key, KeyLock())
@@ -258,7 +264,20 @@ class Exclusive:
                 if not self._users[key]:
                     del self._users[key]
 
-        return await asyncio.shield(locked())
+        task = asyncio.ensure_future(locked())
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return await asyncio.shield(task)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Until no operation is in flight, for at most ``timeout_s``: a stopping operator
+        lets them end (its event loop would cancel them halfway)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._in_flight:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(set(self._in_flight), timeout=left)
 
 
 class LockedEngine(Exclusive):

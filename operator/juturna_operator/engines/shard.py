@@ -18,7 +18,13 @@ the previous process left in flight is found on its shard by the pipeline's name
 What a shard contains, and what it costs:
 
 * a node that raises fails its own pipeline only (the worker's health route names the
-  pipeline of each dead node thread);
+  pipeline of each thread that died, a plugin's own threads included; one no pipeline
+  started fails none);
+* a deploy that gives no answer (a timeout, a dropped connection) may have built its
+  pipeline all the same: it is found by its name and held, so the delete after the failure
+  removes it; the sweep deletes whatever a live shard runs that the engine does not hold;
+* a stopping operator (``close``) lets operations in flight end, ``CLOSE_WAIT_S`` at most;
+  one cut short keeps its record, and the next process finds its pipeline by its name;
 * a shard that dies (a segfault, the kernel's OOM killer, a kill) fails every pipeline it
   ran at once, each with the process's exit in its status; each is restarted by its own
   ``restartPolicy`` (a restart counted), on another shard, its output folder kept. Pipelines
@@ -55,7 +61,7 @@ from juturna_operator.engines.base import (
     held,
     vacant,
 )
-from juturna_operator.engines.client import HalfBuilt, JuturnaClient, NoAnswer
+from juturna_operator.engines.client import HalfBuilt, JuturnaClient, NoAnswer, listed_name
 from juturna_operator.engines.workers import (
     HEALTH_MISSES,
     HEALTH_TIMEOUT_S,
@@ -63,6 +69,7 @@ from juturna_operator.engines.workers import (
     WorkerProcesses,
     describe_exit,
     done_already,
+    named_in,
     pipeline_named,
     wipe_output,
     worker_client,
@@ -77,6 +84,9 @@ log = logging.getLogger(__name__)
 # A health answer younger than this serves every pipeline of its shard: one call per shard
 # and round instead of one per pipeline (health checks come every few seconds for each).
 HEALTH_FRESH_S = 1.0
+# How long a stopping operator lets operations in flight end (a deploy's warmup); within the
+# 30 s Kubernetes gives a pod to stop, after the 5 s its reconcile passes get.
+CLOSE_WAIT_S = 15.0
 
 
 @dataclass
@@ -176,6 +186,8 @@ class ShardEngine(LockedEngine):
         self._placed: dict[PipelineKey, _Placed] = {}
         self._adopted: set[PipelineKey] = set()  # from a previous process, not yet claimed
         self._placing: asyncio.Lock | None = None  # made on the event loop, at first use
+        self._closing = False
+        self.close_wait_s = CLOSE_WAIT_S
         self._adopt_or_reap()
         self._procs.start_zygote()
 
@@ -337,15 +349,47 @@ class ShardEngine(LockedEngine):
             )
         except HalfBuilt as failure:
             # Held like any instance, so the delete that follows a failed step takes it down.
-            record.pipeline_id, record.state = failure.pipeline_id, failure.state.value
-            await self._save(placed)
+            await self._hold(placed, failure.pipeline_id, failure.state.value)
             raise
-        except BaseException:
-            await self._unplace(placed, keep_output=True)  # a previous instance's output stays
+        except PipelineFailure as failure:
+            # Closing drops the connections of requests in flight, and the shard's client.
+            no_answer = failure.reason is FailureReason.RuntimeUnavailable and not self._closing
+            built = await self._built_anyway(shard, key) if no_answer else None
+            if built is None:
+                await self._let_go(placed, failure)
+                raise
+            await self._hold(placed, *built)
+            raise PipelineFailure(
+                failure.reason,
+                failure.step,
+                f"{failure.message}; shard process {shard.record.pid} built pipeline {built[0]} "
+                "all the same, which goes with this failed attempt",
+            ) from failure
+        except BaseException as error:
+            await self._let_go(placed, error)
             raise
         record.state = state.value
         await self._save(placed)
         return record.pipeline_id
+
+    async def _hold(self, placed: _Placed, pipeline_id: str, state: str) -> None:
+        placed.record.pipeline_id, placed.record.state = pipeline_id, state
+        await self._save(placed)
+
+    async def _built_anyway(self, shard: _Shard, key: PipelineKey) -> tuple[str, str] | None:
+        """The pipeline (id, state) a deploy that gave no answer (a timeout, a dropped
+        connection) built all the same, found on its shard by its name; None if it built
+        none, or the shard cannot tell: the sweep removes what it built later."""
+        health = await self._health(shard, time.monotonic())
+        return None if isinstance(health, PipelineFailure) else named_in(health, key.juturna_name)
+
+    async def _let_go(self, placed: _Placed, error: BaseException) -> None:
+        """After a create that failed with nothing known to be built: unplace it, unless the
+        operator is stopping (closed, or its event loop cancelling what is in flight: no
+        ``Exception``). Then its record stays, and the next operator process looks for the
+        pipeline by its name."""
+        if not self._closing and isinstance(error, Exception):
+            await self._unplace(placed, keep_output=True)  # a previous instance's output stays
 
     async def _warmup(self, key: PipelineKey) -> None:
         placed = held(self._placed, key, Step.warmup)
@@ -450,13 +494,14 @@ class ShardEngine(LockedEngine):
             if shard.health is None:
                 return info
             health = shard.health  # the last known state until it answers again
-        apply_health(info, health)
+        apply_health(info, health, shared=True)
         return info
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
-        """Remove adopted pipelines whose resource is gone (deleted while no operator ran),
-        and end the shards that run nothing."""
-        removed = []
+        """Remove adopted pipelines whose resource is gone (deleted while no operator ran) and
+        the pipelines of live shards that the engine does not hold; end the shards that run
+        nothing."""
+        removed = await self._sweep_unheld()
         for key in list(self._adopted):
             placed = self._placed.get(key)
             if placed is None or key.juturna_name in keep:
@@ -472,8 +517,58 @@ class ShardEngine(LockedEngine):
                 await self._end_shard(shard)
         return removed
 
+    def _holds(self, shard: _Shard, pipeline_id: str, name: str) -> bool:
+        """Whether ``pipeline_id`` (called ``name``) on ``shard`` is the engine's: placed
+        there, left stuck there, or maybe what an operation under way makes (a deploy whose
+        id is not known yet). Read afresh at each decision: a create may end meanwhile."""
+        if pipeline_id in shard.stuck:
+            return True
+        for key in list(shard.pipelines):
+            placed = self._placed.get(key)
+            if placed is not None and placed.record.pipeline_id == pipeline_id:
+                return True
+            in_flight = placed is None or not placed.record.pipeline_id or self.busy(key)
+            if key.juturna_name == name and in_flight:
+                return True
+        return False
+
+    async def _sweep_unheld(self) -> list[str]:
+        """Delete the pipelines of live shards that the engine does not hold: ones a deploy
+        built after its answer was lost and its shard was asked (or could not answer)."""
+        removed = []
+        for shard in list(self._shards.values()):
+            if not shard.pipelines or not shard.alive() or shard.unresponsive():
+                continue  # a shard with none is ended below, pipelines and all
+            health = await self._health(shard, time.monotonic())
+            if isinstance(health, PipelineFailure):
+                continue
+            listed = [i for entry in health["pipelines"] for i in entry.items()]
+            for pipeline_id, status in listed:
+                name = listed_name(pipeline_id, status)
+                if self._holds(shard, pipeline_id, name):
+                    continue
+                log.warning(
+                    "sweep: removing pipeline %s (%s) from shard %s: the engine does not hold it",
+                    pipeline_id,
+                    name,
+                    shard.record.pid,
+                )
+                try:
+                    await shard.talk.delete(pipeline_id)
+                except PipelineFailure as failure:
+                    if failure.reason is not FailureReason.InvalidPipelineId:
+                        log.warning("sweep: %s", failure)
+                        shard.stuck.add(pipeline_id)  # the shard ends once emptied
+                    continue
+                removed.append(pipeline_id)
+        return removed
+
     async def close(self) -> None:
-        """Leave the shards running: the next operator process adopts them."""
+        """Leave the shards running: the next operator process adopts them. Operations in
+        flight (a deploy's warmup) may end first, for ``close_wait_s`` at most: one cut
+        short keeps its record, and the next process finds its pipeline by its name."""
+        self._closing = True
+        await self.settle(self.close_wait_s)
         for shard in self._shards.values():
             if shard.client is not None:
                 await shard.client.close()

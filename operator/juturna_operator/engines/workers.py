@@ -175,25 +175,31 @@ def wipe_output(workdir: Path, juturna_name: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def named_in(health: dict[str, Any], juturna_name: str) -> tuple[str, str] | None:
+    """The id and state of the newest pipeline called ``juturna_name`` in a worker's health
+    answer (listed in the order they were made), or None: what a deploy made on the worker
+    when its answer is lost, or when the operator process that sent it died."""
+    found = None
+    for entry in health.get("pipelines", []):
+        for pipeline_id, status in entry.items():
+            if listed_name(pipeline_id, status) == juturna_name:
+                state = JUTURNA_STATE.get(status.get("self"), InstanceState.Created)
+                found = pipeline_id, state.value
+    return found
+
+
 def pipeline_named(port: int, token: str, juturna_name: str) -> tuple[str, str] | None:
-    """The id and state of the pipeline called ``juturna_name`` on the worker at ``port``
-    (None if it holds none, or does not answer): what a deploy in flight when the previous
-    operator process died has made so far. Blocking; called at an engine's start."""
+    """``named_in`` the health answer of the worker at ``port`` (None if it does not answer).
+    Blocking; called at an engine's start."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/operator/health",
         headers={"Authorization": f"Bearer {token.strip()}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as answer:
-            listed = json.load(answer)["pipelines"]
-    except (OSError, ValueError, KeyError):
+            return named_in(json.load(answer), juturna_name)
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
-    for entry in listed:
-        for pipeline_id, status in entry.items():
-            if listed_name(pipeline_id, status) == juturna_name:
-                state = JUTURNA_STATE.get(status.get("self"), InstanceState.Created)
-                return pipeline_id, state.value
-    return None
 
 
 @contextlib.asynccontextmanager

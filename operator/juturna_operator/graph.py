@@ -15,6 +15,10 @@ checks (a cluster may run an older CRD) and adds what CEL cannot express:
 * two listeners on one port and protocol, or on the pipeline pod's own (``listening``);
 * on engine pod, what ``spec.template`` may not give the pod (``podpolicy``).
 
+The checks that read plugin files (``check_plugins``) run where the plugins are: in the
+operator for the engines beside it, in the pipeline's pod for engine pod (whose runtime
+image may hold other plugins than the operator's), through the worker, before warmup.
+
 It mirrors Juturna's lookup: a plugin folder ``tones`` under root ``R`` is imported as
 ``tones.nodes.<type>._<mark>.<mark>`` with ``R`` on ``sys.path``; built-ins come first
 and the last match wins. Nothing here imports plugin code.
@@ -248,12 +252,15 @@ def validate(
     runtimes: Collection[str] = (),
     policy: CodePolicy = TRUSTING,
     pod_policy: PodPolicy | None = None,
+    plugins_here: bool = True,
 ) -> Validated:
     """Check ``spec``; raise a ``PipelineFailure`` naming the first problem found.
 
     ``policy``: what the engine that will run it allows (``Settings.code_policy``);
     ``pod_policy``: what its template may give its pod, on engine pod
-    (``Settings.pod_policy``; None elsewhere: other engines ignore the template)."""
+    (``Settings.pod_policy``; None elsewhere: other engines ignore the template);
+    ``plugins_here``: False where the plugins are elsewhere (engine pod): ``check_plugins``
+    is then the engine's to run there."""
     check_structure(spec)
     check_runtime(spec.runtime, runtimes)
     if pod_policy is not None:
@@ -264,6 +271,18 @@ def validate(
             FailureReason.InvalidGraph,
             f"links form a cycle: {' -> '.join(cycle)}; Juturna would never run these nodes",
         )
+    result = check_plugins(spec, plugin_roots, policy) if plugins_here else Validated()
+    result.listeners = listening.listeners(spec)  # two on one port: InvalidSpec
+    return result
+
+
+def check_plugins(
+    spec: PipelineSpec, plugin_roots: Sequence[Path], policy: CodePolicy = TRUSTING
+) -> Validated:
+    """What depends on the plugin files under ``plugin_roots``: each plugin folder allowed and
+    found, each node's type and mark found (built-ins first, the last match wins), the
+    built-ins and ``$JT_ENV_`` values ``policy`` allows, and unknown configuration keys
+    (warnings)."""
     plugin_bases = [resolve_plugin(p, plugin_roots) / "nodes" for p in spec.plugins]
     bases = [BUILTIN_NODES, *plugin_bases]
     result = Validated()
@@ -293,7 +312,6 @@ def validate(
                 result.warnings.append(
                     f'node "{node.name}": unknown configuration key "{key}" (known: {known_keys})'
                 )
-    result.listeners = listening.listeners(spec)  # two on one port: InvalidSpec
     return result
 
 

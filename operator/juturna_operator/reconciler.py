@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from juturna_operator import graph, lifecycle, listening
 from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy, first_error
 from juturna_operator.domain import Address, InstanceState, PipelineKey
-from juturna_operator.engines.base import Engine, InstanceInfo, Plan
+from juturna_operator.engines.base import Engine, InstanceInfo, Plan, PluginCheck
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
@@ -491,6 +491,7 @@ class Reconciler:
                 self.settings.runtimes,
                 self.settings.code_policy(spec.runtime),
                 self.settings.pod_policy(spec.runtime, p.key.namespace),
+                plugins_here=not self._plugins_in_pod(spec),
             )
             p.mem.spec.validated_generation = p.desired.generation
             p.mem.spec.warnings = validated.warnings
@@ -505,6 +506,7 @@ class Reconciler:
                 template=spec.template.model_dump(mode="json") if spec.template else None,
                 until=UNTIL[p.desired.state],
                 listeners=p.mem.spec.listeners,
+                plugins=self._plugin_check(p, spec) if self._plugins_in_pod(spec) else None,
             )
             pid = await self.engine.create(p.key, config, p.desired.revision, plan)
             p.done.append(("Created", f"pipeline instance {pid} created"))
@@ -523,6 +525,22 @@ class Reconciler:
             }[action]
             await act(p.key)
             p.done.append((reason, message))
+
+    def _plugins_in_pod(self, spec: PipelineSpec) -> bool:
+        """Engine pod: the pipeline loads its runtime image's plugins, not the operator's."""
+        return self.settings.engine_for(spec.runtime) == "pod"
+
+    def _plugin_check(self, p: _Pass, spec: PipelineSpec) -> PluginCheck:
+        def warn(warning: str) -> None:  # once per generation, as a local validation does
+            if warning not in p.mem.spec.warnings:
+                p.mem.spec.warnings.append(warning)
+                self._event(p, "Warning", "UnknownConfigurationKey", warning)
+
+        return PluginCheck(
+            spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+            self.settings.code_policy(spec.runtime),
+            warn,
+        )
 
     def _tell(self, p: _Pass) -> None:
         """One Normal Event for the steps done since the last one, named after the last."""

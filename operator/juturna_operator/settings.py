@@ -45,6 +45,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from juturna_operator.domain import NAMESPACE_NAME
@@ -337,6 +338,20 @@ class CodePolicy:
 
     def allows_builtin(self, node_type: str, mark: str) -> bool:
         return self.builtins is None or f"{node_type}/{mark}" in self.builtins
+
+    def to_json(self) -> dict[str, object]:
+        """For the worker that checks a pipeline's plugins where they are (engine pod)."""
+        builtins = None if self.builtins is None else sorted(self.builtins)
+        return {"engine": self.engine, "builtins": builtins, "envReferences": self.env_references}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CodePolicy:
+        builtins = data["builtins"]
+        return cls(
+            str(data["engine"]),
+            None if builtins is None else frozenset(map(str, builtins)),
+            bool(data["envReferences"]),
+        )
 
 
 def parse_plugin_path(raw: str, where: str = ENV_PREFIX + "PLUGIN_PATH") -> list[Path]:

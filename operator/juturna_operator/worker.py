@@ -481,6 +481,27 @@ def _build_app() -> FastAPI:
     def ready() -> dict[str, bool]:
         return {"ready": True}
 
+    @app.post("/operator/validate")
+    def validate(body: dict[str, Any]) -> dict[str, Any]:
+        """The graph checks that read plugin files, against this process's own plugins (in a
+        pod: its runtime image's, JUTURNA_OPERATOR_PLUGIN_PATH): the reasons and messages
+        the operator gives where it checks them itself."""
+        from juturna_operator import graph
+        from juturna_operator.api import PipelineSpec
+        from juturna_operator.reasons import PipelineFailure
+        from juturna_operator.settings import CodePolicy
+
+        roots = os.environ.get("JUTURNA_OPERATOR_PLUGIN_PATH", "")
+        try:
+            checked = graph.check_plugins(
+                PipelineSpec.model_validate(body["spec"]),
+                [Path(root) for root in roots.split(os.pathsep) if root],
+                CodePolicy.from_json(body["policy"]),
+            )
+        except PipelineFailure as failure:
+            return {"failure": {"reason": failure.reason.name, "message": failure.message}}
+        return {"warnings": checked.warnings}
+
     @app.get("/operator/health")
     def health() -> dict[str, Any]:
         return {

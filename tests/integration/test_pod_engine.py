@@ -15,6 +15,7 @@ import pytest
 from kubernetes import client
 
 from support import (
+    REPO,
     Kubectl,
     Operator,
     Pipelines,
@@ -722,3 +723,34 @@ def test_a_pod_that_cannot_start_fails_in_the_kubelets_words(
         "not found"
     )
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed start", 60)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_PLUGIN_PATH=str(REPO / "examples" / "plugins"))
+def test_plugins_are_those_of_the_pods_image_not_the_operators(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Item 15: the operator's own plugin roots hold only the example's, the pods' image holds
+    the faulty plugins too. A Pipeline using them runs (before: a false PluginNotFound from
+    the operator's roots); one naming a plugin folder the image lacks fails before warmup
+    with the message graph validation gives, naming the image's roots, and leaves nothing."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(through_faulty("counted", ("counted", {}), {}, 0))
+    pipelines.wait_ready("counted", timeout=120)
+    missing = manifest("missing", plugins=["tones", "nowhere"])
+    pipelines.apply(missing)
+    body = pipelines.wait_phase("missing", "Failed", timeout=120)
+    assert body["status"]["failure"] == {
+        "reason": "PluginNotFound",
+        "code": 422,
+        "step": "validate",
+        "message": 'plugin folder "nowhere" not found under any plugin root (/plugins)',
+    }
+    wait_until(
+        lambda: (
+            [p["metadata"]["name"] for p in managed(kubectl, "pods", namespace)]
+            == [pipelines.get("counted")["status"]["pod"]["name"]]
+        ),
+        60,
+        "only the running Pipeline's pod left",
+    )

@@ -415,6 +415,7 @@ def test_the_worker_answers_only_its_operator(
     for path, method in (
         (f"/pipelines/{pipeline_id}/stop", "POST"),
         ("/operator/shutdown", "POST"),
+        ("/operator/validate", "POST"),
         ("/pipelines", "GET"),
         ("/operator/health", "GET"),
     ):

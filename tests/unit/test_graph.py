@@ -343,3 +343,21 @@ def test_a_warped_nodes_warp_configuration_may_not_read_the_environment() -> Non
     assert err.value.message.startswith(
         'node "amp": configuration key "grpc_host" reads an environment variable ("$JT_ENV_SECRET")'
     )
+
+
+def test_plugins_checked_where_they_are_are_not_checked_here(tmp_path: Path) -> None:
+    """Item 15: on engine pod the operator's plugin roots say nothing about the pod's image:
+    the checks that read plugin files are left to the pod (``check_plugins``, through the
+    worker), with the same reasons and messages; the rest is checked here still."""
+    from juturna_operator.graph import check_plugins
+
+    elsewhere = spec(plugins=["nothere"])
+    assert validate(elsewhere, [tmp_path], plugins_here=False).impls == {}
+    here = failure_of(elsewhere, [tmp_path])
+    with pytest.raises(PipelineFailure) as there:
+        check_plugins(elsewhere, [tmp_path])
+    assert (there.value.reason, there.value.message) == (here.reason, here.message)
+    cyclic = spec(links=[{"from": "src", "to": "amp"}, {"from": "amp", "to": "src"}])
+    with pytest.raises(PipelineFailure) as err:
+        validate(cyclic, [tmp_path], plugins_here=False)
+    assert err.value.reason is FailureReason.InvalidGraph

@@ -26,6 +26,7 @@ from juturna_operator.domain import (
 )
 from juturna_operator.listening import Listener
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from juturna_operator.settings import CodePolicy
 
 if TYPE_CHECKING:
     from juturna_operator.engines.client import JuturnaClient
@@ -132,6 +133,16 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class PluginCheck:
+    """The graph checks that read plugin files (``graph.check_plugins``), for an engine whose
+    pipelines load other plugins than the operator's to run where they are (engine pod)."""
+
+    spec: dict[str, Any]  # the Pipeline's spec, as the API holds it
+    policy: CodePolicy  # what may run where it runs
+    warn: Callable[[str], None]  # for each warning (an unknown configuration key)
+
+
+@dataclass(frozen=True)
 class Plan:
     """What a create needs besides Juturna's config, each part for the engines it concerns."""
 
@@ -142,6 +153,7 @@ class Plan:
     # start; where the runtime is a Juturna service, with its one deploy call). The per-step
     # calls stay for what is left (Ready → Running) and for recovery.
     until: InstanceState = InstanceState.Created
+    plugins: PluginCheck | None = None  # engine pod: checked in the pod, before warmup
 
 
 DEFAULT_PLAN = Plan()

@@ -88,6 +88,7 @@ MAX_SERVICE_NAME = 63
 POD_READY_TIMEOUT_S = 300.0  # an image pull can take minutes
 POLL_S = 0.25  # without a watch (before its first event)
 FALLBACK_POLL_S = 5.0  # with the watch: only in case an event is missed
+VALIDATE_TIMEOUT_S = 30.0  # the worker reads config.toml files: well under a second
 ENDED_WAIT_S = 3.0  # how long a silent worker's pod may take to show its container ended
 DELETE_GRACE_S = 5
 IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
@@ -707,6 +708,27 @@ class PodEngine(LockedEngine):
                 return problem
             await self._changed(key, POLL_S * 2)
 
+    async def _check_plugins(self, client: JuturnaClient, plan: Plan) -> None:
+        """The graph checks that read plugin files, run by the worker against the plugins of
+        the pod's own image (which may hold other plugins than the operator's): a missing or
+        disallowed plugin fails here, before warmup, as it would in the operator."""
+        if plan.plugins is None:
+            return
+        answer = await client.request(
+            "POST",
+            "/operator/validate",
+            Step.validate,
+            VALIDATE_TIMEOUT_S,
+            json={"spec": plan.plugins.spec, "policy": plan.plugins.policy.to_json()},
+        )
+        failure = answer.get("failure")
+        if failure:
+            raise PipelineFailure(
+                FailureReason[failure["reason"]], Step.validate, str(failure["message"])
+            )
+        for warning in answer.get("warnings") or []:
+            plan.plugins.warn(str(warning))
+
     async def _kubelet_warning(self, pod: dict[str, Any]) -> str:
         """The kubelet's latest Warning about this pod (``reason: message``), or ''."""
         found = await self._events(pod, "type=Warning,source=kubelet")
@@ -800,6 +822,7 @@ class PodEngine(LockedEngine):
             await self._create_owned(key, "pod", pod_body)
             pod = await self._wait_serving(key)
             client = self._client(pod, token)
+            await self._check_plugins(client, plan)
             pipeline_id, state = await self._deploy(key, client, config, plan.until)
             serving = instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)
@@ -851,6 +874,7 @@ class PodEngine(LockedEngine):
         """A new instance in the pod the last one left: no new pod, no image start."""
         try:
             await self._guard(key, plan.listeners)  # its input ports may have changed
+            await self._check_plugins(runtime.client, plan)  # its plugins may have
             runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, plan.until)
             serving = runtime.instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods bench-live crds lint clean
+.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ bench-pods: venv binaries packages ## the pod engine against bare pods on the re
 
 bench-live: venv binaries packages ## live pipelines on the real node: address, first result, idle RSS: docs/benchmarks-live.md
 	$(PY) bench/live.py --out docs
+
+bench-shard: venv ## a long-lived shard's memory over 2000 deploy/delete cycles (~2 min, no cluster): docs/benchmarks-shard.md
+	$(PY) bench/shard_growth.py --out docs
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds

@@ -265,3 +265,19 @@ def test_an_answer_of_exactly_the_cap_is_read(flood: str) -> None:
         with_client(flood, lambda c: c.request("GET", f"/json/{MAX_ANSWER_BYTES + 1}", Step.run))
     )
     assert f.reason is FailureReason.AnswerTooLarge
+
+
+def test_a_request_after_the_client_closed_is_runtime_unavailable(serve: JuturnaServe) -> None:
+    """A runtime being ended closes its client while another task may still ask it (its
+    retry waiting): that request fails as the runtime's absence, not as a RuntimeError."""
+
+    async def scenario(c: JuturnaClient) -> Any:
+        await c.close()
+        return await c.list()
+
+    f = failure(with_client(serve.url, scenario))
+    assert (f.reason, f.step) == (FailureReason.RuntimeUnavailable, Step.run)
+    assert f.message == (
+        f"{serve.url}/pipelines: not sent, as the runtime is being ended (the operator closed "
+        "its connection to it)"
+    )

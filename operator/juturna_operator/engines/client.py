@@ -246,6 +246,15 @@ class JuturnaClient:
         resend = resend or method == "GET" or done_if is not None
         dropped = False  # a request went out and its connection dropped before the answer
         for attempt in range(self._retries + 1):
+            if self._http.is_closed:
+                # Its runtime was ended meanwhile (the deletes of a shard's pipelines all end
+                # it; a retry waited here while one did): httpx would raise RuntimeError.
+                raise PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    step,
+                    f"{self.shown_url}{path}: not sent, as the runtime is being ended (the "
+                    "operator closed its connection to it)",
+                )
             try:
                 response, content = await self._send(method, path, step, timeout, **kw)
                 break

@@ -58,6 +58,7 @@ MAYBE_SENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 # first and 1.5 times the second; parsing an answer that large costs the operator 11 MiB in
 # the shard's shape, 75 MiB in the costliest JSON shape (a list of one-item lists).
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 64 * 1024  # read at a time, where the reader chooses (the sync one)
 
 CONFLICTS = {
     "already warmed up": FailureReason.AlreadyWarmedUp,

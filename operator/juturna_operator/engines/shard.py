@@ -55,7 +55,7 @@ from juturna_operator.engines.base import (
     held,
     vacant,
 )
-from juturna_operator.engines.client import HalfBuilt, JuturnaClient, NoAnswer
+from juturna_operator.engines.client import AnswerTooLarge, HalfBuilt, JuturnaClient, NoAnswer
 from juturna_operator.engines.workers import (
     HEALTH_MISSES,
     HEALTH_TIMEOUT_S,
@@ -120,6 +120,9 @@ class _Shard:
     asking: asyncio.Future[dict[str, Any] | PipelineFailure] | None = None
     asked_at: float = 0.0
     misses: int = 0
+    # Its health answer was over the size cap: every pipeline here fails with this, none is
+    # added, and the shard is ended when the first of them is redeployed (as when unresponsive).
+    refused: PipelineFailure | None = None
 
     def connect(self, port: int) -> JuturnaClient:
         self.record.port = port
@@ -137,12 +140,16 @@ class _Shard:
     def unresponsive(self) -> bool:
         return self.misses >= HEALTH_MISSES
 
+    def unusable(self) -> bool:
+        """Alive but no longer to be asked: unresponsive, or its health answer was refused."""
+        return self.unresponsive() or self.refused is not None
+
     def takes_more(self, namespace: str, size: int) -> bool:
         return (
             self.record.namespace == namespace
             and len(self.pipelines) < size
             and not self.stuck
-            and not self.unresponsive()
+            and not self.unusable()
             and self.alive()
         )
 
@@ -303,6 +310,15 @@ class ShardEngine(LockedEngine):
             health: dict[str, Any] = await shard.talk.request(
                 "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
             )
+        except AnswerTooLarge as failure:
+            shard.refused = PipelineFailure(
+                failure.reason,
+                Step.run,
+                f"shard process {shard.record.pid}, running {len(shard.pipelines)} "
+                f"pipeline(s): {failure.message}",
+            )
+            log.warning("%s", shard.refused.message)
+            return failure
         except PipelineFailure as failure:
             await asyncio.sleep(0.2)  # a shard killed a moment ago refuses before it is reaped
             if shard.alive():
@@ -401,8 +417,9 @@ class ShardEngine(LockedEngine):
                 await asyncio.to_thread(wipe_output, self._workdir, key.juturna_name)
             return
         shard = placed.shard
-        if shard.unresponsive() and shard.alive():
-            # Its pipelines are being redeployed elsewhere: no request would be answered.
+        if shard.unusable() and shard.alive():
+            # Its pipelines are being redeployed elsewhere: no request would be answered (or
+            # read).
             await self._end_shard(shard)
         if shard.alive() and placed.record.pipeline_id:
             if placed.state is InstanceState.Running:
@@ -429,6 +446,10 @@ class ShardEngine(LockedEngine):
         record, shard = placed.record, placed.shard
         info = InstanceInfo(key, record.pipeline_id, record.revision, placed.state)
         pid = f"pid {shard.record.pid}"
+        if shard.refused is not None and not self.busy(key):
+            # Its health answer was over the size cap: the cause, even once the shard is ended.
+            info.failure = shard.refused
+            return info
         if not shard.alive():
             cause = f"{shard.exit_description()}; it ran {len(shard.pipelines)} pipeline(s)"
             info.crashes = [NodeCrash(WHOLE_RUNTIME, pid, cause)]
@@ -437,6 +458,9 @@ class ShardEngine(LockedEngine):
             return info  # its deploy is under way: the step says how far
         health = await self._health(shard, placed.changed_at)
         if isinstance(health, PipelineFailure):
+            if shard.refused is not None:  # this very answer
+                info.failure = shard.refused
+                return info
             if not shard.alive():
                 info.crashes = [NodeCrash(WHOLE_RUNTIME, pid, shard.exit_description())]
                 return info

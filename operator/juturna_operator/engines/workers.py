@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from juturna_operator.domain import InstanceState
-from juturna_operator.engines.client import JUTURNA_STATE, JuturnaClient, listed_name
+from juturna_operator.engines.client import (
+    CHUNK_BYTES,
+    JUTURNA_STATE,
+    AnswerTooLarge,
+    CappedBody,
+    JuturnaClient,
+    listed_name,
+)
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
@@ -161,13 +168,18 @@ def pipeline_named(port: int, token: str, juturna_name: str) -> tuple[str, str] 
     """The id and state of the pipeline called ``juturna_name`` on the worker at ``port``
     (None if it holds none, or does not answer): what a deploy in flight when the previous
     operator process died has made so far. Blocking; called at an engine's start."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/operator/health",
-        headers={"Authorization": f"Bearer {token.strip()}"},
-    )
+    url = f"http://127.0.0.1:{port}/operator/health"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.strip()}"})
     try:
         with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as answer:
-            listed = json.load(answer)["pipelines"]
+            body = CappedBody(Step.run, url, answer.headers.get("Content-Length"))
+            while chunk := answer.read(CHUNK_BYTES):
+                body.add(chunk)
+        listed = json.loads(body.content())["pipelines"]
+    except AnswerTooLarge as failure:
+        # The shard fails its pipelines at their next health check, with this message.
+        log.warning("cannot look for %s: %s", juturna_name, failure.message)
+        return None
     except (OSError, ValueError, KeyError):
         return None
     for entry in listed:

@@ -278,12 +278,19 @@ def processes_mentioning(marker: str) -> list[int]:
     return found
 
 
-def rss_kib(pid: int) -> int:
-    """A process's resident memory in KiB (0 for a zombie; OSError once it is gone)."""
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A process's resident memory in KiB (0 for a zombie; OSError once it is gone);
+    ``field="VmHWM"``: its peak since it started, or since ``reset_peak_rss``."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Make a process's peak resident memory (VmHWM) its current one, from now on (Linux's
+    ``clear_refs``; the process must be ours)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -7,6 +7,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -438,6 +439,18 @@ def built_plugins_image(base: str) -> str:
             f"building {PLUGINS_IMAGE}",
         )
     return PLUGINS_IMAGE
+
+
+def answered_size(message: str, url: str) -> int:
+    """The size an ``AnswerTooLarge`` message says the answer of ``url`` (a regular
+    expression) had, once the whole message is checked: what the user reads, with the cap."""
+    said = re.fullmatch(
+        rf"{url} answered (\d+) bytes, over the size cap of the operator's answers "
+        r"\(4194304 bytes, 4 MiB\): the rest was not read",
+        message,
+    )
+    assert said, message
+    return int(said[1])
 
 
 # --- pods on the local node -------------------------------------------------------------------

@@ -53,6 +53,10 @@ class FailureReason(Enum):
     NodeFailed = (500, "A node's thread died while the pipeline was running.")
     StopTimeout = (504, "Stopping the pipeline did not finish within the stop timeout.")
     RuntimeUnavailable = (503, "The pipeline runtime could not be reached.")
+    AnswerTooLarge = (
+        502,
+        "The pipeline runtime answered more than the operator reads (its answer size cap).",
+    )
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
     NameConflict = (
         503,

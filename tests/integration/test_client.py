@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
+import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
-from typing import Any
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 from controlplane import free_port
 
 from juturna_operator.api import PipelineSpec
-from juturna_operator.engines.client import JuturnaClient
-from juturna_operator.reasons import FailureReason, PipelineFailure
-from support import JuturnaServe
+from juturna_operator.engines.client import MAX_ANSWER_BYTES, JuturnaClient
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
+from support import JuturnaServe, answered_size, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +154,130 @@ def test_no_answer_in_time_is_runtime_unavailable(serve: JuturnaServe) -> None:
     f = failure(with_client(serve.url, scenario))
     assert f.reason is FailureReason.RuntimeUnavailable
     assert f.message.endswith("/warmup gave no answer within 0.5 s")
+
+
+# -- answers over the size cap -----------------------------------------------------------------
+
+
+def peak_allocated(coro: Any) -> tuple[Any, int]:
+    """What ``coro`` returned (or the PipelineFailure it raised), and the most memory Python
+    held for it at once beyond what it held before, in bytes."""
+    tracemalloc.start()
+    try:
+        try:
+            result = asyncio.run(coro)
+        except PipelineFailure as failure:
+            result = failure
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_an_answer_over_the_cap_is_answer_too_large_and_its_body_is_never_read(
+    serve: JuturnaServe,
+) -> None:
+    """A real `juturna serve` whose pipeline's status is 60 MB: its name is that long, and
+    the status repeats it in the pipeline's folder. The status call fails with
+    AnswerTooLarge, naming the size announced and the cap, having read nothing of it."""
+    created = asyncio.run(
+        with_client(serve.url, lambda c: c.create(config("n" * 60_000_000)), timeout_s=60)
+    )
+    pid = str(created)
+    try:
+        f, peak = peak_allocated(with_client(serve.url, lambda c: c.status(pid)))
+        assert isinstance(f, PipelineFailure), f"the status was read whole: {str(f)[:200]}"
+        assert (f.reason, f.reason.code, f.step) == (FailureReason.AnswerTooLarge, 502, Step.run)
+        assert answered_size(f.message, re.escape(f"{serve.url}/pipelines/{pid}/status")) > 60e6
+        assert peak < 1_000_000, f"{peak} bytes held while refusing the answer"
+    finally:  # no folder to wipe: its name is too long for one
+        asyncio.run(with_client(serve.url, lambda c: c.delete(pid, wipe=False)))
+
+
+class Flood(BaseHTTPRequestHandler):
+    """Stands in for a runtime that answers without a Content-Length (chunked), which the
+    real worker and `juturna serve` cannot be made to do: their answers are rendered whole,
+    and say their length (the test above). ``GET /json/<n>``: a JSON answer of exactly n
+    bytes, sent in 64 KiB chunks; ``sent`` counts what went out before the client hung up."""
+
+    protocol_version = "HTTP/1.1"
+    sent: ClassVar[list[int]] = []
+
+    def do_GET(self) -> None:
+        size = int(self.path.rsplit("/", 1)[1])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        # Made as it goes (the test measures what this process holds): {"pad": "x…x"}.
+        pads = [65536] * ((size - 11) // 65536) + [(size - 11) % 65536]
+        chunks = itertools.chain([b'{"pad": "'], (b"x" * n for n in pads if n), [b'"}'])
+        sent = 0
+        try:
+            for chunk in chunks:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        Flood.sent.append(sent)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def flood() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Flood.sent.clear()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_a_chunked_answer_is_read_up_to_the_cap_and_no_further(flood: str) -> None:
+    """60 MB in chunks, no length announced: the client stops at the cap, holding no more
+    than the cap, and hangs up; the runtime could send little more than that."""
+    f, peak = peak_allocated(
+        with_client(flood, lambda c: c.request("GET", "/json/60000000", Step.run))
+    )
+    assert isinstance(f, PipelineFailure), "the answer was read whole"
+    assert (f.reason, f.step) == (FailureReason.AnswerTooLarge, Step.run)
+    assert f.message == (
+        f"{flood}/json/60000000 answered more than {MAX_ANSWER_BYTES} bytes, over the size "
+        f"cap of the operator's answers ({MAX_ANSWER_BYTES} bytes, 4 MiB): the rest was not read"
+    )
+    assert peak < MAX_ANSWER_BYTES + 1_000_000, f"{peak} bytes held while reading the answer"
+    wait_until(lambda: bool(Flood.sent), 10, "the runtime's write to end")
+    assert Flood.sent[0] < 30_000_000, f"{Flood.sent[0]} bytes sent: the client read on"
+
+
+def test_an_answer_of_exactly_the_cap_is_read(flood: str) -> None:
+    answer = asyncio.run(
+        with_client(flood, lambda c: c.request("GET", f"/json/{MAX_ANSWER_BYTES}", Step.run))
+    )
+    assert len(answer["pad"]) == MAX_ANSWER_BYTES - 11
+    f = failure(
+        with_client(flood, lambda c: c.request("GET", f"/json/{MAX_ANSWER_BYTES + 1}", Step.run))
+    )
+    assert f.reason is FailureReason.AnswerTooLarge
+
+
+def test_a_request_after_the_client_closed_is_runtime_unavailable(serve: JuturnaServe) -> None:
+    """A runtime being ended closes its client while another task may still ask it (its
+    retry waiting): that request fails as the runtime's absence, not as a RuntimeError."""
+
+    async def scenario(c: JuturnaClient) -> Any:
+        await c.close()
+        return await c.list()
+
+    f = failure(with_client(serve.url, scenario))
+    assert (f.reason, f.step) == (FailureReason.RuntimeUnavailable, Step.run)
+    assert f.message == (
+        f"{serve.url}/pipelines: not sent, as the runtime is being ended (the operator closed "
+        "its connection to it)"
+    )

@@ -19,12 +19,13 @@ import random
 import threading
 import time
 import urllib.request
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import ControlPlane, cpu_seconds, processes_mentioning
+from controlplane import ControlPlane, cpu_seconds, processes_mentioning, reset_peak_rss, rss_kib
 from kubernetes import client
 
 from support import (
@@ -35,6 +36,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
+    answered_size,
     chain,
     condition,
     faulty,
@@ -538,6 +540,98 @@ def test_the_largest_admitted_graph_runs(pipelines: Pipelines, operator: Operato
     create_all(pipelines, [manifest("max", **line_graph(128))])
     body = pipelines.wait_ready("max", timeout=60)
     assert body["status"]["nodesReady"] == "128/128"
+
+
+# -- bad answers: a runtime answers more than the operator reads ---------------------------------
+
+
+def test_a_60_mb_health_answer_fails_its_pipelines_not_the_operator(
+    pipelines: Pipelines,
+    operator: Operator,
+    objects: client.CustomObjectsApi,
+    core: client.CoreV1Api,
+    fault_log: Any,
+) -> None:
+    """A node dies with a 60 MB message, which its worker's health route repeats: a real
+    worker's answer of 60 MB (it once took the operator from 82 to 430 MiB). The operator
+    reads none of it: its peak resident memory grows by far less than the answer. The
+    Pipeline fails with AnswerTooLarge naming the answer's size and the cap, then Failed
+    (maxRestarts 0). On the shard engine the Pipeline that shared its shard fails with it
+    and runs again on a new shard (its restart); on the process engine it never notices. A
+    Pipeline of another namespace runs on, and a new one becomes Ready."""
+    if operator.engine not in ("process", "shard"):
+        pytest.skip("here only process and shard workers report node crashes in a health answer")
+    assert operator.proc is not None
+    elsewhere = f"t-{uuid.uuid4().hex[:10]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=elsewhere)))
+    others = Pipelines(objects, elsewhere, pipelines.kubectl)
+    try:
+        others.apply(manifest("bystander"))
+        pipelines.apply(manifest("mate", restartPolicy={"maxRestarts": 1, "backoffSeconds": 0.2}))
+        others.wait_ready("bystander")
+        pipelines.wait_ready("mate")
+        offset = len(operator.log_text())
+        reset_peak_rss(operator.proc.pid)
+        base_kib = rss_kib(operator.proc.pid)
+        applied = time.monotonic()
+        pipelines.apply(
+            faulty(
+                "loud",
+                ("src", "source", "ticker", {"rate": 20}),
+                ("loud", "proc", "crasher", {"after": 0, "words": 60_000_000}),
+                ("out", "sink", "jsonl", {}),
+                restartPolicy={"maxRestarts": 0, "backoffSeconds": 0.2},
+            )
+        )
+        body = pipelines.wait_phase("loud", "Failed", timeout=60)
+        failed_s = time.monotonic() - applied
+        growth_mib = (rss_kib(operator.proc.pid, "VmHWM") - base_kib) / 1024
+        failure = body["status"]["failure"]
+        assert (failure["reason"], failure["code"], failure["step"]) == (
+            "AnswerTooLarge",
+            502,
+            "run",
+        )
+        shard = operator.engine == "shard"
+        shared = r"shard process \d+, running 2 pipeline\(s\): " if shard else ""
+        url = rf"{shared}http://127\.0\.0\.1:\d+/operator/health"
+        assert answered_size(failure["message"], url) > 60_000_000
+        assert growth_mib < 30, f"the operator's peak memory grew by {growth_mib:.0f} MiB"
+        events = pipelines.events("loud")
+        assert ("Warning", "AnswerTooLarge", failure["message"]) in events, events
+        mate_events = [(kind, reason) for kind, reason, _ in pipelines.events("mate")]
+        if shard:
+            assert ("Warning", "AnswerTooLarge") in mate_events, mate_events
+            mate = pipelines.wait(
+                "mate",
+                lambda b: is_ready(b) and b["status"].get("restarts") == 1,
+                60,
+                "Ready again on a new shard",
+            )
+        else:
+            mate = pipelines.get("mate")
+            assert ("Warning", "AnswerTooLarge") not in mate_events, mate_events
+            assert is_ready(mate)
+            assert not mate["status"].get("restarts")
+        bystander = others.get("bystander")
+        assert is_ready(bystander)
+        assert not bystander["status"].get("restarts")
+        pipelines.apply(manifest("after"))
+        pipelines.wait_ready("after")
+        log = operator.log_text()[offset:]
+        assert "Traceback" not in log, log[-3000:]
+        fault_log.record(
+            "a 60 MB health answer",
+            operator.engine,
+            "AnswerTooLarge, then Failed; the others run on",
+            failed_s,
+            operator_peak_growth_mib=growth_mib,
+        )
+    finally:
+        for name in others.names():
+            others.delete(name)
+            others.wait_gone(name)
+        core.delete_namespace(elsewhere)
 
 
 # -- security: the runtime token appears nowhere ---------------------------------------------------

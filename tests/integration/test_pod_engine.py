@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from controlplane import reset_peak_rss, rss_kib
 from kubernetes import client
 
 from support import (
@@ -19,6 +20,7 @@ from support import (
     Kubectl,
     Operator,
     Pipelines,
+    answered_size,
     assert_nothing_made,
     faulty,
     is_ready,
@@ -347,6 +349,40 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
     wait_nothing_left(
         kubectl, namespace, "the garbage collector removing the pod and the Secret", 90
     )
+
+
+@pytest.mark.timeout(300)
+def test_a_health_answer_over_the_cap_fails_the_pipeline_and_its_restart_gets_a_new_pod(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """A node in the pod dies with a 60 MB message, which the pod's worker repeats in its
+    health answer (a tenant's pod can answer anything). The operator reads none of it (its
+    peak memory grows by far less), and the Pipeline fails with AnswerTooLarge naming the
+    size and the cap. The pod is not kept for the restart, whose new pod answers as large:
+    Failed after one restart, and nothing left."""
+    assert pod_operator.proc is not None
+    pipelines = Pipelines(objects, namespace, kubectl)
+    reset_peak_rss(pod_operator.proc.pid)
+    base_kib = rss_kib(pod_operator.proc.pid)
+    loud = ("crasher", {"after": 0, "words": 60_000_000})
+    pipelines.apply(through_faulty("loud", loud, {}, 1))
+    pods: set[str] = set()
+
+    def failed_for_good(body: dict[str, Any]) -> bool:
+        pods.update(p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace))
+        return body.get("status", {}).get("phase") == "Failed"
+
+    body = pipelines.wait("loud", failed_for_good, 180, "Failed after one restart")
+    growth_mib = (rss_kib(pod_operator.proc.pid, "VmHWM") - base_kib) / 1024
+    failure = body["status"]["failure"]
+    assert (failure["reason"], failure["code"], failure["step"]) == ("AnswerTooLarge", 502, "run")
+    assert answered_size(failure["message"], r"http://[\d.]+:8080/operator/health") > 60e6
+    assert body["status"]["restarts"] == 1
+    assert len(pods) == 2, f"pods seen: {pods}"  # the restart ran in a new pod
+    assert growth_mib < 30, f"the operator's peak memory grew by {growth_mib:.0f} MiB"
+    restarting = [m for _, r, m in pipelines.events("loud") if r == "Restarting"]
+    assert restarting == ["restart 1 of 1 after AnswerTooLarge"], restarting
+    wait_nothing_left(kubectl, namespace, "no pod and no Secret once Failed", 60)
 
 
 @pytest.mark.timeout(300)

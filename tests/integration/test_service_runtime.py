@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,7 +36,7 @@ from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.service import MISSES_ALLOWED, ServiceEngine
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Runtime, Settings
-from support import PLUGIN_ROOTS, JuturnaServe, wait_until
+from support import PLUGIN_ROOTS, JuturnaServe, answered_size, wait_until
 
 pytestmark = pytest.mark.reliability
 
@@ -49,10 +51,10 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JuturnaServe]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
-    """Our worker module run as a remote service: (url, token file, pipeline folder)."""
-    base = tmp_path_factory.mktemp("worker-service")
+@contextlib.contextmanager
+def worker_service(base: Path) -> Iterator[tuple[str, Path, Path]]:
+    """Our worker module run as a remote service in ``base``: (url, token file, pipeline
+    folder)."""
     token, port_file, folder = base / "token", base / "port", base / "pipelines"
     token.write_text(secrets.token_hex(16))
     token.chmod(0o600)
@@ -82,6 +84,13 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield url, token, folder
     finally:
         stop_popen(proc, grace_s=10)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """Our worker module run as a remote service, shared by the module's tests."""
+    with worker_service(tmp_path_factory.mktemp("worker-service")) as service:
+        yield service
 
 
 # -- a loopback proxy the test starts and stops ------------------------------------------------
@@ -687,24 +696,28 @@ def test_status_misses_in_a_row_are_runtime_unavailable(
 # -- a node that dies, on our worker run as the service ----------------------------------------
 
 
+def crashing(name: str, words: int = 0) -> dict[str, Any]:
+    """The ticker, a node that dies at its first message (its exception's message carrying
+    ``words`` bytes of filler), and a sink."""
+    configuration = {"after": 0, "words": words}
+    spec = {
+        "plugins": ["tones", "faulty"],
+        "nodes": [
+            {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 20}},
+            {"name": "amp", "type": "proc", "mark": "crasher", "configuration": configuration},
+            {"name": "out", "type": "sink", "mark": "jsonl"},
+        ],
+        "links": [{"from": "src", "to": "amp"}, {"from": "amp", "to": "out"}],
+    }
+    return PipelineSpec.model_validate(spec).to_juturna_config(name)
+
+
 def test_a_node_that_dies_at_once_on_our_worker_is_a_crash_of_its_pipeline_only(
     worker: tuple[str, Path, Path], tmp_path: Path
 ) -> None:
     """Juturna's status still says running; our worker's health route names the node, and
     on a shared worker only the pipeline whose thread died (thread names repeat)."""
     url, token, _ = worker
-
-    def crashing(name: str) -> dict[str, Any]:
-        spec = {
-            "plugins": ["tones", "faulty"],
-            "nodes": [
-                {"name": "src", "type": "source", "mark": "ticker", "configuration": {"rate": 20}},
-                {"name": "amp", "type": "proc", "mark": "crasher", "configuration": {"after": 0}},
-                {"name": "out", "type": "sink", "mark": "jsonl"},
-            ],
-            "links": [{"from": "src", "to": "amp"}, {"from": "amp", "to": "out"}],
-        }
-        return PipelineSpec.model_validate(spec).to_juturna_config(name)
 
     async def scenario() -> None:
         engine = ServiceEngine(settings(url, tmp_path, token))
@@ -734,3 +747,51 @@ def test_a_node_that_dies_at_once_on_our_worker_is_a_crash_of_its_pipeline_only(
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_a_health_answer_over_the_cap_fails_every_running_pipeline_of_the_runtime(
+    tmp_path: Path,
+) -> None:
+    """A node on our worker run as the service dies with a 60 MB message, which the
+    worker's health route (one answer for the whole runtime) repeats: each running pipeline
+    there fails with AnswerTooLarge, naming the size and the cap, and the engine holds none
+    of the answer. A worker of the test's own: the answer stays that large while it runs."""
+    (tmp_path / "service").mkdir()
+    with worker_service(tmp_path / "service") as (url, token, _):
+
+        async def scenario() -> None:
+            engine = ServiceEngine(settings(url, tmp_path, token))
+            loud, calm = new_key("cams"), new_key("cams")
+            try:
+                await deploy(engine, calm)
+                await engine.create(loud, crashing(loud.juturna_name, 60_000_000), "r1")
+                await engine.warmup(loud)
+                await engine.start(loud)
+                tracemalloc.start()
+                try:
+                    deadline = time.monotonic() + 30
+                    info = await engine.status(loud)
+                    while info is not None and info.failure is None:
+                        assert time.monotonic() < deadline, "the refusal not seen in 30 s"
+                        await asyncio.sleep(0.2)
+                        info = await engine.status(loud)
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                assert peak < 1_000_000, f"{peak} bytes held while the runtime answered 60 MB"
+                assert info is not None
+                assert info.failure is not None
+                failure = info.failure
+                assert (failure.reason, failure.step) == (FailureReason.AnswerTooLarge, Step.run)
+                health = re.escape(f"{url}/operator/health")
+                assert answered_size(failure.message, health) > 60_000_000
+                other = await engine.status(calm)
+                assert other is not None
+                assert other.failure is not None
+                assert other.failure.message == failure.message
+            finally:
+                for key in (loud, calm):
+                    await engine.delete(key)
+                await engine.close()
+
+        asyncio.run(scenario())

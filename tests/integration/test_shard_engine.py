@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import re
 import signal
 import time
+import tracemalloc
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -25,9 +28,10 @@ from juturna_operator.engines import base
 from juturna_operator.engines.base import InstanceInfo, Plan
 from juturna_operator.engines.client import listed_name
 from juturna_operator.engines.shard import ShardEngine
-from juturna_operator.reasons import FailureReason, PipelineFailure
+from juturna_operator.engines.workers import pipeline_named
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
-from support import PLUGIN_ROOTS, chain, nodes, wait_until
+from support import PLUGIN_ROOTS, answered_size, chain, nodes, wait_until
 
 RUNNING = Plan(until=InstanceState.Running)
 TICKER = (
@@ -653,3 +657,123 @@ def test_a_thread_that_dies_after_its_pipeline_is_deleted_leaves_no_crash(
     wait_until(lambda: "helper of amp failed" in shard_log.read_text(), 10, "the late crash")
     assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
     assert retained(settings.workdir, shard)["crashes"] == 0
+
+
+# A node that dies with a 60 MB message at its first message: the worker's health route
+# repeats the message, so the shard's health answer is that large.
+LOUD = (
+    ("src", "source", "ticker", {"rate": 20}),
+    ("loud", "proc", "crasher", {"after": 0, "words": 60_000_000}),
+    ("out", "sink", "jsonl", {}),
+)
+
+
+def test_a_health_answer_over_the_cap_fails_the_shards_pipelines_reading_none_of_it(
+    settings: Settings, driven: Driven, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shard's health answer grows to 60 MB: each pipeline of that shard fails with
+    AnswerTooLarge naming the shard, the answer's size and the cap, and this process (the
+    operator's engine) holds none of the answer at any moment. The shard takes no new
+    pipeline, ends with the first redeploy, and its pipelines keep naming that cause; another
+    namespace's shard runs on. A restarted engine's look for a deploy in flight on that shard
+    (``pipeline_named``, at its start) reads none of it either, and the orphan sweep does not
+    ask it."""
+    calm, loud, other = key_in("a"), key_in("a"), key_in("b")
+    driven.deploy(calm, other)
+    driven.deploy(loud, specs=LOUD)
+    shard = shard_of(loud, settings.workdir)
+    assert shard_of(calm, settings.workdir) == shard
+    [pid] = processes_mentioning(f"--owner {shard} ")
+    port = json.loads((settings.workdir / ".shards" / f"{shard}.json").read_text())["port"]
+
+    def refused() -> bool:
+        info = driven.status(loud)
+        return info is not None and info.failure is not None
+
+    tracemalloc.start()
+    try:
+        wait_until(refused, 30, "the oversized health answer refused")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak} bytes held while the shard answered 60 MB"
+    info = driven.status(loud)
+    assert info is not None
+    failure = info.failure
+    assert failure is not None
+    assert (failure.reason, failure.step) == (FailureReason.AnswerTooLarge, Step.run)
+    head = f"shard process {pid}, running 2 pipeline(s): http://127.0.0.1:{port}"
+    assert answered_size(failure.message, re.escape(f"{head}/operator/health")) > 60e6
+    mate = driven.status(calm)
+    assert mate is not None
+    assert mate.failure is not None
+    assert (mate.failure.reason, mate.failure.message) == (failure.reason, failure.message)
+    bystander = driven.status(other)
+    assert bystander is not None
+    assert (bystander.failure, bystander.crashes) == (None, [])
+    assert bystander.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
+
+    token = (settings.workdir / ".shards" / f"{shard}.token").read_text()
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING, "juturna_operator.engines.workers"):
+            found = pipeline_named(port, token, loud.juturna_name)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found is None
+    assert peak < 1_000_000, f"{peak} bytes held while looking for a pipeline by its name"
+    assert f"cannot look for {loud.juturna_name}: http://127.0.0.1:{port}/operator/health " in (
+        caplog.text
+    )
+
+    # The orphan sweep asks the refused shard nothing (it would be refused again): it ends
+    # with the redeploy, pipelines and all. The other shard is swept as usual.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "juturna_operator.engines.shard"):
+        keep: dict[str, str | None] = {k.juturna_name: None for k in (calm, loud, other)}
+        assert driven.run(driven.engine.sweep(keep)) == []
+    asked = [r.getMessage() for r in caplog.records if "over the size cap" in r.getMessage()]
+    assert asked == [], asked
+
+    later = key_in("a")
+    driven.deploy(later)
+    assert shard_of(later, settings.workdir) != shard, "the refused shard took a pipeline"
+    driven.run(driven.engine.delete(loud, release=False, keep_output=True))  # a redeploy's
+    wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the refused shard ended")
+    mate = driven.status(calm)
+    assert mate is not None
+    assert mate.failure is not None
+    assert mate.failure.message == failure.message  # the cause, not the shard's end
+
+
+def test_the_teardowns_of_a_refused_shards_pipelines_at_once_all_succeed(
+    settings: Settings, driven: Driven
+) -> None:
+    """The pipelines of a shard whose health answer was refused fail at the same health
+    check, and are torn down at once (stop, then delete): each teardown succeeds. The first
+    delete ends the shard and closes its client while the other's requests to it may still
+    be on their way (a retry after the refused connection): they fail as the runtime's
+    absence, which ending it expects, not with httpx's RuntimeError."""
+    keys = [key_in("a"), key_in("a")]
+    driven.deploy(keys[0])
+    driven.deploy(keys[1], specs=LOUD)
+    shard = shard_of(keys[0], settings.workdir)
+    [pid] = processes_mentioning(f"--owner {shard} ")
+
+    def refused(k: PipelineKey) -> bool:
+        info = driven.status(k)
+        return info is not None and info.failure is not None
+
+    wait_until(lambda: all(refused(k) for k in keys), 30, "the refusal seen by both")
+
+    async def one(k: PipelineKey) -> None:  # what the lifecycle does with a failed instance
+        await driven.engine.stop(k)
+        await driven.engine.delete(k, release=False, keep_output=True)
+
+    async def teardown() -> list[BaseException | None]:
+        return await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
+
+    assert driven.run(teardown()) == [None, None]
+    wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the refused shard ended")
+    assert [driven.status(k) for k in keys] == [None, None]

@@ -32,6 +32,7 @@ EXPECTED_CODES = {
     "NodeFailed": 500,
     "StopTimeout": 504,
     "RuntimeUnavailable": 503,
+    "AnswerTooLarge": 502,
     "Unschedulable": 503,
     "NameConflict": 503,
     "PodNotStarted": 504,

@@ -15,12 +15,16 @@ request is sent again only where that is safe:
 
 Any other POST (Juturna's deploy, our worker's shutdown) is not sent twice: the drop is
 ``RuntimeUnavailable``, and the caller looks at the service before it acts again.
+
+No answer is read past ``MAX_ANSWER_BYTES``: a longer one is ``AnswerTooLarge``, and fails
+what the runtime behind it runs, never the operator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import ssl
 from pathlib import PurePosixPath
 from typing import Any
@@ -41,6 +45,21 @@ JUTURNA_STATE = {
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 # The request may have reached it, and been done: only the answer is surely lost.
 MAYBE_SENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+# The most of one answer the operator reads, from any runtime (a worker, a shard, a pod, a remote
+# service); beyond it the answer is not read further, and fails what it is about
+# (``AnswerTooLarge``). Answers are read in chunks as they arrive, never whole: a 60 MB health
+# answer took the operator from 82 to 430 MiB (the chart's limit is 512Mi), and after the OOM
+# restart its adoption asked the same runtime again. Sized from the largest answer a runtime gives,
+# a full shard's health (``bench/health_size.py``, measured with a real shard; it lists the crashes
+# of the pipelines the shard runs, a deleted one's leave with it, so a long-lived shard's answer
+# does not grow past that): 32 pipelines (the default shard size) of 8 nodes, every node but the
+# source crashed with a 400-byte message, 156 KiB; the same shard with every pipeline at the CRD's
+# 128 nodes, all crashed, 2.7 MB (4 pipelines measured, 331 KiB). 4 MiB is 26 times the first and
+# 1.5 times the second; parsing an answer that large costs the operator 11 MiB in the shard's shape,
+# 75 MiB in the costliest JSON shape (a list of one-item lists).
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+CHUNK_BYTES = 64 * 1024  # read at a time, where the reader chooses (the sync one)
 
 CONFLICTS = {
     "already warmed up": FailureReason.AlreadyWarmedUp,
@@ -89,6 +108,41 @@ _FAILED_AFTER = {
 }
 
 
+class AnswerTooLarge(PipelineFailure):
+    """An answer longer than ``MAX_ANSWER_BYTES``, of which no more than that was read: the
+    runtime behind it failed what it was asked about (a worker's pipeline, a shard's or a
+    service's pipelines, a pod's)."""
+
+    def __init__(self, step: Step, url: str, size: str) -> None:
+        super().__init__(
+            FailureReason.AnswerTooLarge,
+            step,
+            f"{url} answered {size} bytes, over the size cap of the operator's answers "
+            f"({MAX_ANSWER_BYTES} bytes, {MAX_ANSWER_BYTES // 2**20} MiB): the rest was not read",
+        )
+
+
+class CappedBody:
+    """An answer's body, taken chunk by chunk as it arrives, up to ``MAX_ANSWER_BYTES``:
+    ``AnswerTooLarge`` as soon as it announces (``Content-Length``) or reaches more."""
+
+    def __init__(self, step: Step, url: str, announced: str | None) -> None:
+        self.step, self.url = step, url
+        if announced is not None and announced.isdigit() and int(announced) > MAX_ANSWER_BYTES:
+            raise AnswerTooLarge(step, url, announced)
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > MAX_ANSWER_BYTES:
+            raise AnswerTooLarge(self.step, self.url, f"more than {MAX_ANSWER_BYTES}")
+        self._chunks.append(chunk)
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
+
+
 class NoAnswer(PipelineFailure):
     """The service took the request and gave no answer in time (``RuntimeUnavailable``): a
     stop stuck there is told apart from a runtime that cannot be reached by this type."""
@@ -97,9 +151,9 @@ class NoAnswer(PipelineFailure):
         super().__init__(FailureReason.RuntimeUnavailable, step, message)
 
 
-def _message(response: httpx.Response, body: Any) -> str:
+def _message(response: httpx.Response, content: bytes, body: Any) -> str:
     if body is None:
-        return response.text.strip()[:500] or response.reason_phrase
+        return content.decode(errors="replace").strip()[:500] or response.reason_phrase
     if isinstance(body, dict) and "message" in body:
         return str(body["message"])
     if isinstance(body, dict) and isinstance(body.get("detail"), list):
@@ -110,15 +164,15 @@ def _message(response: httpx.Response, body: Any) -> str:
     return str(body)[:500]
 
 
-def failure_of(response: httpx.Response, step: Step) -> PipelineFailure:
-    """The reason for a non-2xx answer, with the service's own words. Our worker's deploy
-    names the step that failed and the pipeline it left: that step classifies the failure,
-    and the pipeline comes back as ``HalfBuilt``."""
+def failure_of(response: httpx.Response, content: bytes, step: Step) -> PipelineFailure:
+    """The reason for a non-2xx answer (``content``: its body), with the service's own words.
+    Our worker's deploy names the step that failed and the pipeline it left: that step
+    classifies the failure, and the pipeline comes back as ``HalfBuilt``."""
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         body = None
-    message = _message(response, body)
+    message = _message(response, content, body)
     said = body if isinstance(body, dict) else {}
     if said.get("step") in {s.value for s in Step}:
         step = Step(said["step"])
@@ -194,8 +248,17 @@ class JuturnaClient:
         resend = resend or method == "GET" or done_if is not None
         dropped = False  # a request went out and its connection dropped before the answer
         for attempt in range(self._retries + 1):
+            if self._http.is_closed:
+                # Its runtime was ended meanwhile (the deletes of a shard's pipelines all end
+                # it; a retry waited here while one did): httpx would raise RuntimeError.
+                raise PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    step,
+                    f"{self.shown_url}{path}: not sent, as the runtime is being ended (the "
+                    "operator closed its connection to it)",
+                )
             try:
-                response = await self._http.request(method, path, timeout=timeout, **kw)
+                response, content = await self._send(method, path, step, timeout, **kw)
                 break
             except (*NOT_SENT, *MAYBE_SENT) as err:
                 # A pooled connection the service closed (uvicorn does after a 500) fails
@@ -229,11 +292,28 @@ class JuturnaClient:
                     f"{self.shown_url}{path}: {type(err).__name__}: {err}",
                 ) from err
         if response.is_success:
-            return response.json()
-        failure = failure_of(response, step)
+            return json.loads(content)
+        failure = failure_of(response, content, step)
         if dropped and failure.reason is done_if:
             return None  # the attempt whose answer was lost did it
         raise failure
+
+    async def _send(
+        self, method: str, path: str, step: Step, timeout_s: float, **kw: Any
+    ) -> tuple[httpx.Response, bytes]:
+        """One request and its answer's body, read as it arrives and no further than
+        ``MAX_ANSWER_BYTES`` (else ``AnswerTooLarge``; closing the answer unread drops its
+        connection, so nothing of it is read later either)."""
+        request = self._http.build_request(method, path, timeout=timeout_s, **kw)
+        response = await self._http.send(request, stream=True)
+        url = f"{self.shown_url}{path}"
+        try:
+            body = CappedBody(step, url, response.headers.get("content-length"))
+            async for chunk in response.aiter_bytes():
+                body.add(chunk)
+        finally:
+            await response.aclose()
+        return response, body.content()
 
     async def deploy(
         self, config: dict[str, Any], until: InstanceState, timeout_s: float

@@ -66,7 +66,7 @@ from juturna_operator.engines.base import (
     held,
     vacant,
 )
-from juturna_operator.engines.client import JUTURNA_STATE, JuturnaClient
+from juturna_operator.engines.client import JUTURNA_STATE, AnswerTooLarge, JuturnaClient
 from juturna_operator.listening import Listener, bound_in_pod
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_server_message
 from juturna_operator.settings import Settings
@@ -1014,6 +1014,10 @@ class PodEngine(LockedEngine):
             return info
         try:
             health = await runtime.client.request("GET", "/operator/health", Step.run, 2.0)
+        except AnswerTooLarge as failure:
+            runtime.healthy = False  # the redeploy gets a new pod, not this one's answers
+            info.failure = failure
+            return info
         except PipelineFailure as failure:
             ended = await self._ended(key)  # the kubelet's words beat "cannot connect"
             runtime.gone = ended is not None

@@ -39,7 +39,7 @@ from juturna_operator.engines.base import (
     held,
     vacant,
 )
-from juturna_operator.engines.client import JuturnaClient
+from juturna_operator.engines.client import AnswerTooLarge, JuturnaClient
 from juturna_operator.engines.workers import (
     HEALTH_MISSES,
     HEALTH_TIMEOUT_S,
@@ -286,6 +286,9 @@ class ProcessEngine(LockedEngine):
             health = await worker.client.request(
                 "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
             )
+        except AnswerTooLarge as failure:
+            info.failure = failure  # its pipeline fails; the redeploy ends this worker
+            return info
         except PipelineFailure as failure:
             # A worker killed a moment ago refuses connections before it can be reaped: name
             # its signal rather than the refusal when it is gone (a flaky test showed both).

@@ -51,6 +51,7 @@ from juturna_operator.engines.base import (
 )
 from juturna_operator.engines.client import (
     JUTURNA_STATE,
+    AnswerTooLarge,
     HalfBuilt,
     JuturnaClient,
     NoAnswer,
@@ -322,6 +323,10 @@ class ServiceEngine(LockedEngine):
             health = await self._client(runtime).request(
                 "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
             )
+        except AnswerTooLarge as failure:
+            # It answers for every pipeline on the runtime: each running one fails with it.
+            info.failure = failure
+            return
         except PipelineFailure as failure:
             if failure.reason is FailureReason.InvalidPipelineId:  # 404: no such route
                 self._plain[runtime] = True

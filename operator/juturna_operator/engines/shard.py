@@ -61,7 +61,13 @@ from juturna_operator.engines.base import (
     held,
     vacant,
 )
-from juturna_operator.engines.client import HalfBuilt, JuturnaClient, NoAnswer, listed_name
+from juturna_operator.engines.client import (
+    AnswerTooLarge,
+    HalfBuilt,
+    JuturnaClient,
+    NoAnswer,
+    listed_name,
+)
 from juturna_operator.engines.workers import (
     HEALTH_MISSES,
     HEALTH_TIMEOUT_S,
@@ -130,6 +136,9 @@ class _Shard:
     asking: asyncio.Future[dict[str, Any] | PipelineFailure] | None = None
     asked_at: float = 0.0
     misses: int = 0
+    # Its health answer was over the size cap: every pipeline here fails with this, none is
+    # added, and the shard is ended when the first of them is redeployed (as when unresponsive).
+    refused: PipelineFailure | None = None
 
     def connect(self, port: int) -> JuturnaClient:
         self.record.port = port
@@ -147,12 +156,16 @@ class _Shard:
     def unresponsive(self) -> bool:
         return self.misses >= HEALTH_MISSES
 
+    def unusable(self) -> bool:
+        """Alive but no longer to be asked: unresponsive, or its health answer was refused."""
+        return self.unresponsive() or self.refused is not None
+
     def takes_more(self, namespace: str, size: int) -> bool:
         return (
             self.record.namespace == namespace
             and len(self.pipelines) < size
             and not self.stuck
-            and not self.unresponsive()
+            and not self.unusable()
             and self.alive()
         )
 
@@ -315,6 +328,15 @@ class ShardEngine(LockedEngine):
             health: dict[str, Any] = await shard.talk.request(
                 "GET", "/operator/health", Step.run, HEALTH_TIMEOUT_S
             )
+        except AnswerTooLarge as failure:
+            shard.refused = PipelineFailure(
+                failure.reason,
+                Step.run,
+                f"shard process {shard.record.pid}, running {len(shard.pipelines)} "
+                f"pipeline(s): {failure.message}",
+            )
+            log.warning("%s", shard.refused.message)
+            return failure
         except PipelineFailure as failure:
             await asyncio.sleep(0.2)  # a shard killed a moment ago refuses before it is reaped
             if shard.alive():
@@ -445,8 +467,9 @@ class ShardEngine(LockedEngine):
                 await asyncio.to_thread(wipe_output, self._workdir, key.juturna_name)
             return
         shard = placed.shard
-        if shard.unresponsive() and shard.alive():
-            # Its pipelines are being redeployed elsewhere: no request would be answered.
+        if shard.unusable() and shard.alive():
+            # Its pipelines are being redeployed elsewhere: no request would be answered (or
+            # read).
             await self._end_shard(shard)
         if shard.alive() and placed.record.pipeline_id:
             if placed.state is InstanceState.Running:
@@ -473,6 +496,10 @@ class ShardEngine(LockedEngine):
         record, shard = placed.record, placed.shard
         info = InstanceInfo(key, record.pipeline_id, record.revision, placed.state)
         pid = f"pid {shard.record.pid}"
+        if shard.refused is not None and not self.busy(key):
+            # Its health answer was over the size cap: the cause, even once the shard is ended.
+            info.failure = shard.refused
+            return info
         if not shard.alive():
             cause = f"{shard.exit_description()}; it ran {len(shard.pipelines)} pipeline(s)"
             info.crashes = [NodeCrash(WHOLE_RUNTIME, pid, cause)]
@@ -481,6 +508,9 @@ class ShardEngine(LockedEngine):
             return info  # its deploy is under way: the step says how far
         health = await self._health(shard, placed.changed_at)
         if isinstance(health, PipelineFailure):
+            if shard.refused is not None:  # this very answer
+                info.failure = shard.refused
+                return info
             if not shard.alive():
                 info.crashes = [NodeCrash(WHOLE_RUNTIME, pid, shard.exit_description())]
                 return info
@@ -537,8 +567,8 @@ class ShardEngine(LockedEngine):
         built after its answer was lost and its shard was asked (or could not answer)."""
         removed = []
         for shard in list(self._shards.values()):
-            if not shard.pipelines or not shard.alive() or shard.unresponsive():
-                continue  # a shard with none is ended below, pipelines and all
+            if not shard.pipelines or not shard.alive() or shard.unusable():
+                continue  # ended below (none left), or with its pipelines' redeploy
             health = await self._health(shard, time.monotonic())
             if isinstance(health, PipelineFailure):
                 continue

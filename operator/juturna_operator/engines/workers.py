@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from juturna_operator.domain import InstanceState
-from juturna_operator.engines.client import JUTURNA_STATE, JuturnaClient, listed_name
+from juturna_operator.engines.client import (
+    CHUNK_BYTES,
+    JUTURNA_STATE,
+    AnswerTooLarge,
+    CappedBody,
+    JuturnaClient,
+    listed_name,
+)
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 from juturna_operator.worker import WORKER_MARKER
@@ -189,15 +196,20 @@ def named_in(health: dict[str, Any], juturna_name: str) -> tuple[str, str] | Non
 
 
 def pipeline_named(port: int, token: str, juturna_name: str) -> tuple[str, str] | None:
-    """``named_in`` the health answer of the worker at ``port`` (None if it does not answer).
-    Blocking; called at an engine's start."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/operator/health",
-        headers={"Authorization": f"Bearer {token.strip()}"},
-    )
+    """``named_in`` the health answer of the worker at ``port`` (None if it does not answer,
+    or if its answer is over the size cap). Blocking; called at an engine's start."""
+    url = f"http://127.0.0.1:{port}/operator/health"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token.strip()}"})
     try:
         with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as answer:
-            return named_in(json.load(answer), juturna_name)
+            body = CappedBody(Step.run, url, answer.headers.get("Content-Length"))
+            while chunk := answer.read(CHUNK_BYTES):
+                body.add(chunk)
+        return named_in(json.loads(body.content()), juturna_name)
+    except AnswerTooLarge as failure:
+        # The worker's next health check fails its pipeline(s), with this message.
+        log.warning("cannot look for %s: %s", juturna_name, failure.message)
+        return None
     except (OSError, ValueError, KeyError, AttributeError):
         return None
 

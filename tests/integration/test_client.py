@@ -281,3 +281,60 @@ def test_a_request_after_the_client_closed_is_runtime_unavailable(serve: Juturna
         f"{serve.url}/pipelines: not sent, as the runtime is being ended (the operator closed "
         "its connection to it)"
     )
+
+
+class LosesIt(BaseHTTPRequestHandler):
+    """Stands in for a `juturna serve` whose deploy answers 404 "no pipeline with id" (its
+    deploy creates the pipeline, then reads its status: a pipeline lost in between, as the
+    service fault test once saw, is not something a real service can be made to do on cue)."""
+
+    def do_POST(self) -> None:
+        body = b'{"message":"no pipeline with id: 8b56a568"}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_pipeline_the_runtime_lost_during_its_deploy_is_deployed_again() -> None:
+    """A 404 from a deploy is the runtime's doing, never the spec's: RuntimeUnavailable
+    (retried without spending a restart), not InvalidPipelineId (which left the Pipeline
+    Failed for good in the remote-runtime fault test)."""
+    from juturna_operator.domain import InstanceState, PipelineKey
+    from juturna_operator.engines.base import Plan
+    from juturna_operator.engines.service import ServiceEngine
+    from juturna_operator.settings import Runtime, Settings
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), LosesIt)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    settings = Settings(engine="service", runtimes={"r": Runtime("r", url)}, default_runtime="r")
+    engine = ServiceEngine(settings)
+    key = PipelineKey("team-a", "lost", "8b56a568-0000-4000-8000-000000000000")
+    config = {"version": "1.0", "plugins": [], "pipeline": {"name": key.juturna_name}}
+
+    async def create() -> None:
+        try:
+            await engine.create(key, config, "r1", Plan(until=InstanceState.Running))
+        finally:
+            await engine.close()
+
+    try:
+        with pytest.raises(PipelineFailure) as lost:
+            asyncio.run(create())
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert lost.value.reason is FailureReason.RuntimeUnavailable
+    assert not lost.value.reason.counts_as_restart
+    assert (lost.value.step, lost.value.message) == (
+        Step.create,
+        "runtime 'r' lost the pipeline while deploying it (no pipeline with id: 8b56a568); "
+        "it is deployed again",
+    )

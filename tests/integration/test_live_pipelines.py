@@ -358,12 +358,19 @@ def test_names_in_the_cluster_resolve_from_a_pod(
     ip = kubectl(
         "get", "service", "receiver", "-n", namespace, "-o", "jsonpath={.spec.clusterIP}"
     ).stdout
+    # The POST is tried for up to 20 s: kube-proxy programs a new Service's rules a moment
+    # after its endpoints are ready (a refusal in between was seen once in CI).
     check = (
-        "import socket, urllib.request\n"
+        "import socket, time, urllib.error, urllib.request\n"
         "print(socket.gethostbyname('receiver'))\n"
         f"print(socket.gethostbyname('receiver.{namespace}.svc.cluster.local'))\n"
-        f"urllib.request.urlopen(urllib.request.Request({url!r}, data=b'{{}}', "
+        "for attempt in range(20):\n"
+        "    try:\n"
+        f"        urllib.request.urlopen(urllib.request.Request({url!r}, data=b'{{}}', "
         "method='POST'), timeout=10).read()\n"
+        "        break\n"
+        "    except urllib.error.URLError:\n"
+        "        time.sleep(1)\n"
     )
     run_pod(kubectl, namespace, "resolver", node_image, ["python", "-c", check])
     wait_pod(kubectl, namespace, "resolver", pod_finished, 60, "finished")

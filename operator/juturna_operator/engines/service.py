@@ -130,6 +130,17 @@ class ServiceEngine(LockedEngine):
             if failure.reason is FailureReason.StartFailed:
                 raise await self._still_running(client, remote, failure) from None
             raise
+        except PipelineFailure as failure:
+            if failure.reason is not FailureReason.InvalidPipelineId:
+                raise
+            # Juturna lost the pipeline its own deploy had just made (a restarted service, a
+            # delete by another client): the runtime's doing, not the spec's; deployed again.
+            raise PipelineFailure(
+                FailureReason.RuntimeUnavailable,
+                Step.create,
+                f"runtime {runtime!r} lost the pipeline while deploying it ({failure.message}); "
+                "it is deployed again",
+            ) from None
         self._remotes[key] = _Remote(runtime, pipeline_id, revision, state)
         return pipeline_id
 

@@ -19,11 +19,13 @@ from support import (
     Operator,
     Pipelines,
     assert_nothing_made,
+    assert_pod_output_grows,
     faulty,
     is_ready,
     managed,
     manifest,
     pod_body,
+    pod_output_lines,
     pod_ready,
     wait_pod,
     wait_until,
@@ -43,21 +45,6 @@ def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: floa
         ),
         timeout,
         what,
-    )
-
-
-def output_lines(kubectl: Kubectl, pod: str, namespace: str, pipeline_id: str) -> int:
-    out = f"/var/lib/juturna/*_{pipeline_id}/out/output.jsonl"
-    script = f"cat {out} | wc -l"
-    return int(kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script).stdout)
-
-
-def assert_output_grows(kubectl: Kubectl, pod: str, namespace: str, pipeline_id: str) -> None:
-    first = output_lines(kubectl, pod, namespace, pipeline_id)
-    wait_until(
-        lambda: output_lines(kubectl, pod, namespace, pipeline_id) > first,
-        20,
-        f"the output growing inside pod {pod}",
     )
 
 
@@ -98,7 +85,7 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     assert spec["automountServiceAccountToken"] is False
     assert not any("kube-api-access" in v["name"] for v in spec["volumes"])
     assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
-    assert_output_grows(kubectl, name, namespace, pipeline_id)
+    assert_pod_output_grows(kubectl, name, namespace, pipeline_id)
 
     # The token: in a Secret owned by the Pipeline, nowhere a user reads.
     (secret,) = managed(kubectl, "secrets", namespace)
@@ -120,7 +107,7 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     body = pipelines.wait_phase("tones", "Running", timeout=60)
     assert body["status"]["pipelineId"] != pipeline_id
     assert same_pod() == [pod["metadata"]["uid"]]
-    assert_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
+    assert_pod_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
     nodes = [dict(n) for n in pipelines.get("tones")["spec"]["nodes"]]
     nodes[1]["configuration"] = {**nodes[1]["configuration"], "label": "changed"}
     pipelines.patch_spec("tones", {"nodes": nodes})
@@ -132,7 +119,7 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
         "Running the new configuration",
     )
     assert same_pod() == [pod["metadata"]["uid"]]
-    assert_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
+    assert_pod_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
     # A change of template replaces the pod.
     before = body["status"]["pipelineId"]
     pipelines.patch_spec("tones", {"template": {"labels": {"team": "a"}}})
@@ -153,7 +140,9 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_ready("tones", timeout=120)
     (pod,) = managed(kubectl, "pods", namespace)
-    assert_output_grows(kubectl, pod["metadata"]["name"], namespace, body["status"]["pipelineId"])
+    assert_pod_output_grows(
+        kubectl, pod["metadata"]["name"], namespace, body["status"]["pipelineId"]
+    )
     pipelines.delete("tones")
     pipelines.wait_gone("tones", timeout=60)
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the Pipeline is deleted", 60)
@@ -193,7 +182,9 @@ def test_a_pod_deleted_from_outside_is_replaced_without_spending_restarts(
         p for p in managed(kubectl, "pods", namespace) if "deletionTimestamp" not in p["metadata"]
     ]
     assert new["metadata"]["uid"] != pod["metadata"]["uid"]
-    assert_output_grows(kubectl, new["metadata"]["name"], namespace, body["status"]["pipelineId"])
+    assert_pod_output_grows(
+        kubectl, new["metadata"]["name"], namespace, body["status"]["pipelineId"]
+    )
     assert body["status"].get("restarts", 0) == 0
 
 
@@ -205,11 +196,11 @@ def test_an_operator_restart_adopts_the_pod_and_the_output_never_stops(
     body, pod = running_example(pipelines, kubectl, namespace)
     name, pipeline_id = pod["metadata"]["name"], body["status"]["pipelineId"]
     pod_operator.kill()
-    before = output_lines(kubectl, name, namespace, pipeline_id)
+    before = pod_output_lines(kubectl, name, namespace, pipeline_id)
     pod_operator.start()
     wait_until(lambda: "adopted pod " + name in pod_operator.log_text(), 30, "the pod adopted")
-    assert_output_grows(kubectl, name, namespace, pipeline_id)
-    assert output_lines(kubectl, name, namespace, pipeline_id) > before
+    assert_pod_output_grows(kubectl, name, namespace, pipeline_id)
+    assert pod_output_lines(kubectl, name, namespace, pipeline_id) > before
     body = pipelines.wait_ready("tones", timeout=30)
     assert body["status"]["pipelineId"] == pipeline_id  # not deployed again
     assert [p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace)] == [

@@ -20,7 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-FIGURES = {"down_s": "down (s)", "cores_while_down": "operator CPU while down (cores)"}
+FIGURES = {
+    "down_s": "down (s)",
+    "cores_while_down": "operator CPU while down (cores)",
+    "first_converge_s": "first converge (s)",
+    "redeployed": "pipelines redeployed by the fault",
+    "restarts": "restarts spent",
+}
 
 
 def _seconds(values: list[float]) -> str:

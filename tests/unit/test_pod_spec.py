@@ -164,6 +164,39 @@ def test_deleted_and_evicted_pods_are_the_clusters_doing() -> None:
     assert removed_from_outside(pod({"phase": "Running"})) == ""
 
 
+def test_a_pod_deleted_by_an_eviction_or_a_preemption_says_so() -> None:
+    """Kubernetes marks who is taking a pod away (the DisruptionTarget condition): a drain
+    (the Eviction API) is not a person's delete, and the Pipeline's message tells them apart."""
+    drained = {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True"},
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+            },
+        ],
+    }
+    deleting = "2026-12-07T00:00:00Z"
+    assert removed_from_outside(pod(drained, deletionTimestamp=deleting)) == (
+        "EvictionByEvictionAPI: Eviction API: evicting"
+    )
+    preempted = {
+        "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+        ]
+    }
+    assert removed_from_outside(pod(preempted, deletionTimestamp=deleting)) == (
+        "PreemptionByScheduler"
+    )
+    # Not yet deleted (the condition comes first), or no longer targeted: nothing, or a delete.
+    assert removed_from_outside(pod(drained)) == ""
+    drained["conditions"][1]["status"] = "False"
+    assert removed_from_outside(pod(drained, deletionTimestamp=deleting)) == "deleted"
+
+
 def test_unschedulable_waits_without_spending_restarts() -> None:
     assert FailureReason.Unschedulable.retryable
     assert not FailureReason.Unschedulable.counts_as_restart

@@ -442,14 +442,27 @@ def describe_termination(terminated: dict[str, Any]) -> str:
     return f"{text}: {message[-500:]}" if message else text
 
 
+def disrupted(pod: dict[str, Any]) -> str:
+    """Who is taking the pod away, where Kubernetes says so in its ``DisruptionTarget``
+    condition (``reason: message``): an eviction through the Eviction API (``kubectl
+    drain``), a preemption, the taint manager for a node gone unreachable, the pod garbage
+    collector. Empty if it does not."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            message = str(cond.get("message") or "").strip()
+            return f"{cond.get('reason') or 'DisruptionTarget'}: {message}".removesuffix(": ")
+    return ""
+
+
 def removed_from_outside(pod: dict[str, Any] | None, evicted: str = "") -> str:
     """Why a pod that is still listed is on its way out not by the pipeline's doing: being
-    deleted (its containers may exit 0 meanwhile), or evicted by the kubelet for the node's
-    sake (``evicted``: its message, where the status lost it). Empty if not."""
+    deleted (by whom, where Kubernetes says: ``disrupted``; its containers may exit 0
+    meanwhile), or evicted by the kubelet for the node's sake (``evicted``: its message,
+    where the status lost it). Empty if not."""
     if pod is None:
         return ""
     if pod["metadata"].get("deletionTimestamp"):
-        return "deleted"
+        return disrupted(pod) or "deleted"
     evicted = evicted or eviction_in_status(pod)
     if evicted and not over_own_limit(evicted):
         return f"evicted: {evicted}"

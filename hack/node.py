@@ -639,28 +639,31 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
     # -- faults: a component killed and started again (tests/integration/test_pod_faults.py) --
 
-    def restart_kubelet(self) -> float:
-        """Kill the kubelet (SIGKILL, as a crash would) and start it again with the same
-        arguments; return once its API answers, with the seconds it was away. Its pods run
-        on meanwhile: containerd and the shims keep their containers."""
-        return self._restart("kubelet", self._kubelet_answers, f"/healthz on {NODE_IP}")
+    def restart_kubelet(self, down_s: float = 0.0) -> float:
+        """Kill the kubelet (SIGKILL, as a crash would), leave it dead ``down_s`` seconds, and
+        start it again with the same arguments; return once its API answers, with the seconds
+        it was away. Its pods run on meanwhile: containerd and the shims keep them."""
+        return self._restart("kubelet", down_s, self._kubelet_answers, f"/healthz on {NODE_IP}")
 
-    def restart_containerd(self) -> float:
-        """Kill containerd (SIGKILL) and start it again with the same config; return once it
-        answers on its socket, with the seconds it was away. Its shims outlive it, and so
-        may the containers under them; the state folder and image store are kept."""
+    def restart_containerd(self, down_s: float = 0.0) -> float:
+        """Kill containerd (SIGKILL), leave it dead ``down_s`` seconds, and start it again with
+        the same config; return once it answers on its socket, with the seconds it was away.
+        Its shims outlive it, and so may the containers under them; the state folder and the
+        image store are kept."""
         return self._restart(
             "containerd",
+            down_s,
             lambda: self.ctr("version", check=False).returncode == 0,
             f"answer on {self.socket}",
         )
 
-    def _restart(self, name: str, ready, what: str) -> float:
+    def _restart(self, name: str, down_s: float, ready, what: str) -> float:
         comp = next(c for c in self.components if c.name == name)
         assert comp.popen is not None
         began = time.monotonic()
         comp.popen.kill()  # our child, not yet reaped: its PID cannot have been reused
         comp.popen.wait(timeout=30)
+        time.sleep(down_s)
         comp.start(tied=self.plane.die_with_parent)
         self._record()  # the new PID, for `make cluster-down` and a later run's cleanup
         self._wait(comp, ready, what)

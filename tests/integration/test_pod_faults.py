@@ -447,16 +447,19 @@ def node_restarts(
     pipelines: Pipelines,
     api_client: client.ApiClient,
     desired: dict[str, str],
-    restart: Callable[[], float],
+    restart: Callable[[float], float],
     times: int,
 ) -> Iterator[Restarted]:
-    """Restart a node component ``times`` times while the Pipelines run; after each, wait
-    for the invariants with nothing changed (the time to recover), then make changes (a new
-    Pipeline needs the node to start a pod) and wait for them too: a late effect of the
-    fault on the others (a container that dies a little later) shows by then."""
+    """Kill a node component ``times`` times while the Pipelines run, and start it again
+    after a pause (``restart(seconds)``); after each, wait for the invariants with nothing
+    changed (the time to recover), then make changes (a new Pipeline needs the node to start
+    a pod) and wait for them too: a late effect of the fault on the others (a container that
+    dies a little later) shows by then."""
+    rng = random.Random(7)
     for round_ in range(times):
         before, spent = instances(pipelines), restarts_spent(pipelines)
-        down_s = restart()
+        # Dead for a while, as under a supervisor that restarts it after a pause.
+        down_s = restart(rng.uniform(2, 15) if FULL else 5.0)
         recovery_s = settle(pipelines, api_client, desired)
         changed = change_after_fault(pipelines, desired, round_)
         settle(pipelines, api_client, desired)

@@ -189,6 +189,35 @@ def test_a_pod_deleted_from_outside_is_replaced_without_spending_restarts(
 
 
 @pytest.mark.timeout(300)
+def test_a_service_account_that_does_not_exist_yet_is_waited_for(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """The ServiceAccount admission refuses a pod whose account does not exist yet: a new
+    namespace's `default` for a moment (test_pod_faults.py found it, with Pipelines created
+    right after their namespace), a named one until a GitOps sync brings it. Before, that
+    403 was InvalidSpec: Failed for good, the account's arrival changed nothing."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    policy = {"maxRestarts": 0, "backoffSeconds": 0.5}
+    template = {"serviceAccountName": "later"}
+    pipelines.apply(manifest("tones", template=template, restartPolicy=policy))
+    body = pipelines.wait_failure("tones", "RuntimeUnavailable", 60)
+    uid8 = body["metadata"]["uid"][:8]
+    assert body["status"]["failure"] == {
+        "reason": "RuntimeUnavailable",
+        "code": 503,
+        "step": "create",
+        "message": f'the API server refuses the pipeline\'s pod for now: pods "tones-{uid8}" is '
+        f"forbidden: error looking up service account {namespace}/later: serviceaccount "
+        '"later" not found; tried again until the account exists',
+    }
+    assert body["status"]["phase"] == "Pending"
+    kubectl("create", "serviceaccount", "later", "-n", namespace)
+    body = pipelines.wait_ready("tones", timeout=120)
+    assert body["status"]["phase"] == "Running"
+    assert body["status"].get("restarts", 0) == 0
+
+
+@pytest.mark.timeout(300)
 def test_an_operator_restart_adopts_the_pod_and_the_output_never_stops(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:

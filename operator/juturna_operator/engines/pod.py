@@ -91,6 +91,11 @@ FALLBACK_POLL_S = 5.0  # with the watch: only in case an event is missed
 ENDED_WAIT_S = 3.0  # how long a silent worker's pod may take to show its container ended
 DELETE_GRACE_S = 5
 IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
+# The ServiceAccount admission's words for a pod whose account does not exist (yet): a new
+# namespace's `default` comes a moment after the namespace (seconds, with the controller
+# manager busy or reconnecting), a named one may come later (a GitOps sync). Not the spec's
+# fault: Kubernetes' own controllers retry such a create, and so does the operator.
+MISSING_ACCOUNT = "error looking up service account"
 # The kubelet's words for an image it cannot get.
 IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 
@@ -1134,8 +1139,16 @@ class PodEngine(LockedEngine):
 
 def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:
     """The API server's refusal in its own words: 4xx means the Pod as built cannot exist
-    (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient."""
+    (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient, and so is
+    a ServiceAccount that does not exist yet (``MISSING_ACCOUNT``)."""
     message = api_server_message(err.body) or err.reason
+    if err.status == 403 and MISSING_ACCOUNT in str(message):
+        return PipelineFailure(
+            FailureReason.RuntimeUnavailable,
+            step,
+            f"the API server refuses the pipeline's pod for now: {message}; tried again "
+            "until the account exists",
+        )
     if err.status is not None and 400 <= err.status < 500 and err.status not in (404, 409, 429):
         return PipelineFailure(
             FailureReason.InvalidSpec, step, f"the API server refuses the pipeline's pod: {message}"

@@ -377,11 +377,12 @@ def test_a_pod_evicted_through_the_eviction_api_is_replaced_without_spending_res
             for _, reason, message in pod_pipelines.events(victim)
             if reason == "RuntimeUnavailable"
         ]
-        # The Pipeline says who took its pod: a drain is not a person's delete.
-        assert (
+        # The Pipeline says who took its pod (a drain is not a person's delete), once: its
+        # replacement waited for the pod to go, rather than be refused while it went.
+        assert told == [
             f"pod {name} is gone (EvictionByEvictionAPI: Eviction API: evicting); "
             "a new one replaces it"
-        ) in told, told
+        ]
         fault_log.record(
             "a pipeline pod evicted (Eviction API)",
             ENGINE,

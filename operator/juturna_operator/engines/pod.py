@@ -91,6 +91,8 @@ FALLBACK_POLL_S = 5.0  # with the watch: only in case an event is missed
 ENDED_WAIT_S = 3.0  # how long a silent worker's pod may take to show its container ended
 DELETE_GRACE_S = 5
 IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
+GONE_MARGIN_S = 10.0  # past a leaving pod's grace period: how long its replacement waits
+GONE_POLL_S = 1.0  # meanwhile, a look without a watch event (one may come just before)
 # The ServiceAccount admission's words for a pod whose account does not exist (yet): a new
 # namespace's `default` comes a moment after the namespace (seconds, with the controller
 # manager busy or reconnecting), a named one may come later (a GitOps sync). Not the spec's
@@ -708,6 +710,21 @@ class PodEngine(LockedEngine):
             f"pod {pod_name(key)} was not ready within {POD_READY_TIMEOUT_S:g} s",
         )
 
+    async def _previous_gone(self, key: PipelineKey) -> None:
+        """Wait until the Pipeline's previous pod, on its way out (deleted or evicted from
+        outside, or removed for a pod of another template), is gone: its replacement takes
+        its name, and the API server refuses that create until then ("object is being
+        deleted"), which cost a retry and a Warning each time. Bounded by the leaving pod's
+        grace period and a margin; a pod that outlives it is left to that refusal."""
+        pod = await self._read_pod(key)
+        if pod is None or not pod["metadata"].get("deletionTimestamp"):
+            return
+        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+        deadline = time.monotonic() + float(grace if grace is not None else 30) + GONE_MARGIN_S
+        while pod is not None and time.monotonic() < deadline:
+            await self._changed(key, GONE_POLL_S)
+            pod = await self._pod(key)
+
     async def _ended(self, key: PipelineKey) -> PipelineFailure | None:
         """Why the pod's worker stopped answering, if its container ended (OOMKilled, an
         exit) or the pod is going: the kubelet reports it within about a second."""
@@ -794,6 +811,8 @@ class PodEngine(LockedEngine):
             await self._end(key)
         instance = secrets.token_hex(4)
         pod_body = runtime_pod(key, revision, self._settings, template, instance)
+        self._known[key.uid] = key
+        await self._previous_gone(key)
         try:
             # What the API server (and its admission, Pod Security included) would refuse,
             # it refuses now, before anything exists: InvalidSpec with its own message.
@@ -808,7 +827,6 @@ class PodEngine(LockedEngine):
                 f"({'; '.join(str(err).splitlines()[1:3])})",
             ) from None
         token = secrets.token_urlsafe(32)
-        self._known[key.uid] = key
         try:
             # The address first: its DNS name and ClusterIP exist while the pod starts, and
             # once the pipeline runs only the Service's endpoints change.

@@ -66,8 +66,11 @@ pytestmark = [
 
 ENGINE = "pod"
 EVICTIONS = count("FAULT_EVICTIONS", 2, 5)
-KUBELET_RESTARTS = count("FAULT_KUBELET_RESTARTS", 1, 5)
-CONTAINERD_RESTARTS = count("FAULT_CONTAINERD_RESTARTS", 1, 3)
+# Each node component: how many times it is killed, whether its pods must run on.
+NODE_FAULTS = {
+    "kubelet": (count("FAULT_KUBELET_RESTARTS", 1, 5), True),
+    "containerd": (count("FAULT_CONTAINERD_RESTARTS", 1, 3), False),
+}
 # Pipelines under churn, each a pod of its own: 50 in the full run, as on the other engines.
 CHURN_SIZE = count("FAULT_POD_CHURN", 10, 50)
 CONVERGE_S = 300.0
@@ -469,47 +472,30 @@ def node_restarts(
 
 
 @pytest.mark.timeout(1800 if FULL else 600)
-def test_the_kubelet_restarted_while_pipelines_run(
+@pytest.mark.parametrize("component", ["kubelet", "containerd"])
+def test_a_node_component_killed_and_started_again_while_pipelines_run(
+    component: str,
     pod_pipelines: Pipelines,
     pod_operator: Operator,
     api_client: client.ApiClient,
     node: Node,
     fault_log: Any,
 ) -> None:
-    desired = base_pipelines(pod_pipelines, restartPolicy=NO_RESTARTS)
+    """The kubelet's pods run on without it: none may lose its instance, no restart to
+    spend. Containers may die with containerd: the default restart policy, and each
+    Pipeline must be Running again."""
+    times, run_on = NODE_FAULTS[component]
+    policy = {"restartPolicy": NO_RESTARTS} if run_on else {}
+    desired = base_pipelines(pod_pipelines, **policy)
     settle(pod_pipelines, api_client, desired)
-    for fault in node_restarts(
-        pod_pipelines, api_client, desired, node.restart_kubelet, KUBELET_RESTARTS
-    ):
-        assert fault.redeployed == [], f"the kubelet's restart cost these their instance: {fault}"
+    restart = getattr(node, f"restart_{component}")
+    for fault in node_restarts(pod_pipelines, api_client, desired, restart, times):
+        assert not (run_on and fault.redeployed), f"the {component}'s restart cost: {fault}"
         fault_log.record(
-            "kubelet killed and started again",
+            f"{component} killed and started again",
             ENGINE,
-            "the pods ran on, no restart spent; all at their desired state; no leak",
-            fault.recovery_s,
-            down_s=round(fault.down_s, 1),
-            redeployed=len(fault.redeployed),
-        )
-
-
-@pytest.mark.timeout(1800 if FULL else 600)
-def test_containerd_restarted_while_pipelines_run(
-    pod_pipelines: Pipelines,
-    pod_operator: Operator,
-    api_client: client.ApiClient,
-    node: Node,
-    fault_log: Any,
-) -> None:
-    # The default restart policy: a container that dies with containerd may cost one.
-    desired = base_pipelines(pod_pipelines)
-    settle(pod_pipelines, api_client, desired)
-    for fault in node_restarts(
-        pod_pipelines, api_client, desired, node.restart_containerd, CONTAINERD_RESTARTS
-    ):
-        fault_log.record(
-            "containerd killed and started again",
-            ENGINE,
-            "all Running again; all at their desired state; no leak",
+            ("the pods ran on, no restart spent" if run_on else "all Running again")
+            + "; all at their desired state; no leak",
             fault.recovery_s,
             down_s=round(fault.down_s, 1),
             redeployed=len(fault.redeployed),

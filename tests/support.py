@@ -180,6 +180,18 @@ def manifest(name: str, **spec: Any) -> dict[str, Any]:
     return body
 
 
+# A Pipeline that listens (source/json_http): on the pod engine it gets a Service.
+LISTENING = yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text())
+
+
+def listening(name: str, state: str = "Running", **spec: Any) -> dict[str, Any]:
+    """examples/json-events.yaml under another name, with spec fields overridden."""
+    body = copy.deepcopy(LISTENING)
+    body["metadata"] = {"name": name}
+    body["spec"].update(state=state, **spec)
+    return body
+
+
 def nodes(*specs: tuple[str, str, str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": n, "type": t, "mark": m, "configuration": c} for n, t, m, c in specs]
 

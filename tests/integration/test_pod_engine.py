@@ -22,6 +22,7 @@ from support import (
     assert_pod_output_grows,
     faulty,
     is_ready,
+    listening,
     managed,
     manifest,
     pod_body,
@@ -215,6 +216,32 @@ def test_a_service_account_that_does_not_exist_yet_is_waited_for(
     body = pipelines.wait_ready("tones", timeout=120)
     assert body["status"]["phase"] == "Running"
     assert body["status"].get("restarts", 0) == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_pipeline_that_stops_listening_keeps_no_service_made_by_an_earlier_operator(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """A Service an earlier operator process made, which this one never adopted (the Pipeline
+    had no pod to adopt: it was Stopped), goes once the Pipeline no longer listens. Before,
+    this process knew nothing of it and left it, pointing at no pod, for the Pipeline's
+    life (test_pod_faults.py's churn found one after a failed adoption)."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(listening("json-in"))
+    pipelines.wait_ready("json-in", timeout=120)
+    pipelines.patch_spec("json-in", {"state": "Stopped"})
+    pipelines.wait_phase("json-in", "Stopped", timeout=60)
+    (kept,) = managed(kubectl, "services", namespace)  # the address stays while Stopped
+    assert kept["metadata"]["name"] == "json-in"
+    pod_operator.kill()
+    pod_operator.start()
+    plain = manifest("json-in")["spec"]
+    change = {"state": "Running", "nodes": plain["nodes"], "links": plain["links"]}
+    pipelines.patch_spec("json-in", change)
+    body = pipelines.wait_ready("json-in", timeout=120)
+    assert body["status"]["phase"] == "Running"
+    assert not body["status"].get("endpoints")
+    assert managed(kubectl, "services", namespace) == []
 
 
 @pytest.mark.timeout(300)

@@ -19,7 +19,6 @@ docs/reliability.md, with every injection written to ``RELIABILITY_RESULTS``.
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import random
 import time
@@ -28,7 +27,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import pytest
-import yaml
 from controlplane import ControlPlane
 from kubernetes import client
 from node import Node
@@ -39,7 +37,6 @@ from support import (
     KILLS,
     MANAGED,
     OUTAGES,
-    REPO,
     STATES,
     Churn,
     Kubectl,
@@ -49,6 +46,7 @@ from support import (
     count,
     create_all,
     kills_under_churn,
+    listening,
     outage,
     pod_output_lines,
     pod_ready,
@@ -84,17 +82,6 @@ SMALL_PODS = pytest.mark.operator_env(
 # None of these faults is the pipeline's doing: with no restart to spend, one spent fails it.
 NO_RESTARTS = {"maxRestarts": 0, "backoffSeconds": 0.5}
 SERVING = {"Running": "pipeline_running", "Ready": "pipeline_ready"}  # Juturna's word for each
-# A Pipeline that listens (source/json_http): it gets a Service, which must follow its pod.
-LISTENING = yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text())
-
-
-def listening(name: str, state: str = "Running", **spec: Any) -> dict[str, Any]:
-    body = copy.deepcopy(LISTENING)
-    body["metadata"] = {"name": name}
-    body["spec"].update(state=state, **spec)
-    return body
-
-
 # -- what the invariants read ------------------------------------------------------------------
 
 

@@ -542,6 +542,7 @@ class PodEngine(LockedEngine):
         self._seen: dict[str, dict[str, Any] | None] = {}
         self._changes: dict[str, asyncio.Event] = {}
         self._services: dict[str, _Service] = {}  # by the Pipeline's uid
+        self._services_looked: set[str] = set()  # uids whose Service, if any, is in _services
         core = self._core
         self._networking = networking = k8s.NetworkingV1Api(api_client)
         # Each kind of object the engine makes per Pipeline: (create, read, delete).
@@ -950,6 +951,7 @@ class PodEngine(LockedEngine):
             self._known.pop(key.uid, None)
             self._seen.pop(key.uid, None)
             self._changes.pop(key.uid, None)
+            self._services_looked.discard(key.uid)
         else:
             await self.exclusive(key, self._park, key)
 
@@ -1083,8 +1085,12 @@ class PodEngine(LockedEngine):
         Service of its name that the Pipeline does not own is ``NameConflict``."""
         current = self._services.get(key.uid)
         if not listeners:
-            if current is not None:
-                del self._services[key.uid]
+            # One this process does not know of (made by an earlier process, which this one
+            # never adopted: the Pipeline had no pod then, or the adoption failed) is looked
+            # for once: a Pipeline that stopped listening keeps no Service.
+            if current is not None or key.uid not in self._services_looked:
+                self._services.pop(key.uid, None)
+                self._services_looked.add(key.uid)
                 await self._delete_owned(key, "Service", service_name(key))
             return
         if current is not None and (current.listeners, current.instance) == (listeners, instance):

@@ -245,6 +245,26 @@ def test_a_pipeline_that_stops_listening_keeps_no_service_made_by_an_earlier_ope
 
 
 @pytest.mark.timeout(300)
+def test_what_an_interrupted_removal_left_goes_when_the_operator_starts(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """An operator killed while it removed a Pipeline's pod, before its Secret and
+    NetworkPolicy (test_pod_faults.py's churn hit it in a full run: a Stopped Pipeline kept
+    both for its life): the next process removes them. The same state, made here: the pod
+    deleted while no operator runs, and the Pipeline set to Stopped."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    _, pod = running_example(pipelines, kubectl, namespace)
+    pod_operator.kill()
+    kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=true")
+    pipelines.patch_spec("tones", {"state": "Stopped"})
+    assert managed(kubectl, "secrets", namespace)
+    assert managed(kubectl, "networkpolicies", namespace)
+    pod_operator.start()
+    pipelines.wait_phase("tones", "Stopped", timeout=60)
+    wait_nothing_left(kubectl, namespace, "no Secret and no NetworkPolicy once Stopped", 30)
+
+
+@pytest.mark.timeout(300)
 def test_an_operator_restart_adopts_the_pod_and_the_output_never_stops(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:

@@ -143,7 +143,7 @@ def held_problems(body: dict[str, Any], want: str | None, held: dict[str, list[A
             if len(held.get(kind, [])) != 1
         ]
     else:
-        kept = [n for kind in ("pod", "Secret", "NetworkPolicy") for n in names.get(kind, [])]
+        kept = [f"{k} {n}" for k in ("pod", "Secret", "NetworkPolicy") for n in names.get(k, [])]
         if kept:
             problems.append(f"{name} ({want}): keeps {kept}")
     listens = any(n["mark"] == "json_http" for n in body["spec"]["nodes"])

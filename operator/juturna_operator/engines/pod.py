@@ -1044,7 +1044,11 @@ class PodEngine(LockedEngine):
         self._known[key.uid] = key
         pod = await self._read_pod(key)
         if pod is None:
-            return None  # nothing to adopt; one not owned is the create's NameConflict
+            # Nothing to adopt (one not owned is the create's NameConflict). A process killed
+            # while it removed the pod, or before it made it, left the Secret and the
+            # NetworkPolicy: they go now, not with the Pipeline.
+            await self._remove(key)
+            return None
         if not is_ready(pod):
             await self._remove(key)  # not serving: the lifecycle deploys anew
             return None

@@ -615,6 +615,7 @@ def count(name: str, short: int, full: int) -> int:
 KILLS = count("FAULT_KILLS", 2, 20)
 OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
 STATES = ["Running", "Running", "Ready", "Stopped"]
+CHURN_SEED = 20261128  # every engine's churn makes the same steps
 
 
 def slow_manifest(name: str, state: str = "Running", rate: float = 2.0) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from controlplane import ControlPlane, processes_mentioning
 from kubernetes import client
 
 from support import (
+    CHURN_SEED,
     FULL,
     KILLS,
     OUTAGES,
@@ -149,7 +150,7 @@ def settle(
 def test_sigkill_at_random_points_under_churn(
     pipelines: Pipelines, operator: Operator, fault_log: Any
 ) -> None:
-    rng = random.Random(20261128)
+    rng = random.Random(CHURN_SEED)
     size = CHURN[operator.engine]
     desired = {f"p{i:03d}": rng.choice(STATES) for i in range(size)}
     create_all(pipelines, [slow_manifest(n, s) for n, s in desired.items()])

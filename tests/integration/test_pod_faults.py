@@ -33,6 +33,7 @@ from node import Node
 
 from juturna_operator.engines.pod import INSTANCE_LABEL, NO_POD, PORT
 from support import (
+    CHURN_SEED,
     FULL,
     KILLS,
     MANAGED,
@@ -300,7 +301,7 @@ def test_sigkill_at_random_points_under_churn(
     api_client: client.ApiClient,
     fault_log: Any,
 ) -> None:
-    rng = random.Random(20261207)
+    rng = random.Random(CHURN_SEED)
     desired = {f"p{i:03d}": rng.choice(STATES) for i in range(CHURN_SIZE)}
     # One in ten listens: its Service must follow its pod through kills and redeploys.
     create_all(

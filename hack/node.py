@@ -41,9 +41,11 @@ import json
 import os
 import shlex
 import shutil
+import ssl
 import subprocess
 import tarfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -634,6 +636,51 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     def _record(self) -> None:
         MACHINE_RECORD.parent.mkdir(parents=True, exist_ok=True)
         MACHINE_RECORD.write_text(json.dumps(self.state(), indent=1))
+
+    # -- faults: a component killed and started again (tests/integration/test_pod_faults.py) --
+
+    def restart_kubelet(self, down_s: float = 0.0) -> float:
+        """Kill the kubelet (SIGKILL, as a crash would), leave it dead ``down_s`` seconds, and
+        start it again with the same arguments; return once its API answers, with the seconds
+        it was away. Its pods run on meanwhile: containerd and the shims keep them."""
+        return self._restart("kubelet", down_s, self._kubelet_answers, f"/healthz on {NODE_IP}")
+
+    def restart_containerd(self, down_s: float = 0.0) -> float:
+        """Kill containerd (SIGKILL), leave it dead ``down_s`` seconds, and start it again with
+        the same config; return once it answers on its socket, with the seconds it was away.
+        Its shims outlive it, and so may the containers under them; the state folder and the
+        image store are kept."""
+        return self._restart(
+            "containerd",
+            down_s,
+            lambda: self.ctr("version", check=False).returncode == 0,
+            f"answer on {self.socket}",
+        )
+
+    def _restart(self, name: str, down_s: float, ready, what: str) -> float:
+        comp = next(c for c in self.components if c.name == name)
+        assert comp.popen is not None
+        began = time.monotonic()
+        comp.popen.kill()  # our child, not yet reaped: its PID cannot have been reused
+        comp.popen.wait(timeout=30)
+        time.sleep(down_s)
+        comp.start(tied=self.plane.die_with_parent)
+        self._record()  # the new PID, for `make cluster-down` and a later run's cleanup
+        self._wait(comp, ready, what)
+        return time.monotonic() - began
+
+    def _kubelet_answers(self) -> bool:
+        """The kubelet's API answers ``/healthz`` (anonymous: a throwaway node; its serving
+        certificate is self-signed)."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        url = f"https://{NODE_IP}:{KUBELET_PORT}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=context) as answer:
+                return bool(answer.read() == b"ok")
+        except OSError:
+            return False
 
     # -- stop --
 

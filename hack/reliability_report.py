@@ -20,7 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-FIGURES = {"down_s": "down (s)", "cores_while_down": "operator CPU while down (cores)"}
+FIGURES = {
+    "down_s": "down (s)",
+    "cores_while_down": "operator CPU while down (cores)",
+    "first_converge_s": "first converge (s)",
+    "redeployed": "pipelines redeployed by the fault",
+    "restarts": "restarts spent",
+}
 
 
 def _seconds(values: list[float]) -> str:
@@ -112,11 +118,16 @@ def main(argv: list[str]) -> int:
         "",
         "After every injection the test checks the invariants: every resource reaches its "
         "desired state (no lost pipeline); no instance (folder, worker process or remote "
-        "instance) exists without its resource, and each Running or Ready resource has exactly "
-        "the instance its status names (no leak); every deleted resource is gone (no stuck "
-        "finalizer). *Time to recover* is from the end of the fault (operator restarted, API "
-        "server or etcd back, runtime back) until all of that holds; for slow warmups, the "
-        "time the other pipelines' create and delete took meanwhile; for the fuzzer, the run.",
+        "instance; on the pod engine a pod, Secret, Service or NetworkPolicy) exists without "
+        "its resource, and each Running or Ready resource has exactly the instance its status "
+        "names (on the pod engine: one Ready pod, whose worker runs that instance, with its "
+        "Secret and NetworkPolicy, and the Service of one that listens selecting it) (no "
+        "leak); every deleted resource is gone (no stuck finalizer). The pod engine's rows "
+        "come from a real node (containerd, kubelet). *Time to recover* is from the end of "
+        "the fault (operator restarted, API server or etcd back, runtime back, the kubelet or "
+        "containerd answering again, the eviction made) until all of that holds; for slow "
+        "warmups, the time the other pipelines' create and delete took meanwhile; for the "
+        "fuzzer, the run.",
         "",
         "## Faults",
         "",

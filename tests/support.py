@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import functools
 import itertools
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,8 @@ import pytest
 import yaml
 from controlplane import (
     Binaries,
+    ControlPlane,
+    cpu_seconds,
     ensure_binaries,
     exit_with_parent,
     free_port,
@@ -173,6 +178,18 @@ def manifest(name: str, **spec: Any) -> dict[str, Any]:
     body = copy.deepcopy(EXAMPLE)
     body["metadata"] = {"name": name}
     body["spec"].update(spec)
+    return body
+
+
+# A Pipeline that listens (source/json_http): on the pod engine it gets a Service.
+LISTENING = yaml.safe_load((REPO / "examples" / "json-events.yaml").read_text())
+
+
+def listening(name: str, state: str = "Running", **spec: Any) -> dict[str, Any]:
+    """examples/json-events.yaml under another name, with spec fields overridden."""
+    body = copy.deepcopy(LISTENING)
+    body["metadata"] = {"name": name}
+    body["spec"].update(state=state, **spec)
     return body
 
 
@@ -569,6 +586,22 @@ def pod_finished(body: dict[str, Any]) -> bool:
     return body.get("status", {}).get("phase") in ("Succeeded", "Failed")
 
 
+def pod_output_lines(kubectl: Kubectl, pod: str, namespace: str, pipeline_id: str) -> int:
+    """Lines the example sink wrote for ``pipeline_id`` inside pipeline pod ``pod``."""
+    out = f"/var/lib/juturna/*_{pipeline_id}/out/output.jsonl"
+    script = f"cat {out} | wc -l"
+    return int(kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script).stdout)
+
+
+def assert_pod_output_grows(kubectl: Kubectl, pod: str, namespace: str, pipeline_id: str) -> None:
+    first = pod_output_lines(kubectl, pod, namespace, pipeline_id)
+    wait_until(
+        lambda: pod_output_lines(kubectl, pod, namespace, pipeline_id) > first,
+        20,
+        f"the output growing inside pod {pod}",
+    )
+
+
 def minimal_path(tmp_path: Path, *tools: str) -> str:
     """A PATH holding only the named tools, as symlinks (a machine that lacks the others)."""
     bindir = tmp_path / "bin"
@@ -578,3 +611,177 @@ def minimal_path(tmp_path: Path, *tools: str) -> str:
         assert found, tool
         (bindir / tool).symlink_to(found)
     return str(bindir)
+
+
+# --- fault injection: counts, churn, convergence (test_faults.py, test_pod_faults.py) -------
+
+# `make reliability` runs the full counts; `make test` a few injections of each fault.
+FULL = os.environ.get("RELIABILITY") == "full"
+
+
+def count(name: str, short: int, full: int) -> int:
+    """How many times to inject a fault: ``name`` from the environment, else the short or
+    the full count."""
+    return int(os.environ.get(name, full if FULL else short))
+
+
+KILLS = count("FAULT_KILLS", 2, 20)
+OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
+STATES = ["Running", "Running", "Ready", "Stopped"]
+CHURN_SEED = 20261128  # every engine's churn makes the same steps
+
+
+def slow_manifest(name: str, state: str = "Running", rate: float = 2.0) -> dict[str, Any]:
+    body = manifest(name, state=state)
+    body["spec"]["nodes"][0]["configuration"] = {"rate": rate}
+    return body
+
+
+def create_all(pipelines: Pipelines, bodies: list[dict[str, Any]]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(
+            pool.map(
+                lambda b: pipelines.objects.create_namespaced_custom_object(
+                    GROUP, VERSION, pipelines.namespace, PLURAL, b
+                ),
+                bodies,
+            )
+        )
+
+
+def not_converged(pipelines: Pipelines, desired: dict[str, str]) -> list[str]:
+    """What still differs from the desired state (empty when converged): a resource lost, a
+    deleted one still present (its finalizer stuck), one not Ready at its desired phase."""
+    bodies = pipelines.bodies()
+    problems = [f"{n}: deleted but still present" for n in bodies if n not in desired]
+    for name, state in desired.items():
+        body = bodies.get(name)
+        if body is None:
+            problems.append(f"{name}: LOST (no resource)")
+        elif not (is_ready(body) and body["status"].get("phase") == state):
+            status = body.get("status") or {}
+            problems.append(
+                f"{name}: want {state}, phase {status.get('phase')} "
+                f"(generation {body['metadata']['generation']}, observed "
+                f"{status.get('observedGeneration')}, failure {status.get('failure')})"
+            )
+    return problems
+
+
+def wait_settled(
+    pipelines: Pipelines,
+    desired: dict[str, str],
+    timeout: float,
+    leaks: Callable[[], list[str]],
+) -> float:
+    """Wait until every resource is at its desired state and ``leaks()`` (the engine's own
+    check: every instance has its resource, each resource exactly its instance) finds
+    nothing; return how long that took, or fail naming what still differs."""
+    started = time.monotonic()
+    problems: list[str] = []
+    while time.monotonic() - started < timeout:
+        try:
+            problems = not_converged(pipelines, desired) or leaks()
+        except client.ApiException as err:  # a 5xx while etcd comes back
+            if err.status < 500:
+                raise
+            problems = [f"API server: {err.status} {err.reason}"]
+        if not problems:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    pytest.fail(f"not settled in {timeout:.0f} s ({len(problems)}):\n" + "\n".join(problems))
+
+
+def outage(control_plane: ControlPlane, component: str, down_s: float, operator: Operator) -> float:
+    """Stop ``component`` for ``down_s`` seconds and start it again; return the cores the
+    operator used meanwhile, and fail if it exited."""
+    assert operator.proc is not None
+    pid = operator.proc.pid
+    control_plane.pause(component)
+    try:
+        cpu0, started = cpu_seconds(pid), time.monotonic()
+        time.sleep(down_s)
+        cores = (cpu_seconds(pid) - cpu0) / (time.monotonic() - started)
+    finally:  # a test that fails here must not leave the plane without it
+        control_plane.resume(component)
+    assert operator.proc.poll() is None, f"the operator exited while {component} was down"
+    return cores
+
+
+def change_after_fault(pipelines: Pipelines, desired: dict[str, str], round_: int) -> set[str]:
+    """Changes made once a fault is over, which the operator must see and act on: one of
+    ``a1``-``a4`` flipped between Running and Ready (``a0`` is never changed), a new Running
+    Pipeline ``b<round_>``, and the previous round's deleted. Returns the names changed."""
+    flip, new, old = f"a{1 + round_ % 4}", f"b{round_}", f"b{round_ - 1}"
+    desired[flip] = "Ready" if desired[flip] == "Running" else "Running"
+    pipelines.patch_spec(flip, {"state": desired[flip]})
+    desired[new] = "Running"
+    create_all(pipelines, [slow_manifest(new)])
+    if round_:
+        pipelines.delete(old)
+        del desired[old]
+    return {flip, new, old}
+
+
+class Churn:
+    """Creates, changes and deletes Pipelines at random; ``desired`` is what the user asked."""
+
+    def __init__(self, pipelines: Pipelines, rng: random.Random, desired: dict[str, str]) -> None:
+        self.pipelines, self.rng, self.desired = pipelines, rng, desired
+        self.made = len(desired)
+        self.errors: list[str] = []
+
+    def step(self) -> None:
+        p, rng = self.pipelines, self.rng
+        names = sorted(self.desired)
+        action = rng.choice(["create", "delete", "state", "state", "config"])
+        if action == "create" or not names:
+            name = f"c{self.made:03d}"
+            self.made += 1
+            state = rng.choice(STATES)
+            create_all(p, [slow_manifest(name, state)])
+            self.desired[name] = state
+        elif action == "delete":
+            name = rng.choice(names)
+            del self.desired[name]
+            p.delete(name)
+        elif action == "state":
+            name = rng.choice(names)
+            state = rng.choice([s for s in sorted(set(STATES)) if s != self.desired[name]])
+            p.patch_spec(name, {"state": state})
+            self.desired[name] = state
+        else:  # a new revision: the instance is replaced
+            name = rng.choice(names)
+            spec = slow_manifest(name)["spec"]
+            spec["nodes"][1]["configuration"] = {"factor": rng.randint(1, 99), "label": "churn"}
+            # With its links: a Pipeline of another graph (one that listens) takes this one.
+            p.patch_spec(name, {"nodes": spec["nodes"], "links": spec["links"]})
+
+    def run(self, steps: int) -> None:
+        try:
+            for _ in range(steps):
+                self.step()
+                time.sleep(self.rng.uniform(0, 0.2))
+        except Exception as err:  # reported by the test, not lost in a thread
+            self.errors.append(repr(err))
+
+
+def kills_under_churn(operator: OperatorProcess, churn: Churn, kills: int) -> Iterator[float]:
+    """SIGKILL the operator ``kills`` times, each at a random point of a burst of churn, and
+    start it again after a random pause (changes land while no operator runs). Yields, after
+    each, the moment (``time.monotonic()``) it was started again, once the burst is over:
+    the caller checks the invariants and times the recovery from there."""
+    rng = churn.rng
+    for _ in range(kills):
+        burst = threading.Thread(target=churn.run, args=(rng.randint(5, 15),))
+        burst.start()
+        try:
+            time.sleep(rng.uniform(0, 1.5))  # a random point in the churn
+            operator.kill()
+            time.sleep(rng.uniform(0, 2))
+            operator.start()
+            restarted = time.monotonic()
+        finally:  # a failed start leaves no churn running into the teardown
+            burst.join()
+        assert not churn.errors, churn.errors
+        yield restarted

@@ -12,9 +12,7 @@ a 30 s warmup) and writes every injection to ``RELIABILITY_RESULTS`` for docs/re
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import os
 import random
 import threading
 import time
@@ -25,29 +23,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import ControlPlane, cpu_seconds, processes_mentioning, reset_peak_rss, rss_kib
+from controlplane import ControlPlane, processes_mentioning, reset_peak_rss, rss_kib
 from kubernetes import client
 
 from support import (
-    GROUP,
-    PLURAL,
-    VERSION,
+    CHURN_SEED,
+    FULL,
+    KILLS,
+    OUTAGES,
+    STATES,
+    Churn,
     JuturnaServe,
     Kubectl,
     Operator,
     Pipelines,
     answered_size,
     chain,
+    change_after_fault,
     condition,
+    count,
+    create_all,
     faulty,
     is_ready,
+    kills_under_churn,
     manifest,
     only_on,
+    outage,
     output_lines,
     output_of,
+    slow_manifest,
+    wait_settled,
 )
-
-FULL = os.environ.get("RELIABILITY") == "full"
 
 # The full counts take long: 20 kills with 50 worker processes, five outages of up to 30 s.
 pytestmark = [
@@ -56,13 +62,6 @@ pytestmark = [
     pytest.mark.timeout(3600 if FULL else 600),
 ]
 
-
-def count(name: str, short: int, full: int) -> int:
-    return int(os.environ.get(name, full if FULL else short))
-
-
-KILLS = count("FAULT_KILLS", 2, 20)
-OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
 ETCD_RESTARTS = count("FAULT_ETCD_RESTARTS", 1, 3)
 EDITS = count("FAULT_SPEC_EDITS", 30, 200)
 WARMUP_S = count("FAULT_WARMUP_S", 10, 30)  # the slow node's warmup
@@ -79,34 +78,9 @@ ENGINE_AGNOSTIC = (
     "the API server connection is the same code for every engine (kopf and the status "
     "writer); run once, on the in-process engine"
 )
-STATES = ["Running", "Running", "Ready", "Stopped"]
-
-
-def slow_manifest(name: str, state: str = "Running", rate: float = 2.0) -> dict[str, Any]:
-    body = manifest(name, state=state)
-    body["spec"]["nodes"][0]["configuration"] = {"rate": rate}
-    return body
 
 
 # -- what the invariants read ------------------------------------------------------------------
-
-
-def not_converged(pipelines: Pipelines, desired: dict[str, str]) -> list[str]:
-    """What still differs from the desired state (empty when converged)."""
-    bodies = pipelines.bodies()
-    problems = [f"{n}: deleted but still present" for n in bodies if n not in desired]
-    for name, state in desired.items():
-        body = bodies.get(name)
-        if body is None:
-            problems.append(f"{name}: LOST (no resource)")
-        elif not (is_ready(body) and body["status"].get("phase") == state):
-            status = body.get("status") or {}
-            problems.append(
-                f"{name}: want {state}, phase {status.get('phase')} "
-                f"(generation {body['metadata']['generation']}, observed "
-                f"{status.get('observedGeneration')}, failure {status.get('failure')})"
-            )
-    return problems
 
 
 def instances(operator: Operator, namespace: str) -> dict[str, list[tuple[str, str]]]:
@@ -169,112 +143,24 @@ def settle(
 ) -> float:
     """Wait until every resource is at its desired state with exactly its instance, and no
     instance is left without a resource; return how long that took."""
-    started = time.monotonic()
-    problems: list[str] = []
-    while time.monotonic() - started < timeout:
-        try:
-            problems = not_converged(pipelines, desired) or leaked(pipelines, operator, desired)
-        except client.ApiException as err:  # a 5xx while etcd comes back
-            if err.status < 500:
-                raise
-            problems = [f"API server: {err.status} {err.reason}"]
-        if not problems:
-            return time.monotonic() - started
-        time.sleep(0.5)
-    pytest.fail(f"not settled in {timeout:.0f} s ({len(problems)}):\n" + "\n".join(problems))
-
-
-def outage(control_plane: ControlPlane, component: str, down_s: float, operator: Operator) -> float:
-    """Stop ``component`` for ``down_s`` seconds and start it again; return the cores the
-    operator used meanwhile, and fail if it exited."""
-    assert operator.proc is not None
-    pid = operator.proc.pid
-    control_plane.pause(component)
-    cpu0, started = cpu_seconds(pid), time.monotonic()
-    time.sleep(down_s)
-    cores = (cpu_seconds(pid) - cpu0) / (time.monotonic() - started)
-    control_plane.resume(component)
-    assert operator.proc.poll() is None, f"the operator exited while {component} was down"
-    return cores
-
-
-def create_all(pipelines: Pipelines, bodies: list[dict[str, Any]]) -> None:
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda b: pipelines.objects.create_namespaced_custom_object(
-                    GROUP, VERSION, pipelines.namespace, PLURAL, b
-                ),
-                bodies,
-            )
-        )
+    return wait_settled(pipelines, desired, timeout, lambda: leaked(pipelines, operator, desired))
 
 
 # -- 1. the operator killed with SIGKILL at random points, under churn -------------------------
 
 
-class Churn:
-    """Creates, changes and deletes Pipelines at random; ``desired`` is what the user asked."""
-
-    def __init__(self, pipelines: Pipelines, rng: random.Random, desired: dict[str, str]) -> None:
-        self.pipelines, self.rng, self.desired = pipelines, rng, desired
-        self.made = len(desired)
-        self.errors: list[str] = []
-
-    def step(self) -> None:
-        p, rng = self.pipelines, self.rng
-        names = sorted(self.desired)
-        action = rng.choice(["create", "delete", "state", "state", "config"])
-        if action == "create" or not names:
-            name = f"c{self.made:03d}"
-            self.made += 1
-            state = rng.choice(STATES)
-            create_all(p, [slow_manifest(name, state)])
-            self.desired[name] = state
-        elif action == "delete":
-            name = rng.choice(names)
-            del self.desired[name]
-            p.delete(name)
-        elif action == "state":
-            name = rng.choice(names)
-            state = rng.choice([s for s in sorted(set(STATES)) if s != self.desired[name]])
-            p.patch_spec(name, {"state": state})
-            self.desired[name] = state
-        else:  # a new revision: the instance is replaced
-            name = rng.choice(names)
-            nodes = slow_manifest(name)["spec"]["nodes"]
-            nodes[1]["configuration"] = {"factor": rng.randint(1, 99), "label": "churn"}
-            p.patch_spec(name, {"nodes": nodes})
-
-    def run(self, steps: int) -> None:
-        try:
-            for _ in range(steps):
-                self.step()
-                time.sleep(self.rng.uniform(0, 0.2))
-        except Exception as err:  # reported by the test, not lost in a thread
-            self.errors.append(repr(err))
-
-
 def test_sigkill_at_random_points_under_churn(
     pipelines: Pipelines, operator: Operator, fault_log: Any
 ) -> None:
-    rng = random.Random(20261128)
+    rng = random.Random(CHURN_SEED)
     size = CHURN[operator.engine]
     desired = {f"p{i:03d}": rng.choice(STATES) for i in range(size)}
     create_all(pipelines, [slow_manifest(n, s) for n, s in desired.items()])
     settle(pipelines, operator, desired, CONVERGE_S[operator.engine])
     churn = Churn(pipelines, rng, desired)
-    for _ in range(KILLS):
-        worker = threading.Thread(target=churn.run, args=(rng.randint(5, 15),))
-        worker.start()
-        time.sleep(rng.uniform(0, 1.5))  # a random point in the churn
-        operator.kill()
-        time.sleep(rng.uniform(0, 2))  # changes land while no operator runs
-        operator.start()
-        restarted = time.monotonic()
-        worker.join()
-        assert not churn.errors, churn.errors
-        settle(pipelines, operator, desired, CONVERGE_S[operator.engine])
+    converge = CONVERGE_S[operator.engine]
+    for restarted in kills_under_churn(operator, churn, KILLS):
+        settle(pipelines, operator, desired, converge)
         fault_log.record(
             "operator SIGKILL under churn",
             operator.engine,
@@ -302,14 +188,7 @@ def test_apiserver_stopped_and_started(
         # Pipelines ran on while the API server was away (a0 is never changed).
         assert output_lines(operator.workdir, pipelines.get("a0")) > lines
         # Changes made after the outage are seen: the watch reconnected by itself.
-        flip = f"a{1 + round_ % 4}"
-        desired[flip] = "Ready" if desired[flip] == "Running" else "Running"
-        pipelines.patch_spec(flip, {"state": desired[flip]})
-        desired[f"b{round_}"] = "Running"
-        create_all(pipelines, [slow_manifest(f"b{round_}")])
-        if round_:
-            pipelines.delete(f"b{round_ - 1}")
-            del desired[f"b{round_ - 1}"]
+        change_after_fault(pipelines, desired, round_)
         recovery = settle(pipelines, operator, desired, 120)  # from the API server's return
         # A spinning reconnect would take a core; kopf backs off and the pipelines run on.
         assert cores < 0.5, f"the operator used {cores:.2f} cores while the API server was down"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines.pod import (
     PodEngine,
+    _api_failure,
     ended_by_kubelet,
     network_policy,
     owned_by,
@@ -19,7 +22,7 @@ from juturna_operator.engines.pod import (
     template_hash,
     token_secret,
 )
-from juturna_operator.reasons import FailureReason
+from juturna_operator.reasons import FailureReason, Step
 from juturna_operator.settings import Settings
 
 KEY = PipelineKey("team-a", "tones", "40ffacf7-0000-4000-8000-000000000000")
@@ -164,10 +167,70 @@ def test_deleted_and_evicted_pods_are_the_clusters_doing() -> None:
     assert removed_from_outside(pod({"phase": "Running"})) == ""
 
 
+def test_a_pod_deleted_by_an_eviction_or_a_preemption_says_so() -> None:
+    """Kubernetes marks who is taking a pod away (the DisruptionTarget condition): a drain
+    (the Eviction API) is not a person's delete, and the Pipeline's message tells them apart."""
+    drained = {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True"},
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+            },
+        ],
+    }
+    deleting = "2026-12-07T00:00:00Z"
+    assert removed_from_outside(pod(drained, deletionTimestamp=deleting)) == (
+        "EvictionByEvictionAPI: Eviction API: evicting"
+    )
+    preempted = {
+        "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+        ]
+    }
+    assert removed_from_outside(pod(preempted, deletionTimestamp=deleting)) == (
+        "PreemptionByScheduler"
+    )
+    # Not yet deleted (the condition comes first), or no longer targeted: nothing, or a delete.
+    assert removed_from_outside(pod(drained)) == ""
+    drained["conditions"][1]["status"] = "False"
+    assert removed_from_outside(pod(drained, deletionTimestamp=deleting)) == "deleted"
+
+
 def test_unschedulable_waits_without_spending_restarts() -> None:
     assert FailureReason.Unschedulable.retryable
     assert not FailureReason.Unschedulable.counts_as_restart
     assert FailureReason.ImagePullFailed.counts_as_restart
+
+
+def refusal(status: int, message: str) -> k8s.ApiException:
+    err = k8s.ApiException(status=status, reason="Forbidden")
+    err.body = json.dumps({"kind": "Status", "code": status, "message": message})
+    return err
+
+
+def test_a_service_account_that_does_not_exist_yet_is_waited_for_not_invalid() -> None:
+    """A new namespace's `default` account comes a moment after the namespace: a Pipeline
+    created at once was refused by the ServiceAccount admission, and that 403 made it
+    InvalidSpec, Failed for good."""
+    missing = (
+        'pods "a0-d0acb13b" is forbidden: error looking up service account '
+        't-81219b2e45/default: serviceaccount "default" not found'
+    )
+    failure = _api_failure(refusal(403, missing), Step.create)
+    assert failure.reason is FailureReason.RuntimeUnavailable
+    assert failure.reason.retryable
+    assert not failure.reason.counts_as_restart
+    assert failure.message == (
+        f"the API server refuses the pipeline's pod for now: {missing}; tried again until "
+        "the account exists"
+    )
+    # Any other refusal of the Pod as built is the spec's to change.
+    policy = 'pods "x" is forbidden: violates PodSecurity "restricted:latest": hostPath'
+    assert _api_failure(refusal(403, policy), Step.create).reason is FailureReason.InvalidSpec
 
 
 TEMPLATE: dict[str, Any] = {

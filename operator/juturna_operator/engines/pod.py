@@ -92,6 +92,13 @@ VALIDATE_TIMEOUT_S = 30.0  # the worker reads config.toml files: well under a se
 ENDED_WAIT_S = 3.0  # how long a silent worker's pod may take to show its container ended
 DELETE_GRACE_S = 5
 IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
+GONE_MARGIN_S = 10.0  # past a leaving pod's grace period: how long its replacement waits
+GONE_POLL_S = 1.0  # meanwhile, a look without a watch event (one may come just before)
+# The ServiceAccount admission's words for a pod whose account does not exist (yet): a new
+# namespace's `default` comes a moment after the namespace (seconds, with the controller
+# manager busy or reconnecting), a named one may come later (a GitOps sync). Not the spec's
+# fault: Kubernetes' own controllers retry such a create, and so does the operator.
+MISSING_ACCOUNT = "error looking up service account"
 # The kubelet's words for an image it cannot get.
 IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 
@@ -443,14 +450,27 @@ def describe_termination(terminated: dict[str, Any]) -> str:
     return f"{text}: {message[-500:]}" if message else text
 
 
+def disrupted(pod: dict[str, Any]) -> str:
+    """Who is taking the pod away, where Kubernetes says so in its ``DisruptionTarget``
+    condition (``reason: message``): an eviction through the Eviction API (``kubectl
+    drain``), a preemption, the taint manager for a node gone unreachable, the pod garbage
+    collector. Empty if it does not."""
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            message = str(cond.get("message") or "").strip()
+            return f"{cond.get('reason') or 'DisruptionTarget'}: {message}".removesuffix(": ")
+    return ""
+
+
 def removed_from_outside(pod: dict[str, Any] | None, evicted: str = "") -> str:
     """Why a pod that is still listed is on its way out not by the pipeline's doing: being
-    deleted (its containers may exit 0 meanwhile), or evicted by the kubelet for the node's
-    sake (``evicted``: its message, where the status lost it). Empty if not."""
+    deleted (by whom, where Kubernetes says: ``disrupted``; its containers may exit 0
+    meanwhile), or evicted by the kubelet for the node's sake (``evicted``: its message,
+    where the status lost it). Empty if not."""
     if pod is None:
         return ""
     if pod["metadata"].get("deletionTimestamp"):
-        return "deleted"
+        return disrupted(pod) or "deleted"
     evicted = evicted or eviction_in_status(pod)
     if evicted and not over_own_limit(evicted):
         return f"evicted: {evicted}"
@@ -523,6 +543,7 @@ class PodEngine(LockedEngine):
         self._seen: dict[str, dict[str, Any] | None] = {}
         self._changes: dict[str, asyncio.Event] = {}
         self._services: dict[str, _Service] = {}  # by the Pipeline's uid
+        self._services_looked: set[str] = set()  # uids whose Service, if any, is in _services
         core = self._core
         self._networking = networking = k8s.NetworkingV1Api(api_client)
         # Each kind of object the engine makes per Pipeline: (create, read, delete).
@@ -691,6 +712,21 @@ class PodEngine(LockedEngine):
             f"pod {pod_name(key)} was not ready within {POD_READY_TIMEOUT_S:g} s",
         )
 
+    async def _previous_gone(self, key: PipelineKey) -> None:
+        """Wait until the Pipeline's previous pod, on its way out (deleted or evicted from
+        outside, or removed for a pod of another template), is gone: its replacement takes
+        its name, and the API server refuses that create until then ("object is being
+        deleted"), which cost a retry and a Warning each time. Bounded by the leaving pod's
+        grace period and a margin; a pod that outlives it is left to that refusal."""
+        pod = await self._read_pod(key)
+        if pod is None or not pod["metadata"].get("deletionTimestamp"):
+            return
+        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+        deadline = time.monotonic() + float(grace if grace is not None else 30) + GONE_MARGIN_S
+        while pod is not None and time.monotonic() < deadline:
+            await self._changed(key, GONE_POLL_S)
+            pod = await self._pod(key)
+
     async def _ended(self, key: PipelineKey) -> PipelineFailure | None:
         """Why the pod's worker stopped answering, if its container ended (OOMKilled, an
         exit) or the pod is going: the kubelet reports it within about a second."""
@@ -798,6 +834,8 @@ class PodEngine(LockedEngine):
             await self._end(key)
         instance = secrets.token_hex(4)
         pod_body = runtime_pod(key, revision, self._settings, template, instance)
+        self._known[key.uid] = key
+        await self._previous_gone(key)
         try:
             # What the API server (and its admission, Pod Security included) would refuse,
             # it refuses now, before anything exists: InvalidSpec with its own message.
@@ -812,7 +850,6 @@ class PodEngine(LockedEngine):
                 f"({'; '.join(str(err).splitlines()[1:3])})",
             ) from None
         token = secrets.token_urlsafe(32)
-        self._known[key.uid] = key
         try:
             # The address first: its DNS name and ClusterIP exist while the pod starts, and
             # once the pipeline runs only the Service's endpoints change.
@@ -938,6 +975,7 @@ class PodEngine(LockedEngine):
             self._known.pop(key.uid, None)
             self._seen.pop(key.uid, None)
             self._changes.pop(key.uid, None)
+            self._services_looked.discard(key.uid)
         else:
             await self.exclusive(key, self._park, key)
 
@@ -1034,7 +1072,11 @@ class PodEngine(LockedEngine):
         self._known[key.uid] = key
         pod = await self._read_pod(key)
         if pod is None:
-            return None  # nothing to adopt; one not owned is the create's NameConflict
+            # Nothing to adopt (one not owned is the create's NameConflict). A process killed
+            # while it removed the pod, or before it made it, left the Secret and the
+            # NetworkPolicy: they go now, not with the Pipeline.
+            await self._remove(key)
+            return None
         if not is_ready(pod):
             await self._remove(key)  # not serving: the lifecycle deploys anew
             return None
@@ -1075,8 +1117,12 @@ class PodEngine(LockedEngine):
         Service of its name that the Pipeline does not own is ``NameConflict``."""
         current = self._services.get(key.uid)
         if not listeners:
-            if current is not None:
-                del self._services[key.uid]
+            # One this process does not know of (made by an earlier process, which this one
+            # never adopted: the Pipeline had no pod then, or the adoption failed) is looked
+            # for once: a Pipeline that stopped listening keeps no Service.
+            if current is not None or key.uid not in self._services_looked:
+                self._services.pop(key.uid, None)
+                self._services_looked.add(key.uid)
                 await self._delete_owned(key, "Service", service_name(key))
             return
         if current is not None and (current.listeners, current.instance) == (listeners, instance):
@@ -1149,8 +1195,16 @@ class PodEngine(LockedEngine):
 
 def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:
     """The API server's refusal in its own words: 4xx means the Pod as built cannot exist
-    (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient."""
+    (``InvalidSpec``, e.g. a Pod Security violation); anything else is transient, and so is
+    a ServiceAccount that does not exist yet (``MISSING_ACCOUNT``)."""
     message = api_server_message(err.body) or err.reason
+    if err.status == 403 and MISSING_ACCOUNT in str(message):
+        return PipelineFailure(
+            FailureReason.RuntimeUnavailable,
+            step,
+            f"the API server refuses the pipeline's pod for now: {message}; tried again "
+            "until the account exists",
+        )
     if err.status is not None and 400 <= err.status < 500 and err.status not in (404, 409, 429):
         return PipelineFailure(
             FailureReason.InvalidSpec, step, f"the API server refuses the pipeline's pod: {message}"

@@ -5,7 +5,7 @@ the pure lifecycle and the metrics use these without pulling in an engine."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 # The pipeline pod's worker listens here (engine pod): no listener of a Pipeline may take it.
@@ -23,6 +23,14 @@ class InstanceState(StrEnum):
     Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
 
 
+class Slot(StrEnum):
+    """Which of a Pipeline's two instances: the one that serves, or the next revision warming
+    up beside it during a warm swap (and, after the switch, the old one while it drains)."""
+
+    active = "active"
+    candidate = "candidate"
+
+
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
 MAX_OBJECT_NAME = 253
 
@@ -34,6 +42,7 @@ class PipelineKey:
     namespace: str
     name: str
     uid: str
+    slot: Slot = Slot.active
 
     def __post_init__(self) -> None:
         # The API server only admits DNS-1123 names; the engine layer checks again, so that
@@ -50,7 +59,18 @@ class PipelineKey:
         return f"{self.namespace}__{self.name}__{self.uid[:8]}"
 
     def __str__(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        suffix = "" if self.slot is Slot.active else f" ({self.slot})"
+        return f"{self.namespace}/{self.name}{suffix}"
+
+    @property
+    def candidate(self) -> PipelineKey:
+        """The same Pipeline's candidate slot (a warm swap's other instance)."""
+        return replace(self, slot=Slot.candidate)
+
+    @property
+    def active(self) -> PipelineKey:
+        """The same Pipeline's active slot."""
+        return replace(self, slot=Slot.active)
 
     @property
     def log_extra(self) -> dict[str, object]:

@@ -70,6 +70,18 @@ class Router:
                 await engine.delete(key, release, keep_output)
         self._owner.pop(key, None)
 
+    def warm_swap(self, plan: Plan) -> str | None:
+        engine = self._service if plan.runtime and self._service else self._default
+        return engine.warm_swap(plan)
+
+    async def promote(self, key: PipelineKey) -> None:
+        await self._for(key.candidate).promote(key)
+        active, candidate = self._owner.pop(key, None), self._owner.pop(key.candidate, None)
+        if candidate is not None:
+            self._owner[key] = candidate
+        if active is not None:
+            self._owner[key.candidate] = active
+
     def observe(self, event: str, body: dict[str, Any]) -> str | None:
         """A watch event for a pod of the pod engine (handlers.pod_event); returns the uid
         of the Pipeline the pod belongs to."""

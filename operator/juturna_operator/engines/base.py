@@ -199,6 +199,23 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release everything the engine holds (operator shutdown)."""
 
+    # -- a warm swap's two slots (``PipelineKey.slot``) --
+    #
+    # Every method above takes either slot's key: ``key.candidate`` is a second instance of
+    # the same Pipeline, made, warmed up and started beside the active one without touching
+    # the Pipeline's address (its Service). The engine knows nothing of swaps: the lifecycle
+    # decides them, and ``promote`` is the one primitive it adds.
+
+    def warm_swap(self, plan: Plan) -> str | None:
+        """None if a candidate instance with this ``plan`` can run beside the active one;
+        else why not, in a user's words (the reconciler then replaces it in place)."""
+
+    async def promote(self, key: PipelineKey) -> None:
+        """The candidate (started) takes the Pipeline's address and the active slot; the
+        instance that was active moves to the candidate slot, still running, and receives no
+        new traffic (the reconciler removes it after the drain). Safe to repeat, and safe
+        across an operator restart: adoption finds each instance in the slot it had."""
+
 
 def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
     """The instance an engine holds for ``key``, or ``InvalidPipelineId``."""
@@ -326,6 +343,15 @@ class LockedEngine(Exclusive):
 
     async def start(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._start, key)
+
+    def warm_swap(self, plan: Plan) -> str | None:
+        """Engines replace an instance in place unless they say otherwise."""
+        return "this engine replaces an instance in place"
+
+    async def promote(self, key: PipelineKey) -> None:
+        raise PipelineFailure(
+            FailureReason.InvalidPipelineId, Step.start, f"{key} has no warm swap on this engine"
+        )
 
     async def stop(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._stop, key)

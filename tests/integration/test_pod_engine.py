@@ -4,6 +4,7 @@ with no API rights, under the restricted Pod Security Standard."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,16 @@ def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: floa
         timeout,
         what,
     )
+
+
+def assert_failure(body: dict[str, Any], reason: str, code: int, step: str, message: str) -> None:
+    """``status.failure`` is this, its message naming the Pipeline's pod as ``{pod}``: the
+    pod's name ends in its instance's random id (``<name>-<uid8>-<instance>``)."""
+    meta, failure = body["metadata"], dict(body["status"]["failure"])
+    pod = re.escape(f"{meta['name']}-{meta['uid'][:8]}-") + "[0-9a-f]{8}"
+    said = failure.pop("message")
+    assert failure == {"reason": reason, "code": code, "step": step}
+    assert re.fullmatch(pod.join(map(re.escape, message.split("{pod}"))), said), said
 
 
 @pytest.mark.timeout(300)
@@ -205,15 +216,15 @@ def test_a_service_account_that_does_not_exist_yet_is_waited_for(
     template = {"serviceAccountName": "later"}
     pipelines.apply(manifest("tones", template=template, restartPolicy=policy))
     body = pipelines.wait_failure("tones", "RuntimeUnavailable", 60)
-    uid8 = body["metadata"]["uid"][:8]
-    assert body["status"]["failure"] == {
-        "reason": "RuntimeUnavailable",
-        "code": 503,
-        "step": "create",
-        "message": f'the API server refuses the pipeline\'s pod for now: pods "tones-{uid8}" is '
-        f"forbidden: error looking up service account {namespace}/later: serviceaccount "
+    assert_failure(
+        body,
+        "RuntimeUnavailable",
+        503,
+        "create",
+        'the API server refuses the pipeline\'s pod for now: pods "{pod}" is forbidden: error '
+        f"looking up service account {namespace}/later: serviceaccount "
         '"later" not found; tried again until the account exists',
-    }
+    )
     assert body["status"]["phase"] == "Pending"
     kubectl("create", "serviceaccount", "later", "-n", namespace)
     body = pipelines.wait_ready("tones", timeout=120)
@@ -486,14 +497,14 @@ def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(through_faulty("spill", ("spill", {"mib_per_message": 4}), {}, 0))
     body = pipelines.wait_phase("spill", "Failed", timeout=180)
-    uid8 = body["metadata"]["uid"][:8]
-    assert body["status"]["failure"] == {
-        "reason": "NodeFailed",
-        "code": 500,
-        "step": "run",
-        "message": f"pod spill-{uid8} was evicted for going past a limit of its own: Usage "
+    assert_failure(
+        body,
+        "NodeFailed",
+        500,
+        "run",
+        "pod {pod} was evicted for going past a limit of its own: Usage "
         'of EmptyDir volume "work" exceeds the limit "16Mi".',
-    }
+    )
     assert body["status"]["restarts"] == 0
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the eviction", 60)
 
@@ -515,7 +526,7 @@ def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
         pytest.param(
             "restricted",
             "create",
-            'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
+            'the API server refuses the pipeline\'s pod: pods "{pod}" is forbidden: '
             'violates PodSecurity "restricted:latest": restricted volume types '
             '(volume "host" uses restricted volume type "hostPath")',
             id="allowed-by-the-administrator-refused-by-pod-security",
@@ -548,12 +559,7 @@ def test_a_host_path_is_invalid_spec_before_anything_exists(
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("escape", template=template))
     body = pipelines.wait_phase("escape", "Failed", timeout=60)
-    assert body["status"]["failure"] == {
-        "reason": "InvalidSpec",
-        "code": 422,
-        "step": step,
-        "message": message.format(uid8=body["metadata"]["uid"][:8]),
-    }
+    assert_failure(body, "InvalidSpec", 422, step, message)
     assert_nothing_made(kubectl, namespace)
     assert not [e for e in pipelines.events("escape") if e[1] in ("Created", "Started")]
 
@@ -578,11 +584,12 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Recorder).serve_forever()
 """
 
 
-def impostor(kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: str) -> str:
-    """Tenant A's pod in its own namespace: the victim's pod name and labels (uids are not
-    secret), Ready, recording what it is sent. Returns its name once it is Ready."""
+def impostor(
+    kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: str, name: str
+) -> str:
+    """Tenant A's pod in its own namespace: a victim's pod name (``name``) and labels (uids
+    are not secret), Ready, recording what it is sent. Returns its name once it is Ready."""
     meta = victim["metadata"]
-    name = f"{meta['name']}-{meta['uid'][:8]}"
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -677,7 +684,7 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
         "-o",
         "jsonpath={.data.token}",
     ).stdout
-    fake = impostor(kubectl, tenant_a, stuck, node_image)
+    fake = impostor(kubectl, tenant_a, stuck, node_image, stuck_pod["metadata"]["name"])
     never_within(5, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
     kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
     never_within(
@@ -698,7 +705,7 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
     assert pod["metadata"]["uid"] == stuck_pod["metadata"]["uid"]
 
     # Running now: another impostor comes and goes; its pod, instance and status stay.
-    fake = impostor(kubectl, tenant_a, body, node_image)
+    fake = impostor(kubectl, tenant_a, body, node_image, pod["metadata"]["name"])
     never_within(3, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
     kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
     never_within(
@@ -716,37 +723,39 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
 
 
 @pytest.mark.timeout(300)
-def test_a_pod_of_the_pipelines_name_it_does_not_own_is_a_name_conflict(
+def test_a_pod_with_the_pipelines_labels_that_it_does_not_own_is_never_used_nor_deleted(
     pod_operator: Operator,
     node_image: str,
     kubectl: Kubectl,
     objects: client.CustomObjectsApi,
     namespace: str,
 ) -> None:
-    """A pod that holds the name the Pipeline's pod must have, in its namespace, is never
-    used, never deleted; once it is gone the Pipeline runs, without spending restarts."""
+    """A pod in the Pipeline's namespace with its labels and the name an older operator gave
+    the Pipeline's one pod (``<name>-<uid8>``), which the Pipeline does not own. Adoption
+    finds the Pipeline's pods by those labels: neither the operator that makes the
+    Pipeline's own pod beside it nor the next operator process sends it a request, adopts
+    or deletes it. (Before pods were named per instance, it held the only name the
+    Pipeline's pod could have: NameConflict until it went.)"""
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("tones", state="Stopped"))
     body = pipelines.wait_phase("tones", "Stopped", timeout=60)
-    squatter = impostor(kubectl, namespace, body, node_image)
+    older = f"tones-{body['metadata']['uid'][:8]}"
+    squatter = impostor(kubectl, namespace, body, node_image, older)
     squatter_uid = pod_body(kubectl, namespace, squatter)["metadata"]["uid"]
-    policy = {"maxRestarts": 0, "backoffSeconds": 0.5}
-    pipelines.patch_spec("tones", {"state": "Running", "restartPolicy": policy})
-    body = pipelines.wait_failure("tones", "NameConflict", 60)
-    assert body["status"]["failure"] == {
-        "reason": "NameConflict",
-        "code": 503,
-        "step": "create",
-        "message": f"pod {squatter} in namespace {namespace} is not owned by Pipeline tones; "
-        "the operator neither uses nor deletes it: remove it, or rename the Pipeline",
-    }
-    assert body["status"]["phase"] == "Pending"
-    assert pod_body(kubectl, namespace, squatter)["metadata"]["uid"] == squatter_uid
-    assert not requests_to(kubectl, namespace, squatter)
-    assert not managed(kubectl, "secrets", namespace)  # its own Secret was removed again
-    kubectl("delete", "pod", squatter, "-n", namespace, "--wait=true")
+    pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_ready("tones", timeout=120)
-    assert body["status"].get("restarts", 0) == 0
+    own = body["status"]["pod"]["name"]
+    assert own.startswith(older + "-")
+    pod_operator.kill()
+    pod_operator.start()
+    wait_until(lambda: f"adopted pod {own} " in pod_operator.log_text(), 30, "its pod adopted")
+    assert f"adopted pod {squatter} " not in pod_operator.log_text()
+    assert pipelines.wait_ready("tones", timeout=30)["status"]["pod"]["name"] == own
+    pipelines.delete("tones")
+    pipelines.wait_gone("tones", timeout=60)
+    left = pod_body(kubectl, namespace, squatter)["metadata"]
+    assert (left["uid"], left.get("deletionTimestamp")) == (squatter_uid, None)
+    assert not requests_to(kubectl, namespace, squatter)
 
 
 # A pod the kubelet cannot start: its ConfigMap volume names a ConfigMap that does not exist
@@ -813,17 +822,14 @@ def test_a_pod_that_cannot_start_fails_in_the_kubelets_words(
     policy = {"maxRestarts": 0, "backoffSeconds": 1}
     pipelines.apply(manifest("unmountable", template=UNMOUNTABLE, restartPolicy=policy))
     body = pipelines.wait_phase("unmountable", "Failed", timeout=120)
-    failure = body["status"]["failure"]
-    uid8 = body["metadata"]["uid"][:8]
-    assert (failure["reason"], failure["code"], failure["step"]) == (
+    assert_failure(
+        body,
         "PodNotStarted",
         504,
         "create",
-    )
-    assert failure["message"] == (
-        f"pod unmountable-{uid8} did not start within 10 s: FailedMount: "
+        "pod {pod} did not start within 10 s: FailedMount: "
         'MountVolume.SetUp failed for volume "settings" : configmap "no-such-configmap" '
-        "not found"
+        "not found",
     )
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed start", 60)
 

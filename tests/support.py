@@ -501,6 +501,16 @@ RESTRICTED = {
 }
 
 
+def wait_default_account(kubectl: Kubectl, namespace: str) -> None:
+    """ServiceAccount admission refuses pods until the namespace's `default` account exists
+    (a moment after the namespace)."""
+    wait_until(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+
+
 def run_pod(
     kubectl: Kubectl,
     namespace: str,
@@ -510,12 +520,7 @@ def run_pod(
     labels: dict[str, str] | None = None,
 ) -> None:
     """A pod of ``image`` running ``command`` once, restricted, never pulling an image."""
-    # ServiceAccount admission refuses pods until the namespace's `default` account exists.
-    wait_until(
-        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
+    wait_default_account(kubectl, namespace)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",

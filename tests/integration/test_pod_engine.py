@@ -3,19 +3,28 @@ with no API rights, under the restricted Pod Security Standard."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
 from controlplane import reset_peak_rss, rss_kib
 from kubernetes import client
+from node import NODE_IP
 
+from juturna_operator.api import PipelineSpec
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo, Plan
+from juturna_operator.engines.pod import PodEngine
+from juturna_operator.listening import listeners
+from juturna_operator.settings import Settings
 from support import (
     REPO,
     Kubectl,
@@ -24,6 +33,7 @@ from support import (
     answered_size,
     assert_nothing_made,
     assert_pod_output_grows,
+    assert_sole_operator,
     faulty,
     is_ready,
     listening,
@@ -32,6 +42,7 @@ from support import (
     pod_body,
     pod_output_lines,
     pod_ready,
+    wait_default_account,
     wait_pod,
     wait_until,
 )
@@ -620,11 +631,7 @@ def impostor(
             ],
         },
     }
-    wait_until(
-        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
+    wait_default_account(kubectl, namespace)
     kubectl("apply", "-f", "-", input=json.dumps(pod))
     wait_pod(kubectl, namespace, name, pod_ready, 60, "Ready")
     return name
@@ -863,3 +870,268 @@ def test_plugins_are_those_of_the_pods_image_not_the_operators(
         60,
         "only the running Pipeline's pod left",
     )
+
+
+# -- a warm swap's two instances, the engine driven directly (no operator runs) --
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop for a test's engines: their clients and waits belong to it."""
+    made = asyncio.new_event_loop()
+    yield made
+    made.close()
+
+
+class Swap:
+    """A listening Pipeline (examples/json-events.yaml) that no operator reconciles, and the
+    pod engine driven directly on the real node: what the reconciler will do for a warm
+    swap, step by step, each step checked against the cluster."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        api_client: client.ApiClient,
+        kubectl: Kubectl,
+        objects: client.CustomObjectsApi,
+        namespace: str,
+        image: str,
+    ) -> None:
+        self.loop, self.api_client, self.kubectl = loop, api_client, kubectl
+        self.core, self.namespace = client.CoreV1Api(api_client), namespace
+        self.settings = Settings(
+            engine="pod",
+            runtime_image=image,
+            runtime_pull_policy="Never",
+            worker_peers=[{"ipBlock": {"cidr": f"{NODE_IP}/32"}}],
+            stop_timeout_s=5,
+        )
+        pipelines = Pipelines(objects, namespace, kubectl)
+        pipelines.apply(listening("json-in", state="Stopped"))  # it owns the pods
+        body = pipelines.get("json-in")
+        self.key = PipelineKey(namespace, "json-in", body["metadata"]["uid"])
+        spec = PipelineSpec.model_validate(body["spec"])
+        self.config = spec.to_juturna_config(self.key.juturna_name)
+        self.listeners = tuple(listeners(spec))
+        wait_default_account(kubectl, namespace)
+        self.engine = self.new_engine()
+
+    def new_engine(self) -> PodEngine:
+        """Another engine: what a new operator process starts with."""
+        return PodEngine(self.settings, self.api_client)
+
+    def run[T](self, step: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(step)
+
+    def create(self, key: PipelineKey, revision: str, until: InstanceState) -> str:
+        plan = Plan(listeners=self.listeners, until=until)
+        return self.run(self.engine.create(key, self.config, revision, plan))
+
+    def status(self, key: PipelineKey, engine: PodEngine | None = None) -> InstanceInfo:
+        info = self.run((engine or self.engine).status(key))
+        assert info is not None, f"{key}: no instance"
+        assert info.failure is None, info.failure
+        assert not info.crashes, info.crashes
+        return info
+
+    def service(self) -> client.V1Service:
+        return self.core.read_namespaced_service("json-in", self.namespace)
+
+    def selected(self) -> str:
+        return str(self.service().spec.selector["juturna.io/instance"])
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        """The Pipeline's pods not on their way out, by name."""
+        found = managed(self.kubectl, "pods", self.namespace)
+        return {
+            p["metadata"]["name"]: p for p in found if not p["metadata"].get("deletionTimestamp")
+        }
+
+    def secrets(self) -> list[str]:
+        return sorted(
+            s["metadata"]["name"] for s in managed(self.kubectl, "secrets", self.namespace)
+        )
+
+    def slot_of(self, pod: str) -> str:
+        return str(self.pods()[pod]["metadata"]["labels"]["juturna.io/slot"])
+
+    def instance_of(self, pod: str) -> str:
+        return str(self.pods()[pod]["metadata"]["labels"]["juturna.io/instance"])
+
+    def lines(self, pod: str, pipeline_id: str) -> int:
+        return pod_output_lines(self.kubectl, pod, self.namespace, pipeline_id)
+
+    def posted_reaches(self, pod: str, pipeline_id: str) -> None:
+        """JSON posted to the Pipeline's address (its ClusterIP, from the node) lands in
+        ``pod``'s sink: kube-proxy follows a selector within about a second."""
+        (address,) = self.status(self.key).addresses or ()
+        url = f"http://{address.cluster_ip}:{address.port}/events"
+        before = self.lines(pod, pipeline_id)
+
+        def landed() -> bool:
+            request = urllib.request.Request(
+                url, data=b'{"seq": 1}', headers={"Content-Type": "application/json"}
+            )
+            with contextlib.suppress(OSError), NO_PROXY.open(request, timeout=5):
+                pass
+            return self.lines(pod, pipeline_id) > before
+
+        wait_until(landed, 30, f"a POST to {url} reaching pod {pod}")
+
+
+@pytest.fixture
+def swap(
+    plugins_image: str,
+    crd: None,
+    kubeconfig: Any,
+    loop: asyncio.AbstractEventLoop,
+    api_client: client.ApiClient,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+) -> Iterator[Swap]:
+    assert_sole_operator(kubeconfig)  # nothing else may act on the Pipeline
+    made = Swap(loop, api_client, kubectl, objects, namespace, plugins_image)
+    yield made
+    made.run(made.engine.close())
+
+
+@pytest.mark.timeout(300)
+def test_a_candidate_warms_up_beside_the_serving_pod_then_takes_its_address(
+    swap: Swap, kubectl: Kubectl, namespace: str
+) -> None:
+    """Issue 26's engine part: the candidate gets a pod and a Secret of its own and warms up
+    while the active pod keeps the address; promote moves the Service to it, and the old
+    pod, still running, answers for the candidate slot; a new operator process adopts each
+    pod in its slot; deleting the candidate then removes the old pod and its Secret only."""
+    key = swap.key
+    old_id = swap.create(key, "r1", InstanceState.Running)
+    (old,) = swap.pods()
+    assert swap.selected() == swap.instance_of(old)
+    new_id = swap.create(key.candidate, "r2", InstanceState.Ready)
+    pods = swap.pods()
+    (new,) = pods.keys() - {old}
+    assert (swap.slot_of(old), swap.slot_of(new)) == ("active", "candidate")
+    assert swap.secrets() == sorted([old, new])  # each pod's token in its own Secret
+    (policy,) = managed(kubectl, "networkpolicies", namespace)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"juturna.io/pipeline-uid": key.uid}}
+    active, candidate = swap.status(key), swap.status(key.candidate)
+    assert (active.pod, active.state, active.revision) == (
+        (old, NODE_IP),
+        InstanceState.Running,
+        "r1",
+    )
+    assert (candidate.pod, candidate.state, candidate.revision) == (
+        (new, NODE_IP),
+        InstanceState.Ready,
+        "r2",
+    )
+    assert candidate.addresses == ()  # none until it is promoted
+    swap.posted_reaches(old, old_id)  # the active one still serves the address
+
+    swap.run(swap.engine.start(key.candidate))
+    assert swap.selected() == swap.instance_of(old)  # started, not yet switched
+    swap.run(swap.engine.promote(key))
+    assert swap.selected() == swap.instance_of(new)
+    assert (swap.slot_of(new), swap.slot_of(old)) == ("active", "retired")
+    active, retired = swap.status(key), swap.status(key.candidate)
+    assert (active.pod, active.pipeline_id, active.revision) == ((new, NODE_IP), new_id, "r2")
+    assert (retired.pod, retired.pipeline_id, retired.state) == (
+        (old, NODE_IP),
+        old_id,
+        InstanceState.Running,
+    )
+    swap.posted_reaches(new, new_id)
+    swap.run(swap.engine.promote(key))  # again: nothing changes
+    assert swap.selected() == swap.instance_of(new)
+
+    # A new operator process, before the old pod is deleted: each pod in its slot.
+    swap.run(swap.engine.close())
+    swap.engine = swap.new_engine()
+    active, retired = swap.status(key), swap.status(key.candidate)
+    assert (active.pod[0], active.pipeline_id, active.state) == (new, new_id, InstanceState.Running)
+    assert (retired.pod[0], retired.pipeline_id) == (old, old_id)
+    swap.run(swap.engine.promote(key))  # a retired instance is never promoted again
+    assert swap.selected() == swap.instance_of(new)
+
+    # The drain is over: the old instance goes, and nothing else.
+    swap.run(swap.engine.stop(key.candidate))
+    swap.run(swap.engine.delete(key.candidate))
+    assert list(swap.pods()) == [new]
+    assert swap.secrets() == [new]
+    assert swap.selected() == swap.instance_of(new)
+    assert len(managed(kubectl, "networkpolicies", namespace)) == 1
+    assert swap.status(key).state is InstanceState.Running
+    assert swap.run(swap.engine.status(key.candidate)) is None
+    swap.posted_reaches(new, new_id)
+
+    # A Pipeline with no candidate: asking for one costs no API call after the first look.
+    swap.run(swap.engine.close())
+    swap.engine = engine = swap.new_engine()
+    swap.status(key)  # adopts: one look at both slots
+    calls: list[str] = []
+    real_call = engine._call
+
+    async def counted(method: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(method.__name__)
+        return await real_call(method, *args, **kw)
+
+    engine._call = counted  # type: ignore[method-assign]
+    assert swap.run(engine.status(key.candidate)) is None
+    assert calls == []
+    swap.run(engine.delete(key))
+    wait_nothing_left(kubectl, namespace, "nothing of the Pipeline's after its deletion", 60)
+    assert managed(kubectl, "services", namespace) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_candidate_never_touches_the_address_and_an_abort_leaves_the_active_serving(
+    swap: Swap, kubectl: Kubectl, namespace: str
+) -> None:
+    """A candidate's create (to Ready or Running), start, stop and delete leave the Service
+    as it was (its resourceVersion), and the active pod, its Secret and its pipeline. Then an
+    operator killed inside a promote, after it marked the candidate active but before the
+    Service moved: the next process keeps the Service's pod active, the other a candidate
+    (marked so again), and its promote completes."""
+    key = swap.key
+    active_id = swap.create(key, "r1", InstanceState.Running)
+    (active,) = swap.pods()
+    service = swap.service().metadata.resource_version
+    for until in (InstanceState.Ready, InstanceState.Running):
+        swap.create(key.candidate, "r2", until)
+        (candidate,) = swap.pods().keys() - {active}
+        if until is InstanceState.Ready:
+            swap.run(swap.engine.start(key.candidate))
+        swap.run(swap.engine.stop(key.candidate))
+        swap.run(swap.engine.delete(key.candidate))  # an abort: release, no output kept
+        assert list(swap.pods()) == [active]
+        assert swap.secrets() == [active]
+        assert swap.service().metadata.resource_version == service
+        assert len(managed(kubectl, "networkpolicies", namespace)) == 1
+        info = swap.status(key)
+        assert (info.pod[0], info.pipeline_id, info.state) == (
+            active,
+            active_id,
+            InstanceState.Running,
+        )
+    swap.posted_reaches(active, active_id)
+
+    # Killed inside a promote: the candidate marked active, the Service not yet moved.
+    candidate_id = swap.create(key.candidate, "r3", InstanceState.Ready)
+    (candidate,) = swap.pods().keys() - {active}
+    swap.run(swap.engine.start(key.candidate))
+    kubectl("label", "pod", candidate, "-n", namespace, "juturna.io/slot=active", "--overwrite")
+    since = f"juturna.io/active-since={time.time_ns()}"
+    kubectl("annotate", "pod", candidate, "-n", namespace, since, "--overwrite")
+    swap.run(swap.engine.close())
+    swap.engine = swap.new_engine()
+    assert swap.status(key).pod[0] == active
+    assert swap.status(key.candidate).pod[0] == candidate
+    assert swap.slot_of(candidate) == "candidate"
+    assert swap.selected() == swap.instance_of(active)
+    swap.run(swap.engine.promote(key))
+    assert swap.selected() == swap.instance_of(candidate)
+    assert (swap.slot_of(candidate), swap.slot_of(active)) == ("active", "retired")
+    swap.posted_reaches(candidate, candidate_id)

@@ -1151,12 +1151,15 @@ class PodEngine(LockedEngine):
             runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, plan.until)
             serving = runtime.instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)
-            annotations = {"juturna.io/revision": revision}
+            kept = {
+                "juturna.io/revision": revision,
+                LISTENERS_ANNOTATION: described(plan.listeners),
+            }
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,
                 key.namespace,
-                {"metadata": {"annotations": annotations | self._kept(plan.listeners)}},
+                {"metadata": {"annotations": kept}},
             )
         except BaseException:
             await runtime.client.close()
@@ -1165,11 +1168,6 @@ class PodEngine(LockedEngine):
         runtime.revision, runtime.state, runtime.listeners = revision, state, plan.listeners
         self._runtimes[key] = runtime
         return runtime.pipeline_id
-
-    @staticmethod
-    def _kept(listeners: tuple[Listener, ...]) -> dict[str, str]:
-        """The annotation that keeps a pod's listeners for an adopting operator."""
-        return {LISTENERS_ANNOTATION: described(listeners)}
 
     async def _warmup(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.warmup)

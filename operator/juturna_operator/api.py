@@ -283,6 +283,63 @@ class RestartPolicy(_Model):
     )
 
 
+class UpdateStrategy(StrEnum):
+    """How a change to a running pipeline lands."""
+
+    WarmSwap = "WarmSwap"
+    Recreate = "Recreate"
+
+
+class UpdateFallback(StrEnum):
+    """What a warm swap does when the new instance finds no room beside the old one."""
+
+    Recreate = "Recreate"
+    Abort = "None"
+
+
+class UpdatePolicy(_Model):
+    """How a change of the pipeline itself (configuration, nodes, links, template) lands on a
+    running Pipeline. Editing this never starts an update by itself."""
+
+    strategy: UpdateStrategy | None = Field(
+        default=None,
+        description=(
+            "WarmSwap: the new revision is created and warmed up beside the running one, "
+            "started, given the Pipeline's address, and the old one stops after drainSeconds; "
+            "it needs room for both at once. Recreate: the running instance stops, then the new "
+            "one is deployed (the stream stops for a whole warmup). Unset: WarmSwap where the "
+            "engine can run two instances side by side (engine pod), else Recreate."
+        ),
+    )
+    timeoutSeconds: int = Field(
+        default=600,
+        ge=1,
+        le=86_400,
+        description=(
+            "How long the new instance may take to become ready (a model load); past it the "
+            "update is abandoned (or falls back, see fallback) and the old instance serves on."
+        ),
+    )
+    drainSeconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description=(
+            "How long the old instance keeps running after the switch, with no new traffic: "
+            "its connections may finish and its sinks may still emit for that long."
+        ),
+    )
+    fallback: UpdateFallback = Field(
+        default=UpdateFallback.Recreate,
+        description=(
+            "When the new instance cannot be scheduled beside the old one within "
+            "timeoutSeconds (no room for two, e.g. GPUs). Recreate: the change lands the "
+            "Recreate way, with a Warning Event saying why. None: the update is abandoned and "
+            "the old instance serves on."
+        ),
+    )
+
+
 def _pod_objects(description: str, item: str) -> Any:
     """A list of Pod-spec objects (tolerations, env, volumes, ...): free-form here, checked
     by the API server's dry run of the Pod."""
@@ -458,6 +515,10 @@ class PipelineSpec(_Model):
         description="Engine pod: where and with what the pipeline's pod runs (resources, "
         "node selection, volumes, ...). A change replaces the pod.",
     )
+    update: Annotated[UpdatePolicy, LIFECYCLE_ONLY] = Field(
+        default_factory=UpdatePolicy,
+        description="How a change to the running pipeline lands: a warm swap or a recreate.",
+    )
 
     def revision(self) -> str:
         """A digest of what defines the pipeline itself (not ``state`` or ``restartPolicy``).
@@ -509,12 +570,21 @@ class ConditionType(StrEnum):
     WarmedUp = "WarmedUp"
     Running = "Running"
     Ready = "Ready"
+    Updating = "Updating"
+
+
+class UpdateStep(StrEnum):
+    """Where a warm swap is (the ``Updating`` condition's reason while it is True)."""
+
+    WarmingUpNew = "WarmingUpNew"
+    Switching = "Switching"
+    Draining = "Draining"
 
 
 class Condition(_Model):
     """A standard Kubernetes condition."""
 
-    type: ConditionType = Field(description="Created, WarmedUp, Running or Ready.")
+    type: ConditionType = Field(description="Created, WarmedUp, Running, Ready or Updating.")
     status: str = Field(description="True, False or Unknown.", pattern="^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable details.")
@@ -562,6 +632,21 @@ class Endpoint(_Model):
     address: str = Field(description="host:port, for the ADDRESS column.")
 
 
+class UpdateStatus(_Model):
+    """A warm swap under way: the instance being prepared beside the serving one."""
+
+    step: UpdateStep = Field(description="WarmingUpNew, Switching or Draining.")
+    revision: str = Field(description="The revision being deployed.")
+    previousRevision: str | None = Field(
+        default=None,
+        description="The revision it replaces: serving until the switch, draining after it.",
+    )
+    pod: PodPlacement | None = Field(
+        default=None,
+        description="Engine pod: the pod being prepared (Draining: the old one, going).",
+    )
+
+
 class PipelineStatus(_Model):
     """What the operator observed. Written only through the status subresource."""
 
@@ -570,7 +655,7 @@ class PipelineStatus(_Model):
         default=None, description="The metadata.generation this status describes."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Created, WarmedUp, Running and Ready."
+        default_factory=list, description="Created, WarmedUp, Running, Ready and Updating."
     )
     failure: Failure | None = Field(default=None, description="The last attempt's failure.")
     pipelineId: str | None = Field(default=None, description="Juturna's id of the instance.")
@@ -590,4 +675,11 @@ class PipelineStatus(_Model):
     address: str | None = Field(
         default=None,
         description="The first endpoint's host:port (and how many more), for the ADDRESS column.",
+    )
+    lastStableRevision: str | None = Field(
+        default=None,
+        description="The revision that last ran as asked: what serves while an update fails.",
+    )
+    update: UpdateStatus | None = Field(
+        default=None, description="A warm swap under way (absent otherwise)."
     )

@@ -50,6 +50,21 @@ class Metrics(Collector):
             registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
+        self.updates = Counter(
+            "juturna_pipeline_updates",
+            "Warm swaps of Pipelines, by how they ended: Succeeded, Aborted (the old "
+            "revision serves on), FellBack (no room for two: replaced in place), Cancelled "
+            "(a newer spec, a revert, a stop or a deletion came first).",
+            ["namespace", "outcome"],
+            registry=self.registry,
+        )
+        self.update_duration = Histogram(
+            "juturna_pipeline_update_duration_seconds",
+            "From a warm swap's start to its end (the switch and drain included), by outcome.",
+            ["namespace", "outcome"],
+            registry=self.registry,
+            buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
         self.registry.register(self)
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
@@ -70,6 +85,10 @@ class Metrics(Collector):
         if ready and tracked.changed_at:
             self.time_to_ready.labels(key.namespace).observe(time.monotonic() - tracked.changed_at)
             tracked.changed_at = 0.0
+
+    def update_ended(self, key: PipelineKey, outcome: str, seconds: float) -> None:
+        self.updates.labels(key.namespace, outcome).inc()
+        self.update_duration.labels(key.namespace, outcome).observe(seconds)
 
     def failed(self, key: PipelineKey, reason: str) -> None:
         self.failures.labels(key.namespace, reason).inc()

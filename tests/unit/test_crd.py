@@ -71,15 +71,21 @@ def test_state_enum_and_default() -> None:
 
 
 def test_only_fields_marked_lifecycle_only_keep_the_revision() -> None:
-    """state and restartPolicy change how the pipeline runs, not what it is; every other
+    """state, restartPolicy and update change how the pipeline runs, not what it is; every other
     field (a new one too, unless marked) gives a new revision, so a change redeploys."""
     from juturna_operator.api import LIFECYCLE_ONLY, PipelineSpec
 
     marked = {n for n, f in PipelineSpec.model_fields.items() if LIFECYCLE_ONLY in f.metadata}
-    assert marked == {"state", "restartPolicy"}
+    assert marked == {"state", "restartPolicy", "update"}
     base = PipelineSpec.model_validate(
         {"nodes": [{"name": "a", "type": "source", "mark": "ticker"}], "links": []}
     )
-    same = base.model_copy(update={"state": "Ready", "restartPolicy": {"maxRestarts": 9}})
+    same = base.model_copy(
+        update={
+            "state": "Ready",
+            "restartPolicy": {"maxRestarts": 9},
+            "update": {"strategy": "Recreate", "drainSeconds": 0},
+        }
+    )
     assert same.revision() == base.revision()
     assert base.model_copy(update={"version": "9"}).revision() != base.revision()

@@ -184,6 +184,7 @@ def test_conditions_when_running() -> None:
         "WarmedUp": ("True", "WarmedUp"),
         "Running": ("True", "Started"),
         "Ready": ("True", "DesiredStateReached"),
+        "Updating": ("False", "NotUpdating"),
     }
     assert all(c.observedGeneration == GEN and c.lastTransitionTime == "T1" for c in conds)
 
@@ -218,7 +219,7 @@ def test_the_status_of_another_generation_is_not_ready() -> None:
 def test_last_transition_time_moves_only_on_a_status_change() -> None:
     first = conditions(desired(), observed(I.Running), [], "T1")
     again = conditions(desired(), observed(I.Running), first, "T2")
-    assert [c.lastTransitionTime for c in again] == ["T1"] * 4
+    assert [c.lastTransitionTime for c in again] == ["T1"] * 5
     stopped = {
         c.type: c for c in conditions(desired(DesiredState.Ready), observed(I.Spent), first, "T3")
     }

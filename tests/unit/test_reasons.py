@@ -36,6 +36,7 @@ EXPECTED_CODES = {
     "Unschedulable": 503,
     "NameConflict": 503,
     "PodNotStarted": 504,
+    "UpdateTimedOut": 504,
     "ImagePullFailed": 502,
     "ImageNotAllowed": 403,
     "BuiltinNotAllowed": 403,

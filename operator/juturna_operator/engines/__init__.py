@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from juturna_operator.domain import PipelineKey
+from juturna_operator.domain import PipelineKey, Slot
 from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, Plan
 from juturna_operator.reasons import Step
 from juturna_operator.registry import ENGINES
@@ -38,6 +38,9 @@ class Router:
     def __init__(self, default: Engine, service: Engine | None) -> None:
         self._default, self._service = default, service
         self._owner: dict[PipelineKey, Engine] = {}
+        # Whether the default engine warm-swaps (then it may hold a candidate left by an
+        # earlier operator process; the service engine never does).
+        self._swaps = default.warm_swap(DEFAULT_PLAN) is None
 
     def _for(self, key: PipelineKey) -> Engine:
         return self._owner.get(key, self._default)
@@ -89,6 +92,8 @@ class Router:
         return observe(event, body) if observe is not None else None
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
+        if key.slot is Slot.candidate and key not in self._owner and not self._swaps:
+            return None  # no engine here makes candidates: nothing to ask
         info = await self._for(key).status(key)
         if info is None:
             self._owner.pop(key, None)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fake_engine import EXAMPLES, UID, FakeEngine, Harness
+from fake_engine import EXAMPLES, NODES, UID, FakeEngine, Harness
 from juturna_operator.domain import InstanceState, PipelineKey
 from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.lifecycle import BACKOFF_CAP_S
@@ -200,3 +200,23 @@ def test_a_template_the_policy_refuses_fails_validation_before_any_create(
         "message": message,
     }
     assert ("Warning", "InvalidSpec", message) in h.events
+
+
+def test_a_crashed_instance_of_an_older_revision_is_replaced_by_the_new_one() -> None:
+    """The spec changes while the instance's node has died: the crashed instance goes before
+    the backoff, then the new revision deploys. Before, it stayed (only an instance of the
+    spec's own revision was cleared): each backoff saw the same crash again, spent a restart,
+    and the Pipeline ended Failed with the new spec never deployed."""
+    h = Harness()
+    h.reconcile()
+    h.engine.crash(next(iter(h.engine.instances)))
+    h.spec = dict(h.spec, nodes=[dict(NODES[0], configuration={"rate": 5.0}), NODES[1]])
+    h.generation += 1
+    for _ in range(6):
+        h.reconcile()
+        h.now += 30
+    (info,) = h.engine.instances.values()
+    assert info.revision == h.reconciler._memory[UID].spec.revision
+    assert info.state is InstanceState.Running
+    assert h.status["phase"] == "Running"
+    assert h.status["restarts"] == 1

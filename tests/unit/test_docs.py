@@ -1,5 +1,6 @@
-"""The README and docs/: the README fits a screen or two, every relative link lands, and every
-page leads back to the README and speaks to users."""
+"""The README and docs/: the README fits a screen or two, every relative link lands, every page
+leads back to the README, and the generated parts (the API reference) match the code they are
+made from."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import gen_docs
 import pytest
+
+from juturna_operator import api
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -104,3 +108,27 @@ IN_HOUSE = re.compile(
 def test_pages_speak_to_users(page: Path) -> None:
     found = sorted({m[0] for m in IN_HOUSE.finditer(_prose(page.read_text()))})
     assert not found, f"{page.name} has in-house wording: {found}"
+
+
+@pytest.mark.parametrize("part", sorted(gen_docs.PARTS))
+def test_the_generated_parts_of_the_docs_are_current(part: str) -> None:
+    page, text = gen_docs.expected(part)
+    assert page.read_text() == text, (
+        f"docs/{page.name} is out of date with the code it is made from: run `make docs`"
+    )
+
+
+def test_a_page_without_its_markers_is_refused() -> None:
+    with pytest.raises(ValueError, match="no single <!-- BEGIN GENERATED: api -->"):
+        gen_docs.splice("# a page\n", "api", "| table |\n")
+
+
+def test_the_api_reference_lists_every_field_of_every_type() -> None:
+    reference = gen_docs.api_reference()
+    for root in (api.PipelineSpec, api.PipelineStatus):
+        for name, schema in gen_docs._types_of(root):
+            section = reference.split(f"\n### {name}\n", 1)[1].split("\n### ", 1)[0]
+            for field in schema.get("properties", {}):
+                assert f"| `{field}` |" in section, f"{name}.{field} is not in the reference"
+            for value in schema.get("enum", []):
+                assert f"`{value}`" in section, f"{name} value {value} is not in the reference"

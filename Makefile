@@ -72,7 +72,7 @@ bench-shard: venv ## a long-lived shard's memory over 2000 deploy/delete cycles 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds
 
-docs: venv ## regenerate the generated parts of docs/ (the API reference) from the code
+docs: venv ## regenerate the generated parts of docs/ (API reference, settings) from the code
 	$(PY) hack/gen_docs.py
 
 lint: venv ## ruff, mypy --strict on the package, and the layers' import contract (pyproject.toml)

@@ -8,7 +8,9 @@ Each generated part sits in its page between ``<!-- BEGIN GENERATED: <name> -->`
 
 - ``api`` in docs/pipeline-api.md: the field reference of the Pipeline API, one section per
   type, from the pydantic models in ``juturna_operator.api`` (their JSON Schema: the same
-  source the CRD is built from), with the CRD's printer columns.
+  source the CRD is built from), with the CRD's printer columns;
+- ``settings`` in docs/configuration.md: every setting of the operator, from
+  ``juturna_operator.settings.SETTINGS``.
 
 Pure Python: no cluster, no network. tests/unit/test_docs.py fails when a page drifts.
 """
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 
 from juturna_operator import api, crd
+from juturna_operator.settings import SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -253,10 +256,30 @@ def api_reference() -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+# --- the settings --------------------------------------------------------------------------
+
+
+def settings_reference() -> str:
+    """Every setting of the operator (``settings.SETTINGS``), as a Markdown table."""
+    rows = [
+        "| environment variable | flag | default | what it does |",
+        "|---|---|---|---|",
+    ]
+    for setting in SETTINGS:
+        flag = _code(setting.flag) if setting.flag else ""
+        if setting.default is None:
+            default = "unset"
+        else:
+            default = _code(setting.default) if setting.default else "none"
+        rows.append(f"| `{setting.env}` | {flag} | {default} | {_cell(setting.meaning)} |")
+    return "\n".join(rows) + "\n"
+
+
 # --- the pages -----------------------------------------------------------------------------
 
 PARTS: dict[str, tuple[Path, Callable[[], str]]] = {
     "api": (DOCS / "pipeline-api.md", api_reference),
+    "settings": (DOCS / "configuration.md", settings_reference),
 }
 
 

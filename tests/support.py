@@ -144,7 +144,8 @@ def only_on(operator: Operator, engine: str, why: str) -> Operator:
 
 PLAIN_SERVICE = (
     "a plain `juturna serve` cannot report dead node threads nor be killed, so the "
-    "operator cannot see a node crash or end a hung stop there (README: service engine)"
+    "operator cannot see a node crash or end a hung stop there (docs/engines.md: what each "
+    "engine contains)"
 )
 
 
@@ -442,7 +443,7 @@ PLUGINS_IMAGE = "localhost/juturna-operator:test-plugins"
 
 def built_plugins_image(base: str) -> str:
     """``base`` with the faulty test plugins added under /plugins/faulty: a layer of the
-    user's own, the way the README tells users to bring plugins to pipeline pods (no
+    user's own, the way docs/install.md tells users to bring plugins to pipeline pods (no
     hostPath, no environment of its own: the pod policy refuses both)."""
     with tempfile.TemporaryDirectory() as context:
         shutil.copytree(

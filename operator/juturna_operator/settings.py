@@ -1,34 +1,9 @@
 """Operator configuration: command-line flags override environment variables; both go
 through the same checks, and an error names the flag or variable that was set.
 
-| environment variable                     | flag                 | default                    |
-|------------------------------------------|----------------------|----------------------------|
-| JUTURNA_OPERATOR_PLUGIN_PATH             | --plugin-path        | (none: only built-ins)     |
-| JUTURNA_OPERATOR_WORKDIR                 | --workdir            | $TMPDIR/juturna-operator   |
-| JUTURNA_OPERATOR_ENGINE                  | --engine             | process                    |
-| JUTURNA_OPERATOR_STOP_TIMEOUT            | --stop-timeout       | 10 (seconds)               |
-| JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 3 (seconds, at most 5)     |
-| JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
-| JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
-| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      |                      | 1 (seconds)                |
-| JUTURNA_OPERATOR_RUNTIMES                |                      | {} (JSON, see Runtime)     |
-| JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
-| JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
-| JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
-| JUTURNA_OPERATOR_RUNTIME_IMAGE           |                      | (none; needed by pod)      |
-| JUTURNA_OPERATOR_RUNTIME_PULL_POLICY     |                      | IfNotPresent               |
-| JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE    |                      | false (spec.template.image)|
-| JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
-| JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
-| JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
-| JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT     |                      | 1Gi ("": none)             |
-| JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT      |                      | 64Mi ("": none)            |
-| JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES   |                      | cpu 100m, memory 128Mi req.|
-| JUTURNA_OPERATOR_WORKER_PEERS            |                      | (none: no NetworkPolicy)   |
-| JUTURNA_OPERATOR_POD_START_TIMEOUT       |                      | 60 (seconds, with warnings)|
-| JUTURNA_OPERATOR_RECONCILE_WORKERS       |                      | 128 (passes at once)       |
-| JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
-| JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
+``SETTINGS`` lists every variable, its flag and default; ``docs/configuration.md`` is made from
+it (``make docs``), and a test fails when ``Settings.from_env`` reads a variable it does not
+list.
 
 The ServiceAccount the operator runs as is not a setting: it is read from the token the
 kubelet mounted into the operator's pod (``read_service_account``).
@@ -72,6 +47,176 @@ FLAGS = {
     "MAX_CONCURRENCY": "--max-concurrency",
     "METRICS_PORT": "--metrics-port",
 }
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One setting as its users see it: the environment variable (``name`` after the
+    prefix), its flag if it has one, its default and what it does."""
+
+    name: str
+    # The value the operator falls back to, as a user would write it; None where an unset
+    # variable means something of its own (``meaning`` says what).
+    default: str | None
+    meaning: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name
+
+    @property
+    def flag(self) -> str | None:
+        return FLAGS.get(self.name)
+
+
+# Every setting, in the order the docs list them. docs/configuration.md is generated from this
+# table (hack/gen_docs.py), and a test holds it to what ``Settings.from_env`` reads.
+SETTINGS: tuple[SettingDoc, ...] = (
+    SettingDoc(
+        "PLUGIN_PATH",
+        "",
+        "Plugin roots, separated by `:`; `spec.plugins` entries are folders under one of them. "
+        "The roots go on `sys.path` for Juturna's import-path lookup.",
+    ),
+    SettingDoc("WORKDIR", "$TMPDIR/juturna-operator", "Where pipeline folders are written."),
+    SettingDoc(
+        "ENGINE",
+        "process",
+        "The default engine: " + ", ".join(f"`{name}`" for name in ENGINES) + ".",
+    ),
+    SettingDoc("STOP_TIMEOUT", "10", "Seconds a stop may take before `StopTimeout`."),
+    SettingDoc(
+        "HEALTH_INTERVAL",
+        "3",
+        f"Seconds between health checks (at most {MAX_HEALTH_INTERVAL_S:g}); a dead node is "
+        "seen within about this long.",
+    ),
+    SettingDoc("LOG_FORMAT", "text", "`text` or `json` (one object per line)."),
+    SettingDoc(
+        "MAX_CONCURRENCY",
+        "8",
+        "Threads for blocking Juturna calls (in-process: a warmup or start gives its thread "
+        "back after the stop timeout and runs on; at most twice as many may).",
+    ),
+    SettingDoc("METRICS_PORT", "9090", "The Prometheus endpoint's port; `0` turns it off."),
+    SettingDoc(
+        "PROGRESS_THRESHOLD",
+        "1",
+        "Seconds a step may take before its phase (e.g. `WarmingUp`) is written (one more "
+        "status write).",
+    ),
+    SettingDoc(
+        "RECONCILE_WORKERS",
+        "128",
+        "Passes at once over every Pipeline; a pass whose step waits long (a pod starting, a "
+        "model loading) gives its place to another meanwhile.",
+    ),
+    SettingDoc(
+        "GIL_SWITCH_INTERVAL",
+        "0.02",
+        "Seconds a Python thread may keep the GIL while others wait (at most "
+        f"{MAX_GIL_SWITCH_INTERVAL_S:g}; CPython's default is 0.005). With hundreds of "
+        "in-process pipelines, the default made the waiting Juturna threads' wake-ups starve "
+        "the operator (see the benchmarks).",
+    ),
+    SettingDoc("SWEEP_INTERVAL", "60", "Seconds between orphan sweeps."),
+    SettingDoc(
+        "ALLOWED_BUILTINS",
+        None,
+        "Juturna built-ins Pipelines may use, as `type/mark` separated by commas "
+        "(`sink/notifier_http,source/audio_rtp`), or `*` for all; empty: none (else "
+        "`BuiltinNotAllowed`). Unset: all on engine `pod`, none on the others. See the trust "
+        "boundary (security.md).",
+    ),
+    SettingDoc(
+        "ALLOW_ENV_REFERENCES",
+        "false",
+        "Engine `inprocess`: may a configuration value `$JT_ENV_<NAME>` read the operator's own "
+        "environment (else `EnvironmentNotAllowed`).",
+    ),
+    SettingDoc(
+        "SHARD_SIZE",
+        "32",
+        "Engine `shard`: the most pipelines one shard process runs (all of one namespace); a "
+        "shard that dies restarts all of them, and more shards hold more memory (chart: "
+        "`shardSize`).",
+    ),
+    SettingDoc(
+        "RUNTIMES",
+        "{}",
+        "Named remote Juturna services, as JSON: "
+        '`{"gpu": {"url": "http://…:8080", "tokenFile": "/var/run/secrets/gpu/token"}}` '
+        "(see the engines' runtimes).",
+    ),
+    SettingDoc(
+        "DEFAULT_RUNTIME",
+        "",
+        "The runtime for Pipelines without `spec.runtime` (required by engine `service`).",
+    ),
+    SettingDoc(
+        "RUNTIME_IMAGE",
+        "",
+        "Engine `pod`: the image each Pipeline's pod runs (the operator's own image holds the "
+        "worker and the plugins); required by engine `pod`.",
+    ),
+    SettingDoc(
+        "RUNTIME_PULL_POLICY",
+        "IfNotPresent",
+        "Engine `pod`: that image's pull policy (`Always`, `IfNotPresent`, `Never`).",
+    ),
+    SettingDoc(
+        "ALLOW_IMAGE_OVERRIDE",
+        "false",
+        "Engine `pod`: may `spec.template.image` replace the runtime image (else "
+        "`ImageNotAllowed`); authors may then also set the environment variables and mounts "
+        "that choose code (see what a template may ask for, security.md).",
+    ),
+    SettingDoc(
+        "ALLOWED_VOLUME_TYPES",
+        None,
+        "Engine `pod`: volume types a template may use beyond the restricted profile's, "
+        "separated by commas, as Kubernetes spells them (`hostPath,nfs`); else `InvalidSpec`. "
+        "Unset: none.",
+    ),
+    SettingDoc(
+        "ALLOWED_PRIORITY_CLASSES",
+        None,
+        "Engine `pod`: the PriorityClasses a template may name, separated by commas "
+        "(`system-*` only if listed); else `InvalidSpec`. Unset: none.",
+    ),
+    SettingDoc(
+        "POD_WORK_SIZE_LIMIT",
+        "1Gi",
+        'Engine `pod`: the `sizeLimit` of a pipeline pod\'s work folder (`""`: none); past it '
+        "the kubelet evicts the pod and the Pipeline fails with `NodeFailed` in the kubelet's "
+        "words (chart: `pipelinePod.workSizeLimit`).",
+    ),
+    SettingDoc(
+        "POD_TMP_SIZE_LIMIT",
+        "64Mi",
+        "Engine `pod`: the same for its `/tmp` (chart: `pipelinePod.tmpSizeLimit`).",
+    ),
+    SettingDoc(
+        "POD_DEFAULT_RESOURCES",
+        '{"requests": {"cpu": "100m", "memory": "128Mi"}}',
+        "Engine `pod`: the resources of a pod whose template gives none, as JSON (chart: "
+        "`pipelinePod.defaultResources`).",
+    ),
+    SettingDoc(
+        "POD_START_TIMEOUT",
+        "60",
+        "Engine `pod`: seconds a placed pod may stay unstarted while the kubelet warns about it "
+        "(a volume it cannot mount) before `PodNotStarted`; an image pull with no warning may "
+        "take up to 300 s.",
+    ),
+    SettingDoc(
+        "WORKER_PEERS",
+        None,
+        "Engine `pod`: NetworkPolicy peers (a JSON list) that may reach a pipeline pod's worker "
+        "port. Unset: no NetworkPolicy (chart: the operator's pod plus "
+        "`networkPolicy.workerPeers`).",
+    ),
+)
 
 
 class _Sources:

@@ -181,7 +181,7 @@ def test_a_node_crash_is_node_failed_then_restarts_then_failed(
     )
     assert condition(body, "Running")["reason"] == "NodeFailed"
     # No instance: none in status, no worker; beside the operator the output stays with the
-    # resource until it is deleted (README: Output).
+    # resource until it is deleted (docs/pipeline-api.md: Output).
     assert status.get("pipelineId") is None
     assert processes_mentioning(f"--owner {body['metadata']['uid']}") == []
     assert len(instance_folders(operator.workdir, body)) == (operator.engine != "service")

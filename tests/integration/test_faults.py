@@ -114,7 +114,8 @@ def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) ->
     """Instances without a resource or not the one its status names, and resources at
     Running or Ready without exactly one instance (the one in ``status.pipelineId``). A
     resource with no instance (Stopped, Failed) may keep one folder: its output, which
-    the engines beside the operator keep until the resource is deleted (README: Output)."""
+    the engines beside the operator keep until the resource is deleted
+    (docs/pipeline-api.md: Output)."""
     bodies = {b["metadata"]["uid"][:8]: b for b in pipelines.bodies().values()}
     problems = []
     for uid8, held in instances(operator, pipelines.namespace).items():

@@ -392,8 +392,8 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
     """The owner references alone clean up: the operator is gone, the Pipeline's finalizer
-    removed by hand (README: troubleshooting), and the pod and Secret go with it. Also:
-    the pod's worker answers nobody but the operator (401 from the node itself)."""
+    removed by hand (docs/observability.md: troubleshooting), and the pod and Secret go with
+    it. Also: the pod's worker answers nobody but the operator (401 from the node itself)."""
     pipelines = Pipelines(objects, namespace, kubectl)
     _, pod = running_example(pipelines, kubectl, namespace)
     url = f"http://{pod['status']['podIP']}:8080/pipelines"

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
+.PHONY: help venv binaries argocd packages image chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ BASE_IMAGE ?= python:3.12-slim
 CONTAINER  ?= podman
 image: ## build the operator image juturna-operator:dev (CONTAINER=docker works too)
 	$(CONTAINER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t juturna-operator:dev .
+
+chart-readme: venv ## regenerate charts/juturna-operator/README.md from its values.yaml
+	$(PY) hack/chart_readme.py
 
 cluster-up: venv packages ## start the local control plane and a real node (NODE=0: plane only); prints KUBECONFIG=<path>
 	@$(PY) hack/controlplane.py up $(if $(filter 0,$(NODE)),--no-node,--node)
@@ -73,8 +76,8 @@ crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_oper
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds
 
 lint: venv ## ruff, mypy --strict on the package, and the layers' import contract (pyproject.toml)
-	$(VENV)/bin/ruff check operator tests hack bench examples
-	$(VENV)/bin/ruff format --check operator tests hack bench examples
+	$(VENV)/bin/ruff check operator tests hack bench examples charts
+	$(VENV)/bin/ruff format --check operator tests hack bench examples charts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

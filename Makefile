@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
+.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ BASE_IMAGE ?= python:3.12-slim
 CONTAINER  ?= podman
 image: ## build the operator image juturna-operator:dev (CONTAINER=docker works too)
 	$(CONTAINER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t juturna-operator:dev .
+
+# One version (pyproject.toml's) for all three; refused when Chart.yaml or CHANGELOG.md differ.
+package: venv binaries ## build dist/juturna-operator-<v>.tgz, the wheel and the image juturna-operator:<v>
+	$(PY) hack/package.py --container "$(CONTAINER)" --base-image "$(BASE_IMAGE)"
 
 chart-readme: venv ## regenerate charts/juturna-operator/README.md from its values.yaml
 	$(PY) hack/chart_readme.py

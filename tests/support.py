@@ -77,6 +77,73 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 ARGOCD_HEALTH = REPO / "argocd" / "juturna.io" / "Pipeline"
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
+CHART = REPO / "charts" / "juturna-operator"
+
+
+def pinned(name: str) -> str:
+    """A version pinned in hack/versions.env (``KUBERNETES_VERSION``, say)."""
+    for line in (REPO / "hack" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip()
+    raise KeyError(f"{name} is not pinned in hack/versions.env")
+
+
+def helm(
+    *args: str, kubeconfig: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The pinned helm. ``helm template`` renders for the plane's Kubernetes version: the
+    chart's kubeVersion needs one, and a helm built by ``go install`` assumes 1.20."""
+    command = [str(binaries().helm / "helm"), *args]
+    if kubeconfig is not None:
+        command.append(f"--kubeconfig={kubeconfig}")
+    if args[0] == "template" and not any(a.startswith("--kube-version") for a in args):
+        command.append(f"--kube-version={pinned('KUBERNETES_VERSION')}")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+# Spread the operator's pod from the team's (an affinity a user might set).
+ANTI_AFFINITY = {
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 1,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"team": "media"}},
+                },
+            }
+        ]
+    }
+}
+# Every value the chart offers Helm users, set at once (with the Prometheus Operator's objects).
+EVERY_CHART_VALUE = [
+    *("--set", "nameOverride=jt", "--set", "fullnameOverride=media-ops"),
+    *("--set", "image.repository=r.example/jo", "--set", "image.digest=sha256:" + "ab" * 32),
+    *("--set-json", 'imagePullSecrets=[{"name": "regcred"}]'),
+    *("--set-json", 'podAnnotations={"a": "b"}', "--set-json", 'podLabels={"team": "media"}'),
+    *("--set", "priorityClassName=ops-high", "--set-json", 'nodeSelector={"pool": "ops"}'),
+    *("--set-json", 'tolerations=[{"key": "ops", "operator": "Exists"}]'),
+    *("--set-json", "affinity=" + json.dumps(ANTI_AFFINITY)),
+    *("--set-json", 'serviceAccount.annotations={"a": "b"}'),
+    *("--set-json", 'extraEnv=[{"name": "JUTURNA_OPERATOR_MAX_CONCURRENCY", "value": "16"}]'),
+    *("--set-json", 'extraArgs=["-v"]'),
+    *("--set", "podSecurityContext.runAsUser=10001", "--set", "securityContext.privileged=false"),
+    *("--set", "metrics.serviceMonitor.enabled=true"),
+    *("--set", "metrics.prometheusRule.enabled=true"),
+    *("--set-json", 'metrics.serviceMonitor.labels={"release": "kps"}'),
+    *("--set", "metrics.serviceMonitor.scrapeTimeout=10s"),
+]
+
+
+def rendered(*values: str) -> list[dict[str, Any]]:
+    """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
+    out = helm("template", "jo", str(CHART), "-n", "ops", *values).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
 
 # Names that must never become a folder name: paths, lookalikes, control characters.
 UNSAFE_NAMES = [

@@ -23,7 +23,8 @@ class InstanceState(StrEnum):
     Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
 
 
-OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
+# A DNS-1123 subdomain, as the API server checks object names: dot-separated labels.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 MAX_OBJECT_NAME = 253
 
 

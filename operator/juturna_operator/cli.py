@@ -1,7 +1,7 @@
 """``juturna-operator``: run the operator, convert Juturna pipelines, print the CRD.
 
 juturna-operator run [-n NS ... | -A] [--engine E] ...   (run --help: every setting)
-juturna-operator convert FILE [--name NAME]
+juturna-operator convert FILE|- [--name NAME]
 juturna-operator crd [--mkdir] [DIR ...]
 juturna-operator --version
 
@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert",
         help="Juturna pipeline JSON <-> Pipeline manifest (direction from the file)",
-        description="Convert Juturna's pipeline JSON to a Pipeline manifest, or back.",
+        description="Convert Juturna's pipeline JSON to a Pipeline manifest, or back. A "
+        "manifest the API server would refuse is refused (exit 2), naming the problem.",
     )
-    conv.add_argument("file", metavar="FILE", help="the file to convert")
+    conv.add_argument("file", metavar="FILE", help="the file to convert; - reads standard input")
     conv.add_argument("--name", help="metadata.name of the manifest (default: from the JSON)")
     crd = sub.add_parser("crd", help="print the CRD, or write it into each DIR")
     crd.add_argument("dirs", nargs="*", metavar="DIR", help="a directory to write the CRD into")

@@ -4,6 +4,7 @@ gives it a kubeconfig for a loopback port where nothing listens."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from juturna_operator.settings import SETTINGS
 from support import REPO, wait_until
 
 COMMAND = Path(sys.executable).with_name("juturna-operator")  # the installed entry point
+TONES = REPO / "tests" / "data" / "juturna" / "tones.json"
 NO_CLUSTER_HINT = "set KUBECONFIG to a kubeconfig file, or run the operator in a pod"
 
 
@@ -216,6 +218,73 @@ def test_an_api_server_that_does_not_answer_is_retried(tmp_path: Path) -> None:
     finally:
         operator.stop()
     assert "no cluster configuration" not in operator.log_text()
+
+
+def test_convert_reads_standard_input(tmp_path: Path) -> None:
+    from_file = run("convert", str(TONES), home=tmp_path)
+    from_stdin = run("convert", "-", home=tmp_path, stdin=TONES.read_text())
+    assert (from_stdin.returncode, from_stdin.stderr) == (0, "")
+    assert from_stdin.stdout == from_file.stdout
+    assert yaml.safe_load(from_stdin.stdout)["metadata"]["name"] == "tones-demo"
+    back = run("convert", "-", home=tmp_path, stdin=from_stdin.stdout)
+    assert json.loads(back.stdout) == json.loads(TONES.read_text())
+
+
+def tones_with(**change: object) -> str:
+    config = json.loads(TONES.read_text())
+    for node in config["pipeline"]["nodes"]:
+        if node["name"] in change:
+            node["name"] = change[node["name"]]
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (
+            ["--name", "Bad_Name", str(TONES)],
+            "",
+            f'{TONES}: metadata.name: "Bad_Name" is not a Kubernetes object name: lowercase '
+            "letters, digits, '-' and '.', starting and ending with a letter or digit, at most "
+            "253 characters",
+        ),
+        (
+            ["-"],
+            tones_with(amp="a b"),
+            '<stdin>: spec.nodes[1]: node name "a b" is not a safe folder name: use only '
+            'letters, digits, "_" and "-"',
+        ),
+        (
+            ["-"],
+            tones_with(out="sink"),  # the links still name "out"
+            "<stdin>: spec: link 1: 'to' names no node (got \"out\")",
+        ),
+        (["-"], "[1, 2]", "<stdin>: expected an object at the top"),
+        (
+            ["/no/such/pipeline.json"],
+            "",
+            "cannot read /no/such/pipeline.json: No such file or directory",
+        ),
+        ([str(COMMAND.parent / "python")], "", f"{COMMAND.parent / 'python'}: not UTF-8 text"),
+    ],
+    ids=[
+        "bad-name",
+        "node-name-with-space",
+        "link-to-no-node",
+        "not-an-object",
+        "no-file",
+        "a-binary",
+    ],
+)
+def test_convert_refuses_what_the_api_server_would_naming_it(
+    tmp_path: Path, args: list[str], stdin: str, message: str
+) -> None:
+    proc = run("convert", *args, home=tmp_path, stdin=stdin)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2,
+        "",
+        f"juturna-operator convert: {message}\n",
+    )
 
 
 def test_crd_refuses_a_missing_directory_unless_asked(tmp_path: Path) -> None:

@@ -266,12 +266,11 @@ def settings_reference() -> str:
         "|---|---|---|---|",
     ]
     for setting in SETTINGS:
-        flag = _code(setting.flag) if setting.flag else ""
-        if setting.default is None:
-            default = "unset"
-        else:
-            default = _code(setting.default) if setting.default else "none"
-        rows.append(f"| `{setting.env}` | {flag} | {default} | {_cell(setting.meaning)} |")
+        shown = setting.shown_default
+        default = _code(shown) if setting.default and not setting.shown else shown
+        choices = f" One of {', '.join(map(_code, setting.choices))}." if setting.choices else ""
+        meaning = setting.help[:1].upper() + setting.help[1:] + "." + choices
+        rows.append(f"| `{setting.env}` | {_code(setting.flag)} | {default} | {_cell(meaning)} |")
     return "\n".join(rows) + "\n"
 
 

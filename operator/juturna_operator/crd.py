@@ -164,15 +164,29 @@ def render() -> str:
     return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Write the CRD into each folder given (default: print it)."""
-    targets = argv if argv is not None else sys.argv[1:]
+def main(folders: list[str] | None = None, mkdir: bool = False) -> int:
+    """Write the CRD into each folder given (none: print it). A folder that does not exist
+    is refused (a typo would otherwise leave the CRD somewhere unseen), unless ``mkdir``."""
+    targets = folders if folders is not None else sys.argv[1:]
     text = render()
     if not targets:
         sys.stdout.write(text)
+    for folder in targets:  # all refused before any is written
+        problem = None
+        if Path(folder).exists() and not Path(folder).is_dir():
+            problem = f"{folder} is not a directory"
+        elif not Path(folder).exists() and not mkdir:
+            problem = f"no directory {folder} (create it, or pass --mkdir)"
+        if problem:
+            print(f"juturna-operator crd: {problem}", file=sys.stderr)
+            return 2
     for folder in targets:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / CRD_FILE_NAME).write_text(text)
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / CRD_FILE_NAME).write_text(text)
+        except OSError as err:
+            print(f"juturna-operator crd: cannot write into {folder}: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

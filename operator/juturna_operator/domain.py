@@ -31,7 +31,8 @@ class Slot(StrEnum):
     candidate = "candidate"
 
 
-OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
+# A DNS-1123 subdomain, as the API server checks object names: dot-separated labels.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 MAX_OBJECT_NAME = 253
 
 

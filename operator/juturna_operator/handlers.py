@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -67,11 +69,43 @@ RETRY_AFTER_ERROR_S = 2.0
 PASS_GRACE_S = 5.0
 
 
-def _api_client() -> k8s.ApiClient:
+class NoCluster(Exception):
+    """No cluster configuration to run against; the message says what is missing."""
+
+
+def load_cluster_configuration() -> None:
+    """Load the client's configuration: the pod's ServiceAccount in a cluster, else the
+    kubeconfig's current context. Raises ``NoCluster``, in one line, where neither loads.
+
+    Only files and the environment are read: an API server that does not answer is an
+    outage, which the watches retry, at start as later."""
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
+        return
+    except k8s_config.ConfigException as err:
+        in_pod = str(err) if os.environ.get("KUBERNETES_SERVICE_HOST") else None
+    location: str = k8s_config.KUBE_CONFIG_DEFAULT_LOCATION  # $KUBECONFIG or ~/.kube/config
+    where = f"{location} (KUBECONFIG)" if os.environ.get("KUBECONFIG") else location
+    if not any(Path(f).expanduser().exists() for f in location.split(os.pathsep) if f):
+        pod = (
+            f"in a pod, but its ServiceAccount does not load ({in_pod})"
+            if in_pod
+            else "not in a pod (KUBERNETES_SERVICE_HOST is not set)"
+        )
+        raise NoCluster(
+            f"no cluster configuration: {pod}, and no kubeconfig at {where}; set KUBECONFIG "
+            "to a kubeconfig file, or run the operator in a pod"
+        )
+    try:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    except Exception as err:  # whatever the client trips on (YAML, a missing key): the file's
+        raise NoCluster(
+            f"cannot use the kubeconfig {where}: {' '.join(str(err).split())}"
+        ) from None
+
+
+def _api_client() -> k8s.ApiClient:
+    load_cluster_configuration()
     configuration = k8s.Configuration.get_default_copy()
     # One pooled connection per thread: the client's default pool (10) made urllib3
     # discard and reopen connections under a burst.

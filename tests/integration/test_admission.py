@@ -7,7 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from juturna_operator import admission
+from juturna_operator.api import PipelineSpec
+from juturna_operator.convert import ConvertError, to_juturna
 from support import Kubectl, manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
@@ -69,6 +73,11 @@ CASES: list[tuple[str, Mutation, str]] = [
         'letters, digits, "_" and "-"',
     ),
     (
+        "a node name with a space",
+        lambda s: s["nodes"][1].update(name="a b"),
+        'spec.nodes[1]: Invalid value: node name "a b" is not a safe folder name',
+    ),
+    (
         "a node name ..",
         lambda s: s["nodes"][2].update(name=".."),
         'node name ".." is not a safe folder name',
@@ -125,6 +134,37 @@ def test_rejected_at_admission(
     )
     assert proc.returncode != 0, f"{what} was accepted"
     assert message in proc.stderr, proc.stderr
+    assert_convert_refuses_it_too(body, proc.stderr)
+
+
+def assert_convert_refuses_it_too(body: dict[str, Any], refusal: str) -> None:
+    """``convert`` refuses what the API server refused: with the CEL rule's words at the
+    same field where the rule is CEL (``admission``); the schema's types, enums and bounds
+    are pydantic's, in its own words."""
+    try:
+        spec = PipelineSpec.model_validate(body["spec"])
+    except ValidationError:
+        spec = None  # the schema refuses it: no CEL rule to compare
+    if spec is not None:
+        with pytest.raises(admission.Refused) as err:
+            admission.check(spec)
+        field, words = str(err.value).split(": ", 1)
+        assert f"{field}: Invalid value: " in refusal, refusal
+        assert words in refusal, refusal
+    with pytest.raises(ConvertError):
+        to_juturna(body)
+
+
+@pytest.mark.reliability
+def test_a_name_the_api_server_refuses_convert_refuses(kubectl: Kubectl, namespace: str) -> None:
+    body = manifest("Bad_Name")
+    proc = kubectl(
+        "-n", namespace, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+    assert 'metadata.name: Invalid value: "Bad_Name"' in proc.stderr, proc.stderr
+    with pytest.raises(ConvertError) as err:
+        to_juturna(body)
+    assert str(err.value).startswith('metadata.name: "Bad_Name" is not a Kubernetes object name')
 
 
 def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str) -> None:
@@ -142,6 +182,7 @@ def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str)
     spec = json.loads(proc.stdout)["spec"]
     assert spec["restartPolicy"] == {"maxRestarts": 3, "backoffSeconds": 5}
     assert spec["version"] == "1.0"
+    assert to_juturna(manifest("good"))["pipeline"]["name"] == "good"  # convert admits it too
 
 
 def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:

@@ -497,14 +497,14 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     [
         (
             ["--set", "pluginPath=/plugins:/no/such/plugins"],
-            "juturna-operator: configuration error: plugin root '/no/such/plugins' in "
-            "JUTURNA_OPERATOR_PLUGIN_PATH is not a directory",
+            "juturna-operator: configuration error: JUTURNA_OPERATOR_PLUGIN_PATH: plugin root "
+            "'/no/such/plugins' is not a directory",
         ),
         (
             ["--set", "engine=service", "--set", "defaultRuntime=gpu"],
-            "juturna-operator: configuration error: engine 'service' needs "
-            "JUTURNA_OPERATOR_DEFAULT_RUNTIME to name one of the configured runtimes (none "
-            "configured), got 'gpu'",
+            "juturna-operator: configuration error: JUTURNA_OPERATOR_DEFAULT_RUNTIME: engine "
+            "'service' needs the name of one of the configured runtimes (none configured), got "
+            "'gpu'",
         ),
     ],
     ids=["missing-plugin-root", "default-runtime-not-configured"],

@@ -30,7 +30,7 @@ def test_settings_refuse_an_engine_not_registered() -> None:
     with pytest.raises(SettingsError) as err:
         Settings(engine="docker").check()
     assert str(err.value) == (
-        f"JUTURNA_OPERATOR_ENGINE must be one of {', '.join(ENGINES)}, got 'docker'"
+        f"JUTURNA_OPERATOR_ENGINE: must be one of {', '.join(ENGINES)}, got 'docker'"
     )
 
 

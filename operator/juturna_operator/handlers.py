@@ -12,13 +12,15 @@
 * ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
 
 kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
-kopf keeps no diff-base at all (``NoDiffBase``).
+kopf keeps no diff-base at all (``NoDiffBase``). kopf's per-event success lines are DEBUG
+(``SuccessesAtDebug``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,6 +41,22 @@ FINALIZER = f"{api.GROUP}/cleanup"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 
 log = logging.getLogger(__name__)
+
+
+class SuccessesAtDebug(logging.Filter):
+    """kopf logs ``Handler 'x' succeeded.`` (and ``... is processed: n succeeded; 0 failed.``)
+    at INFO for every watch event it handles: every change of every Pipeline, and with the
+    pod engine of every labelled pod in the cluster, other tenants' included. Those lines
+    become DEBUG (shown with ``-v``), so the INFO log holds transitions and problems."""
+
+    SUCCESS = re.compile(r"Handler '[^']*' succeeded\.|\w+ is processed: \d+ succeeded; 0 failed\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self.SUCCESS.fullmatch(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        # The logger let it through as INFO; as DEBUG it is shown only where DEBUG is.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):

@@ -37,6 +37,7 @@ from controlplane import (
 from kubernetes import client
 from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
 from operator_process import OperatorProcess, stop_popen
+from prometheus_client.parser import text_string_to_metric_families
 
 from juturna_operator.api import GROUP, PLURAL, VERSION
 
@@ -556,6 +557,70 @@ def wait_until(
         time.sleep(interval)
     seen = f"; last seen: {json.dumps(last(), indent=1, default=str)}" if last else ""
     pytest.fail(f"{what} not met in {timeout:g} s{seen}")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples_of(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, read by prometheus_client's own parser:
+    (sample name, labels) -> value."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(operator: Operator) -> str:
+    """The operator's ``/metrics``, as Prometheus reads it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())
+
+
+def sample(text: str, metric: str, /, **labels: str) -> float | None:
+    """One sample of a scrape, by name and its exact labels (None: not there)."""
+    return samples_of(text).get((metric, frozenset(labels.items())))
+
+
+# What a PromQL expression names besides metrics: strings, label matchers, ranges and
+# subqueries, grouping labels, Grafana's variables; then keywords and function calls.
+_PROMQL_NOISE = re.compile(
+    r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|\{[^}]*\}|\[[^\]]*\]'
+    r"|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)|\$\{[^}]*\}|\$\w+"
+)
+_PROMQL_WORDS = frozenset(
+    [
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "bool",
+        "inf",
+        "nan",
+        "atan2",
+    ]
+)
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (a Grafana ``label_values(expr, label)``
+    query reads those of ``expr``; ``label_values(label)`` none)."""
+    grafana = re.fullmatch(r"\s*label_values\((?:(.*),)?\s*\w+\s*\)\s*", expr, re.DOTALL)
+    if grafana:
+        expr = grafana.group(1) or ""  # label_values(label) reads no metric
+    bare = _PROMQL_NOISE.sub(" ", expr)
+    return {
+        m.group(1)
+        for m in re.finditer(r"\b([A-Za-z_:][\w:]*)\b(?!\s*\()", bare)
+        if m.group(1).lower() not in _PROMQL_WORDS
+    }
 
 
 # The securityContext of the `restricted` Pod Security Standard, for a container of our image.

@@ -125,10 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     # kopf's liveness endpoint: the kubelet's probe every few seconds is not news either.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # Every watch event runs the "enqueue" handler; its success is not news.
-    logging.getLogger("kopf.objects").addFilter(
-        lambda record: "Handler 'enqueue' succeeded" not in record.getMessage()
-    )
+    # Every watch event runs a handler; its success is not news (DEBUG, shown with -v).
+    logging.getLogger("kopf.objects").addFilter(handlers.SuccessesAtDebug())
     if settings.engine == "pod":
         # Pod changes queue their Pipeline through a watch on our labelled pods, not a poll.
         from juturna_operator.engines.pod import MANAGED_BY

@@ -12,7 +12,8 @@
 * ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
 
 kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
-kopf keeps no diff-base at all (``NoDiffBase``).
+kopf keeps no diff-base at all (``NoDiffBase``). Events come from ``juturna-operator``, and
+kopf's per-event success lines are DEBUG (``SuccessesAtDebug``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,28 @@ from juturna_operator.workqueue import WorkQueue
 
 FINALIZER = f"{api.GROUP}/cleanup"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+# Who the Events say they come from (kubectl describe's "From"), and their names' prefix.
+COMPONENT = "juturna-operator"
+# kopf's logger of the Events it posts: a failed post is a warning there (metrics.EventFailures).
+KOPF_POSTING_LOGGER = "kopf._core.engines.posting"
 
 log = logging.getLogger(__name__)
+
+
+class SuccessesAtDebug(logging.Filter):
+    """kopf logs ``Handler 'x' succeeded.`` (and ``... is processed: n succeeded; 0 failed.``)
+    at INFO for every watch event it handles: every change of every Pipeline, and with the
+    pod engine of every labelled pod in the cluster, other tenants' included. Those lines
+    become DEBUG (shown with ``-v``), so the INFO log holds transitions and problems."""
+
+    SUCCESS = re.compile(r"Handler '[^']*' succeeded\.|\w+ is processed: \d+ succeeded; 0 failed\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self.SUCCESS.fullmatch(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        # The logger let it through as INFO; as DEBUG it is shown only where DEBUG is.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -126,6 +150,7 @@ class Operator:
         kopf_settings: kopf.OperatorSettings | None = None,
     ) -> None:
         self.settings, self.objects, self.engine = settings, objects, engine
+        self.metrics = metrics
         self.kopf_settings = kopf_settings or kopf.OperatorSettings()
         self.reconciler = Reconciler(
             engine, settings, self.write_status, self.post_event, metrics=metrics
@@ -136,8 +161,13 @@ class Operator:
         # uid -> kopf's logger for that Pipeline: its warnings are posted as Events too.
         self.loggers: dict[str, kopf.ObjectLogger] = {}
         self.queue: WorkQueue[str] = WorkQueue(
-            self.reconcile, settings.reconcile_workers, retry_after_error_s=RETRY_AFTER_ERROR_S
+            self.reconcile,
+            settings.reconcile_workers,
+            retry_after_error_s=RETRY_AFTER_ERROR_S,
+            observer=metrics.queue if metrics is not None else None,
         )
+        if metrics is not None:
+            metrics.watch(self.queue, engine.instances)
         self.reconciler.released = self.queue.released
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
         self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one
@@ -170,17 +200,25 @@ class Operator:
 
     async def reconcile(self, uid: str) -> float | None:
         """One pass over a Pipeline (a queue worker's): seconds until its next look."""
+        began = time.monotonic()
+        delay, error = await self._reconcile(uid)
+        if self.metrics is not None:
+            self.metrics.reconciled(time.monotonic() - began, delay, error)
+        return delay
+
+    async def _reconcile(self, uid: str) -> tuple[float | None, bool]:
+        """A pass: its next look, and whether it failed unexpectedly."""
         body = self.bodies.get(uid)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return None  # gone, or its finalizer owns it now
+            return None, False  # gone, or its finalizer owns it now
         logger = self.loggers.get(uid)
         if logger is None:
             logger = self.loggers[uid] = kopf.ObjectLogger(body=body, settings=self.kopf_settings)
         try:
-            return await self.reconciler.reconcile(Resource.from_body(body), logger)
+            return await self.reconciler.reconcile(Resource.from_body(body), logger), False
         except Exception:
             logger.exception("reconcile failed; trying again in %g s", RETRY_AFTER_ERROR_S)
-            return RETRY_AFTER_ERROR_S
+            return RETRY_AFTER_ERROR_S, True
 
     async def finalize(self, body: kopf.Body, logger: kopf.Logger) -> None:
         """Deletion: the reconciler stops any pass at its next step and finalizes; a pass
@@ -213,7 +251,12 @@ class Operator:
 
     async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
         """One merge patch of the status subresource (never the spec), on the event loop."""
-        await self.patcher.patch(key, status)
+        try:
+            await self.patcher.patch(key, status)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.write_failed("status")
+            raise
 
     def post_event(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
         body = self.bodies.get(key.uid)
@@ -281,6 +324,9 @@ async def startup(
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are explicit
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.reporting_instance = socket.gethostname()  # in a cluster: the pod's name
+    settings.posting.event_name_prefix = f"{COMPONENT}-"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 15
@@ -297,6 +343,7 @@ async def startup(
     metrics = None
     if ours.metrics_port:
         metrics = Metrics()
+        logging.getLogger(KOPF_POSTING_LOGGER).addFilter(metrics.event_failures)
         metrics.serve(ours.metrics_port)
     operator = Operator(
         ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics, settings
@@ -317,6 +364,8 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     operator: Operator | None = memo.get("operator")
     if operator is None:
         return
+    if operator.metrics is not None:
+        logging.getLogger(KOPF_POSTING_LOGGER).removeFilter(operator.metrics.event_failures)
     for task in (operator.sweeper, operator.health_watch, *operator.vanished):
         if task is not None:
             task.cancel()

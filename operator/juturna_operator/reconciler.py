@@ -906,7 +906,9 @@ class Reconciler:
         status = await p.mem.written.publish(p.key, facts, p.resource.status, self._write_status)
         if status is not None and self.metrics is not None:
             ready = in_progress is None and lifecycle.desired_reached(p.desired, facts.observed)
-            self.metrics.observed(p.key, status["phase"], p.mem.retry.restarts, ready)
+            self.metrics.observed(
+                p.key, status["phase"], p.mem.retry.restarts, ready, p.resource.status.get("phase")
+            )
 
 
 def _addresses(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 
 import pytest
 
@@ -21,6 +20,7 @@ from support import (
     manifest,
     output_lines,
     output_of,
+    scrape,
 )
 
 pytestmark = pytest.mark.cluster
@@ -248,11 +248,6 @@ def test_the_argocd_health_check_on_live_objects(pipelines: Pipelines) -> None:
         "message": "InvalidGraph: links form a cycle: amp -> out -> amp; Juturna would never "
         "run these nodes",
     }
-
-
-def scrape(operator: Operator) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as resp:
-        return str(resp.read().decode())
 
 
 def test_metrics_during_a_lifecycle(pipelines: Pipelines, operator: Operator) -> None:

@@ -31,6 +31,12 @@ def _default_engine(settings: Settings, api_client: Any) -> Engine:
     return engine
 
 
+def engine_name(engine: Engine) -> str:
+    """The name an administrator gives this engine's kind (``registry.ENGINES``)."""
+    where = (type(engine).__module__, type(engine).__name__)
+    return next((name for name, e in ENGINES.items() if (e.module, e.cls) == where), where[1])
+
+
 class Router:
     """One ``Engine`` made of the default engine and, with runtimes configured, the service
     engine; it remembers which one holds each instance."""
@@ -41,6 +47,7 @@ class Router:
         # Whether the default engine warm-swaps (then it may hold a candidate left by an
         # earlier operator process; the service engine never does).
         self._swaps = default.warm_swap(DEFAULT_PLAN) is None
+        self._names = {id(e): engine_name(e) for e in (default, service) if e is not None}
 
     def _for(self, key: PipelineKey) -> Engine:
         return self._owner.get(key, self._default)
@@ -94,10 +101,22 @@ class Router:
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         if key.slot is Slot.candidate and key not in self._owner and not self._swaps:
             return None  # no engine here makes candidates: nothing to ask
-        info = await self._for(key).status(key)
+        engine = self._for(key)
+        info = await engine.status(key)
         if info is None:
             self._owner.pop(key, None)
+        else:  # an instance this process did not create (adopted after a restart) counts too
+            self._owner.setdefault(key, engine)
         return info
+
+    def instances(self) -> dict[str, int]:
+        """How many instances each engine holds, by engine name (0 for an engine with none).
+        Safe from another thread (the metrics server's): it reads a snapshot."""
+        counts = dict.fromkeys(self._names.values(), 0)
+        for engine in list(self._owner.values()):
+            name = self._names[id(engine)]
+            counts[name] += 1
+        return counts
 
     def step_under_way(self, key: PipelineKey) -> Step | None:
         # A create in flight has no owner yet: either engine may hold it.

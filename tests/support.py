@@ -627,7 +627,7 @@ def count(name: str, short: int, full: int) -> int:
 
 KILLS = count("FAULT_KILLS", 2, 20)
 OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
-STATES = ["Running", "Running", "Ready", "Stopped"]
+STATES = ["Running", "Running", "Standby", "Stopped"]
 CHURN_SEED = 20261128  # every engine's churn makes the same steps
 
 
@@ -710,10 +710,10 @@ def outage(control_plane: ControlPlane, component: str, down_s: float, operator:
 
 def change_after_fault(pipelines: Pipelines, desired: dict[str, str], round_: int) -> set[str]:
     """Changes made once a fault is over, which the operator must see and act on: one of
-    ``a1``-``a4`` flipped between Running and Ready (``a0`` is never changed), a new Running
+    ``a1``-``a4`` flipped between Running and Standby (``a0`` is never changed), a new Running
     Pipeline ``b<round_>``, and the previous round's deleted. Returns the names changed."""
     flip, new, old = f"a{1 + round_ % 4}", f"b{round_}", f"b{round_ - 1}"
-    desired[flip] = "Ready" if desired[flip] == "Running" else "Running"
+    desired[flip] = "Standby" if desired[flip] == "Running" else "Running"
     pipelines.patch_spec(flip, {"state": desired[flip]})
     desired[new] = "Running"
     create_all(pipelines, [slow_manifest(new)])

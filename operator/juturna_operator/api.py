@@ -100,8 +100,36 @@ class DesiredState(StrEnum):
     """What the user asks for."""
 
     Running = "Running"
-    Ready = "Ready"
+    Standby = "Standby"
     Stopped = "Stopped"
+
+
+# Old words v1alpha1 still accepts, and what each means. ``Ready`` was the warm standby's
+# name until it collided with the Ready condition and phase; a stored Pipeline that says it
+# must stay warm, not start (an unknown state would be read as Running).
+DEPRECATED_STATES = {"Ready": DesiredState.Standby}
+
+
+def desired_state(raw: object) -> DesiredState | None:
+    """The desired state a spec's ``state`` value means (a deprecated word included), or
+    None for a value this operator does not know."""
+    if not isinstance(raw, str):
+        return None
+    if raw in DEPRECATED_STATES:
+        return DEPRECATED_STATES[raw]
+    return DesiredState(raw) if raw in DesiredState.__members__ else None
+
+
+def deprecation_warnings(spec: dict[str, Any]) -> list[str]:
+    """What a raw spec says in words v1alpha1 still accepts but no longer wants."""
+    state = spec.get("state")
+    if isinstance(state, str) and state in DEPRECATED_STATES:
+        new = DEPRECATED_STATES[state]
+        return [
+            f'spec.state "{state}" is deprecated: write "{new}" (the same warm standby: '
+            f"created and warmed up, not started); it is read as {new} until then"
+        ]
+    return []
 
 
 class NodeType(StrEnum):
@@ -402,10 +430,12 @@ class PipelineSpec(_Model):
     state: Annotated[DesiredState, LIFECYCLE_ONLY] = Field(
         default=DesiredState.Running,
         description=(
-            "Desired lifecycle. Running: created, warmed up and started. Ready: created and "
-            "warmed up but not started (a warm standby). Stopped: no pipeline instance and "
-            "no resources held; the resource is kept."
+            "Desired lifecycle. Running: created, warmed up and started. Standby: created "
+            'and warmed up but not started (a warm standby; Juturna\'s "ready"). Stopped: '
+            "no pipeline instance and no resources held; the resource is kept. Ready is a "
+            "deprecated word for Standby."
         ),
+        json_schema_extra={"enum": [*(s.value for s in DesiredState), *DEPRECATED_STATES]},
     )
     version: str = Field(default="1.0", max_length=MAX_NAME, description="Juturna config version.")
     plugins: list[str] = Field(
@@ -459,6 +489,11 @@ class PipelineSpec(_Model):
         "node selection, volumes, ...). A change replaces the pod.",
     )
 
+    @field_validator("state", mode="before")
+    @classmethod
+    def _deprecated_state(cls, value: Any) -> Any:
+        return DEPRECATED_STATES.get(value, value) if isinstance(value, str) else value
+
     def revision(self) -> str:
         """A digest of what defines the pipeline itself (not ``state`` or ``restartPolicy``).
 
@@ -495,7 +530,7 @@ class Phase(StrEnum):
     Pending = "Pending"
     Creating = "Creating"
     WarmingUp = "WarmingUp"
-    Ready = "Ready"
+    Standby = "Standby"
     Starting = "Starting"
     Running = "Running"
     Stopping = "Stopping"

@@ -30,7 +30,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from juturna_operator import graph, lifecycle, listening
-from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy, first_error
+from juturna_operator.api import (
+    DesiredState,
+    PipelineSpec,
+    RestartPolicy,
+    deprecation_warnings,
+    desired_state,
+    first_error,
+)
 from juturna_operator.domain import Address, InstanceState, PipelineKey
 from juturna_operator.engines.base import Engine, InstanceInfo, Plan, PluginCheck
 from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
@@ -53,7 +60,7 @@ STEP_ACTION = {Step.create: Action.Create, Step.warmup: Action.Warmup, Step.star
 # further create, and the lifecycle does the rest step by step).
 UNTIL = {
     DesiredState.Running: InstanceState.Running,
-    DesiredState.Ready: InstanceState.Ready,
+    DesiredState.Standby: InstanceState.Ready,
     DesiredState.Stopped: InstanceState.Created,
 }
 
@@ -296,9 +303,13 @@ class Reconciler:
 
     async def _reconcile(self, resource: Resource, log: Log) -> float:
         mem = self._remember(resource)
+        new_generation = mem.spec.parsed_generation != resource.generation
         parsed = mem.spec.parse(resource)
         spec = parsed if isinstance(parsed, PipelineSpec) else None
         p = _Pass(resource, mem, _desired(resource, spec, mem.spec.revision), log)
+        if new_generation:  # once per generation, as the other spec warnings
+            for warning in deprecation_warnings(resource.spec):
+                self._event(p, "Warning", "DeprecatedField", warning)
         if (
             isinstance(parsed, PipelineFailure)
             and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
@@ -604,12 +615,11 @@ def _addresses(
 
 
 def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:
-    raw_state = resource.spec.get("state") or "Running"
     policy = spec.restartPolicy if spec else RestartPolicy()  # its defaults: the API's
     return Desired(
-        state=DesiredState(raw_state)
-        if raw_state in DesiredState.__members__
-        else DesiredState.Running,
+        # A state this operator does not know (a newer CRD's) is read as Running, the
+        # default; an old word for one it knows (Ready) means that one.
+        state=desired_state(resource.spec.get("state") or "Running") or DesiredState.Running,
         generation=resource.generation,
         revision=revision,
         max_restarts=policy.maxRestarts,

@@ -92,7 +92,8 @@ CASES: list[tuple[str, Mutation, str]] = [
     (
         "a bad state",
         lambda s: s.update(state="Runing"),
-        'spec.state: Unsupported value: "Runing": supported values: "Running", "Ready", "Stopped"',
+        'spec.state: Unsupported value: "Runing": supported values: "Running", "Standby", '
+        '"Stopped", "Ready"',
     ),
     (
         "a bad node type",

@@ -66,7 +66,7 @@ def test_cel_rules_are_declared() -> None:
 
 def test_state_enum_and_default() -> None:
     state = crd.openapi_schema()["properties"]["spec"]["properties"]["state"]
-    assert state["enum"] == ["Running", "Ready", "Stopped"]
+    assert state["enum"] == ["Running", "Standby", "Stopped", "Ready"]  # Ready: deprecated
     assert state["default"] == "Running"
 
 
@@ -80,6 +80,18 @@ def test_only_fields_marked_lifecycle_only_keep_the_revision() -> None:
     base = PipelineSpec.model_validate(
         {"nodes": [{"name": "a", "type": "source", "mark": "ticker"}], "links": []}
     )
-    same = base.model_copy(update={"state": "Ready", "restartPolicy": {"maxRestarts": 9}})
+    same = base.model_copy(update={"state": "Standby", "restartPolicy": {"maxRestarts": 9}})
     assert same.revision() == base.revision()
     assert base.model_copy(update={"version": "9"}).revision() != base.revision()
+
+
+def test_the_old_word_ready_parses_as_standby() -> None:
+    """v1alpha1 still takes ``state: Ready`` (stored Pipelines say it): it means Standby."""
+    from juturna_operator.api import DesiredState, PipelineSpec, desired_state
+
+    nodes = [{"name": "a", "type": "source", "mark": "ticker"}]
+    spec = PipelineSpec.model_validate({"state": "Ready", "nodes": nodes})
+    assert spec.state == DesiredState.Standby
+    assert desired_state("Ready") is DesiredState.Standby
+    assert desired_state("Standby") is DesiredState.Standby
+    assert desired_state("Paused") is None

@@ -153,7 +153,8 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 def install_crds(kubectl: Kubectl) -> None:
     """The project's CRDs (crds/), as the session installs them, once established."""
-    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    # Forced: a test may have left a CRD another field manager wrote (as Helm creates it).
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
     kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
 
 

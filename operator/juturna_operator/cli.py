@@ -82,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     from juturna_operator import handlers
 
     settings = settings_from(args)
+    handlers.check_crd(handlers.api_client())
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
@@ -123,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         from juturna_operator import crd
 
         return crd.main(args.dirs)
+    from juturna_operator.handlers import CrdNotUsable
+
     try:
         return _run(args)
     except SettingsError as err:
         print(f"juturna-operator: configuration error: {err}", file=sys.stderr)
+        return 2
+    except CrdNotUsable as err:
+        print(f"juturna-operator: {err}", file=sys.stderr)
         return 2
 
 

@@ -19,7 +19,8 @@ import yaml
 
 from juturna_operator import api
 
-CRD_FILE_NAME = f"{api.PLURAL}.{api.GROUP}.yaml"
+CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+CRD_FILE_NAME = f"{CRD_NAME}.yaml"
 
 _DROP = {"title", "$defs"}
 
@@ -127,12 +128,53 @@ PRINTER_COLUMNS = [
 ]
 
 
+# How the API server names the Pipeline's schema in its OpenAPI v3 document of the group.
+OPENAPI_PATH = f"/openapi/v3/apis/{api.GROUP}/{api.VERSION}"
+OPENAPI_SCHEMA = f"{'.'.join(reversed(api.GROUP.split('.')))}.{api.VERSION}.{api.KIND}"
+# What an administrator runs when the installed CRD is older than the operator (or missing):
+# Helm creates CRDs on first install and never upgrades them, and server-side apply refuses
+# to take over the fields Helm's create owns unless forced. The chart's crds/ holds the same.
+APPLY_COMMAND = f"kubectl apply --server-side --force-conflicts -f crds/{CRD_FILE_NAME}"
+
+
+def unknown_to(installed: dict[str, Any], ours: dict[str, Any], path: str) -> list[str]:
+    """What ``ours`` (a schema this operator writes by) has that ``installed`` (the served
+    CRD's) does not know: a field it would prune, an enum value it would refuse."""
+    gaps = []
+    allowed = installed.get("enum")
+    refused = [v for v in ours.get("enum", []) if allowed is not None and v not in allowed]
+    if refused:
+        gaps.append(f"{path} refuses {', '.join(map(str, refused))}")
+    known = installed.get("properties", {})
+    for name, sub in ours.get("properties", {}).items():
+        if name in known:
+            gaps += unknown_to(known[name], sub, f"{path}.{name}")
+        elif not installed.get("x-kubernetes-preserve-unknown-fields"):
+            gaps.append(f"{path}.{name} is unknown")
+    if "items" in ours and "items" in installed:
+        gaps += unknown_to(installed["items"], ours["items"], f"{path}[]")
+    return gaps
+
+
+def published_status(document: dict[str, Any]) -> dict[str, Any] | None:
+    """The Pipeline's status schema in the API server's OpenAPI v3 document of its group and
+    version; None where the document has no Pipeline yet (a CRD just created)."""
+    schemas = document.get("components", {}).get("schemas", {})
+    pipeline = schemas.get(OPENAPI_SCHEMA)
+    return pipeline.get("properties", {}).get("status", {}) if pipeline else None
+
+
+def status_unknown_to(installed: dict[str, Any]) -> list[str]:
+    """What the status this operator writes has that an installed CRD's status schema lacks."""
+    return unknown_to(installed, openapi_schema()["properties"]["status"], "status")
+
+
 def crd_manifest() -> dict[str, Any]:
     """The complete CustomResourceDefinition."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": CRD_NAME},
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",

@@ -95,3 +95,29 @@ def test_the_old_word_ready_parses_as_standby() -> None:
     assert desired_state("Ready") is DesiredState.Standby
     assert desired_state("Standby") is DesiredState.Standby
     assert desired_state("Paused") is None
+
+
+OLD_CRD = REPO / "tests" / "data" / "crd-before-standby.yaml"
+
+
+def _status_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    schema = manifest["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return dict(schema["properties"]["status"])
+
+
+def test_the_start_check_names_what_an_older_crd_does_not_know() -> None:
+    ours = crd.openapi_schema()["properties"]["status"]
+    assert crd.unknown_to(_status_of(crd.crd_manifest()), ours, "status") == []
+    old = _status_of(yaml.safe_load(OLD_CRD.read_text()))
+    assert crd.unknown_to(old, ours, "status") == ["status.phase refuses Standby"]
+    del old["properties"]["endpoints"]  # a CRD from before endpoints: they would be pruned
+    assert crd.unknown_to(old, ours, "status") == [
+        "status.phase refuses Standby",
+        "status.endpoints is unknown",
+    ]
+    old["properties"]["conditions"]["items"]["properties"]["type"]["enum"] = ["Ready"]
+    assert "status.conditions[].type refuses Created, WarmedUp, Running" in crd.unknown_to(
+        old, ours, "status"
+    )
+    # A field the installed CRD keeps whatever it holds is known.
+    assert crd.unknown_to({"x-kubernetes-preserve-unknown-fields": True}, ours, "status") == []

@@ -546,6 +546,17 @@ class ConditionType(StrEnum):
     Ready = "Ready"
 
 
+def _timestamp(description: str) -> Any:
+    """An RFC 3339 time, typed as one in the CRD (``format: date-time``)."""
+    return Field(description=description, json_schema_extra={"format": "date-time"})
+
+
+def _list_map(key: str) -> dict[str, JsonValue]:
+    """A list whose entries are told apart by ``key`` (unique), as Kubernetes lists of
+    conditions are: ``kubectl explain``, server-side apply and the API server know it."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
+
+
 class Condition(_Model):
     """A standard Kubernetes condition."""
 
@@ -553,7 +564,7 @@ class Condition(_Model):
     status: str = Field(description="True, False or Unknown.", pattern="^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable details.")
-    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).")
+    lastTransitionTime: str = _timestamp("When status last changed (RFC 3339).")
     observedGeneration: int = Field(description="The generation this condition describes.")
 
 
@@ -605,12 +616,16 @@ class PipelineStatus(_Model):
         default=None, description="The metadata.generation this status describes."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Created, WarmedUp, Running and Ready."
+        default_factory=list,
+        description="Created, WarmedUp, Running and Ready.",
+        json_schema_extra=_list_map("type"),
     )
     failure: Failure | None = Field(default=None, description="The last attempt's failure.")
     pipelineId: str | None = Field(default=None, description="Juturna's id of the instance.")
     restarts: int = Field(default=0, description="Restarts since the last spec change.")
-    nodes: list[NodeStatus] = Field(default_factory=list, description="Per-node status.")
+    nodes: list[NodeStatus] = Field(
+        default_factory=list, description="Per-node status.", json_schema_extra=_list_map("name")
+    )
     nodesReady: str | None = Field(
         default=None, description="Running (or warm) nodes over all nodes, e.g. 2/2."
     )

@@ -90,6 +90,7 @@ def openapi_schema() -> dict[str, Any]:
     }
 
 
+READY_CONDITION = '.status.conditions[?(@.type=="Ready")]'
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".spec.state", "description": "Desired state."},
     {
@@ -99,10 +100,22 @@ PRINTER_COLUMNS = [
         "description": "Observed lifecycle phase.",
     },
     {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": f"{READY_CONDITION}.status",
+        "description": "The Ready condition: True when the desired state is reached, healthy.",
+    },
+    {
         "name": "Nodes",
         "type": "string",
         "jsonPath": ".status.nodesReady",
         "description": "Ready nodes over all nodes.",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "description": "Restarts since the last spec change.",
     },
     {
         "name": "Reason",
@@ -123,6 +136,13 @@ PRINTER_COLUMNS = [
         "type": "string",
         "jsonPath": ".status.pod.node",
         "description": "The node the pipeline's pod runs on (engine pod).",
+        "priority": 1,  # kubectl get -o wide
+    },
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": f"{READY_CONDITION}.message",
+        "description": "The Ready condition's message: what the pipeline is, or why not yet.",
         "priority": 1,  # kubectl get -o wide
     },
 ]

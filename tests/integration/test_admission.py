@@ -13,6 +13,13 @@ from support import Kubectl, manifest
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
 
 Mutation = Callable[[dict[str, Any]], None]
+CONDITION = {
+    "type": "Ready",
+    "status": "True",
+    "reason": "DesiredStateReached",
+    "lastTransitionTime": "2026-12-07T10:00:00Z",
+    "observedGeneration": 1,
+}
 
 
 def with_ports(*ports: dict[str, Any]) -> Mutation:
@@ -143,6 +150,49 @@ def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str)
     spec = json.loads(proc.stdout)["spec"]
     assert spec["restartPolicy"] == {"maxRestarts": 3, "backoffSeconds": 5}
     assert spec["version"] == "1.0"
+
+
+STATUS_CASES = [
+    (
+        "two conditions of one type",
+        {"conditions": [CONDITION, CONDITION]},
+        'status.conditions[1]: Duplicate value: {"type":"Ready"}',
+    ),
+    (
+        "two nodes of one name",
+        {"nodes": [{"name": "src", "status": "Running"}] * 2},
+        'status.nodes[1]: Duplicate value: {"name":"src"}',
+    ),
+    (
+        "a transition time that is no time",
+        {"conditions": [{**CONDITION, "lastTransitionTime": "yesterday"}]},
+        'status.conditions[0].lastTransitionTime: Invalid value: "yesterday": '
+        'conditions[0].lastTransitionTime in body must be of type date-time: "yesterday"',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "status", "message"), STATUS_CASES, ids=[c[0] for c in STATUS_CASES]
+)
+def test_the_status_schema_refuses_what_kubernetes_lists_and_times_forbid(
+    kubectl: Kubectl, namespace: str, what: str, status: dict[str, Any], message: str
+) -> None:
+    """Conditions are a map by type and nodes by name (server-side apply and kubectl know
+    them apart), and times are RFC 3339: the API server holds a status writer to it."""
+    kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(manifest("st")))
+    proc = kubectl(
+        *("-n", namespace, "patch", "pipeline", "st", "--subresource=status", "--type=merge"),
+        *("-p", json.dumps({"status": status})),
+        check=False,
+    )
+    assert proc.returncode != 0, f"{what} was accepted"
+    assert message in proc.stderr, proc.stderr
+    good = {"conditions": [CONDITION], "nodes": [{"name": "src", "status": "Running"}]}
+    kubectl(
+        *("-n", namespace, "patch", "pipeline", "st", "--subresource=status", "--type=merge"),
+        *("-p", json.dumps({"status": good})),
+    )
 
 
 def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:

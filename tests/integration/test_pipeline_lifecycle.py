@@ -54,8 +54,22 @@ def test_happy_path(pipelines: Pipelines, operator: Operator) -> None:
     assert line["value"] == line["count"] * 10
     assert line["label"] == "demo"
     table = pipelines.kubectl("-n", pipelines.namespace, "get", "pipelines").stdout
-    assert table.split("\n")[0].split() == ["NAME", "STATE", "PHASE", "NODES", "REASON", "AGE"]
-    assert table.split("\n")[1].split()[:4] == ["tones", "Running", "Running", "3/3"]
+    header, row = table.split("\n")[:2]
+    assert header.split() == [
+        "NAME",
+        "STATE",
+        "PHASE",
+        "READY",
+        "NODES",
+        "RESTARTS",
+        "REASON",
+        "AGE",
+    ]
+    assert row.split()[:6] == ["tones", "Running", "Running", "True", "3/3", "0"]
+    wide = pipelines.kubectl("-n", pipelines.namespace, "get", "pipelines", "-o", "wide").stdout
+    header, row = wide.split("\n")[:2]
+    assert header.split()[-3:] == ["ADDRESS", "NODE", "MESSAGE"]
+    assert row.endswith("the pipeline is Running"), wide  # the Ready condition's message
 
 
 def test_state_changes(pipelines: Pipelines, operator: Operator) -> None:

@@ -47,9 +47,22 @@ def test_names_subresource_and_printer_columns() -> None:
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
     columns = [(c["name"], c.get("priority", 0)) for c in version["additionalPrinterColumns"]]
-    # NODE only with `kubectl get -o wide` (priority 1).
-    always = [("State", 0), ("Phase", 0), ("Nodes", 0), ("Reason", 0), ("Age", 0)]
-    assert columns == [*always, ("Address", 1), ("Node", 1)]
+    # ADDRESS, NODE and MESSAGE only with `kubectl get -o wide` (priority 1).
+    always = ["State", "Phase", "Ready", "Nodes", "Restarts", "Reason", "Age"]
+    assert columns == [*((c, 0) for c in always), ("Address", 1), ("Node", 1), ("Message", 1)]
+
+
+def test_conditions_and_nodes_are_maps_and_times_are_times() -> None:
+    status = crd.openapi_schema()["properties"]["status"]["properties"]
+    for field, key in (("conditions", "type"), ("nodes", "name")):
+        assert status[field]["x-kubernetes-list-type"] == "map", field
+        assert status[field]["x-kubernetes-list-map-keys"] == [key], field
+        assert key in status[field]["items"]["required"], field  # a map's key must be
+    times = [p for p, sub in _walk(crd.openapi_schema()) if p.endswith(("Time", "Timestamp"))]
+    assert times == [".status.conditions[].lastTransitionTime"]
+    for path, sub in _walk(crd.openapi_schema()):
+        if path in times:
+            assert sub["format"] == "date-time", path
 
 
 def test_cel_rules_are_declared() -> None:

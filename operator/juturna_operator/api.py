@@ -72,6 +72,26 @@ class _LifecycleOnly:
 LIFECYCLE_ONLY = _LifecycleOnly()
 
 
+class _AddedLater:
+    """Marks a field added after Pipelines were stored: at its default it is left out of the
+    revision, so that upgrading the operator redeploys no Pipeline that does not use it."""
+
+
+ADDED_LATER = _AddedLater()
+
+
+def _without_unset_additions(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``model``'s dump) without the fields marked ADDED_LATER that hold their
+    default, at any depth of nested models."""
+    for name, field in type(model).model_fields.items():
+        key, value = field.alias or name, getattr(model, name)
+        if ADDED_LATER in field.metadata and value == field.get_default(call_default_factory=True):
+            dumped.pop(key, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(key), dict):
+            _without_unset_additions(value, dumped[key])
+    return dumped
+
+
 def _cel(
     rule: str, message_expression: str, reason: str = "FieldValueInvalid"
 ) -> dict[str, JsonValue]:
@@ -321,6 +341,14 @@ def _pod_objects(description: str, item: str) -> Any:
     )
 
 
+class LocalObjectReference(_Model):
+    """An object of the Pipeline's own namespace, by name."""
+
+    name: str = Field(
+        min_length=1, max_length=253, description="The object's name, in the Pipeline's namespace."
+    )
+
+
 class ResourceRequirements(_Model):
     """Compute resources of the pipeline's container, as in a Pod."""
 
@@ -396,6 +424,12 @@ class PodTemplate(_Model):
         default=None,
         max_length=1024,
         description="Another runtime image; only where the administrator allows overrides.",
+    )
+    imagePullSecrets: Annotated[list[LocalObjectReference], ADDED_LATER] = Field(
+        default_factory=list,
+        description="Secrets of the Pipeline's namespace that hold registry credentials for "
+        "the pod's image, as in a Pod; added to those the administrator gives every pipeline "
+        "pod.",
     )
 
 
@@ -505,7 +539,9 @@ class PipelineSpec(_Model):
             for name, field in type(self).model_fields.items()
             if LIFECYCLE_ONLY in field.metadata
         }
-        defining = self.model_dump(mode="json", by_alias=True, exclude=lifecycle_only)
+        defining = _without_unset_additions(
+            self, self.model_dump(mode="json", by_alias=True, exclude=lifecycle_only)
+        )
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 

@@ -29,6 +29,8 @@ through the same checks, and an error names the flag or variable that was set.
 | JUTURNA_OPERATOR_RECONCILE_WORKERS       |                      | 128 (passes at once)       |
 | JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
 | JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
+| JUTURNA_OPERATOR_POD_USER                |                      | the image's; UID[:GID]     |
+| JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS  |                      | none (Secret names, ",")   |
 
 The ServiceAccount the operator runs as is not a setting: it is read from the token the
 kubelet mounted into the operator's pod (``read_service_account``).
@@ -266,8 +268,25 @@ VOLUME_TYPES = frozenset(
         "vsphereVolume",
     }
 )
-# A PriorityClass name: a DNS subdomain.
+# A PriorityClass or Secret name: a DNS subdomain.
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+POD_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
+
+
+def parse_pod_user(raw: str, where: str) -> tuple[int, int | None] | None:
+    """``UID`` or ``UID:GID`` for pipeline pods (runAsUser; runAsGroup and fsGroup), or None
+    (empty): the runtime image's own numeric user."""
+    if not raw:
+        return None
+    found = POD_USER.fullmatch(raw)
+    if found is None or int(found[1]) == 0:
+        raise SettingsError(
+            f"{where} must be a numeric user, UID or UID:GID, and not 0 (pipeline pods never "
+            f"run as root); empty: the runtime image's own user; got {raw!r}"
+        )
+    return int(found[1]), None if found[2] is None else int(found[2])
 
 
 # Where the kubelet mounts a pod's ServiceAccount token (in-cluster config reads it too).
@@ -461,6 +480,13 @@ class Settings:
     allowed_priority_classes: tuple[str, ...] = ()
     # The account the operator runs as (its pod's), refused in templates of its namespace.
     service_account: ServiceAccount | None = None
+    # Engine "pod": the user pipeline pods run as, (UID, GID or None); None: the runtime
+    # image's own numeric user (runAsNonRoot alone), which OpenShift's restricted SCC lets
+    # it replace with one of the namespace's range.
+    pod_user: tuple[int, int | None] | None = None
+    # Engine "pod": Secrets every pipeline pod pulls its image with (each must exist in every
+    # Pipeline's namespace), before those its template names.
+    pod_image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
@@ -524,6 +550,13 @@ class Settings:
                 "a PriorityClass name (lowercase letters, digits, '-' and '.')",
             ),
             service_account=read_service_account(),
+            pod_user=parse_pod_user(src.get("POD_USER", ""), src.where("POD_USER")),
+            pod_image_pull_secrets=parse_names(
+                src.given("POD_IMAGE_PULL_SECRETS"),
+                src.where("POD_IMAGE_PULL_SECRETS"),
+                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                "a Secret name (lowercase letters, digits, '-' and '.')",
+            ),
         )
         settings.check()
         return settings

@@ -113,6 +113,11 @@ CASES: list[tuple[str, Mutation, str]] = [
         "spec.nodes: Invalid value: 0: spec.nodes in body should have at least 1 items",
     ),
     (
+        "an image pull secret without its name",
+        lambda s: s.update(template={"imagePullSecrets": [{}]}),
+        "spec.template.imagePullSecrets[0].name: Required value",
+    ),
+    (
         "a negative restart budget",
         lambda s: s.update(restartPolicy={"maxRestarts": -1}),
         "spec.restartPolicy.maxRestarts: Invalid value: -1: spec.restartPolicy.maxRestarts in "

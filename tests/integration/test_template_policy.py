@@ -187,6 +187,36 @@ def test_a_named_account_that_opted_out_of_automount_gives_the_pod_no_token(
 
 
 @pytest.mark.cluster
+def test_a_pipeline_pod_is_restricted_as_the_images_own_user_and_pulls_with_its_secrets(
+    core: client.CoreV1Api, kubectl: Kubectl, namespace: str
+) -> None:
+    """No fixed user (OpenShift's restricted SCC refuses one outside the namespace's range):
+    the pod says runAsNonRoot and runs as its image's numeric user, which the restricted Pod
+    Security Standard admits; its image is pulled with the administrator's Secrets, then the
+    template's."""
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    wait_until(
+        lambda: bool(
+            core.list_namespaced_service_account(
+                namespace, field_selector="metadata.name=default"
+            ).items
+        ),
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+    key = PipelineKey(namespace, "tones", "40ffacf7-0000-4000-8000-000000000000")
+    settings = Settings(
+        engine="pod", runtime_image=SETTINGS.runtime_image, pod_image_pull_secrets=("corp",)
+    )
+    template = {"imagePullSecrets": [{"name": "team"}]}
+    pod = admitted(core, runtime_pod(key, "r", settings, template))
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "corp"}, {"name": "team"}]
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(security), security
+
+
+@pytest.mark.cluster
 def test_the_operators_account_is_read_from_a_token_the_api_server_issued(
     core: client.CoreV1Api, namespace: str, tmp_path: Path
 ) -> None:

@@ -134,3 +134,23 @@ def test_the_start_check_names_what_an_older_crd_does_not_know() -> None:
     )
     # A field the installed CRD keeps whatever it holds is known.
     assert crd.unknown_to({"x-kubernetes-preserve-unknown-fields": True}, ours, "status") == []
+
+
+def test_a_field_added_later_changes_no_stored_pipelines_revision() -> None:
+    """template.imagePullSecrets came after Pipelines were stored: at its default it is not
+    part of the revision, so an operator upgrade redeploys none of them (the revisions below
+    are those the previous operator computed)."""
+    from juturna_operator.api import PipelineSpec
+
+    nodes = [{"name": "a", "type": "source", "mark": "ticker"}]
+    template = {
+        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "tolerations": [{"operator": "Exists"}],
+    }
+    stored = PipelineSpec.model_validate({"nodes": nodes, "template": template})
+    assert stored.revision() == "83396032c5939379"
+    assert PipelineSpec.model_validate({"nodes": nodes}).revision() == "5f38909b806a1810"
+    pulling = {**template, "imagePullSecrets": [{"name": "regcred"}]}
+    assert PipelineSpec.model_validate({"nodes": nodes, "template": pulling}).revision() != (
+        stored.revision()
+    )

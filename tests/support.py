@@ -155,7 +155,17 @@ def install_crds(kubectl: Kubectl) -> None:
     """The project's CRDs (crds/), as the session installs them, once established."""
     # Forced: a test may have left a CRD another field manager wrote (as Helm creates it).
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+
+    # Polled: `kubectl wait` (and a jsonpath filter) fails at once on a CRD so new that it
+    # has no conditions yet.
+    def established() -> bool:
+        status = json.loads(kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)["status"]
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in status.get("conditions") or []
+        )
+
+    wait_until(established, 30, f"crd/{CRD_NAME} Established")
 
 
 def assert_sole_operator(kubeconfig: Path) -> None:

@@ -331,13 +331,25 @@ class RestartPolicy(_Model):
     )
 
 
-def _pod_objects(description: str, item: str) -> Any:
-    """A list of Pod-spec objects (tolerations, env, volumes, ...): free-form here, checked
-    by the API server's dry run of the Pod."""
+# The CRD types a field marked with this as Kubernetes' own type of that name (``of`` the
+# field itself, its items or its values), from the OpenAPI schemas of the pinned Kubernetes
+# version (``crd.KUBERNETES_FILE``): ``kubectl explain`` goes on into it, and the API server
+# refuses a wrong field at apply. The operator reads such fields as plain JSON.
+KUBERNETES_TYPE = "x-juturna-kubernetes-type"
+CORE = "io.k8s.api.core.v1."
+QUANTITY = "io.k8s.apimachinery.pkg.api.resource.Quantity"
+
+
+def _kubernetes(type_name: str, of: str = "field") -> dict[str, JsonValue]:
+    return {KUBERNETES_TYPE: {"type": type_name, "of": of}}
+
+
+def _pod_objects(description: str, kind: str) -> Any:
+    """A list of Pod-spec objects of Kubernetes' type ``kind`` (Toleration, EnvVar, ...)."""
     return Field(
         default_factory=list,
         description=description,
-        json_schema_extra={"items": {"type": "object", "description": item}},
+        json_schema_extra=_kubernetes(CORE + kind, of="items"),
     )
 
 
@@ -356,11 +368,13 @@ class ResourceRequirements(_Model):
         default_factory=dict,
         description="Minimum resources, e.g. {cpu: 500m, memory: 1Gi}; the scheduler places "
         "the pod where they fit.",
+        json_schema_extra=_kubernetes(QUANTITY, of="values"),
     )
     limits: dict[str, Any] = Field(
         default_factory=dict,
         description="Maximum resources, e.g. {memory: 2Gi, nvidia.com/gpu: 1}; extended "
         "resources such as GPUs are requested here.",
+        json_schema_extra=_kubernetes(QUANTITY, of="values"),
     )
 
 
@@ -378,10 +392,12 @@ class PodTemplate(_Model):
         default_factory=dict, description="Labels a node must have to run the pod."
     )
     tolerations: list[dict[str, Any]] = _pod_objects(
-        "Pod tolerations, as in a Pod spec.", "A toleration."
+        "Pod tolerations, as in a Pod spec.", "Toleration"
     )
     affinity: dict[str, Any] = Field(
-        default_factory=dict, description="Pod affinity rules, as in a Pod spec."
+        default_factory=dict,
+        description="Pod affinity rules, as in a Pod spec.",
+        json_schema_extra=_kubernetes(CORE + "Affinity"),
     )
     priorityClassName: str | None = Field(
         default=None,
@@ -402,17 +418,17 @@ class PodTemplate(_Model):
     env: list[dict[str, Any]] = _pod_objects(
         "Environment variables of the pipeline's container, as in a Pod spec; not PATH, "
         "PYTHON*, LD_* or JUTURNA_OPERATOR_* (they choose the code the worker runs).",
-        "An environment variable: name, and value or valueFrom.",
+        "EnvVar",
     )
     volumes: list[dict[str, Any]] = _pod_objects(
         "Extra volumes (models, media), as in a Pod spec, of the types the restricted Pod "
         "Security Standard allows (and those the administrator adds).",
-        "A volume.",
+        "Volume",
     )
     volumeMounts: list[dict[str, Any]] = _pod_objects(
         "Where the extra volumes are mounted in the pipeline's container: not over the "
         "image's code (/usr, /etc, /opt, ...), its plugins or the pod's tokens.",
-        "A volume mount.",
+        "VolumeMount",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(

@@ -85,14 +85,8 @@ def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
     on every status write. Read from the API server's OpenAPI document of the group, which
     every authenticated client may read (no RBAC on CRDs needed, namespaced mode included)."""
     deadline = time.monotonic() + wait_s
-    request = client.param_serialize("GET", crd.OPENAPI_PATH, auth_settings=["BearerToken"])
     while True:
-        try:
-            answer = client.call_api(*request[:3], _request_timeout=CRD_READ_TIMEOUT_S)
-            answer.read()  # type: ignore[no-untyped-call]
-            status, data = answer.status, answer.data or b""
-        except Exception as err:  # the API server unreachable (urllib3, socket, TLS errors)
-            status, data = 0, str(err).encode()
+        status, data = crd.api_get(client, crd.OPENAPI_PATH, CRD_READ_TIMEOUT_S)
         installed = crd.published_status(_json(data)) if status == 200 else None
         if installed is not None:
             break

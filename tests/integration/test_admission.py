@@ -112,6 +112,45 @@ CASES: list[tuple[str, Mutation, str]] = [
         lambda s: s.update(nodes=[], links=[]),
         "spec.nodes: Invalid value: 0: spec.nodes in body should have at least 1 items",
     ),
+    # spec.template's Pod fields are Kubernetes' own types: a mistake fails at apply.
+    (
+        "a toleration's misspelt field",
+        lambda s: s.update(template={"tolerations": [{"operater": "Exists"}]}),
+        'strict decoding error: unknown field "spec.template.tolerations[0].operater"',
+    ),
+    (
+        "a toleration operator Kubernetes does not have",
+        lambda s: s.update(template={"tolerations": [{"operator": "Sometimes"}]}),
+        'spec.template.tolerations[0].operator: Unsupported value: "Sometimes": supported '
+        'values: "Equal", "Exists", "Gt", "Lt"',
+    ),
+    (
+        "a node affinity that is no object",
+        lambda s: s.update(template={"affinity": {"nodeAffinity": "ssd"}}),
+        'spec.template.affinity.nodeAffinity: Invalid value: "string": '
+        "spec.template.affinity.nodeAffinity in body must be of type object",
+    ),
+    (
+        "an environment variable without its name",
+        lambda s: s.update(template={"env": [{"value": "x"}]}),
+        "spec.template.env[0].name: Required value",
+    ),
+    (
+        "a claim without its name",
+        lambda s: s.update(template={"volumes": [{"name": "m", "persistentVolumeClaim": {}}]}),
+        "spec.template.volumes[0].persistentVolumeClaim.claimName: Required value",
+    ),
+    (
+        "a mount without its path",
+        lambda s: s.update(template={"volumeMounts": [{"name": "m"}]}),
+        "spec.template.volumeMounts[0].mountPath: Required value",
+    ),
+    (
+        "a quantity that is no quantity",
+        lambda s: s.update(template={"resources": {"limits": {"cpu": "lots"}}}),
+        'spec.template.resources.limits.cpu: Invalid value: "lots": '
+        "spec.template.resources.limits.cpu in body should match",
+    ),
     (
         "an image pull secret without its name",
         lambda s: s.update(template={"imagePullSecrets": [{}]}),
@@ -206,3 +245,16 @@ def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:
     assert "The node kind: the plugin" in out
     out = kubectl("explain", "pipeline.status.failure").stdout
     assert "HTTP-like: 4xx needs a spec change; 5xx is retried." in out
+
+
+def test_kubectl_explain_goes_on_into_the_pod_fields(kubectl: Kubectl) -> None:
+    """spec.template's Pod fields carry Kubernetes' own schemas, descriptions included."""
+    out = kubectl("explain", "pipeline.spec.template.affinity").stdout
+    assert "Pod affinity rules, as in a Pod spec." in out  # the template's own words
+    assert "podAntiAffinity\t<Object>" in out
+    out = kubectl("explain", "pipeline.spec.template.affinity.nodeAffinity").stdout
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in out
+    out = kubectl("explain", "pipeline.spec.template.volumes.persistentVolumeClaim").stdout
+    assert "claimName\t<string> -required-" in out
+    out = kubectl("explain", "pipeline.spec.template.tolerations.effect").stdout
+    assert "NoExecute" in out

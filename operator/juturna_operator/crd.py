@@ -311,7 +311,7 @@ def api_get(client: k8s.ApiClient, path: str, timeout_s: float) -> tuple[int, by
         answer = client.call_api(method, url, headers, _request_timeout=timeout_s)
         answer.read()  # type: ignore[no-untyped-call]
     except Exception as err:  # the API server unreachable (urllib3, socket, TLS errors)
-        return 0, str(err).encode()
+        return 0, str(getattr(err, "reason", None) or err).encode()  # urllib3's: the cause
     return answer.status, answer.data or b""
 
 

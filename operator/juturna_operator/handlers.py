@@ -96,8 +96,10 @@ def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
         if status in (200, 404):  # a CRD just created is served a moment later
             problem = f"the CRD {crd.CRD_NAME} is not installed; apply it: {crd.APPLY_COMMAND}"
         else:
-            said = data.decode(errors="replace")[:200]
-            problem = f"cannot read the CRD's schema ({crd.OPENAPI_PATH}): {status or ''} {said}"
+            said = data.decode(errors="replace")[:300]
+            problem = f"cannot read the CRD's schema ({crd.OPENAPI_PATH}): " + (
+                f"{status} {said}" if status else said
+            )
         if time.monotonic() > deadline:
             raise CrdNotUsable(problem)
         time.sleep(1.0)

@@ -6,10 +6,12 @@ a CRD another field manager created, as Helm does."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 from pathlib import Path
 
 import pytest
+from controlplane import ControlPlane, free_port
 from kubernetes import client
 from operator_process import OperatorStartError
 
@@ -86,3 +88,31 @@ def test_without_the_crd_the_operator_names_the_command_that_installs_it(
     finally:
         install_crds(kubectl)
     handlers.check_crd(api_client, wait_s=10)  # installed again: nothing to say
+
+
+def test_an_api_server_that_does_not_answer_is_named() -> None:
+    """Nobody listens: after the wait, one line says what could not be read and why."""
+    configuration = client.Configuration()
+    configuration.host = f"https://127.0.0.1:{free_port()}"
+    with pytest.raises(handlers.CrdNotUsable) as refused:
+        handlers.check_crd(client.ApiClient(configuration), wait_s=1)
+    message = str(refused.value)
+    assert message.startswith(
+        "cannot read the CRD's schema (/openapi/v3/apis/juturna.io/v1alpha1): "
+    ), message
+    assert "Connection refused" in message, message
+
+
+def test_a_client_that_may_not_read_the_schema_starts_unchecked(
+    control_plane: ControlPlane, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An account the API server refuses the OpenAPI document (here: anonymous) cannot check
+    the CRD; the operator says so and goes on, as before the check existed."""
+    configuration = client.Configuration()
+    configuration.host = control_plane.server
+    configuration.ssl_ca_cert = str(control_plane.pki / "ca.crt")  # no client certificate
+    with caplog.at_level(logging.WARNING, logger="juturna_operator.handlers"):
+        handlers.check_crd(client.ApiClient(configuration), wait_s=1)
+    assert caplog.messages == [
+        "cannot read /openapi/v3/apis/juturna.io/v1alpha1 (403): the CRD is not checked"
+    ]

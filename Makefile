@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds docs lint clean
+.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds docs kubernetes-schemas lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_oper
 
 docs: venv ## regenerate the generated parts of docs/ (API reference, settings) from the code
 	$(PY) hack/gen_docs.py
+
+kubernetes-schemas: venv binaries ## rewrite the Pod fields' Kubernetes schemas (operator/juturna_operator/kubernetes.json) from the pinned plane's /openapi/v3; starts the plane, not the node
+	$(PY) hack/kubernetes_schemas.py
 
 lint: venv ## ruff, mypy --strict on the package, and the layers' import contract (pyproject.toml)
 	$(VENV)/bin/ruff check operator tests hack bench examples charts

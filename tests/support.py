@@ -222,8 +222,19 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 def install_crds(kubectl: Kubectl) -> None:
     """The project's CRDs (crds/), as the session installs them, once established."""
-    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+    # Forced: a test may have left a CRD another field manager wrote (as Helm creates it).
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+
+    # Polled: `kubectl wait` (and a jsonpath filter) fails at once on a CRD so new that it
+    # has no conditions yet.
+    def established() -> bool:
+        status = json.loads(kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)["status"]
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in status.get("conditions") or []
+        )
+
+    wait_until(established, 30, f"crd/{CRD_NAME} Established")
 
 
 def assert_sole_operator(kubeconfig: Path) -> None:
@@ -760,7 +771,7 @@ def count(name: str, short: int, full: int) -> int:
 
 KILLS = count("FAULT_KILLS", 2, 20)
 OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
-STATES = ["Running", "Running", "Ready", "Stopped"]
+STATES = ["Running", "Running", "Standby", "Stopped"]
 CHURN_SEED = 20261128  # every engine's churn makes the same steps
 
 
@@ -843,10 +854,10 @@ def outage(control_plane: ControlPlane, component: str, down_s: float, operator:
 
 def change_after_fault(pipelines: Pipelines, desired: dict[str, str], round_: int) -> set[str]:
     """Changes made once a fault is over, which the operator must see and act on: one of
-    ``a1``-``a4`` flipped between Running and Ready (``a0`` is never changed), a new Running
+    ``a1``-``a4`` flipped between Running and Standby (``a0`` is never changed), a new Running
     Pipeline ``b<round_>``, and the previous round's deleted. Returns the names changed."""
     flip, new, old = f"a{1 + round_ % 4}", f"b{round_}", f"b{round_ - 1}"
-    desired[flip] = "Ready" if desired[flip] == "Running" else "Running"
+    desired[flip] = "Standby" if desired[flip] == "Running" else "Running"
     pipelines.patch_spec(flip, {"state": desired[flip]})
     desired[new] = "Running"
     create_all(pipelines, [slow_manifest(new)])

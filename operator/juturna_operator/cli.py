@@ -116,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     except handlers.NoCluster as err:
         print(f"juturna-operator: {err}", file=sys.stderr)
         return USAGE_ERROR
+    handlers.check_crd(handlers.api_client())
     kopf.configure(
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL,
@@ -156,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         from juturna_operator import crd
 
         return crd.main(args.dirs, mkdir=args.mkdir)
+    from juturna_operator.handlers import CrdNotUsable
+
     try:
         return _run(args)
     except SettingsError as err:
         print(f"juturna-operator: configuration error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except CrdNotUsable as err:
+        print(f"juturna-operator: {err}", file=sys.stderr)
         return USAGE_ERROR
 
 

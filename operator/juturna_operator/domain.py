@@ -18,7 +18,7 @@ class InstanceState(StrEnum):
 
     Absent = "Absent"
     Created = "Created"
-    Ready = "Ready"  # warmed up, never started
+    Ready = "Ready"  # warmed up, never started (Juturna's "ready"; a Standby Pipeline's)
     Running = "Running"
     Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
 

@@ -19,6 +19,7 @@ kopf's per-event success lines are DEBUG (``SuccessesAtDebug``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -32,7 +33,7 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from juturna_operator import api
+from juturna_operator import api, crd
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router, make_engine
 from juturna_operator.metrics import Metrics
@@ -93,6 +94,58 @@ RETRY_AFTER_ERROR_S = 2.0
 PASS_GRACE_S = 5.0
 
 
+# How long a starting operator waits for the API server to serve the CRD: a Helm install or
+# an Argo CD sync applies it moments before the operator's pod starts.
+CRD_WAIT_S = 30.0
+CRD_READ_TIMEOUT_S = 10.0
+
+
+class CrdNotUsable(Exception):
+    """The CRD is missing or older than this operator; the message says what to apply."""
+
+
+def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
+    """Refuse to start against a CRD that does not know what this operator writes (its
+    status fields and values): an older CRD would refuse the new phase, or prune a field,
+    on every status write. Read from the API server's OpenAPI document of the group, which
+    every authenticated client may read (no RBAC on CRDs needed, namespaced mode included)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        status, data = crd.api_get(client, crd.OPENAPI_PATH, CRD_READ_TIMEOUT_S)
+        installed = crd.published_status(_json(data)) if status == 200 else None
+        if installed is not None:
+            break
+        if status == 403:
+            log.warning("cannot read %s (403): the CRD is not checked", crd.OPENAPI_PATH)
+            return
+        if status in (200, 404):  # a CRD just created is served a moment later
+            problem = f"the CRD {crd.CRD_NAME} is not installed; apply it: {crd.APPLY_COMMAND}"
+        else:
+            said = data.decode(errors="replace")[:300]
+            problem = f"cannot read the CRD's schema ({crd.OPENAPI_PATH}): " + (
+                f"{status} {said}" if status else said
+            )
+        if time.monotonic() > deadline:
+            raise CrdNotUsable(problem)
+        time.sleep(1.0)
+    gaps = crd.status_unknown_to(installed)
+    if gaps:
+        shown = "; ".join(gaps[:3]) + (f"; and {len(gaps) - 3} more" if len(gaps) > 3 else "")
+        raise CrdNotUsable(
+            f"the installed CRD {crd.CRD_NAME} is older than this operator ({shown}); apply "
+            f"this version's CRD first: {crd.APPLY_COMMAND}"
+        )
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    """A JSON object, or {} for anything else (an answer cut short)."""
+    try:
+        found = json.loads(data)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 class NoCluster(Exception):
     """No cluster configuration to run against; the message says what is missing."""
 
@@ -128,7 +181,9 @@ def load_cluster_configuration() -> None:
         ) from None
 
 
-def _api_client() -> k8s.ApiClient:
+def api_client() -> k8s.ApiClient:
+    """A Kubernetes API client: in-cluster configuration, else the kubeconfig
+    (``load_cluster_configuration``)."""
     load_cluster_configuration()
     configuration = k8s.Configuration.get_default_copy()
     # One pooled connection per thread: the client's default pool (10) made urllib3
@@ -339,14 +394,14 @@ async def startup(
     # namespaces (to match patterns; ours are exact names) and watch CRDs, and without the
     # rights retry for ~45 s before falling back. The CRD must then exist at startup.
     settings.scanning.disabled = bool(ours.namespaces)
-    api_client = _api_client()
+    client = api_client()
     metrics = None
     if ours.metrics_port:
         metrics = Metrics()
         logging.getLogger(KOPF_POSTING_LOGGER).addFilter(metrics.event_failures)
         metrics.serve(ours.metrics_port)
     operator = Operator(
-        ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics, settings
+        ours, k8s.CustomObjectsApi(client), make_engine(ours, client), metrics, settings
     )
     operator.sweeper = asyncio.create_task(operator.sweep_orphans())
     operator.health_watch = asyncio.create_task(operator.watch_health())

@@ -178,7 +178,7 @@ _TOWARD: dict[DesiredState, dict[InstanceState, Action]] = {
         InstanceState.Running: Action.Nothing,
         InstanceState.Spent: Action.Delete,  # start after stop is a no-op in Juturna: recreate
     },
-    DesiredState.Ready: {
+    DesiredState.Standby: {
         InstanceState.Absent: Action.Create,
         InstanceState.Created: Action.Warmup,
         InstanceState.Ready: Action.Nothing,
@@ -331,8 +331,8 @@ def phase(desired: Desired, observed: Observed, in_progress: Action | None = Non
         return Phase.Failed if is_terminal(desired, observed) else Phase.Pending
     return {
         InstanceState.Running: Phase.Running,
-        InstanceState.Ready: Phase.Ready,
-        InstanceState.Spent: Phase.Ready,
+        InstanceState.Ready: Phase.Standby,
+        InstanceState.Spent: Phase.Standby,
         InstanceState.Created: Phase.Creating,
         InstanceState.Absent: (
             Phase.Stopped if desired.state is DesiredState.Stopped else Phase.Pending

@@ -37,6 +37,8 @@ from juturna_operator.api import (
     RestartPolicy,
     UpdateFallback,
     UpdateStrategy,
+    deprecation_warnings,
+    desired_state,
     first_error,
 )
 from juturna_operator.domain import Address, InstanceState, PipelineKey
@@ -70,7 +72,7 @@ STEP_ACTION = {Step.create: Action.Create, Step.warmup: Action.Warmup, Step.star
 # further create, and the lifecycle does the rest step by step).
 UNTIL = {
     DesiredState.Running: InstanceState.Running,
-    DesiredState.Ready: InstanceState.Ready,
+    DesiredState.Standby: InstanceState.Ready,
     DesiredState.Stopped: InstanceState.Created,
 }
 
@@ -336,10 +338,14 @@ class Reconciler:
 
     async def _reconcile(self, resource: Resource, log: Log) -> float:
         mem = self._remember(resource)
+        new_generation = mem.spec.parsed_generation != resource.generation
         parsed = mem.spec.parse(resource)
         spec = parsed if isinstance(parsed, PipelineSpec) else None
         p = _Pass(resource, mem, self._desired(resource, spec, mem), log)
         self._restore_update(p)
+        if new_generation:  # once per generation, as the other spec warnings
+            for warning in deprecation_warnings(resource.spec):
+                self._event(p, "Warning", "DeprecatedField", warning)
         if (
             isinstance(parsed, PipelineFailure)
             and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
@@ -924,12 +930,11 @@ def _addresses(
 def _desired(
     resource: Resource, spec: PipelineSpec | None, revision: str, swap: SwapPolicy | None = None
 ) -> Desired:
-    raw_state = resource.spec.get("state") or "Running"
     policy = spec.restartPolicy if spec else RestartPolicy()  # its defaults: the API's
     return Desired(
-        state=DesiredState(raw_state)
-        if raw_state in DesiredState.__members__
-        else DesiredState.Running,
+        # A state this operator does not know (a newer CRD's) is read as Running, the
+        # default; an old word for one it knows (Ready) means that one.
+        state=desired_state(resource.spec.get("state") or "Running") or DesiredState.Running,
         generation=resource.generation,
         revision=revision,
         max_restarts=policy.maxRestarts,

@@ -192,6 +192,23 @@ SETTINGS: tuple[Setting, ...] = (
         "JSON",
     ),
     Setting(
+        "POD_USER",
+        "",
+        "engine pod: the user pipeline pods run as, UID or UID:GID (then also their group and "
+        "fsGroup), never 0; empty: runAsNonRoot with the runtime image's own numeric user",
+        "UID[:GID]",
+        shown="the image's",
+    ),
+    Setting(
+        "POD_IMAGE_PULL_SECRETS",
+        "",
+        "engine pod: Secrets every pipeline pod pulls its image with, separated by commas, "
+        "before its template's imagePullSecrets; each must exist in every namespace that has "
+        "Pipelines",
+        "NAME,...",
+        shown="none",
+    ),
+    Setting(
         "POD_START_TIMEOUT",
         "60",
         "engine pod: seconds a placed pod may stay unstarted while the kubelet warns about "
@@ -410,6 +427,23 @@ VOLUME_TYPES = frozenset(
 )
 
 
+POD_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
+
+
+def parse_pod_user(raw: str, where: str) -> tuple[int, int | None] | None:
+    """``UID`` or ``UID:GID`` for pipeline pods (runAsUser; runAsGroup and fsGroup), or None
+    (empty): the runtime image's own numeric user."""
+    if not raw:
+        return None
+    found = POD_USER.fullmatch(raw)
+    if found is None or int(found[1]) == 0:
+        raise SettingsError(
+            f"{where}: must be a numeric user, UID or UID:GID, and not 0 (pipeline pods never "
+            f"run as root); empty: the runtime image's own user; got {raw!r}"
+        )
+    return int(found[1]), None if found[2] is None else int(found[2])
+
+
 # Where the kubelet mounts a pod's ServiceAccount token (in-cluster config reads it too).
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 SERVICE_ACCOUNT_SUBJECT = re.compile(r"system:serviceaccount:([^:]+):([^:]+)")
@@ -601,6 +635,13 @@ class Settings:
     allowed_priority_classes: tuple[str, ...] = ()
     # The account the operator runs as (its pod's), refused in templates of its namespace.
     service_account: ServiceAccount | None = None
+    # Engine "pod": the user pipeline pods run as, (UID, GID or None); None: the runtime
+    # image's own numeric user (runAsNonRoot alone), which OpenShift's restricted SCC lets
+    # it replace with one of the namespace's range.
+    pod_user: tuple[int, int | None] | None = None
+    # Engine "pod": Secrets every pipeline pod pulls its image with (each must exist in every
+    # Pipeline's namespace), before those its template names.
+    pod_image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(
@@ -657,6 +698,13 @@ class Settings:
                 "a PriorityClass name (lowercase letters, digits, '-' and '.')",
             ),
             service_account=read_service_account(),
+            pod_user=parse_pod_user(src.get("POD_USER"), src.where("POD_USER")),
+            pod_image_pull_secrets=parse_names(
+                src.get("POD_IMAGE_PULL_SECRETS"),
+                src.where("POD_IMAGE_PULL_SECRETS"),
+                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                "a Secret name (lowercase letters, digits, '-' and '.')",
+            ),
         )
         if namespaces is not None:
             settings.namespaces, settings.all_namespaces = list(namespaces), not namespaces

@@ -215,8 +215,8 @@ def test_delete_of_a_pipeline_whose_stop_hangs(
     assert instance_folders(operator.workdir, body) == []
     assert "StopTimeout" in operator.log_text()
     # The operator kept serving the other pipeline.
-    pipelines.patch_spec("bystander", {"state": "Ready"})
-    assert pipelines.wait_ready("bystander")["status"]["phase"] == "Ready"
+    pipelines.patch_spec("bystander", {"state": "Standby"})
+    assert pipelines.wait_ready("bystander")["status"]["phase"] == "Standby"
     fault_log.record(
         "a hung stop, on delete",
         operator.engine,

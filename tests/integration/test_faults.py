@@ -129,12 +129,12 @@ def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) ->
         stale = [i for i in ids if i != current_id] if current_id else ids[1:]
         if stale or len(workers) > 1:
             problems.append(f"{name}: {held}, but its status names instance {current_id}")
-        elif desired.get(name) in ("Running", "Ready") and not ids:
+        elif desired.get(name) in ("Running", "Standby") and not ids:
             problems.append(f"{name} ({desired[name]}): no instance")
     problems += [
         f"{b['metadata']['name']} ({desired.get(b['metadata']['name'])}): no instance"
         for b in bodies.values()
-        if desired.get(b["metadata"]["name"]) in ("Running", "Ready")
+        if desired.get(b["metadata"]["name"]) in ("Running", "Standby")
     ]
     return problems
 

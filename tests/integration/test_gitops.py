@@ -463,7 +463,7 @@ def test_argo_cd_syncs_pipelines_from_git_and_reports_the_operators_health(
     namespace: str,
 ) -> None:
     """Push → Synced and Healthy; a broken push → Degraded with the operator's reason and
-    message; a fixing push → Healthy; state Ready → Healthy (a warm standby); a deleting push →
+    message; a fixing push → Healthy; state Standby → Healthy (a warm standby); a deleting push →
     pruned, the finalizer done, the instance gone. Argo CD never sees drift of its own."""
     pipelines = Pipelines(objects, namespace, kubectl)
     name = EXAMPLE["metadata"]["name"]
@@ -513,14 +513,14 @@ def test_argo_cd_syncs_pipelines_from_git_and_reports_the_operators_health(
     report["fix: Pipeline Ready → Argo CD Healthy (s)"] = _since(gitops.ready_at, fixed)
 
     # 4. A warm standby: Healthy, with the operator's message for it.
-    sha, pushed = gitops.push("a warm standby", {file: pipeline(state="Ready")})
-    standby = gitops.wait(sha, "Healthy", pushed, "state Ready")
+    sha, pushed = gitops.push("a warm standby", {file: pipeline(state="Standby")})
+    standby = gitops.wait(sha, "Healthy", pushed, "state Standby")
     body = pipelines.get(name)
-    assert body["status"]["phase"] == "Ready", body["status"]
+    assert body["status"]["phase"] == "Standby", body["status"]
     res = standby.resource("Pipeline", name)
     assert res is not None
-    assert health_of(res) == ("Healthy", "the pipeline is Ready"), res
-    report["push (state Ready) → Healthy (s)"] = round(standby.at - pushed, 2)
+    assert health_of(res) == ("Healthy", "the pipeline is Standby"), res
+    report["push (state Standby) → Healthy (s)"] = round(standby.at - pushed, 2)
 
     # 5. Deleted from Git: pruned, the operator's finalizer done, the instance gone.
     sha, pushed = gitops.push("no more pipeline", {file: None})

@@ -104,8 +104,8 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     def same_pod() -> list[str]:
         return [p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace)]
 
-    pipelines.patch_spec("tones", {"state": "Ready"})
-    body = pipelines.wait_phase("tones", "Ready", timeout=60)
+    pipelines.patch_spec("tones", {"state": "Standby"})
+    body = pipelines.wait_phase("tones", "Standby", timeout=60)
     assert same_pod() == [pod["metadata"]["uid"]]
     pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_phase("tones", "Running", timeout=60)

@@ -30,6 +30,30 @@ def test_a_deploy_is_one_write_and_one_event() -> None:
     )
 
 
+def test_the_old_word_ready_is_a_warm_standby_told_once_per_generation() -> None:
+    """A Pipeline stored with ``state: Ready`` (the old word for Standby) stays warm, never
+    started, and one Warning per generation asks for the new word."""
+    h = Harness()
+    h.spec["state"] = "Ready"
+    h.reconcile()
+    assert [w["phase"] for w in h.writes] == ["Standby"]
+    assert [i.state for i in h.engine.instances.values()] == [InstanceState.Ready]
+    warning = (
+        "Warning",
+        "DeprecatedField",
+        'spec.state "Ready" is deprecated: write "Standby" (the same warm standby: created and '
+        "warmed up, not started); it is read as Standby until then",
+    )
+    assert h.events[0] == warning
+    h.now += 3
+    h.reconcile()
+    assert h.events.count(warning) == 1  # not again for the same generation
+    h.generation += 1  # another change that still says Ready: told again
+    h.reconcile()
+    assert h.events.count(warning) == 2
+    assert [i.state for i in h.engine.instances.values()] == [InstanceState.Ready]
+
+
 def test_nothing_is_written_or_posted_when_nothing_changed() -> None:
     h = Harness()
     h.reconcile()

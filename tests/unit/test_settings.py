@@ -137,6 +137,25 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             "JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES: 'System_Critical' is not a "
             "PriorityClass name (lowercase letters, digits, '-' and '.')",
         ),
+        (
+            "POD_USER",
+            "juturna",
+            "JUTURNA_OPERATOR_POD_USER: must be a numeric user, UID or UID:GID, and not 0 "
+            "(pipeline pods never run as root); empty: the runtime image's own user; got "
+            "'juturna'",
+        ),
+        (
+            "POD_USER",
+            "0:0",
+            "JUTURNA_OPERATOR_POD_USER: must be a numeric user, UID or UID:GID, and not 0 "
+            "(pipeline pods never run as root); empty: the runtime image's own user; got '0:0'",
+        ),
+        (
+            "POD_IMAGE_PULL_SECRETS",
+            "corp,Team_Registry",
+            "JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS: 'Team_Registry' is not a Secret name "
+            "(lowercase letters, digits, '-' and '.')",
+        ),
     ],
 )
 def test_bad_values_are_named(
@@ -216,6 +235,8 @@ BAD: dict[str, tuple[str, dict[str, str]]] = {
     "POD_DEFAULT_RESOURCES": ("[]", {}),
     "POD_START_TIMEOUT": ("0", {}),
     "WORKER_PEERS": ("[]", {}),
+    "POD_USER": ("0", {}),
+    "POD_IMAGE_PULL_SECRETS": ("Bad_Name", {}),
 }
 ANY_VALUE = {"WORKDIR"}  # any folder: made at start
 
@@ -386,6 +407,18 @@ def test_what_templates_may_add_is_listed_by_the_administrator(
         ("hostPath", "nfs"),
         ("media-high",),
     )
+
+
+def test_pipeline_pods_user_and_pull_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_POD_USER", raising=False)
+    monkeypatch.delenv("JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS", raising=False)
+    s = Settings.from_env()
+    assert (s.pod_user, s.pod_image_pull_secrets) == (None, ())  # the image's user; none
+    for raw, user in (("10001", (10001, None)), ("1000680000:0", (1000680000, 0)), ("", None)):
+        monkeypatch.setenv("JUTURNA_OPERATOR_POD_USER", raw)
+        assert Settings.from_env().pod_user == user, raw
+    monkeypatch.setenv("JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS", "corp, mirror.io")
+    assert Settings.from_env().pod_image_pull_secrets == ("corp", "mirror.io")
 
 
 def jwt(claims: dict[str, object]) -> str:

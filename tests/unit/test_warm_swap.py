@@ -335,13 +335,13 @@ async def _candidate(e: SwapEngine, h: Harness, running: bool) -> None:
 
 def test_a_change_of_state_alone_never_swaps() -> None:
     h = running_harness()
-    h.spec["state"] = "Ready"
+    h.spec["state"] = "Standby"
     h.generation += 1
     h.reconcile()
     e = engine(h)
     assert e.slot(KEY.candidate) is None
     assert e.created == 1
-    assert h.status["phase"] == "Ready"
+    assert h.status["phase"] == "Standby"
 
 
 def test_the_old_instance_dying_during_a_swap_lets_the_candidate_take_over() -> None:

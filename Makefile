@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds docs kubernetes-schemas lint clean
+.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-swap bench-shard crds docs kubernetes-schemas lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -72,6 +72,9 @@ bench-pods: venv binaries packages ## the pod engine against bare pods on the re
 
 bench-live: venv binaries packages ## live pipelines on the real node: address, first result, idle RSS: docs/benchmarks-live.md
 	$(PY) bench/live.py --out docs
+
+bench-swap: venv binaries packages ## the longest output gap across a change, WarmSwap against Recreate, on the real node: docs/benchmarks-swap.md
+	$(PY) bench/swap.py --out docs
 
 bench-shard: venv ## a long-lived shard's memory over 2000 deploy/delete cycles (~2 min, no cluster): docs/benchmarks-shard.md
 	$(PY) bench/shard_growth.py --out docs

@@ -966,3 +966,30 @@ def receiver(kubectl: Kubectl, namespace: str, image: str) -> str:
 def received(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
     logs = kubectl("logs", "receiver", "-n", namespace, check=False).stdout
     return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+
+
+LIVE_AUDIO = yaml.safe_load((REPO / "examples" / "live-audio.yaml").read_text())
+TONE_HZ = 440
+
+
+def frequencies(kubectl: Kubectl, namespace: str) -> list[tuple[float, float, int]]:
+    """(arrival time, frequency, block) of every result the receiver got."""
+    out = []
+    for row in received(kubectl, namespace):
+        payload = (row["body"] or {}).get("payload") or {}
+        if "frequency" in payload:
+            out.append((row["at"], float(payload["frequency"]), int(payload["block"])))
+    return out
+
+
+def endpoint(body: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [e for e in body["status"]["endpoints"] if e["name"] == name]
+    return found
+
+
+def live_audio(receiver_url: str) -> dict[str, Any]:
+    manifest = json.loads(json.dumps(LIVE_AUDIO))
+    for node in manifest["spec"]["nodes"]:
+        if node["mark"] == "notifier_http":
+            node["configuration"]["endpoint"] = receiver_url
+    return manifest

@@ -18,14 +18,19 @@ import pytest
 from kubernetes import client
 
 from support import (
+    TONE_HZ,
     Kubectl,
     Operator,
     Pipelines,
     condition,
+    endpoint,
     faulty,
+    frequencies,
+    live_audio,
     managed,
     received,
     receiver,
+    run_pod,
     wait_until,
 )
 
@@ -345,3 +350,63 @@ def test_a_second_change_during_a_swap_wins(
     wait_updated(pipelines, "twice", 2 * WARMUP_S + 120)
     wait_until(lambda: len(pods_of(kubectl, namespace)) == 1, 60, "one pod left")
     wait_until(lambda: labels(kubectl, namespace)[-1][1] == "C", 30, "the last messages from C")
+
+
+@pytest.mark.timeout(420)
+def test_a_live_rtp_stream_through_the_address_survives_a_warm_swap(
+    receiver_url: str,
+    pod_operator: Operator,
+    node_image: str,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    record_property: Any,
+) -> None:
+    """ffmpeg sends a tone over RTP to the Pipeline's Service by its DNS name, and never
+    changes anything; a configuration change swaps the pod behind the address (kube-proxy
+    moves the UDP flow to the new endpoint). The results go on: the new pod's come."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    manifest = live_audio(receiver_url)
+    for node in manifest["spec"]["nodes"]:
+        if node["name"] == "mic":
+            node["configuration"]["block_size"] = 0.25  # four results a second
+    pipelines.apply(manifest)
+    body = pipelines.wait_ready("live-audio", timeout=180)
+    (old_pod,) = pods_of(kubectl, namespace)
+    rtp = endpoint(body, "rtp")
+    host = f"live-audio.{namespace}.svc"
+    run_pod(
+        kubectl,
+        namespace,
+        "sender",
+        node_image,
+        [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-re",
+            "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000",
+            "-t", "300", "-ac", "2", "-c:a", "libopus", "-payload_type", "97",
+            "-f", "rtp", f"rtp://{host}:{rtp['port']}",
+        ],
+    )  # fmt: skip
+    wait_until(lambda: len(frequencies(kubectl, namespace)) >= 8, 60, "results before")
+    spec = pipelines.get("live-audio")["spec"]
+    for node in spec["nodes"]:
+        if node["name"] == "pitch":
+            node["configuration"]["min_level"] = 0.002
+    changed = time.time()
+    pipelines.patch_spec("live-audio", {"nodes": spec["nodes"]})
+    wait_updated(pipelines, "live-audio", 180)
+    wait_until(lambda: pods_of(kubectl, namespace) != [old_pod], 60, "the old pod gone")
+    gone_at = time.time()
+    wait_until(
+        lambda: len([r for r in frequencies(kubectl, namespace) if r[0] > gone_at]) >= 8,
+        60,
+        "results from the new pod, the old one gone",
+    )
+    results = frequencies(kubectl, namespace)
+    assert all(abs(f - TONE_HZ) <= TONE_HZ * 0.05 for _, f, _ in results), results
+    rows = [(at, "") for at, _, _ in results]
+    gap = longest_gap(rows, changed)
+    record_property("rtp_swap_longest_gap_s", round(gap, 3))
+    # A swap that dropped the stream would stop the results for good (the UDP flow stuck on
+    # the old pod's conntrack entry) or for a whole new pod's start.
+    assert gap < 10, f"the results stopped for {gap:.2f} s"

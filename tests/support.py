@@ -133,6 +133,8 @@ EVERY_CHART_VALUE = [
     *("--set-json", 'extraEnv=[{"name": "JUTURNA_OPERATOR_MAX_CONCURRENCY", "value": "16"}]'),
     *("--set-json", 'extraArgs=["-v"]'),
     *("--set", "podSecurityContext.runAsUser=10001", "--set", "securityContext.privileged=false"),
+    *("--set-json", 'pipelinePod.imagePullSecrets=[{"name": "corp"}]'),
+    *("--set-string", "pipelinePod.user=10001:10001"),
     *("--set", "metrics.serviceMonitor.enabled=true"),
     *("--set", "metrics.prometheusRule.enabled=true"),
     *("--set-json", 'metrics.serviceMonitor.labels={"release": "kps"}'),

@@ -5,14 +5,18 @@ them, and the chart's metadata, test hook and alerts match the operator they shi
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from juturna_operator.api import GROUP, PLURAL, VERSION
+from juturna_operator.api import GROUP, PLURAL, VERSION, Phase
 from juturna_operator.domain import PipelineKey
+from juturna_operator.lifecycle import UpdateOutcome
 from juturna_operator.metrics import Metrics
+from juturna_operator.settings import Settings
 from support import CHART, EXAMPLE, REPO, helm, pinned, rendered
 
 DIGEST = "sha256:" + "ab" * 32
@@ -225,12 +229,68 @@ def test_no_fixed_user_by_default_so_a_platform_may_assign_one() -> None:
     assert container(fixed)["securityContext"]["readOnlyRootFilesystem"] is False
 
 
-def test_pipeline_pod_pull_secrets_are_refused_until_the_operator_takes_them() -> None:
-    message = refused("--set-json", 'pipelinePod.imagePullSecrets=[{"name": "regcred"}]')
-    assert (
-        "pipelinePod.imagePullSecrets: this version of the operator cannot give pipeline pods "
-        "pull Secrets yet; leave it empty"
-    ) in message
+def pipeline_pod_settings(objects: list[dict[str, Any]]) -> Settings:
+    """The operator's settings of pipeline pods' user and pull Secrets, read by its own parser
+    from the env the chart renders."""
+    variables = env(objects)
+    return Settings.from_env(
+        {
+            name: variables[f"JUTURNA_OPERATOR_{name}"]
+            for name in ("POD_USER", "POD_IMAGE_PULL_SECRETS")
+        }
+    )
+
+
+def test_pipeline_pods_user_and_pull_secrets_reach_the_operator() -> None:
+    defaults = rendered()
+    assert env(defaults)["JUTURNA_OPERATOR_POD_USER"] == ""
+    assert env(defaults)["JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS"] == ""
+    settings = pipeline_pod_settings(defaults)
+    assert (settings.pod_user, settings.pod_image_pull_secrets) == (None, ())  # the image's
+
+    given = rendered(
+        *("--set-json", 'pipelinePod.imagePullSecrets=[{"name": "corp"}, {"name": "mirror.io"}]'),
+        *("--set-string", "pipelinePod.user=10001:2000"),
+    )
+    assert env(given)["JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS"] == "corp,mirror.io"
+    assert env(given)["JUTURNA_OPERATOR_POD_USER"] == "10001:2000"
+    settings = pipeline_pod_settings(given)
+    assert settings.pod_image_pull_secrets == ("corp", "mirror.io")
+    assert settings.pod_user == (10001, 2000)
+    # The operator's own pod keeps its own pull Secrets (none given here).
+    assert "imagePullSecrets" not in operator_pod(given)["spec"]
+
+
+@pytest.mark.parametrize("source", ["--set", "values file"])
+def test_a_numeric_pipeline_pod_user_stays_an_integer(source: str, tmp_path: Path) -> None:
+    """`--set user=N` gives Helm an int64, a values file's `user: N` a float64 (which Helm's
+    toString prints as 1.00068e+09): both reach the operator as the digits. An OpenShift-range
+    UID is the large kind."""
+    if source == "--set":
+        objects = rendered("--set", "pipelinePod.user=1000680000")
+    else:
+        values = tmp_path / "values.yaml"
+        values.write_text("pipelinePod:\n  user: 1000680000\n")
+        objects = rendered("-f", str(values))
+    assert env(objects)["JUTURNA_OPERATOR_POD_USER"] == "1000680000"
+    assert pipeline_pod_settings(objects).pod_user == (1000680000, None)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (("--set", "pipelinePod.user=0"), "at '/pipelinePod/user': minimum: got 0, want 1"),
+        (("--set-string", "pipelinePod.user=0"), "at '/pipelinePod/user': '0' does not match"),
+        (("--set-string", "pipelinePod.user=0:0"), "at '/pipelinePod/user': '0:0' does not"),
+        (("--set-string", "pipelinePod.user=root"), "at '/pipelinePod/user': 'root' does not"),
+        (("--set-string", "pipelinePod.user=10001:x"), "'10001:x' does not match pattern"),
+        (("--set", "pipelinePod.user=true"), "at '/pipelinePod/user': got boolean, want"),
+    ],
+)
+def test_the_pipeline_pod_user_is_numeric_and_never_root(
+    value: tuple[str, str], message: str
+) -> None:
+    assert message in refused(*value)
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -291,15 +351,42 @@ def test_the_service_monitor_selects_the_metrics_service_whatever_the_version() 
 
 
 def exposed_series() -> set[str]:
-    """The operator's metric names (and their labels), with a Failed Pipeline tracked."""
+    """The operator's metric names, each with its labels (`name.label`) and the values they
+    take (`name.label=value`), with a Failed Pipeline tracked and an Aborted warm swap ended:
+    a labelled series exists only once something was counted in it."""
     metrics = Metrics()
-    metrics.observed(PipelineKey("team-a", "p", "uid-1"), "Failed", 0, ready=False)
+    key = PipelineKey("team-a", "p", "uid-1")
+    metrics.observed(key, Phase.Failed, 0, ready=False)
+    metrics.update_ended(key, UpdateOutcome.Aborted, 42.0)
     names = set()
     for family in metrics.registry.collect():
         for sample in family.samples:
             names.add(sample.name)
-            names.update(f"{sample.name}.{label}" for label in sample.labels)
+            for label, value in sample.labels.items():
+                names.update({f"{sample.name}.{label}", f"{sample.name}.{label}={value}"})
     return names
+
+
+# A series selector of an alert's expression: `juturna_...{label="value", ...}`.
+SELECTOR = re.compile(r"\b(juturna_[a-z_]+)(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'(\w+)\s*=~?\s*"([^"]*)"')
+GROUPED = re.compile(r"\bby \(([^)]*)\)")
+
+
+def series_read_by(expr: str) -> set[str]:
+    """What an alert's expression reads, as exposed_series() spells it: each juturna series,
+    the labels its selectors match (with their values) and those it is grouped by. `job` is
+    Prometheus' own label, not the operator's."""
+    read = set()
+    selectors = SELECTOR.findall(expr)
+    for name, matchers in selectors:
+        read.add(name)
+        for label, value in MATCHER.findall(matchers):
+            if label != "job":
+                read.update({f"{name}.{label}", f"{name}.{label}={value}"})
+        for labels in GROUPED.findall(expr):
+            read.update(f"{name}.{label.strip()}" for label in labels.split(","))
+    return read
 
 
 def test_the_prometheus_rule_alerts_on_what_the_operator_exposes() -> None:
@@ -310,12 +397,18 @@ def test_the_prometheus_rule_alerts_on_what_the_operator_exposes() -> None:
         'metrics.prometheusRule.labels={"release": "kube-prometheus-stack"}',
         "--set",
         "metrics.prometheusRule.pipelineFailedFor=15m",
+        "--set",
+        "metrics.prometheusRule.updateAbortedWindow=30m",
     )
     rule = one(objects, "PrometheusRule", "jo")
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     (group,) = rule["spec"]["groups"]
     alerts = {r["alert"]: r for r in group["rules"]}
-    assert set(alerts) == {"JuturnaOperatorDown", "JuturnaPipelinesFailed"}
+    assert set(alerts) == {
+        "JuturnaOperatorDown",
+        "JuturnaPipelinesFailed",
+        "JuturnaPipelineUpdatesFailing",
+    }
     down = alerts["JuturnaOperatorDown"]
     # The job is the metrics Service's name: what a ServiceMonitor's targets are called.
     assert down["expr"] == 'absent(up{job="jo-metrics", namespace="ops"} == 1)'
@@ -328,10 +421,40 @@ def test_the_prometheus_rule_alerts_on_what_the_operator_exposes() -> None:
     )
     # Prometheus' own templates reach the rule untouched by Helm.
     assert "{{ $labels.namespace }}" in failed["annotations"]["summary"]
+    # Aborted warm swaps in the window: a series younger than the window (made by its first
+    # abort, at 1) counts whole, since increase() sees no rise in a first sample.
+    updates = alerts["JuturnaPipelineUpdatesFailing"]
+    aborted = 'juturna_pipeline_updates_total{job="jo-metrics", outcome="Aborted"}'
+    assert " ".join(updates["expr"].split()) == (
+        f"sum by (namespace) ( ({aborted} unless {aborted} offset 30m) "
+        f"or increase({aborted}[30m]) ) > 0"
+    )
+    assert "for" not in updates  # the abort has happened: no wait
+    assert updates["labels"] == {"severity": "warning"}
+    assert "{{ $labels.namespace }}" in updates["annotations"]["summary"]
+    description = updates["annotations"]["description"]
+    assert '{{ printf "%.0f" $value }} warm swap(s)' in description
+    assert "were Aborted in the last 30m" in description
+    # Every series, label and value the alerts read is one the operator's registry exposes.
     series = exposed_series()
-    assert {"juturna_pipelines", "juturna_pipelines.phase", "juturna_pipelines.namespace"} <= series
+    read = set().union(*(series_read_by(r["expr"]) for r in group["rules"]))
+    assert {
+        "juturna_pipelines.phase=Failed",
+        "juturna_pipelines.namespace",
+        "juturna_pipeline_updates_total.outcome=Aborted",
+        "juturna_pipeline_updates_total.namespace",
+    } <= read
+    assert read <= series, read - series
     # Off by default: the Prometheus Operator's CRDs may not exist.
     assert not [o for o in rendered() if o["kind"] in {"PrometheusRule", "ServiceMonitor"}]
+    # The window's default.
+    default = one(rendered("--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")
+    (default_group,) = default["spec"]["groups"]
+    (default_updates,) = [
+        r for r in default_group["rules"] if r["alert"] == "JuturnaPipelineUpdatesFailing"
+    ]
+    assert "offset 15m" in default_updates["expr"]
+    assert "[15m]" in default_updates["expr"]
 
 
 # --- the schema ---------------------------------------------------------------------------
@@ -349,6 +472,11 @@ def test_the_prometheus_rule_alerts_on_what_the_operator_exposes() -> None:
         ("imagePullSecrets[0].secret=regcred", "missing property 'name'"),
         ("extraArgs[0]=1", "at '/extraArgs/0': got number, want string"),
         ("podLabels.team=1", "at '/podLabels/team': got number, want string"),
+        (
+            "pipelinePod.imagePullSecrets[0].name=Team_Registry",
+            "at '/pipelinePod/imagePullSecrets/0/name': 'Team_Registry' does not match",
+        ),
+        ("metrics.prometheusRule.updateAbortedWindow=15", "at '/metrics/prometheusRule/update"),
     ],
 )
 def test_the_schema_refuses_a_mistake_saying_where(value: str, message: str) -> None:

@@ -124,6 +124,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {name: JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT, value: {{ .Values.pipelinePod.workSizeLimit | default "" | quote }}}
 - {name: JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT, value: {{ .Values.pipelinePod.tmpSizeLimit | default "" | quote }}}
 - {name: JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES, value: {{ .Values.pipelinePod.defaultResources | default dict | toJson | quote }}}
+{{- /* A UID from --set or a values file may arrive as a number (a float64 from YAML, which
+     toString would print as 1.00068e+09): it is printed as an integer. */}}
+{{- $user := .Values.pipelinePod.user | default "" }}
+- {name: JUTURNA_OPERATOR_POD_USER, value: {{ kindIs "string" $user | ternary $user (printf "%d" (int64 $user)) | quote }}}
+{{- $pull := list }}
+{{- range .Values.pipelinePod.imagePullSecrets }}{{ $pull = append $pull .name }}{{ end }}
+- {name: JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS, value: {{ join "," $pull | quote }}}
 {{- if .Values.networkPolicy.enabled }}
 {{- /* The operator's own pod first: it is what drives each worker. */}}
 {{- $self := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "juturna-operator.selector" . | fromYaml)) }}

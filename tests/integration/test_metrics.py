@@ -6,6 +6,8 @@ exports)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from controlplane import processes_mentioning
 from kubernetes import client
 
 from juturna_operator import __version__, api
@@ -64,6 +67,14 @@ def own_operator(
             pipelines.wait_gone(name, timeout=30)
     finally:
         op.stop()
+        # The process engine's workers outlive their operator by design (adoption); a test
+        # that failed before its Pipelines were deleted leaves them: they end here, by PID.
+        left_running = processes_mentioning(f"--folder {op.workdir} ")
+        for pid in left_running:
+            os.kill(pid, signal.SIGKILL)
+    wait_until(
+        lambda: not processes_mentioning(f"--folder {op.workdir} "), 10, "no worker left running"
+    )
 
 
 def with_cycle(name: str) -> dict[str, Any]:

@@ -410,3 +410,29 @@ def test_a_live_rtp_stream_through_the_address_survives_a_warm_swap(
     # A swap that dropped the stream would stop the results for good (the UDP flow stuck on
     # the old pod's conntrack entry) or for a whole new pod's start.
     assert gap < 10, f"the results stopped for {gap:.2f} s"
+
+
+@pytest.mark.timeout(300)
+def test_the_old_pod_killed_during_a_swap_leaves_the_new_one_serving(
+    receiver_url: str,
+    pod_operator: Operator,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+) -> None:
+    """While the new pod warms up, the old one is deleted from outside: the new revision
+    takes over once warm, and one pod is left, serving."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(stamped("lost", receiver_url, "A"))
+    pipelines.wait_ready("lost", timeout=120)
+    (old_pod,) = pods_of(kubectl, namespace)
+    change_label(pipelines, "lost", "B")
+    wait_until(lambda: len(pods_of(kubectl, namespace)) == 2, 60, "the new pod beside the old")
+    kubectl("delete", "pod", old_pod, "-n", namespace, "--wait=false")
+    body = wait_updated(pipelines, "lost", WARMUP_S + 120)
+    wait_until(lambda: len(pods_of(kubectl, namespace)) == 1, 60, "one pod left")
+    (pod,) = pods_of(kubectl, namespace)
+    assert pod != old_pod
+    assert body["status"]["pod"]["name"] == pod
+    assert body["status"]["phase"] == "Running"
+    wait_until(lambda: labels(kubectl, namespace)[-1][1] == "B", 30, "the last messages from B")

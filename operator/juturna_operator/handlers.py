@@ -98,6 +98,8 @@ PASS_GRACE_S = 5.0
 # an Argo CD sync applies it moments before the operator's pod starts.
 CRD_WAIT_S = 30.0
 CRD_READ_TIMEOUT_S = 10.0
+# How long a start waits for an API server that does not answer before it goes on unchecked.
+UNREACHABLE_WAIT_S = 5.0
 
 
 class CrdNotUsable(Exception):
@@ -109,9 +111,11 @@ def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
     status fields and values): an older CRD would refuse the new phase, or prune a field,
     on every status write. Read from the API server's OpenAPI document of the group, which
     every authenticated client may read (no RBAC on CRDs needed, namespaced mode included)."""
-    deadline = time.monotonic() + wait_s
+    began = time.monotonic()
     while True:
         status, data = crd.api_get(client, crd.OPENAPI_PATH, CRD_READ_TIMEOUT_S)
+        answered = status in (200, 404)
+        deadline = began + (wait_s if answered else min(wait_s, UNREACHABLE_WAIT_S))
         installed = crd.published_status(_json(data)) if status == 200 else None
         if installed is not None:
             break
@@ -119,14 +123,21 @@ def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
             log.warning("cannot read %s (403): the CRD is not checked", crd.OPENAPI_PATH)
             return
         if status in (200, 404):  # a CRD just created is served a moment later
-            problem = f"the CRD {crd.CRD_NAME} is not installed; apply it: {crd.APPLY_COMMAND}"
-        else:
-            said = data.decode(errors="replace")[:300]
-            problem = f"cannot read the CRD's schema ({crd.OPENAPI_PATH}): " + (
-                f"{status} {said}" if status else said
+            if time.monotonic() > deadline:
+                raise CrdNotUsable(
+                    f"the CRD {crd.CRD_NAME} is not installed; apply it: {crd.APPLY_COMMAND}"
+                )
+        elif time.monotonic() > deadline:
+            # No answer (or a 5xx): an outage, not a configuration error. The operator
+            # starts, and its watches retry until the API server answers, as they do for an
+            # outage later on; the CRD is then not checked.
+            said = " ".join(data.decode(errors="replace")[:300].split())
+            log.warning(
+                "cannot read the CRD's schema (%s): %s; starting without checking it",
+                crd.OPENAPI_PATH,
+                f"{status} {said}" if status else said,
             )
-        if time.monotonic() > deadline:
-            raise CrdNotUsable(problem)
+            return
         time.sleep(1.0)
     gaps = crd.status_unknown_to(installed)
     if gaps:

@@ -128,5 +128,5 @@ def test_the_floor_writes_the_status_the_operator_writes_on_running() -> None:
         return status | {"conditions": conditions}
 
     operators = timeless(build_status(facts, {}))
-    floors = timeless(floor.running_status(body, "pid-1"))
+    floors = timeless(floor.running_status(body, "pid-1", "rev"))
     assert floors == operators

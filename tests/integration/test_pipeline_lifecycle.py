@@ -162,6 +162,16 @@ def test_spec_change_redeploys_and_an_invalid_change_keeps_the_old_instance(
 
     pipelines.wait("chg", seven, what="output scaled by the new factor")
     running = body["status"]["pipelineId"]
+    # No engine here runs two instances of a Pipeline: the change landed the Recreate way,
+    # and one Normal Event says why (the spec did not ask for Recreate).
+    recreate = [(k, m) for k, r, m in pipelines.events("chg") if r == "Recreate"]
+    assert recreate == [
+        (
+            "Normal",
+            "the update replaces the instance in place: engine "
+            f"{operator.engine} runs one instance of a Pipeline at a time",
+        )
+    ], recreate
 
     # An invalid change (a cycle): the old instance keeps running, the failure is reported.
     bad = manifest("chg")

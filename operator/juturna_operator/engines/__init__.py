@@ -82,7 +82,8 @@ class Router:
 
     def warm_swap(self, plan: Plan) -> str | None:
         engine = self._service if plan.runtime and self._service else self._default
-        return engine.warm_swap(plan)
+        why_not = engine.warm_swap(plan)
+        return None if why_not is None else f"engine {engine_name(engine)} {why_not}"
 
     async def promote(self, key: PipelineKey) -> None:
         await self._for(key.candidate).promote(key)

@@ -1081,6 +1081,15 @@ class PodEngine(LockedEngine):
         except PipelineFailure as failure:
             ended = await self._ended(key)  # the kubelet's words beat "cannot connect"
             runtime.gone = ended is not None
+            if ended is not None and ended.reason is FailureReason.RuntimeUnavailable:
+                # The pod went (deleted, evicted) between the look above and the request:
+                # the infrastructure's doing, as when the look sees it, not a crash.
+                info.failure = PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    Step.run,
+                    f"{ended.message}; a new one replaces it",
+                )
+                return info
             cause = ended.message if ended is not None else failure.message
             info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, cause)]
             return info

@@ -83,8 +83,9 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
         "warmed up; pipeline started"
     ]
     wide = kubectl("get", "pipelines", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-1] == "NODE"
-    assert wide[1].split()[-1] == node
+    assert wide[0].split()[-2:] == ["NODE", "MESSAGE"], wide  # MESSAGE: -o wide's last
+    column = wide[0].index(" NODE ") + 1  # kubectl aligns each column under its header
+    assert wide[1][column:].split()[0] == node, wide
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert not any("kube-api-access" in v["name"] for v in spec["volumes"])

@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv binaries argocd packages image cluster-up cluster-down run test reliability bench bench-pods bench-live bench-shard crds lint clean
+.PHONY: help venv binaries argocd packages image package chart-readme cluster-up cluster-down run test reliability bench bench-pods bench-live bench-swap bench-shard crds docs kubernetes-schemas lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,13 @@ BASE_IMAGE ?= python:3.12-slim
 CONTAINER  ?= podman
 image: ## build the operator image juturna-operator:dev (CONTAINER=docker works too)
 	$(CONTAINER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) -t juturna-operator:dev .
+
+# One version (pyproject.toml's) for all three; refused when Chart.yaml or CHANGELOG.md differ.
+package: venv binaries ## build dist/juturna-operator-<v>.tgz, the wheel and the image juturna-operator:<v>
+	$(PY) hack/package.py --container "$(CONTAINER)" --base-image "$(BASE_IMAGE)"
+
+chart-readme: venv ## regenerate charts/juturna-operator/README.md from its values.yaml
+	$(PY) hack/chart_readme.py
 
 cluster-up: venv packages ## start the local control plane and a real node (NODE=0: plane only); prints KUBECONFIG=<path>
 	@$(PY) hack/controlplane.py up $(if $(filter 0,$(NODE)),--no-node,--node)
@@ -66,15 +73,24 @@ bench-pods: venv binaries packages ## the pod engine against bare pods on the re
 bench-live: venv binaries packages ## live pipelines on the real node: address, first result, idle RSS: docs/benchmarks-live.md
 	$(PY) bench/live.py --out docs
 
+bench-swap: venv binaries packages ## the longest output gap across a change, WarmSwap against Recreate, on the real node: docs/benchmarks-swap.md
+	$(PY) bench/swap.py --out docs
+
 bench-shard: venv ## a long-lived shard's memory over 2000 deploy/delete cycles (~2 min, no cluster): docs/benchmarks-shard.md
 	$(PY) bench/shard_growth.py --out docs
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py
 	$(VENV)/bin/juturna-operator crd crds charts/juturna-operator/crds
 
+docs: venv ## regenerate the generated parts of docs/ (API reference, settings) from the code
+	$(PY) hack/gen_docs.py
+
+kubernetes-schemas: venv binaries ## rewrite the Pod fields' Kubernetes schemas (operator/juturna_operator/kubernetes.json) from the pinned plane's /openapi/v3; starts the plane, not the node
+	$(PY) hack/kubernetes_schemas.py
+
 lint: venv ## ruff, mypy --strict on the package, and the layers' import contract (pyproject.toml)
-	$(VENV)/bin/ruff check operator tests hack bench examples
-	$(VENV)/bin/ruff format --check operator tests hack bench examples
+	$(VENV)/bin/ruff check operator tests hack bench examples charts
+	$(VENV)/bin/ruff format --check operator tests hack bench examples charts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 

@@ -43,7 +43,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from juturna_operator.api import GROUP, PLURAL, VERSION
+from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 
 FINALIZER = f"{GROUP}/cleanup"  # the operator's (handlers.FINALIZER; that module needs kopf)
 UP_LINE = "Initial authentication has finished"  # what hack/operator_process.py waits for
@@ -104,18 +104,23 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def running_status(body: dict[str, Any], pipeline_id: str) -> dict[str, Any]:
+def running_status(
+    body: dict[str, Any], pipeline_id: str, revision: str | None = None
+) -> dict[str, Any]:
     """The status the operator writes when a pipeline reaches Running (the same fields and
     nulls as ``build_status``: a merge patch of the same size). The benchmark's Pipelines
-    ask for Running; the floor writes this shape whatever they ask."""
+    ask for Running; the floor writes this shape whatever they ask. ``revision``: the spec's
+    (``PipelineSpec.revision``), computed here unless given."""
+    if revision is None:
+        revision = PipelineSpec.model_validate(body["spec"]).revision()
     generation = body["metadata"]["generation"]
     now = now_rfc3339()
     nodes = [node["name"] for node in body["spec"]["nodes"]]
 
-    def condition(kind: str, reason: str, message: str) -> dict[str, Any]:
+    def condition(kind: str, reason: str, message: str, status: str = "True") -> dict[str, Any]:
         return {
             "type": kind,
-            "status": "True",
+            "status": status,
             "reason": reason,
             "message": message,
             "lastTransitionTime": now,
@@ -130,6 +135,7 @@ def running_status(body: dict[str, Any], pipeline_id: str) -> dict[str, Any]:
             condition("WarmedUp", "WarmedUp", "all nodes are warmed up"),
             condition("Running", "Started", "the pipeline is processing data"),
             condition("Ready", "DesiredStateReached", f"the pipeline is {body['spec']['state']}"),
+            condition("Updating", "NotUpdating", "", "False"),
         ],
         "failure": None,
         "pipelineId": pipeline_id,
@@ -139,6 +145,8 @@ def running_status(body: dict[str, Any], pipeline_id: str) -> dict[str, Any]:
         "pod": None,
         "endpoints": [],
         "address": None,
+        "lastStableRevision": revision,
+        "update": None,
     }
 
 

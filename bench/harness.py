@@ -365,7 +365,7 @@ class FloorProcess(OperatorProcess):
 
 
 def manifest(i: int) -> dict[str, Any]:
-    # BENCH_STATE=Ready measures warm standby instead.
+    # BENCH_STATE=Standby measures warm standby instead.
     return pipeline_manifest(f"p{i:04d}", os.environ.get("BENCH_STATE", "Running"))
 
 

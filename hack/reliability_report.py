@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
         "After every injection the test checks the invariants: every resource reaches its "
         "desired state (no lost pipeline); no instance (folder, worker process or remote "
         "instance; on the pod engine a pod, Secret, Service or NetworkPolicy) exists without "
-        "its resource, and each Running or Ready resource has exactly the instance its status "
+        "its resource, and each Running or Standby resource has exactly the instance its status "
         "names (on the pod engine: one Ready pod, whose worker runs that instance, with its "
         "Secret and NetworkPolicy, and the Service of one that listens selecting it) (no "
         "leak); every deleted resource is gone (no stuck finalizer). The pod engine's rows "

@@ -34,7 +34,8 @@ fi
 kubectl version | sed 's/^/   /'
 
 echo "== installing the CRD"
-kubectl apply --server-side -f crds/ >/dev/null
+# Forced: a Helm install (make run IN_CLUSTER=1) may own the CRD's fields.
+kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
 kubectl wait --for=condition=Established crd/pipelines.juturna.io --timeout=30s >/dev/null
 
 if [ -f "$STATE/operator.pid" ] && kill -0 "$(cat "$STATE/operator.pid")" 2>/dev/null; then

@@ -37,6 +37,7 @@ from controlplane import (
 from kubernetes import client
 from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
 from operator_process import OperatorProcess, stop_popen
+from prometheus_client.parser import text_string_to_metric_families
 
 from juturna_operator.api import GROUP, PLURAL, VERSION
 
@@ -77,6 +78,75 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = yaml.safe_load((REPO / "examples" / "pipeline.yaml").read_text())
 ARGOCD_HEALTH = REPO / "argocd" / "juturna.io" / "Pipeline"
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
+CHART = REPO / "charts" / "juturna-operator"
+
+
+def pinned(name: str) -> str:
+    """A version pinned in hack/versions.env (``KUBERNETES_VERSION``, say)."""
+    for line in (REPO / "hack" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == name:
+            return value.strip()
+    raise KeyError(f"{name} is not pinned in hack/versions.env")
+
+
+def helm(
+    *args: str, kubeconfig: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """The pinned helm. ``helm template`` renders for the plane's Kubernetes version: the
+    chart's kubeVersion needs one, and a helm built by ``go install`` assumes 1.20."""
+    command = [str(binaries().helm / "helm"), *args]
+    if kubeconfig is not None:
+        command.append(f"--kubeconfig={kubeconfig}")
+    if args[0] == "template" and not any(a.startswith("--kube-version") for a in args):
+        command.append(f"--kube-version={pinned('KUBERNETES_VERSION')}")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}:\n{proc.stderr}{proc.stdout}")
+    return proc
+
+
+# Spread the operator's pod from the team's (an affinity a user might set).
+ANTI_AFFINITY = {
+    "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "weight": 1,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"team": "media"}},
+                },
+            }
+        ]
+    }
+}
+# Every value the chart offers Helm users, set at once (with the Prometheus Operator's objects).
+EVERY_CHART_VALUE = [
+    *("--set", "nameOverride=jt", "--set", "fullnameOverride=media-ops"),
+    *("--set", "image.repository=r.example/jo", "--set", "image.digest=sha256:" + "ab" * 32),
+    *("--set-json", 'imagePullSecrets=[{"name": "regcred"}]'),
+    *("--set-json", 'podAnnotations={"a": "b"}', "--set-json", 'podLabels={"team": "media"}'),
+    *("--set", "priorityClassName=ops-high", "--set-json", 'nodeSelector={"pool": "ops"}'),
+    *("--set-json", 'tolerations=[{"key": "ops", "operator": "Exists"}]'),
+    *("--set-json", "affinity=" + json.dumps(ANTI_AFFINITY)),
+    *("--set-json", 'serviceAccount.annotations={"a": "b"}'),
+    *("--set-json", 'extraEnv=[{"name": "JUTURNA_OPERATOR_MAX_CONCURRENCY", "value": "16"}]'),
+    *("--set-json", 'extraArgs=["-v"]'),
+    *("--set", "podSecurityContext.runAsUser=10001", "--set", "securityContext.privileged=false"),
+    *("--set-json", 'pipelinePod.imagePullSecrets=[{"name": "corp"}]'),
+    *("--set-string", "pipelinePod.user=10001:10001"),
+    *("--set", "metrics.serviceMonitor.enabled=true"),
+    *("--set", "metrics.prometheusRule.enabled=true"),
+    *("--set-json", 'metrics.serviceMonitor.labels={"release": "kps"}'),
+    *("--set", "metrics.serviceMonitor.scrapeTimeout=10s"),
+]
+
+
+def rendered(*values: str) -> list[dict[str, Any]]:
+    """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
+    out = helm("template", "jo", str(CHART), "-n", "ops", *values).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
 
 # Names that must never become a folder name: paths, lookalikes, control characters.
 UNSAFE_NAMES = [
@@ -144,7 +214,8 @@ def only_on(operator: Operator, engine: str, why: str) -> Operator:
 
 PLAIN_SERVICE = (
     "a plain `juturna serve` cannot report dead node threads nor be killed, so the "
-    "operator cannot see a node crash or end a hung stop there (README: service engine)"
+    "operator cannot see a node crash or end a hung stop there (docs/engines.md: what each "
+    "engine contains)"
 )
 
 
@@ -153,8 +224,19 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 def install_crds(kubectl: Kubectl) -> None:
     """The project's CRDs (crds/), as the session installs them, once established."""
-    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s")
+    # Forced: a test may have left a CRD another field manager wrote (as Helm creates it).
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+
+    # Polled: `kubectl wait` (and a jsonpath filter) fails at once on a CRD so new that it
+    # has no conditions yet.
+    def established() -> bool:
+        status = json.loads(kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)["status"]
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in status.get("conditions") or []
+        )
+
+    wait_until(established, 30, f"crd/{CRD_NAME} Established")
 
 
 def assert_sole_operator(kubeconfig: Path) -> None:
@@ -442,7 +524,7 @@ PLUGINS_IMAGE = "localhost/juturna-operator:test-plugins"
 
 def built_plugins_image(base: str) -> str:
     """``base`` with the faulty test plugins added under /plugins/faulty: a layer of the
-    user's own, the way the README tells users to bring plugins to pipeline pods (no
+    user's own, the way docs/install.md tells users to bring plugins to pipeline pods (no
     hostPath, no environment of its own: the pod policy refuses both)."""
     with tempfile.TemporaryDirectory() as context:
         shutil.copytree(
@@ -488,6 +570,70 @@ def wait_until(
         time.sleep(interval)
     seen = f"; last seen: {json.dumps(last(), indent=1, default=str)}" if last else ""
     pytest.fail(f"{what} not met in {timeout:g} s{seen}")
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def samples_of(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, read by prometheus_client's own parser:
+    (sample name, labels) -> value."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(operator: Operator) -> str:
+    """The operator's ``/metrics``, as Prometheus reads it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as resp:
+        return str(resp.read().decode())
+
+
+def sample(text: str, metric: str, /, **labels: str) -> float | None:
+    """One sample of a scrape, by name and its exact labels (None: not there)."""
+    return samples_of(text).get((metric, frozenset(labels.items())))
+
+
+# What a PromQL expression names besides metrics: strings, label matchers, ranges and
+# subqueries, grouping labels, Grafana's variables; then keywords and function calls.
+_PROMQL_NOISE = re.compile(
+    r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|\{[^}]*\}|\[[^\]]*\]'
+    r"|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)|\$\{[^}]*\}|\$\w+"
+)
+_PROMQL_WORDS = frozenset(
+    [
+        "and",
+        "or",
+        "unless",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "offset",
+        "bool",
+        "inf",
+        "nan",
+        "atan2",
+    ]
+)
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (a Grafana ``label_values(expr, label)``
+    query reads those of ``expr``; ``label_values(label)`` none)."""
+    grafana = re.fullmatch(r"\s*label_values\((?:(.*),)?\s*\w+\s*\)\s*", expr, re.DOTALL)
+    if grafana:
+        expr = grafana.group(1) or ""  # label_values(label) reads no metric
+    bare = _PROMQL_NOISE.sub(" ", expr)
+    return {
+        m.group(1)
+        for m in re.finditer(r"\b([A-Za-z_:][\w:]*)\b(?!\s*\()", bare)
+        if m.group(1).lower() not in _PROMQL_WORDS
+    }
 
 
 # The securityContext of the `restricted` Pod Security Standard, for a container of our image.
@@ -632,7 +778,7 @@ def count(name: str, short: int, full: int) -> int:
 
 KILLS = count("FAULT_KILLS", 2, 20)
 OUTAGES = count("FAULT_APISERVER_OUTAGES", 1, 5)
-STATES = ["Running", "Running", "Ready", "Stopped"]
+STATES = ["Running", "Running", "Standby", "Stopped"]
 CHURN_SEED = 20261128  # every engine's churn makes the same steps
 
 
@@ -715,10 +861,10 @@ def outage(control_plane: ControlPlane, component: str, down_s: float, operator:
 
 def change_after_fault(pipelines: Pipelines, desired: dict[str, str], round_: int) -> set[str]:
     """Changes made once a fault is over, which the operator must see and act on: one of
-    ``a1``-``a4`` flipped between Running and Ready (``a0`` is never changed), a new Running
+    ``a1``-``a4`` flipped between Running and Standby (``a0`` is never changed), a new Running
     Pipeline ``b<round_>``, and the previous round's deleted. Returns the names changed."""
     flip, new, old = f"a{1 + round_ % 4}", f"b{round_}", f"b{round_ - 1}"
-    desired[flip] = "Ready" if desired[flip] == "Running" else "Running"
+    desired[flip] = "Standby" if desired[flip] == "Running" else "Running"
     pipelines.patch_spec(flip, {"state": desired[flip]})
     desired[new] = "Running"
     create_all(pipelines, [slow_manifest(new)])
@@ -790,3 +936,67 @@ def kills_under_churn(operator: OperatorProcess, churn: Churn, kills: int) -> It
             burst.join()
         assert not churn.errors, churn.errors
         yield restarted
+
+
+# A receiver: every POST body is printed as one line, with the time it came.
+RECEIVER = """
+import http.server, json, time
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        print(json.dumps({"at": time.time(), "body": json.loads(body or b"null")}), flush=True)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Receiver).serve_forever()
+"""
+
+
+def receiver(kubectl: Kubectl, namespace: str, image: str) -> str:
+    """The receiver pod and its Service ``receiver``; returns its URL by DNS name."""
+    run_pod(kubectl, namespace, "receiver", image, ["python", "-c", RECEIVER], {"app": "receiver"})
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "receiver", "namespace": namespace},
+        "spec": {"selector": {"app": "receiver"}, "ports": [{"port": 8000, "protocol": "TCP"}]},
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(service))
+    wait_pod(
+        kubectl, namespace, "receiver", lambda b: b.get("status", {}).get("phase") == "Running"
+    )
+    return f"http://receiver.{namespace}.svc:8000/results"
+
+
+def received(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
+    logs = kubectl("logs", "receiver", "-n", namespace, check=False).stdout
+    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+
+
+LIVE_AUDIO = yaml.safe_load((REPO / "examples" / "live-audio.yaml").read_text())
+TONE_HZ = 440
+
+
+def frequencies(kubectl: Kubectl, namespace: str) -> list[tuple[float, float, int]]:
+    """(arrival time, frequency, block) of every result the receiver got."""
+    out = []
+    for row in received(kubectl, namespace):
+        payload = (row["body"] or {}).get("payload") or {}
+        if "frequency" in payload:
+            out.append((row["at"], float(payload["frequency"]), int(payload["block"])))
+    return out
+
+
+def endpoint(body: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [e for e in body["status"]["endpoints"] if e["name"] == name]
+    return found
+
+
+def live_audio(receiver_url: str) -> dict[str, Any]:
+    manifest = json.loads(json.dumps(LIVE_AUDIO))
+    for node in manifest["spec"]["nodes"]:
+        if node["mark"] == "notifier_http":
+            node["configuration"]["endpoint"] = receiver_url
+    return manifest

@@ -1,3 +1,6 @@
 """juturna-operator: runs Juturna pipelines as the Kubernetes custom resource ``Pipeline``."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+# One version, pyproject.toml's: the wheel, the image and the chart (make package) carry it.
+__version__ = version("juturna-operator")

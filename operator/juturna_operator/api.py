@@ -72,6 +72,26 @@ class _LifecycleOnly:
 LIFECYCLE_ONLY = _LifecycleOnly()
 
 
+class _AddedLater:
+    """Marks a field added after Pipelines were stored: at its default it is left out of the
+    revision, so that upgrading the operator redeploys no Pipeline that does not use it."""
+
+
+ADDED_LATER = _AddedLater()
+
+
+def _without_unset_additions(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``model``'s dump) without the fields marked ADDED_LATER that hold their
+    default, at any depth of nested models."""
+    for name, field in type(model).model_fields.items():
+        key, value = field.alias or name, getattr(model, name)
+        if ADDED_LATER in field.metadata and value == field.get_default(call_default_factory=True):
+            dumped.pop(key, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(key), dict):
+            _without_unset_additions(value, dumped[key])
+    return dumped
+
+
 def _cel(
     rule: str, message_expression: str, reason: str = "FieldValueInvalid"
 ) -> dict[str, JsonValue]:
@@ -100,8 +120,36 @@ class DesiredState(StrEnum):
     """What the user asks for."""
 
     Running = "Running"
-    Ready = "Ready"
+    Standby = "Standby"
     Stopped = "Stopped"
+
+
+# Old words v1alpha1 still accepts, and what each means. ``Ready`` was the warm standby's
+# name until it collided with the Ready condition and phase; a stored Pipeline that says it
+# must stay warm, not start (an unknown state would be read as Running).
+DEPRECATED_STATES = {"Ready": DesiredState.Standby}
+
+
+def desired_state(raw: object) -> DesiredState | None:
+    """The desired state a spec's ``state`` value means (a deprecated word included), or
+    None for a value this operator does not know."""
+    if not isinstance(raw, str):
+        return None
+    if raw in DEPRECATED_STATES:
+        return DEPRECATED_STATES[raw]
+    return DesiredState(raw) if raw in DesiredState.__members__ else None
+
+
+def deprecation_warnings(spec: dict[str, Any]) -> list[str]:
+    """What a raw spec says in words v1alpha1 still accepts but no longer wants."""
+    state = spec.get("state")
+    if isinstance(state, str) and state in DEPRECATED_STATES:
+        new = DEPRECATED_STATES[state]
+        return [
+            f'spec.state "{state}" is deprecated: write "{new}" (the same warm standby: '
+            f"created and warmed up, not started); it is read as {new} until then"
+        ]
+    return []
 
 
 class NodeType(StrEnum):
@@ -283,13 +331,90 @@ class RestartPolicy(_Model):
     )
 
 
-def _pod_objects(description: str, item: str) -> Any:
-    """A list of Pod-spec objects (tolerations, env, volumes, ...): free-form here, checked
-    by the API server's dry run of the Pod."""
+class UpdateStrategy(StrEnum):
+    """How a change to a running pipeline lands."""
+
+    WarmSwap = "WarmSwap"
+    Recreate = "Recreate"
+
+
+class UpdateFallback(StrEnum):
+    """What a warm swap does when the new instance finds no room beside the old one."""
+
+    Recreate = "Recreate"
+    Abort = "None"
+
+
+class UpdatePolicy(_Model):
+    """How a change of the pipeline itself (configuration, nodes, links, template) lands on a
+    running Pipeline. Editing this never starts an update by itself."""
+
+    strategy: UpdateStrategy | None = Field(
+        default=None,
+        description=(
+            "WarmSwap: the new revision is created and warmed up beside the running one, "
+            "started, given the Pipeline's address, and the old one stops after drainSeconds; "
+            "it needs room for both at once. Recreate: the running instance stops, then the new "
+            "one is deployed (the stream stops for a whole warmup). Unset: WarmSwap where the "
+            "engine can run two instances side by side (engine pod), else Recreate."
+        ),
+    )
+    timeoutSeconds: int = Field(
+        default=600,
+        ge=1,
+        le=86_400,
+        description=(
+            "How long the new instance may take to become ready (a model load); past it the "
+            "update is abandoned (or falls back, see fallback) and the old instance serves on."
+        ),
+    )
+    drainSeconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description=(
+            "How long the old instance keeps running after the switch, with no new traffic: "
+            "its connections may finish and its sinks may still emit for that long."
+        ),
+    )
+    fallback: UpdateFallback = Field(
+        default=UpdateFallback.Recreate,
+        description=(
+            "When the new instance cannot be scheduled beside the old one within "
+            "timeoutSeconds (no room for two, e.g. GPUs). Recreate: the change lands the "
+            "Recreate way, with a Warning Event saying why. None: the update is abandoned and "
+            "the old instance serves on."
+        ),
+    )
+
+
+# The CRD types a field marked with this as Kubernetes' own type of that name (``of`` the
+# field itself, its items or its values), from the OpenAPI schemas of the pinned Kubernetes
+# version (``crd.KUBERNETES_FILE``): ``kubectl explain`` goes on into it, and the API server
+# refuses a wrong field at apply. The operator reads such fields as plain JSON.
+KUBERNETES_TYPE = "x-juturna-kubernetes-type"
+CORE = "io.k8s.api.core.v1."
+QUANTITY = "io.k8s.apimachinery.pkg.api.resource.Quantity"
+
+
+def _kubernetes(type_name: str, of: str = "field") -> dict[str, JsonValue]:
+    return {KUBERNETES_TYPE: {"type": type_name, "of": of}}
+
+
+def _pod_objects(description: str, kind: str) -> Any:
+    """A list of Pod-spec objects of Kubernetes' type ``kind`` (Toleration, EnvVar, ...)."""
     return Field(
         default_factory=list,
         description=description,
-        json_schema_extra={"items": {"type": "object", "description": item}},
+        json_schema_extra=_kubernetes(CORE + kind, of="items"),
+    )
+
+
+class LocalObjectReference(_Model):
+    """An object of the Pipeline's own namespace, by name."""
+
+    name: str = Field(
+        min_length=1, max_length=253, description="The object's name, in the Pipeline's namespace."
     )
 
 
@@ -300,11 +425,13 @@ class ResourceRequirements(_Model):
         default_factory=dict,
         description="Minimum resources, e.g. {cpu: 500m, memory: 1Gi}; the scheduler places "
         "the pod where they fit.",
+        json_schema_extra=_kubernetes(QUANTITY, of="values"),
     )
     limits: dict[str, Any] = Field(
         default_factory=dict,
         description="Maximum resources, e.g. {memory: 2Gi, nvidia.com/gpu: 1}; extended "
         "resources such as GPUs are requested here.",
+        json_schema_extra=_kubernetes(QUANTITY, of="values"),
     )
 
 
@@ -322,10 +449,12 @@ class PodTemplate(_Model):
         default_factory=dict, description="Labels a node must have to run the pod."
     )
     tolerations: list[dict[str, Any]] = _pod_objects(
-        "Pod tolerations, as in a Pod spec.", "A toleration."
+        "Pod tolerations, as in a Pod spec.", "Toleration"
     )
     affinity: dict[str, Any] = Field(
-        default_factory=dict, description="Pod affinity rules, as in a Pod spec."
+        default_factory=dict,
+        description="Pod affinity rules, as in a Pod spec.",
+        json_schema_extra=_kubernetes(CORE + "Affinity"),
     )
     priorityClassName: str | None = Field(
         default=None,
@@ -346,17 +475,17 @@ class PodTemplate(_Model):
     env: list[dict[str, Any]] = _pod_objects(
         "Environment variables of the pipeline's container, as in a Pod spec; not PATH, "
         "PYTHON*, LD_* or JUTURNA_OPERATOR_* (they choose the code the worker runs).",
-        "An environment variable: name, and value or valueFrom.",
+        "EnvVar",
     )
     volumes: list[dict[str, Any]] = _pod_objects(
         "Extra volumes (models, media), as in a Pod spec, of the types the restricted Pod "
         "Security Standard allows (and those the administrator adds).",
-        "A volume.",
+        "Volume",
     )
     volumeMounts: list[dict[str, Any]] = _pod_objects(
         "Where the extra volumes are mounted in the pipeline's container: not over the "
         "image's code (/usr, /etc, /opt, ...), its plugins or the pod's tokens.",
-        "A volume mount.",
+        "VolumeMount",
     )
     labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
     annotations: dict[str, str] = Field(
@@ -368,6 +497,12 @@ class PodTemplate(_Model):
         default=None,
         max_length=1024,
         description="Another runtime image; only where the administrator allows overrides.",
+    )
+    imagePullSecrets: Annotated[list[LocalObjectReference], ADDED_LATER] = Field(
+        default_factory=list,
+        description="Secrets of the Pipeline's namespace that hold registry credentials for "
+        "the pod's image, as in a Pod; added to those the administrator gives every pipeline "
+        "pod.",
     )
 
 
@@ -402,10 +537,12 @@ class PipelineSpec(_Model):
     state: Annotated[DesiredState, LIFECYCLE_ONLY] = Field(
         default=DesiredState.Running,
         description=(
-            "Desired lifecycle. Running: created, warmed up and started. Ready: created and "
-            "warmed up but not started (a warm standby). Stopped: no pipeline instance and "
-            "no resources held; the resource is kept."
+            "Desired lifecycle. Running: created, warmed up and started. Standby: created "
+            'and warmed up but not started (a warm standby; Juturna\'s "ready"). Stopped: '
+            "no pipeline instance and no resources held; the resource is kept. Ready is a "
+            "deprecated word for Standby."
         ),
+        json_schema_extra={"enum": [*(s.value for s in DesiredState), *DEPRECATED_STATES]},
     )
     version: str = Field(default="1.0", max_length=MAX_NAME, description="Juturna config version.")
     plugins: list[str] = Field(
@@ -458,6 +595,15 @@ class PipelineSpec(_Model):
         description="Engine pod: where and with what the pipeline's pod runs (resources, "
         "node selection, volumes, ...). A change replaces the pod.",
     )
+    update: Annotated[UpdatePolicy, LIFECYCLE_ONLY] = Field(
+        default_factory=UpdatePolicy,
+        description="How a change to the running pipeline lands: a warm swap or a recreate.",
+    )
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _deprecated_state(cls, value: Any) -> Any:
+        return DEPRECATED_STATES.get(value, value) if isinstance(value, str) else value
 
     def revision(self) -> str:
         """A digest of what defines the pipeline itself (not ``state`` or ``restartPolicy``).
@@ -470,7 +616,9 @@ class PipelineSpec(_Model):
             for name, field in type(self).model_fields.items()
             if LIFECYCLE_ONLY in field.metadata
         }
-        defining = self.model_dump(mode="json", by_alias=True, exclude=lifecycle_only)
+        defining = _without_unset_additions(
+            self, self.model_dump(mode="json", by_alias=True, exclude=lifecycle_only)
+        )
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
         return digest[:16]
 
@@ -495,7 +643,7 @@ class Phase(StrEnum):
     Pending = "Pending"
     Creating = "Creating"
     WarmingUp = "WarmingUp"
-    Ready = "Ready"
+    Standby = "Standby"
     Starting = "Starting"
     Running = "Running"
     Stopping = "Stopping"
@@ -509,16 +657,36 @@ class ConditionType(StrEnum):
     WarmedUp = "WarmedUp"
     Running = "Running"
     Ready = "Ready"
+    Updating = "Updating"
+
+
+class UpdateStep(StrEnum):
+    """Where a warm swap is (the ``Updating`` condition's reason while it is True)."""
+
+    WarmingUpNew = "WarmingUpNew"
+    Switching = "Switching"
+    Draining = "Draining"
+
+
+def _timestamp(description: str) -> Any:
+    """An RFC 3339 time, typed as one in the CRD (``format: date-time``)."""
+    return Field(description=description, json_schema_extra={"format": "date-time"})
+
+
+def _list_map(key: str) -> dict[str, JsonValue]:
+    """A list whose entries are told apart by ``key`` (unique), as Kubernetes lists of
+    conditions are: ``kubectl explain``, server-side apply and the API server know it."""
+    return {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]}
 
 
 class Condition(_Model):
     """A standard Kubernetes condition."""
 
-    type: ConditionType = Field(description="Created, WarmedUp, Running or Ready.")
+    type: ConditionType = Field(description="Created, WarmedUp, Running, Ready or Updating.")
     status: str = Field(description="True, False or Unknown.", pattern="^(True|False|Unknown)$")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(default="", description="Human-readable details.")
-    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).")
+    lastTransitionTime: str = _timestamp("When status last changed (RFC 3339).")
     observedGeneration: int = Field(description="The generation this condition describes.")
 
 
@@ -562,6 +730,21 @@ class Endpoint(_Model):
     address: str = Field(description="host:port, for the ADDRESS column.")
 
 
+class UpdateStatus(_Model):
+    """A warm swap under way: the instance being prepared beside the serving one."""
+
+    step: UpdateStep = Field(description="WarmingUpNew, Switching or Draining.")
+    revision: str = Field(description="The revision being deployed.")
+    previousRevision: str | None = Field(
+        default=None,
+        description="The revision it replaces: serving until the switch, draining after it.",
+    )
+    pod: PodPlacement | None = Field(
+        default=None,
+        description="Engine pod: the pod being prepared (Draining: the old one, going).",
+    )
+
+
 class PipelineStatus(_Model):
     """What the operator observed. Written only through the status subresource."""
 
@@ -570,12 +753,16 @@ class PipelineStatus(_Model):
         default=None, description="The metadata.generation this status describes."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Created, WarmedUp, Running and Ready."
+        default_factory=list,
+        description="Created, WarmedUp, Running, Ready and Updating.",
+        json_schema_extra=_list_map("type"),
     )
     failure: Failure | None = Field(default=None, description="The last attempt's failure.")
     pipelineId: str | None = Field(default=None, description="Juturna's id of the instance.")
     restarts: int = Field(default=0, description="Restarts since the last spec change.")
-    nodes: list[NodeStatus] = Field(default_factory=list, description="Per-node status.")
+    nodes: list[NodeStatus] = Field(
+        default_factory=list, description="Per-node status.", json_schema_extra=_list_map("name")
+    )
     nodesReady: str | None = Field(
         default=None, description="Running (or warm) nodes over all nodes, e.g. 2/2."
     )
@@ -590,4 +777,11 @@ class PipelineStatus(_Model):
     address: str | None = Field(
         default=None,
         description="The first endpoint's host:port (and how many more), for the ADDRESS column.",
+    )
+    lastStableRevision: str | None = Field(
+        default=None,
+        description="The revision that last ran as asked: what serves while an update fails.",
+    )
+    update: UpdateStatus | None = Field(
+        default=None, description="A warm swap under way (absent otherwise)."
     )

@@ -18,7 +18,7 @@ class InstanceState(StrEnum):
 
     Absent = "Absent"
     Created = "Created"
-    Ready = "Ready"  # warmed up, never started
+    Ready = "Ready"  # warmed up, never started (Juturna's "ready"; a Standby Pipeline's)
     Running = "Running"
     Spent = "Spent"  # warmed up and stopped once: Juturna cannot start it again (Pitfall 3)
 
@@ -31,7 +31,8 @@ class Slot(StrEnum):
     candidate = "candidate"
 
 
-OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")  # DNS-1123 subdomain
+# A DNS-1123 subdomain, as the API server checks object names: dot-separated labels.
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 MAX_OBJECT_NAME = 253
 
 

@@ -2,7 +2,7 @@
 
 The API server's CEL rules already refuse duplicate names, dangling links, self-links,
 unsafe names and absolute or ``..`` plugin folders. This module repeats those cheap
-checks (a cluster may run an older CRD) and adds what CEL cannot express:
+checks (``admission``: a cluster may run an older CRD) and adds what CEL cannot express:
 
 * cycles (Juturna accepts them silently and never runs the cycle's nodes);
 * plugin folders that resolve outside every configured root (symlinks included);
@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 import juturna.nodes
 
-from juturna_operator import listening, podpolicy
+from juturna_operator import admission, listening, podpolicy
 from juturna_operator.api import NodeSpec, PipelineSpec
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import ENV_PREFIX, CodePolicy, PodPolicy
@@ -62,34 +62,6 @@ class Validated:
 
 def _fail(reason: FailureReason, message: str) -> PipelineFailure:
     return PipelineFailure(reason, Step.validate, message)
-
-
-def check_structure(spec: PipelineSpec) -> None:
-    """The rules CEL enforces at admission, again, for clusters with an older CRD."""
-    names = [n.name for n in spec.nodes]
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise _fail(
-                FailureReason.InvalidSpec, f'node names must be unique: "{name}" appears twice'
-            )
-        seen.add(name)
-        if not name or not all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
-            raise _fail(
-                FailureReason.InvalidSpec,
-                f'node name "{name}" is not a safe folder name: use only letters, digits, '
-                '"_" and "-"',
-            )
-    for i, link in enumerate(spec.links):
-        for end, value in (("from", link.from_), ("to", link.to)):
-            if value not in seen:
-                raise _fail(
-                    FailureReason.InvalidSpec, f"link {i}: '{end}' names no node (got \"{value}\")"
-                )
-        if link.from_ == link.to:
-            raise _fail(
-                FailureReason.InvalidSpec, f'link {i}: from "{link.from_}" to itself is not allowed'
-            )
 
 
 def find_cycle(nodes: Sequence[str], edges: Sequence[tuple[str, str]]) -> list[str] | None:
@@ -131,12 +103,9 @@ def resolve_plugin(entry: str, roots: Sequence[Path]) -> Path:
     ``PluginNotFound`` when no root has the folder.
     """
     pure = PurePosixPath(entry)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in entry:
-        raise _fail(
-            FailureReason.PluginPathNotAllowed,
-            f'plugin folder "{entry}" must be relative to a plugin root: no leading "/" and '
-            'no ".."',
-        )
+    problem = admission.plugin_folder_problem(entry)
+    if problem:
+        raise _fail(FailureReason.PluginPathNotAllowed, problem)
     if not pure.parts or not all(part.isidentifier() for part in pure.parts):
         raise _fail(
             FailureReason.PluginPathNotAllowed,
@@ -261,7 +230,12 @@ def validate(
     (``Settings.pod_policy``; None elsewhere: other engines ignore the template);
     ``plugins_here``: False where the plugins are elsewhere (engine pod): ``check_plugins``
     is then the engine's to run there."""
-    check_structure(spec)
+    try:
+        admission.check(spec)
+    except admission.Refused as refused:
+        plugin = isinstance(refused, admission.PluginFolderRefused)
+        reason = FailureReason.PluginPathNotAllowed if plugin else FailureReason.InvalidSpec
+        raise _fail(reason, str(refused)) from None
     check_runtime(spec.runtime, runtimes)
     if pod_policy is not None:
         podpolicy.check_template(spec.template, pod_policy)

@@ -12,21 +12,28 @@
 * ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
 
 kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
-kopf keeps no diff-base at all (``NoDiffBase``).
+kopf keeps no diff-base at all (``NoDiffBase``). Events come from ``juturna-operator``, and
+kopf's per-event success lines are DEBUG (``SuccessesAtDebug``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import re
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import kopf
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 
-from juturna_operator import api
+from juturna_operator import api, crd
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router, make_engine
 from juturna_operator.metrics import Metrics
@@ -37,8 +44,28 @@ from juturna_operator.workqueue import WorkQueue
 
 FINALIZER = f"{api.GROUP}/cleanup"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+# Who the Events say they come from (kubectl describe's "From"), and their names' prefix.
+COMPONENT = "juturna-operator"
+# kopf's logger of the Events it posts: a failed post is a warning there (metrics.EventFailures).
+KOPF_POSTING_LOGGER = "kopf._core.engines.posting"
 
 log = logging.getLogger(__name__)
+
+
+class SuccessesAtDebug(logging.Filter):
+    """kopf logs ``Handler 'x' succeeded.`` (and ``... is processed: n succeeded; 0 failed.``)
+    at INFO for every watch event it handles: every change of every Pipeline, and with the
+    pod engine of every labelled pod in the cluster, other tenants' included. Those lines
+    become DEBUG (shown with ``-v``), so the INFO log holds transitions and problems."""
+
+    SUCCESS = re.compile(r"Handler '[^']*' succeeded\.|\w+ is processed: \d+ succeeded; 0 failed\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self.SUCCESS.fullmatch(record.getMessage()):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        # The logger let it through as INFO; as DEBUG it is shown only where DEBUG is.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -67,11 +94,108 @@ RETRY_AFTER_ERROR_S = 2.0
 PASS_GRACE_S = 5.0
 
 
-def _api_client() -> k8s.ApiClient:
+# How long a starting operator waits for the API server to serve the CRD: a Helm install or
+# an Argo CD sync applies it moments before the operator's pod starts.
+CRD_WAIT_S = 30.0
+CRD_READ_TIMEOUT_S = 10.0
+# How long a start waits for an API server that does not answer before it goes on unchecked.
+UNREACHABLE_WAIT_S = 5.0
+
+
+class CrdNotUsable(Exception):
+    """The CRD is missing or older than this operator; the message says what to apply."""
+
+
+def check_crd(client: k8s.ApiClient, wait_s: float = CRD_WAIT_S) -> None:
+    """Refuse to start against a CRD that does not know what this operator writes (its
+    status fields and values): an older CRD would refuse the new phase, or prune a field,
+    on every status write. Read from the API server's OpenAPI document of the group, which
+    every authenticated client may read (no RBAC on CRDs needed, namespaced mode included)."""
+    began = time.monotonic()
+    while True:
+        status, data = crd.api_get(client, crd.OPENAPI_PATH, CRD_READ_TIMEOUT_S)
+        answered = status in (200, 404)
+        deadline = began + (wait_s if answered else min(wait_s, UNREACHABLE_WAIT_S))
+        installed = crd.published_status(_json(data)) if status == 200 else None
+        if installed is not None:
+            break
+        if status == 403:
+            log.warning("cannot read %s (403): the CRD is not checked", crd.OPENAPI_PATH)
+            return
+        if status in (200, 404):  # a CRD just created is served a moment later
+            if time.monotonic() > deadline:
+                raise CrdNotUsable(
+                    f"the CRD {crd.CRD_NAME} is not installed; apply it: {crd.APPLY_COMMAND}"
+                )
+        elif time.monotonic() > deadline:
+            # No answer (or a 5xx): an outage, not a configuration error. The operator
+            # starts, and its watches retry until the API server answers, as they do for an
+            # outage later on; the CRD is then not checked.
+            said = " ".join(data.decode(errors="replace")[:300].split())
+            log.warning(
+                "cannot read the CRD's schema (%s): %s; starting without checking it",
+                crd.OPENAPI_PATH,
+                f"{status} {said}" if status else said,
+            )
+            return
+        time.sleep(1.0)
+    gaps = crd.status_unknown_to(installed)
+    if gaps:
+        shown = "; ".join(gaps[:3]) + (f"; and {len(gaps) - 3} more" if len(gaps) > 3 else "")
+        raise CrdNotUsable(
+            f"the installed CRD {crd.CRD_NAME} is older than this operator ({shown}); apply "
+            f"this version's CRD first: {crd.APPLY_COMMAND}"
+        )
+
+
+def _json(data: bytes) -> dict[str, Any]:
+    """A JSON object, or {} for anything else (an answer cut short)."""
+    try:
+        found = json.loads(data)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+class NoCluster(Exception):
+    """No cluster configuration to run against; the message says what is missing."""
+
+
+def load_cluster_configuration() -> None:
+    """Load the client's configuration: the pod's ServiceAccount in a cluster, else the
+    kubeconfig's current context. Raises ``NoCluster``, in one line, where neither loads.
+
+    Only files and the environment are read: an API server that does not answer is an
+    outage, which the watches retry, at start as later."""
     try:
         k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
+        return
+    except k8s_config.ConfigException as err:
+        in_pod = str(err) if os.environ.get("KUBERNETES_SERVICE_HOST") else None
+    location: str = k8s_config.KUBE_CONFIG_DEFAULT_LOCATION  # $KUBECONFIG or ~/.kube/config
+    where = f"{location} (KUBECONFIG)" if os.environ.get("KUBECONFIG") else location
+    if not any(Path(f).expanduser().exists() for f in location.split(os.pathsep) if f):
+        pod = (
+            f"in a pod, but its ServiceAccount does not load ({in_pod})"
+            if in_pod
+            else "not in a pod (KUBERNETES_SERVICE_HOST is not set)"
+        )
+        raise NoCluster(
+            f"no cluster configuration: {pod}, and no kubeconfig at {where}; set KUBECONFIG "
+            "to a kubeconfig file, or run the operator in a pod"
+        )
+    try:
         k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
+    except Exception as err:  # whatever the client trips on (YAML, a missing key): the file's
+        raise NoCluster(
+            f"cannot use the kubeconfig {where}: {' '.join(str(err).split())}"
+        ) from None
+
+
+def api_client() -> k8s.ApiClient:
+    """A Kubernetes API client: in-cluster configuration, else the kubeconfig
+    (``load_cluster_configuration``)."""
+    load_cluster_configuration()
     configuration = k8s.Configuration.get_default_copy()
     # One pooled connection per thread: the client's default pool (10) made urllib3
     # discard and reopen connections under a burst.
@@ -92,6 +216,7 @@ class Operator:
         kopf_settings: kopf.OperatorSettings | None = None,
     ) -> None:
         self.settings, self.objects, self.engine = settings, objects, engine
+        self.metrics = metrics
         self.kopf_settings = kopf_settings or kopf.OperatorSettings()
         self.reconciler = Reconciler(
             engine, settings, self.write_status, self.post_event, metrics=metrics
@@ -102,8 +227,13 @@ class Operator:
         # uid -> kopf's logger for that Pipeline: its warnings are posted as Events too.
         self.loggers: dict[str, kopf.ObjectLogger] = {}
         self.queue: WorkQueue[str] = WorkQueue(
-            self.reconcile, settings.reconcile_workers, retry_after_error_s=RETRY_AFTER_ERROR_S
+            self.reconcile,
+            settings.reconcile_workers,
+            retry_after_error_s=RETRY_AFTER_ERROR_S,
+            observer=metrics.queue if metrics is not None else None,
         )
+        if metrics is not None:
+            metrics.watch(self.queue, engine.instances)
         self.reconciler.released = self.queue.released
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
         self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one
@@ -136,17 +266,25 @@ class Operator:
 
     async def reconcile(self, uid: str) -> float | None:
         """One pass over a Pipeline (a queue worker's): seconds until its next look."""
+        began = time.monotonic()
+        delay, error = await self._reconcile(uid)
+        if self.metrics is not None:
+            self.metrics.reconciled(time.monotonic() - began, delay, error)
+        return delay
+
+    async def _reconcile(self, uid: str) -> tuple[float | None, bool]:
+        """A pass: its next look, and whether it failed unexpectedly."""
         body = self.bodies.get(uid)
         if body is None or body["metadata"].get("deletionTimestamp"):
-            return None  # gone, or its finalizer owns it now
+            return None, False  # gone, or its finalizer owns it now
         logger = self.loggers.get(uid)
         if logger is None:
             logger = self.loggers[uid] = kopf.ObjectLogger(body=body, settings=self.kopf_settings)
         try:
-            return await self.reconciler.reconcile(Resource.from_body(body), logger)
+            return await self.reconciler.reconcile(Resource.from_body(body), logger), False
         except Exception:
             logger.exception("reconcile failed; trying again in %g s", RETRY_AFTER_ERROR_S)
-            return RETRY_AFTER_ERROR_S
+            return RETRY_AFTER_ERROR_S, True
 
     async def finalize(self, body: kopf.Body, logger: kopf.Logger) -> None:
         """Deletion: the reconciler stops any pass at its next step and finalizes; a pass
@@ -179,7 +317,12 @@ class Operator:
 
     async def write_status(self, key: PipelineKey, status: dict[str, Any]) -> None:
         """One merge patch of the status subresource (never the spec), on the event loop."""
-        await self.patcher.patch(key, status)
+        try:
+            await self.patcher.patch(key, status)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.write_failed("status")
+            raise
 
     def post_event(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
         body = self.bodies.get(key.uid)
@@ -247,6 +390,9 @@ async def startup(
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.enabled = True
     settings.posting.level = logging.WARNING  # our own Events are explicit
+    settings.posting.reporting_component = COMPONENT
+    settings.posting.reporting_instance = socket.gethostname()  # in a cluster: the pod's name
+    settings.posting.event_name_prefix = f"{COMPONENT}-"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 15
@@ -259,13 +405,14 @@ async def startup(
     # namespaces (to match patterns; ours are exact names) and watch CRDs, and without the
     # rights retry for ~45 s before falling back. The CRD must then exist at startup.
     settings.scanning.disabled = bool(ours.namespaces)
-    api_client = _api_client()
+    client = api_client()
     metrics = None
     if ours.metrics_port:
         metrics = Metrics()
+        logging.getLogger(KOPF_POSTING_LOGGER).addFilter(metrics.event_failures)
         metrics.serve(ours.metrics_port)
     operator = Operator(
-        ours, k8s.CustomObjectsApi(api_client), make_engine(ours, api_client), metrics, settings
+        ours, k8s.CustomObjectsApi(client), make_engine(ours, client), metrics, settings
     )
     operator.sweeper = asyncio.create_task(operator.sweep_orphans())
     operator.health_watch = asyncio.create_task(operator.watch_health())
@@ -283,6 +430,8 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     operator: Operator | None = memo.get("operator")
     if operator is None:
         return
+    if operator.metrics is not None:
+        logging.getLogger(KOPF_POSTING_LOGGER).removeFilter(operator.metrics.event_failures)
     for task in (operator.sweeper, operator.health_watch, *operator.vanished):
         if task is not None:
             task.cancel()

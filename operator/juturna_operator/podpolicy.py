@@ -19,8 +19,8 @@ namespace's Pod Security label says (an unlabelled namespace enforces nothing):
   mount over the image's programs, libraries, code, plugins or the pod's tokens.
 
 Host namespaces and host ports cannot be asked for at all: the template has no such field
-(``api.PodTemplate``). ``nodeSelector``, ``tolerations``, ``affinity`` and
-``runtimeClassName`` stay the author's, as in a Pod.
+(``api.PodTemplate``). ``nodeSelector``, ``tolerations``, ``affinity``, ``runtimeClassName``
+and ``imagePullSecrets`` (Secrets of the Pipeline's namespace) stay the author's, as in a Pod.
 
 Each refusal is ``InvalidSpec`` naming the field, e.g. ``spec.template.volumes[0].hostPath:
 ...``. Pure: no I/O.

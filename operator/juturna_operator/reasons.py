@@ -68,6 +68,11 @@ class FailureReason(Enum):
         504,
         "The pipeline's pod was placed but did not start in time (the kubelet's warning says why).",
     )
+    UpdateTimedOut = (
+        504,
+        "A warm swap's new revision was not ready within spec.update.timeoutSeconds; the "
+        "old one serves on.",
+    )
     ImageNotAllowed = (403, "spec.template.image is set where the administrator allows none.")
     BuiltinNotAllowed = (
         403,

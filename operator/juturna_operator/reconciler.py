@@ -24,16 +24,35 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from juturna_operator import graph, lifecycle, listening
-from juturna_operator.api import DesiredState, PipelineSpec, RestartPolicy, first_error
+from juturna_operator.api import (
+    ConditionType,
+    DesiredState,
+    PipelineSpec,
+    RestartPolicy,
+    UpdateFallback,
+    UpdateStrategy,
+    deprecation_warnings,
+    desired_state,
+    first_error,
+)
 from juturna_operator.domain import Address, InstanceState, PipelineKey
 from juturna_operator.engines.base import Engine, InstanceInfo, Plan, PluginCheck
-from juturna_operator.lifecycle import Action, Desired, FailureRecord, Observed
+from juturna_operator.lifecycle import (
+    CANDIDATE_STEPS,
+    Action,
+    Desired,
+    FailureRecord,
+    Observed,
+    SwapPolicy,
+    UpdateAttempt,
+    UpdateOutcome,
+)
 from juturna_operator.metrics import Metrics
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step, classify
 from juturna_operator.settings import Settings
@@ -53,7 +72,7 @@ STEP_ACTION = {Step.create: Action.Create, Step.warmup: Action.Warmup, Step.star
 # further create, and the lifecycle does the rest step by step).
 UNTIL = {
     DesiredState.Running: InstanceState.Running,
-    DesiredState.Ready: InstanceState.Ready,
+    DesiredState.Standby: InstanceState.Ready,
     DesiredState.Stopped: InstanceState.Created,
 }
 
@@ -156,7 +175,14 @@ class Memory:
     written: WrittenStatus = field(default_factory=WrittenStatus)
     recovering_from: str | None = None  # a pipelineId from before an operator restart
     key: PipelineKey | None = None  # set by its first pass
-    seen: Fingerprint = None  # the engine's answer at the end of its last pass
+    # The engine's answers at the end of its last pass: the active slot's, the candidate's.
+    seen: tuple[Fingerprint, Fingerprint] = (None, None)
+    update: UpdateAttempt | None = None  # a warm swap: under way, or how it ended
+    # From the status a previous process wrote, made into ``update`` once the spec is parsed:
+    # a swap under way (its revision), or the failure that ended this generation's update.
+    restored_update: str | None = None
+    update_failed_before: FailureRecord | None = None
+    recreate_told: int | None = None  # the generation whose Recreate reason was posted
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
@@ -164,20 +190,33 @@ class Memory:
         generation = status.get("observedGeneration")
         retry = Retries(generation=generation, restarts=int(status.get("restarts") or 0))
         raw = status.get("failure")
+        failure = None
         if (
             raw
             and raw.get("reason") in FailureReason.__members__
             and not FailureReason[raw["reason"]].set_by_configuration  # checked again instead
             and generation is not None
         ):
-            retry.failure = FailureRecord(
+            failure = FailureRecord(
                 FailureReason[raw["reason"]],
                 Step(raw.get("step", "run")),
                 raw.get("message", ""),
                 int(generation),
             )
-            retry.retry_at = 0.0  # a retry that was due is due now
-        return cls(retry=retry, recovering_from=status.get("pipelineId"))
+        mem = cls(retry=retry, recovering_from=status.get("pipelineId"))
+        if _condition_reason(status, ConditionType.Updating) == "UpdateFailed":
+            mem.update_failed_before = failure  # the new revision's: the old one serves on
+        elif failure is not None:
+            retry.failure, retry.retry_at = failure, 0.0  # a retry that was due is due now
+        mem.restored_update = (status.get("update") or {}).get("revision")
+        return mem
+
+
+def _condition_reason(status: dict[str, Any], ctype: ConditionType) -> str | None:
+    for cond in status.get("conditions") or []:
+        if isinstance(cond, dict) and cond.get("type") == ctype:
+            return str(cond.get("reason"))
+    return None
 
 
 def _spec_or_failure(resource: Resource) -> PipelineSpec | PipelineFailure:
@@ -254,9 +293,12 @@ class Reconciler:
             async with room:
                 try:
                     info = await self.engine.status(mem.key)
+                    # The candidate slot only while a swap goes on (each look may be a call).
+                    swapping = mem.update is not None or mem.seen[1] is not None
+                    candidate = await self.engine.status(mem.key.candidate) if swapping else None
                 except Exception:  # a pass asks again, and reports what it finds
                     return True
-            return fingerprint(info) != mem.seen
+            return (fingerprint(info), fingerprint(candidate)) != mem.seen
 
         found = await asyncio.gather(*(changed(mem) for _, mem in asked))
         return [uid for (uid, _), yes in zip(asked, found, strict=True) if yes]
@@ -296,25 +338,32 @@ class Reconciler:
 
     async def _reconcile(self, resource: Resource, log: Log) -> float:
         mem = self._remember(resource)
+        new_generation = mem.spec.parsed_generation != resource.generation
         parsed = mem.spec.parse(resource)
         spec = parsed if isinstance(parsed, PipelineSpec) else None
-        p = _Pass(resource, mem, _desired(resource, spec, mem.spec.revision), log)
+        p = _Pass(resource, mem, self._desired(resource, spec, mem), log)
+        self._restore_update(p)
+        if new_generation:  # once per generation, as the other spec warnings
+            for warning in deprecation_warnings(resource.spec):
+                self._event(p, "Warning", "DeprecatedField", warning)
         if (
             isinstance(parsed, PipelineFailure)
             and lifecycle.current_failure(p.desired, self._observed(mem, None)) is None
         ):
             self._record_failure(p, parsed)
 
-        # One engine query per pass, and one more after each action (for the process and
-        # service engines a query is an HTTP call); a Retry changes only memory.
-        info = await self.engine.status(p.key)
+        # One engine query per slot per pass, and again after each action (for the process
+        # and service engines a query is an HTTP call); a Retry changes only memory.
+        info, candidate = await self._look(p)
         if info is not None:
             mem.recovering_from = None  # the engine still holds it: nothing to recover
         for _ in range(MAX_STEPS):
             if self.finished(p.key.uid):
                 break  # a deletion came while this pass ran: it must not deploy any more
             self._check_health(p, info)
-            action = lifecycle.next_step(p.desired, self._observed(mem, info), self._clock())
+            self._check_candidate(p, candidate)
+            observed = self._observed(mem, info, candidate)
+            action = lifecycle.next_step(p.desired, observed, self._clock())
             if action in (Action.Nothing, Action.Wait):
                 break
             if action is Action.Retry:
@@ -330,22 +379,44 @@ class Reconciler:
                     )
                 mem.retry.failure, mem.retry.retry_at = None, None
                 continue
+            if action is Action.RetryCandidate:
+                assert mem.update is not None
+                mem.update = replace(mem.update, failure=None, retry_at=None)
+                continue
+            if action in (Action.AbortUpdate, Action.FallBack):
+                await self._end_update(p, action, observed)
+                info, candidate = await self._look(p)
+                continue
+            self._tell_recreate(p, action, observed)
             try:
                 await self._with_progress(p, info, action, spec)
             except PipelineFailure as failure:
+                if action in CANDIDATE_STEPS:
+                    await self._candidate_failed(p, failure)
+                    info, candidate = await self._look(p)
+                    continue  # the old instance serves on; the backoff or the deadline decide
                 self._record_failure(p, failure)
                 if failure.step in (Step.create, Step.warmup, Step.start):
                     await self._discard(p)  # no half-built instance is kept
-                info = await self.engine.status(p.key)
+                info, candidate = await self._look(p)
                 break  # look again at the next health check or when the backoff ends
-            info = await self.engine.status(p.key)
-            if action is Action.Create and info is not None:
-                if info.pod is not None and info.pod[1]:  # engine pod: where it was placed
-                    p.done.append(("Scheduled", f"in pod {info.pod[0]} on node {info.pod[1]}"))
-                p.done.extend(BEYOND_CREATED.get(info.state, []))  # one call did more
-        reached = lifecycle.desired_reached(p.desired, self._observed(mem, info))
+            info, candidate = await self._look(p)
+            if action is Action.DeleteCandidate:
+                self._candidate_removed(p, observed)
+            if action in (Action.Create, Action.CreateCandidate):
+                made = info if action is Action.Create else candidate
+                if made is not None and made.pod is not None and made.pod[1]:
+                    # engine pod: where it was placed
+                    p.done.append(("Scheduled", f"in pod {made.pod[0]} on node {made.pod[1]}"))
+                if action is Action.Create and info is not None:
+                    p.done.extend(BEYOND_CREATED.get(info.state, []))  # one call did more
+        observed = self._observed(mem, info, candidate)
+        reached = lifecycle.desired_reached(p.desired, observed)
         if reached:
             mem.retry.attempts = 0
+            u = mem.update
+            if u is not None and u.outcome is None and candidate is None:
+                mem.update = None  # the revision runs without the swap (the old one died)
         if mem.recovering_from and reached:
             p.done.append(
                 (
@@ -356,9 +427,14 @@ class Reconciler:
             )
             mem.recovering_from = None
         self._tell(p)
-        await self._publish(p, info, None)
-        mem.key, mem.seen = p.key, fingerprint(info)
+        await self._publish(p, info, None, candidate)
+        mem.key, mem.seen = p.key, (fingerprint(info), fingerprint(candidate))
         return self._next_look(p, reached)
+
+    async def _look(self, p: _Pass) -> tuple[InstanceInfo | None, InstanceInfo | None]:
+        """The engine's view of both slots (the candidate: a warm swap's other instance)."""
+        info = await self.engine.status(p.key)
+        return info, await self.engine.status(p.key.candidate)
 
     async def finalize(self, resource: Resource, log: Log) -> None:
         """Deletion: stop (bounded) and delete the instance. Never raises, never hangs.
@@ -380,8 +456,9 @@ class Reconciler:
         resource.deleting = True
         p = _Pass(resource, self._remember(resource), _desired(resource, None, ""), log)
         for _ in range(MAX_STEPS):
-            info = await self.engine.status(p.key)
-            action = lifecycle.next_step(p.desired, self._observed(p.mem, info), self._clock())
+            info, candidate = await self._look(p)
+            observed = self._observed(p.mem, info, candidate)
+            action = lifecycle.next_step(p.desired, observed, self._clock())
             if action is Action.Nothing:
                 break
             try:
@@ -394,6 +471,7 @@ class Reconciler:
             # A create still in flight (its pass was cancelled; engine operations are
             # shielded) is not in the engine's status until it ends. delete() waits for it
             # and removes what it made, output included; with nothing there it is a no-op.
+            await self.engine.delete(p.key.candidate)
             await self.engine.delete(p.key)
         except PipelineFailure as failure:
             self._event(p, "Warning", failure.reason.name, failure.message)
@@ -406,7 +484,9 @@ class Reconciler:
     # -- pieces --
 
     @staticmethod
-    def _observed(mem: Memory, info: InstanceInfo | None) -> Observed:
+    def _observed(
+        mem: Memory, info: InstanceInfo | None, candidate: InstanceInfo | None = None
+    ) -> Observed:
         return Observed(
             instance=info.state if info else InstanceState.Absent,
             instance_revision=info.revision if info else None,
@@ -414,6 +494,9 @@ class Reconciler:
             failure=mem.retry.failure,
             restarts=mem.retry.restarts,
             retry_at=mem.retry.retry_at,
+            candidate=candidate.state if candidate else InstanceState.Absent,
+            candidate_revision=candidate.revision if candidate else None,
+            update=mem.update,
         )
 
     def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
@@ -464,7 +547,8 @@ class Reconciler:
             async with self.released():
                 shown: Action | None = None
                 while True:
-                    step = self.engine.step_under_way(p.key)
+                    # A candidate's steps show under Updating; the phase is the serving one's.
+                    step = None if action in CANDIDATE_STEPS else self.engine.step_under_way(p.key)
                     now = STEP_ACTION.get(step, action) if step is not None else action
                     if now is not shown:
                         await self._publish(p, info, now)
@@ -498,18 +582,51 @@ class Reconciler:
             p.mem.spec.listeners = tuple(validated.listeners)
             for warning in validated.warnings:
                 self._event(p, "Warning", "UnknownConfigurationKey", warning)
-        elif action is Action.Create:
+        elif action in (Action.Create, Action.CreateCandidate):
             assert spec is not None
             config = spec.to_juturna_config(p.key.juturna_name)
-            plan = Plan(
-                runtime=spec.runtime,
-                template=spec.template.model_dump(mode="json") if spec.template else None,
-                until=UNTIL[p.desired.state],
-                listeners=p.mem.spec.listeners,
-                plugins=self._plugin_check(p, spec) if self._plugins_in_pod(spec) else None,
+            candidate = action is Action.CreateCandidate
+            plan = replace(
+                self._plan(p, spec),
+                # A candidate stops at Ready: it starts only when it is to take over.
+                until=InstanceState.Ready if candidate else UNTIL[p.desired.state],
             )
-            pid = await self.engine.create(p.key, config, p.desired.revision, plan)
-            p.done.append(("Created", f"pipeline instance {pid} created"))
+            if candidate:
+                self._begin_update(p)
+                key = p.key.candidate
+                pid = await self.engine.create(key, config, p.desired.revision, plan)
+                p.done.append(
+                    (
+                        "WarmingUpNew",
+                        f"revision {p.desired.revision} created beside the serving one "
+                        f"(instance {pid})",
+                    )
+                )
+            else:
+                pid = await self.engine.create(p.key, config, p.desired.revision, plan)
+                p.done.append(("Created", f"pipeline instance {pid} created"))
+        elif action is Action.WarmupCandidate:
+            await self.engine.warmup(p.key.candidate)
+            p.done.append(("WarmingUpNew", f"revision {p.desired.revision} warmed up"))
+        elif action is Action.StartCandidate:
+            await self.engine.start(p.key.candidate)
+            p.done.append(("Switching", f"revision {p.desired.revision} started"))
+        elif action is Action.Switch:
+            await self.engine.promote(p.key)
+            assert p.mem.update is not None
+            drain = p.desired.swap.drain_s if p.desired.swap else 0.0
+            p.mem.update = replace(p.mem.update, drain_until=self._clock() + drain)
+            # A failure of the instance that served concerns it, not the one now serving.
+            p.mem.retry.failure, p.mem.retry.retry_at = None, None
+            p.done.append(
+                (
+                    "Draining",
+                    f"revision {p.desired.revision} took over; the previous one drains for "
+                    f"{drain:g} s",
+                )
+            )
+        elif action is Action.DeleteCandidate:
+            await self.engine.delete(p.key.candidate, keep_output=not p.resource.deleting)
         elif action is Action.Delete:
             # Unless the resource goes for good or stops, the engine may keep what the next
             # deploy can reuse (the pod engine: a healthy pod).
@@ -525,6 +642,201 @@ class Reconciler:
             }[action]
             await act(p.key)
             p.done.append((reason, message))
+
+    def _plan(self, p: _Pass, spec: PipelineSpec) -> Plan:
+        """What a create of this spec needs besides Juturna's config."""
+        return Plan(
+            runtime=spec.runtime,
+            template=spec.template.model_dump(mode="json") if spec.template else None,
+            listeners=p.mem.spec.listeners,
+            plugins=self._plugin_check(p, spec) if self._plugins_in_pod(spec) else None,
+        )
+
+    # -- warm swaps --
+
+    def _desired(self, resource: Resource, spec: PipelineSpec | None, mem: Memory) -> Desired:
+        return _desired(resource, spec, mem.spec.revision, self._swap_policy(spec, mem)[0])
+
+    def _swap_policy(self, spec: PipelineSpec | None, mem: Memory) -> tuple[SwapPolicy | None, str]:
+        """How this spec's changes land: a warm swap's bounds, or None and why not."""
+        if spec is None:
+            return None, ""
+        update = spec.update
+        if update.strategy == UpdateStrategy.Recreate:
+            return None, ""
+        why_not = self.engine.warm_swap(Plan(runtime=spec.runtime, listeners=mem.spec.listeners))
+        if why_not is not None:
+            return None, why_not
+        return (
+            SwapPolicy(
+                timeout_s=float(update.timeoutSeconds),
+                drain_s=update.drainSeconds,
+                fallback_recreate=update.fallback == UpdateFallback.Recreate,
+            ),
+            "",
+        )
+
+    def _tell_recreate(self, p: _Pass, action: Action, observed: Observed) -> None:
+        """One Normal Event, once per generation, where a running pipeline is replaced in
+        place although its spec did not ask for that: why the engine cannot warm-swap it."""
+        if (
+            action is not Action.Stop
+            or observed.instance is not InstanceState.Running
+            or observed.instance_revision == p.desired.revision
+            or p.desired.state is not DesiredState.Running
+            or p.mem.recreate_told == p.desired.generation
+        ):
+            return
+        spec = p.mem.spec.parsed
+        if not isinstance(spec, PipelineSpec) or spec.update.strategy == UpdateStrategy.Recreate:
+            return
+        why_not = self._swap_policy(spec, p.mem)[1]
+        u = lifecycle.current_update(p.desired, observed)
+        if u is not None and u.outcome is UpdateOutcome.FellBack:
+            return  # its Warning said why
+        if why_not:
+            p.mem.recreate_told = p.desired.generation
+            self._event(
+                p, "Normal", "Recreate", f"the update replaces the instance in place: {why_not}"
+            )
+
+    def _restore_update(self, p: _Pass) -> None:
+        """What a previous process's status said of an update, once the spec is parsed."""
+        mem, desired = p.mem, p.desired
+        now = self._clock()
+        if mem.restored_update is not None:
+            if mem.restored_update == desired.revision and desired.swap is not None:
+                # A swap under way when that process stopped: its candidate is adopted and it
+                # goes on (its clock starts again: the deadline was that process's).
+                mem.update = UpdateAttempt(
+                    desired.revision, desired.generation, now, now + desired.swap.timeout_s
+                )
+            mem.restored_update = None
+        if mem.update_failed_before is not None:
+            failure = mem.update_failed_before
+            if failure.generation == desired.generation:
+                mem.update = UpdateAttempt(
+                    desired.revision,
+                    desired.generation,
+                    now,
+                    now,
+                    failure=failure,
+                    outcome=UpdateOutcome.Aborted,
+                )
+            mem.update_failed_before = None
+
+    def _begin_update(self, p: _Pass) -> None:
+        """A new attempt toward the desired revision, unless one goes on (a retry)."""
+        u = p.mem.update
+        if u is not None and u.revision == p.desired.revision and u.outcome is None:
+            return
+        assert p.desired.swap is not None
+        now = self._clock()
+        if u is not None and u.outcome is None:
+            self._update_ended(p, u, "Cancelled")  # a newer spec came first
+        p.mem.update = UpdateAttempt(
+            p.desired.revision, p.desired.generation, now, now + p.desired.swap.timeout_s
+        )
+
+    def _update_ended(self, p: _Pass, u: UpdateAttempt, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.update_ended(p.key, outcome, self._clock() - u.started)
+
+    def _check_candidate(self, p: _Pass, candidate: InstanceInfo | None) -> None:
+        """A candidate's node that died, or its runtime gone, fails the attempt's candidate
+        (not the serving instance)."""
+        u = p.mem.update
+        if candidate is None or u is None or u.failure is not None or u.outcome is not None:
+            return
+        if candidate.revision != u.revision or u.drain_until is not None:
+            return  # the old instance draining: its end is near anyway
+        if candidate.failure is not None:
+            failure = candidate.failure
+        elif candidate.crashes:
+            failure = PipelineFailure(
+                FailureReason.NodeFailed, Step.run, candidate.crashes[0].describe()
+            )
+        else:
+            return
+        p.mem.update = replace(u, failure=self._candidate_record(p, failure))
+        self._event(p, "Warning", failure.reason.name, f"revision {u.revision}: {failure.message}")
+
+    def _candidate_record(self, p: _Pass, failure: PipelineFailure) -> FailureRecord:
+        return FailureRecord(failure.reason, failure.step, failure.message, p.desired.generation)
+
+    async def _candidate_failed(self, p: _Pass, failure: PipelineFailure) -> None:
+        """A candidate's step failed: it goes, and its attempt retries after a backoff (a
+        transient reason, within the deadline) or ends; the serving instance is untouched
+        and spends no restart."""
+        u = p.mem.update
+        assert u is not None
+        record = self._candidate_record(p, failure)
+        delay = lifecycle.backoff_delay(p.desired.backoff_seconds, u.attempts)
+        p.mem.update = replace(
+            u, failure=record, retry_at=self._clock() + delay, attempts=u.attempts + 1
+        )
+        p.log.warning("revision %s: %s", u.revision, failure)
+        self._tell(p)
+        self._event(p, "Warning", failure.reason.name, f"revision {u.revision}: {failure.message}")
+        try:
+            await self.engine.delete(p.key.candidate, keep_output=True)
+        except PipelineFailure as err:
+            p.log.warning("could not discard a failed candidate: %s", err)
+
+    async def _end_update(self, p: _Pass, action: Action, observed: Observed) -> None:
+        """Abort (the old instance serves on) or fall back to Recreate (no room for two)."""
+        u = p.mem.update
+        assert u is not None
+        assert p.desired.swap is not None
+        failure = u.failure
+        waited = f"revision {u.revision} was not ready within {p.desired.swap.timeout_s:g} s"
+        if failure is None:
+            failure = FailureRecord(
+                FailureReason.UpdateTimedOut, Step.create, waited, p.desired.generation
+            )
+        elif failure.retryable:  # it was still being retried: the deadline ended it
+            failure = replace(failure, message=f"{failure.message} ({waited})")
+        try:
+            await self.engine.delete(p.key.candidate, keep_output=True)
+        except PipelineFailure as err:
+            p.log.warning("could not remove the update's candidate: %s", err)
+        if action is Action.FallBack:
+            outcome = UpdateOutcome.FellBack
+            self._event(
+                p,
+                "Warning",
+                "UpdateFallback",
+                f"no room for revision {u.revision} beside the serving one within "
+                f"{p.desired.swap.timeout_s:g} s ({failure.message}); it replaces the serving "
+                "one in place",
+            )
+        else:
+            outcome = UpdateOutcome.Aborted
+            self._event(
+                p,
+                "Warning",
+                "UpdateFailed",
+                f"{failure.message}; revision {observed.instance_revision} serves on",
+            )
+            if self.metrics is not None:
+                self.metrics.failed(p.key, failure.reason.name)
+        self._update_ended(p, u, outcome.value)
+        p.mem.update = replace(u, failure=failure, generation=p.desired.generation, outcome=outcome)
+
+    def _candidate_removed(self, p: _Pass, observed: Observed) -> None:
+        """The candidate slot emptied: after a switch the update is done; before it, a
+        newer spec, a revert, a stop or a deletion cancelled it."""
+        u = p.mem.update
+        if u is None or u.outcome is not None or u.failure is not None:
+            return
+        if u.drain_until is not None and observed.instance_revision == u.revision:
+            p.done.append(("Updated", f"revision {u.revision} serves; the previous one is gone"))
+            self._update_ended(p, u, "Succeeded")
+            p.mem.update = None
+        elif u.revision != p.desired.revision or p.desired.swap is None or p.resource.deleting:
+            p.done.append(("UpdateCancelled", f"revision {u.revision} removed before it served"))
+            self._update_ended(p, u, "Cancelled")
+            p.mem.update = None
 
     def _plugins_in_pod(self, spec: PipelineSpec) -> bool:
         """Engine pod: the pipeline loads its runtime image's plugins, not the operator's."""
@@ -562,6 +874,11 @@ class Reconciler:
         change); else the health interval."""
         interval = self.settings.health_interval_s
         observed = self._observed(p.mem, None)
+        u = p.mem.update
+        if u is not None and u.outcome is None:
+            # A swap's next moment: its drain's end, its candidate's retry, its deadline.
+            due = [t for t in (u.drain_until, u.retry_at, u.deadline) if t is not None]
+            return max(0.0, min([interval, *(t - self._clock() for t in due)]))
         retry_at = p.mem.retry.retry_at
         if retry_at is not None and not lifecycle.is_terminal(p.desired, observed):
             return max(0.0, min(interval, retry_at - self._clock()))
@@ -572,25 +889,32 @@ class Reconciler:
     # -- status --
 
     async def _publish(
-        self, p: _Pass, info: InstanceInfo | None, in_progress: Action | None
+        self,
+        p: _Pass,
+        info: InstanceInfo | None,
+        in_progress: Action | None,
+        candidate: InstanceInfo | None = None,
     ) -> None:
         """Write the status, unless it says nothing new (each write is an API call)."""
         if p.resource.deleting and in_progress is None:
             return
         facts = Facts(
             desired=p.desired,
-            observed=self._observed(p.mem, info),
+            observed=self._observed(p.mem, info, candidate),
             in_progress=in_progress,
             warnings=tuple(p.mem.spec.warnings),
             restarts=p.mem.retry.restarts,
             node_total=len(p.resource.spec.get("nodes") or []),
             info=info,
             addresses=_addresses(info, p.mem.spec.listeners),
+            candidate=candidate,
         )
         status = await p.mem.written.publish(p.key, facts, p.resource.status, self._write_status)
         if status is not None and self.metrics is not None:
             ready = in_progress is None and lifecycle.desired_reached(p.desired, facts.observed)
-            self.metrics.observed(p.key, status["phase"], p.mem.retry.restarts, ready)
+            self.metrics.observed(
+                p.key, status["phase"], p.mem.retry.restarts, ready, p.resource.status.get("phase")
+            )
 
 
 def _addresses(
@@ -603,16 +927,18 @@ def _addresses(
     return info.addresses if info.addresses is not None else listening.local_addresses(listeners)
 
 
-def _desired(resource: Resource, spec: PipelineSpec | None, revision: str) -> Desired:
-    raw_state = resource.spec.get("state") or "Running"
+def _desired(
+    resource: Resource, spec: PipelineSpec | None, revision: str, swap: SwapPolicy | None = None
+) -> Desired:
     policy = spec.restartPolicy if spec else RestartPolicy()  # its defaults: the API's
     return Desired(
-        state=DesiredState(raw_state)
-        if raw_state in DesiredState.__members__
-        else DesiredState.Running,
+        # A state this operator does not know (a newer CRD's) is read as Running, the
+        # default; an old word for one it knows (Ready) means that one.
+        state=desired_state(resource.spec.get("state") or "Running") or DesiredState.Running,
         generation=resource.generation,
         revision=revision,
         max_restarts=policy.maxRestarts,
         backoff_seconds=policy.backoffSeconds,
         deleting=resource.deleting,
+        swap=swap,
     )

@@ -1,34 +1,9 @@
 """Operator configuration: command-line flags override environment variables; both go
-through the same checks, and an error names the flag or variable that was set.
+through the same checks, and an error starts with the flag or variable that was set.
 
-| environment variable                     | flag                 | default                    |
-|------------------------------------------|----------------------|----------------------------|
-| JUTURNA_OPERATOR_PLUGIN_PATH             | --plugin-path        | (none: only built-ins)     |
-| JUTURNA_OPERATOR_WORKDIR                 | --workdir            | $TMPDIR/juturna-operator   |
-| JUTURNA_OPERATOR_ENGINE                  | --engine             | process                    |
-| JUTURNA_OPERATOR_STOP_TIMEOUT            | --stop-timeout       | 10 (seconds)               |
-| JUTURNA_OPERATOR_HEALTH_INTERVAL         | --health-interval    | 3 (seconds, at most 5)     |
-| JUTURNA_OPERATOR_LOG_FORMAT              | --log-format         | text (or json)             |
-| JUTURNA_OPERATOR_MAX_CONCURRENCY         | --max-concurrency    | 8 (threads for Juturna)    |
-| JUTURNA_OPERATOR_PROGRESS_THRESHOLD      |                      | 1 (seconds)                |
-| JUTURNA_OPERATOR_RUNTIMES                |                      | {} (JSON, see Runtime)     |
-| JUTURNA_OPERATOR_DEFAULT_RUNTIME         |                      | (none; needed by service)  |
-| JUTURNA_OPERATOR_SWEEP_INTERVAL          |                      | 60 (seconds)               |
-| JUTURNA_OPERATOR_METRICS_PORT            | --metrics-port       | 9090 (0: no metrics)       |
-| JUTURNA_OPERATOR_RUNTIME_IMAGE           |                      | (none; needed by pod)      |
-| JUTURNA_OPERATOR_RUNTIME_PULL_POLICY     |                      | IfNotPresent               |
-| JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE    |                      | false (spec.template.image)|
-| JUTURNA_OPERATOR_ALLOWED_BUILTINS        |                      | pod: all; else none        |
-| JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES    |                      | false (engine inprocess)   |
-| JUTURNA_OPERATOR_SHARD_SIZE              |                      | 32 (pipelines per shard)   |
-| JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT     |                      | 1Gi ("": none)             |
-| JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT      |                      | 64Mi ("": none)            |
-| JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES   |                      | cpu 100m, memory 128Mi req.|
-| JUTURNA_OPERATOR_WORKER_PEERS            |                      | (none: no NetworkPolicy)   |
-| JUTURNA_OPERATOR_POD_START_TIMEOUT       |                      | 60 (seconds, with warnings)|
-| JUTURNA_OPERATOR_RECONCILE_WORKERS       |                      | 128 (passes at once)       |
-| JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES    |                      | none beyond restricted's   |
-| JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES|                      | none                       |
+``SETTINGS`` is the one list of settings: each has a variable ``JUTURNA_OPERATOR_<NAME>``,
+a flag ``--<name>`` (``juturna-operator run --help`` lists them all, with their defaults),
+its default and what it means.
 
 The ServiceAccount the operator runs as is not a setting: it is read from the token the
 kubelet mounted into the operator's pod (``read_service_account``).
@@ -42,36 +17,218 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from juturna_operator.domain import NAMESPACE_NAME
+from juturna_operator.domain import MAX_OBJECT_NAME, NAMESPACE_NAME, OBJECT_NAME
 from juturna_operator.registry import ENGINES
 
 ENV_PREFIX = "JUTURNA_OPERATOR_"
 MAX_HEALTH_INTERVAL_S = 5.0
 MAX_GIL_SWITCH_INTERVAL_S = 0.1  # beyond it, one busy node thread stalls all others
 DEFAULT_HEALTH_INTERVAL_S = 3.0  # a dead node is seen within ~3 s
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "juturna-operator"
+DEFAULT_POD_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}}
+BOOLEAN = ("true", "false")
+LOG_FORMATS = ("text", "json")
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
 class SettingsError(ValueError):
     """A setting has a value the operator cannot use; the message says which and why."""
 
 
-# The settings a command-line flag may give; a flag wins over its environment variable.
-FLAGS = {
-    "PLUGIN_PATH": "--plugin-path",
-    "WORKDIR": "--workdir",
-    "ENGINE": "--engine",
-    "STOP_TIMEOUT": "--stop-timeout",
-    "HEALTH_INTERVAL": "--health-interval",
-    "LOG_FORMAT": "--log-format",
-    "MAX_CONCURRENCY": "--max-concurrency",
-    "METRICS_PORT": "--metrics-port",
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its raw default (the text a flag or variable would give; None: unset),
+    what it means, and for an enumerated one its choices."""
+
+    name: str
+    default: str | None
+    help: str
+    metavar: str = "VALUE"
+    choices: tuple[str, ...] | None = None
+    shown: str = ""  # the default as people read it, where the raw text says little
+
+    @property
+    def env(self) -> str:
+        """The environment variable."""
+        return ENV_PREFIX + self.name
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return "--" + self.name.lower().replace("_", "-")
+
+    @property
+    def shown_default(self) -> str:
+        """The default, for ``--help`` and the docs."""
+        return self.shown or (self.default if self.default is not None else "unset")
+
+
+def _engines() -> str:
+    return "; ".join(f"{name}: {entry.summary}" for name, entry in ENGINES.items())
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "PLUGIN_PATH",
+        "",
+        f"plugin roots, separated by {os.pathsep!r}; spec.plugins names folders under them",
+        "DIR" + os.pathsep + "...",
+        shown="none (Juturna's built-ins only)",
+    ),
+    Setting("WORKDIR", str(DEFAULT_WORKDIR), "folder for pipeline folders", "DIR"),
+    Setting("ENGINE", "process", f"where pipelines run ({_engines()})", choices=tuple(ENGINES)),
+    Setting("STOP_TIMEOUT", "10", "seconds a stop may take before StopTimeout", "SECONDS"),
+    Setting(
+        "HEALTH_INTERVAL",
+        f"{DEFAULT_HEALTH_INTERVAL_S:g}",
+        f"seconds between health checks (at most {MAX_HEALTH_INTERVAL_S:g})",
+        "SECONDS",
+    ),
+    Setting("LOG_FORMAT", "text", "how log lines are written", choices=LOG_FORMATS),
+    Setting("MAX_CONCURRENCY", "8", "threads for blocking Juturna calls", "N"),
+    Setting("METRICS_PORT", "9090", "port of the Prometheus endpoint; 0 turns it off", "PORT"),
+    Setting(
+        "PROGRESS_THRESHOLD",
+        "1",
+        "seconds a step may take before its phase (e.g. WarmingUp) is written",
+        "SECONDS",
+    ),
+    Setting(
+        "GIL_SWITCH_INTERVAL",
+        "0.02",
+        "seconds a Python thread may keep the GIL while others wait (at most "
+        f"{MAX_GIL_SWITCH_INTERVAL_S:g}; CPython's default, 0.005, starves the operator "
+        "under hundreds of in-process pipelines)",
+        "SECONDS",
+    ),
+    Setting("SWEEP_INTERVAL", "60", "seconds between sweeps for orphaned instances", "SECONDS"),
+    Setting("RECONCILE_WORKERS", "128", "reconcile passes at once, over every Pipeline", "N"),
+    Setting(
+        "ALLOWED_BUILTINS",
+        None,
+        "Juturna built-ins Pipelines may use, as type/mark separated by commas "
+        "(sink/notifier_http,source/audio_rtp), or * for all; empty: none",
+        "TYPE/MARK,...",
+        shown="all on engine pod, none elsewhere",
+    ),
+    Setting(
+        "ALLOW_ENV_REFERENCES",
+        "false",
+        "engine inprocess: may a configuration value $JT_ENV_<NAME> read the operator's own "
+        "environment",
+        choices=BOOLEAN,
+    ),
+    Setting("SHARD_SIZE", "32", "engine shard: the most pipelines one shard process runs", "N"),
+    Setting(
+        "RUNTIMES",
+        "{}",
+        'named remote Juturna services, as JSON: {"gpu": {"url": "http://gpu:8080", '
+        '"tokenFile": "/path/to/token"}}',
+        "JSON",
+    ),
+    Setting(
+        "DEFAULT_RUNTIME",
+        "",
+        "the runtime for Pipelines without spec.runtime (engine service needs one)",
+        "NAME",
+        shown="none",
+    ),
+    Setting(
+        "RUNTIME_IMAGE",
+        "",
+        "engine pod: the image each Pipeline's pod runs (engine pod needs one)",
+        "IMAGE",
+        shown="none",
+    ),
+    Setting(
+        "RUNTIME_PULL_POLICY",
+        "IfNotPresent",
+        "engine pod: the runtime image's pull policy",
+        choices=PULL_POLICIES,
+    ),
+    Setting(
+        "ALLOW_IMAGE_OVERRIDE",
+        "false",
+        "engine pod: may spec.template.image replace the runtime image",
+        choices=BOOLEAN,
+    ),
+    Setting(
+        "ALLOWED_VOLUME_TYPES",
+        "",
+        "engine pod: volume types a template may use beyond the restricted profile's, "
+        "separated by commas (hostPath,nfs)",
+        "TYPE,...",
+        shown="none",
+    ),
+    Setting(
+        "ALLOWED_PRIORITY_CLASSES",
+        "",
+        "engine pod: the PriorityClasses a template may name, separated by commas",
+        "NAME,...",
+        shown="none",
+    ),
+    Setting(
+        "POD_WORK_SIZE_LIMIT",
+        "1Gi",
+        "engine pod: the size limit of a pipeline pod's work folder; empty: none",
+        "QUANTITY",
+    ),
+    Setting(
+        "POD_TMP_SIZE_LIMIT",
+        "64Mi",
+        "engine pod: the size limit of a pipeline pod's /tmp; empty: none",
+        "QUANTITY",
+    ),
+    Setting(
+        "POD_DEFAULT_RESOURCES",
+        json.dumps(DEFAULT_POD_RESOURCES),
+        "engine pod: the resources of a pod whose template gives none, as JSON",
+        "JSON",
+    ),
+    Setting(
+        "POD_USER",
+        "",
+        "engine pod: the user pipeline pods run as, UID or UID:GID (then also their group and "
+        "fsGroup), never 0; empty: runAsNonRoot with the runtime image's own numeric user",
+        "UID[:GID]",
+        shown="the image's",
+    ),
+    Setting(
+        "POD_IMAGE_PULL_SECRETS",
+        "",
+        "engine pod: Secrets every pipeline pod pulls its image with, separated by commas, "
+        "before its template's imagePullSecrets; each must exist in every namespace that has "
+        "Pipelines",
+        "NAME,...",
+        shown="none",
+    ),
+    Setting(
+        "POD_START_TIMEOUT",
+        "60",
+        "engine pod: seconds a placed pod may stay unstarted while the kubelet warns about "
+        "it, before PodNotStarted",
+        "SECONDS",
+    ),
+    Setting(
+        "WORKER_PEERS",
+        None,
+        "engine pod: NetworkPolicy peers (a JSON list) that may reach a pipeline pod's worker",
+        "JSON",
+        shown="unset: no NetworkPolicy",
+    ),
+)
+SETTING = {setting.name: setting for setting in SETTINGS}
+
+
+def env_name(name: str) -> str:
+    """How a setting is named where no flag or variable gave it: its variable."""
+    return SETTING[name].env
 
 
 class _Sources:
@@ -79,60 +236,62 @@ class _Sources:
     checks for both, and each error names what the administrator actually set."""
 
     def __init__(self, flags: dict[str, str]) -> None:
+        unknown = set(flags) - set(SETTING)
+        if unknown:
+            raise ValueError(f"no such settings: {', '.join(sorted(unknown))}")
         self._flags = flags
 
-    def get(self, name: str, default: str) -> str:
+    def get(self, name: str) -> str:
+        """The raw value, or the setting's default."""
         value = self.given(name)
-        return default if value is None else value
+        return (SETTING[name].default or "") if value is None else value
 
     def given(self, name: str) -> str | None:
         """The raw value, or None where neither a flag nor the variable is set."""
         if name in self._flags:
             return self._flags[name]
-        return os.environ.get(ENV_PREFIX + name)
+        return os.environ.get(SETTING[name].env)
 
     def where(self, name: str) -> str:
-        return FLAGS[name] if name in self._flags else ENV_PREFIX + name
+        """The flag or variable that gave the value; both where neither did."""
+        setting = SETTING[name]
+        if name in self._flags:
+            return setting.flag
+        if setting.env in os.environ:
+            return setting.env
+        return f"{setting.flag} or {setting.env}"
 
-    def seconds(self, name: str, default: str) -> float:
-        return _positive(self.where(name), self.get(name, default))
+    def seconds(self, name: str) -> float:
+        return _positive(self.where(name), self.get(name))
 
-    def count(self, name: str, default: str) -> int:
-        raw = self.get(name, default)
+    def count(self, name: str) -> int:
+        raw = self.get(name)
         if not raw.isdigit() or int(raw) < 1:
             raise SettingsError(
-                f"{self.where(name)} must be a whole number of at least 1, got {raw!r}"
+                f"{self.where(name)}: must be a whole number of at least 1, got {raw!r}"
             )
         return int(raw)
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        raw = self.get(name, default)
-        if raw not in choices:
-            raise SettingsError(
-                f"{self.where(name)} must be one of {', '.join(choices)}, got {raw!r}"
-            )
-        return raw
+    def boolean(self, name: str) -> bool:
+        raw = self.get(name)
+        if raw.lower() not in BOOLEAN:
+            raise SettingsError(f"{self.where(name)}: must be true or false, got {raw!r}")
+        return raw.lower() == "true"
 
 
 def _positive(where: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{where} must be a number of seconds, got {raw!r}") from None
+        raise SettingsError(f"{where}: must be a number of seconds, got {raw!r}") from None
     if not value > 0 or value == float("inf"):
-        raise SettingsError(f"{where} must be positive, got {raw!r}")
+        raise SettingsError(f"{where}: must be positive, got {raw!r}")
     return value
-
-
-def _flag(where: str, raw: str) -> bool:
-    if raw.lower() not in ("true", "false"):
-        raise SettingsError(f"{where} must be true or false, got {raw!r}")
-    return raw.lower() == "true"
 
 
 def _port(where: str, raw: str) -> int:
     if not raw.isdigit() or int(raw) > 65535:
-        raise SettingsError(f"{where} must be a port number (0 turns it off), got {raw!r}")
+        raise SettingsError(f"{where}: must be a port number (0 turns it off), got {raw!r}")
     return int(raw)
 
 
@@ -151,7 +310,7 @@ def parse_size_limit(raw: str, where: str) -> str | None:
         return None
     if not QUANTITY.fullmatch(raw):
         raise SettingsError(
-            f"{where} must be a quantity such as 64Mi or 1Gi (empty: no limit), got {raw!r}"
+            f"{where}: must be a quantity such as 64Mi or 1Gi (empty: no limit), got {raw!r}"
         )
     return raw
 
@@ -162,10 +321,10 @@ def parse_resources(raw: str, where: str) -> dict[str, dict[str, str]]:
     try:
         data = json.loads(raw or "{}")
     except json.JSONDecodeError as err:
-        raise SettingsError(f"{where} is not valid JSON: {err}") from None
+        raise SettingsError(f"{where}: not valid JSON: {err}") from None
     if not isinstance(data, dict) or not set(data) <= set(RESOURCE_KINDS):
         raise SettingsError(
-            f"{where} must be a JSON object with requests and/or limits, got {raw!r}"
+            f"{where}: must be a JSON object with requests and/or limits, got {raw!r}"
         )
     resources: dict[str, dict[str, str]] = {}
     for kind, amounts in data.items():
@@ -194,10 +353,10 @@ def parse_worker_peers(raw: str | None, where: str) -> list[dict[str, object]] |
     try:
         peers = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise SettingsError(f"{where} is not valid JSON: {err}") from None
+        raise SettingsError(f"{where}: not valid JSON: {err}") from None
     if not isinstance(peers, list) or not peers:
         raise SettingsError(
-            f"{where} must be a JSON list of at least one NetworkPolicy peer (unset it for no "
+            f"{where}: must be a JSON list of at least one NetworkPolicy peer (unset it for no "
             f"NetworkPolicy: an empty list would let everyone in), got {raw!r}"
         )
     for peer in peers:
@@ -215,7 +374,7 @@ def parse_names(
     entries = tuple(e.strip() for e in (raw or "").split(",") if e.strip())
     for entry in entries:
         if not valid(entry):
-            raise SettingsError(f"{where} lists {entry!r}: each entry must be {what}")
+            raise SettingsError(f"{where}: {entry!r} is not {what}")
     return entries
 
 
@@ -266,8 +425,23 @@ VOLUME_TYPES = frozenset(
         "vsphereVolume",
     }
 )
-# A PriorityClass name: a DNS subdomain.
-OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+POD_USER = re.compile(r"([0-9]+)(?::([0-9]+))?")
+
+
+def parse_pod_user(raw: str, where: str) -> tuple[int, int | None] | None:
+    """``UID`` or ``UID:GID`` for pipeline pods (runAsUser; runAsGroup and fsGroup), or None
+    (empty): the runtime image's own numeric user."""
+    if not raw:
+        return None
+    found = POD_USER.fullmatch(raw)
+    if found is None or int(found[1]) == 0:
+        raise SettingsError(
+            f"{where}: must be a numeric user, UID or UID:GID, and not 0 (pipeline pods never "
+            f"run as root); empty: the runtime image's own user; got {raw!r}"
+        )
+    return int(found[1]), None if found[2] is None else int(found[2])
 
 
 # Where the kubelet mounts a pod's ServiceAccount token (in-cluster config reads it too).
@@ -360,7 +534,7 @@ def parse_plugin_path(raw: str, where: str = ENV_PREFIX + "PLUGIN_PATH") -> list
     for part in filter(None, raw.split(os.pathsep)):
         path = Path(part).expanduser().resolve()
         if not path.is_dir():
-            raise SettingsError(f"plugin root {part!r} in {where} is not a directory")
+            raise SettingsError(f"{where}: plugin root {part!r} is not a directory")
         roots.append(path)
     return roots
 
@@ -381,19 +555,19 @@ class Runtime:
         return self.token_file.read_text().strip() if self.token_file else None
 
 
-def parse_runtimes(raw: str) -> dict[str, Runtime]:
+def parse_runtimes(raw: str, where: str = ENV_PREFIX + "RUNTIMES") -> dict[str, Runtime]:
     """``{"gpu": {"url": "http://…:8080", "tokenFile": "/var/run/secrets/gpu/token"}}``."""
     try:
         data = json.loads(raw or "{}")
     except json.JSONDecodeError as err:
-        raise SettingsError(f"{ENV_PREFIX}RUNTIMES is not valid JSON: {err}") from None
+        raise SettingsError(f"{where}: not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise SettingsError(f"{ENV_PREFIX}RUNTIMES must be a JSON object of runtimes by name")
+        raise SettingsError(f"{where}: must be a JSON object of runtimes by name")
     runtimes = {}
     for name, entry in data.items():
         url = entry.get("url", "") if isinstance(entry, dict) else ""
         if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
-            raise SettingsError(f"runtime {name!r} needs an http(s) url, got {url!r}")
+            raise SettingsError(f"{where}: runtime {name!r} needs an http(s) url, got {url!r}")
         token_file = entry.get("tokenFile")
         runtimes[name] = Runtime(name, url, Path(token_file) if token_file else None)
     return runtimes
@@ -404,7 +578,7 @@ class Settings:
     """Everything the operator reads from its environment and flags."""
 
     plugin_roots: list[Path] = field(default_factory=list)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "juturna-operator")
+    workdir: Path = DEFAULT_WORKDIR
     engine: str = "process"
     stop_timeout_s: float = 10.0
     health_interval_s: float = DEFAULT_HEALTH_INTERVAL_S
@@ -442,7 +616,7 @@ class Settings:
     pod_tmp_size_limit: str | None = "64Mi"
     # What a pipeline pod whose template gives no resources gets: never BestEffort.
     pod_default_resources: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        default_factory=lambda: json.loads(json.dumps(DEFAULT_POD_RESOURCES))
     )
 
     # Engine "pod": who may reach a pipeline pod's worker port (NetworkPolicy peers: the
@@ -461,71 +635,80 @@ class Settings:
     allowed_priority_classes: tuple[str, ...] = ()
     # The account the operator runs as (its pod's), refused in templates of its namespace.
     service_account: ServiceAccount | None = None
+    # Engine "pod": the user pipeline pods run as, (UID, GID or None); None: the runtime
+    # image's own numeric user (runAsNonRoot alone), which OpenShift's restricted SCC lets
+    # it replace with one of the namespace's range.
+    pod_user: tuple[int, int | None] | None = None
+    # Engine "pod": Secrets every pipeline pod pulls its image with (each must exist in every
+    # Pipeline's namespace), before those its template names.
+    pod_image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
-    def from_env(cls, flags: dict[str, str] | None = None) -> Settings:
+    def from_env(
+        cls, flags: dict[str, str] | None = None, namespaces: Sequence[str] | None = None
+    ) -> Settings:
         """Settings from the environment; ``flags`` (raw strings by setting name, see
-        ``FLAGS``) override it and go through the same checks."""
+        ``SETTINGS``) override it and go through the same checks. ``namespaces``: those the
+        operator watches (none: all)."""
         src = _Sources(flags or {})
-        defaults = cls()
         settings = cls(
-            plugin_roots=parse_plugin_path(src.get("PLUGIN_PATH", ""), src.where("PLUGIN_PATH")),
-            workdir=Path(src.get("WORKDIR", str(defaults.workdir))).expanduser().resolve(),
-            engine=src.choice("ENGINE", defaults.engine, tuple(ENGINES)),
-            stop_timeout_s=src.seconds("STOP_TIMEOUT", "10"),
-            health_interval_s=src.seconds("HEALTH_INTERVAL", "3"),
-            log_format=src.choice("LOG_FORMAT", "text", ("text", "json")),
-            max_concurrency=src.count("MAX_CONCURRENCY", "8"),
-            progress_threshold_s=src.seconds("PROGRESS_THRESHOLD", "1"),
-            gil_switch_interval_s=src.seconds(
-                "GIL_SWITCH_INTERVAL", str(defaults.gil_switch_interval_s)
-            ),
-            runtimes=parse_runtimes(src.get("RUNTIMES", "{}")),
-            default_runtime=src.get("DEFAULT_RUNTIME", "") or None,
-            sweep_interval_s=src.seconds("SWEEP_INTERVAL", "60"),
-            metrics_port=_port(src.where("METRICS_PORT"), src.get("METRICS_PORT", "9090")),
-            runtime_image=src.get("RUNTIME_IMAGE", ""),
-            runtime_pull_policy=src.get("RUNTIME_PULL_POLICY", defaults.runtime_pull_policy),
-            allow_image_override=_flag(
-                src.where("ALLOW_IMAGE_OVERRIDE"), src.get("ALLOW_IMAGE_OVERRIDE", "false")
-            ),
+            plugin_roots=parse_plugin_path(src.get("PLUGIN_PATH"), src.where("PLUGIN_PATH")),
+            workdir=Path(src.get("WORKDIR")).expanduser().resolve(),
+            engine=src.get("ENGINE"),
+            stop_timeout_s=src.seconds("STOP_TIMEOUT"),
+            health_interval_s=src.seconds("HEALTH_INTERVAL"),
+            log_format=src.get("LOG_FORMAT"),
+            max_concurrency=src.count("MAX_CONCURRENCY"),
+            progress_threshold_s=src.seconds("PROGRESS_THRESHOLD"),
+            gil_switch_interval_s=src.seconds("GIL_SWITCH_INTERVAL"),
+            runtimes=parse_runtimes(src.get("RUNTIMES"), src.where("RUNTIMES")),
+            default_runtime=src.get("DEFAULT_RUNTIME") or None,
+            sweep_interval_s=src.seconds("SWEEP_INTERVAL"),
+            metrics_port=_port(src.where("METRICS_PORT"), src.get("METRICS_PORT")),
+            runtime_image=src.get("RUNTIME_IMAGE"),
+            runtime_pull_policy=src.get("RUNTIME_PULL_POLICY"),
+            allow_image_override=src.boolean("ALLOW_IMAGE_OVERRIDE"),
             allowed_builtins=parse_builtins(
                 src.given("ALLOWED_BUILTINS"), src.where("ALLOWED_BUILTINS")
             ),
-            allow_env_references=_flag(
-                src.where("ALLOW_ENV_REFERENCES"), src.get("ALLOW_ENV_REFERENCES", "false")
-            ),
-            shard_size=src.count("SHARD_SIZE", str(defaults.shard_size)),
+            allow_env_references=src.boolean("ALLOW_ENV_REFERENCES"),
+            shard_size=src.count("SHARD_SIZE"),
             pod_work_size_limit=parse_size_limit(
-                src.get("POD_WORK_SIZE_LIMIT", defaults.pod_work_size_limit or ""),
-                src.where("POD_WORK_SIZE_LIMIT"),
+                src.get("POD_WORK_SIZE_LIMIT"), src.where("POD_WORK_SIZE_LIMIT")
             ),
             pod_tmp_size_limit=parse_size_limit(
-                src.get("POD_TMP_SIZE_LIMIT", defaults.pod_tmp_size_limit or ""),
-                src.where("POD_TMP_SIZE_LIMIT"),
+                src.get("POD_TMP_SIZE_LIMIT"), src.where("POD_TMP_SIZE_LIMIT")
             ),
             pod_default_resources=parse_resources(
-                src.get("POD_DEFAULT_RESOURCES", json.dumps(defaults.pod_default_resources)),
-                src.where("POD_DEFAULT_RESOURCES"),
+                src.get("POD_DEFAULT_RESOURCES"), src.where("POD_DEFAULT_RESOURCES")
             ),
             worker_peers=parse_worker_peers(src.given("WORKER_PEERS"), src.where("WORKER_PEERS")),
-            pod_start_timeout_s=src.seconds("POD_START_TIMEOUT", "60"),
-            reconcile_workers=src.count("RECONCILE_WORKERS", str(defaults.reconcile_workers)),
+            pod_start_timeout_s=src.seconds("POD_START_TIMEOUT"),
+            reconcile_workers=src.count("RECONCILE_WORKERS"),
             allowed_volume_types=parse_names(
-                src.given("ALLOWED_VOLUME_TYPES"),
+                src.get("ALLOWED_VOLUME_TYPES"),
                 src.where("ALLOWED_VOLUME_TYPES"),
                 VOLUME_TYPES.__contains__,
                 "a volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
             ),
             allowed_priority_classes=parse_names(
-                src.given("ALLOWED_PRIORITY_CLASSES"),
+                src.get("ALLOWED_PRIORITY_CLASSES"),
                 src.where("ALLOWED_PRIORITY_CLASSES"),
-                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                lambda name: len(name) <= MAX_OBJECT_NAME and bool(OBJECT_NAME.fullmatch(name)),
                 "a PriorityClass name (lowercase letters, digits, '-' and '.')",
             ),
             service_account=read_service_account(),
+            pod_user=parse_pod_user(src.get("POD_USER"), src.where("POD_USER")),
+            pod_image_pull_secrets=parse_names(
+                src.get("POD_IMAGE_PULL_SECRETS"),
+                src.where("POD_IMAGE_PULL_SECRETS"),
+                lambda name: bool(OBJECT_NAME.fullmatch(name)),
+                "a Secret name (lowercase letters, digits, '-' and '.')",
+            ),
         )
-        settings.check()
+        if namespaces is not None:
+            settings.namespaces, settings.all_namespaces = list(namespaces), not namespaces
+        settings.check(src.where)
         return settings
 
     def engine_for(self, runtime: str | None) -> str:
@@ -555,47 +738,42 @@ class Settings:
             forbidden_account=own.name if own and own.namespace == namespace else None,
         )
 
-    def check(self) -> None:
-        """Refuse values the operator cannot work with, naming the setting."""
-        if self.engine not in tuple(ENGINES):
-            raise SettingsError(
-                f"{ENV_PREFIX}ENGINE must be one of {', '.join(tuple(ENGINES))}, "
-                f"got {self.engine!r}"
-            )
-        if self.log_format not in ("text", "json"):
-            raise SettingsError(f"log format must be 'text' or 'json', got {self.log_format!r}")
-        if self.health_interval_s > MAX_HEALTH_INTERVAL_S:
-            raise SettingsError(
-                f"health interval must be at most {MAX_HEALTH_INTERVAL_S:g} s, "
-                f"got {self.health_interval_s:g}"
-            )
-        if self.gil_switch_interval_s > MAX_GIL_SWITCH_INTERVAL_S:
-            raise SettingsError(
-                f"GIL switch interval must be at most {MAX_GIL_SWITCH_INTERVAL_S:g} s, "
-                f"got {self.gil_switch_interval_s:g}"
-            )
+    def check(self, where: Callable[[str], str] = env_name) -> None:
+        """Refuse values the operator cannot work with; ``where`` names a setting (by its
+        name in ``SETTINGS``) as it was given: flag or variable."""
+        for name, value in (
+            ("ENGINE", self.engine),
+            ("LOG_FORMAT", self.log_format),
+            ("RUNTIME_PULL_POLICY", self.runtime_pull_policy),
+        ):
+            choices = SETTING[name].choices or ()
+            if value not in choices:
+                raise SettingsError(
+                    f"{where(name)}: must be one of {', '.join(choices)}, got {value!r}"
+                )
+        for name, seconds, most in (
+            ("HEALTH_INTERVAL", self.health_interval_s, MAX_HEALTH_INTERVAL_S),
+            ("GIL_SWITCH_INTERVAL", self.gil_switch_interval_s, MAX_GIL_SWITCH_INTERVAL_S),
+        ):
+            if seconds > most:
+                raise SettingsError(f"{where(name)}: must be at most {most:g} s, got {seconds:g}")
         if self.engine == "service" and self.default_runtime not in self.runtimes:
+            configured = ", ".join(sorted(self.runtimes)) or "none configured"
             raise SettingsError(
-                f"engine 'service' needs {ENV_PREFIX}DEFAULT_RUNTIME to name one of the "
-                f"configured runtimes ({', '.join(sorted(self.runtimes)) or 'none configured'}),"
-                f" got {self.default_runtime!r}"
+                f"{where('DEFAULT_RUNTIME')}: engine 'service' needs the name of one of the "
+                f"configured runtimes ({configured}), got {self.default_runtime or ''!r}"
             )
         if self.engine == "pod" and not self.runtime_image:
             raise SettingsError(
-                f"engine 'pod' needs {ENV_PREFIX}RUNTIME_IMAGE: the image each Pipeline's pod "
+                f"{where('RUNTIME_IMAGE')}: engine 'pod' needs the image each Pipeline's pod "
                 "runs (the operator's own image holds the worker and the plugins)"
             )
-        if self.runtime_pull_policy not in ("Always", "IfNotPresent", "Never"):
-            raise SettingsError(
-                f"{ENV_PREFIX}RUNTIME_PULL_POLICY must be Always, IfNotPresent or Never, "
-                f"got {self.runtime_pull_policy!r}"
-            )
         if self.namespaces and self.all_namespaces:
-            raise SettingsError("choose either namespaces (-n) or all namespaces (-A), not both")
+            raise SettingsError("--namespace: choose either namespaces (-n) or all (-A), not both")
         for ns in self.namespaces:
             # Exact names only: the namespaced mode does not list namespaces (see handlers).
             if not NAMESPACE_NAME.fullmatch(ns):
                 raise SettingsError(
-                    f"namespace {ns!r} is not a namespace name (lowercase letters, digits "
+                    f"--namespace: {ns!r} is not a namespace name (lowercase letters, digits "
                     "and '-', at most 63); name each watched namespace exactly"
                 )

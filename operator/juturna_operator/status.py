@@ -23,6 +23,8 @@ from juturna_operator.api import (
     PipelineStatus,
     PodPlacement,
     Protocol,
+    UpdateStatus,
+    UpdateStep,
 )
 from juturna_operator.domain import Address, InstanceState, PipelineKey
 from juturna_operator.engines.base import InstanceInfo
@@ -47,6 +49,7 @@ class Facts:
     node_total: int  # nodes in the spec: the NODES column's denominator
     info: InstanceInfo | None
     addresses: tuple[Address, ...] = ()  # status.endpoints
+    candidate: InstanceInfo | None = None  # a warm swap's other instance
 
     def key(self) -> tuple[Any, ...]:
         """What decides the status, cheaply comparable (InstanceInfo holds lists)."""
@@ -62,19 +65,23 @@ class Facts:
             None
             if info is None
             else (info.pipeline_id, info.state, tuple(info.nodes.items()), len(info.crashes)),
+            None if self.candidate is None else self.candidate.pod,
         )
 
 
-def build_status(facts: Facts, previous_conditions: list[dict[str, Any]]) -> dict[str, Any]:
-    """The whole status this operator owns, as a merge patch (``previous_conditions`` keep
-    their transition times where their status did not change)."""
+def build_status(facts: Facts, previous_status: dict[str, Any]) -> dict[str, Any]:
+    """The whole status this operator owns, as a merge patch (``previous_status``: its
+    conditions keep their transition times where their status did not change, and its
+    ``lastStableRevision`` stays while nothing runs as asked)."""
     desired, observed, info = facts.desired, facts.observed, facts.info
     previous = [
         Condition.model_validate(c)
-        for c in previous_conditions
+        for c in previous_status.get("conditions") or []
         if isinstance(c, dict) and c.get("type") in ConditionType.__members__
     ]
-    failure = lifecycle.current_failure(desired, observed)
+    failure = lifecycle.current_failure(desired, observed) or lifecycle.update_failed(
+        desired, observed
+    )
     nodes = [NodeStatus(name=n, status=s) for n, s in (info.nodes if info else {}).items()]
     running = info is not None and info.state is InstanceState.Running
     live = {"Running"} if running else {"Configured", "Stopped"}  # warm standby counts
@@ -82,7 +89,12 @@ def build_status(facts: Facts, previous_conditions: list[dict[str, Any]]) -> dic
         phase=lifecycle.phase(desired, observed, facts.in_progress),
         observedGeneration=desired.generation,
         conditions=lifecycle.conditions(
-            desired, observed, previous, now_rfc3339(), "; ".join(facts.warnings)
+            desired,
+            observed,
+            previous,
+            now_rfc3339(),
+            "; ".join(facts.warnings),
+            facts.in_progress,
         ),
         failure=Failure(
             reason=failure.reason.name,
@@ -110,9 +122,39 @@ def build_status(facts: Facts, previous_conditions: list[dict[str, Any]]) -> dic
             for a in facts.addresses
         ],
         address=_address_column(facts.addresses),
+        lastStableRevision=_stable_revision(facts, previous_status.get("lastStableRevision")),
+        update=_update(facts),
     )
     # None values stay in: in a merge patch they delete a field that no longer applies.
     return status.model_dump(mode="json")
+
+
+def _stable_revision(facts: Facts, before: Any) -> str | None:
+    """What runs as asked: the active instance's revision while it runs unfailed (an update
+    that fails leaves it there); else what was written before."""
+    observed = facts.observed
+    if (
+        observed.instance is InstanceState.Running
+        and lifecycle.current_failure(facts.desired, observed) is None
+    ):
+        return observed.instance_revision
+    return before if isinstance(before, str) else None
+
+
+def _update(facts: Facts) -> UpdateStatus | None:
+    step = lifecycle.update_step(facts.desired, facts.observed, facts.in_progress)
+    if step is None:
+        return None
+    observed, candidate = facts.observed, facts.candidate
+    draining = step is UpdateStep.Draining
+    return UpdateStatus(
+        step=step,
+        revision=facts.desired.revision,
+        previousRevision=observed.candidate_revision if draining else observed.instance_revision,
+        pod=PodPlacement(name=candidate.pod[0], node=candidate.pod[1])
+        if candidate is not None and candidate.pod
+        else None,
+    )
 
 
 def _address_column(addresses: tuple[Address, ...]) -> str | None:
@@ -145,8 +187,7 @@ class WrittenStatus:
             and same_status(self.status, current)
         ):
             return None  # nothing new, and the object still says it: skip building it again
-        source = self.status or current
-        status = build_status(facts, source.get("conditions") or [])
+        status = build_status(facts, self.status or current)
         if status != self.status and not same_status(status, current):
             await write(key, status)  # raises on failure: nothing below is remembered
         self.status, self.facts = status, fingerprint

@@ -7,12 +7,23 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from juturna_operator import admission
+from juturna_operator.api import PipelineSpec
+from juturna_operator.convert import ConvertError, to_juturna
 from support import Kubectl, manifest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
 
 Mutation = Callable[[dict[str, Any]], None]
+CONDITION = {
+    "type": "Ready",
+    "status": "True",
+    "reason": "DesiredStateReached",
+    "lastTransitionTime": "2026-12-07T10:00:00Z",
+    "observedGeneration": 1,
+}
 
 
 def with_ports(*ports: dict[str, Any]) -> Mutation:
@@ -69,6 +80,11 @@ CASES: list[tuple[str, Mutation, str]] = [
         'letters, digits, "_" and "-"',
     ),
     (
+        "a node name with a space",
+        lambda s: s["nodes"][1].update(name="a b"),
+        'spec.nodes[1]: Invalid value: node name "a b" is not a safe folder name',
+    ),
+    (
         "a node name ..",
         lambda s: s["nodes"][2].update(name=".."),
         'node name ".." is not a safe folder name',
@@ -92,7 +108,8 @@ CASES: list[tuple[str, Mutation, str]] = [
     (
         "a bad state",
         lambda s: s.update(state="Runing"),
-        'spec.state: Unsupported value: "Runing": supported values: "Running", "Ready", "Stopped"',
+        'spec.state: Unsupported value: "Runing": supported values: "Running", "Standby", '
+        '"Stopped", "Ready"',
     ),
     (
         "a bad node type",
@@ -105,10 +122,59 @@ CASES: list[tuple[str, Mutation, str]] = [
         "spec.nodes: Invalid value: 0: spec.nodes in body should have at least 1 items",
     ),
     (
+        "an image pull secret without its name",
+        lambda s: s.update(template={"imagePullSecrets": [{}]}),
+        "spec.template.imagePullSecrets[0].name: Required value",
+    ),
+    (
         "a negative restart budget",
         lambda s: s.update(restartPolicy={"maxRestarts": -1}),
         "spec.restartPolicy.maxRestarts: Invalid value: -1: spec.restartPolicy.maxRestarts in "
         "body should be greater than or equal to 0",
+    ),
+]
+
+# spec.template's Pod fields are Kubernetes' own types (the CRD carries the pinned version's
+# schemas): a mistake fails at apply. ``convert`` does not repeat Kubernetes' Pod schemas: it
+# leaves these to the API server (docs/pipeline-api.md says so).
+POD_FIELD_CASES: list[tuple[str, Mutation, str]] = [
+    (
+        "a toleration's misspelt field",
+        lambda s: s.update(template={"tolerations": [{"operater": "Exists"}]}),
+        'strict decoding error: unknown field "spec.template.tolerations[0].operater"',
+    ),
+    (
+        "a toleration operator Kubernetes does not have",
+        lambda s: s.update(template={"tolerations": [{"operator": "Sometimes"}]}),
+        'spec.template.tolerations[0].operator: Unsupported value: "Sometimes": supported '
+        'values: "Equal", "Exists", "Gt", "Lt"',
+    ),
+    (
+        "a node affinity that is no object",
+        lambda s: s.update(template={"affinity": {"nodeAffinity": "ssd"}}),
+        'spec.template.affinity.nodeAffinity: Invalid value: "string": '
+        "spec.template.affinity.nodeAffinity in body must be of type object",
+    ),
+    (
+        "an environment variable without its name",
+        lambda s: s.update(template={"env": [{"value": "x"}]}),
+        "spec.template.env[0].name: Required value",
+    ),
+    (
+        "a claim without its name",
+        lambda s: s.update(template={"volumes": [{"name": "m", "persistentVolumeClaim": {}}]}),
+        "spec.template.volumes[0].persistentVolumeClaim.claimName: Required value",
+    ),
+    (
+        "a mount without its path",
+        lambda s: s.update(template={"volumeMounts": [{"name": "m"}]}),
+        "spec.template.volumeMounts[0].mountPath: Required value",
+    ),
+    (
+        "a quantity that is no quantity",
+        lambda s: s.update(template={"resources": {"limits": {"cpu": "lots"}}}),
+        'spec.template.resources.limits.cpu: Invalid value: "lots": '
+        "spec.template.resources.limits.cpu in body should match",
     ),
 ]
 
@@ -125,6 +191,53 @@ def test_rejected_at_admission(
     )
     assert proc.returncode != 0, f"{what} was accepted"
     assert message in proc.stderr, proc.stderr
+    assert_convert_refuses_it_too(body, proc.stderr)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    ("what", "mutate", "message"), POD_FIELD_CASES, ids=[c[0] for c in POD_FIELD_CASES]
+)
+def test_pod_fields_of_kubernetes_types_are_checked_at_admission(
+    kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str
+) -> None:
+    body = manifest("bad")
+    mutate(body["spec"])
+    proc = kubectl(
+        "-n", namespace, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+    assert proc.returncode != 0, f"{what} was accepted"
+    assert message in proc.stderr, proc.stderr
+
+
+def assert_convert_refuses_it_too(body: dict[str, Any], refusal: str) -> None:
+    """``convert`` refuses what the API server refused: with the CEL rule's words at the
+    same field where the rule is CEL (``admission``); the schema's types, enums and bounds
+    are pydantic's, in its own words."""
+    try:
+        spec = PipelineSpec.model_validate(body["spec"])
+    except ValidationError:
+        spec = None  # the schema refuses it: no CEL rule to compare
+    if spec is not None:
+        with pytest.raises(admission.Refused) as err:
+            admission.check(spec)
+        field, words = str(err.value).split(": ", 1)
+        assert f"{field}: Invalid value: " in refusal, refusal
+        assert words in refusal, refusal
+    with pytest.raises(ConvertError):
+        to_juturna(body)
+
+
+@pytest.mark.reliability
+def test_a_name_the_api_server_refuses_convert_refuses(kubectl: Kubectl, namespace: str) -> None:
+    body = manifest("Bad_Name")
+    proc = kubectl(
+        "-n", namespace, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
+    )
+    assert 'metadata.name: Invalid value: "Bad_Name"' in proc.stderr, proc.stderr
+    with pytest.raises(ConvertError) as err:
+        to_juturna(body)
+    assert str(err.value).startswith('metadata.name: "Bad_Name" is not a Kubernetes object name')
 
 
 def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str) -> None:
@@ -142,6 +255,50 @@ def test_the_example_is_accepted_and_defaulted(kubectl: Kubectl, namespace: str)
     spec = json.loads(proc.stdout)["spec"]
     assert spec["restartPolicy"] == {"maxRestarts": 3, "backoffSeconds": 5}
     assert spec["version"] == "1.0"
+    assert to_juturna(manifest("good"))["pipeline"]["name"] == "good"  # convert admits it too
+
+
+STATUS_CASES = [
+    (
+        "two conditions of one type",
+        {"conditions": [CONDITION, CONDITION]},
+        'status.conditions[1]: Duplicate value: {"type":"Ready"}',
+    ),
+    (
+        "two nodes of one name",
+        {"nodes": [{"name": "src", "status": "Running"}] * 2},
+        'status.nodes[1]: Duplicate value: {"name":"src"}',
+    ),
+    (
+        "a transition time that is no time",
+        {"conditions": [{**CONDITION, "lastTransitionTime": "yesterday"}]},
+        'status.conditions[0].lastTransitionTime: Invalid value: "yesterday": '
+        'conditions[0].lastTransitionTime in body must be of type date-time: "yesterday"',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "status", "message"), STATUS_CASES, ids=[c[0] for c in STATUS_CASES]
+)
+def test_the_status_schema_refuses_what_kubernetes_lists_and_times_forbid(
+    kubectl: Kubectl, namespace: str, what: str, status: dict[str, Any], message: str
+) -> None:
+    """Conditions are a map by type and nodes by name (server-side apply and kubectl know
+    them apart), and times are RFC 3339: the API server holds a status writer to it."""
+    kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(manifest("st")))
+    proc = kubectl(
+        *("-n", namespace, "patch", "pipeline", "st", "--subresource=status", "--type=merge"),
+        *("-p", json.dumps({"status": status})),
+        check=False,
+    )
+    assert proc.returncode != 0, f"{what} was accepted"
+    assert message in proc.stderr, proc.stderr
+    good = {"conditions": [CONDITION], "nodes": [{"name": "src", "status": "Running"}]}
+    kubectl(
+        *("-n", namespace, "patch", "pipeline", "st", "--subresource=status", "--type=merge"),
+        *("-p", json.dumps({"status": good})),
+    )
 
 
 def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:
@@ -150,3 +307,16 @@ def test_kubectl_explain_prints_descriptions(kubectl: Kubectl) -> None:
     assert "The node kind: the plugin" in out
     out = kubectl("explain", "pipeline.status.failure").stdout
     assert "HTTP-like: 4xx needs a spec change; 5xx is retried." in out
+
+
+def test_kubectl_explain_goes_on_into_the_pod_fields(kubectl: Kubectl) -> None:
+    """spec.template's Pod fields carry Kubernetes' own schemas, descriptions included."""
+    out = kubectl("explain", "pipeline.spec.template.affinity").stdout
+    assert "Pod affinity rules, as in a Pod spec." in out  # the template's own words
+    assert "podAntiAffinity\t<Object>" in out
+    out = kubectl("explain", "pipeline.spec.template.affinity.nodeAffinity").stdout
+    assert "requiredDuringSchedulingIgnoredDuringExecution" in out
+    out = kubectl("explain", "pipeline.spec.template.volumes.persistentVolumeClaim").stdout
+    assert "claimName\t<string> -required-" in out
+    out = kubectl("explain", "pipeline.spec.template.tolerations.effect").stdout
+    assert "NoExecute" in out

@@ -127,6 +127,6 @@ def test_the_floor_writes_the_status_the_operator_writes_on_running() -> None:
         conditions = [c | {"lastTransitionTime": "-"} for c in status["conditions"]]
         return status | {"conditions": conditions}
 
-    operators = timeless(build_status(facts, []))
-    floors = timeless(floor.running_status(body, "pid-1"))
+    operators = timeless(build_status(facts, {}))
+    floors = timeless(floor.running_status(body, "pid-1", "rev"))
     assert floors == operators

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,35 +21,29 @@ import yaml
 from controlplane import ControlPlane
 from kubernetes import client
 
+from juturna_operator.api import GROUP, PLURAL, VERSION
 from support import (
+    CHART,
+    EVERY_CHART_VALUE,
+    EXAMPLE,
     MANAGED,
     REPO,
     Kubectl,
+    Operator,
     Pipelines,
     assert_nothing_made,
     assert_sole_operator,
     binaries,
+    free_port,
+    helm,
     managed,
     manifest,
     pod_ready,
+    rendered,
     wait_until,
 )
 
 pytestmark = pytest.mark.cluster
-CHART = REPO / "charts" / "juturna-operator"
-
-
-def helm(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    binary = binaries().helm / "helm"
-    proc = subprocess.run(
-        [str(binary), f"--kubeconfig={kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)}:\n{proc.stderr}{proc.stdout}")
-    return proc
 
 
 def test_the_charts_crds_equal_the_generated_ones() -> None:
@@ -53,8 +52,8 @@ def test_the_charts_crds_equal_the_generated_ones() -> None:
     assert chart == top, "charts/juturna-operator/crds differs from crds/: run `make crds`"
 
 
-def test_helm_lint(kubeconfig: Path) -> None:
-    out = helm(kubeconfig, "lint", str(CHART)).stdout
+def test_helm_lint() -> None:
+    out = helm("lint", str(CHART)).stdout
     assert "1 chart(s) linted, 0 chart(s) failed" in out
 
 
@@ -84,21 +83,41 @@ def test_helm_lint(kubeconfig: Path) -> None:
             "--set",
             "allowedPriorityClasses={media-high}",
         ],
+        EVERY_CHART_VALUE,
+        ["--set", "metrics.port=0"],
+        ["--set", "serviceAccount.create=false", "--set", "rbac.create=false"],
     ],
-    ids=["cluster-wide", "namespaced", "service-runtimes", "shards", "pod-policy"],
+    ids=[
+        "cluster-wide",
+        "namespaced",
+        "service-runtimes",
+        "shards",
+        "pod-policy",
+        "every-value",
+        "metrics-off",
+        "their-account",
+    ],
 )
 def test_templates_pass_server_side_dry_run(
     kubeconfig: Path, kubectl: Kubectl, values: list[str]
 ) -> None:
+    """What the chart renders (the `helm test` pod included), as the real API server checks
+    it. The Prometheus Operator's objects are left out: its CRDs are not on the plane
+    (tests/tooling/test_chart_values.py checks them)."""
     for ns in ("ops", "team-a", "team-b"):
         kubectl("create", "namespace", ns, check=False)
-    rendered = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
-    kubectl("apply", "--dry-run=server", "-f", "-", input=rendered)
+    # The class EVERY_CHART_VALUE names: the Priority admission plugin checks that it exists.
+    kubectl("create", "priorityclass", "ops-high", "--value=1000", check=False)
+    objects = [
+        o for o in rendered(*values) if o["kind"] not in {"ServiceMonitor", "PrometheusRule"}
+    ]
+    assert objects
+    kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(objects))
 
 
-def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
+def test_the_values_schema_rejects_a_typo() -> None:
     def refused(value: str) -> str:
-        proc = helm(kubeconfig, "template", "jo", str(CHART), "--set", value, check=False)
+        proc = helm("template", "jo", str(CHART), "--set", value, check=False)
         assert proc.returncode != 0, value
         return proc.stderr
 
@@ -113,15 +132,9 @@ def test_the_values_schema_rejects_a_typo(kubeconfig: Path) -> None:
     assert "at '/allowedPriorityClasses/0'" in priority, priority
 
 
-def rendered(kubeconfig: Path, *values: str) -> list[dict[str, Any]]:
-    """The chart's objects as `helm template` renders them, release "jo" in namespace ops."""
-    out = helm(kubeconfig, "template", "jo", str(CHART), "-n", "ops", *values).stdout
-    return [doc for doc in yaml.safe_load_all(out) if doc]
-
-
-def test_the_pod_policy_values_reach_the_operator(kubeconfig: Path) -> None:
+def test_the_pod_policy_values_reach_the_operator() -> None:
     def env(*values: str) -> dict[str, str]:
-        (deployment,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == "Deployment"]
+        (deployment,) = [d for d in rendered(*values) if d["kind"] == "Deployment"]
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         return {e["name"]: e.get("value", "") for e in container["env"]}
 
@@ -141,12 +154,12 @@ def installed(kubeconfig: Path, kubectl: Kubectl, *values: str) -> Iterator[str]
     ns = f"ops-{uuid.uuid4().hex[:6]}"
     # --skip-crds: the session installed the CRD already.
     install = ["install", "jo", str(CHART), "-n", ns, "--create-namespace", "--skip-crds"]
-    out = helm(kubeconfig, *install, *values).stdout
+    out = helm(*install, *values, kubeconfig=kubeconfig).stdout
     assert "STATUS: deployed" in out, out
     try:
         yield ns
     finally:
-        helm(kubeconfig, "uninstall", "jo", "-n", ns)
+        helm("uninstall", "jo", "-n", ns, kubeconfig=kubeconfig)
         kubectl("delete", "namespace", ns, "--wait=false")
 
 
@@ -285,13 +298,13 @@ def granted(role: dict[str, Any]) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
-def test_the_chart_grants_the_pod_engine_exactly_what_it_uses(kubeconfig: Path, mode: str) -> None:
+def test_the_chart_grants_the_pod_engine_exactly_what_it_uses(mode: str) -> None:
     """What the node test proves with the operator's own token (can-i), checked on the
     rendering, so that it holds where no node runs."""
     namespaced = mode == "namespaced"
     values = ["--set", "watchNamespaces={team-a}"] if namespaced else []
     kind = "Role" if namespaced else "ClusterRole"
-    (role,) = [d for d in rendered(kubeconfig, *values) if d["kind"] == kind]
+    (role,) = [d for d in rendered(*values) if d["kind"] == kind]
     expected = NAMESPACE_RULES | POD_ENGINE_RULES | ({} if namespaced else CLUSTER_RULES)
     assert granted(role) == expected
 
@@ -431,7 +444,6 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
         # pod, whose pipeline never stops (the same instance, its output still growing).
         pipeline_pod_before = pipeline_pod(kubectl, namespace, "tones")
         helm(
-            control_plane.kubeconfig,
             "upgrade",
             "jo",
             str(CHART),
@@ -440,6 +452,7 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
             "--reuse-values",
             "--set",
             "logFormat=json",
+            kubeconfig=control_plane.kubeconfig,
         )
         new = operator_pod(kubectl, ops, other_than=pod)
         assert new != pod
@@ -484,14 +497,14 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
     [
         (
             ["--set", "pluginPath=/plugins:/no/such/plugins"],
-            "juturna-operator: configuration error: plugin root '/no/such/plugins' in "
-            "JUTURNA_OPERATOR_PLUGIN_PATH is not a directory",
+            "juturna-operator: configuration error: JUTURNA_OPERATOR_PLUGIN_PATH: plugin root "
+            "'/no/such/plugins' is not a directory",
         ),
         (
             ["--set", "engine=service", "--set", "defaultRuntime=gpu"],
-            "juturna-operator: configuration error: engine 'service' needs "
-            "JUTURNA_OPERATOR_DEFAULT_RUNTIME to name one of the configured runtimes (none "
-            "configured), got 'gpu'",
+            "juturna-operator: configuration error: JUTURNA_OPERATOR_DEFAULT_RUNTIME: engine "
+            "'service' needs the name of one of the configured runtimes (none configured), got "
+            "'gpu'",
         ),
     ],
     ids=["missing-plugin-root", "default-runtime-not-configured"],
@@ -536,12 +549,196 @@ def test_a_broken_install_crash_loops_saying_why_and_touches_nothing(
     assert not after["metadata"].get("finalizers")
 
 
-def test_metrics_service_and_optional_service_monitor(kubeconfig: Path) -> None:
-    plain = helm(kubeconfig, "template", "jo", str(CHART)).stdout
+def test_metrics_service_and_optional_service_monitor() -> None:
+    plain = helm("template", "jo", str(CHART)).stdout
     assert "kind: Service\n" in plain
     assert "ServiceMonitor" not in plain
     monitored = helm(
-        kubeconfig, "template", "jo", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"
+        "template", "jo", str(CHART), "--set", "metrics.serviceMonitor.enabled=true"
     ).stdout
     assert "kind: ServiceMonitor" in monitored
     assert "port: metrics" in monitored
+
+
+def install_notes(kubeconfig: Path, *values: str) -> str:
+    """The notes `helm install` prints, from a server-side dry run on the plane."""
+    out = helm(
+        *("install", "jo", str(CHART), "-n", "ops", "--dry-run=server", "--skip-crds", *values),
+        kubeconfig=kubeconfig,
+    ).stdout
+    return out[out.index("NOTES:\n") + len("NOTES:\n") :]
+
+
+@pytest.mark.usefixtures("crd")
+def test_the_install_notes_work_from_the_chart_alone(
+    kubeconfig: Path, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """The notes name no file of a git checkout (crds/, examples/); their first Pipeline is
+    the repository's example, and their commands run as printed: the heredoc ends where it
+    should and the API server accepts the Pipeline it holds."""
+    kubectl("create", "namespace", "ops", check=False)
+    kubectl("create", "namespace", "team-a", check=False)
+    notes = install_notes(kubeconfig)
+    assert "crds/" not in notes
+    assert "examples/" not in notes
+    assert "helm test jo -n ops\n" in notes
+    assert "kubectl -n ops rollout status deployment/jo\n" in notes
+    assert "helm show crds <the chart you upgrade to> --version <its version> | kubectl " in notes
+    assert "Metrics: http://jo-metrics.ops.svc:9090/metrics" in notes
+    start = notes.index("kubectl apply")
+    commands = notes[start : notes.index("\nEOF\n", start) + len("\nEOF\n")]
+    body = yaml.safe_load(commands[commands.index("\n") + 1 : -len("EOF\n")])
+    example = copy.deepcopy(EXAMPLE)
+    assert example["spec"].pop("state") == "Running"  # the default, left out of the notes
+    assert body == example
+
+    # `kubectl` for the notes' commands: the plane's, always as a server-side dry run.
+    (tmp_path / "bin").mkdir()
+    wrapper = tmp_path / "bin" / "kubectl"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {binaries().kubectl} --kubeconfig={kubeconfig} "$@" '
+        "--dry-run=server -o name\n"
+    )
+    wrapper.chmod(0o755)
+
+    def run_as_printed(commands: str) -> None:
+        """The notes' commands, exactly as printed, run by bash."""
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", commands],
+            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "pipeline.juturna.io/tones"
+
+    run_as_printed(commands)
+    # Namespaced: the Pipeline goes where the operator looks.
+    namespaced = install_notes(kubeconfig, "--set", "watchNamespaces={team-a,team-b}")
+    assert "kubectl apply -n team-a -f - <<'EOF'\n" in namespaced
+    assert "kubectl wait -n team-a --for=condition=Ready pipeline/tones" in namespaced
+    start = namespaced.index("kubectl apply")
+    run_as_printed(namespaced[start : namespaced.index("\nEOF\n", start) + len("\nEOF\n")])
+    off = install_notes(kubeconfig, "--set", "metrics.port=0")
+    assert "Metrics are off (metrics.port is 0)." in off
+
+
+HELM_TEST = CHART / "files" / "helm-test.py"
+
+
+@pytest.mark.own_operator
+@pytest.mark.usefixtures("crd")
+def test_the_helm_test_script_against_the_real_api_server_and_operator(
+    control_plane: ControlPlane, kubectl: Kubectl, namespace: str, tmp_path: Path
+) -> None:
+    """The `helm test` pod's script, run here as the pod would run it: as the namespace's
+    default ServiceAccount (no rule of its own), against the plane's API server and a real
+    operator's health endpoint. Then each check fails, saying why."""
+    assert_sole_operator(control_plane.kubeconfig)
+    port = free_port()
+    operator = Operator(
+        control_plane.kubeconfig,
+        tmp_path / "work",
+        tmp_path / "operator.log",
+        tmp_path,
+        "process",
+        namespaces=(namespace,),
+    )
+    operator.where = [*operator.where, f"--liveness=http://127.0.0.1:{port}/healthz"]
+    # The pod's account: the default ServiceAccount's token, and the cluster's CA.
+    account = tmp_path / "account"
+    account.mkdir()
+    shutil.copy(control_plane.pki / "ca.crt", account / "ca.crt")
+    wait_until(
+        lambda: (
+            kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode
+            == 0
+        ),
+        30,
+        f"the default ServiceAccount of {namespace}",
+    )
+    token = kubectl("create", "token", "default", "-n", namespace).stdout.strip()
+    (account / "token").write_text(token)
+    api = urllib.parse.urlsplit(control_plane.server)
+    env = {
+        "PATH": os.environ["PATH"],
+        "KUBERNETES_SERVICE_HOST": str(api.hostname),
+        "KUBERNETES_SERVICE_PORT": str(api.port),
+        "JUTURNA_TEST_ACCOUNT": str(account),
+    }
+    health = f"http://127.0.0.1:{port}/healthz"
+
+    def script(*args: str, patience_s: float = 30) -> subprocess.CompletedProcess[str]:
+        """The script; it tries the health endpoint for ``patience_s`` (30 in the pod)."""
+        return subprocess.run(
+            [sys.executable, str(HELM_TEST), *args],
+            env={**env, "JUTURNA_TEST_PATIENCE": str(patience_s)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    operator.start()
+    try:
+        ok = script(health, f"{GROUP}/{VERSION}", PLURAL)
+        assert (ok.returncode, ok.stderr) == (0, "")
+        assert ok.stdout == (
+            f"ok: the operator answers {health}\n"
+            f"ok: the API server serves {PLURAL}.{GROUP}/{VERSION} (its CRD is Established)\n"
+        )
+        missing = script(health, f"nothing.{GROUP}/v1", PLURAL)
+        assert missing.returncode == 1
+        assert missing.stderr == (
+            f"FAIL: the API server does not serve nothing.{GROUP}/v1: the CRD "
+            f"{PLURAL}.nothing.{GROUP} is missing or not Established (kubectl get crd "
+            f"{PLURAL}.nothing.{GROUP})\n"
+        )
+    finally:
+        operator.stop()
+    down = script(health, f"{GROUP}/{VERSION}", PLURAL, patience_s=2)
+    assert down.returncode == 1
+    assert down.stderr == (
+        f"FAIL: the operator does not answer {health}: [Errno 111] Connection refused\n"
+    )
+    assert down.stdout.startswith("ok: the API server serves")
+
+
+@pytest.mark.own_operator
+@pytest.mark.timeout(400)
+@pytest.mark.usefixtures("crd")
+def test_helm_test_passes_on_a_real_node_and_says_why_it_fails(
+    control_plane: ControlPlane,
+    node_image: str,  # the image on the node (so a node runs)
+    kubectl: Kubectl,
+) -> None:
+    """`helm test` on the real kubelet: its pod (the operator's image, the namespace's
+    default ServiceAccount) reaches the operator through its Service (kube-proxy, CoreDNS)
+    and sees Pipelines served. With the operator scaled to zero, `helm test` fails, and its
+    pod's log says the operator does not answer."""
+    assert_sole_operator(control_plane.kubeconfig)
+    with installed(control_plane.kubeconfig, kubectl, *image_values(node_image)) as ops:
+        operator_pod(kubectl, ops)
+        run = ["test", "jo", "-n", ops, "--logs", "--timeout", "180s"]
+        passed = helm(*run, kubeconfig=control_plane.kubeconfig)
+        assert re.search(r"^Phase:\s+Succeeded$", passed.stdout, re.M), passed.stdout
+        health = f"http://jo.{ops}.svc:8080/healthz"
+        assert f"ok: the operator answers {health}\n" in passed.stdout
+        assert (
+            f"ok: the API server serves {PLURAL}.{GROUP}/{VERSION} (its CRD is Established)\n"
+        ) in passed.stdout
+
+        kubectl("scale", "deployment/jo", "-n", ops, "--replicas=0")
+        wait_until(
+            lambda: not kubectl("get", "pods", "-n", ops, "-l", SELECTOR, "-o", "name").stdout,
+            60,
+            f"no operator pod left in {ops}",
+        )
+        failed = helm(*run, kubeconfig=control_plane.kubeconfig, check=False)
+        assert failed.returncode != 0
+        assert re.search(r"^Phase:\s+Failed$", failed.stdout, re.M), failed.stdout
+        assert f"FAIL: the operator does not answer {health}: " in failed.stdout
+        # The test pod stays for `helm test --logs`; helm uninstall leaves hooks alone.
+        kubectl("delete", "pod", "jo-test", "-n", ops, "--wait=false")

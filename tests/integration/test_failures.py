@@ -181,7 +181,7 @@ def test_a_node_crash_is_node_failed_then_restarts_then_failed(
     )
     assert condition(body, "Running")["reason"] == "NodeFailed"
     # No instance: none in status, no worker; beside the operator the output stays with the
-    # resource until it is deleted (README: Output).
+    # resource until it is deleted (docs/pipeline-api.md: Output).
     assert status.get("pipelineId") is None
     assert processes_mentioning(f"--owner {body['metadata']['uid']}") == []
     assert len(instance_folders(operator.workdir, body)) == (operator.engine != "service")
@@ -215,8 +215,8 @@ def test_delete_of_a_pipeline_whose_stop_hangs(
     assert instance_folders(operator.workdir, body) == []
     assert "StopTimeout" in operator.log_text()
     # The operator kept serving the other pipeline.
-    pipelines.patch_spec("bystander", {"state": "Ready"})
-    assert pipelines.wait_ready("bystander")["status"]["phase"] == "Ready"
+    pipelines.patch_spec("bystander", {"state": "Standby"})
+    assert pipelines.wait_ready("bystander")["status"]["phase"] == "Standby"
     fault_log.record(
         "a hung stop, on delete",
         operator.engine,

@@ -114,7 +114,8 @@ def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) ->
     """Instances without a resource or not the one its status names, and resources at
     Running or Ready without exactly one instance (the one in ``status.pipelineId``). A
     resource with no instance (Stopped, Failed) may keep one folder: its output, which
-    the engines beside the operator keep until the resource is deleted (README: Output)."""
+    the engines beside the operator keep until the resource is deleted
+    (docs/pipeline-api.md: Output)."""
     bodies = {b["metadata"]["uid"][:8]: b for b in pipelines.bodies().values()}
     problems = []
     for uid8, held in instances(operator, pipelines.namespace).items():
@@ -128,12 +129,12 @@ def leaked(pipelines: Pipelines, operator: Operator, desired: dict[str, str]) ->
         stale = [i for i in ids if i != current_id] if current_id else ids[1:]
         if stale or len(workers) > 1:
             problems.append(f"{name}: {held}, but its status names instance {current_id}")
-        elif desired.get(name) in ("Running", "Ready") and not ids:
+        elif desired.get(name) in ("Running", "Standby") and not ids:
             problems.append(f"{name} ({desired[name]}): no instance")
     problems += [
         f"{b['metadata']['name']} ({desired.get(b['metadata']['name'])}): no instance"
         for b in bodies.values()
-        if desired.get(b["metadata"]["name"]) in ("Running", "Ready")
+        if desired.get(b["metadata"]["name"]) in ("Running", "Standby")
     ]
     return problems
 

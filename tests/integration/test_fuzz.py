@@ -132,7 +132,9 @@ def spec(draw: st.DrawFn) -> dict[str, Any]:
             links.append({"from": names[-1], "to": names[0]})  # a cycle
     body: dict[str, Any] = {
         "state": draw(
-            st.one_of(st.sampled_from(["Running", "Ready", "Stopped"]), st.text(max_size=8))
+            st.one_of(
+                st.sampled_from(["Running", "Standby", "Stopped", "Ready"]), st.text(max_size=8)
+            )
         ),
         "plugins": draw(
             st.lists(
@@ -165,7 +167,7 @@ def sane_spec(draw: st.DrawFn) -> dict[str, Any]:
         for name, (kind, mark) in zip(names, MARK.items(), strict=True)
     ]
     return {
-        "state": draw(st.sampled_from(["Running", "Ready", "Stopped"])),
+        "state": draw(st.sampled_from(["Running", "Standby", "Stopped", "Ready"])),
         "plugins": draw(st.sampled_from([["tones"], ["tones"], ["tones", "missing"], ["faulty"]])),
         "nodes": nodes,
         "links": [{"from": a, "to": b} for a, b in itertools.pairwise(names)],

@@ -1,7 +1,7 @@
 """GitOps, proven with a real Argo CD (hack/argocd.py; the version in hack/versions.env).
 
 Argo CD's repo server and application controller run against the test plane; the project's
-``argocd/juturna.io/Pipeline/health.lua`` is installed in ``argocd-cm`` as the README tells
+``argocd/juturna.io/Pipeline/health.lua`` is installed in ``argocd-cm`` as docs/argocd.md tells
 users; Pipelines come from a local bare Git repository (``file://``, as Argo CD's own e2e tests
 do) through an Application with automated sync, prune and self-heal. The operator runs as its
 own process (engine inprocess) watching the test's namespace, except in the last test, where
@@ -56,8 +56,8 @@ from support import (
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator, pytest.mark.timeout(900)]
 
 APP_GROUP, APP_VERSION, APP_PLURAL = "argoproj.io", "v1alpha1", "applications"
-HEALTH_KEY = "resource.customizations.health.juturna.io_Pipeline"  # the README's key
-TIMEOUT = 90.0  # one push to its outcome; Argo CD's part is seconds (README: measured)
+HEALTH_KEY = "resource.customizations.health.juturna.io_Pipeline"  # docs/argocd.md's key
+TIMEOUT = 90.0  # one push to its outcome; Argo CD's part is seconds (docs/argocd.md: measured)
 
 
 @pytest.fixture(scope="module")
@@ -463,7 +463,7 @@ def test_argo_cd_syncs_pipelines_from_git_and_reports_the_operators_health(
     namespace: str,
 ) -> None:
     """Push → Synced and Healthy; a broken push → Degraded with the operator's reason and
-    message; a fixing push → Healthy; state Ready → Healthy (a warm standby); a deleting push →
+    message; a fixing push → Healthy; state Standby → Healthy (a warm standby); a deleting push →
     pruned, the finalizer done, the instance gone. Argo CD never sees drift of its own."""
     pipelines = Pipelines(objects, namespace, kubectl)
     name = EXAMPLE["metadata"]["name"]
@@ -513,14 +513,14 @@ def test_argo_cd_syncs_pipelines_from_git_and_reports_the_operators_health(
     report["fix: Pipeline Ready → Argo CD Healthy (s)"] = _since(gitops.ready_at, fixed)
 
     # 4. A warm standby: Healthy, with the operator's message for it.
-    sha, pushed = gitops.push("a warm standby", {file: pipeline(state="Ready")})
-    standby = gitops.wait(sha, "Healthy", pushed, "state Ready")
+    sha, pushed = gitops.push("a warm standby", {file: pipeline(state="Standby")})
+    standby = gitops.wait(sha, "Healthy", pushed, "state Standby")
     body = pipelines.get(name)
-    assert body["status"]["phase"] == "Ready", body["status"]
+    assert body["status"]["phase"] == "Standby", body["status"]
     res = standby.resource("Pipeline", name)
     assert res is not None
-    assert health_of(res) == ("Healthy", "the pipeline is Ready"), res
-    report["push (state Ready) → Healthy (s)"] = round(standby.at - pushed, 2)
+    assert health_of(res) == ("Healthy", "the pipeline is Standby"), res
+    report["push (state Standby) → Healthy (s)"] = round(standby.at - pushed, 2)
 
     # 5. Deleted from Git: pruned, the operator's finalizer done, the instance gone.
     sha, pushed = gitops.push("no more pipeline", {file: None})
@@ -600,7 +600,7 @@ def test_one_application_holding_the_crd_and_a_pipeline_syncs_in_waves(
     kubectl: Kubectl,
     namespace: str,
 ) -> None:
-    """The README's sync-wave advice: the CRD in wave -1 and a Pipeline in wave 0, in one
+    """docs/argocd.md's sync-wave advice: the CRD in wave -1 and a Pipeline in wave 0, in one
     Application, sync to Synced and Healthy in one go (Argo CD applies the wave -1 CRD, waits
     for its health, then the Pipeline).
 
@@ -656,7 +656,7 @@ def test_one_application_holding_the_operators_chart_and_a_pipeline_syncs_in_wav
     kubeconfig: Path,
     namespace: str,
 ) -> None:
-    """The README's sync advice, whole: one Application, two sources from one repository, the
+    """docs/argocd.md's sync advice, whole: one Application, two sources from one repository, the
     operator's chart (its CRD, RBAC and Deployment, rendered by Argo CD's repo server with
     helm) in wave 0 and a Pipeline in wave 1, on a plane where the CRD does not exist before
     the sync. Argo CD applies the CRD, runs the operator as a pod on the real node, waits for

@@ -25,82 +25,26 @@ from node import NODE_IP
 
 from support import (
     REPO,
+    TONE_HZ,
     Kubectl,
     Operator,
     Pipelines,
+    endpoint,
+    frequencies,
     is_ready,
+    live_audio,
     managed,
     pod_body,
     pod_finished,
     pod_ready,
+    received,
+    receiver,
     run_pod,
     wait_pod,
     wait_until,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
-
-LIVE_AUDIO = yaml.safe_load((REPO / "examples" / "live-audio.yaml").read_text())
-TONE_HZ = 440
-
-# A receiver: every POST body is printed as one line, with the time it came.
-RECEIVER = """
-import http.server, json, time
-class Receiver(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        print(json.dumps({"at": time.time(), "body": json.loads(body or b"null")}), flush=True)
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Receiver).serve_forever()
-"""
-
-
-def receiver(kubectl: Kubectl, namespace: str, image: str) -> str:
-    """The receiver pod and its Service ``receiver``; returns its URL by DNS name."""
-    run_pod(kubectl, namespace, "receiver", image, ["python", "-c", RECEIVER], {"app": "receiver"})
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "receiver", "namespace": namespace},
-        "spec": {"selector": {"app": "receiver"}, "ports": [{"port": 8000, "protocol": "TCP"}]},
-    }
-    kubectl("apply", "-f", "-", input=json.dumps(service))
-    wait_pod(
-        kubectl, namespace, "receiver", lambda b: b.get("status", {}).get("phase") == "Running"
-    )
-    return f"http://receiver.{namespace}.svc:8000/results"
-
-
-def received(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    logs = kubectl("logs", "receiver", "-n", namespace, check=False).stdout
-    return [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
-
-
-def frequencies(kubectl: Kubectl, namespace: str) -> list[tuple[float, float, int]]:
-    """(arrival time, frequency, block) of every result the receiver got."""
-    out = []
-    for row in received(kubectl, namespace):
-        payload = (row["body"] or {}).get("payload") or {}
-        if "frequency" in payload:
-            out.append((row["at"], float(payload["frequency"]), int(payload["block"])))
-    return out
-
-
-def endpoint(body: dict[str, Any], name: str) -> dict[str, Any]:
-    (found,) = [e for e in body["status"]["endpoints"] if e["name"] == name]
-    return found
-
-
-def live_audio(receiver_url: str) -> dict[str, Any]:
-    manifest = json.loads(json.dumps(LIVE_AUDIO))
-    for node in manifest["spec"]["nodes"]:
-        if node["mark"] == "notifier_http":
-            node["configuration"]["endpoint"] = receiver_url
-    return manifest
 
 
 @pytest.fixture

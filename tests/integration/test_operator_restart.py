@@ -17,7 +17,7 @@ def test_pipelines_come_back_after_the_operator_is_killed(
     pipelines: Pipelines, operator: Operator
 ) -> None:
     pipelines.apply(manifest("r1"))
-    pipelines.apply(manifest("r2", state="Ready"))
+    pipelines.apply(manifest("r2", state="Standby"))
     before = {n: pipelines.wait_ready(n)["status"]["pipelineId"] for n in ("r1", "r2")}
     workers_before = sorted(processes_mentioning(f"--folder {operator.workdir} "))
     operator.kill()
@@ -47,7 +47,7 @@ def test_pipelines_come_back_after_the_operator_is_killed(
                 timeout=30,
                 what="a new instance, Ready",
             )
-            assert body["status"]["phase"] == ("Running" if name == "r1" else "Ready")
+            assert body["status"]["phase"] == ("Running" if name == "r1" else "Standby")
             recovered = [m for _, r, m in pipelines.events(name) if r == "Recovered"]
             assert recovered, f"{name}: no Recovered event"
             assert before[name] in recovered[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 
 import pytest
 
@@ -21,6 +20,8 @@ from support import (
     manifest,
     output_lines,
     output_of,
+    scrape,
+    wait_until,
 )
 
 pytestmark = pytest.mark.cluster
@@ -53,24 +54,38 @@ def test_happy_path(pipelines: Pipelines, operator: Operator) -> None:
     assert line["value"] == line["count"] * 10
     assert line["label"] == "demo"
     table = pipelines.kubectl("-n", pipelines.namespace, "get", "pipelines").stdout
-    assert table.split("\n")[0].split() == ["NAME", "STATE", "PHASE", "NODES", "REASON", "AGE"]
-    assert table.split("\n")[1].split()[:4] == ["tones", "Running", "Running", "3/3"]
+    header, row = table.split("\n")[:2]
+    assert header.split() == [
+        "NAME",
+        "STATE",
+        "PHASE",
+        "READY",
+        "NODES",
+        "RESTARTS",
+        "REASON",
+        "AGE",
+    ]
+    assert row.split()[:6] == ["tones", "Running", "Running", "True", "3/3", "0"]
+    wide = pipelines.kubectl("-n", pipelines.namespace, "get", "pipelines", "-o", "wide").stdout
+    header, row = wide.split("\n")[:2]
+    assert header.split()[-3:] == ["ADDRESS", "NODE", "MESSAGE"]
+    assert row.endswith("the pipeline is Running"), wide  # the Ready condition's message
 
 
 def test_state_changes(pipelines: Pipelines, operator: Operator) -> None:
     pipelines.apply(manifest("st"))
     first = pipelines.wait_ready("st")["status"]["pipelineId"]
 
-    # Running -> Ready: stop, stay warm, same instance; output stops.
-    pipelines.patch_spec("st", {"state": "Ready"})
+    # Running -> Standby: stop, stay warm, same instance; output stops.
+    pipelines.patch_spec("st", {"state": "Standby"})
     body = pipelines.wait_ready("st")
-    assert body["status"]["phase"] == "Ready"
+    assert body["status"]["phase"] == "Standby"
     assert body["status"]["pipelineId"] == first
     assert condition(body, "Running")["status"] == "False"
     assert condition(body, "WarmedUp")["status"] == "True"
     assert not grows(operator, pipelines, "st", wait=1.0)
 
-    # Ready -> Running after a stop: Juturna cannot restart it, so a new instance runs.
+    # Standby -> Running after a stop: Juturna cannot restart it, so a new instance runs.
     pipelines.patch_spec("st", {"state": "Running"})
     body = pipelines.wait_ready("st")
     assert body["status"]["phase"] == "Running"
@@ -92,15 +107,42 @@ def test_state_changes(pipelines: Pipelines, operator: Operator) -> None:
     assert grows(operator, pipelines, "st")
 
 
-def test_ready_from_the_start_is_a_warm_standby(pipelines: Pipelines, operator: Operator) -> None:
-    pipelines.apply(manifest("standby", state="Ready"))
+def test_standby_from_the_start_is_a_warm_standby(pipelines: Pipelines, operator: Operator) -> None:
+    pipelines.apply(manifest("standby", state="Standby"))
     body = pipelines.wait_ready("standby")
-    assert body["status"]["phase"] == "Ready"
+    assert body["status"]["phase"] == "Standby"
     assert output_lines(operator.workdir, body) == 0
     pipelines.patch_spec("standby", {"state": "Running"})
     body = pipelines.wait_ready("standby")
     assert body["status"]["phase"] == "Running"
     assert grows(operator, pipelines, "standby")
+
+
+def test_the_old_word_ready_stays_a_warm_standby_and_a_warning_asks_for_standby(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """A Pipeline stored before the warm standby was called Standby says ``state: Ready``. It
+    must keep its meaning (warm, never started: an unknown state would be read as Running),
+    and one Warning Event asks for the new word."""
+    pipelines.apply(manifest("oldword", state="Ready"))
+    body = pipelines.wait_ready("oldword")
+    assert body["spec"]["state"] == "Ready"  # stored as written: nothing rewrites the spec
+    assert body["status"]["phase"] == "Standby"
+    assert condition(body, "WarmedUp")["status"] == "True"
+    assert condition(body, "Running")["status"] == "False"
+    assert condition(body, "Ready")["message"] == "the pipeline is Standby"
+    assert not grows(operator, pipelines, "oldword", wait=1.0)
+    assert output_lines(operator.workdir, pipelines.get("oldword")) == 0
+
+    def warnings() -> list[str]:
+        return [m for kind, r, m in pipelines.events("oldword") if r == "DeprecatedField"]
+
+    wait_until(warnings, 10, "a DeprecatedField Warning", warnings)
+    assert warnings() == [
+        'spec.state "Ready" is deprecated: write "Standby" (the same warm standby: created and '
+        "warmed up, not started); it is read as Standby until then"
+    ]
+    assert pipelines.get("oldword")["status"]["phase"] == "Standby"  # still warm, not started
 
 
 def test_spec_change_redeploys_and_an_invalid_change_keeps_the_old_instance(
@@ -120,6 +162,16 @@ def test_spec_change_redeploys_and_an_invalid_change_keeps_the_old_instance(
 
     pipelines.wait("chg", seven, what="output scaled by the new factor")
     running = body["status"]["pipelineId"]
+    # No engine here runs two instances of a Pipeline: the change landed the Recreate way,
+    # and one Normal Event says why (the spec did not ask for Recreate).
+    recreate = [(k, m) for k, r, m in pipelines.events("chg") if r == "Recreate"]
+    assert recreate == [
+        (
+            "Normal",
+            "the update replaces the instance in place: engine "
+            f"{operator.engine} runs one instance of a Pipeline at a time",
+        )
+    ], recreate
 
     # An invalid change (a cycle): the old instance keeps running, the failure is reported.
     bad = manifest("chg")
@@ -181,8 +233,8 @@ def test_output_stays_with_the_resource_until_it_is_deleted(
     redeployed("the new spec's instance, writing after the old output")
     assert output_of(workdir, pipelines.get("keep"))[-1]["value"] % 7 == 0
 
-    pipelines.patch_spec("keep", {"state": "Ready"})
-    pipelines.wait_phase("keep", "Ready")
+    pipelines.patch_spec("keep", {"state": "Standby"})
+    pipelines.wait_phase("keep", "Standby")
     pipelines.patch_spec("keep", {"state": "Running"})
     redeployed("Running again after a stop, writing after the old output")
 
@@ -214,7 +266,7 @@ def test_delete_while_running_cleans_up(pipelines: Pipelines, operator: Operator
 def test_events_tell_each_step_one_event_per_pass(pipelines: Pipelines) -> None:
     pipelines.apply(manifest("ev"))
     pipelines.wait_ready("ev")
-    pipelines.patch_spec("ev", {"state": "Ready"})
+    pipelines.patch_spec("ev", {"state": "Standby"})
     pipelines.wait_ready("ev")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -237,7 +289,7 @@ def test_the_argocd_health_check_on_live_objects(pipelines: Pipelines) -> None:
         "status": "Healthy",
         "message": "the pipeline is Running",
     }
-    pipelines.patch_spec("argo", {"state": "Ready"})
+    pipelines.patch_spec("argo", {"state": "Standby"})
     assert health(pipelines.wait_ready("argo"))["status"] == "Healthy"  # a warm standby
     bad = manifest("argo")
     bad["spec"]["links"].append({"from": "out", "to": "amp"})
@@ -248,11 +300,6 @@ def test_the_argocd_health_check_on_live_objects(pipelines: Pipelines) -> None:
         "message": "InvalidGraph: links form a cycle: amp -> out -> amp; Juturna would never "
         "run these nodes",
     }
-
-
-def scrape(operator: Operator) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics") as resp:
-        return str(resp.read().decode())
 
 
 def test_metrics_during_a_lifecycle(pipelines: Pipelines, operator: Operator) -> None:

@@ -105,8 +105,9 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
         "warmed up; pipeline started"
     ]
     wide = kubectl("get", "pipelines", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[-1] == "NODE"
-    assert wide[1].split()[-1] == node
+    assert wide[0].split()[-2:] == ["NODE", "MESSAGE"], wide  # MESSAGE: -o wide's last
+    column = wide[0].index(" NODE ") + 1  # kubectl aligns each column under its header
+    assert wide[1][column:].split()[0] == node, wide
     spec = pod["spec"]
     assert spec["automountServiceAccountToken"] is False
     assert not any("kube-api-access" in v["name"] for v in spec["volumes"])
@@ -126,8 +127,8 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     def same_pod() -> list[str]:
         return [p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace)]
 
-    pipelines.patch_spec("tones", {"state": "Ready"})
-    body = pipelines.wait_phase("tones", "Ready", timeout=60)
+    pipelines.patch_spec("tones", {"state": "Standby"})
+    body = pipelines.wait_phase("tones", "Standby", timeout=60)
     assert same_pod() == [pod["metadata"]["uid"]]
     pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_phase("tones", "Running", timeout=60)
@@ -414,8 +415,8 @@ def test_without_an_operator_the_garbage_collector_removes_pod_and_secret(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
     """The owner references alone clean up: the operator is gone, the Pipeline's finalizer
-    removed by hand (README: troubleshooting), and the pod and Secret go with it. Also:
-    the pod's worker answers nobody but the operator (401 from the node itself)."""
+    removed by hand (docs/observability.md: troubleshooting), and the pod and Secret go with
+    it. Also: the pod's worker answers nobody but the operator (401 from the node itself)."""
     pipelines = Pipelines(objects, namespace, kubectl)
     _, pod = running_example(pipelines, kubectl, namespace)
     url = f"http://{pod['status']['podIP']}:8080/pipelines"

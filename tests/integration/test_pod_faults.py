@@ -82,7 +82,7 @@ SMALL_PODS = pytest.mark.operator_env(
 )
 # None of these faults is the pipeline's doing: with no restart to spend, one spent fails it.
 NO_RESTARTS = {"maxRestarts": 0, "backoffSeconds": 0.5}
-SERVING = {"Running": "pipeline_running", "Ready": "pipeline_ready"}  # Juturna's word for each
+SERVING = {"Running": "pipeline_running", "Standby": "pipeline_ready"}  # Juturna's word for each
 # -- what the invariants read ------------------------------------------------------------------
 
 

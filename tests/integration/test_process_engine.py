@@ -363,7 +363,7 @@ def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
     """An operator killed between a worker's step and saving the worker's new state leaves the
     record one step behind (the fault suite hit it: a stop refused as NotRunning for ever).
     The test does the step on the worker itself while no operator runs, then asks for it."""
-    start_state = "Running" if done_by_the_worker == "stop" else "Ready"
+    start_state = "Running" if done_by_the_worker == "stop" else "Standby"
     pipelines.apply(manifest("lag", state=start_state))
     uid = pipelines.wait_ready("lag")["metadata"]["uid"]
     pid = worker_of(process_operator, uid)

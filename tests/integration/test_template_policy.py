@@ -149,6 +149,19 @@ def admitted(core: client.CoreV1Api, pod: dict[str, Any]) -> dict[str, Any]:
     return dict(core.api_client.sanitize_for_serialization(made))
 
 
+def wait_for_default_account(core: client.CoreV1Api, namespace: str) -> None:
+    """A new namespace's ``default`` ServiceAccount, which pod admission looks up."""
+    wait_until(
+        lambda: bool(
+            core.list_namespaced_service_account(
+                namespace, field_selector="metadata.name=default"
+            ).items
+        ),
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+
+
 def api_token_volumes(pod: dict[str, Any]) -> list[str]:
     return [v["name"] for v in pod["spec"].get("volumes", []) if v["name"].startswith("kube-api")]
 
@@ -160,15 +173,7 @@ def test_a_named_account_that_opted_out_of_automount_gives_the_pod_no_token(
     """The real ServiceAccount admission decides from what the pod engine writes: an account
     with automountServiceAccountToken false gives its pods no token; one without that
     setting does; no account named, no token."""
-    wait_until(
-        lambda: bool(
-            core.list_namespaced_service_account(
-                namespace, field_selector="metadata.name=default"
-            ).items
-        ),
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
+    wait_for_default_account(core, namespace)
     for name, automount in (("quiet", False), ("loud", None)):
         account = client.V1ServiceAccount(
             metadata=client.V1ObjectMeta(name=name), automount_service_account_token=automount
@@ -184,6 +189,28 @@ def test_a_named_account_that_opted_out_of_automount_gives_the_pod_no_token(
     assert api_token_volumes(quiet) == []
     assert api_token_volumes(pod_of({"serviceAccountName": "loud"})) != []  # the account's way
     assert api_token_volumes(pod_of({})) == []
+
+
+@pytest.mark.cluster
+def test_a_pipeline_pod_is_restricted_as_the_images_own_user_and_pulls_with_its_secrets(
+    core: client.CoreV1Api, kubectl: Kubectl, namespace: str
+) -> None:
+    """No fixed user (OpenShift's restricted SCC refuses one outside the namespace's range):
+    the pod says runAsNonRoot and runs as its image's numeric user, which the restricted Pod
+    Security Standard admits; its image is pulled with the administrator's Secrets, then the
+    template's."""
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    wait_for_default_account(core, namespace)
+    key = PipelineKey(namespace, "tones", "40ffacf7-0000-4000-8000-000000000000")
+    settings = Settings(
+        engine="pod", runtime_image=SETTINGS.runtime_image, pod_image_pull_secrets=("corp",)
+    )
+    template = {"imagePullSecrets": [{"name": "team"}]}
+    pod = admitted(core, runtime_pod(key, "r", settings, template))
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "corp"}, {"name": "team"}]
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(security), security
 
 
 @pytest.mark.cluster

@@ -1,5 +1,5 @@
 """One registry of engines: what the settings accept, the CLI offers, the chart's schema
-allows and the README documents all come from (or are checked against) it."""
+allows and docs/engines.md documents all come from (or are checked against) it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def test_the_chart_schema_allows_exactly_the_registered_engines() -> None:
     assert sorted(schema["properties"]["engine"]["enum"]) == sorted(ENGINES)
 
 
-def test_the_readme_documents_every_registered_engine() -> None:
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| engine | where a pipeline runs |") :].split("\n\n")[0]
+def test_the_engines_page_documents_every_registered_engine() -> None:
+    page = (REPO / "docs" / "engines.md").read_text()
+    table = page[page.index("| engine | where a pipeline runs |") :].split("\n\n")[0]
     assert sorted(re.findall(r"^\| `(\w+)`", table, re.M)) == sorted(ENGINES)
 
 
@@ -30,7 +30,7 @@ def test_settings_refuse_an_engine_not_registered() -> None:
     with pytest.raises(SettingsError) as err:
         Settings(engine="docker").check()
     assert str(err.value) == (
-        f"JUTURNA_OPERATOR_ENGINE must be one of {', '.join(ENGINES)}, got 'docker'"
+        f"JUTURNA_OPERATOR_ENGINE: must be one of {', '.join(ENGINES)}, got 'docker'"
     )
 
 

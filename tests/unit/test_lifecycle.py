@@ -49,11 +49,11 @@ def fail(reason: FailureReason, step: Step = Step.warmup, gen: int = GEN) -> Fai
         (DesiredState.Running, I.Ready, Action.Start),
         (DesiredState.Running, I.Running, Action.Nothing),
         (DesiredState.Running, I.Spent, Action.Delete),  # Pitfall 3: recreate, not start
-        (DesiredState.Ready, I.Absent, Action.Create),
-        (DesiredState.Ready, I.Created, Action.Warmup),
-        (DesiredState.Ready, I.Ready, Action.Nothing),
-        (DesiredState.Ready, I.Running, Action.Stop),
-        (DesiredState.Ready, I.Spent, Action.Nothing),
+        (DesiredState.Standby, I.Absent, Action.Create),
+        (DesiredState.Standby, I.Created, Action.Warmup),
+        (DesiredState.Standby, I.Ready, Action.Nothing),
+        (DesiredState.Standby, I.Running, Action.Stop),
+        (DesiredState.Standby, I.Spent, Action.Nothing),
         (DesiredState.Stopped, I.Absent, Action.Nothing),
         (DesiredState.Stopped, I.Created, Action.Delete),
         (DesiredState.Stopped, I.Ready, Action.Delete),
@@ -68,9 +68,9 @@ def test_the_table(state: DesiredState, instance: I, action: Action) -> None:
 def test_a_state_change_alone_keeps_the_instance() -> None:
     # Same revision, new generation: stop the running instance, no redeploy.
     o = observed(I.Running)
-    assert next_step(Desired(DesiredState.Ready, GEN + 1, f"r{GEN}"), o, 0) is Action.Validate
+    assert next_step(Desired(DesiredState.Standby, GEN + 1, f"r{GEN}"), o, 0) is Action.Validate
     o = observed(I.Running, validated=GEN + 1)
-    assert next_step(Desired(DesiredState.Ready, GEN + 1, f"r{GEN}"), o, 0) is Action.Stop
+    assert next_step(Desired(DesiredState.Standby, GEN + 1, f"r{GEN}"), o, 0) is Action.Stop
 
 
 def test_a_new_generation_is_validated_first_and_the_old_instance_keeps_running() -> None:
@@ -163,8 +163,8 @@ def test_phase_while_a_step_runs(action: Action, expected: Phase) -> None:
     ("state", "instance", "expected"),
     [
         (DesiredState.Running, I.Running, Phase.Running),
-        (DesiredState.Ready, I.Ready, Phase.Ready),
-        (DesiredState.Ready, I.Spent, Phase.Ready),
+        (DesiredState.Standby, I.Ready, Phase.Standby),
+        (DesiredState.Standby, I.Spent, Phase.Standby),
         (DesiredState.Stopped, I.Absent, Phase.Stopped),
         (DesiredState.Running, I.Absent, Phase.Pending),
     ],
@@ -184,12 +184,13 @@ def test_conditions_when_running() -> None:
         "WarmedUp": ("True", "WarmedUp"),
         "Running": ("True", "Started"),
         "Ready": ("True", "DesiredStateReached"),
+        "Updating": ("False", "NotUpdating"),
     }
     assert all(c.observedGeneration == GEN and c.lastTransitionTime == "T1" for c in conds)
 
 
 def test_ready_is_true_for_a_warm_standby() -> None:
-    conds = by_type(conditions(desired(DesiredState.Ready), observed(I.Ready), [], "T"))
+    conds = by_type(conditions(desired(DesiredState.Standby), observed(I.Ready), [], "T"))
     assert conds["Ready"] == ("True", "DesiredStateReached")
     assert conds["Running"] == ("False", "NotRunning")
     assert conds["WarmedUp"] == ("True", "WarmedUp")
@@ -218,9 +219,9 @@ def test_the_status_of_another_generation_is_not_ready() -> None:
 def test_last_transition_time_moves_only_on_a_status_change() -> None:
     first = conditions(desired(), observed(I.Running), [], "T1")
     again = conditions(desired(), observed(I.Running), first, "T2")
-    assert [c.lastTransitionTime for c in again] == ["T1"] * 4
+    assert [c.lastTransitionTime for c in again] == ["T1"] * 5
     stopped = {
-        c.type: c for c in conditions(desired(DesiredState.Ready), observed(I.Spent), first, "T3")
+        c.type: c for c in conditions(desired(DesiredState.Standby), observed(I.Spent), first, "T3")
     }
     assert stopped[ConditionType.Running].lastTransitionTime == "T3"
     assert stopped[ConditionType.Created].lastTransitionTime == "T1"

@@ -63,8 +63,12 @@ def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
     assert meta["annotations"]["juturna.io/active-since"] == "17"
     assert spec["automountServiceAccountToken"] is False
     assert spec["restartPolicy"] == "Never"
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    # The image's own numeric user: no fixed one, which OpenShift's restricted SCC refuses.
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert "imagePullSecrets" not in spec
     (container,) = spec["containers"]
     assert container["image"] == "localhost/jo:1"
     assert container["securityContext"] == {
@@ -73,10 +77,54 @@ def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
         "capabilities": {"drop": ["ALL"]},
     }
     assert "env" not in container  # none of the operator's environment reaches the pod
+    # No fsGroup: the token's files stay root's, so the pod's user reads them as anyone.
     assert {
         "name": "token",
-        "secret": {"secretName": "tones-40ffacf7-a1b2c3d4", "defaultMode": 0o440},
+        "secret": {"secretName": "tones-40ffacf7-a1b2c3d4", "defaultMode": 0o444},
     } in spec["volumes"]
+
+
+def test_the_pods_user_is_the_administrators_where_one_is_set() -> None:
+    user = Settings(engine="pod", runtime_image="localhost/jo:1", pod_user=(10001, 10001))
+    spec = runtime_pod(KEY, "r", user)["spec"]
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    token = next(v for v in spec["volumes"] if v["name"] == "token")
+    assert token["secret"]["defaultMode"] == 0o440  # the pod's group (fsGroup) reads it
+    alone = Settings(engine="pod", runtime_image="localhost/jo:1", pod_user=(1000680000, None))
+    assert runtime_pod(KEY, "r", alone)["spec"]["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000680000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # Another user makes another pod (a redeploy does not reuse the old one).
+    assert template_hash(None, user) != template_hash(None, alone) != template_hash(None, SETTINGS)
+
+
+def test_image_pull_secrets_are_the_administrators_then_the_templates() -> None:
+    shared = Settings(
+        engine="pod", runtime_image="localhost/jo:1", pod_image_pull_secrets=("corp", "mirror")
+    )
+    assert runtime_pod(KEY, "r", shared)["spec"]["imagePullSecrets"] == [
+        {"name": "corp"},
+        {"name": "mirror"},
+    ]
+    template = {"imagePullSecrets": [{"name": "team"}, {"name": "corp"}]}
+    assert runtime_pod(KEY, "r", shared, template)["spec"]["imagePullSecrets"] == [
+        {"name": "corp"},
+        {"name": "mirror"},
+        {"name": "team"},  # once each
+    ]
+    assert runtime_pod(KEY, "r", SETTINGS, template)["spec"]["imagePullSecrets"] == [
+        {"name": "team"},
+        {"name": "corp"},
+    ]
+    assert template_hash(None, shared) != template_hash(None, SETTINGS)
 
 
 def test_a_long_name_goes_by_its_uid_label_alone() -> None:

@@ -237,6 +237,7 @@ def test_placement_gpus_models_and_a_named_accounts_token_stay_allowed() -> None
             ],
             "labels": {"team": "a"},
             "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"},
+            "imagePullSecrets": [{"name": "regcred"}],  # a Secret of its namespace, as a Pod
         }
     )
     allowed({})

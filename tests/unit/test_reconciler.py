@@ -7,128 +7,17 @@ writes; the engines themselves are tested on real Juturna in tests/integration."
 from __future__ import annotations
 
 import asyncio
-import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from juturna_operator.domain import InstanceState, NodeCrash, PipelineKey
-from juturna_operator.engines.base import DEFAULT_PLAN, InstanceInfo, Plan
+from fake_engine import EXAMPLES, NODES, UID, FakeEngine, Harness
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo
 from juturna_operator.lifecycle import BACKOFF_CAP_S
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from juturna_operator.reconciler import SETTLED_RESYNC_S, Reconciler, Resource, fingerprint
+from juturna_operator.reconciler import SETTLED_RESYNC_S, fingerprint
 from juturna_operator.settings import ServiceAccount, Settings
-
-LOG = logging.getLogger("test")
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
-UID = "0123abcd-uid"
-NODES = [
-    {"name": "src", "type": "source", "mark": "ticker"},
-    {"name": "out", "type": "sink", "mark": "jsonl"},
-]
-
-
-class FakeEngine:
-    """Instances as records; ``fail_start`` makes each start fail with that reason."""
-
-    name = "fake"
-
-    def __init__(self) -> None:
-        self.instances: dict[PipelineKey, InstanceInfo] = {}
-        self.fail_start: FailureReason | None = None
-        self.created = 0
-
-    async def create(
-        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan = DEFAULT_PLAN
-    ) -> str:
-        self.created += 1
-        pid = f"id-{self.created}"
-        nodes = {n["name"]: "Created" for n in config["pipeline"]["nodes"]}
-        self.instances[key] = InstanceInfo(key, pid, revision, InstanceState.Created, nodes=nodes)
-        return pid
-
-    async def warmup(self, key: PipelineKey) -> None:
-        info = self.instances[key]
-        info.state, info.nodes = InstanceState.Ready, dict.fromkeys(info.nodes, "Configured")
-
-    async def start(self, key: PipelineKey) -> None:
-        if self.fail_start is not None:
-            raise PipelineFailure(self.fail_start, Step.start, "camera unplugged")
-        info = self.instances[key]
-        info.state, info.nodes = InstanceState.Running, dict.fromkeys(info.nodes, "Running")
-
-    async def stop(self, key: PipelineKey) -> None:
-        self.instances[key].state = InstanceState.Spent
-
-    async def delete(
-        self, key: PipelineKey, release: bool = True, keep_output: bool = False
-    ) -> None:
-        self.instances.pop(key, None)
-
-    async def status(self, key: PipelineKey) -> InstanceInfo | None:
-        info = self.instances.get(key)
-        if info is None:
-            return None
-        return InstanceInfo(
-            key,
-            info.pipeline_id,
-            info.revision,
-            info.state,
-            nodes=dict(info.nodes),
-            crashes=list(info.crashes),
-        )
-
-    def crash(self, key: PipelineKey) -> None:
-        self.instances[key].crashes.append(NodeCrash("src", "_source_src", "OSError: gone"))
-
-
-class Harness:
-    """One resource, the reconciler, and what it wrote and posted."""
-
-    def __init__(self, engine: FakeEngine | None = None, status: dict[str, Any] | None = None):
-        self.now = 1000.0
-        self.engine = engine or FakeEngine()
-        self.writes: list[dict[str, Any]] = []
-        self.events: list[tuple[str, str, str]] = []
-        self.refuse_writes = 0
-        self.generation = 1
-        self.spec: dict[str, Any] = {
-            "plugins": ["tones"],
-            "nodes": NODES,
-            "links": [{"from": "src", "to": "out"}],
-        }
-        self.status: dict[str, Any] = dict(status or {})
-        settings = Settings(plugin_roots=[EXAMPLES], metrics_port=0, progress_threshold_s=60)
-        self.reconciler = Reconciler(
-            self.engine,  # type: ignore[arg-type]
-            settings,
-            self.write,
-            self.post,
-            clock=lambda: self.now,
-        )
-
-    async def write(self, key: PipelineKey, status: dict[str, Any]) -> None:
-        if self.refuse_writes:
-            self.refuse_writes -= 1
-            raise RuntimeError("500 Internal Server Error")
-        self.writes.append(status)
-        self.status.update(status)  # as a merge patch does, top level
-
-    def post(self, key: PipelineKey, kind: str, reason: str, message: str) -> None:
-        self.events.append((kind, reason, message))
-
-    def body(self) -> dict[str, Any]:
-        meta = {
-            "namespace": "ns",
-            "name": "p",
-            "uid": "0123abcd-uid",
-            "generation": self.generation,
-        }
-        return {"metadata": meta, "spec": self.spec, "status": self.status}
-
-    def reconcile(self) -> float:
-        return asyncio.run(self.reconciler.reconcile(Resource.from_body(self.body()), LOG))
 
 
 def test_a_deploy_is_one_write_and_one_event() -> None:
@@ -139,6 +28,30 @@ def test_a_deploy_is_one_write_and_one_event() -> None:
     assert h.events[0][2] == (
         "pipeline instance id-1 created; all nodes warmed up; pipeline started"
     )
+
+
+def test_the_old_word_ready_is_a_warm_standby_told_once_per_generation() -> None:
+    """A Pipeline stored with ``state: Ready`` (the old word for Standby) stays warm, never
+    started, and one Warning per generation asks for the new word."""
+    h = Harness()
+    h.spec["state"] = "Ready"
+    h.reconcile()
+    assert [w["phase"] for w in h.writes] == ["Standby"]
+    assert [i.state for i in h.engine.instances.values()] == [InstanceState.Ready]
+    warning = (
+        "Warning",
+        "DeprecatedField",
+        'spec.state "Ready" is deprecated: write "Standby" (the same warm standby: created and '
+        "warmed up, not started); it is read as Standby until then",
+    )
+    assert h.events[0] == warning
+    h.now += 3
+    h.reconcile()
+    assert h.events.count(warning) == 1  # not again for the same generation
+    h.generation += 1  # another change that still says Ready: told again
+    h.reconcile()
+    assert h.events.count(warning) == 2
+    assert [i.state for i in h.engine.instances.values()] == [InstanceState.Ready]
 
 
 def test_nothing_is_written_or_posted_when_nothing_changed() -> None:
@@ -311,3 +224,23 @@ def test_a_template_the_policy_refuses_fails_validation_before_any_create(
         "message": message,
     }
     assert ("Warning", "InvalidSpec", message) in h.events
+
+
+def test_a_crashed_instance_of_an_older_revision_is_replaced_by_the_new_one() -> None:
+    """The spec changes while the instance's node has died: the crashed instance goes before
+    the backoff, then the new revision deploys. Before, it stayed (only an instance of the
+    spec's own revision was cleared): each backoff saw the same crash again, spent a restart,
+    and the Pipeline ended Failed with the new spec never deployed."""
+    h = Harness()
+    h.reconcile()
+    h.engine.crash(next(iter(h.engine.instances)))
+    h.spec = dict(h.spec, nodes=[dict(NODES[0], configuration={"rate": 5.0}), NODES[1]])
+    h.generation += 1
+    for _ in range(6):
+        h.reconcile()
+        h.now += 30
+    (info,) = h.engine.instances.values()
+    assert info.revision == h.reconciler._memory[UID].spec.revision
+    assert info.state is InstanceState.Running
+    assert h.status["phase"] == "Running"
+    assert h.status["restarts"] == 1

@@ -10,6 +10,8 @@ import pytest
 
 from juturna_operator.cli import main
 from juturna_operator.settings import (
+    SETTING,
+    SETTINGS,
     ServiceAccount,
     Settings,
     SettingsError,
@@ -51,43 +53,47 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "PLUGIN_PATH",
             "/no/such/dir",
-            "plugin root '/no/such/dir' in JUTURNA_OPERATOR_PLUGIN_PATH is not a directory",
+            "JUTURNA_OPERATOR_PLUGIN_PATH: plugin root '/no/such/dir' is not a directory",
         ),
         (
             "STOP_TIMEOUT",
             "soon",
-            "JUTURNA_OPERATOR_STOP_TIMEOUT must be a number of seconds, got 'soon'",
+            "JUTURNA_OPERATOR_STOP_TIMEOUT: must be a number of seconds, got 'soon'",
         ),
-        ("STOP_TIMEOUT", "-1", "JUTURNA_OPERATOR_STOP_TIMEOUT must be positive, got '-1'"),
-        ("HEALTH_INTERVAL", "30", "health interval must be at most 5 s, got 30"),
-        ("GIL_SWITCH_INTERVAL", "1", "GIL switch interval must be at most 0.1 s, got 1"),
+        ("STOP_TIMEOUT", "-1", "JUTURNA_OPERATOR_STOP_TIMEOUT: must be positive, got '-1'"),
+        ("HEALTH_INTERVAL", "30", "JUTURNA_OPERATOR_HEALTH_INTERVAL: must be at most 5 s, got 30"),
+        (
+            "GIL_SWITCH_INTERVAL",
+            "1",
+            "JUTURNA_OPERATOR_GIL_SWITCH_INTERVAL: must be at most 0.1 s, got 1",
+        ),
         (
             "GIL_SWITCH_INTERVAL",
             "0",
-            "JUTURNA_OPERATOR_GIL_SWITCH_INTERVAL must be positive, got '0'",
+            "JUTURNA_OPERATOR_GIL_SWITCH_INTERVAL: must be positive, got '0'",
         ),
-        ("LOG_FORMAT", "xml", "JUTURNA_OPERATOR_LOG_FORMAT must be one of text, json, got 'xml'"),
+        ("LOG_FORMAT", "xml", "JUTURNA_OPERATOR_LOG_FORMAT: must be one of text, json, got 'xml'"),
         (
             "ENGINE",
             "proces",
-            "JUTURNA_OPERATOR_ENGINE must be one of inprocess, process, shard, service, pod, "
+            "JUTURNA_OPERATOR_ENGINE: must be one of inprocess, process, shard, service, pod, "
             "got 'proces'",
         ),
         (
             "MAX_CONCURRENCY",
             "0",
-            "JUTURNA_OPERATOR_MAX_CONCURRENCY must be a whole number of at least 1, got '0'",
+            "JUTURNA_OPERATOR_MAX_CONCURRENCY: must be a whole number of at least 1, got '0'",
         ),
         (
             "SHARD_SIZE",
             "many",
-            "JUTURNA_OPERATOR_SHARD_SIZE must be a whole number of at least 1, got 'many'",
+            "JUTURNA_OPERATOR_SHARD_SIZE: must be a whole number of at least 1, got 'many'",
         ),
-        ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL must be positive, got 'nan'"),
+        ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL: must be positive, got 'nan'"),
         (
             "POD_WORK_SIZE_LIMIT",
             "lots",
-            "JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT must be a quantity such as 64Mi or 1Gi "
+            "JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT: must be a quantity such as 64Mi or 1Gi "
             "(empty: no limit), got 'lots'",
         ),
         (
@@ -99,13 +105,13 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "POD_DEFAULT_RESOURCES",
             '{"request": {"cpu": "1"}}',
-            "JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES must be a JSON object with requests and/or "
+            "JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES: must be a JSON object with requests and/or "
             """limits, got '{"request": {"cpu": "1"}}'""",
         ),
         (
             "WORKER_PEERS",
             "[]",
-            "JUTURNA_OPERATOR_WORKER_PEERS must be a JSON list of at least one NetworkPolicy "
+            "JUTURNA_OPERATOR_WORKER_PEERS: must be a JSON list of at least one NetworkPolicy "
             "peer (unset it for no NetworkPolicy: an empty list would let everyone in), got '[]'",
         ),
         (
@@ -117,19 +123,38 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "METRICS_PORT",
             "http",
-            "JUTURNA_OPERATOR_METRICS_PORT must be a port number (0 turns it off), got 'http'",
+            "JUTURNA_OPERATOR_METRICS_PORT: must be a port number (0 turns it off), got 'http'",
         ),
         (
             "ALLOWED_VOLUME_TYPES",
             "emptyDir,hostpath",
-            "JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES lists 'hostpath': each entry must be a "
-            "volume type of a Pod as Kubernetes spells it (e.g. hostPath, nfs)",
+            "JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES: 'hostpath' is not a volume type of a Pod "
+            "as Kubernetes spells it (e.g. hostPath, nfs)",
         ),
         (
             "ALLOWED_PRIORITY_CLASSES",
             "high,System_Critical",
-            "JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES lists 'System_Critical': each entry must "
-            "be a PriorityClass name (lowercase letters, digits, '-' and '.')",
+            "JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES: 'System_Critical' is not a "
+            "PriorityClass name (lowercase letters, digits, '-' and '.')",
+        ),
+        (
+            "POD_USER",
+            "juturna",
+            "JUTURNA_OPERATOR_POD_USER: must be a numeric user, UID or UID:GID, and not 0 "
+            "(pipeline pods never run as root); empty: the runtime image's own user; got "
+            "'juturna'",
+        ),
+        (
+            "POD_USER",
+            "0:0",
+            "JUTURNA_OPERATOR_POD_USER: must be a numeric user, UID or UID:GID, and not 0 "
+            "(pipeline pods never run as root); empty: the runtime image's own user; got '0:0'",
+        ),
+        (
+            "POD_IMAGE_PULL_SECRETS",
+            "corp,Team_Registry",
+            "JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS: 'Team_Registry' is not a Secret name "
+            "(lowercase letters, digits, '-' and '.')",
         ),
     ],
 )
@@ -148,33 +173,28 @@ def test_the_cli_reports_a_configuration_error(
     monkeypatch.setenv("JUTURNA_OPERATOR_STOP_TIMEOUT", "soon")
     assert main(["run", "-A"]) == 2
     assert capsys.readouterr().err == (
-        "juturna-operator: configuration error: JUTURNA_OPERATOR_STOP_TIMEOUT must be a number "
-        "of seconds, got 'soon'\n"
+        "juturna-operator: configuration error: JUTURNA_OPERATOR_STOP_TIMEOUT: must be a "
+        "number of seconds, got 'soon'\n"
     )
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (
-            ["--engine", "proces"],
-            "--engine must be one of inprocess, process, shard, service, pod, got 'proces'",
-        ),
-        (["--stop-timeout", "-1"], "--stop-timeout must be positive, got '-1'"),
-        (["--health-interval", "0"], "--health-interval must be positive, got '0'"),
-        (["--health-interval", "9"], "health interval must be at most 5 s, got 9"),
+        (["--stop-timeout", "-1"], "--stop-timeout: must be positive, got '-1'"),
+        (["--health-interval", "0"], "--health-interval: must be positive, got '0'"),
+        (["--health-interval", "10"], "--health-interval: must be at most 5 s, got 10"),
         (
             ["--max-concurrency", "0"],
-            "--max-concurrency must be a whole number of at least 1, got '0'",
+            "--max-concurrency: must be a whole number of at least 1, got '0'",
         ),
-        (["--log-format", "xml"], "--log-format must be one of text, json, got 'xml'"),
         (
             ["--metrics-port", "70000"],
-            "--metrics-port must be a port number (0 turns it off), got '70000'",
+            "--metrics-port: must be a port number (0 turns it off), got '70000'",
         ),
         (
             ["--plugin-path", "/no/such/plugins"],
-            "plugin root '/no/such/plugins' in --plugin-path is not a directory",
+            "--plugin-path: plugin root '/no/such/plugins' is not a directory",
         ),
     ],
 )
@@ -185,6 +205,87 @@ def test_flags_get_the_same_checks_as_the_environment(
     variable gets, naming the flag."""
     assert main(["run", "-A", *flags]) == 2
     assert capsys.readouterr().err == f"juturna-operator: configuration error: {message}\n"
+
+
+# A value each setting refuses, with the settings that make it wrong (given as variables).
+BAD: dict[str, tuple[str, dict[str, str]]] = {
+    "PLUGIN_PATH": ("/no/such/dir", {}),
+    "ENGINE": ("docker", {}),
+    "STOP_TIMEOUT": ("-1", {}),
+    "HEALTH_INTERVAL": ("10", {}),
+    "LOG_FORMAT": ("xml", {}),
+    "MAX_CONCURRENCY": ("0", {}),
+    "METRICS_PORT": ("http", {}),
+    "PROGRESS_THRESHOLD": ("0", {}),
+    "GIL_SWITCH_INTERVAL": ("1", {}),
+    "SWEEP_INTERVAL": ("soon", {}),
+    "RECONCILE_WORKERS": ("none", {}),
+    "ALLOWED_BUILTINS": ("rm -rf", {}),
+    "ALLOW_ENV_REFERENCES": ("yes", {}),
+    "SHARD_SIZE": ("0", {}),
+    "RUNTIMES": ("{nope", {}),
+    "DEFAULT_RUNTIME": ("gpu", {"ENGINE": "service"}),
+    "RUNTIME_IMAGE": ("", {"ENGINE": "pod"}),
+    "RUNTIME_PULL_POLICY": ("Sometimes", {}),
+    "ALLOW_IMAGE_OVERRIDE": ("maybe", {}),
+    "ALLOWED_VOLUME_TYPES": ("hostpath", {}),
+    "ALLOWED_PRIORITY_CLASSES": ("Bad_Name", {}),
+    "POD_WORK_SIZE_LIMIT": ("lots", {}),
+    "POD_TMP_SIZE_LIMIT": ("lots", {}),
+    "POD_DEFAULT_RESOURCES": ("[]", {}),
+    "POD_START_TIMEOUT": ("0", {}),
+    "WORKER_PEERS": ("[]", {}),
+    "POD_USER": ("0", {}),
+    "POD_IMAGE_PULL_SECRETS": ("Bad_Name", {}),
+}
+ANY_VALUE = {"WORKDIR"}  # any folder: made at start
+
+
+def test_every_setting_has_a_refused_value_here() -> None:
+    assert set(BAD) | ANY_VALUE == set(SETTING)
+
+
+@pytest.mark.parametrize("given", ["flag", "variable"])
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_every_error_starts_with_the_flag_or_variable_given(
+    monkeypatch: pytest.MonkeyPatch, name: str, given: str
+) -> None:
+    value, others = BAD[name]
+    for other, raw in others.items():
+        monkeypatch.setenv(f"JUTURNA_OPERATOR_{other}", raw)
+    if given == "variable":
+        monkeypatch.setenv(SETTING[name].env, value)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({name: value} if given == "flag" else {})
+    where = SETTING[name].flag if given == "flag" else SETTING[name].env
+    assert str(err.value).startswith(f"{where}: "), str(err.value)
+
+
+def test_a_setting_nobody_gave_is_named_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_RUNTIME_IMAGE", raising=False)
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"ENGINE": "pod"})
+    assert str(err.value) == (
+        "--runtime-image or JUTURNA_OPERATOR_RUNTIME_IMAGE: engine 'pod' needs the image each "
+        "Pipeline's pod runs (the operator's own image holds the worker and the plugins)"
+    )
+
+
+def test_the_defaults_are_the_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SETTINGS`` (what --help shows) and the ``Settings`` fields agree on every default."""
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    assert Settings.from_env() == Settings()
+
+
+def test_a_boolean_flag_turns_its_variable_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from juturna_operator.cli import _parser, settings_from
+
+    monkeypatch.setenv("JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE", "true")
+    parse = _parser().parse_args
+    assert settings_from(parse(["run"])).allow_image_override is True
+    assert settings_from(parse(["run", "--no-allow-image-override"])).allow_image_override is False
+    assert settings_from(parse(["run", "--allow-env-references"])).allow_env_references is True
 
 
 def test_a_flag_wins_over_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +308,7 @@ def test_a_flag_wins_over_its_environment_variable(monkeypatch: pytest.MonkeyPat
 def test_a_watched_namespace_must_be_an_exact_name(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "-n", "team-a", "-n", "team-*"]) == 2
     assert capsys.readouterr().err == (
-        "juturna-operator: configuration error: namespace 'team-*' is not a namespace name "
+        "juturna-operator: configuration error: --namespace: 'team-*' is not a namespace name "
         "(lowercase letters, digits and '-', at most 63); name each watched namespace exactly\n"
     )
 
@@ -226,16 +327,16 @@ def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"RUNTIMES": "{nope"}, "JUTURNA_OPERATOR_RUNTIMES is not valid JSON: "),
-        ({"RUNTIMES": "[1]"}, "JUTURNA_OPERATOR_RUNTIMES must be a JSON object of runtimes"),
+        ({"RUNTIMES": "{nope"}, "JUTURNA_OPERATOR_RUNTIMES: not valid JSON: "),
+        ({"RUNTIMES": "[1]"}, "JUTURNA_OPERATOR_RUNTIMES: must be a JSON object of runtimes"),
         (
             {"RUNTIMES": '{"gpu": {"url": "ftp://x"}}'},
-            "runtime 'gpu' needs an http(s) url, got 'ftp://x'",
+            "JUTURNA_OPERATOR_RUNTIMES: runtime 'gpu' needs an http(s) url, got 'ftp://x'",
         ),
         (
             {"ENGINE": "service"},
-            "engine 'service' needs JUTURNA_OPERATOR_DEFAULT_RUNTIME to "
-            "name one of the configured runtimes (none configured), got None",
+            "--default-runtime or JUTURNA_OPERATOR_DEFAULT_RUNTIME: engine 'service' needs "
+            "the name of one of the configured runtimes (none configured), got ''",
         ),
     ],
 )
@@ -287,8 +388,8 @@ def test_a_bad_builtin_entry_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SettingsError) as err:
         Settings.from_env()
     assert str(err.value) == (
-        "JUTURNA_OPERATOR_ALLOWED_BUILTINS lists 'rm -rf': each entry must be a built-in as "
-        "type/mark (e.g. sink/notifier_http), or * for all of them"
+        "JUTURNA_OPERATOR_ALLOWED_BUILTINS: 'rm -rf' is not a built-in as type/mark (e.g. "
+        "sink/notifier_http), or * for all of them"
     )
 
 
@@ -306,6 +407,18 @@ def test_what_templates_may_add_is_listed_by_the_administrator(
         ("hostPath", "nfs"),
         ("media-high",),
     )
+
+
+def test_pipeline_pods_user_and_pull_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUTURNA_OPERATOR_POD_USER", raising=False)
+    monkeypatch.delenv("JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS", raising=False)
+    s = Settings.from_env()
+    assert (s.pod_user, s.pod_image_pull_secrets) == (None, ())  # the image's user; none
+    for raw, user in (("10001", (10001, None)), ("1000680000:0", (1000680000, 0)), ("", None)):
+        monkeypatch.setenv("JUTURNA_OPERATOR_POD_USER", raw)
+        assert Settings.from_env().pod_user == user, raw
+    monkeypatch.setenv("JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS", "corp, mirror.io")
+    assert Settings.from_env().pod_image_pull_secrets == ("corp", "mirror.io")
 
 
 def jwt(claims: dict[str, object]) -> str:

@@ -18,5 +18,5 @@ def test_nested_nones_are_not_differences() -> None:
 
 def test_a_real_difference_or_a_field_to_delete_is_one() -> None:
     built = {"phase": "Running", "failure": None}
-    assert not same_status(built, {"phase": "Ready"})
+    assert not same_status(built, {"phase": "Standby"})
     assert not same_status(built, {"phase": "Running", "failure": {"reason": "NodeFailed"}})

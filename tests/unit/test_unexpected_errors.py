@@ -30,6 +30,9 @@ class ExplodingEngine:
     async def create(self, *args: Any, **kwargs: Any) -> str:
         raise RuntimeError("disk on fire")
 
+    def warm_swap(self, plan: Any) -> str | None:
+        return "one instance per Pipeline"
+
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False
     ) -> None:

@@ -293,3 +293,76 @@ def test_without_release_a_waiting_pass_holds_its_worker() -> None:
         await queue.stop(1.0)
 
     run(test)
+
+
+class Counts:
+    """A queue observer that keeps what it heard (the metrics' own is a prometheus one)."""
+
+    def __init__(self) -> None:
+        self.adds, self.retries = 0, 0
+        self.waits: list[float] = []
+        self.works: list[float] = []
+
+    def added(self) -> None:
+        self.adds += 1
+
+    def waited(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+    def worked(self, seconds: float) -> None:
+        self.works.append(seconds)
+
+    def retried(self) -> None:
+        self.retries += 1
+
+
+def test_the_observer_hears_what_client_go_counts() -> None:
+    """An add counts once per time a key becomes due (not each call); the wait runs from
+    then to its pass, the work is the pass; each delayed add is a retry, as in client-go."""
+
+    async def test() -> None:
+        counts = Counts()
+        record = Recorder(hold_s=0.3)
+        queue = WorkQueue(record, workers=1, observer=counts)
+        for _ in range(5):
+            queue.add("a")
+        queue.add("b")
+        assert (counts.adds, queue.depth()) == (2, 2)
+        await asyncio.sleep(0.05)  # both wait, unstarted
+        queue.start()
+        await until(lambda: queue.in_flight_s() != [])
+        assert queue.depth() == 1  # "a" taken, "b" due
+        queue.add("a")  # due again while its pass runs: counted, and in the depth
+        assert (counts.adds, queue.depth()) == (3, 2)
+        await until(lambda: len(record.passes) == 3)
+        assert record.passes == ["a", "b", "a"]
+        assert (queue.depth(), queue.in_flight_s()) == (0, [])
+        assert (len(counts.waits), len(counts.works)) == (3, 3)
+        assert counts.waits[0] >= 0.05  # "a" waited for the start
+        assert counts.waits[1] >= 0.35  # "b" waited for the start and for a's pass
+        assert all(0.29 <= w < 3 for w in counts.works)
+        queue.add_after("c", 60)
+        queue.add_after("c", 0)  # due now: a retry that is also an add
+        assert (counts.retries, counts.adds) == (2, 4)
+        await queue.stop(grace_s=1)
+
+    run(test)
+
+
+def test_in_flight_says_how_long_each_pass_has_run() -> None:
+    async def test() -> None:
+        record = Recorder(hold_s=60)
+        queue = WorkQueue(record, workers=2)
+        assert queue.workers == 2
+        queue.start()
+        queue.add("a")
+        await record.started.wait()
+        await asyncio.sleep(0.1)
+        queue.add("b")
+        await until(lambda: len(queue.in_flight_s()) == 2)
+        longest, shortest = sorted(queue.in_flight_s(), reverse=True)
+        assert longest - shortest >= 0.099  # "a" began at least 0.1 s before "b"
+        await queue.stop(grace_s=0.01)
+        assert queue.in_flight_s() == []
+
+    run(test)

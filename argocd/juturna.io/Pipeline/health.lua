@@ -1,6 +1,6 @@
 -- Argo CD health check for juturna.io/Pipeline (Lua 5.1, as gopher-lua runs it).
 -- Progressing: the operator has not yet described this generation, or a step is under way.
--- Healthy:     the desired state is reached, including Ready (a warm standby) and Stopped.
+-- Healthy:     the desired state is reached, including Standby (a warm standby) and Stopped.
 -- Degraded:    the last attempt at this generation failed; the message says why.
 local hs = {}
 local status = obj.status

@@ -1,28 +1,54 @@
+{{/* app.kubernetes.io/name: the chart's name unless nameOverride says otherwise. */}}
 {{- define "juturna-operator.name" -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The objects' names: the release's name (stable across upgrades: a renamed Deployment
+     would run two operators for a moment), or fullnameOverride. */}}
+{{- define "juturna-operator.fullname" -}}
+{{- .Values.fullnameOverride | default .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "juturna-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "juturna-operator.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "juturna-operator.labels" -}}
-app.kubernetes.io/name: juturna-operator
-app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "juturna-operator.selector" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* The labels that never change across upgrades: selectors use these and nothing else. */}}
 {{- define "juturna-operator.selector" -}}
-app.kubernetes.io/name: juturna-operator
+app.kubernetes.io/name: {{ include "juturna-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/* The operator's image, and the runtime image of engine pod (the same unless set). */}}
 {{- define "juturna-operator.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- include "juturna-operator.imageRef" (list .Values.image .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* repository@digest where a digest is given (the tag is then ignored), else repository:tag
+     (default: the chart's appVersion). Arguments: (list imageValues appVersion). */}}
+{{- define "juturna-operator.imageRef" -}}
+{{- $image := index . 0 -}}
+{{- if $image.digest -}}
+{{ $image.repository }}@{{ $image.digest }}
+{{- else -}}
+{{ $image.repository }}:{{ $image.tag | default (index . 1) }}
+{{- end -}}
 {{- end -}}
 
 {{- define "juturna-operator.runtimeImage" -}}
 {{- if .Values.runtimeImage.repository -}}
-{{ .Values.runtimeImage.repository }}:{{ .Values.runtimeImage.tag | default .Chart.AppVersion }}
+{{- include "juturna-operator.imageRef" (list .Values.runtimeImage .Chart.AppVersion) -}}
 {{- else -}}
 {{ include "juturna-operator.image" . }}
 {{- end -}}
@@ -76,4 +102,53 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $out $name $entry -}}
 {{- end -}}
 {{- toJson $out -}}
+{{- end -}}
+
+{{/* The operator's settings from values, as its container's env. extraEnv may add to
+     these but not replace one (deployment.yaml refuses a name set here). */}}
+{{- define "juturna-operator.env" -}}
+# kopf's identity: the pod's name (its documented way; no passwd lookup).
+- name: POD_ID
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+- {name: JUTURNA_OPERATOR_ENGINE, value: {{ .Values.engine | quote }}}
+- {name: JUTURNA_OPERATOR_PLUGIN_PATH, value: {{ .Values.pluginPath | quote }}}
+- {name: JUTURNA_OPERATOR_WORKDIR, value: /var/lib/juturna-operator}
+- {name: JUTURNA_OPERATOR_STOP_TIMEOUT, value: {{ .Values.stopTimeoutSeconds | quote }}}
+- {name: JUTURNA_OPERATOR_HEALTH_INTERVAL, value: {{ .Values.healthIntervalSeconds | quote }}}
+- {name: JUTURNA_OPERATOR_LOG_FORMAT, value: {{ .Values.logFormat | quote }}}
+- {name: JUTURNA_OPERATOR_METRICS_PORT, value: {{ .Values.metrics.port | quote }}}
+{{- if eq .Values.engine "pod" }}
+- {name: JUTURNA_OPERATOR_RUNTIME_IMAGE, value: {{ include "juturna-operator.runtimeImage" . | quote }}}
+- {name: JUTURNA_OPERATOR_RUNTIME_PULL_POLICY, value: {{ .Values.runtimeImage.pullPolicy | default .Values.image.pullPolicy | quote }}}
+- {name: JUTURNA_OPERATOR_ALLOW_IMAGE_OVERRIDE, value: {{ .Values.allowImageOverride | quote }}}
+- {name: JUTURNA_OPERATOR_POD_WORK_SIZE_LIMIT, value: {{ .Values.pipelinePod.workSizeLimit | default "" | quote }}}
+- {name: JUTURNA_OPERATOR_POD_TMP_SIZE_LIMIT, value: {{ .Values.pipelinePod.tmpSizeLimit | default "" | quote }}}
+- {name: JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES, value: {{ .Values.pipelinePod.defaultResources | default dict | toJson | quote }}}
+{{- /* A UID from --set or a values file may arrive as a number (a float64 from YAML, which
+     toString would print as 1.00068e+09): it is printed as an integer. */}}
+{{- $user := .Values.pipelinePod.user | default "" }}
+- {name: JUTURNA_OPERATOR_POD_USER, value: {{ kindIs "string" $user | ternary $user (printf "%d" (int64 $user)) | quote }}}
+{{- $pull := list }}
+{{- range .Values.pipelinePod.imagePullSecrets }}{{ $pull = append $pull .name }}{{ end }}
+- {name: JUTURNA_OPERATOR_POD_IMAGE_PULL_SECRETS, value: {{ join "," $pull | quote }}}
+{{- if .Values.networkPolicy.enabled }}
+{{- /* The operator's own pod first: it is what drives each worker. */}}
+{{- $self := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "juturna-operator.selector" . | fromYaml)) }}
+- {name: JUTURNA_OPERATOR_WORKER_PEERS, value: {{ prepend .Values.networkPolicy.workerPeers $self | toJson | quote }}}
+{{- end }}
+- {name: JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES, value: {{ join "," .Values.allowedVolumeTypes | quote }}}
+- {name: JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES, value: {{ join "," .Values.allowedPriorityClasses | quote }}}
+{{- end }}
+{{- if eq .Values.engine "shard" }}
+- {name: JUTURNA_OPERATOR_SHARD_SIZE, value: {{ .Values.shardSize | quote }}}
+{{- end }}
+{{- if kindIs "slice" .Values.allowedBuiltins }}
+- {name: JUTURNA_OPERATOR_ALLOWED_BUILTINS, value: {{ join "," .Values.allowedBuiltins | quote }}}
+{{- end }}
+- {name: JUTURNA_OPERATOR_ALLOW_ENV_REFERENCES, value: {{ .Values.allowEnvReferences | quote }}}
+- name: JUTURNA_OPERATOR_RUNTIMES
+  value: {{ include "juturna-operator.runtimes" . | quote }}
+{{- with .Values.defaultRuntime }}
+- {name: JUTURNA_OPERATOR_DEFAULT_RUNTIME, value: {{ . | quote }}}
+{{- end }}
 {{- end -}}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from juturna_operator.domain import PipelineKey
+from juturna_operator.domain import PipelineKey, Slot
 from juturna_operator.engines.base import DEFAULT_PLAN, Engine, InstanceInfo, Plan
 from juturna_operator.reasons import Step
 from juturna_operator.registry import ENGINES
@@ -31,6 +31,12 @@ def _default_engine(settings: Settings, api_client: Any) -> Engine:
     return engine
 
 
+def engine_name(engine: Engine) -> str:
+    """The name an administrator gives this engine's kind (``registry.ENGINES``)."""
+    where = (type(engine).__module__, type(engine).__name__)
+    return next((name for name, e in ENGINES.items() if (e.module, e.cls) == where), where[1])
+
+
 class Router:
     """One ``Engine`` made of the default engine and, with runtimes configured, the service
     engine; it remembers which one holds each instance."""
@@ -38,6 +44,10 @@ class Router:
     def __init__(self, default: Engine, service: Engine | None) -> None:
         self._default, self._service = default, service
         self._owner: dict[PipelineKey, Engine] = {}
+        # Whether the default engine warm-swaps (then it may hold a candidate left by an
+        # earlier operator process; the service engine never does).
+        self._swaps = default.warm_swap(DEFAULT_PLAN) is None
+        self._names = {id(e): engine_name(e) for e in (default, service) if e is not None}
 
     def _for(self, key: PipelineKey) -> Engine:
         return self._owner.get(key, self._default)
@@ -72,7 +82,8 @@ class Router:
 
     def warm_swap(self, plan: Plan) -> str | None:
         engine = self._service if plan.runtime and self._service else self._default
-        return engine.warm_swap(plan)
+        why_not = engine.warm_swap(plan)
+        return None if why_not is None else f"engine {engine_name(engine)} {why_not}"
 
     async def promote(self, key: PipelineKey) -> None:
         await self._for(key.candidate).promote(key)
@@ -89,10 +100,24 @@ class Router:
         return observe(event, body) if observe is not None else None
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
-        info = await self._for(key).status(key)
+        if key.slot is Slot.candidate and key not in self._owner and not self._swaps:
+            return None  # no engine here makes candidates: nothing to ask
+        engine = self._for(key)
+        info = await engine.status(key)
         if info is None:
             self._owner.pop(key, None)
+        else:  # an instance this process did not create (adopted after a restart) counts too
+            self._owner.setdefault(key, engine)
         return info
+
+    def instances(self) -> dict[str, int]:
+        """How many instances each engine holds, by engine name (0 for an engine with none).
+        Safe from another thread (the metrics server's): it reads a snapshot."""
+        counts = dict.fromkeys(self._names.values(), 0)
+        for engine in list(self._owner.values()):
+            name = self._names[id(engine)]
+            counts[name] += 1
+        return counts
 
     def step_under_way(self, key: PipelineKey) -> Step | None:
         # A create in flight has no owner yet: either engine may hold it.

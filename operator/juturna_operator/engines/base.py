@@ -345,8 +345,9 @@ class LockedEngine(Exclusive):
         await self.exclusive(key, self._start, key)
 
     def warm_swap(self, plan: Plan) -> str | None:
-        """Engines replace an instance in place unless they say otherwise."""
-        return "this engine replaces an instance in place"
+        """Engines replace an instance in place unless they say otherwise (the router names
+        the engine before these words)."""
+        return "runs one instance of a Pipeline at a time"
 
     async def promote(self, key: PipelineKey) -> None:
         raise PipelineFailure(

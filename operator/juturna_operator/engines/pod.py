@@ -304,6 +304,8 @@ def template_hash(template: dict[str, Any] | None, settings: Settings) -> str:
             settings.pod_work_size_limit,
             settings.pod_tmp_size_limit,
             settings.pod_default_resources,
+            settings.pod_user,
+            settings.pod_image_pull_secrets,
         ],
     }
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:16]
@@ -343,6 +345,14 @@ def runtime_pod(
         )
         if t.get(k)
     }
+    security = pod_security(settings)
+    # The token's files are root's: readable by the pod's group where the operator sets it
+    # (fsGroup), else by all (the pod runs one user; its group is the image's or the SCC's).
+    mode = 0o440 if "fsGroup" in security else 0o444
+    pull_secrets = [
+        *settings.pod_image_pull_secrets,
+        *(ref["name"] for ref in t.get("imagePullSecrets") or []),
+    ]
     restricted = {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -377,13 +387,12 @@ def runtime_pod(
             **({} if t.get("serviceAccountName") else {"automountServiceAccountToken": False}),
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": int(settings.stop_timeout_s) + DELETE_GRACE_S,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": 10001,
-                "runAsGroup": 10001,
-                "fsGroup": 10001,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": security,
+            **(
+                {"imagePullSecrets": [{"name": n} for n in dict.fromkeys(pull_secrets)]}
+                if pull_secrets
+                else {}
+            ),
             "containers": [
                 {
                     "name": CONTAINER,
@@ -419,11 +428,24 @@ def runtime_pod(
             "volumes": [
                 scratch_volume("work", settings.pod_work_size_limit),
                 scratch_volume("tmp", settings.pod_tmp_size_limit),
-                {"name": "token", "secret": {"secretName": name, "defaultMode": 0o440}},
+                {"name": "token", "secret": {"secretName": name, "defaultMode": mode}},
                 *(t.get("volumes") or []),
             ],
         },
     }
+
+
+def pod_security(settings: Settings) -> dict[str, Any]:
+    """The pod's securityContext: never root, the runtime's default seccomp profile, and the
+    user the administrator set (``JUTURNA_OPERATOR_POD_USER``), else the image's own numeric
+    user: a fixed one is refused by OpenShift's restricted SCC, which assigns its own."""
+    security: dict[str, Any] = {"runAsNonRoot": True}
+    if settings.pod_user is not None:
+        uid, gid = settings.pod_user
+        security["runAsUser"] = uid
+        if gid is not None:
+            security |= {"runAsGroup": gid, "fsGroup": gid}
+    return security | {"seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def scratch_volume(name: str, size_limit: str | None) -> dict[str, Any]:
@@ -1381,6 +1403,15 @@ class PodEngine(LockedEngine):
         except PipelineFailure as failure:
             ended = await self._ended(key, runtime.pod)  # the kubelet's words beat "cannot connect"
             runtime.gone = ended is not None
+            if ended is not None and ended.reason is FailureReason.RuntimeUnavailable:
+                # The pod went (deleted, evicted) between the look above and the request:
+                # the infrastructure's doing, as when the look sees it, not a crash.
+                info.failure = PipelineFailure(
+                    FailureReason.RuntimeUnavailable,
+                    Step.run,
+                    f"{ended.message}; a new one replaces it",
+                )
+                return info
             cause = ended.message if ended is not None else failure.message
             info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, cause)]
             return info

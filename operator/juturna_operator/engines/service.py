@@ -16,9 +16,9 @@ its pipelines with (status and list give the id, the folder, the state and the n
 configuration keys), so the namespace in the name is the owner.
 
 A new pipeline reaches Running with one request, Juturna's deploy (``POST
-/pipelines/deploy``), and Ready with two (create, warm up); a failed deploy names the step
-that failed, and the half-built pipeline it leaves is held and deleted like any other. The
-per-step requests remain for Ready → Running and for recovery.
+/pipelines/deploy``), and Juturna's ready (a Standby Pipeline's) with two (create, warm up); a
+failed deploy names the step that failed, and the half-built pipeline it leaves is held and
+deleted like any other. The per-step requests remain for ready → Running and for recovery.
 
 One status request that fails is not a dead runtime (a loaded service answers late):
 ``MISSES_ALLOWED`` failures in a row are ``RuntimeUnavailable``; until then the last known

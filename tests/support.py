@@ -689,6 +689,25 @@ def run_pod(
     kubectl("apply", "-f", "-", input=json.dumps(pod))
 
 
+def send_tone(
+    kubectl: Kubectl, namespace: str, image: str, host: str, port: int, seconds: int
+) -> None:
+    """A sender pod: ffmpeg's own sine at ``TONE_HZ``, Opus over RTP (payload type 97, as
+    Juturna's audio_rtp source expects) to ``host:port`` for ``seconds``, in real time."""
+    run_pod(
+        kubectl,
+        namespace,
+        "sender",
+        image,
+        [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-re",
+            "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000",
+            "-t", str(seconds), "-ac", "2", "-c:a", "libopus", "-payload_type", "97",
+            "-f", "rtp", f"rtp://{host}:{port}",
+        ],
+    )  # fmt: skip
+
+
 MANAGED = "app.kubernetes.io/managed-by=juturna-operator"
 
 

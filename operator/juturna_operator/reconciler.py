@@ -134,6 +134,10 @@ class SpecWork:
     validated_generation: int | None = None
     warnings: list[str] = field(default_factory=list)
     listeners: tuple[listening.Listener, ...] = ()  # set by validation
+    # How a change lands (``Reconciler._swap_policy``), for the generation and listeners it
+    # was asked with: the engine's answer does not change between passes.
+    swap_asked: tuple[int | None, tuple[listening.Listener, ...]] | None = None
+    swap: tuple[SwapPolicy | None, str] = (None, "")
 
     def parse(self, resource: Resource) -> PipelineSpec | PipelineFailure:
         """The resource's spec, parsed once per generation (or why it cannot be)."""
@@ -545,14 +549,18 @@ class Reconciler:
             # A long step (a pod starting, a model loading) waits aside: it must not hold
             # one of the passes every other Pipeline shares.
             async with self.released():
-                shown: Action | None = None
+                shown: tuple[Action, str | None] | None = None
                 while True:
                     # A candidate's steps show under Updating; the phase is the serving one's.
                     step = None if action in CANDIDATE_STEPS else self.engine.step_under_way(p.key)
                     now = STEP_ACTION.get(step, action) if step is not None else action
-                    if now is not shown:
-                        await self._publish(p, info, now)
-                        shown = now
+                    candidate = self._candidate_under_way(p, action)
+                    pod = candidate.pod[0] if candidate is not None and candidate.pod else None
+                    if (now, pod) != shown:
+                        if action is Action.CreateCandidate and pod is not None:
+                            self._tell_warming_up(p, info, pod)
+                        await self._publish(p, info, now, candidate)
+                        shown = (now, pod)
                     if (await asyncio.wait({task}, timeout=threshold))[0]:
                         break
         try:
@@ -654,13 +662,41 @@ class Reconciler:
 
     # -- warm swaps --
 
+    def _candidate_under_way(self, p: _Pass, action: Action) -> InstanceInfo | None:
+        """What a long candidate step shows of the instance it prepares: the new revision and,
+        once the engine has chosen it, its pod (``status.update.pod``)."""
+        if action not in CANDIDATE_STEPS:
+            return None
+        candidate = InstanceInfo(p.key.candidate, "", p.desired.revision, InstanceState.Absent)
+        pod = self.engine.pod_under_way(p.key.candidate)
+        candidate.pod = (pod, None) if pod is not None else None
+        return candidate
+
+    def _tell_warming_up(self, p: _Pass, info: InstanceInfo | None, pod: str) -> None:
+        """The update's first step, as it begins (a warmup takes as long as a model load)."""
+        serving = info.revision if info is not None else "none"
+        self._event(
+            p,
+            "Normal",
+            "WarmingUpNew",
+            f"revision {p.desired.revision} warms up in pod {pod} beside the serving one "
+            f"(revision {serving}), which keeps the Pipeline's address until it is ready",
+        )
+
     def _desired(self, resource: Resource, spec: PipelineSpec | None, mem: Memory) -> Desired:
         return _desired(resource, spec, mem.spec.revision, self._swap_policy(spec, mem)[0])
 
     def _swap_policy(self, spec: PipelineSpec | None, mem: Memory) -> tuple[SwapPolicy | None, str]:
-        """How this spec's changes land: a warm swap's bounds, or None and why not."""
+        """How this spec's changes land: a warm swap's bounds, or None and why not (asked of
+        the engine once per generation)."""
         if spec is None:
             return None, ""
+        asked = (mem.spec.parsed_generation, mem.spec.listeners)
+        if mem.spec.swap_asked != asked:
+            mem.spec.swap, mem.spec.swap_asked = self._ask_swap(spec, mem), asked
+        return mem.spec.swap
+
+    def _ask_swap(self, spec: PipelineSpec, mem: Memory) -> tuple[SwapPolicy | None, str]:
         update = spec.update
         if update.strategy == UpdateStrategy.Recreate:
             return None, ""

@@ -80,7 +80,9 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
 ) -> None:
     kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(manifest("tones"))
+    # Recreate: a change of configuration alone redeploys in the same pod (a warm swap, the
+    # default, makes a pod per revision: test_pod_warm_swap.py).
+    pipelines.apply(manifest("tones", update={"strategy": "Recreate"}))
     body = pipelines.wait_ready("tones", timeout=120)
     assert body["status"]["phase"] == "Running"
     uid, pipeline_id = body["metadata"]["uid"], body["status"]["pipelineId"]
@@ -174,6 +176,28 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     pipelines.wait_gone("tones", timeout=60)
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the Pipeline is deleted", 60)
     assert "Traceback" not in pod_operator.log_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_POD_USER="20001:20002")
+def test_the_administrators_pod_user_runs_the_pipeline(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """``pipelinePod.user``: the pod runs as that user and group, not the image's own
+    (10001); its token's files are the group's (fsGroup, mode 0440) and its folders are
+    writable, so the pipeline runs and its output grows."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    body, pod = running_example(pipelines, kubectl, namespace)
+    security = pod["spec"]["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (
+        20001,
+        20002,
+        20002,
+    )
+    name = pod["metadata"]["name"]
+    ids = kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
+    assert ids == "20001"
+    assert_pod_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
 
 
 def running_example(pipelines: Pipelines, kubectl: Kubectl, namespace: str, **spec: Any) -> tuple:

@@ -30,18 +30,11 @@ from support import (
     managed,
     received,
     receiver,
-    run_pod,
+    send_tone,
     wait_until,
 )
 
 pytestmark = [pytest.mark.cluster, pytest.mark.own_operator]
-
-# The pod engine's candidate slot and promote (issue 26) are on branch swap-pod, written and
-# not yet run on the node: until they land, the pod engine replaces an instance in place
-# (Recreate, with a Normal Event saying why), and the tests of a warm swap cannot pass.
-NEEDS_CANDIDATE_SLOT = pytest.mark.skip(
-    reason="the pod engine's candidate slot (branch swap-pod, issue 26) is not merged yet"
-)
 
 WARMUP_S = 6.0
 RATE = 10  # messages per second
@@ -112,7 +105,6 @@ def wait_updated(pipelines: Pipelines, name: str, timeout: float) -> dict[str, A
     return pipelines.wait(name, done, timeout, "updated, Ready, no update under way")
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 def test_a_configuration_change_warms_the_new_pod_beside_the_old_then_switches(
     receiver_url: str,
@@ -195,7 +187,6 @@ def test_recreate_stops_the_stream_for_a_whole_warmup(
     assert gap >= WARMUP_S, f"the output stopped for only {gap:.2f} s"
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 def test_a_new_revision_that_fails_is_removed_and_the_old_one_serves_on(
     receiver_url: str,
@@ -239,7 +230,6 @@ def test_a_new_revision_that_fails_is_removed_and_the_old_one_serves_on(
     assert ("Warning", "UpdateFailed") in [(k, r) for k, r, _ in pipelines.events("keep")]
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fallback", ["Recreate", "None"])
 def test_no_room_for_two_pods_falls_back_or_aborts(
@@ -292,7 +282,6 @@ def node_cpu_millis(kubectl: Kubectl) -> int:
     return int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(400)
 def test_an_operator_restarted_during_a_swap_completes_it(
     receiver_url: str,
@@ -325,7 +314,6 @@ def test_an_operator_restarted_during_a_swap_completes_it(
     wait_until(lambda: labels(kubectl, namespace)[-1][1] == "B", 30, "the last messages from B")
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 def test_a_deletion_during_a_swap_removes_both_pods(
     receiver_url: str,
@@ -345,7 +333,6 @@ def test_a_deletion_during_a_swap_removes_both_pods(
     assert managed(kubectl, "secrets", namespace) == []
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 def test_a_second_change_during_a_swap_wins(
     receiver_url: str,
@@ -365,7 +352,6 @@ def test_a_second_change_during_a_swap_wins(
     wait_until(lambda: labels(kubectl, namespace)[-1][1] == "C", 30, "the last messages from C")
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(420)
 def test_a_live_rtp_stream_through_the_address_survives_a_warm_swap(
     receiver_url: str,
@@ -389,18 +375,7 @@ def test_a_live_rtp_stream_through_the_address_survives_a_warm_swap(
     (old_pod,) = pods_of(kubectl, namespace)
     rtp = endpoint(body, "rtp")
     host = f"live-audio.{namespace}.svc"
-    run_pod(
-        kubectl,
-        namespace,
-        "sender",
-        node_image,
-        [
-            "ffmpeg", "-nostdin", "-loglevel", "error", "-re",
-            "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000",
-            "-t", "300", "-ac", "2", "-c:a", "libopus", "-payload_type", "97",
-            "-f", "rtp", f"rtp://{host}:{rtp['port']}",
-        ],
-    )  # fmt: skip
+    send_tone(kubectl, namespace, node_image, host, rtp["port"], seconds=300)
     wait_until(lambda: len(frequencies(kubectl, namespace)) >= 8, 60, "results before")
     spec = pipelines.get("live-audio")["spec"]
     for node in spec["nodes"]:
@@ -426,7 +401,6 @@ def test_a_live_rtp_stream_through_the_address_survives_a_warm_swap(
     assert gap < 10, f"the results stopped for {gap:.2f} s"
 
 
-@NEEDS_CANDIDATE_SLOT
 @pytest.mark.timeout(300)
 def test_the_old_pod_killed_during_a_swap_leaves_the_new_one_serving(
     receiver_url: str,

@@ -1084,7 +1084,7 @@ class PodEngine(LockedEngine):
             self._idle[key] = idle
             await self._end(key)
         instance = new_instance()
-        name = pod_name(key, instance)
+        name = self._lock(key).pod = pod_name(key, instance)
         pod_body = runtime_pod(
             key, revision, self._settings, template, instance, plan.listeners, time.time_ns()
         )
@@ -1167,6 +1167,7 @@ class PodEngine(LockedEngine):
     ) -> str:
         """A new instance in the pod the last one left: no new pod, no image start. The pod
         keeps its name, its Secret and its slot."""
+        self._lock(key).pod = runtime.pod
         try:
             await self._guard(key, plan.listeners)  # its input ports may have changed
             await self._check_plugins(runtime.client, plan)  # its plugins may have
@@ -1224,6 +1225,8 @@ class PodEngine(LockedEngine):
         runtime.state = InstanceState.Spent
 
     # -- a warm swap's primitive --
+
+    two_slots = True
 
     def warm_swap(self, plan: Plan) -> str | None:
         """Always: each instance has a pod of its own, and the Service's selector is the one

@@ -170,6 +170,16 @@ def fingerprint(info: InstanceInfo | None) -> Fingerprint:
     )
 
 
+@dataclass(frozen=True)
+class StableSpec:
+    """The spec of the last revision that ran as asked: after an aborted update, what the
+    operator deploys again if the instance serving it goes."""
+
+    spec: PipelineSpec
+    revision: str
+    listeners: tuple[listening.Listener, ...]
+
+
 @dataclass
 class Memory:
     """What the operator remembers about one resource between reconciles."""
@@ -187,6 +197,7 @@ class Memory:
     restored_update: str | None = None
     update_failed_before: FailureRecord | None = None
     recreate_told: int | None = None  # the generation whose Recreate reason was posted
+    stable: StableSpec | None = None  # this process's memory only (a restart forgets it)
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
@@ -418,6 +429,7 @@ class Reconciler:
         reached = lifecycle.desired_reached(p.desired, observed)
         if reached:
             mem.retry.attempts = 0
+            self._remember_stable(p, spec, info)
             u = mem.update
             if u is not None and u.outcome is None and candidate is None:
                 mem.update = None  # the revision runs without the swap (the old one died)
@@ -501,6 +513,7 @@ class Reconciler:
             candidate=candidate.state if candidate else InstanceState.Absent,
             candidate_revision=candidate.revision if candidate else None,
             update=mem.update,
+            stable_revision=mem.stable.revision if mem.stable else None,
         )
 
     def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
@@ -613,6 +626,8 @@ class Reconciler:
             else:
                 pid = await self.engine.create(p.key, config, p.desired.revision, plan)
                 p.done.append(("Created", f"pipeline instance {pid} created"))
+        elif action is Action.RestoreStable:
+            await self._restore_stable(p)
         elif action is Action.WarmupCandidate:
             await self.engine.warmup(p.key.candidate)
             p.done.append(("WarmingUpNew", f"revision {p.desired.revision} warmed up"))
@@ -651,12 +666,46 @@ class Reconciler:
             await act(p.key)
             p.done.append((reason, message))
 
-    def _plan(self, p: _Pass, spec: PipelineSpec) -> Plan:
-        """What a create of this spec needs besides Juturna's config."""
+    @staticmethod
+    def _remember_stable(p: _Pass, spec: PipelineSpec | None, info: InstanceInfo | None) -> None:
+        """The spec now running as asked, if it is not the one remembered already."""
+        running = info is not None and info.state is InstanceState.Running
+        stable = p.mem.stable
+        if spec is None or not running or (stable and stable.revision == p.desired.revision):
+            return
+        p.mem.stable = StableSpec(spec, p.desired.revision, p.mem.spec.listeners)
+
+    async def _restore_stable(self, p: _Pass) -> None:
+        """The revision that served before an aborted update, deployed again: its instance
+        went, and the spec's revision is the one that failed."""
+        stable = p.mem.stable
+        assert stable is not None
+        config = stable.spec.to_juturna_config(p.key.juturna_name)
+        plan = replace(self._plan(p, stable.spec, stable.listeners), until=InstanceState.Running)
+        pid = await self.engine.create(p.key, config, stable.revision, plan)
+        failed = lifecycle.update_failed(p.desired, self._observed(p.mem, None))
+        why = f" ({failed.reason.name}: {failed.message})" if failed is not None else ""
+        p.done.append(
+            (
+                "RestoredStable",
+                f"the instance of revision {stable.revision} went after the update to revision "
+                f"{p.desired.revision} had failed{why}: revision {stable.revision} deployed "
+                f"again (instance {pid})",
+            )
+        )
+
+    def _plan(
+        self,
+        p: _Pass,
+        spec: PipelineSpec,
+        listeners: tuple[listening.Listener, ...] | None = None,
+    ) -> Plan:
+        """What a create of this spec needs besides Juturna's config (``listeners``: this
+        spec's, where it is not the resource's current one)."""
         return Plan(
             runtime=spec.runtime,
             template=spec.template.model_dump(mode="json") if spec.template else None,
-            listeners=p.mem.spec.listeners,
+            listeners=p.mem.spec.listeners if listeners is None else listeners,
             plugins=self._plugin_check(p, spec) if self._plugins_in_pod(spec) else None,
         )
 

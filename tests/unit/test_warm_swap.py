@@ -462,3 +462,44 @@ def test_a_long_warmup_shows_the_pod_being_prepared_and_posts_its_event_as_it_be
     assert reasons == ["WarmingUpNew", "Draining"]
     warming = h.events[events_before][2]
     assert warming.startswith(f"revision {during[0]['update']['revision']} warms up in pod p-new")
+
+
+def test_after_an_aborted_update_the_revision_that_ran_is_restored_if_its_instance_goes() -> None:
+    """The update failed (4xx) and the old instance served on; then it went (its pod died).
+    What ran is deployed again, not the revision that failed: the stream comes back, and
+    Ready stays False with UpdateFailed (the spec's revision still does not run)."""
+    h = running_harness()
+    old = h.status["lastStableRevision"]
+    e = engine(h)
+    e.fail_candidate = [
+        PipelineFailure(FailureReason.PluginNotFound, Step.validate, 'plugin "nope" not found')
+    ]
+    change(h)
+    h.reconcile()
+    assert conditions(h)["Updating"] == ("False", "UpdateFailed")
+    new = h.reconciler._memory[UID].spec.revision
+    assert new != old
+    e.instances.pop(KEY)  # the old instance is gone (its pod died)
+    h.reconcile()
+    h.now += 60  # any backoff
+    h.reconcile()
+    assert e.slot(KEY) == ("Running", old), "what ran, deployed again"
+    assert e.slot(KEY.candidate) is None
+    assert h.status["phase"] == "Running"
+    assert conditions(h)["Ready"] == ("False", "UpdateFailed")
+    assert h.status["lastStableRevision"] == old
+    assert h.status["failure"]["reason"] == "PluginNotFound"
+    restored = [m for _, r, m in h.events if r == "RestoredStable"]
+    assert restored == [
+        f"the instance of revision {old} went after the update to revision {new} had failed "
+        f'(PluginNotFound: plugin "nope" not found): revision {old} deployed again '
+        "(instance id-2)"  # the failed candidate got no instance
+    ]
+    # It stays so; the next change starts a new attempt from what runs.
+    h.now += 600
+    h.reconcile()
+    assert e.slot(KEY) == ("Running", old)
+    change(h, rate=9.0)
+    h.reconcile()
+    assert e.slot(KEY)[1] not in (old, new)
+    assert conditions(h)["Ready"] == ("True", "DesiredStateReached")

@@ -260,6 +260,28 @@ def test_a_new_revision_that_fails_is_removed_and_the_old_one_serves_on(
     assert [at for at, label in labels(kubectl, namespace) if label == "A" and at > changed + 2]
     assert ("Warning", "UpdateFailed") in [(k, r) for k, r, _ in pipelines.events("keep")]
 
+    # The old pod dies after the abort: what ran comes back in a new pod, not what failed.
+    kubectl("delete", "pod", old_pod, "-n", namespace, "--wait=false")
+    restored_pod = until_only_one_pod(kubectl, namespace, not_this=old_pod)
+    body = pipelines.wait(
+        "keep",
+        lambda b: (
+            (b["status"].get("pod") or {}).get("name") == restored_pod
+            and b["status"]["phase"] == "Running"
+        ),
+        WARMUP_S + 90,
+        "the revision that ran, Running again in a new pod",
+    )
+    assert body["status"]["lastStableRevision"] == old_revision
+    assert condition(body, "Ready")["reason"] == "UpdateFailed"
+    died = time.time()
+    wait_until(
+        lambda: any(label == "A" and at > died for at, label in labels(kubectl, namespace)),
+        30,
+        "messages of the revision that ran, again",
+    )
+    assert "RestoredStable" in [r for _, r, _ in pipelines.events("keep")]
+
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("fallback", ["Recreate", "None"])

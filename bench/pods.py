@@ -111,7 +111,7 @@ def floor(
             key = PipelineKey(namespace, f"bare{i:03d}", str(uuid.uuid4()))
             body = runtime_pod(key, "bench", settings)
             del body["metadata"]["ownerReferences"]  # no Pipeline owns a bare pod
-            secret = token_secret(key, "bench-token")
+            secret = token_secret(key, "bench-token", body["metadata"]["name"])
             del secret["metadata"]["ownerReferences"]
             core.create_namespaced_secret(namespace, secret)
             started[body["metadata"]["name"]] = time.monotonic()

@@ -35,9 +35,22 @@ class FakeEngine:
         self.fail_start: FailureReason | None = None
         self.created = 0
         self.swaps = swaps
+        self.swap_asked = 0  # how often the reconciler asked warm_swap
+        self.pods: dict[PipelineKey, str] = {}  # pod_under_way's answers
+
+    @property
+    def two_slots(self) -> bool:
+        return self.swaps
 
     def warm_swap(self, plan: Plan) -> str | None:
+        self.swap_asked += 1
         return None if self.swaps else "the fake engine runs one instance per Pipeline"
+
+    def step_under_way(self, key: PipelineKey) -> Step | None:
+        return None
+
+    def pod_under_way(self, key: PipelineKey) -> str | None:
+        return self.pods.get(key)
 
     async def promote(self, key: PipelineKey) -> None:
         new, old = self.instances.pop(key.candidate), self.instances.pop(key, None)

@@ -647,6 +647,16 @@ RESTRICTED = {
 }
 
 
+def wait_default_account(kubectl: Kubectl, namespace: str) -> None:
+    """ServiceAccount admission refuses pods until the namespace's `default` account exists
+    (a moment after the namespace)."""
+    wait_until(
+        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
+        30,
+        f"the default ServiceAccount in {namespace}",
+    )
+
+
 def run_pod(
     kubectl: Kubectl,
     namespace: str,
@@ -656,12 +666,7 @@ def run_pod(
     labels: dict[str, str] | None = None,
 ) -> None:
     """A pod of ``image`` running ``command`` once, restricted, never pulling an image."""
-    # ServiceAccount admission refuses pods until the namespace's `default` account exists.
-    wait_until(
-        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
+    wait_default_account(kubectl, namespace)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -682,6 +687,25 @@ def run_pod(
         },
     }
     kubectl("apply", "-f", "-", input=json.dumps(pod))
+
+
+def send_tone(
+    kubectl: Kubectl, namespace: str, image: str, host: str, port: int, seconds: int
+) -> None:
+    """A sender pod: ffmpeg's own sine at ``TONE_HZ``, Opus over RTP (payload type 97, as
+    Juturna's audio_rtp source expects) to ``host:port`` for ``seconds``, in real time."""
+    run_pod(
+        kubectl,
+        namespace,
+        "sender",
+        image,
+        [
+            "ffmpeg", "-nostdin", "-loglevel", "error", "-re",
+            "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000",
+            "-t", str(seconds), "-ac", "2", "-c:a", "libopus", "-payload_type", "97",
+            "-f", "rtp", f"rtp://{host}:{port}",
+        ],
+    )  # fmt: skip
 
 
 MANAGED = "app.kubernetes.io/managed-by=juturna-operator"

@@ -46,6 +46,9 @@ class Action(StrEnum):
     RetryCandidate = "RetryCandidate"  # a candidate's backoff ran out: try again, no restart
     AbortUpdate = "AbortUpdate"  # the candidate goes; the old instance serves on
     FallBack = "FallBack"  # no room for two: the candidate goes, the change lands by Recreate
+    # After an aborted update the old instance went (its pod died): what ran is deployed
+    # again, not the revision that failed.
+    RestoreStable = "RestoreStable"
 
 
 CANDIDATE_STEPS: dict[Action, UpdateStep] = {
@@ -59,6 +62,7 @@ CANDIDATE_STEPS: dict[Action, UpdateStep] = {
 PROGRESS_PHASE: dict[Action, Phase] = {
     Action.Validate: Phase.Pending,
     Action.Create: Phase.Creating,
+    Action.RestoreStable: Phase.Creating,
     Action.Warmup: Phase.WarmingUp,
     Action.Start: Phase.Starting,
     Action.Stop: Phase.Stopping,
@@ -139,6 +143,8 @@ class Observed:
     candidate: InstanceState = InstanceState.Absent
     candidate_revision: str | None = None
     update: UpdateAttempt | None = None
+    # The last revision that ran as asked, where the operator still holds its spec.
+    stable_revision: str | None = None
 
 
 def backoff_delay(backoff_seconds: float, restarts: int) -> float:
@@ -309,8 +315,15 @@ def next_step(desired: Desired, observed: Observed, now: float) -> Action:
         return _teardown(instance)
     if observed.validated_generation != desired.generation:
         return Action.Validate
-    if update_failed(desired, observed) is not None and _serving_old(desired, observed):
-        return Action.Nothing  # the update failed: the old instance serves on
+    if update_failed(desired, observed) is not None:
+        if _serving_old(desired, observed):
+            return Action.Nothing  # the update failed: the old instance serves on
+        if (
+            instance is InstanceState.Absent
+            and desired.state is DesiredState.Running
+            and observed.stable_revision not in (None, desired.revision)
+        ):
+            return Action.RestoreStable  # and then it went: what ran, not what failed
     if instance is not InstanceState.Absent and observed.instance_revision != desired.revision:
         return _teardown(instance)  # the pipeline itself changed: redeploy
     return _TOWARD[desired.state][instance]

@@ -60,7 +60,8 @@ class FailureReason(Enum):
     Unschedulable = (503, "No node can take the pipeline's pod yet (the scheduler says why).")
     NameConflict = (
         503,
-        "An object the Pipeline needs (its pod, Secret or Service) has a name another owner holds.",
+        "An object the Pipeline needs (its Service or NetworkPolicy; a pod or Secret only if "
+        "another owner took its random name) has a name another owner holds.",
     )
     ImagePullFailed = (502, "The runtime image could not be pulled, or is not on the node.")
     PodNotStarted = (

@@ -134,6 +134,10 @@ class SpecWork:
     validated_generation: int | None = None
     warnings: list[str] = field(default_factory=list)
     listeners: tuple[listening.Listener, ...] = ()  # set by validation
+    # How a change lands (``Reconciler._swap_policy``), for the generation and listeners it
+    # was asked with: the engine's answer does not change between passes.
+    swap_asked: tuple[int | None, tuple[listening.Listener, ...]] | None = None
+    swap: tuple[SwapPolicy | None, str] = (None, "")
 
     def parse(self, resource: Resource) -> PipelineSpec | PipelineFailure:
         """The resource's spec, parsed once per generation (or why it cannot be)."""
@@ -166,6 +170,16 @@ def fingerprint(info: InstanceInfo | None) -> Fingerprint:
     )
 
 
+@dataclass(frozen=True)
+class StableSpec:
+    """The spec of the last revision that ran as asked: after an aborted update, what the
+    operator deploys again if the instance serving it goes."""
+
+    spec: PipelineSpec
+    revision: str
+    listeners: tuple[listening.Listener, ...]
+
+
 @dataclass
 class Memory:
     """What the operator remembers about one resource between reconciles."""
@@ -183,6 +197,7 @@ class Memory:
     restored_update: str | None = None
     update_failed_before: FailureRecord | None = None
     recreate_told: int | None = None  # the generation whose Recreate reason was posted
+    stable: StableSpec | None = None  # this process's memory only (a restart forgets it)
 
     @classmethod
     def from_status(cls, status: dict[str, Any]) -> Memory:
@@ -414,6 +429,7 @@ class Reconciler:
         reached = lifecycle.desired_reached(p.desired, observed)
         if reached:
             mem.retry.attempts = 0
+            self._remember_stable(p, spec, info)
             u = mem.update
             if u is not None and u.outcome is None and candidate is None:
                 mem.update = None  # the revision runs without the swap (the old one died)
@@ -497,6 +513,7 @@ class Reconciler:
             candidate=candidate.state if candidate else InstanceState.Absent,
             candidate_revision=candidate.revision if candidate else None,
             update=mem.update,
+            stable_revision=mem.stable.revision if mem.stable else None,
         )
 
     def _check_health(self, p: _Pass, info: InstanceInfo | None) -> None:
@@ -545,14 +562,18 @@ class Reconciler:
             # A long step (a pod starting, a model loading) waits aside: it must not hold
             # one of the passes every other Pipeline shares.
             async with self.released():
-                shown: Action | None = None
+                shown: tuple[Action, str | None] | None = None
                 while True:
                     # A candidate's steps show under Updating; the phase is the serving one's.
                     step = None if action in CANDIDATE_STEPS else self.engine.step_under_way(p.key)
                     now = STEP_ACTION.get(step, action) if step is not None else action
-                    if now is not shown:
-                        await self._publish(p, info, now)
-                        shown = now
+                    candidate = self._candidate_under_way(p, action)
+                    pod = candidate.pod[0] if candidate is not None and candidate.pod else None
+                    if (now, pod) != shown:
+                        if action is Action.CreateCandidate and pod is not None:
+                            self._tell_warming_up(p, info, pod)
+                        await self._publish(p, info, now, candidate)
+                        shown = (now, pod)
                     if (await asyncio.wait({task}, timeout=threshold))[0]:
                         break
         try:
@@ -605,6 +626,8 @@ class Reconciler:
             else:
                 pid = await self.engine.create(p.key, config, p.desired.revision, plan)
                 p.done.append(("Created", f"pipeline instance {pid} created"))
+        elif action is Action.RestoreStable:
+            await self._restore_stable(p)
         elif action is Action.WarmupCandidate:
             await self.engine.warmup(p.key.candidate)
             p.done.append(("WarmingUpNew", f"revision {p.desired.revision} warmed up"))
@@ -643,24 +666,86 @@ class Reconciler:
             await act(p.key)
             p.done.append((reason, message))
 
-    def _plan(self, p: _Pass, spec: PipelineSpec) -> Plan:
-        """What a create of this spec needs besides Juturna's config."""
+    @staticmethod
+    def _remember_stable(p: _Pass, spec: PipelineSpec | None, info: InstanceInfo | None) -> None:
+        """The spec now running as asked, if it is not the one remembered already."""
+        running = info is not None and info.state is InstanceState.Running
+        stable = p.mem.stable
+        if spec is None or not running or (stable and stable.revision == p.desired.revision):
+            return
+        p.mem.stable = StableSpec(spec, p.desired.revision, p.mem.spec.listeners)
+
+    async def _restore_stable(self, p: _Pass) -> None:
+        """The revision that served before an aborted update, deployed again: its instance
+        went, and the spec's revision is the one that failed."""
+        stable = p.mem.stable
+        assert stable is not None
+        config = stable.spec.to_juturna_config(p.key.juturna_name)
+        plan = replace(self._plan(p, stable.spec, stable.listeners), until=InstanceState.Running)
+        pid = await self.engine.create(p.key, config, stable.revision, plan)
+        failed = lifecycle.update_failed(p.desired, self._observed(p.mem, None))
+        why = f" ({failed.reason.name}: {failed.message})" if failed is not None else ""
+        p.done.append(
+            (
+                "RestoredStable",
+                f"the instance of revision {stable.revision} went after the update to revision "
+                f"{p.desired.revision} had failed{why}: revision {stable.revision} deployed "
+                f"again (instance {pid})",
+            )
+        )
+
+    def _plan(
+        self,
+        p: _Pass,
+        spec: PipelineSpec,
+        listeners: tuple[listening.Listener, ...] | None = None,
+    ) -> Plan:
+        """What a create of this spec needs besides Juturna's config (``listeners``: this
+        spec's, where it is not the resource's current one)."""
         return Plan(
             runtime=spec.runtime,
             template=spec.template.model_dump(mode="json") if spec.template else None,
-            listeners=p.mem.spec.listeners,
+            listeners=p.mem.spec.listeners if listeners is None else listeners,
             plugins=self._plugin_check(p, spec) if self._plugins_in_pod(spec) else None,
         )
 
     # -- warm swaps --
 
+    def _candidate_under_way(self, p: _Pass, action: Action) -> InstanceInfo | None:
+        """What a long candidate step shows of the instance it prepares: the new revision and,
+        once the engine has chosen it, its pod (``status.update.pod``)."""
+        if action not in CANDIDATE_STEPS:
+            return None
+        candidate = InstanceInfo(p.key.candidate, "", p.desired.revision, InstanceState.Absent)
+        pod = self.engine.pod_under_way(p.key.candidate)
+        candidate.pod = (pod, None) if pod is not None else None
+        return candidate
+
+    def _tell_warming_up(self, p: _Pass, info: InstanceInfo | None, pod: str) -> None:
+        """The update's first step, as it begins (a warmup takes as long as a model load)."""
+        serving = info.revision if info is not None else "none"
+        self._event(
+            p,
+            "Normal",
+            "WarmingUpNew",
+            f"revision {p.desired.revision} warms up in pod {pod} beside the serving one "
+            f"(revision {serving}), which keeps the Pipeline's address until it is ready",
+        )
+
     def _desired(self, resource: Resource, spec: PipelineSpec | None, mem: Memory) -> Desired:
         return _desired(resource, spec, mem.spec.revision, self._swap_policy(spec, mem)[0])
 
     def _swap_policy(self, spec: PipelineSpec | None, mem: Memory) -> tuple[SwapPolicy | None, str]:
-        """How this spec's changes land: a warm swap's bounds, or None and why not."""
+        """How this spec's changes land: a warm swap's bounds, or None and why not (asked of
+        the engine once per generation)."""
         if spec is None:
             return None, ""
+        asked = (mem.spec.parsed_generation, mem.spec.listeners)
+        if mem.spec.swap_asked != asked:
+            mem.spec.swap, mem.spec.swap_asked = self._ask_swap(spec, mem), asked
+        return mem.spec.swap
+
+    def _ask_swap(self, spec: PipelineSpec, mem: Memory) -> tuple[SwapPolicy | None, str]:
         update = spec.update
         if update.strategy == UpdateStrategy.Recreate:
             return None, ""

@@ -184,14 +184,8 @@ POD_FIELD_CASES: list[tuple[str, Mutation, str]] = [
 def test_rejected_at_admission(
     kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str
 ) -> None:
-    body = manifest("bad")
-    mutate(body["spec"])
-    proc = kubectl(
-        "-n", namespace, "apply", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False
-    )
-    assert proc.returncode != 0, f"{what} was accepted"
-    assert message in proc.stderr, proc.stderr
-    assert_convert_refuses_it_too(body, proc.stderr)
+    body, refusal = refused_at_admission(kubectl, namespace, what, mutate, message)
+    assert_convert_refuses_it_too(body, refusal)
 
 
 @pytest.mark.reliability
@@ -201,6 +195,14 @@ def test_rejected_at_admission(
 def test_pod_fields_of_kubernetes_types_are_checked_at_admission(
     kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str
 ) -> None:
+    refused_at_admission(kubectl, namespace, what, mutate, message)
+
+
+def refused_at_admission(
+    kubectl: Kubectl, namespace: str, what: str, mutate: Mutation, message: str
+) -> tuple[dict[str, Any], str]:
+    """Applies (server-side dry run) the example changed by ``mutate``; the API server must
+    refuse it with ``message`` among its words. Returns the manifest and the refusal."""
     body = manifest("bad")
     mutate(body["spec"])
     proc = kubectl(
@@ -208,6 +210,7 @@ def test_pod_fields_of_kubernetes_types_are_checked_at_admission(
     )
     assert proc.returncode != 0, f"{what} was accepted"
     assert message in proc.stderr, proc.stderr
+    return body, proc.stderr
 
 
 def assert_convert_refuses_it_too(body: dict[str, Any], refusal: str) -> None:

@@ -40,6 +40,7 @@ from support import (
     received,
     receiver,
     run_pod,
+    send_tone,
     wait_pod,
     wait_until,
 )
@@ -111,18 +112,7 @@ def test_real_audio_reaches_the_pipeline_by_its_address_and_survives_a_new_pod(
     # The sender: ffmpeg's own sine, Opus over RTP, by the Service's DNS name. It runs
     # past the replacement below and is never touched.
     started = time.time()
-    run_pod(
-        kubectl,
-        namespace,
-        "sender",
-        node_image,
-        [
-            "ffmpeg", "-nostdin", "-loglevel", "error", "-re",
-            "-f", "lavfi", "-i", f"sine=frequency={TONE_HZ}:sample_rate=48000",
-            "-t", "150", "-ac", "2", "-c:a", "libopus", "-payload_type", "97",
-            "-f", "rtp", f"rtp://{host}:{rtp['port']}",
-        ],
-    )  # fmt: skip
+    send_tone(kubectl, namespace, node_image, host, rtp["port"], seconds=150)
     wait_until(lambda: len(frequencies(kubectl, namespace)) >= 3, 60, "three results")
     results = frequencies(kubectl, namespace)
     first_result_s = results[0][0] - started

@@ -3,18 +3,28 @@ with no API rights, under the restricted Pod Security Standard."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
 from controlplane import reset_peak_rss, rss_kib
 from kubernetes import client
+from node import NODE_IP
 
+from juturna_operator.api import PipelineSpec
+from juturna_operator.domain import InstanceState, PipelineKey
+from juturna_operator.engines.base import InstanceInfo, Plan
+from juturna_operator.engines.pod import PodEngine
+from juturna_operator.listening import listeners
+from juturna_operator.settings import Settings
 from support import (
     REPO,
     Kubectl,
@@ -23,6 +33,7 @@ from support import (
     answered_size,
     assert_nothing_made,
     assert_pod_output_grows,
+    assert_sole_operator,
     faulty,
     is_ready,
     listening,
@@ -31,6 +42,7 @@ from support import (
     pod_body,
     pod_output_lines,
     pod_ready,
+    wait_default_account,
     wait_pod,
     wait_until,
 )
@@ -52,13 +64,25 @@ def wait_nothing_left(kubectl: Kubectl, namespace: str, what: str, timeout: floa
     )
 
 
+def assert_failure(body: dict[str, Any], reason: str, code: int, step: str, message: str) -> None:
+    """``status.failure`` is this, its message naming the Pipeline's pod as ``{pod}``: the
+    pod's name ends in its instance's random id (``<name>-<uid8>-<instance>``)."""
+    meta, failure = body["metadata"], dict(body["status"]["failure"])
+    pod = re.escape(f"{meta['name']}-{meta['uid'][:8]}-") + "[0-9a-f]{8}"
+    said = failure.pop("message")
+    assert failure == {"reason": reason, "code": code, "step": step}
+    assert re.fullmatch(pod.join(map(re.escape, message.split("{pod}"))), said), said
+
+
 @pytest.mark.timeout(300)
 def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
 ) -> None:
     kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(manifest("tones"))
+    # Recreate: a change of configuration alone redeploys in the same pod (a warm swap, the
+    # default, makes a pod per revision: test_pod_warm_swap.py).
+    pipelines.apply(manifest("tones", update={"strategy": "Recreate"}))
     body = pipelines.wait_ready("tones", timeout=120)
     assert body["status"]["phase"] == "Running"
     uid, pipeline_id = body["metadata"]["uid"], body["status"]["pipelineId"]
@@ -154,6 +178,28 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     assert "Traceback" not in pod_operator.log_text()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.operator_env(JUTURNA_OPERATOR_POD_USER="20001:20002")
+def test_the_administrators_pod_user_runs_the_pipeline(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """``pipelinePod.user``: the pod runs as that user and group, not the image's own
+    (10001); its token's files are the group's (fsGroup, mode 0440) and its folders are
+    writable, so the pipeline runs and its output grows."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    body, pod = running_example(pipelines, kubectl, namespace)
+    security = pod["spec"]["securityContext"]
+    assert (security["runAsUser"], security["runAsGroup"], security["fsGroup"]) == (
+        20001,
+        20002,
+        20002,
+    )
+    name = pod["metadata"]["name"]
+    ids = kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
+    assert ids == "20001"
+    assert_pod_output_grows(kubectl, name, namespace, body["status"]["pipelineId"])
+
+
 def running_example(pipelines: Pipelines, kubectl: Kubectl, namespace: str, **spec: Any) -> tuple:
     """The example Pipeline Running in its pod: (status body, pod body)."""
     pipelines.apply(manifest("tones", **spec))
@@ -206,15 +252,15 @@ def test_a_service_account_that_does_not_exist_yet_is_waited_for(
     template = {"serviceAccountName": "later"}
     pipelines.apply(manifest("tones", template=template, restartPolicy=policy))
     body = pipelines.wait_failure("tones", "RuntimeUnavailable", 60)
-    uid8 = body["metadata"]["uid"][:8]
-    assert body["status"]["failure"] == {
-        "reason": "RuntimeUnavailable",
-        "code": 503,
-        "step": "create",
-        "message": f'the API server refuses the pipeline\'s pod for now: pods "tones-{uid8}" is '
-        f"forbidden: error looking up service account {namespace}/later: serviceaccount "
+    assert_failure(
+        body,
+        "RuntimeUnavailable",
+        503,
+        "create",
+        'the API server refuses the pipeline\'s pod for now: pods "{pod}" is forbidden: error '
+        f"looking up service account {namespace}/later: serviceaccount "
         '"later" not found; tried again until the account exists',
-    }
+    )
     assert body["status"]["phase"] == "Pending"
     kubectl("create", "serviceaccount", "later", "-n", namespace)
     body = pipelines.wait_ready("tones", timeout=120)
@@ -487,14 +533,14 @@ def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(through_faulty("spill", ("spill", {"mib_per_message": 4}), {}, 0))
     body = pipelines.wait_phase("spill", "Failed", timeout=180)
-    uid8 = body["metadata"]["uid"][:8]
-    assert body["status"]["failure"] == {
-        "reason": "NodeFailed",
-        "code": 500,
-        "step": "run",
-        "message": f"pod spill-{uid8} was evicted for going past a limit of its own: Usage "
+    assert_failure(
+        body,
+        "NodeFailed",
+        500,
+        "run",
+        "pod {pod} was evicted for going past a limit of its own: Usage "
         'of EmptyDir volume "work" exceeds the limit "16Mi".',
-    }
+    )
     assert body["status"]["restarts"] == 0
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the eviction", 60)
 
@@ -516,7 +562,7 @@ def test_a_pod_past_its_folders_size_limit_is_evicted_and_the_pipeline_says_why(
         pytest.param(
             "restricted",
             "create",
-            'the API server refuses the pipeline\'s pod: pods "escape-{uid8}" is forbidden: '
+            'the API server refuses the pipeline\'s pod: pods "{pod}" is forbidden: '
             'violates PodSecurity "restricted:latest": restricted volume types '
             '(volume "host" uses restricted volume type "hostPath")',
             id="allowed-by-the-administrator-refused-by-pod-security",
@@ -549,12 +595,7 @@ def test_a_host_path_is_invalid_spec_before_anything_exists(
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("escape", template=template))
     body = pipelines.wait_phase("escape", "Failed", timeout=60)
-    assert body["status"]["failure"] == {
-        "reason": "InvalidSpec",
-        "code": 422,
-        "step": step,
-        "message": message.format(uid8=body["metadata"]["uid"][:8]),
-    }
+    assert_failure(body, "InvalidSpec", 422, step, message)
     assert_nothing_made(kubectl, namespace)
     assert not [e for e in pipelines.events("escape") if e[1] in ("Created", "Started")]
 
@@ -579,11 +620,12 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Recorder).serve_forever()
 """
 
 
-def impostor(kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: str) -> str:
-    """Tenant A's pod in its own namespace: the victim's pod name and labels (uids are not
-    secret), Ready, recording what it is sent. Returns its name once it is Ready."""
+def impostor(
+    kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: str, name: str
+) -> str:
+    """Tenant A's pod in its own namespace: a victim's pod name (``name``) and labels (uids
+    are not secret), Ready, recording what it is sent. Returns its name once it is Ready."""
     meta = victim["metadata"]
-    name = f"{meta['name']}-{meta['uid'][:8]}"
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -614,11 +656,7 @@ def impostor(kubectl: Kubectl, namespace: str, victim: dict[str, Any], image: st
             ],
         },
     }
-    wait_until(
-        lambda: kubectl("get", "sa", "default", "-n", namespace, check=False).returncode == 0,
-        30,
-        f"the default ServiceAccount in {namespace}",
-    )
+    wait_default_account(kubectl, namespace)
     kubectl("apply", "-f", "-", input=json.dumps(pod))
     wait_pod(kubectl, namespace, name, pod_ready, 60, "Ready")
     return name
@@ -678,7 +716,7 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
         "-o",
         "jsonpath={.data.token}",
     ).stdout
-    fake = impostor(kubectl, tenant_a, stuck, node_image)
+    fake = impostor(kubectl, tenant_a, stuck, node_image, stuck_pod["metadata"]["name"])
     never_within(5, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
     kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
     never_within(
@@ -699,7 +737,7 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
     assert pod["metadata"]["uid"] == stuck_pod["metadata"]["uid"]
 
     # Running now: another impostor comes and goes; its pod, instance and status stay.
-    fake = impostor(kubectl, tenant_a, body, node_image)
+    fake = impostor(kubectl, tenant_a, body, node_image, pod["metadata"]["name"])
     never_within(3, lambda: requests_to(kubectl, tenant_a, fake), "the impostor was sent requests")
     kubectl("delete", "pod", fake, "-n", tenant_a, "--wait=true")
     never_within(
@@ -717,37 +755,39 @@ def test_a_pod_in_another_namespace_gets_no_token_and_its_deletion_touches_nothi
 
 
 @pytest.mark.timeout(300)
-def test_a_pod_of_the_pipelines_name_it_does_not_own_is_a_name_conflict(
+def test_a_pod_with_the_pipelines_labels_that_it_does_not_own_is_never_used_nor_deleted(
     pod_operator: Operator,
     node_image: str,
     kubectl: Kubectl,
     objects: client.CustomObjectsApi,
     namespace: str,
 ) -> None:
-    """A pod that holds the name the Pipeline's pod must have, in its namespace, is never
-    used, never deleted; once it is gone the Pipeline runs, without spending restarts."""
+    """A pod in the Pipeline's namespace with its labels and the name an older operator gave
+    the Pipeline's one pod (``<name>-<uid8>``), which the Pipeline does not own. Adoption
+    finds the Pipeline's pods by those labels: neither the operator that makes the
+    Pipeline's own pod beside it nor the next operator process sends it a request, adopts
+    or deletes it. (Before pods were named per instance, it held the only name the
+    Pipeline's pod could have: NameConflict until it went.)"""
     pipelines = Pipelines(objects, namespace, kubectl)
     pipelines.apply(manifest("tones", state="Stopped"))
     body = pipelines.wait_phase("tones", "Stopped", timeout=60)
-    squatter = impostor(kubectl, namespace, body, node_image)
+    older = f"tones-{body['metadata']['uid'][:8]}"
+    squatter = impostor(kubectl, namespace, body, node_image, older)
     squatter_uid = pod_body(kubectl, namespace, squatter)["metadata"]["uid"]
-    policy = {"maxRestarts": 0, "backoffSeconds": 0.5}
-    pipelines.patch_spec("tones", {"state": "Running", "restartPolicy": policy})
-    body = pipelines.wait_failure("tones", "NameConflict", 60)
-    assert body["status"]["failure"] == {
-        "reason": "NameConflict",
-        "code": 503,
-        "step": "create",
-        "message": f"pod {squatter} in namespace {namespace} is not owned by Pipeline tones; "
-        "the operator neither uses nor deletes it: remove it, or rename the Pipeline",
-    }
-    assert body["status"]["phase"] == "Pending"
-    assert pod_body(kubectl, namespace, squatter)["metadata"]["uid"] == squatter_uid
-    assert not requests_to(kubectl, namespace, squatter)
-    assert not managed(kubectl, "secrets", namespace)  # its own Secret was removed again
-    kubectl("delete", "pod", squatter, "-n", namespace, "--wait=true")
+    pipelines.patch_spec("tones", {"state": "Running"})
     body = pipelines.wait_ready("tones", timeout=120)
-    assert body["status"].get("restarts", 0) == 0
+    own = body["status"]["pod"]["name"]
+    assert own.startswith(older + "-")
+    pod_operator.kill()
+    pod_operator.start()
+    wait_until(lambda: f"adopted pod {own} " in pod_operator.log_text(), 30, "its pod adopted")
+    assert f"adopted pod {squatter} " not in pod_operator.log_text()
+    assert pipelines.wait_ready("tones", timeout=30)["status"]["pod"]["name"] == own
+    pipelines.delete("tones")
+    pipelines.wait_gone("tones", timeout=60)
+    left = pod_body(kubectl, namespace, squatter)["metadata"]
+    assert (left["uid"], left.get("deletionTimestamp")) == (squatter_uid, None)
+    assert not requests_to(kubectl, namespace, squatter)
 
 
 # A pod the kubelet cannot start: its ConfigMap volume names a ConfigMap that does not exist
@@ -814,17 +854,14 @@ def test_a_pod_that_cannot_start_fails_in_the_kubelets_words(
     policy = {"maxRestarts": 0, "backoffSeconds": 1}
     pipelines.apply(manifest("unmountable", template=UNMOUNTABLE, restartPolicy=policy))
     body = pipelines.wait_phase("unmountable", "Failed", timeout=120)
-    failure = body["status"]["failure"]
-    uid8 = body["metadata"]["uid"][:8]
-    assert (failure["reason"], failure["code"], failure["step"]) == (
+    assert_failure(
+        body,
         "PodNotStarted",
         504,
         "create",
-    )
-    assert failure["message"] == (
-        f"pod unmountable-{uid8} did not start within 10 s: FailedMount: "
+        "pod {pod} did not start within 10 s: FailedMount: "
         'MountVolume.SetUp failed for volume "settings" : configmap "no-such-configmap" '
-        "not found"
+        "not found",
     )
     wait_nothing_left(kubectl, namespace, "no pod and no Secret after the failed start", 60)
 
@@ -858,3 +895,268 @@ def test_plugins_are_those_of_the_pods_image_not_the_operators(
         60,
         "only the running Pipeline's pod left",
     )
+
+
+# -- a warm swap's two instances, the engine driven directly (no operator runs) --
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One event loop for a test's engines: their clients and waits belong to it."""
+    made = asyncio.new_event_loop()
+    yield made
+    made.close()
+
+
+class Swap:
+    """A listening Pipeline (examples/json-events.yaml) that no operator reconciles, and the
+    pod engine driven directly on the real node: what the reconciler will do for a warm
+    swap, step by step, each step checked against the cluster."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        api_client: client.ApiClient,
+        kubectl: Kubectl,
+        objects: client.CustomObjectsApi,
+        namespace: str,
+        image: str,
+    ) -> None:
+        self.loop, self.api_client, self.kubectl = loop, api_client, kubectl
+        self.core, self.namespace = client.CoreV1Api(api_client), namespace
+        self.settings = Settings(
+            engine="pod",
+            runtime_image=image,
+            runtime_pull_policy="Never",
+            worker_peers=[{"ipBlock": {"cidr": f"{NODE_IP}/32"}}],
+            stop_timeout_s=5,
+        )
+        pipelines = Pipelines(objects, namespace, kubectl)
+        pipelines.apply(listening("json-in", state="Stopped"))  # it owns the pods
+        body = pipelines.get("json-in")
+        self.key = PipelineKey(namespace, "json-in", body["metadata"]["uid"])
+        spec = PipelineSpec.model_validate(body["spec"])
+        self.config = spec.to_juturna_config(self.key.juturna_name)
+        self.listeners = tuple(listeners(spec))
+        wait_default_account(kubectl, namespace)
+        self.engine = self.new_engine()
+
+    def new_engine(self) -> PodEngine:
+        """Another engine: what a new operator process starts with."""
+        return PodEngine(self.settings, self.api_client)
+
+    def run[T](self, step: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(step)
+
+    def create(self, key: PipelineKey, revision: str, until: InstanceState) -> str:
+        plan = Plan(listeners=self.listeners, until=until)
+        return self.run(self.engine.create(key, self.config, revision, plan))
+
+    def status(self, key: PipelineKey, engine: PodEngine | None = None) -> InstanceInfo:
+        info = self.run((engine or self.engine).status(key))
+        assert info is not None, f"{key}: no instance"
+        assert info.failure is None, info.failure
+        assert not info.crashes, info.crashes
+        return info
+
+    def service(self) -> client.V1Service:
+        return self.core.read_namespaced_service("json-in", self.namespace)
+
+    def selected(self) -> str:
+        return str(self.service().spec.selector["juturna.io/instance"])
+
+    def pods(self) -> dict[str, dict[str, Any]]:
+        """The Pipeline's pods not on their way out, by name."""
+        found = managed(self.kubectl, "pods", self.namespace)
+        return {
+            p["metadata"]["name"]: p for p in found if not p["metadata"].get("deletionTimestamp")
+        }
+
+    def secrets(self) -> list[str]:
+        return sorted(
+            s["metadata"]["name"] for s in managed(self.kubectl, "secrets", self.namespace)
+        )
+
+    def slot_of(self, pod: str) -> str:
+        return str(self.pods()[pod]["metadata"]["labels"]["juturna.io/slot"])
+
+    def instance_of(self, pod: str) -> str:
+        return str(self.pods()[pod]["metadata"]["labels"]["juturna.io/instance"])
+
+    def lines(self, pod: str, pipeline_id: str) -> int:
+        return pod_output_lines(self.kubectl, pod, self.namespace, pipeline_id)
+
+    def posted_reaches(self, pod: str, pipeline_id: str) -> None:
+        """JSON posted to the Pipeline's address (its ClusterIP, from the node) lands in
+        ``pod``'s sink: kube-proxy follows a selector within about a second."""
+        (address,) = self.status(self.key).addresses or ()
+        url = f"http://{address.cluster_ip}:{address.port}/events"
+        before = self.lines(pod, pipeline_id)
+
+        def landed() -> bool:
+            request = urllib.request.Request(
+                url, data=b'{"seq": 1}', headers={"Content-Type": "application/json"}
+            )
+            with contextlib.suppress(OSError), NO_PROXY.open(request, timeout=5):
+                pass
+            return self.lines(pod, pipeline_id) > before
+
+        wait_until(landed, 30, f"a POST to {url} reaching pod {pod}")
+
+
+@pytest.fixture
+def swap(
+    plugins_image: str,
+    crd: None,
+    kubeconfig: Any,
+    loop: asyncio.AbstractEventLoop,
+    api_client: client.ApiClient,
+    kubectl: Kubectl,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+) -> Iterator[Swap]:
+    assert_sole_operator(kubeconfig)  # nothing else may act on the Pipeline
+    made = Swap(loop, api_client, kubectl, objects, namespace, plugins_image)
+    yield made
+    made.run(made.engine.close())
+
+
+@pytest.mark.timeout(300)
+def test_a_candidate_warms_up_beside_the_serving_pod_then_takes_its_address(
+    swap: Swap, kubectl: Kubectl, namespace: str
+) -> None:
+    """Issue 26's engine part: the candidate gets a pod and a Secret of its own and warms up
+    while the active pod keeps the address; promote moves the Service to it, and the old
+    pod, still running, answers for the candidate slot; a new operator process adopts each
+    pod in its slot; deleting the candidate then removes the old pod and its Secret only."""
+    key = swap.key
+    old_id = swap.create(key, "r1", InstanceState.Running)
+    (old,) = swap.pods()
+    assert swap.selected() == swap.instance_of(old)
+    new_id = swap.create(key.candidate, "r2", InstanceState.Ready)
+    pods = swap.pods()
+    (new,) = pods.keys() - {old}
+    assert (swap.slot_of(old), swap.slot_of(new)) == ("active", "candidate")
+    assert swap.secrets() == sorted([old, new])  # each pod's token in its own Secret
+    (policy,) = managed(kubectl, "networkpolicies", namespace)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"juturna.io/pipeline-uid": key.uid}}
+    active, candidate = swap.status(key), swap.status(key.candidate)
+    assert (active.pod, active.state, active.revision) == (
+        (old, NODE_IP),
+        InstanceState.Running,
+        "r1",
+    )
+    assert (candidate.pod, candidate.state, candidate.revision) == (
+        (new, NODE_IP),
+        InstanceState.Ready,
+        "r2",
+    )
+    assert candidate.addresses == ()  # none until it is promoted
+    swap.posted_reaches(old, old_id)  # the active one still serves the address
+
+    swap.run(swap.engine.start(key.candidate))
+    assert swap.selected() == swap.instance_of(old)  # started, not yet switched
+    swap.run(swap.engine.promote(key))
+    assert swap.selected() == swap.instance_of(new)
+    assert (swap.slot_of(new), swap.slot_of(old)) == ("active", "retired")
+    active, retired = swap.status(key), swap.status(key.candidate)
+    assert (active.pod, active.pipeline_id, active.revision) == ((new, NODE_IP), new_id, "r2")
+    assert (retired.pod, retired.pipeline_id, retired.state) == (
+        (old, NODE_IP),
+        old_id,
+        InstanceState.Running,
+    )
+    swap.posted_reaches(new, new_id)
+    swap.run(swap.engine.promote(key))  # again: nothing changes
+    assert swap.selected() == swap.instance_of(new)
+
+    # A new operator process, before the old pod is deleted: each pod in its slot.
+    swap.run(swap.engine.close())
+    swap.engine = swap.new_engine()
+    active, retired = swap.status(key), swap.status(key.candidate)
+    assert (active.pod[0], active.pipeline_id, active.state) == (new, new_id, InstanceState.Running)
+    assert (retired.pod[0], retired.pipeline_id) == (old, old_id)
+    swap.run(swap.engine.promote(key))  # a retired instance is never promoted again
+    assert swap.selected() == swap.instance_of(new)
+
+    # The drain is over: the old instance goes, and nothing else.
+    swap.run(swap.engine.stop(key.candidate))
+    swap.run(swap.engine.delete(key.candidate))
+    assert list(swap.pods()) == [new]
+    assert swap.secrets() == [new]
+    assert swap.selected() == swap.instance_of(new)
+    assert len(managed(kubectl, "networkpolicies", namespace)) == 1
+    assert swap.status(key).state is InstanceState.Running
+    assert swap.run(swap.engine.status(key.candidate)) is None
+    swap.posted_reaches(new, new_id)
+
+    # A Pipeline with no candidate: asking for one costs no API call after the first look.
+    swap.run(swap.engine.close())
+    swap.engine = engine = swap.new_engine()
+    swap.status(key)  # adopts: one look at both slots
+    calls: list[str] = []
+    real_call = engine._call
+
+    async def counted(method: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(method.__name__)
+        return await real_call(method, *args, **kw)
+
+    engine._call = counted  # type: ignore[method-assign]
+    assert swap.run(engine.status(key.candidate)) is None
+    assert calls == []
+    swap.run(engine.delete(key))
+    wait_nothing_left(kubectl, namespace, "nothing of the Pipeline's after its deletion", 60)
+    assert managed(kubectl, "services", namespace) == []
+
+
+@pytest.mark.timeout(300)
+def test_a_candidate_never_touches_the_address_and_an_abort_leaves_the_active_serving(
+    swap: Swap, kubectl: Kubectl, namespace: str
+) -> None:
+    """A candidate's create (to Ready or Running), start, stop and delete leave the Service
+    as it was (its resourceVersion), and the active pod, its Secret and its pipeline. Then an
+    operator killed inside a promote, after it marked the candidate active but before the
+    Service moved: the next process keeps the Service's pod active, the other a candidate
+    (marked so again), and its promote completes."""
+    key = swap.key
+    active_id = swap.create(key, "r1", InstanceState.Running)
+    (active,) = swap.pods()
+    service = swap.service().metadata.resource_version
+    for until in (InstanceState.Ready, InstanceState.Running):
+        swap.create(key.candidate, "r2", until)
+        (candidate,) = swap.pods().keys() - {active}
+        if until is InstanceState.Ready:
+            swap.run(swap.engine.start(key.candidate))
+        swap.run(swap.engine.stop(key.candidate))
+        swap.run(swap.engine.delete(key.candidate))  # an abort: release, no output kept
+        assert list(swap.pods()) == [active]
+        assert swap.secrets() == [active]
+        assert swap.service().metadata.resource_version == service
+        assert len(managed(kubectl, "networkpolicies", namespace)) == 1
+        info = swap.status(key)
+        assert (info.pod[0], info.pipeline_id, info.state) == (
+            active,
+            active_id,
+            InstanceState.Running,
+        )
+    swap.posted_reaches(active, active_id)
+
+    # Killed inside a promote: the candidate marked active, the Service not yet moved.
+    candidate_id = swap.create(key.candidate, "r3", InstanceState.Ready)
+    (candidate,) = swap.pods().keys() - {active}
+    swap.run(swap.engine.start(key.candidate))
+    kubectl("label", "pod", candidate, "-n", namespace, "juturna.io/slot=active", "--overwrite")
+    since = f"juturna.io/active-since={time.time_ns()}"
+    kubectl("annotate", "pod", candidate, "-n", namespace, since, "--overwrite")
+    swap.run(swap.engine.close())
+    swap.engine = swap.new_engine()
+    assert swap.status(key).pod[0] == active
+    assert swap.status(key.candidate).pod[0] == candidate
+    assert swap.slot_of(candidate) == "candidate"
+    assert swap.selected() == swap.instance_of(active)
+    swap.run(swap.engine.promote(key))
+    assert swap.selected() == swap.instance_of(candidate)
+    assert (swap.slot_of(candidate), swap.slot_of(active)) == ("active", "retired")
+    swap.posted_reaches(candidate, candidate_id)

@@ -18,6 +18,7 @@ README = REPO / "README.md"
 PAGES = sorted((REPO / "docs").glob("*.md"))
 # Reports a run writes whole (their generators own their wording); every other page is prose.
 REPORTS = {"benchmarks.md", "benchmarks-live.md", "benchmarks-pods.md", "benchmarks-shard.md"}
+REPORTS |= {"benchmarks-swap.md"}
 REPORTS |= {"reliability.md"}
 README_LIMIT = 8 * 1024
 

@@ -2,27 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
-from juturna_operator.domain import PipelineKey
+from juturna_operator.domain import PipelineKey, Slot
+from juturna_operator.engines.base import Plan
+from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.pod import (
     PodEngine,
     _api_failure,
+    _Runtime,
     ended_by_kubelet,
+    listeners_in,
     network_policy,
+    new_instance,
     owned_by,
+    pipeline_object_name,
+    place,
     pod_name,
     pod_problem,
     removed_from_outside,
     runtime_pod,
+    service_body,
+    service_name,
     template_hash,
     token_secret,
 )
-from juturna_operator.reasons import FailureReason, Step
+from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
 
 KEY = PipelineKey("team-a", "tones", "40ffacf7-0000-4000-8000-000000000000")
@@ -30,9 +41,9 @@ SETTINGS = Settings(engine="pod", runtime_image="localhost/jo:1", stop_timeout_s
 
 
 def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
-    pod = runtime_pod(KEY, "rev1", SETTINGS)
+    pod = runtime_pod(KEY, "rev1", SETTINGS, instance="a1b2c3d4", active_since=17)
     meta, spec = pod["metadata"], pod["spec"]
-    assert meta["name"] == pod_name(KEY) == "tones-40ffacf7"
+    assert meta["name"] == pod_name(KEY, "a1b2c3d4") == "tones-40ffacf7-a1b2c3d4"
     assert meta["ownerReferences"] == [
         {
             "apiVersion": "juturna.io/v1alpha1",
@@ -46,8 +57,10 @@ def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
         "app.kubernetes.io/managed-by": "juturna-operator",
         "juturna.io/pipeline-uid": KEY.uid,
         "juturna.io/pipeline": "tones",
-        "juturna.io/instance": "none",  # the engine names each pod it makes
+        "juturna.io/instance": "a1b2c3d4",  # what the Service selects
+        "juturna.io/slot": "active",  # where an adopting operator puts it
     }
+    assert meta["annotations"]["juturna.io/active-since"] == "17"
     assert spec["automountServiceAccountToken"] is False
     assert spec["restartPolicy"] == "Never"
     # The image's own numeric user: no fixed one, which OpenShift's restricted SCC refuses.
@@ -65,9 +78,10 @@ def test_the_pod_is_owned_restricted_and_has_no_api_token() -> None:
     }
     assert "env" not in container  # none of the operator's environment reaches the pod
     # No fsGroup: the token's files stay root's, so the pod's user reads them as anyone.
-    assert {"name": "token", "secret": {"secretName": "tones-40ffacf7", "defaultMode": 0o444}} in (
-        spec["volumes"]
-    )
+    assert {
+        "name": "token",
+        "secret": {"secretName": "tones-40ffacf7-a1b2c3d4", "defaultMode": 0o444},
+    } in spec["volumes"]
 
 
 def test_the_pods_user_is_the_administrators_where_one_is_set() -> None:
@@ -118,8 +132,8 @@ def test_a_long_name_goes_by_its_uid_label_alone() -> None:
     labels = runtime_pod(key, "r", SETTINGS)["metadata"]["labels"]
     assert "juturna.io/pipeline" not in labels
     assert labels["juturna.io/pipeline-uid"] == KEY.uid
-    del labels["juturna.io/instance"]  # the pod's own; the Secret has the rest
-    assert token_secret(key, "t")["metadata"]["labels"] == labels
+    del labels["juturna.io/instance"], labels["juturna.io/slot"]  # the pod's own
+    assert token_secret(key, "t", "x")["metadata"]["labels"] == labels
 
 
 def ended(code: int) -> dict[str, Any]:
@@ -454,18 +468,191 @@ def test_only_the_pipelines_namespace_and_controller_owner_make_a_pod_its_own() 
         )
 
 
-def test_the_watch_files_only_a_known_pipelines_own_pod() -> None:
+def test_the_watch_files_each_pod_of_a_known_pipeline_by_its_name() -> None:
+    """Two pods of one Pipeline (a warm swap's) are told apart: each its own body, and a
+    change of one wakes only that one's waiters. Ownership stays the proof."""
     engine = PodEngine(SETTINGS, api_client=None)  # type: ignore[arg-type]
-    pod = runtime_pod(KEY, "rev1", SETTINGS)
-    assert engine.observe("ADDED", pod) is None  # no Pipeline of that uid is known yet
+    active = runtime_pod(KEY, "rev1", SETTINGS, instance="aaaaaaaa")
+    candidate = runtime_pod(KEY.candidate, "rev2", SETTINGS, instance="bbbbbbbb")
+    a, b = active["metadata"]["name"], candidate["metadata"]["name"]
+    assert engine.observe("ADDED", active) is None  # no Pipeline of that uid is known yet
     engine._known[KEY.uid] = KEY
-    impostor = {**pod, "metadata": {**pod["metadata"], "namespace": "team-b"}}
+    impostor = {**active, "metadata": {**active["metadata"], "namespace": "team-b"}}
     assert engine.observe("DELETED", impostor) is None
     assert KEY.uid not in engine._seen
-    renamed = {**pod, "metadata": {**pod["metadata"], "name": "tones-other"}}
-    assert engine.observe("ADDED", renamed) is None
-    assert engine.observe("ADDED", pod) == KEY.uid
-    assert engine._seen[KEY.uid] is pod
+    unowned = {**candidate, "metadata": {**candidate["metadata"], "ownerReferences": []}}
+    assert engine.observe("ADDED", unowned) is None
+    assert KEY.uid not in engine._seen
+
+    async def one_pod_wakes_its_own_waiters() -> None:
+        waiter = asyncio.create_task(engine._changed(KEY, b, 5.0))
+        await asyncio.sleep(0)
+        assert engine.observe("MODIFIED", active) == KEY.uid
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        assert engine.observe("MODIFIED", candidate) == KEY.uid
+        await asyncio.wait_for(waiter, 1.0)
+
+    asyncio.run(one_pod_wakes_its_own_waiters())
+    assert engine._seen[KEY.uid] == {a: active, b: candidate}
+    # Deleted: the pod a slot holds reads as gone; one no slot holds is forgotten.
+    engine._runtimes[KEY] = _Runtime(a, "rev1", JuturnaClient("http://127.0.0.1:9"))
+    assert engine.observe("DELETED", active) == engine.observe("DELETED", candidate) == KEY.uid
+    assert engine._seen[KEY.uid] == {a: None}
+
+
+def test_each_instance_has_a_pod_and_a_secret_of_its_own() -> None:
+    """Unique per instance, within a pod name's limits; the slot and the listeners are kept
+    on the pod for an adopting operator; the NetworkPolicy keeps the Pipeline's one name
+    (an older operator's pod's name)."""
+    from juturna_operator.listening import Listener
+
+    names = {pod_name(KEY, new_instance()) for _ in range(20)}
+    assert len(names) == 20
+    assert all(n.startswith("tones-40ffacf7-") for n in names)
+    listeners = (Listener("web", "http", 20000, "TCP"),)
+    pod = runtime_pod(KEY.candidate, "r2", SETTINGS, None, "bbbbbbbb", listeners, 17)
+    meta = pod["metadata"]
+    assert meta["name"] == "tones-40ffacf7-bbbbbbbb"
+    assert meta["labels"]["juturna.io/slot"] == "candidate"
+    assert "juturna.io/active-since" not in meta["annotations"]  # a candidate is not active
+    assert listeners_in(meta) == listeners
+    assert token_secret(KEY, "t", meta["name"])["metadata"]["name"] == meta["name"]
+    assert network_policy(KEY, (), [])["metadata"]["name"] == pipeline_object_name(KEY)
+    assert pipeline_object_name(KEY) == "tones-40ffacf7"
+    subdomain = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+    for name in ("x" * 253, "a" * 234 + ".b" + "c" * 17):
+        made = pod_name(PipelineKey("team-a", name, KEY.uid), "bbbbbbbb")
+        assert len(made) <= 253
+        assert subdomain.fullmatch(made), made
+
+
+def marked(
+    instance: str, slot: str | None = None, since: int | None = None, created: int = 0
+) -> dict[str, Any]:
+    """A Pipeline's pod as listed: ``slot`` None is an older operator's (unmarked)."""
+    labels = {"juturna.io/instance": instance} | ({"juturna.io/slot": slot} if slot else {})
+    annotations = {"juturna.io/active-since": str(since)} if since is not None else {}
+    meta = {"name": f"tones-40ffacf7-{instance}", "labels": labels, "annotations": annotations}
+    return {"metadata": meta | {"creationTimestamp": f"2026-12-07T10:00:{created:02d}Z"}}
+
+
+A1, B1 = marked("a", "active", 1), marked("b", "active", 2)  # a promote's marks
+
+
+@pytest.mark.parametrize(
+    ("pods", "selected", "active", "candidate", "retired"),
+    [
+        ([marked("a")], "a", "a", None, False),
+        ([marked("a")], "none", "a", None, False),
+        ([A1, marked("b", "candidate")], "a", "a", "b", False),
+        ([A1, marked("b", "candidate")], "none", "a", "b", False),
+        ([A1, B1], "a", "a", "b", False),
+        ([A1, B1], "none", "b", "a", True),
+        ([A1, B1], "b", "b", "a", True),
+        ([marked("a", "retired"), B1], "b", "b", "a", True),
+        ([marked("a", "retired"), B1], "none", "b", "a", True),
+        ([marked("a"), B1], "a", "a", "b", False),
+        ([marked("a"), B1], "b", "b", "a", True),
+        ([marked("b", "candidate")], "a", None, "b", False),
+        (
+            [A1, marked("c", "retired", created=9), marked("b", "candidate", created=5)],
+            "a",
+            "a",
+            "b",
+            False,
+        ),
+    ],
+    ids=[
+        "an-older-operators-pod",
+        "an-older-operators-pod-no-service",
+        "a-candidate-warming-up",
+        "a-candidate-warming-up-no-service",
+        "killed-after-marking-the-candidate",
+        "killed-after-marking-the-candidate-no-service",
+        "killed-after-moving-the-service",
+        "promoted",
+        "promoted-no-service",
+        "an-older-operators-pod-killed-while-replaced",
+        "an-older-operators-pod-replaced",
+        "the-active-pod-gone",
+        "a-candidate-before-a-retired-one",
+    ],
+)
+def test_adoption_puts_each_pod_in_the_slot_it_had(
+    pods: list[dict[str, Any]],
+    selected: str,
+    active: str | None,
+    candidate: str | None,
+    retired: bool,
+) -> None:
+    """Where a promote was killed (marks: the candidate's active, the Service, the old one's
+    retired), the Service is the truth where the Pipeline listens, and the later active
+    mark where it does not: never two actives, and a promote the Service did not see is
+    made again (the candidate is not retired)."""
+
+    def instance(pod: dict[str, Any] | None) -> str | None:
+        return None if pod is None else pod["metadata"]["labels"]["juturna.io/instance"]
+
+    placement = place(pods, selected)
+    assert (instance(placement.active), instance(placement.candidate)) == (active, candidate)
+    assert placement.retired is retired
+    assert placement.mark(Slot.candidate) == ("retired" if retired else "candidate")
+    placed_ = {instance(placement.active), instance(placement.candidate)}
+    assert {instance(p) for p in placement.strays} == {instance(p) for p in pods} - placed_
+
+
+def test_the_service_is_the_pipelines_and_selects_one_pod_by_its_instance() -> None:
+    """One Service for both slots, its listeners kept for an adopting operator; the
+    NetworkPolicy lets in both instances' input ports, each once."""
+    from juturna_operator.listening import Listener
+
+    old, new = Listener("web", "http", 20000, "TCP"), Listener("rtp", "rtp", 20002, "UDP")
+    body = service_body(KEY, (new,), "bbbbbbbb")
+    assert body["metadata"]["name"] == service_name(KEY) == service_name(KEY.candidate) == "tones"
+    assert body["spec"]["selector"] == {
+        "juturna.io/pipeline-uid": KEY.uid,
+        "juturna.io/instance": "bbbbbbbb",
+    }
+    assert listeners_in(body["metadata"]) == (new,)
+    assert listeners_in({"annotations": {"juturna.io/listeners": "[1]"}}) is None
+    assert listeners_in({}) is None
+    ingress = network_policy(KEY, (new, old, new), [])["spec"]["ingress"]
+    assert ingress[1] == {
+        "ports": [{"protocol": "UDP", "port": 20002}, {"protocol": "TCP", "port": 20000}]
+    }
+
+
+def test_a_promote_needs_a_started_candidate_and_is_safe_to_repeat() -> None:
+    """Refused before any request: no candidate, or one not Running (its message names the
+    pod and the state). After a promote the candidate slot holds the retired instance: a
+    second promote changes nothing."""
+    from juturna_operator.domain import InstanceState
+
+    engine = PodEngine(SETTINGS, api_client=None)  # type: ignore[arg-type]
+    assert engine.warm_swap(Plan()) is None
+    with pytest.raises(PipelineFailure) as refused:
+        asyncio.run(engine.promote(KEY))
+    assert (refused.value.reason, refused.value.message) == (
+        FailureReason.InvalidPipelineId,
+        "team-a/tones has no candidate to promote",
+    )
+    client = JuturnaClient("http://127.0.0.1:9")
+    ready = _Runtime("tones-40ffacf7-bbbbbbbb", "r2", client, "p2", InstanceState.Ready)
+    engine._runtimes[KEY.candidate] = ready
+    with pytest.raises(PipelineFailure) as refused:
+        asyncio.run(engine.promote(KEY))
+    assert (refused.value.reason, refused.value.message) == (
+        FailureReason.NotRunning,
+        "the candidate instance of team-a/tones (pod tones-40ffacf7-bbbbbbbb) is Ready, not "
+        "Running: only a started instance takes the Pipeline's address",
+    )
+    new = _Runtime("tones-40ffacf7-bbbbbbbb", "r2", client, "p2", InstanceState.Running)
+    old = _Runtime("tones-40ffacf7-aaaaaaaa", "r1", client, "p1", InstanceState.Running)
+    old.retired = True
+    engine._runtimes.update({KEY: new, KEY.candidate: old})
+    asyncio.run(engine.promote(KEY))  # no request: the API client points nowhere
+    assert (engine._runtimes[KEY], engine._runtimes[KEY.candidate]) == (new, old)
 
 
 def test_the_network_policy_lets_in_the_operator_the_probes_and_the_input_ports() -> None:

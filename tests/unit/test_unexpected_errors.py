@@ -30,6 +30,8 @@ class ExplodingEngine:
     async def create(self, *args: Any, **kwargs: Any) -> str:
         raise RuntimeError("disk on fire")
 
+    two_slots = False
+
     def warm_swap(self, plan: Any) -> str | None:
         return "one instance per Pipeline"
 

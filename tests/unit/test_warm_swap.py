@@ -404,3 +404,102 @@ def test_the_lifecycle_never_spends_restarts_on_a_candidate() -> None:
         update=UpdateAttempt("new", 2, 0.0, 60.0, failure=failure, outcome=UpdateOutcome.Aborted),
     )
     assert next_step(desired, aborted, 61.0) is Action.Nothing
+
+
+def test_the_engine_is_asked_how_a_change_lands_once_per_generation() -> None:
+    """Health passes come every few seconds for every Pipeline: the engine's answer is kept
+    for the generation (and its listeners), asked again only after a spec change."""
+    h = running_harness()
+    e = engine(h)
+    asked = e.swap_asked
+    for _ in range(5):
+        h.now += 10
+        h.reconcile()
+    assert e.swap_asked == asked
+    change(h)
+    h.reconcile()
+    assert e.swap_asked > asked
+
+
+class SlowCandidateEngine(SwapEngine):
+    """A candidate whose create (pod start, model load) outlives the progress threshold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_during: list[dict[str, Any]] = []
+
+    async def create(
+        self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Any
+    ) -> str:  # type: ignore[override]
+        if key.slot == "candidate":
+            self.pods[key] = "p-new"
+            await asyncio.sleep(0.3)
+        return await super().create(key, config, revision, plan)
+
+
+def test_a_long_warmup_shows_the_pod_being_prepared_and_posts_its_event_as_it_begins() -> None:
+    """Status and Events tell the truth while the new revision warms up, not only after:
+    ``status.update`` names the step and the pod being prepared, and ``WarmingUpNew`` is
+    posted as the step begins."""
+    h = Harness(SlowCandidateEngine())
+    h.spec["update"] = {"drainSeconds": 5}
+    h.reconcile()
+    old = h.status["lastStableRevision"]
+    h.reconciler.settings.progress_threshold_s = 0.05
+    writes_before, events_before = len(h.writes), len(h.events)
+    change(h)
+    h.reconcile()
+    during = [w for w in h.writes[writes_before:] if (w.get("update") or {}).get("pod")]
+    assert during, h.writes[writes_before:]
+    assert during[0]["update"] == {
+        "step": "WarmingUpNew",
+        "revision": engine(h).instances[KEY].revision,
+        "previousRevision": old,
+        "pod": {"name": "p-new", "node": None},
+    }
+    assert during[0]["phase"] == "Running", "the phase is the serving instance's"
+    reasons = [r for _, r, _ in h.events[events_before:]]
+    assert reasons == ["WarmingUpNew", "Draining"]
+    warming = h.events[events_before][2]
+    assert warming.startswith(f"revision {during[0]['update']['revision']} warms up in pod p-new")
+
+
+def test_after_an_aborted_update_the_revision_that_ran_is_restored_if_its_instance_goes() -> None:
+    """The update failed (4xx) and the old instance served on; then it went (its pod died).
+    What ran is deployed again, not the revision that failed: the stream comes back, and
+    Ready stays False with UpdateFailed (the spec's revision still does not run)."""
+    h = running_harness()
+    old = h.status["lastStableRevision"]
+    e = engine(h)
+    e.fail_candidate = [
+        PipelineFailure(FailureReason.PluginNotFound, Step.validate, 'plugin "nope" not found')
+    ]
+    change(h)
+    h.reconcile()
+    assert conditions(h)["Updating"] == ("False", "UpdateFailed")
+    new = h.reconciler._memory[UID].spec.revision
+    assert new != old
+    e.instances.pop(KEY)  # the old instance is gone (its pod died)
+    h.reconcile()
+    h.now += 60  # any backoff
+    h.reconcile()
+    assert e.slot(KEY) == ("Running", old), "what ran, deployed again"
+    assert e.slot(KEY.candidate) is None
+    assert h.status["phase"] == "Running"
+    assert conditions(h)["Ready"] == ("False", "UpdateFailed")
+    assert h.status["lastStableRevision"] == old
+    assert h.status["failure"]["reason"] == "PluginNotFound"
+    restored = [m for _, r, m in h.events if r == "RestoredStable"]
+    assert restored == [
+        f"the instance of revision {old} went after the update to revision {new} had failed "
+        f'(PluginNotFound: plugin "nope" not found): revision {old} deployed again '
+        "(instance id-2)"  # the failed candidate got no instance
+    ]
+    # It stays so; the next change starts a new attempt from what runs.
+    h.now += 600
+    h.reconcile()
+    assert e.slot(KEY) == ("Running", old)
+    change(h, rate=9.0)
+    h.reconcile()
+    assert e.slot(KEY)[1] not in (old, new)
+    assert conditions(h)["Ready"] == ("True", "DesiredStateReached")

@@ -46,7 +46,7 @@ class Router:
         self._owner: dict[PipelineKey, Engine] = {}
         # Whether the default engine warm-swaps (then it may hold a candidate left by an
         # earlier operator process; the service engine never does).
-        self._swaps = default.warm_swap(DEFAULT_PLAN) is None
+        self._swaps = default.two_slots
         self._names = {id(e): engine_name(e) for e in (default, service) if e is not None}
 
     def _for(self, key: PipelineKey) -> Engine:
@@ -79,6 +79,10 @@ class Router:
             for engine in filter(None, (self._default, self._service)):
                 await engine.delete(key, release, keep_output)
         self._owner.pop(key, None)
+
+    @property
+    def two_slots(self) -> bool:
+        return self._swaps
 
     def warm_swap(self, plan: Plan) -> str | None:
         engine = self._service if plan.runtime and self._service else self._default
@@ -125,6 +129,9 @@ class Router:
         return next(
             (step for e in engines if e is not None and (step := e.step_under_way(key))), None
         )
+
+    def pod_under_way(self, key: PipelineKey) -> str | None:
+        return self._for(key).pod_under_way(key)
 
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         removed = await self._default.sweep(keep)

@@ -193,6 +193,10 @@ class Engine(Protocol):
     def step_under_way(self, key: PipelineKey) -> Step | None:
         """Within a create that takes several Juturna steps in one call: the one under way."""
 
+    def pod_under_way(self, key: PipelineKey) -> str | None:
+        """Within a create, on an engine of a pod per instance: that pod's name, once chosen
+        (a warm swap's status names the pod being prepared while it warms up)."""
+
     async def sweep(self, keep: dict[str, str | None]) -> list[str]:
         """Remove instances no resource references (``keep``: Juturna name -> pipeline id)."""
 
@@ -205,6 +209,11 @@ class Engine(Protocol):
     # the same Pipeline, made, warmed up and started beside the active one without touching
     # the Pipeline's address (its Service). The engine knows nothing of swaps: the lifecycle
     # decides them, and ``promote`` is the one primitive it adds.
+
+    @property
+    def two_slots(self) -> bool:
+        """Whether this engine ever holds a candidate (then an operator's restart may find
+        one an earlier process left); no plan needed."""
 
     def warm_swap(self, plan: Plan) -> str | None:
         """None if a candidate instance with this ``plan`` can run beside the active one;
@@ -243,6 +252,8 @@ class KeyLock(asyncio.Lock):
     holder = ""
     # The Juturna step a long operation is in, where one call does several (a deploy).
     step: Step | None = None
+    # The pod the operation runs the instance in, once chosen (engines of a pod per instance).
+    pod: str | None = None
 
 
 class Exclusive:
@@ -269,6 +280,10 @@ class Exclusive:
         reconciler shows it as the phase while the call lasts)."""
         lock = self._locks.get(key)
         return lock.step if lock is not None and lock.locked() else None
+
+    def pod_under_way(self, key: PipelineKey) -> str | None:
+        lock = self._locks.get(key)
+        return lock.pod if lock is not None and lock.locked() else None
 
     def drop_lock(self, key: PipelineKey, lock: KeyLock | None = None) -> None:
         """Drop the lock of a deleted instance (``lock``: if it is still that one), unless an
@@ -343,6 +358,8 @@ class LockedEngine(Exclusive):
 
     async def start(self, key: PipelineKey) -> None:
         await self.exclusive(key, self._start, key)
+
+    two_slots = False
 
     def warm_swap(self, plan: Plan) -> str | None:
         """Engines replace an instance in place unless they say otherwise (the router names

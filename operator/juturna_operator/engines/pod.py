@@ -14,19 +14,26 @@ process engine drives a local worker. What Kubernetes gives on top:
   refused. So a Pipeline author who makes a built-in node run a command
   (``docs/juturna.md``, pitfalls 11-12) gets no more than a Pod author has;
 * **placement and shared fate**: the scheduler places each pod; an operator restart leaves
-  the pods running, and the next operator adopts them (by name, owner uid and token);
+  the pods running, and the next operator adopts them (by owner, slot and token);
+* **two instances per Pipeline**: a pod per instance, named ``<name>-<uid8>-<instance>``,
+  in one of two slots (``PipelineKey.slot``): the active one, and a candidate made beside it
+  (a warm swap's next revision, and after the switch the old one while it drains). A
+  candidate never touches the Pipeline's address; ``promote`` moves it, and each pod's
+  slot mark (``SLOT_LABEL``) lets an adopting operator put it back where it was
+  (``place``);
 * **whose pod is whose**: a pod or Secret counts as a Pipeline's only if it is in the
   Pipeline's namespace and the Pipeline is its controller owner (``owned_by``). Labels,
   names and uids prove nothing: anyone may put them on their own pods, in any namespace,
   and the operator would send such a pod the Pipeline's token and configuration. An object
-  of the right name that the Pipeline does not own is ``NameConflict``: never adopted,
-  never deleted;
+  of the name the Pipeline's must have (its Service, its NetworkPolicy) that the Pipeline
+  does not own is ``NameConflict``: never adopted, never deleted;
 * **cleanup without us**: the pod and its token Secret are owned by the Pipeline, so the
   garbage collector removes them even when no operator runs;
 * **a stable address**: a Pipeline that listens (``listening``) gets a Service of its own
   (owned by it, named after it), whose selector names one pod by its instance label, and
   only once that pod's pipeline is Running. Moving the address to another pod is one patch
-  of the selector; the Service, its ClusterIP and its DNS name outlive every pod.
+  of the selector; the Service, its ClusterIP and its DNS name outlive every pod. So does
+  the NetworkPolicy: one per Pipeline, for all its pods.
 
 Each pod's token lives in a Secret of the same name (owned by the Pipeline, mounted into
 the pod). It is never put in status, Events or logs.
@@ -43,8 +50,9 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client as k8s
 
@@ -56,6 +64,7 @@ from juturna_operator.domain import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    Slot,
 )
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
@@ -72,6 +81,7 @@ from juturna_operator.reasons import FailureReason, PipelineFailure, Step, api_s
 from juturna_operator.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PORT = WORKER_PORT
 CONTAINER = "juturna"
@@ -83,7 +93,15 @@ TEMPLATE_ANNOTATION = "juturna.io/template"
 NAME_LABEL = "juturna.io/pipeline"
 INSTANCE_LABEL = "juturna.io/instance"  # one value per pod: what the Service selects
 NO_POD = "none"  # an instance label no pod has: the Service points at nothing
-LISTENERS_ANNOTATION = "juturna.io/listeners"  # the Service's, for an adopting operator
+LISTENERS_ANNOTATION = "juturna.io/listeners"  # a Service's and a pod's, for an adopting operator
+# Which of a Pipeline's two instances a pod is (``place`` reads it back after a restart): the
+# Slot's values, or RETIRED: an instance that served until a promote replaced it (it drains in
+# the candidate slot and is never promoted again). A pod without the label is an older
+# operator's, of one pod per Pipeline: the active one.
+SLOT_LABEL = "juturna.io/slot"
+RETIRED = "retired"
+# When a pod took the active slot (ns since the epoch): of two pods marked active, the later.
+ACTIVE_SINCE = "juturna.io/active-since"
 MAX_SERVICE_NAME = 63
 POD_READY_TIMEOUT_S = 300.0  # an image pull can take minutes
 POLL_S = 0.25  # without a watch (before its first event)
@@ -103,9 +121,24 @@ MISSING_ACCOUNT = "error looking up service account"
 IMAGE_PROBLEMS = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 
 
-def pod_name(key: PipelineKey) -> str:
-    """One pod per resource; the uid part keeps a re-created resource's pod apart."""
+def pipeline_object_name(key: PipelineKey) -> str:
+    """The name of the Pipeline's NetworkPolicy (one per Pipeline, for all its pods); the uid
+    part keeps a re-created resource's apart. An older operator named its one pod and that
+    pod's Secret so too."""
     return f"{key.name[:240]}-{key.uid[:8]}"
+
+
+def pod_name(key: PipelineKey, instance: str) -> str:
+    """One pod (and its token Secret) per instance of the Pipeline: the instance part keeps a
+    warm swap's two pods apart, and a replacement never waits for a leaving pod's name. At
+    most 253 characters (a DNS-1123 subdomain, whose parts cannot begin with ``-``)."""
+    return f"{key.name[:235].rstrip('.')}-{key.uid[:8]}-{instance}"
+
+
+def new_instance() -> str:
+    """A new instance's id: its pod's name suffix and instance label (what the Service
+    selects), random like a ReplicaSet's pods' suffixes."""
+    return secrets.token_hex(4)
 
 
 def labels_of(key: PipelineKey) -> dict[str, str]:
@@ -142,14 +175,13 @@ def owned_by(obj: dict[str, Any], key: PipelineKey) -> bool:
     )
 
 
-def name_conflict(
-    kind: str, key: PipelineKey, step: Step, name: str | None = None
-) -> PipelineFailure:
-    """A pod, Secret or Service of the name this Pipeline's must have, owned by another."""
+def name_conflict(kind: str, key: PipelineKey, step: Step, name: str) -> PipelineFailure:
+    """A pod, Secret, Service or NetworkPolicy of the name this Pipeline's must have, owned by
+    another."""
     return PipelineFailure(
         FailureReason.NameConflict,
         step,
-        f"{kind} {name or pod_name(key)} in namespace {key.namespace} is not owned by Pipeline "
+        f"{kind} {name} in namespace {key.namespace} is not owned by Pipeline "
         f"{key.name}; the operator neither uses nor deletes it: remove it, or rename the "
         "Pipeline",
     )
@@ -167,12 +199,25 @@ def service_name(key: PipelineKey) -> str:
     return f"{base[: MAX_SERVICE_NAME - 9].rstrip('-')}-{key.uid[:8]}"
 
 
+def described(listeners: tuple[Listener, ...]) -> str:
+    """``listeners`` as an annotation keeps them (``LISTENERS_ANNOTATION``)."""
+    return json.dumps([[ln.node, ln.name, ln.port, ln.protocol] for ln in listeners])
+
+
+def listeners_in(meta: dict[str, Any]) -> tuple[Listener, ...] | None:
+    """The listeners an object's ``LISTENERS_ANNOTATION`` keeps; None without a readable one."""
+    try:
+        kept = json.loads((meta.get("annotations") or {})[LISTENERS_ANNOTATION])
+        return tuple(Listener(str(n), str(m), int(p), str(q)) for n, m, p, q in kept)
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def service_body(
     key: PipelineKey, listeners: tuple[Listener, ...], instance: str
 ) -> dict[str, Any]:
-    """The Pipeline's Service: one port per listener, pointing at the pod labelled
-    ``instance`` (``NO_POD``: at none)."""
-    described = [[ln.node, ln.name, ln.port, ln.protocol] for ln in listeners]
+    """The Pipeline's Service (one for both slots): one port per listener, pointing at the pod
+    labelled ``instance`` (``NO_POD``: at none)."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -180,7 +225,7 @@ def service_body(
             "name": service_name(key),
             "namespace": key.namespace,
             "labels": labels_of(key),
-            "annotations": {LISTENERS_ANNOTATION: json.dumps(described)},
+            "annotations": {LISTENERS_ANNOTATION: described(listeners)},
             "ownerReferences": [owner_of(key)],
         },
         "spec": {
@@ -199,22 +244,29 @@ def service_body(
     }
 
 
+def ports_of(listeners: tuple[Listener, ...]) -> set[tuple[str, int]]:
+    """The input ports ``listeners`` take, as a NetworkPolicy names them."""
+    return {(ln.protocol, ln.port) for ln in listeners}
+
+
 def network_policy(
     key: PipelineKey, listeners: tuple[Listener, ...], worker_peers: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """What may reach the Pipeline's pods: its worker port only from ``worker_peers`` (the
-    operator, the kubelet's probes), its declared input ports from anyone; nothing else.
-    Egress is left open: sinks send where their configuration says."""
+    """What may reach the Pipeline's pods (both slots': it selects them by the uid label): its
+    worker port only from ``worker_peers`` (the operator, the kubelet's probes), its declared
+    input ports from anyone; nothing else. Egress is left open: sinks send where their
+    configuration says."""
     ingress: list[dict[str, Any]] = [
         {"from": worker_peers, "ports": [{"protocol": "TCP", "port": PORT}]}
     ]
-    if listeners:
-        ingress.append({"ports": [{"protocol": ln.protocol, "port": ln.port} for ln in listeners]})
+    ports = dict.fromkeys((ln.protocol, ln.port) for ln in listeners)  # once each, in order
+    if ports:
+        ingress.append({"ports": [{"protocol": q, "port": p} for q, p in ports]})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {
-            "name": pod_name(key),
+            "name": pipeline_object_name(key),
             "namespace": key.namespace,
             "labels": labels_of(key),
             "ownerReferences": [owner_of(key)],
@@ -227,12 +279,13 @@ def network_policy(
     }
 
 
-def token_secret(key: PipelineKey, token: str) -> dict[str, Any]:
+def token_secret(key: PipelineKey, token: str, name: str) -> dict[str, Any]:
+    """The token of the pod ``name``, in a Secret of the same name."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": pod_name(key),
+            "name": name,
             "namespace": key.namespace,
             "labels": labels_of(key),
             "ownerReferences": [owner_of(key)],
@@ -264,11 +317,16 @@ def runtime_pod(
     settings: Settings,
     template: dict[str, Any] | None = None,
     instance: str = NO_POD,
+    listeners: tuple[Listener, ...] = (),
+    active_since: int = 0,
 ) -> dict[str, Any]:
-    """The Pod for one Pipeline: restricted, the worker on ``PORT``, with what
-    ``spec.template`` adds (``podpolicy`` checked it). The runtime image says where its
-    plugins are (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
+    """The Pod for one instance of a Pipeline (``key.slot``'s; ``active_since``: now, for the
+    active slot): restricted, the worker on ``PORT``, with what ``spec.template`` adds
+    (``podpolicy`` checked it). The runtime image says where its plugins are
+    (``JUTURNA_OPERATOR_PLUGIN_PATH`` in it)."""
     t = template or {}
+    name = pod_name(key, instance)
+    slot = {ACTIVE_SINCE: str(active_since)} if key.slot is Slot.active else {}
     # Quantities as strings (YAML's `nvidia.com/gpu: 1` is a number; a Pod wants "1").
     resources = {
         kind: {name: str(q) for name, q in amounts.items()}
@@ -304,11 +362,18 @@ def runtime_pod(
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(key),
+            "name": name,
             "namespace": key.namespace,
-            "labels": (t.get("labels") or {}) | labels_of(key) | {INSTANCE_LABEL: instance},
+            "labels": (t.get("labels") or {})
+            | labels_of(key)
+            | {INSTANCE_LABEL: instance, SLOT_LABEL: key.slot.value},
             "annotations": (t.get("annotations") or {})
-            | {"juturna.io/revision": revision, TEMPLATE_ANNOTATION: template_hash(t, settings)},
+            | {
+                "juturna.io/revision": revision,
+                TEMPLATE_ANNOTATION: template_hash(t, settings),
+                LISTENERS_ANNOTATION: described(listeners),
+            }
+            | slot,
             "ownerReferences": [owner_of(key)],
         },
         "spec": placement
@@ -363,7 +428,7 @@ def runtime_pod(
             "volumes": [
                 scratch_volume("work", settings.pod_work_size_limit),
                 scratch_volume("tmp", settings.pod_tmp_size_limit),
-                {"name": "token", "secret": {"secretName": pod_name(key), "defaultMode": mode}},
+                {"name": "token", "secret": {"secretName": name, "defaultMode": mode}},
                 *(t.get("volumes") or []),
             ],
         },
@@ -519,9 +584,91 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def slot_mark(pod: dict[str, Any]) -> str:
+    """The slot a pod is marked with (``SLOT_LABEL``); an older operator's pod, unmarked, was
+    its Pipeline's only one: active."""
+    return str(((pod.get("metadata") or {}).get("labels") or {}).get(SLOT_LABEL, Slot.active))
+
+
+def active_since(pod: dict[str, Any]) -> int:
+    """When a pod marked active took the slot (``ACTIVE_SINCE``); 0: since ever."""
+    try:
+        return int(((pod.get("metadata") or {}).get("annotations") or {})[ACTIVE_SINCE])
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where adoption puts each of a Pipeline's pods (``place``)."""
+
+    active: dict[str, Any] | None = None
+    candidate: dict[str, Any] | None = None
+    retired: bool = False  # the candidate slot's pod served before: never promoted again
+    strays: tuple[dict[str, Any], ...] = ()  # pods beyond the two slots: removed
+
+    def pod(self, slot: Slot) -> dict[str, Any] | None:
+        return self.active if slot is Slot.active else self.candidate
+
+    def mark(self, slot: Slot) -> str:
+        """What the slot's pod is marked with once adopted."""
+        return RETIRED if slot is Slot.candidate and self.retired else slot.value
+
+
+def place(pods: list[dict[str, Any]], selected: str) -> Placement:
+    """Which of a Pipeline's pods (its own: ``owned_by``) holds which slot, from what the
+    cluster says after an operator restart; ``selected``: the instance the Pipeline's Service
+    selects (``NO_POD``: none, or no Service).
+
+    The active pod is the one the Service selects, where it selects one of them: where the
+    Pipeline listens, its address is the truth. Else the pod marked active most recently
+    (``ACTIVE_SINCE``). A promote marks the candidate active (since now), then moves the
+    Service, then marks the old one retired; so an operator killed in between leaves:
+
+    * before the Service moved: two pods marked active, the Service on the old one. The old
+      one stays active, the other is a candidate again (promoted again by the next promote);
+      with no Service the later mark wins: the promote is complete.
+    * after: the Service on the new one, whose mark is the later; the old one is retired.
+
+    Never two actives. The candidate slot holds one of the other pods, the newest (a
+    candidate, not a retired one, first); any more are strays."""
+    by_instance = {
+        ((p.get("metadata") or {}).get("labels") or {}).get(INSTANCE_LABEL): p for p in pods
+    }
+    marked = [p for p in pods if slot_mark(p) == Slot.active]
+
+    def age(p: dict[str, Any]) -> tuple[int, str, str]:
+        meta = p.get("metadata") or {}
+        return active_since(p), str(meta.get("creationTimestamp") or ""), str(meta.get("name"))
+
+    active = by_instance.get(selected) if selected != NO_POD else None
+    if active is None and marked:
+        active = max(marked, key=age)
+
+    def retired(p: dict[str, Any]) -> bool:
+        # Marked active but not the active one: replaced by it (retired), or the candidate of
+        # a promote that did not move the Service (marked after the active one).
+        if slot_mark(p) == Slot.active and active is not None:
+            return active_since(p) <= active_since(active)
+        return slot_mark(p) == RETIRED
+
+    others = sorted(
+        (p for p in pods if p is not active),
+        key=lambda p: (not retired(p), str((p.get("metadata") or {}).get("creationTimestamp"))),
+        reverse=True,
+    )
+    candidate = others[0] if others else None
+    return Placement(
+        active,
+        candidate,
+        candidate is not None and retired(candidate),
+        tuple(others[1:]),
+    )
+
+
 @dataclass
 class _Runtime:
-    """What the engine holds for one Pipeline's pod."""
+    """What the engine holds for one instance of a Pipeline: a pod, its Secret (same name)."""
 
     pod: str
     revision: str
@@ -535,6 +682,7 @@ class _Runtime:
     idle_since: float = 0.0  # kept for the next deploy of this resource (see delete)
     instance: str = NO_POD  # the pod's instance label: what the Service selects
     listeners: tuple[Listener, ...] = ()  # what its pipeline listens on
+    retired: bool = False  # it served until a promote replaced it: never promoted again
 
 
 @dataclass(frozen=True)
@@ -556,39 +704,45 @@ class PodEngine(LockedEngine):
         self._core = k8s.CoreV1Api(api_client)
         self._runtimes: dict[PipelineKey, _Runtime] = {}
         self._idle: dict[PipelineKey, _Runtime] = {}  # healthy pods, their pipeline deleted
-        self._looked: set[PipelineKey] = set()  # adoption tried once per key
-        # The Pipelines this engine has a pod for, or is making or adopting one for: the
-        # watch files a pod only under one of these, and only if the Pipeline owns it.
+        self._looked: set[PipelineKey] = set()  # adoption tried once per key (both slots)
+        # The Pipelines this engine has a pod for, or is making or adopting one for (by uid:
+        # their active slot's key): the watch files a pod only under one of these, and only
+        # if the Pipeline owns it.
         self._known: dict[str, PipelineKey] = {}
         # The watch on our pods (handlers.pod_event) keeps the latest body of each, by the
-        # Pipeline's uid (None: deleted), and wakes whoever waits for a change: no polling.
-        self._seen: dict[str, dict[str, Any] | None] = {}
-        self._changes: dict[str, asyncio.Event] = {}
+        # Pipeline's uid and the pod's name (None: deleted), and wakes whoever waits for a
+        # change of that pod: no polling.
+        self._seen: dict[str, dict[str, dict[str, Any] | None]] = {}
+        self._changes: dict[str, dict[str, asyncio.Event]] = {}
         self._services: dict[str, _Service] = {}  # by the Pipeline's uid
         self._services_looked: set[str] = set()  # uids whose Service, if any, is in _services
         core = self._core
         self._networking = networking = k8s.NetworkingV1Api(api_client)
-        # Each kind of object the engine makes per Pipeline: (create, read, delete).
-        self._kinds: dict[str, tuple[Any, Any, Any]] = {
+        # Each kind of object the engine makes per Pipeline: (create, read, delete, list).
+        self._kinds: dict[str, tuple[Any, Any, Any, Any]] = {
             "pod": (
                 core.create_namespaced_pod,
                 core.read_namespaced_pod,
                 core.delete_namespaced_pod,
+                core.list_namespaced_pod,
             ),
             "Secret": (
                 core.create_namespaced_secret,
                 core.read_namespaced_secret,
                 core.delete_namespaced_secret,
+                core.list_namespaced_secret,
             ),
             "Service": (
                 core.create_namespaced_service,
                 core.read_namespaced_service,
                 core.delete_namespaced_service,
+                core.list_namespaced_service,
             ),
             "NetworkPolicy": (
                 networking.create_namespaced_network_policy,
                 networking.read_namespaced_network_policy,
                 networking.delete_namespaced_network_policy,
+                networking.list_namespaced_network_policy,
             ),
         }
         self.watched = False  # set once the watch delivers; until then, reads go to the API
@@ -600,70 +754,103 @@ class PodEngine(LockedEngine):
 
     def observe(self, event: str, pod: dict[str, Any]) -> str | None:
         """A watch event for a pod with our label: if it is a known Pipeline's own pod,
-        remember it and wake its waiters, and return that Pipeline's uid. Any other pod,
-        whatever its labels or name, is nobody's (``owned_by``)."""
+        remember it by its name and wake its waiters, and return that Pipeline's uid. Any
+        other pod, whatever its labels or name, is nobody's (``owned_by``)."""
         self.watched = True
-        uid = ((pod.get("metadata") or {}).get("labels") or {}).get(UID_LABEL)
-        key = self._known.get(str(uid))
-        if key is None or not self._is_its_pod(pod, key):
+        meta = pod.get("metadata") or {}
+        key = self._known.get(str((meta.get("labels") or {}).get(UID_LABEL)))
+        if key is None or not owned_by(pod, key):
             return None
-        self._seen[key.uid] = None if event == "DELETED" else pod
-        self._changes.setdefault(key.uid, asyncio.Event()).set()
+        name, seen = str(meta.get("name")), self._seen.setdefault(key.uid, {})
+        changes = self._changes.get(key.uid, {})
+        if event != "DELETED":
+            seen[name] = pod
+            waiting = changes.get(name)
+        else:
+            waiting = changes.pop(name, None)
+            if name in self._pods_held(key):
+                seen[name] = None  # its instance reads "gone" without asking the API
+            else:
+                seen.pop(name, None)  # nobody's instance: not kept for the Pipeline's life
+        if waiting is not None:
+            waiting.set()
         return key.uid
 
-    @staticmethod
-    def _is_its_pod(pod: dict[str, Any], key: PipelineKey) -> bool:
-        return pod["metadata"].get("name") == pod_name(key) and owned_by(pod, key)
-
-    async def _pod(self, key: PipelineKey) -> dict[str, Any] | None:
+    async def _pod(self, key: PipelineKey, name: str) -> dict[str, Any] | None:
         """The pod as the watch last saw it; from the API when the watch has not yet."""
-        if self.watched and key.uid in self._seen:
-            return self._seen[key.uid]
-        return await self._read_pod(key)
+        seen = self._seen.get(key.uid, {})
+        if self.watched and name in seen:
+            return seen[name]
+        return await self._read_pod(key, name)
 
-    async def _changed(self, key: PipelineKey, within: float) -> None:
-        """Until the watch reports a change of this pod, or ``within`` seconds (an event
-        missed, or none delivered yet)."""
-        event = self._changes.setdefault(key.uid, asyncio.Event())
+    async def _changed(self, key: PipelineKey, name: str, within: float) -> None:
+        """Until the watch reports a change of the pod ``name``, or ``within`` seconds (an
+        event missed, or none delivered yet)."""
+        event = self._changes.setdefault(key.uid, {}).setdefault(name, asyncio.Event())
         event.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 await event.wait()
 
-    async def _read(
-        self, read: Any, key: PipelineKey, name: str | None = None
-    ) -> dict[str, Any] | None:
-        """The object ``read`` reads (a pod, a Secret, a Service) of the Pipeline's pod name
-        or ``name``, as a dict: None if there is none."""
+    async def _read(self, read: Any, key: PipelineKey, name: str) -> dict[str, Any] | None:
+        """The object ``read`` reads (a pod, a Secret, a Service) of the name ``name`` in the
+        Pipeline's namespace, as a dict: None if there is none."""
         try:
-            found = await self._call(read, name or pod_name(key), key.namespace)
+            found = await self._call(read, name, key.namespace)
         except k8s.ApiException as err:
             if err.status == 404:
                 return None
             raise _api_failure(err, Step.run) from None
         return dict(self._core.api_client.sanitize_for_serialization(found))
 
-    async def _read_pod(self, key: PipelineKey) -> dict[str, Any] | None:
-        """The Pipeline's own pod from the API: None if there is none, or if the one of its
-        name is not the Pipeline's (the create reports that as ``NameConflict``)."""
-        pod = await self._read(self._core.read_namespaced_pod, key)
+    async def _read_pod(self, key: PipelineKey, name: str) -> dict[str, Any] | None:
+        """A pod of the Pipeline's from the API: None if there is none, or if the one of that
+        name is not the Pipeline's."""
+        pod = await self._read(self._core.read_namespaced_pod, key, name)
         return pod if pod is not None and owned_by(pod, key) else None
 
-    async def _remove(self, key: PipelineKey) -> None:
-        """The pod (its grace period), the Secret and the NetworkPolicy, if the Pipeline
-        owns them."""
-        await self._delete_owned(key, "pod", pod_name(key), DELETE_GRACE_S)
-        await self._delete_owned(key, "Secret", pod_name(key), DELETE_GRACE_S)
+    async def _owned(self, key: PipelineKey, kind: str) -> list[dict[str, Any]]:
+        """The Pipeline's pods or Secrets (``kind``): those of its uid label it owns."""
+        listing = self._kinds[kind][3]
+        try:
+            found = await self._call(
+                listing, key.namespace, label_selector=f"{UID_LABEL}={key.uid}"
+            )
+        except k8s.ApiException as err:
+            raise _api_failure(err, Step.run) from None
+        items = self._core.api_client.sanitize_for_serialization(found).get("items") or []
+        return [obj for obj in items if owned_by(obj, key)]
+
+    async def _remove(self, key: PipelineKey, name: str) -> None:
+        """One instance's pod (its grace period) and Secret, if the Pipeline owns them."""
+        await self._delete_owned(key, "pod", name, DELETE_GRACE_S)
+        await self._delete_owned(key, "Secret", name, DELETE_GRACE_S)
+
+    async def _let_go(self, key: PipelineKey, name: str, listeners: tuple[Listener, ...]) -> None:
+        """Remove one instance (``_remove``); the NetworkPolicy goes with the Pipeline's last
+        one, else lets in only the input ports of the instance left."""
+        await self._remove(key, name)
+        other = self._other(key)
+        left = self._held(other)
+        if left is None and not self._busy(other):
+            await self._remove_policy(key)
+        elif left is not None and ports_of(listeners) - ports_of(left.listeners):
+            await self._guard(other, left.listeners)
+
+    async def _remove_policy(self, key: PipelineKey) -> None:
         if self._settings.worker_peers is not None:
-            await self._delete_owned(key, "NetworkPolicy", pod_name(key))
+            await self._delete_owned(key, "NetworkPolicy", pipeline_object_name(key))
 
     async def _guard(self, key: PipelineKey, listeners: tuple[Listener, ...]) -> None:
         """The Pipeline's NetworkPolicy, made or brought up to date before its pod serves
-        (where the administrator named the worker's peers)."""
+        (where the administrator named the worker's peers): the input ports of ``listeners``
+        and of the other slot's instance, if any (a candidate warming up beside the active
+        one takes no port from it)."""
         peers = self._settings.worker_peers
         if peers is None:
             return
-        body = network_policy(key, listeners, peers)
+        other = self._held(self._other(key))
+        body = network_policy(key, listeners + (other.listeners if other else ()), peers)
         try:
             await self._create_owned(key, "NetworkPolicy", body)
         except k8s.ApiException as err:
@@ -676,13 +863,46 @@ class PodEngine(LockedEngine):
                 {"spec": body["spec"]},
             )
 
+    # -- the two slots --
+
+    @staticmethod
+    def _other(key: PipelineKey) -> PipelineKey:
+        """The same Pipeline's other slot."""
+        return key.candidate if key.slot is Slot.active else key.active
+
+    def _held(self, key: PipelineKey) -> _Runtime | None:
+        """The instance the slot holds: running, or kept for its next deploy."""
+        return self._runtimes.get(key) or self._idle.get(key)
+
+    def _busy(self, key: PipelineKey) -> bool:
+        """An operation holds or waits for the slot (``busy``, without making it a lock)."""
+        lock = self._locks.get(key)
+        return lock is not None and lock.locked()
+
+    def _pods_held(self, key: PipelineKey) -> set[str]:
+        """The names of the pods the Pipeline's two slots hold."""
+        held = (self._held(k) for k in (key.active, key.candidate))
+        return {runtime.pod for runtime in held if runtime is not None}
+
+    async def _both(
+        self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """``operation`` under both slots' locks: always the active one's first, so that two
+        such operations never wait for each other."""
+
+        async def both() -> T:
+            return await self.exclusive(key.candidate, operation, *args)
+
+        both.__name__ = operation.__name__
+        return await self.exclusive(key.active, both)
+
     async def _delete_owned(
         self, key: PipelineKey, kind: str, name: str, grace_s: int | None = None
     ) -> None:
         """Delete the Pipeline's pod, Secret or Service ``name`` if the Pipeline owns it; gone
         already is fine. The uid precondition keeps the delete from reaching an object that
         took the name after the read."""
-        read, delete = self._kinds[kind][1:]
+        read, delete = self._kinds[kind][1:3]
         found = await self._read(read, key, name)
         if found is None:
             return
@@ -699,17 +919,17 @@ class PodEngine(LockedEngine):
             if err.status not in (404, 409):  # 409: another object holds the name now
                 raise _api_failure(err, Step.delete) from None
 
-    async def _wait_serving(self, key: PipelineKey) -> dict[str, Any]:
-        """The pod once it is Ready, or the reason it will not be."""
+    async def _wait_serving(self, key: PipelineKey, name: str) -> dict[str, Any]:
+        """The pod ``name`` once it is Ready, or the reason it will not be."""
         began = time.monotonic()
         deadline = began + POD_READY_TIMEOUT_S
-        pod = await self._read_pod(key)  # the first look: the watch may lag the create
+        pod = await self._read_pod(key, name)  # the first look: the watch may lag the create
         while time.monotonic() < deadline:
             if pod is None:
                 raise PipelineFailure(
                     FailureReason.RuntimeUnavailable,
                     Step.create,
-                    f"pod {pod_name(key)} was deleted before it was ready",
+                    f"pod {name} was deleted before it was ready",
                 )
             problem = pod_problem(pod, await self._evicted(pod))
             if problem is not None:
@@ -723,48 +943,57 @@ class PodEngine(LockedEngine):
                     raise PipelineFailure(
                         FailureReason.PodNotStarted,
                         Step.create,
-                        f"pod {pod_name(key)} did not start within "
+                        f"pod {name} did not start within "
                         f"{self._settings.pod_start_timeout_s:g} s: {warning}",
                     )
-            await self._changed(key, FALLBACK_POLL_S if self.watched else POLL_S)
-            pod = await self._pod(key)
+            await self._changed(key, name, FALLBACK_POLL_S if self.watched else POLL_S)
+            pod = await self._pod(key, name)
         raise PipelineFailure(
             FailureReason.RuntimeUnavailable,
             Step.create,
-            f"pod {pod_name(key)} was not ready within {POD_READY_TIMEOUT_S:g} s",
+            f"pod {name} was not ready within {POD_READY_TIMEOUT_S:g} s",
         )
 
     async def _previous_gone(self, key: PipelineKey) -> None:
-        """Wait until the Pipeline's previous pod, on its way out (deleted or evicted from
-        outside, or removed for a pod of another template), is gone: its replacement takes
-        its name, and the API server refuses that create until then ("object is being
-        deleted"), which cost a retry and a Warning each time. Bounded by the leaving pod's
-        grace period and a margin; a pod that outlives it is left to that refusal."""
-        pod = await self._read_pod(key)
-        if pod is None or not pod["metadata"].get("deletionTimestamp"):
-            return
-        grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
-        deadline = time.monotonic() + float(grace if grace is not None else 30) + GONE_MARGIN_S
-        while pod is not None and time.monotonic() < deadline:
-            await self._changed(key, GONE_POLL_S)
-            pod = await self._pod(key)
+        """Wait until the Pipeline's pods on their way out (deleted or evicted from outside,
+        or removed for a pod of another template) are gone, but for the other slot's: each
+        pod has a name of its own, but a leaving pod holds what it asked for (a GPU, memory)
+        through its grace period, and its replacement would be Unschedulable meanwhile where
+        the node has room for one. Bounded by the leaving pods' grace periods and a margin."""
+        other = self._held(self._other(key))
+        leaving = [
+            pod
+            for pod in await self._owned(key, "pod")
+            if pod["metadata"].get("deletionTimestamp")
+            and (other is None or pod["metadata"]["name"] != other.pod)
+        ]
+        graces = [(pod.get("spec") or {}).get("terminationGracePeriodSeconds") for pod in leaving]
+        longest = max((float(g if g is not None else 30) for g in graces), default=0.0)
+        deadline = time.monotonic() + longest + GONE_MARGIN_S
+        for pod in leaving:
+            name: str = pod["metadata"]["name"]
+            found: dict[str, Any] | None = pod
+            while found is not None and time.monotonic() < deadline:
+                await self._changed(key, name, GONE_POLL_S)
+                found = await self._pod(key, name)
 
-    async def _ended(self, key: PipelineKey) -> PipelineFailure | None:
-        """Why the pod's worker stopped answering, if its container ended (OOMKilled, an
-        exit) or the pod is going: the kubelet reports it within about a second."""
+    async def _ended(self, key: PipelineKey, name: str) -> PipelineFailure | None:
+        """Why the worker of the pod ``name`` stopped answering, if its container ended
+        (OOMKilled, an exit) or the pod is going: the kubelet reports it within about a
+        second."""
         deadline = time.monotonic() + ENDED_WAIT_S
         while True:
-            pod = await self._read_pod(key)
+            pod = await self._read_pod(key, name)
             evicted = await self._evicted(pod)
             removed = removed_from_outside(pod, evicted)
             if pod is None or removed:
                 return PipelineFailure(
-                    FailureReason.RuntimeUnavailable, Step.run, gone(pod_name(key), removed)
+                    FailureReason.RuntimeUnavailable, Step.run, gone(name, removed)
                 )
             problem = pod_problem(pod, evicted)
             if problem is not None or time.monotonic() >= deadline:
                 return problem
-            await self._changed(key, POLL_S * 2)
+            await self._changed(key, name, POLL_S * 2)
 
     async def _check_plugins(self, client: JuturnaClient, plan: Plan) -> None:
         """The graph checks that read plugin files, run by the worker against the plugins of
@@ -854,9 +1083,12 @@ class PodEngine(LockedEngine):
         if idle is not None:  # another template: another pod
             self._idle[key] = idle
             await self._end(key)
-        instance = secrets.token_hex(4)
-        pod_body = runtime_pod(key, revision, self._settings, template, instance)
-        self._known[key.uid] = key
+        instance = new_instance()
+        name = self._lock(key).pod = pod_name(key, instance)
+        pod_body = runtime_pod(
+            key, revision, self._settings, template, instance, plan.listeners, time.time_ns()
+        )
+        self._known[key.uid] = key.active
         await self._previous_gone(key)
         try:
             # What the API server (and its admission, Pod Security included) would refuse,
@@ -874,26 +1106,29 @@ class PodEngine(LockedEngine):
         token = secrets.token_urlsafe(32)
         try:
             # The address first: its DNS name and ClusterIP exist while the pod starts, and
-            # once the pipeline runs only the Service's endpoints change.
+            # once the pipeline runs only the Service's endpoints change (``_serve``: the
+            # active slot's only; a candidate leaves the address where it is).
             await self._serve(key, plan.listeners, NO_POD)
-            await self._create_owned(key, "Secret", token_secret(key, token))
+            await self._create_owned(key, "Secret", token_secret(key, token, name))
             await self._guard(key, plan.listeners)
             await self._create_owned(key, "pod", pod_body)
-            pod = await self._wait_serving(key)
+            pod = await self._wait_serving(key, name)
             client = self._client(pod, token)
             await self._check_plugins(client, plan)
             pipeline_id, state = await self._deploy(key, client, config, plan.until)
             serving = instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)
         except k8s.ApiException as err:
-            await self._remove(key)
+            await self._let_go(key, name, plan.listeners)
             raise _api_failure(err, Step.create) from None
         except BaseException:
-            await self._remove(key)  # a failed create leaves no half-built instance
+            # A failed create leaves no half-built instance, and takes nothing of the other
+            # slot's.
+            await self._let_go(key, name, plan.listeners)
             raise
         node = (pod.get("spec") or {}).get("nodeName")
         self._runtimes[key] = _Runtime(
-            pod_name(key),
+            name,
             revision,
             client,
             pipeline_id,
@@ -930,22 +1165,28 @@ class PodEngine(LockedEngine):
         revision: str,
         plan: Plan,
     ) -> str:
-        """A new instance in the pod the last one left: no new pod, no image start."""
+        """A new instance in the pod the last one left: no new pod, no image start. The pod
+        keeps its name, its Secret and its slot."""
+        self._lock(key).pod = runtime.pod
         try:
             await self._guard(key, plan.listeners)  # its input ports may have changed
             await self._check_plugins(runtime.client, plan)  # its plugins may have
             runtime.pipeline_id, state = await self._deploy(key, runtime.client, config, plan.until)
             serving = runtime.instance if state is InstanceState.Running else NO_POD
             await self._serve(key, plan.listeners, serving)
+            kept = {
+                "juturna.io/revision": revision,
+                LISTENERS_ANNOTATION: described(plan.listeners),
+            }
             await self._call(
                 self._core.patch_namespaced_pod,
                 runtime.pod,
                 key.namespace,
-                {"metadata": {"annotations": {"juturna.io/revision": revision}}},
+                {"metadata": {"annotations": kept}},
             )
         except BaseException:
             await runtime.client.close()
-            await self._remove(key)
+            await self._let_go(key, runtime.pod, plan.listeners + runtime.listeners)
             raise
         runtime.revision, runtime.state, runtime.listeners = revision, state, plan.listeners
         self._runtimes[key] = runtime
@@ -960,7 +1201,7 @@ class PodEngine(LockedEngine):
         runtime = held(self._runtimes, key, Step.start)
         await runtime.client.start(runtime.pipeline_id)
         runtime.state = InstanceState.Running
-        await self._serve(key, runtime.listeners, runtime.instance)
+        await self._serve(key, runtime.listeners, runtime.instance)  # a candidate: not yet
 
     async def _stop(self, key: PipelineKey) -> None:
         runtime = held(self._runtimes, key, Step.stop)
@@ -972,7 +1213,7 @@ class PodEngine(LockedEngine):
             except PipelineFailure as failure:
                 if failure.reason is not FailureReason.RuntimeUnavailable:
                     raise
-                if await self._ended(key) is not None:  # nothing runs there any more
+                if await self._ended(key, runtime.pod) is not None:  # nothing runs there
                     runtime.gone, runtime.state = True, InstanceState.Spent
                     return
                 await self._end(key)  # the cure for a hung stop: the pod goes
@@ -983,23 +1224,91 @@ class PodEngine(LockedEngine):
                 ) from failure
         runtime.state = InstanceState.Spent
 
+    # -- a warm swap's primitive --
+
+    two_slots = True
+
+    def warm_swap(self, plan: Plan) -> str | None:
+        """Always: each instance has a pod of its own, and the Service's selector is the one
+        thing that says which serves."""
+        return None
+
+    async def promote(self, key: PipelineKey) -> None:
+        """The candidate (Running) takes the Pipeline's address and the active slot; the
+        active instance moves to the candidate slot, still running, retired: it gets no new
+        traffic and is never promoted again. With no promotable candidate (promoted already,
+        its predecessor retired or removed) and an active instance, nothing to do.
+
+        Crash-safe in this order (``place`` reads it back): the candidate's pod is marked
+        active (since now), the Service selects it, the old pod is marked retired."""
+        await self._both(key, self._promote, key.active)
+
+    async def _promote(self, key: PipelineKey) -> None:
+        candidate = self._runtimes.get(key.candidate)
+        if candidate is None or candidate.retired:
+            if key in self._runtimes:
+                return  # promoted already
+            raise PipelineFailure(
+                FailureReason.InvalidPipelineId, Step.start, f"{key} has no candidate to promote"
+            )
+        if candidate.state is not InstanceState.Running or candidate.gone:
+            state = "gone" if candidate.gone else candidate.state.value
+            raise PipelineFailure(
+                FailureReason.NotRunning,
+                Step.start,
+                f"the candidate instance of {key} (pod {candidate.pod}) is {state}, not "
+                "Running: only a started instance takes the Pipeline's address",
+            )
+        await self._mark(key, candidate.pod, Slot.active.value, time.time_ns())
+        await self._serve(key, candidate.listeners, candidate.instance)
+        previous = self._runtimes.pop(key, None)
+        self._runtimes[key] = candidate
+        if previous is None:
+            del self._runtimes[key.candidate]
+            return
+        previous.retired = True
+        self._runtimes[key.candidate] = previous
+        try:  # legibility only: of two pods marked active, the later one's mark wins
+            await self._mark(key, previous.pod, RETIRED)
+        except (k8s.ApiException, PipelineFailure) as err:
+            log.warning("pod %s not marked retired: %s", previous.pod, err, extra=key.log_extra)
+        log.info("pod %s serves; pod %s retired", candidate.pod, previous.pod, extra=key.log_extra)
+
+    async def _mark(self, key: PipelineKey, pod: str, slot: str, since: int = 0) -> None:
+        """Record a pod's slot on it (``SLOT_LABEL``; ``since``: ``ACTIVE_SINCE``)."""
+        meta: dict[str, Any] = {"labels": {SLOT_LABEL: slot}}
+        if since:
+            meta["annotations"] = {ACTIVE_SINCE: str(since)}
+        try:
+            await self._call(
+                self._core.patch_namespaced_pod, pod, key.namespace, {"metadata": meta}
+            )
+        except k8s.ApiException as err:
+            if err.status != 404:  # gone: nothing to mark
+                raise _api_failure(err, Step.start) from None
+
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False
     ) -> None:
         # keep_output: a runtime's or a pod's folder is not the operator's to carry over.
         # Without it the Pipeline itself goes, and its Service with it; else the Service
-        # stays, and so does its address (a Stopped Pipeline, a pod replaced).
+        # stays, and so does its address (a Stopped Pipeline, a pod replaced). A candidate
+        # never touches it (``_serve``).
         if not keep_output:
             await self.exclusive(key, self._serve, key, (), NO_POD)
-        if release:
-            await self.exclusive(key, self._end, key)
-            self.drop_lock(key)
-            self._known.pop(key.uid, None)
-            self._seen.pop(key.uid, None)
-            self._changes.pop(key.uid, None)
-            self._services_looked.discard(key.uid)
-        else:
+        if not release:
             await self.exclusive(key, self._park, key)
+            return
+        await self.exclusive(key, self._end, key)
+        self.drop_lock(key)
+        if any(self._held(k) or self._busy(k) for k in (key, self._other(key))):
+            return  # an instance (the other slot's, or one being made) needs what it has
+        self._known.pop(key.uid, None)
+        self._seen.pop(key.uid, None)
+        self._changes.pop(key.uid, None)
+        self._services_looked.discard(key.uid)
+        if not keep_output:  # the Pipeline is gone: nothing more to look for
+            self._looked.difference_update((key.active, key.candidate))
 
     async def _park(self, key: PipelineKey) -> None:
         """Delete the pipeline but keep its pod, if healthy, for the deploy that follows."""
@@ -1020,9 +1329,12 @@ class PodEngine(LockedEngine):
         self._idle[key] = runtime
 
     async def _end(self, key: PipelineKey) -> None:
+        """Remove the slot's instance: its pod and Secret, never the other slot's."""
+        ended: list[_Runtime] = []
         idle = self._idle.pop(key, None)
         if idle is not None:
             await idle.client.close()
+            ended.append(idle)
         runtime = self._runtimes.pop(key, None)
         if runtime is not None:
             if runtime.state is InstanceState.Running and not runtime.gone:
@@ -1031,7 +1343,20 @@ class PodEngine(LockedEngine):
                 except PipelineFailure as failure:
                     log.info("stop before delete: %s", failure, extra=key.log_extra)
             await runtime.client.close()
-        await self._remove(key)
+            ended.append(runtime)
+        names = {r.pod: r.listeners for r in ended}
+        if not names and key not in self._looked:
+            # Never looked at by this process (status adopts first): what the cluster says.
+            await self._adopt_service(key)
+            pod = place(await self._owned(key, "pod"), self._selected(key)).pod(key.slot)
+            if pod is not None:
+                names[pod["metadata"]["name"]] = listeners_in(pod["metadata"]) or ()
+        for name, listeners in names.items():
+            await self._let_go(key, name, listeners)
+        other = self._other(key)
+        if not names and self._held(other) is None and not self._busy(other):
+            # Nothing here or there: the NetworkPolicy a killed process left still goes.
+            await self._remove_policy(key)
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
         runtime = self._runtimes.get(key)
@@ -1041,10 +1366,10 @@ class PodEngine(LockedEngine):
                 await self.exclusive(key, self._end, key)
             return None
         if runtime is None:
-            if key in self._looked or self.busy(key):
+            # One look per slot: a Pipeline without a candidate costs no call for it.
+            if key in self._looked or self._busy(key.active) or self._busy(key.candidate):
                 return None
-            self._looked.add(key)
-            runtime = await self.exclusive(key, self._adopt, key)
+            runtime = await self._both(key, self._adopt, key)
             if runtime is None:
                 return None
         info = InstanceInfo(key, runtime.pipeline_id, runtime.revision, runtime.state)
@@ -1052,7 +1377,7 @@ class PodEngine(LockedEngine):
         info.addresses = self._addresses(key)
         if self.busy(key):
             return info
-        pod = await self._pod(key)
+        pod = await self._pod(key, runtime.pod)
         if pod is not None:
             runtime.node = (pod.get("spec") or {}).get("nodeName")
             info.pod = (runtime.pod, runtime.node)
@@ -1079,7 +1404,7 @@ class PodEngine(LockedEngine):
             info.failure = failure
             return info
         except PipelineFailure as failure:
-            ended = await self._ended(key)  # the kubelet's words beat "cannot connect"
+            ended = await self._ended(key, runtime.pod)  # the kubelet's words beat "cannot connect"
             runtime.gone = ended is not None
             if ended is not None and ended.reason is FailureReason.RuntimeUnavailable:
                 # The pod went (deleted, evicted) between the look above and the request:
@@ -1098,45 +1423,91 @@ class PodEngine(LockedEngine):
         return info
 
     async def _adopt(self, key: PipelineKey) -> _Runtime | None:
-        """A pod a previous operator process left for this resource: its pipeline keeps
-        running, and this process drives it from now on (no redeploy)."""
-        self._known[key.uid] = key
-        pod = await self._read_pod(key)
-        if pod is None:
-            # Nothing to adopt (one not owned is the create's NameConflict). A process killed
-            # while it removed the pod, or before it made it, left the Secret and the
-            # NetworkPolicy: they go now, not with the Pipeline.
-            await self._remove(key)
-            return None
+        """The pods a previous operator process left for this Pipeline, each in the slot it
+        had (``place``), under both slots' locks: their pipelines keep running, and this
+        process drives them from now on (no redeploy). Both slots are looked at once: the
+        other slot's status then costs nothing. What no slot holds goes: pods beyond the two,
+        a pod that cannot be adopted, Secrets of no pod, and the NetworkPolicy of a Pipeline
+        left with no pod (a process killed while it removed one, or before it made it)."""
+        self._known[key.uid] = key.active
+        slots = [
+            k
+            for k in (key.active, key.candidate)
+            if k == key or (k not in self._looked and self._held(k) is None)
+        ]
+        self._looked.update(slots)
+        pods = await self._owned(key, "pod")
+        secrets_of = {s["metadata"]["name"]: s for s in await self._owned(key, "Secret")}
+        fallback = await self._adopt_service(key)
+        placement = place(pods, self._selected(key))
+        mine = self._pods_held(key)  # made by this process
+        for slot_key in slots:
+            pod = placement.pod(slot_key.slot)
+            if pod is not None and pod["metadata"]["name"] not in mine:
+                await self._adopt_pod(slot_key, pod, secrets_of, placement, fallback)
+        kept = self._pods_held(key)
+        for pod in placement.strays:
+            if pod["metadata"]["name"] not in mine:
+                log.warning(
+                    "removing pod %s: in neither slot", pod["metadata"]["name"], extra=key.log_extra
+                )
+                await self._remove(key, pod["metadata"]["name"])
+        listed = {pod["metadata"]["name"] for pod in pods}
+        for name in secrets_of.keys() - listed - kept:
+            await self._delete_owned(key, "Secret", name, DELETE_GRACE_S)
+        if not kept:
+            await self._remove_policy(key)
+        return self._runtimes.get(key)
+
+    async def _adopt_pod(
+        self,
+        key: PipelineKey,
+        pod: dict[str, Any],
+        secrets_of: dict[str, dict[str, Any]],
+        placement: Placement,
+        fallback: tuple[Listener, ...],
+    ) -> None:
+        """Adopt one pod into ``key``'s slot; one that cannot be (not serving, no token, no
+        answer, no pipeline) goes, with its Secret, and nothing else."""
+        meta = pod["metadata"]
+        name = meta["name"]
         if not is_ready(pod):
-            await self._remove(key)  # not serving: the lifecycle deploys anew
-            return None
+            await self._remove(key, name)  # not serving: the lifecycle deploys anew
+            return
         try:
-            secret = await self._read(self._core.read_namespaced_secret, key)
-            if secret is None or not owned_by(secret, key):
+            secret = secrets_of.get(name)
+            if secret is None:
                 raise KeyError("no token Secret owned by the Pipeline")
             token = base64.b64decode(secret["data"]["token"]).decode()
             client = self._client(pod, token)
             health = await client.request("GET", "/operator/health", Step.run, 5.0)
-        except (k8s.ApiException, KeyError, PipelineFailure) as err:
-            log.warning("cannot adopt pod %s: %s", pod_name(key), err, extra=key.log_extra)
-            await self._remove(key)
-            return None
+        except (KeyError, PipelineFailure) as err:
+            log.warning("cannot adopt pod %s: %s", name, err, extra=key.log_extra)
+            await self._remove(key, name)
+            return
         for entry in health.get("pipelines", []):
             for pipeline_id, status in entry.items():
                 state = JUTURNA_STATE.get(status.get("self", ""), InstanceState.Created)
-                revision = pod["metadata"].get("annotations", {}).get("juturna.io/revision", "")
-                runtime = _Runtime(pod_name(key), revision, client, pipeline_id, state)
+                annotations = meta.get("annotations") or {}
+                runtime = _Runtime(name, annotations.get("juturna.io/revision", ""), client)
+                runtime.pipeline_id, runtime.state = pipeline_id, state
                 runtime.node = (pod.get("spec") or {}).get("nodeName")
-                runtime.template = pod["metadata"]["annotations"].get(TEMPLATE_ANNOTATION, "")
-                runtime.instance = pod["metadata"].get("labels", {}).get(INSTANCE_LABEL, NO_POD)
-                runtime.listeners = await self._adopt_service(key)
+                runtime.template = annotations.get(TEMPLATE_ANNOTATION, "")
+                runtime.instance = (meta.get("labels") or {}).get(INSTANCE_LABEL, NO_POD)
+                # An older operator's pod keeps none: its Service's are its own.
+                runtime.listeners = listeners_in(meta) or fallback
+                runtime.retired = key.slot is Slot.candidate and placement.retired
                 self._runtimes[key] = runtime
-                log.info("adopted pod %s", runtime.pod, extra=key.log_extra)
-                return runtime
+                mark = placement.mark(key.slot)
+                if SLOT_LABEL in (meta.get("labels") or {}) and slot_mark(pod) != mark:
+                    try:  # what a killed promote left, settled (``place`` decides without)
+                        await self._mark(key, name, mark)
+                    except PipelineFailure as failure:
+                        log.warning("pod %s not marked %s: %s", name, mark, failure)
+                log.info("adopted pod %s (%s)", name, mark, extra=key.log_extra)
+                return
         await client.close()
-        await self._remove(key)
-        return None
+        await self._remove(key, name)
 
     # -- the Pipeline's Service --
 
@@ -1145,7 +1516,10 @@ class PodEngine(LockedEngine):
     ) -> None:
         """The Pipeline's Service as ``listeners`` say, pointing at ``instance``'s pod: made,
         changed with one merge patch (ports, selector), or removed when nothing listens. A
-        Service of its name that the Pipeline does not own is ``NameConflict``."""
+        Service of its name that the Pipeline does not own is ``NameConflict``. The active
+        slot's only: a candidate never moves the Pipeline's address (``promote`` does)."""
+        if key.slot is not Slot.active:
+            return
         current = self._services.get(key.uid)
         if not listeners:
             # One this process does not know of (made by an earlier process, which this one
@@ -1191,21 +1565,25 @@ class PodEngine(LockedEngine):
         found = await self._read(self._core.read_namespaced_service, key, service_name(key))
         if found is None or not owned_by(found, key):
             return ()
-        meta, spec = found["metadata"], found.get("spec") or {}
-        try:
-            described = json.loads((meta.get("annotations") or {})[LISTENERS_ANNOTATION])
-            listeners = tuple(Listener(str(n), str(m), int(p), str(q)) for n, m, p, q in described)
-        except (KeyError, ValueError, TypeError):
+        listeners = listeners_in(found["metadata"])
+        if listeners is None:
             return ()
-        instance = (spec.get("selector") or {}).get(INSTANCE_LABEL, NO_POD)
+        instance = ((found.get("spec") or {}).get("selector") or {}).get(INSTANCE_LABEL, NO_POD)
         self._services[key.uid] = _Service(
-            service_name(key), spec.get("clusterIP"), listeners, instance
+            service_name(key), (found.get("spec") or {}).get("clusterIP"), listeners, instance
         )
         return listeners
 
-    def _addresses(self, key: PipelineKey) -> tuple[Address, ...]:
+    def _selected(self, key: PipelineKey) -> str:
+        """The instance the Pipeline's Service selects, as last written or adopted."""
         service = self._services.get(key.uid)
-        if service is None:
+        return service.instance if service is not None else NO_POD
+
+    def _addresses(self, key: PipelineKey) -> tuple[Address, ...]:
+        """The Pipeline's addresses (its Service's), for the active slot: a candidate has
+        none until it is promoted."""
+        service = self._services.get(key.uid)
+        if service is None or key.slot is not Slot.active:
             return ()
         host = f"{service.name}.{key.namespace}.svc"
         return tuple(

@@ -455,6 +455,7 @@ def _conditions(
         else failed_at(Step.start, Step.run) or _Cond(False, "NotRunning")
     )
     failed_update = update_failed(desired, observed)
+    updating = _updating(desired, observed, in_progress)
     if desired_reached(desired, observed):
         ready = _Cond(True, "DesiredStateReached", f"the pipeline is {desired.state}")
     elif failed_update is not None and failure is None:
@@ -467,13 +468,17 @@ def _conditions(
     elif failure is not None:
         ready = _Cond(False, failure.reason.name, failure.message)
     else:
-        ready = _Cond(False, "Progressing", f"moving toward {desired.state}")
+        toward = f"moving toward {desired.state}"
+        # During an update, what is under way (the MESSAGE column shows it).
+        ready = _Cond(
+            False, "Progressing", f"{toward}: {updating.message}" if updating.status else toward
+        )
     return {
         ConditionType.Created: created,
         ConditionType.WarmedUp: warmed,
         ConditionType.Running: run,
         ConditionType.Ready: ready,
-        ConditionType.Updating: _updating(desired, observed, in_progress),
+        ConditionType.Updating: updating,
     }
 
 

@@ -458,6 +458,12 @@ def test_a_long_warmup_shows_the_pod_being_prepared_and_posts_its_event_as_it_be
         "pod": {"name": "p-new", "node": None},
     }
     assert during[0]["phase"] == "Running", "the phase is the serving instance's"
+    ready = next(c for c in during[0]["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == (
+        "Progressing",
+        f"moving toward Running: revision {during[0]['update']['revision']} is warming up "
+        f"beside {old}",
+    )
     reasons = [r for _, r, _ in h.events[events_before:]]
     assert reasons == ["WarmingUpNew", "Draining"]
     warming = h.events[events_before][2]

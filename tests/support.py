@@ -207,7 +207,7 @@ class Operator(OperatorProcess):
 
 # The engines beside the operator that warm-swap a Pipeline listening on no port (the others
 # update by Recreate).
-WARM_SWAP_ENGINES = {"process"}
+WARM_SWAP_ENGINES = {"process", "inprocess"}
 
 
 def only_on(operator: Operator, engine: str, why: str) -> Operator:

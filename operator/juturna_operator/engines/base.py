@@ -329,6 +329,17 @@ def promotable[T](
     return candidate
 
 
+def swap_slots[T](instances: dict[PipelineKey, T], key: PipelineKey) -> T | None:
+    """A promote's move in an engine's table: the candidate slot's instance to the active
+    slot, and the active one, returned (None if none), to the candidate slot."""
+    candidate = instances.pop(key.candidate)
+    previous = instances.pop(key.active, None)
+    instances[key.active] = candidate
+    if previous is not None:
+        instances[key.candidate] = previous
+    return previous
+
+
 def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
     """The instance an engine holds for ``key``, or ``InvalidPipelineId``."""
     instance = instances.get(key)

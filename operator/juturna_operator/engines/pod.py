@@ -76,6 +76,7 @@ from juturna_operator.engines.base import (
     held,
     place_slots,
     promotable,
+    swap_slots,
     vacant,
 )
 from juturna_operator.engines.client import JUTURNA_STATE, AnswerTooLarge, JuturnaClient
@@ -1207,13 +1208,10 @@ class PodEngine(LockedEngine):
             return  # promoted already
         await self._mark(key, candidate.pod, Slot.active.value, time.time_ns())
         await self._serve(key, candidate.listeners, candidate.instance)
-        previous = self._runtimes.pop(key, None)
-        self._runtimes[key] = candidate
+        previous = swap_slots(self._runtimes, key)
         if previous is None:
-            del self._runtimes[key.candidate]
             return
         previous.retired = True
-        self._runtimes[key.candidate] = previous
         try:  # legibility only: of two pods marked active, the later one's mark wins
             await self._mark(key, previous.pod, RETIRED)
         except (k8s.ApiException, PipelineFailure) as err:

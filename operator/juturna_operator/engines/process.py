@@ -49,6 +49,7 @@ from juturna_operator.engines.base import (
     listening_here,
     place_slots,
     promotable,
+    swap_slots,
     vacant,
 )
 from juturna_operator.engines.client import AnswerTooLarge, JuturnaClient
@@ -335,13 +336,10 @@ class ProcessEngine(LockedEngine):
             return  # promoted already
         candidate.record.slot, candidate.record.active_since = Slot.active.value, time.time_ns()
         await asyncio.to_thread(self._save, candidate)
-        previous = self._workers.pop(key, None)
-        self._workers[key] = candidate
+        previous = swap_slots(self._workers, key)
         if previous is None:
-            del self._workers[key.candidate]
             return
         previous.record.slot = RETIRED
-        self._workers[key.candidate] = previous
         await asyncio.to_thread(self._save, previous)
         log.info(
             "worker %s serves; worker %s retired",

@@ -207,7 +207,7 @@ class Operator(OperatorProcess):
 
 # The engines beside the operator that warm-swap a Pipeline listening on no port (the others
 # update by Recreate).
-WARM_SWAP_ENGINES = {"process", "inprocess"}
+WARM_SWAP_ENGINES = {"process", "inprocess", "shard"}
 
 
 def only_on(operator: Operator, engine: str, why: str) -> Operator:

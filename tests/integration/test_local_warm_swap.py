@@ -152,6 +152,9 @@ def assert_swapped(
     # One instance left (the old one's worker ends after the drain), and one folder.
     if operator.engine == "process":
         wait_until(lambda: len(instances_of(operator, uid)) == 1, 15, "one worker left")
+    if operator.engine == "shard":
+        records = operator.workdir / ".shards" / "pipelines"
+        wait_until(lambda: len(list(records.glob(f"{uid}*.json"))) == 1, 15, "one record left")
     folders = [p for p in operator.workdir.glob(f"*__{uid[:8]}_*") if p.is_dir()]
     assert [p.name.rsplit("_", 1)[1] for p in folders] == [body["status"]["pipelineId"]]
 
@@ -204,7 +207,7 @@ def test_an_operator_killed_during_a_warm_swap_adopts_both_instances_and_complet
     # The process that went through the drain posts Updated; one that adopted a draining
     # instance knows no update under way, and removes it without one.
     assert_swapped(pipelines, operator, name, old_id, seen, ("WarmingUpNew", "Draining"))
-    adopted = re.findall(r"adopted worker \d+ \((\w+)\)", operator.log_text()[logged:])
+    adopted = re.findall(r"adopted (?:worker|pipeline) \S+ \((\w+)\)", operator.log_text()[logged:])
     assert sorted(adopted) == ["active", "candidate"], adopted
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -513,3 +514,82 @@ class LockedEngine(Exclusive):
 
     async def _stop(self, key: PipelineKey) -> None:
         raise NotImplementedError
+
+
+class SlotRecord(Protocol):
+    """What a record of an engine beside the operator keeps of a warm swap's slots."""
+
+    slot: str  # a Slot's value, or RETIRED
+    active_since: int  # ns since the epoch: when a promote made it active (0: ever)
+    state: str  # an InstanceState's value
+    made: int  # ns since the epoch: when it was created
+
+
+class LocalSlots(LockedEngine):
+    """A warm swap's two instances of a Pipeline on this machine (the engines beside the
+    operator): they collide only on a port of the machine, so a Pipeline that listens on one
+    is replaced in place. An engine implements ``_promote``."""
+
+    two_slots = True
+
+    def warm_swap(self, plan: Plan) -> str | None:
+        return listening_here(plan)
+
+    async def promote(self, key: PipelineKey) -> None:
+        """The candidate (Running) becomes the active instance; the active one moves to the
+        candidate slot, still running, retired (never promoted again)."""
+        await self.both_slots(key, self._promote, key.active)
+
+    async def _promote(self, key: PipelineKey) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def adopted_slots[I](
+        found: list[I], record: Callable[[I], SlotRecord]
+    ) -> tuple[list[I], tuple[I, ...]]:
+        """A Pipeline's instances an operator found at its start, each in the slot its record
+        says (``place_slots``: of two marked active, the later), each record's mark settled
+        to that slot (the caller saves it); and the strays beyond the two slots."""
+        placed = place_slots(
+            found,
+            lambda i: record(i).slot,
+            lambda i: record(i).active_since,
+            lambda i: record(i).made,
+        )
+        kept = []
+        for slot in Slot:
+            instance = placed.of(slot)
+            if instance is not None:
+                record(instance).slot = placed.mark(slot)
+                kept.append(instance)
+        return kept, placed.strays
+
+    @staticmethod
+    async def promote_recorded[I](
+        key: PipelineKey,
+        instances: dict[PipelineKey, I],
+        record: Callable[[I], SlotRecord],
+        alive: Callable[[I], bool],
+        where: Callable[[I], str],
+        save: Callable[[I], Awaitable[None]],
+    ) -> tuple[I, I | None] | None:
+        """A promote where each instance has a record that outlives the operator: crash-safe
+        in this order (``place_slots`` reads it back), the candidate's record is marked active
+        (since now), then the old one's retired. Returns (the new active instance, the
+        retired one or None), or None if it was promoted already."""
+        candidate = promotable(
+            instances,
+            key,
+            lambda i: record(i).slot == RETIRED,
+            lambda i: record(i).state if alive(i) else "gone",
+            where,
+        )
+        if candidate is None:
+            return None
+        record(candidate).slot, record(candidate).active_since = Slot.active.value, time.time_ns()
+        await save(candidate)
+        previous = swap_slots(instances, key)
+        if previous is not None:
+            record(previous).slot = RETIRED
+            await save(previous)
+        return candidate, previous

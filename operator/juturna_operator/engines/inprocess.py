@@ -59,10 +59,9 @@ from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
     KeyLock,
-    LockedEngine,
+    LocalSlots,
     Plan,
     held,
-    listening_here,
     node_status,
     promotable,
     swap_slots,
@@ -231,7 +230,7 @@ class _ThreadOwners:
             threading.excepthook = self._previous
 
 
-class InProcessEngine(LockedEngine):
+class InProcessEngine(LocalSlots):
     """Runs every pipeline in this process through one ``PipelineManager``."""
 
     def __init__(self, settings: Settings, warmup_timeout_s: float = WARMUP_TIMEOUT_S) -> None:
@@ -543,17 +542,6 @@ class InProcessEngine(LockedEngine):
         return fate
 
     # -- a warm swap's primitive --
-
-    two_slots = True
-
-    def warm_swap(self, plan: Plan) -> str | None:
-        """Two pipelines of one resource collide only on a port of this machine."""
-        return listening_here(plan)
-
-    async def promote(self, key: PipelineKey) -> None:
-        """The candidate (Running) becomes the active instance; the active one moves to the
-        candidate slot, still running, retired (never promoted again)."""
-        await self.both_slots(key, self._promote, key.active)
 
     async def _promote(self, key: PipelineKey) -> None:
         candidate = promotable(

@@ -39,17 +39,12 @@ from typing import Any
 
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey, Slot
 from juturna_operator.engines.base import (
-    RETIRED,
     WARMUP_TIMEOUT_S,
     InstanceInfo,
-    LockedEngine,
+    LocalSlots,
     Plan,
     apply_health,
     held,
-    listening_here,
-    place_slots,
-    promotable,
-    swap_slots,
     vacant,
 )
 from juturna_operator.engines.client import AnswerTooLarge, JuturnaClient
@@ -132,7 +127,7 @@ class _Worker:
         return describe_exit(f"worker process {self.record.pid}", self.child)
 
 
-class ProcessEngine(LockedEngine):
+class ProcessEngine(LocalSlots):
     """Runs each pipeline in a worker process of its own."""
 
     def __init__(self, settings: Settings) -> None:
@@ -166,24 +161,15 @@ class ProcessEngine(LockedEngine):
                 live[record.uid].append(worker)
         adopted: set[int] = set()
         for workers in live.values():
-            placed = place_slots(
-                workers,
-                lambda w: w.record.slot,
-                lambda w: w.record.active_since,
-                lambda w: w.record.made,
-            )
-            for slot in Slot:
-                worker = placed.of(slot)
-                if worker is None:
-                    continue
-                worker.record.slot = placed.mark(slot)
+            kept, strays = self.adopted_slots(workers, lambda w: w.record)
+            for worker in kept:
                 self._save(worker)  # what a killed promote left, settled
                 key = worker.record.key
                 self._workers[key] = worker
                 self._adopted.add(key)
                 adopted.add(worker.record.pid)
-                log.info("adopted worker %s (%s)", worker.record.pid, slot, extra=key.log_extra)
-            for stray in placed.strays:
+                log.info("adopted worker %s (%s)", worker.record.pid, key.slot, extra=key.log_extra)
+            for stray in strays:
                 log.warning("reaping worker %s: a third instance", stray.record.pid)
                 self._procs.kill(stray.child)
                 dead.append(stray.record)
@@ -311,42 +297,18 @@ class ProcessEngine(LockedEngine):
 
     # -- a warm swap's primitive --
 
-    two_slots = True
-
-    def warm_swap(self, plan: Plan) -> str | None:
-        """Two workers of one Pipeline collide only on a port of this machine."""
-        return listening_here(plan)
-
-    async def promote(self, key: PipelineKey) -> None:
-        """The candidate (Running) becomes the active instance; the active one moves to the
-        candidate slot, still running, retired (never promoted again). Crash-safe in this
-        order (``place_slots`` reads it back): the candidate's record is marked active (since
-        now), then the old one's retired."""
-        await self.both_slots(key, self._promote, key.active)
-
     async def _promote(self, key: PipelineKey) -> None:
-        candidate = promotable(
-            self._workers,
+        promoted = await self.promote_recorded(
             key,
-            lambda w: w.record.slot == RETIRED,
-            lambda w: w.record.state if w.alive() else "gone",
+            self._workers,
+            lambda w: w.record,
+            lambda w: w.alive(),
             lambda w: f"worker process {w.record.pid}",
+            lambda w: asyncio.to_thread(self._save, w),
         )
-        if candidate is None:
-            return  # promoted already
-        candidate.record.slot, candidate.record.active_since = Slot.active.value, time.time_ns()
-        await asyncio.to_thread(self._save, candidate)
-        previous = swap_slots(self._workers, key)
-        if previous is None:
-            return
-        previous.record.slot = RETIRED
-        await asyncio.to_thread(self._save, previous)
-        log.info(
-            "worker %s serves; worker %s retired",
-            candidate.record.pid,
-            previous.record.pid,
-            extra=key.log_extra,
-        )
+        if promoted is not None and promoted[1] is not None:
+            new, old = promoted[0].record.pid, promoted[1].record.pid
+            log.info("worker %s serves; worker %s retired", new, old, extra=key.log_extra)
 
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False

@@ -205,6 +205,11 @@ class Operator(OperatorProcess):
         super().__init__(log, env, where)
 
 
+# The engines beside the operator that warm-swap a Pipeline listening on no port (the others
+# update by Recreate).
+WARM_SWAP_ENGINES = {"process", "inprocess", "shard"}
+
+
 def only_on(operator: Operator, engine: str, why: str) -> Operator:
     """The operator, if it runs ``engine``; otherwise skip the test, saying why."""
     if operator.engine != engine:

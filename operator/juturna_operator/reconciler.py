@@ -563,15 +563,17 @@ class Reconciler:
             # one of the passes every other Pipeline shares.
             async with self.released():
                 shown: tuple[Action, str | None] | None = None
+                told: set[str | None] = set()  # the pods a WarmingUpNew named (None: none)
                 while True:
                     # A candidate's steps show under Updating; the phase is the serving one's.
                     step = None if action in CANDIDATE_STEPS else self.engine.step_under_way(p.key)
                     now = STEP_ACTION.get(step, action) if step is not None else action
                     candidate = self._candidate_under_way(p, action)
                     pod = candidate.pod[0] if candidate is not None and candidate.pod else None
+                    if pod not in told and self._warming_up(p, action, pod):
+                        told.add(pod)
+                        self._tell_warming_up(p, info, pod)
                     if (now, pod) != shown:
-                        if action is Action.CreateCandidate and pod is not None:
-                            self._tell_warming_up(p, info, pod)
                         await self._publish(p, info, now, candidate)
                         shown = (now, pod)
                     if (await asyncio.wait({task}, timeout=threshold))[0]:
@@ -721,15 +723,30 @@ class Reconciler:
         candidate.pod = (pod, None) if pod is not None else None
         return candidate
 
-    def _tell_warming_up(self, p: _Pass, info: InstanceInfo | None, pod: str) -> None:
-        """The update's first step, as it begins (a warmup takes as long as a model load)."""
+    def _warming_up(self, p: _Pass, action: Action, pod: str | None) -> bool:
+        """Whether a long candidate step is the new revision's warmup: a pod's create (once
+        it has its pod, where it warms up), or a create whose deploy warms up, or a warmup."""
+        if action is Action.WarmupCandidate:
+            return True
+        if action is not Action.CreateCandidate:
+            return False
+        return pod is not None or self.engine.step_under_way(p.key.candidate) is Step.warmup
+
+    def _tell_warming_up(self, p: _Pass, info: InstanceInfo | None, pod: str | None) -> None:
+        """The update's first step, as it begins (a warmup takes as long as a model load);
+        ``pod``: the pod it warms up in (engines of a pod per instance)."""
         serving = info.revision if info is not None else "none"
+        where, keeps = (
+            (f" in pod {pod}", "keeps the Pipeline's address")
+            if pod is not None
+            else ("", "serves on")
+        )
         self._event(
             p,
             "Normal",
             "WarmingUpNew",
-            f"revision {p.desired.revision} warms up in pod {pod} beside the serving one "
-            f"(revision {serving}), which keeps the Pipeline's address until it is ready",
+            f"revision {p.desired.revision} warms up{where} beside the serving one "
+            f"(revision {serving}), which {keeps} until it is ready",
         )
 
     def _desired(self, resource: Resource, spec: PipelineSpec | None, mem: Memory) -> Desired:

@@ -450,3 +450,76 @@ def test_a_create_stuck_behind_a_full_pool_does_not_hold_up_its_deletion(
     )
     assert run(engine.status(k)) is None
     assert len(manager) == before
+
+
+def test_a_candidate_is_a_second_pipeline_and_its_hung_warmup_leaves_the_folder(
+    engine: InProcessEngine, stall: ModuleType
+) -> None:
+    """A warm swap's two instances on the engine alone: a candidate whose warmup hangs is
+    abandoned by its delete, and the Pipeline's folder, which the candidate took over at its
+    create, stays with the active instance writing on in it (also when the hung warmup
+    returns). A promote needs a started candidate, swaps the slots, and changes nothing when
+    repeated."""
+    k = key()
+    limit = engine._settings.stop_timeout_s
+    workdir = engine._settings.workdir
+
+    def folders() -> list[Path]:
+        return [p for p in workdir.glob(f"{k.juturna_name}_*") if p.is_dir()]
+
+    def lines() -> int:
+        [folder] = folders()
+        return len((folder / "out" / "output.jsonl").read_text().splitlines())
+
+    async def scenario() -> PipelineFailure:
+        await engine.create(k, config(k, label="A", factor=1), "r1")
+        await engine.warmup(k)
+        await engine.start(k)
+        await engine.create(k.candidate, config(k, "stall", seconds=60), "r2")
+        warming = asyncio.ensure_future(engine.warmup(k.candidate))
+        await until(lambda: len(stall.STALLED) == 1, 30, "the candidate's warmup blocked")
+        with pytest.raises(PipelineFailure) as err:
+            await asyncio.wait_for(engine.delete(k.candidate, keep_output=True), limit + 30)
+        with pytest.raises(PipelineFailure):
+            await asyncio.wait_for(warming, 10)
+        return err.value
+
+    failure = run(scenario())
+    assert failure.message == (
+        f'delete waited {limit:g} s for the warmup in flight (node "mid" still in it). The '
+        "instance was abandoned and its folder kept (the Pipeline's other instance writes in "
+        "it); the warmup's thread stays in the operator process until it returns (the process "
+        "engine can kill it instead)"
+    )
+    assert run(engine.status(k.candidate)) is None
+    before = lines()
+    stall.RELEASE.set()  # the hung warmup returns: its pipeline is disposed of, not the folder
+    time.sleep(0.5)
+    assert lines() > before
+
+    async def swap() -> tuple[str | None, ...]:
+        candidate_id = await engine.create(k.candidate, config(k, label="B", factor=1), "r3")
+        with pytest.raises(PipelineFailure) as refused:
+            await engine.promote(k)
+        assert refused.value.reason is FailureReason.NotRunning
+        assert refused.value.message == (
+            f"the candidate instance of {k} (pipeline {candidate_id}) is Created, not Running: "
+            "only a started instance serves the Pipeline"
+        )
+        await engine.warmup(k.candidate)
+        await engine.start(k.candidate)
+        ids = [(await engine.status(s)) for s in (k, k.candidate)]
+        await engine.promote(k)
+        await engine.promote(k)  # the candidate slot holds the retired one: nothing
+        now = [(await engine.status(s)) for s in (k, k.candidate)]
+        await engine.delete(k.candidate, keep_output=True)
+        return tuple(i.pipeline_id if i else None for i in ids + now)
+
+    old, new, active, retired = run(swap())
+    assert (active, retired) == (new, old)
+    assert run(engine.status(k.candidate)) is None
+    before = lines()
+    time.sleep(0.3)
+    assert lines() > before  # the new instance writes on in the one folder
+    run(engine.delete(k))
+    assert folders() == []

@@ -896,3 +896,81 @@ def test_a_worker_that_stays_stuck_is_a_failure_naming_it(settings: Settings) ->
         runner.run(engine.close())
         runner.close()
     assert processes_mentioning(f"--owner {k.uid}") == []
+
+
+def test_a_candidate_is_a_second_worker_and_a_promote_survives_a_restart(
+    settings: Settings,
+) -> None:
+    """A warm swap's two instances on the engine alone: the candidate is a worker of its own
+    (its own process, token and record), which takes the Pipeline's folder over while the
+    active one keeps appending to its open file. A promote needs a started candidate, swaps
+    the slots, and changes nothing when repeated. An engine started after a kill between
+    the promote's two record writes (both marked active) adopts the later one as active and
+    the other, retired, as the candidate: never two actives."""
+    k = direct_key()
+    state = settings.workdir / ".workers"
+    with asyncio.Runner() as runner:
+        engine = ProcessEngine(settings)
+        old, old_pid, _ = running_instance(runner, engine, k)
+        config = direct_config(
+            k,
+            ("src", "source", "ticker", {"rate": 20}),
+            ("amp", "proc", "scale", {"label": "new"}),
+            ("out", "sink", "jsonl", {}),
+        )
+        new_id = runner.run(engine.create(k.candidate, config, "r2"))
+        runner.run(engine.warmup(k.candidate))
+        workers = processes_mentioning(f"--owner {k.uid}")
+        assert len(workers) == 2, workers
+        [new_pid] = set(workers) - {old_pid}
+        with pytest.raises(PipelineFailure) as refused:
+            runner.run(engine.promote(k))
+        assert (refused.value.reason, refused.value.message) == (
+            FailureReason.NotRunning,
+            f"the candidate instance of ns/p (worker process {new_pid}) is Ready, not "
+            "Running: only a started instance serves the Pipeline",
+        )
+        runner.run(engine.start(k.candidate))
+        # One folder, the resource's, now named after the new instance: both write to it.
+        [folder] = [p for p in settings.workdir.iterdir() if p.name.startswith(k.juturna_name)]
+        assert folder.name == f"{k.juturna_name}_{new_id}"
+        wait_until(lambda: '"new"' in (folder / "out" / "output.jsonl").read_text(), 10, "new")
+        before = lines_of(folder / "out" / "output.jsonl")
+        time.sleep(0.5)
+        assert lines_of(folder / "out" / "output.jsonl") > before + 10  # both at 20 Hz
+
+        def slots(e: ProcessEngine) -> tuple[str | None, str | None]:
+            infos = [runner.run(e.status(key)) for key in (k, k.candidate)]
+            return tuple(i.pipeline_id if i else None for i in infos)  # type: ignore[return-value]
+
+        runner.run(engine.promote(k))
+        assert slots(engine) == (new_id, old.pipeline_id)
+        runner.run(engine.promote(k))  # the candidate slot holds the retired one: nothing
+        assert slots(engine) == (new_id, old.pipeline_id)
+        runner.run(engine.close())
+
+        # A kill between the promote's writes: the old record still says active (earlier).
+        for path in state.glob(f"{k.uid}*.json"):
+            record = json.loads(path.read_text())
+            if record["pipeline_id"] == old.pipeline_id:
+                assert record["slot"] == "retired"
+                path.write_text(json.dumps(record | {"slot": "active"}))
+        engine = ProcessEngine(settings)
+        assert slots(engine) == (new_id, old.pipeline_id)
+        runner.run(engine.promote(k))  # adopted retired: never promoted back
+        assert slots(engine) == (new_id, old.pipeline_id)
+        # The drain ends: the old worker goes, the folder stays with the new one.
+        runner.run(engine.delete(k.candidate, keep_output=True))
+        assert processes_mentioning(f"--owner {k.uid}") == [new_pid]
+        assert slots(engine) == (new_id, None)
+        before = lines_of(folder / "out" / "output.jsonl")
+        time.sleep(0.3)
+        assert lines_of(folder / "out" / "output.jsonl") > before
+        runner.run(engine.promote(k))  # no candidate beside an active one: nothing to do
+        with pytest.raises(PipelineFailure) as refused:
+            runner.run(engine.promote(direct_key()))
+        assert refused.value.reason is FailureReason.InvalidPipelineId
+        assert refused.value.message.endswith("has no candidate to promote")
+        runner.run(engine.delete(k))
+        assert not folder.exists()
+        runner.run(engine.close())

@@ -777,3 +777,55 @@ def test_the_teardowns_of_a_refused_shards_pipelines_at_once_all_succeed(
     assert driven.run(teardown()) == [None, None]
     wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the refused shard ended")
     assert [driven.status(k) for k in keys] == [None, None]
+
+
+def test_a_candidate_is_a_second_pipeline_and_a_promote_survives_a_restart(
+    settings: Settings, driven: Driven
+) -> None:
+    """A warm swap's two instances on the engine alone: the candidate is a second pipeline
+    of the resource, with a record of its own. A promote needs a started candidate, swaps the
+    slots, and changes nothing when repeated. An engine started after a kill between the
+    promote's two record writes (both marked active) adopts the later one as active and the
+    other, retired, as the candidate: never two actives."""
+    k = key_in("a")
+    records = settings.workdir / ".shards" / "pipelines"
+    old = driven.deploy(k)[k].pipeline_id
+    ready = Plan(until=InstanceState.Ready)
+    new = driven.run(driven.engine.create(k.candidate, config_of(k, TICKER), "r2", ready))
+    assert len(list(records.glob(f"{k.uid}*.json"))) == 2
+    with pytest.raises(PipelineFailure) as refused:
+        driven.run(driven.engine.promote(k))
+    assert refused.value.reason is FailureReason.NotRunning
+    assert refused.value.message.endswith(
+        "is Ready, not Running: only a started instance serves the Pipeline"
+    )
+    driven.run(driven.engine.start(k.candidate))
+
+    def slots(d: Driven) -> tuple[str | None, str | None]:
+        a, c = d.status(k), d.status(k.candidate)
+        return (a.pipeline_id if a else None, c.pipeline_id if c else None)
+
+    driven.run(driven.engine.promote(k))
+    assert slots(driven) == (new, old)
+    driven.run(driven.engine.promote(k))  # the candidate slot holds the retired one: nothing
+    assert slots(driven) == (new, old)
+    # A kill between the promote's writes: the old record still says active (earlier).
+    for path in records.glob(f"{k.uid}*.json"):
+        record = json.loads(path.read_text())
+        if record["pipeline_id"] == old:
+            assert record["slot"] == "retired"
+            path.write_text(json.dumps(record | {"slot": "active"}))
+
+    second = Driven(settings)  # the restarted operator
+    try:
+        assert slots(second) == (new, old)
+        second.run(second.engine.promote(k))  # adopted retired: never promoted back
+        assert slots(second) == (new, old)
+        second.run(second.engine.delete(k.candidate, keep_output=True))
+        assert slots(second) == (new, None)
+        second.keys = [k]
+    finally:
+        second.end()
+        driven.keys.clear()  # the second engine deleted them
+        driven.end()
+    assert list(records.glob(f"{k.uid}*.json")) == []

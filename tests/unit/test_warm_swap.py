@@ -509,3 +509,60 @@ def test_after_an_aborted_update_the_revision_that_ran_is_restored_if_its_instan
     h.reconcile()
     assert e.slot(KEY)[1] not in (old, new)
     assert conditions(h)["Ready"] == ("True", "DesiredStateReached")
+
+
+def test_engines_beside_the_operator_swap_only_what_listens_on_no_port() -> None:
+    """The reason a local engine gives for a Recreate names each port two instances would
+    both bind; a Pipeline that listens on none is swapped."""
+    from juturna_operator.engines.base import listening_here
+    from juturna_operator.listening import Listener
+
+    assert listening_here(Plan()) is None
+    listeners = (Listener("web", "http", 9000, "TCP"), Listener("rtp", "rtp", 20002, "UDP"))
+    assert listening_here(Plan(listeners=listeners)) == (
+        "runs a Pipeline that listens (TCP 9000, UDP 20002) on this machine's ports: two "
+        "instances would collide"
+    )
+
+
+def test_records_of_a_killed_promote_put_each_instance_in_one_slot() -> None:
+    """What a local engine's records say after an operator kill (``place_slots`` without a
+    Service): the later active mark serves, the other is retired; a candidate never
+    promoted stays a candidate; a third instance is a stray; an older record, with no mark,
+    is the active one."""
+    from juturna_operator.domain import Slot
+    from juturna_operator.engines.base import place_slots
+
+    def place(*records: tuple[str, str, int, int]) -> tuple[Any, ...]:
+        placed = place_slots(records, lambda r: r[1], lambda r: r[2], lambda r: r[3])
+        active, candidate = (r[0] if r else None for r in (placed.active, placed.candidate))
+        strays = tuple(r[0] for r in placed.strays)
+        return active, candidate, placed.mark(Slot.candidate), strays
+
+    # Killed between the promote's two writes: both marked active, the new one later.
+    assert place(("old", "active", 0, 1), ("new", "active", 5, 2)) == (
+        "new",
+        "old",
+        "retired",
+        (),
+    )
+    assert place(("old", "retired", 0, 1), ("new", "active", 5, 2)) == (
+        "new",
+        "old",
+        "retired",
+        (),
+    )
+    # Killed during the warmup: the candidate stays one.
+    assert place(("old", "active", 0, 1), ("new", "candidate", 0, 2)) == (
+        "old",
+        "new",
+        "candidate",
+        (),
+    )
+    # A candidate beside a retired one (a new change during a drain) wins the slot.
+    assert place(("a", "active", 3, 1), ("b", "retired", 0, 2), ("c", "candidate", 0, 3)) == (
+        "a",
+        "c",
+        "candidate",
+        ("b",),
+    )

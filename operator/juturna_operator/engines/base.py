@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -23,6 +24,7 @@ from juturna_operator.domain import (
     InstanceState,
     NodeCrash,
     PipelineKey,
+    Slot,
 )
 from juturna_operator.listening import Listener
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -226,6 +228,119 @@ class Engine(Protocol):
         across an operator restart: adoption finds each instance in the slot it had."""
 
 
+# A warm swap's instance that served until a promote replaced it: it drains in the candidate
+# slot and is never promoted again (an engine records it beside the Slot's values).
+RETIRED = "retired"
+
+
+@dataclass(frozen=True)
+class Placed[I]:
+    """Which of a Pipeline's instances holds which slot after an operator restart
+    (``place_slots``)."""
+
+    active: I | None = None
+    candidate: I | None = None
+    retired: bool = False  # the candidate slot's instance served before: never promoted again
+    strays: tuple[I, ...] = ()  # instances beyond the two slots: removed
+
+    def of(self, slot: Slot) -> I | None:
+        return self.active if slot is Slot.active else self.candidate
+
+    def mark(self, slot: Slot) -> str:
+        """What the slot's instance is marked with once adopted."""
+        return RETIRED if slot is Slot.candidate and self.retired else slot.value
+
+
+def place_slots[I](
+    instances: Sequence[I],
+    mark: Callable[[I], str],
+    since: Callable[[I], int],
+    made: Callable[[I], Any],
+    active: I | None = None,
+) -> Placed[I]:
+    """Which instance holds which slot, from what each recorded: its ``mark`` (a Slot's
+    value, or ``RETIRED``), ``since`` when a mark ``active`` was written (0: since ever) and
+    ``made`` (an order: later is newer). ``active``: the one the engine knows serves (the pod
+    engine's Service selects it), else the one marked active last.
+
+    A promote marks the candidate active (since now), then the old one retired; so an engine
+    stopped in between finds two marked active, the later of which serves: never two actives.
+    The candidate slot holds the newest of the others (a candidate, not a retired one,
+    first); any more are strays."""
+    marked = [i for i in instances if mark(i) == Slot.active]
+    if active is None and marked:
+        active = max(marked, key=lambda i: (since(i), made(i)))
+
+    def retired(i: I) -> bool:
+        # Marked active but not the active one: replaced by it (retired), or the candidate of
+        # a promote that did not take (marked before the active one).
+        if mark(i) == Slot.active and active is not None:
+            return since(i) <= since(active)
+        return mark(i) == RETIRED
+
+    others = sorted(
+        (i for i in instances if i is not active),
+        key=lambda i: (not retired(i), made(i)),
+        reverse=True,
+    )
+    candidate = others[0] if others else None
+    return Placed(
+        active, candidate, candidate is not None and retired(candidate), tuple(others[1:])
+    )
+
+
+def listening_here(plan: Plan) -> str | None:
+    """Why two instances of a Pipeline on this machine would collide (its listeners bind this
+    machine's ports), or None: then an engine beside the operator warm-swaps it."""
+    if not plan.listeners:
+        return None
+    ports = ", ".join(f"{listener.protocol} {listener.port}" for listener in plan.listeners)
+    return (
+        f"runs a Pipeline that listens ({ports}) on this machine's ports: two instances "
+        "would collide"
+    )
+
+
+def promotable[T](
+    instances: dict[PipelineKey, T],
+    key: PipelineKey,
+    retired: Callable[[T], bool],
+    state: Callable[[T], str],
+    where: Callable[[T], str],
+    takes: str = "serves the Pipeline",
+) -> T | None:
+    """The candidate a promote of ``key`` makes active; None if it was promoted already (the
+    candidate slot holds the retired instance, or nothing, beside an active one). Else
+    ``InvalidPipelineId`` (no candidate) or ``NotRunning`` (one not started, ``where``:
+    the instance in a user's words; ``takes``: what a promote gives it)."""
+    candidate = instances.get(key.candidate)
+    if candidate is None or retired(candidate):
+        if key.active in instances:
+            return None
+        raise PipelineFailure(
+            FailureReason.InvalidPipelineId, Step.start, f"{key} has no candidate to promote"
+        )
+    if (now := state(candidate)) != InstanceState.Running:
+        raise PipelineFailure(
+            FailureReason.NotRunning,
+            Step.start,
+            f"the candidate instance of {key} ({where(candidate)}) is {now}, not Running: only "
+            f"a started instance {takes}",
+        )
+    return candidate
+
+
+def swap_slots[T](instances: dict[PipelineKey, T], key: PipelineKey) -> T | None:
+    """A promote's move in an engine's table: the candidate slot's instance to the active
+    slot, and the active one, returned (None if none), to the candidate slot."""
+    candidate = instances.pop(key.candidate)
+    previous = instances.pop(key.active, None)
+    instances[key.active] = candidate
+    if previous is not None:
+        instances[key.candidate] = previous
+    return previous
+
+
 def held[T](instances: dict[PipelineKey, T], key: PipelineKey, step: Step) -> T:
     """The instance an engine holds for ``key``, or ``InvalidPipelineId``."""
     instance = instances.get(key)
@@ -284,6 +399,18 @@ class Exclusive:
     def pod_under_way(self, key: PipelineKey) -> str | None:
         lock = self._locks.get(key)
         return lock.pod if lock is not None and lock.locked() else None
+
+    async def both_slots(
+        self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
+    ) -> T:
+        """``operation`` under both slots' locks: always the active one's first, so that two
+        such operations never wait for each other."""
+
+        async def both() -> T:
+            return await self.exclusive(key.candidate, operation, *args)
+
+        both.__name__ = operation.__name__
+        return await self.exclusive(key.active, both)
 
     def drop_lock(self, key: PipelineKey, lock: KeyLock | None = None) -> None:
         """Drop the lock of a deleted instance (``lock``: if it is still that one), unless an
@@ -387,3 +514,82 @@ class LockedEngine(Exclusive):
 
     async def _stop(self, key: PipelineKey) -> None:
         raise NotImplementedError
+
+
+class SlotRecord(Protocol):
+    """What a record of an engine beside the operator keeps of a warm swap's slots."""
+
+    slot: str  # a Slot's value, or RETIRED
+    active_since: int  # ns since the epoch: when a promote made it active (0: ever)
+    state: str  # an InstanceState's value
+    made: int  # ns since the epoch: when it was created
+
+
+class LocalSlots(LockedEngine):
+    """A warm swap's two instances of a Pipeline on this machine (the engines beside the
+    operator): they collide only on a port of the machine, so a Pipeline that listens on one
+    is replaced in place. An engine implements ``_promote``."""
+
+    two_slots = True
+
+    def warm_swap(self, plan: Plan) -> str | None:
+        return listening_here(plan)
+
+    async def promote(self, key: PipelineKey) -> None:
+        """The candidate (Running) becomes the active instance; the active one moves to the
+        candidate slot, still running, retired (never promoted again)."""
+        await self.both_slots(key, self._promote, key.active)
+
+    async def _promote(self, key: PipelineKey) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def adopted_slots[I](
+        found: list[I], record: Callable[[I], SlotRecord]
+    ) -> tuple[list[I], tuple[I, ...]]:
+        """A Pipeline's instances an operator found at its start, each in the slot its record
+        says (``place_slots``: of two marked active, the later), each record's mark settled
+        to that slot (the caller saves it); and the strays beyond the two slots."""
+        placed = place_slots(
+            found,
+            lambda i: record(i).slot,
+            lambda i: record(i).active_since,
+            lambda i: record(i).made,
+        )
+        kept = []
+        for slot in Slot:
+            instance = placed.of(slot)
+            if instance is not None:
+                record(instance).slot = placed.mark(slot)
+                kept.append(instance)
+        return kept, placed.strays
+
+    @staticmethod
+    async def promote_recorded[I](
+        key: PipelineKey,
+        instances: dict[PipelineKey, I],
+        record: Callable[[I], SlotRecord],
+        alive: Callable[[I], bool],
+        where: Callable[[I], str],
+        save: Callable[[I], Awaitable[None]],
+    ) -> tuple[I, I | None] | None:
+        """A promote where each instance has a record that outlives the operator: crash-safe
+        in this order (``place_slots`` reads it back), the candidate's record is marked active
+        (since now), then the old one's retired. Returns (the new active instance, the
+        retired one or None), or None if it was promoted already."""
+        candidate = promotable(
+            instances,
+            key,
+            lambda i: record(i).slot == RETIRED,
+            lambda i: record(i).state if alive(i) else "gone",
+            where,
+        )
+        if candidate is None:
+            return None
+        record(candidate).slot, record(candidate).active_since = Slot.active.value, time.time_ns()
+        await save(candidate)
+        previous = swap_slots(instances, key)
+        if previous is not None:
+            record(previous).slot = RETIRED
+            await save(previous)
+        return candidate, previous

@@ -18,6 +18,11 @@ pipeline shares this process. It handles the Juturna 2.1.1 pitfalls that apply h
 6. The base folder is set once per process: a second, different workdir is refused.
 7. Names are not sanitised: ``PipelineKey.juturna_name`` is safe by construction.
 8. No locking: every call for one instance runs under that instance's lock.
+
+A warm swap's candidate is a second Juturna pipeline of the same resource in the same
+manager (Juturna names each instance's folder after its id). Its instances die with the
+operator's process, so a promote only moves them between the two slots in memory; a
+Pipeline that listens on a port of this machine is not swapped (two instances would bind it).
 """
 
 from __future__ import annotations
@@ -43,15 +48,23 @@ from juturna.components import _pipeline_manager as _pipeline_manager_module
 from juturna.components._pipeline_manager import PipelineManager
 from juturna.names import PipelineStatus
 
-from juturna_operator.domain import InstanceState, NodeCrash, PipelineKey, log_extra_of_juturna_name
+from juturna_operator.domain import (
+    InstanceState,
+    NodeCrash,
+    PipelineKey,
+    Slot,
+    log_extra_of_juturna_name,
+)
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
     KeyLock,
-    LockedEngine,
+    LocalSlots,
     Plan,
     held,
     node_status,
+    promotable,
+    swap_slots,
     vacant,
 )
 from juturna_operator.reasons import (
@@ -126,6 +139,7 @@ class _Instance:
     state: InstanceState = InstanceState.Created
     crashes: list[NodeCrash] = field(default_factory=list)
     call: _Call | None = None  # the warmup or start in flight
+    retired: bool = False  # it served until a promote replaced it: never promoted again
 
 
 @dataclass
@@ -143,6 +157,7 @@ class _Call:
     handoff: threading.Lock = field(default_factory=threading.Lock)
     finished: bool = False
     abandoned: bool = False
+    keep_folder: bool = False  # abandoned beside the resource's other instance
 
 
 class _Overran(Exception):
@@ -153,13 +168,16 @@ class _Overran(Exception):
         self.call = call
         self.where = f' (node "{node}" still in it)' if node else ""
 
-    def failure(self, reason: FailureReason, step: Step, limit: float) -> PipelineFailure:
-        """What the user reads when the call was given up after ``limit`` seconds."""
+    def failure(
+        self, reason: FailureReason, step: Step, limit: float, folder: str
+    ) -> PipelineFailure:
+        """What the user reads when the call was given up after ``limit`` seconds
+        (``folder``: what became of the instance's folder, ``_folder_fate``)."""
         return PipelineFailure(
             reason,
             step,
             f"{step} did not finish within {limit:g} s{self.where}. The instance was "
-            f"abandoned and its folder removed; the {step}'s thread stays in the operator "
+            f"abandoned and {folder}; the {step}'s thread stays in the operator "
             "process until it returns (the process engine can kill it instead)",
         )
 
@@ -212,7 +230,7 @@ class _ThreadOwners:
             threading.excepthook = self._previous
 
 
-class InProcessEngine(LockedEngine):
+class InProcessEngine(LocalSlots):
     """Runs every pipeline in this process through one ``PipelineManager``."""
 
     def __init__(self, settings: Settings, warmup_timeout_s: float = WARMUP_TIMEOUT_S) -> None:
@@ -305,7 +323,7 @@ class InProcessEngine(LockedEngine):
                 call.finished = True
                 dispose = call.abandoned
             if dispose:
-                self._dispose(call.pipeline)  # nobody holds it any more
+                self._dispose(call.pipeline, call.keep_folder)  # nobody holds it any more
             else:
                 _settle_threadsafe(loop, call.done, error)
 
@@ -345,9 +363,10 @@ class InProcessEngine(LockedEngine):
         if call.abandoned:  # it ended just as a delete let go of the instance
             raise _abandoned(call)
 
-    def _dispose(self, pipeline: Any) -> None:
+    def _dispose(self, pipeline: Any, keep_folder: bool = False) -> None:
         """Stop and destroy the pipeline of an abandoned instance once its warmup or start
-        has returned (on that call's thread, or one of its own: it may block)."""
+        has returned (on that call's thread, or one of its own: it may block); its folder
+        goes unless ``keep_folder``."""
         try:
             if pipeline._status == PipelineStatus.RUNNING:
                 pipeline.stop()
@@ -356,7 +375,7 @@ class InProcessEngine(LockedEngine):
             pipeline.destroy()
         except Exception as exc:
             log.warning("disposing of an abandoned pipeline: %s", describe_exception(exc))
-        if pipeline.pipe_path:
+        if pipeline.pipe_path and not keep_folder:
             shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
 
     # -- the Engine interface --
@@ -387,8 +406,8 @@ class InProcessEngine(LockedEngine):
         try:
             await self._plugin_call(Step.warmup, instance, self._manager.warmup_pipeline, limit)
         except _Overran as overran:
-            self._abandon(instance, overran.call)
-            raise overran.failure(FailureReason.WarmupFailed, Step.warmup, limit) from None
+            folder = self._abandon(instance, overran.call)
+            raise overran.failure(FailureReason.WarmupFailed, Step.warmup, limit, folder) from None
         instance.state = InstanceState.Ready
 
     async def _start(self, key: PipelineKey) -> None:
@@ -400,8 +419,8 @@ class InProcessEngine(LockedEngine):
             await self._plugin_call(Step.start, instance, self._manager.start_pipeline, limit)
         except _Overran as overran:
             await self._halt_started(instance)  # what started so far; the rest when it returns
-            self._abandon(instance, overran.call)
-            raise overran.failure(FailureReason.StartFailed, Step.start, limit) from None
+            folder = self._abandon(instance, overran.call)
+            raise overran.failure(FailureReason.StartFailed, Step.start, limit, folder) from None
         except PipelineFailure as failure:
             if self._instances.get(key) is not instance:  # abandoned: disposed of elsewhere
                 raise
@@ -484,26 +503,67 @@ class InProcessEngine(LockedEngine):
                     names.append(thread.name)
         return names
 
-    def _abandon(self, instance: _Instance, call: _Call | None = None) -> None:
+    def _keeps_folder(self, instance: _Instance) -> bool:
+        """Whether abandoning ``instance`` keeps its folder: the resource's other instance (a
+        warm swap's) writes on in it."""
+        key = instance.key
+        return (key.candidate if key.slot is Slot.active else key.active) in self._instances
+
+    def _folder_fate(self, instance: _Instance) -> str:
+        """What abandoning ``instance`` does to its folder, in a user's words."""
+        if self._keeps_folder(instance):
+            return "its folder kept (the Pipeline's other instance writes in it)"
+        return "its folder removed"
+
+    def _abandon(self, instance: _Instance, call: _Call | None = None) -> str:
         """Forget an instance whose stop, warmup or start hangs: unregister it and remove its
         folder. A warmup or start still running for it disposes of the pipeline when it
         returns (or now, if it has just returned)."""
         call = call or instance.call
+        fate, keep = self._folder_fate(instance), self._keeps_folder(instance)
         pipeline = self._manager._pipelines.pop(instance.pipeline_id, None)
         if self._instances.get(instance.key) is instance:  # not a newer one for the key
             del self._instances[instance.key]
-        if pipeline is not None and pipeline.pipe_path:
+        if pipeline is not None and pipeline.pipe_path and not keep:
             shutil.rmtree(pipeline.pipe_path, ignore_errors=True)
         if call is None:
-            return
+            return fate
         with call.handoff:
-            call.abandoned = True
+            call.abandoned, call.keep_folder = True, keep
             finished = call.finished
         _settle_threadsafe(call.loop, call.done, _abandoned(call))
         if finished and call.pipeline is not None:
             threading.Thread(
-                target=self._dispose, args=(call.pipeline,), name="juturna-dispose", daemon=True
+                target=self._dispose,
+                args=(call.pipeline, keep),
+                name="juturna-dispose",
+                daemon=True,
             ).start()
+        return fate
+
+    # -- a warm swap's primitive --
+
+    async def _promote(self, key: PipelineKey) -> None:
+        candidate = promotable(
+            self._instances,
+            key,
+            lambda i: i.retired,
+            lambda i: i.state.value,
+            lambda i: f"pipeline {i.pipeline_id}",
+        )
+        if candidate is None:
+            return  # promoted already
+        candidate.key = key
+        previous = swap_slots(self._instances, key)
+        if previous is None:
+            return
+        previous.key, previous.retired = key.candidate, True
+        log.info(
+            "pipeline %s serves; pipeline %s retired",
+            candidate.pipeline_id,
+            previous.pipeline_id,
+            extra=key.log_extra,
+        )
 
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False
@@ -542,16 +602,17 @@ class InProcessEngine(LockedEngine):
             del self._locks[key]  # its waiters wait for the hung call: the key moves on
         instance = self._instances.get(key)
         call = instance.call if instance is not None else None
+        fate = self._folder_fate(instance) if instance is not None else ""
         waited = f"delete waited {limit:g} s for the {holder or 'operation'} in flight"
         if call is not None:
             where = _Overran(call, _node_in_progress(call.thread)).where
             message = (
                 f"delete waited {limit:g} s for the {call.step} in flight{where}. The instance "
-                f"was abandoned and its folder removed; the {call.step}'s thread stays in the "
+                f"was abandoned and {fate}; the {call.step}'s thread stays in the "
                 "operator process until it returns (the process engine can kill it instead)"
             )
         elif instance is not None:
-            message = f"{waited}. The instance was abandoned and its folder removed"
+            message = f"{waited}. The instance was abandoned and {fate}"
         else:  # a create queued behind a full pool: _create undoes it when it returns
             message = f"{waited}; nothing was registered yet, and what it makes is deleted"
         if instance is not None:

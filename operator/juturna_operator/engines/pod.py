@@ -50,7 +50,6 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -67,12 +66,17 @@ from juturna_operator.domain import (
     Slot,
 )
 from juturna_operator.engines.base import (
+    RETIRED,
     WARMUP_TIMEOUT_S,
     InstanceInfo,
     LockedEngine,
+    Placed,
     Plan,
     apply_health,
     held,
+    place_slots,
+    promotable,
+    swap_slots,
     vacant,
 )
 from juturna_operator.engines.client import JUTURNA_STATE, AnswerTooLarge, JuturnaClient
@@ -99,7 +103,6 @@ LISTENERS_ANNOTATION = "juturna.io/listeners"  # a Service's and a pod's, for an
 # the candidate slot and is never promoted again). A pod without the label is an older
 # operator's, of one pod per Pipeline: the active one.
 SLOT_LABEL = "juturna.io/slot"
-RETIRED = "retired"
 # When a pod took the active slot (ns since the epoch): of two pods marked active, the later.
 ACTIVE_SINCE = "juturna.io/active-since"
 MAX_SERVICE_NAME = 63
@@ -598,24 +601,7 @@ def active_since(pod: dict[str, Any]) -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where adoption puts each of a Pipeline's pods (``place``)."""
-
-    active: dict[str, Any] | None = None
-    candidate: dict[str, Any] | None = None
-    retired: bool = False  # the candidate slot's pod served before: never promoted again
-    strays: tuple[dict[str, Any], ...] = ()  # pods beyond the two slots: removed
-
-    def pod(self, slot: Slot) -> dict[str, Any] | None:
-        return self.active if slot is Slot.active else self.candidate
-
-    def mark(self, slot: Slot) -> str:
-        """What the slot's pod is marked with once adopted."""
-        return RETIRED if slot is Slot.candidate and self.retired else slot.value
-
-
-def place(pods: list[dict[str, Any]], selected: str) -> Placement:
+def place(pods: list[dict[str, Any]], selected: str) -> Placed[dict[str, Any]]:
     """Which of a Pipeline's pods (its own: ``owned_by``) holds which slot, from what the
     cluster says after an operator restart; ``selected``: the instance the Pipeline's Service
     selects (``NO_POD``: none, or no Service).
@@ -635,35 +621,13 @@ def place(pods: list[dict[str, Any]], selected: str) -> Placement:
     by_instance = {
         ((p.get("metadata") or {}).get("labels") or {}).get(INSTANCE_LABEL): p for p in pods
     }
-    marked = [p for p in pods if slot_mark(p) == Slot.active]
 
-    def age(p: dict[str, Any]) -> tuple[int, str, str]:
+    def made(p: dict[str, Any]) -> tuple[str, str]:
         meta = p.get("metadata") or {}
-        return active_since(p), str(meta.get("creationTimestamp") or ""), str(meta.get("name"))
+        return str(meta.get("creationTimestamp") or ""), str(meta.get("name"))
 
     active = by_instance.get(selected) if selected != NO_POD else None
-    if active is None and marked:
-        active = max(marked, key=age)
-
-    def retired(p: dict[str, Any]) -> bool:
-        # Marked active but not the active one: replaced by it (retired), or the candidate of
-        # a promote that did not move the Service (marked after the active one).
-        if slot_mark(p) == Slot.active and active is not None:
-            return active_since(p) <= active_since(active)
-        return slot_mark(p) == RETIRED
-
-    others = sorted(
-        (p for p in pods if p is not active),
-        key=lambda p: (not retired(p), str((p.get("metadata") or {}).get("creationTimestamp"))),
-        reverse=True,
-    )
-    candidate = others[0] if others else None
-    return Placement(
-        active,
-        candidate,
-        candidate is not None and retired(candidate),
-        tuple(others[1:]),
-    )
+    return place_slots(pods, slot_mark, active_since, made, active)
 
 
 @dataclass
@@ -883,18 +847,6 @@ class PodEngine(LockedEngine):
         """The names of the pods the Pipeline's two slots hold."""
         held = (self._held(k) for k in (key.active, key.candidate))
         return {runtime.pod for runtime in held if runtime is not None}
-
-    async def _both(
-        self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
-    ) -> T:
-        """``operation`` under both slots' locks: always the active one's first, so that two
-        such operations never wait for each other."""
-
-        async def both() -> T:
-            return await self.exclusive(key.candidate, operation, *args)
-
-        both.__name__ = operation.__name__
-        return await self.exclusive(key.active, both)
 
     async def _delete_owned(
         self, key: PipelineKey, kind: str, name: str, grace_s: int | None = None
@@ -1241,33 +1193,25 @@ class PodEngine(LockedEngine):
 
         Crash-safe in this order (``place`` reads it back): the candidate's pod is marked
         active (since now), the Service selects it, the old pod is marked retired."""
-        await self._both(key, self._promote, key.active)
+        await self.both_slots(key, self._promote, key.active)
 
     async def _promote(self, key: PipelineKey) -> None:
-        candidate = self._runtimes.get(key.candidate)
-        if candidate is None or candidate.retired:
-            if key in self._runtimes:
-                return  # promoted already
-            raise PipelineFailure(
-                FailureReason.InvalidPipelineId, Step.start, f"{key} has no candidate to promote"
-            )
-        if candidate.state is not InstanceState.Running or candidate.gone:
-            state = "gone" if candidate.gone else candidate.state.value
-            raise PipelineFailure(
-                FailureReason.NotRunning,
-                Step.start,
-                f"the candidate instance of {key} (pod {candidate.pod}) is {state}, not "
-                "Running: only a started instance takes the Pipeline's address",
-            )
+        candidate = promotable(
+            self._runtimes,
+            key,
+            lambda r: r.retired,
+            lambda r: "gone" if r.gone else r.state.value,
+            lambda r: f"pod {r.pod}",
+            "takes the Pipeline's address",
+        )
+        if candidate is None:
+            return  # promoted already
         await self._mark(key, candidate.pod, Slot.active.value, time.time_ns())
         await self._serve(key, candidate.listeners, candidate.instance)
-        previous = self._runtimes.pop(key, None)
-        self._runtimes[key] = candidate
+        previous = swap_slots(self._runtimes, key)
         if previous is None:
-            del self._runtimes[key.candidate]
             return
         previous.retired = True
-        self._runtimes[key.candidate] = previous
         try:  # legibility only: of two pods marked active, the later one's mark wins
             await self._mark(key, previous.pod, RETIRED)
         except (k8s.ApiException, PipelineFailure) as err:
@@ -1348,7 +1292,7 @@ class PodEngine(LockedEngine):
         if not names and key not in self._looked:
             # Never looked at by this process (status adopts first): what the cluster says.
             await self._adopt_service(key)
-            pod = place(await self._owned(key, "pod"), self._selected(key)).pod(key.slot)
+            pod = place(await self._owned(key, "pod"), self._selected(key)).of(key.slot)
             if pod is not None:
                 names[pod["metadata"]["name"]] = listeners_in(pod["metadata"]) or ()
         for name, listeners in names.items():
@@ -1369,7 +1313,7 @@ class PodEngine(LockedEngine):
             # One look per slot: a Pipeline without a candidate costs no call for it.
             if key in self._looked or self._busy(key.active) or self._busy(key.candidate):
                 return None
-            runtime = await self._both(key, self._adopt, key)
+            runtime = await self.both_slots(key, self._adopt, key)
             if runtime is None:
                 return None
         info = InstanceInfo(key, runtime.pipeline_id, runtime.revision, runtime.state)
@@ -1442,7 +1386,7 @@ class PodEngine(LockedEngine):
         placement = place(pods, self._selected(key))
         mine = self._pods_held(key)  # made by this process
         for slot_key in slots:
-            pod = placement.pod(slot_key.slot)
+            pod = placement.of(slot_key.slot)
             if pod is not None and pod["metadata"]["name"] not in mine:
                 await self._adopt_pod(slot_key, pod, secrets_of, placement, fallback)
         kept = self._pods_held(key)
@@ -1464,7 +1408,7 @@ class PodEngine(LockedEngine):
         key: PipelineKey,
         pod: dict[str, Any],
         secrets_of: dict[str, dict[str, Any]],
-        placement: Placement,
+        placement: Placed[dict[str, Any]],
         fallback: tuple[Listener, ...],
     ) -> None:
         """Adopt one pod into ``key``'s slot; one that cannot be (not serving, no token, no

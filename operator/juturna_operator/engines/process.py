@@ -16,9 +16,14 @@ reaches Running (or Ready) with one request, the worker's deploy, which carries 
 resource's output folder over between create and warmup.
 
 Workers outlive the operator process on purpose: a restarted operator finds them through
-their state files (``<workdir>/.workers/<uid>.json``), checks that each PID still names the
-process the record saw start (PID and start time: forked workers share the zygote's
-executable, and a PID may have been reused), and adopts it; anything else is reaped.
+their state files (``<workdir>/.workers/<owner>.json``: the resource's uid, or the uid and an
+instance id for a second instance), checks that each PID still names the process the record
+saw start (PID and start time: forked workers share the zygote's executable, and a PID may
+have been reused), and adopts it in the slot its record says; anything else is reaped.
+
+A warm swap's candidate is a second worker of the same resource: its own process, port,
+token and record. Two workers of one resource never collide unless the pipeline listens on
+a port of this machine, so the engine warm-swaps every Pipeline that does not listen.
 """
 
 from __future__ import annotations
@@ -26,14 +31,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
+from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey, Slot
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
-    LockedEngine,
+    LocalSlots,
     Plan,
     apply_health,
     held,
@@ -63,7 +71,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerRecord:
-    """What survives an operator restart: written to ``.workers/<uid>.json``."""
+    """What survives an operator restart: written to ``.workers/<owner>.json``."""
 
     namespace: str
     name: str
@@ -74,10 +82,21 @@ class WorkerRecord:
     pipeline_id: str = ""
     state: str = InstanceState.Created.value
     start_time: int = 0  # the PID's start time (/proc/<pid>/stat field 22): its identity
+    # The worker's files' name in .workers/ (its ``--owner``): the uid, or, for a second
+    # instance of the resource, the uid and an instance id ("": an older record's, the uid).
+    owner: str = ""
+    slot: str = Slot.active.value  # a Slot's value, or RETIRED (``place_slots``)
+    active_since: int = 0  # ns since the epoch: when a promote made it active (0: ever)
+    made: int = 0  # ns since the epoch: when it was created
+
+    @property
+    def owner_name(self) -> str:
+        return self.owner or self.uid
 
     @property
     def key(self) -> PipelineKey:
-        return PipelineKey(self.namespace, self.name, self.uid)
+        slot = Slot.active if self.slot == Slot.active else Slot.candidate
+        return PipelineKey(self.namespace, self.name, self.uid, slot)
 
 
 class _Worker:
@@ -108,7 +127,7 @@ class _Worker:
         return describe_exit(f"worker process {self.record.pid}", self.child)
 
 
-class ProcessEngine(LockedEngine):
+class ProcessEngine(LocalSlots):
     """Runs each pipeline in a worker process of its own."""
 
     def __init__(self, settings: Settings) -> None:
@@ -125,54 +144,79 @@ class ProcessEngine(LockedEngine):
     # -- worker processes --
 
     def _adopt_or_reap(self) -> None:
-        """Adopt the workers a previous operator process left; reap everything else."""
-        adopted: set[int] = set()
+        """Adopt the workers a previous operator process left, each in the slot its record
+        says (``place_slots``: of two marked active, the later); reap everything else."""
+        live: dict[str, list[_Worker]] = defaultdict(list)
+        dead: list[WorkerRecord] = []
         for path in self._state_dir.glob("*.json"):
             try:
                 record = WorkerRecord(**json.loads(path.read_text()))
             except (ValueError, TypeError):
                 path.unlink(missing_ok=True)
                 continue
-            if record.start_time:
-                ours = same_process(record.pid, record.start_time)
-            else:  # a record from before start times were kept: a worker started plainly
-                line = cmdline(record.pid)
-                ours = pid_alive(record.pid) and WORKER_MARKER in line and record.uid in line
-            token = self._procs.token_file(record.uid)
-            child = KnownProcess(record.pid, record.start_time)
-            if ours and not record.pipeline_id and token.exists():
-                # The previous process died inside the worker's deploy (a warmup lasts
-                # minutes): the worker knows the pipeline by its name.
-                found = pipeline_named(record.port, token.read_text(), record.key.juturna_name)
-                record.pipeline_id, record.state = found or ("", record.state)
-            if ours and record.pipeline_id and token.exists():
-                self._workers[record.key] = _Worker(record, child, token.read_text().strip())
-                self._adopted.add(record.key)
-                adopted.add(record.pid)
-                log.info("adopted worker %s", record.pid, extra=record.key.log_extra)
-                continue
-            if ours:
-                # The previous process died inside create, before the worker had its port or
-                # its pipeline: nobody can talk to this worker, so it goes; the lifecycle
-                # creates the instance again (found by the fault suite: a leaked folder).
-                log.warning(
-                    "reaping worker %s: %s",
-                    record.pid,
-                    "its token is gone" if record.pipeline_id else "its create never finished",
-                    extra=record.key.log_extra,
-                )
-                self._procs.kill(child)
-            self._forget(record)
+            worker = self._found(record)
+            if worker is None:
+                dead.append(record)
+            else:
+                live[record.uid].append(worker)
+        adopted: set[int] = set()
+        for workers in live.values():
+            kept, strays = self.adopted_slots(workers, lambda w: w.record)
+            for worker in kept:
+                self._save(worker)  # what a killed promote left, settled
+                key = worker.record.key
+                self._workers[key] = worker
+                self._adopted.add(key)
+                adopted.add(worker.record.pid)
+                log.info("adopted worker %s (%s)", worker.record.pid, key.slot, extra=key.log_extra)
+            for stray in strays:
+                log.warning("reaping worker %s: a third instance", stray.record.pid)
+                self._procs.kill(stray.child)
+                dead.append(stray.record)
+        for record in dead:
+            # The output stays while another instance of the resource lives.
+            self._forget(record, keep_output=record.uid in live)
         self._procs.reap_strays(adopted)
 
+    def _found(self, record: WorkerRecord) -> _Worker | None:
+        """The worker ``record`` names, if it still runs and can be driven; else it is ended
+        (if it runs) and None."""
+        owner = record.owner_name
+        if record.start_time:
+            ours = same_process(record.pid, record.start_time)
+        else:  # a record from before start times were kept: a worker started plainly
+            line = cmdline(record.pid)
+            ours = pid_alive(record.pid) and WORKER_MARKER in line and owner in line
+        token = self._procs.token_file(owner)
+        child = KnownProcess(record.pid, record.start_time)
+        if ours and not record.pipeline_id and token.exists():
+            # The previous process died inside the worker's deploy (a warmup lasts
+            # minutes): the worker knows the pipeline by its name.
+            found = pipeline_named(record.port, token.read_text(), record.key.juturna_name)
+            record.pipeline_id, record.state = found or ("", record.state)
+        if ours and record.pipeline_id and token.exists():
+            return _Worker(record, child, token.read_text().strip())
+        if ours:
+            # The previous process died inside create, before the worker had its port or
+            # its pipeline: nobody can talk to this worker, so it goes; the lifecycle
+            # creates the instance again (found by the fault suite: a leaked folder).
+            log.warning(
+                "reaping worker %s: %s",
+                record.pid,
+                "its token is gone" if record.pipeline_id else "its create never finished",
+                extra=record.key.log_extra,
+            )
+            self._procs.kill(child)
+        return None
+
     def _save(self, worker: _Worker) -> None:
-        write_record(self._state_dir / f"{worker.record.uid}.json", worker.record)
+        write_record(self._state_dir / f"{worker.record.owner_name}.json", worker.record)
 
     def _forget(self, record: WorkerRecord, keep_output: bool = False) -> None:
         if not keep_output:
             wipe_output(self._workdir, record.key.juturna_name)
         # Killed after the record went, a process once leaked the folder in a full run.
-        self._procs.forget(record.uid)
+        self._procs.forget(record.owner_name)
 
     async def _end(self, worker: _Worker, keep_output: bool = False) -> None:
         """Stop the worker process for good and remove what it left (``keep_output``: all
@@ -191,12 +235,17 @@ class ProcessEngine(LockedEngine):
         self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
         vacant(self._workers, key)
-        token = await asyncio.to_thread(self._procs.new_token, key.uid)
+        # The resource's first worker's files are named after its uid (as before two
+        # slots); a second one beside it gets an instance id too.
+        taken = any(w.record.owner_name == key.uid for w in self._workers.values())
+        owner = f"{key.uid}-{secrets.token_hex(4)}" if taken else key.uid
+        token = await asyncio.to_thread(self._procs.new_token, owner)
         child, port_file, log_file = await asyncio.to_thread(
-            self._procs.spawn, key.uid, key.log_extra
+            self._procs.spawn, owner, key.log_extra
         )
         record = WorkerRecord(key.namespace, key.name, key.uid, revision, child.pid, 0)
-        record.start_time = child.start_time
+        record.start_time, record.owner, record.made = child.start_time, owner, time.time_ns()
+        record.slot = key.slot.value
         worker = self._workers[key] = _Worker(record, child, token)  # known from its first moment
         await asyncio.to_thread(self._save, worker)
         try:
@@ -245,6 +294,21 @@ class ProcessEngine(LockedEngine):
                 "killed (SIGTERM, then SIGKILL)",
             ) from failure
         await self._set_state(worker, InstanceState.Spent)
+
+    # -- a warm swap's primitive --
+
+    async def _promote(self, key: PipelineKey) -> None:
+        promoted = await self.promote_recorded(
+            key,
+            self._workers,
+            lambda w: w.record,
+            lambda w: w.alive(),
+            lambda w: f"worker process {w.record.pid}",
+            lambda w: asyncio.to_thread(self._save, w),
+        )
+        if promoted is not None and promoted[1] is not None:
+            new, old = promoted[0].record.pid, promoted[1].record.pid
+            log.info("worker %s serves; worker %s retired", new, old, extra=key.log_extra)
 
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False

@@ -38,6 +38,11 @@ What a shard contains, and what it costs:
   of one namespace only, so a Pipeline shares a process with no other tenant's.
 
 A shard ends when its last pipeline leaves it.
+
+A warm swap's candidate is a second pipeline of the same resource, on whichever shard of
+its namespace has room (the active one's, often), with a record of its own; each record
+says its slot, so a restarted operator adopts each pipeline in the slot it had. A Pipeline
+that listens on a port of this machine is not swapped (two instances would bind it).
 """
 
 from __future__ import annotations
@@ -48,14 +53,15 @@ import json
 import logging
 import secrets
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey
+from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, NodeCrash, PipelineKey, Slot
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
     InstanceInfo,
-    LockedEngine,
+    LocalSlots,
     Plan,
     apply_health,
     held,
@@ -108,7 +114,7 @@ class ShardRecord:
 
 @dataclass
 class PlacedRecord:
-    """One pipeline on a shard: ``.shards/pipelines/<uid>.json``."""
+    """One pipeline on a shard: ``.shards/pipelines/<file>.json``."""
 
     namespace: str
     name: str
@@ -117,10 +123,21 @@ class PlacedRecord:
     shard: str
     pipeline_id: str = ""  # empty while its deploy is in flight
     state: str = InstanceState.Created.value
+    # The record's file name: the uid, or, for a second instance of the resource, the uid
+    # and an instance id ("": an older record's, the uid).
+    file: str = ""
+    slot: str = Slot.active.value  # a Slot's value, or RETIRED (``place_slots``)
+    active_since: int = 0  # ns since the epoch: when a promote made it active (0: ever)
+    made: int = 0  # ns since the epoch: when it was created
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.file or self.uid}.json"
 
     @property
     def key(self) -> PipelineKey:
-        return PipelineKey(self.namespace, self.name, self.uid)
+        slot = Slot.active if self.slot == Slot.active else Slot.candidate
+        return PipelineKey(self.namespace, self.name, self.uid, slot)
 
 
 @dataclass(eq=False)
@@ -184,7 +201,7 @@ class _Placed:
         return InstanceState(self.record.state)
 
 
-class ShardEngine(LockedEngine):
+class ShardEngine(LocalSlots):
     """Runs pipelines many to a worker process (a shard), one namespace per shard."""
 
     def __init__(self, settings: Settings) -> None:
@@ -227,6 +244,7 @@ class ShardEngine(LockedEngine):
             if shard.token and record.port:
                 shard.connect(record.port)
             self._shards[record.name] = shard
+        found_of: dict[str, list[_Placed]] = defaultdict(list)
         for path in self._records.glob("*.json"):
             try:
                 placed = PlacedRecord(**json.loads(path.read_text()))
@@ -240,9 +258,21 @@ class ShardEngine(LockedEngine):
             if on is None or not placed.pipeline_id:
                 path.unlink(missing_ok=True)  # its create never reached the shard
                 continue
-            self._placed[placed.key] = _Placed(placed, on)
-            on.pipelines.add(placed.key)
-            self._adopted.add(placed.key)
+            found_of[placed.uid].append(_Placed(placed, on))
+        for found_here in found_of.values():
+            kept, strays = self.adopted_slots(found_here, lambda p: p.record)
+            for placed_here in kept:
+                write_record(self._records / placed_here.record.file_name, placed_here.record)
+                key = placed_here.record.key
+                self._placed[key] = placed_here
+                placed_here.shard.pipelines.add(key)
+                self._adopted.add(key)
+                pipeline = placed_here.record.pipeline_id
+                log.info("adopted pipeline %s (%s)", pipeline, key.slot, extra=key.log_extra)
+            for stray in strays:
+                # A third instance: forgotten, its pipeline removed by the sweep (unheld).
+                log.warning("forgetting pipeline %s: a third instance", stray.record.pipeline_id)
+                (self._records / stray.record.file_name).unlink(missing_ok=True)
         for gone in [s for s in self._shards.values() if not s.pipelines and not s.alive()]:
             self._forget_shard(gone)
         live = {s.record.pid for s in self._shards.values() if s.alive()}
@@ -252,7 +282,7 @@ class ShardEngine(LockedEngine):
     async def _save(self, placed: _Placed) -> None:
         """Write its record: after each step, which health answers must then postdate."""
         placed.changed_at = time.monotonic()
-        path = self._records / f"{placed.record.uid}.json"
+        path = self._records / placed.record.file_name
         await asyncio.to_thread(write_record, path, placed.record)
 
     def _forget_shard(self, shard: _Shard) -> None:
@@ -305,7 +335,7 @@ class ShardEngine(LockedEngine):
         key, shard = placed.record.key, placed.shard
         self._placed.pop(key, None)
         shard.pipelines.discard(key)
-        (self._records / f"{key.uid}.json").unlink(missing_ok=True)
+        (self._records / placed.record.file_name).unlink(missing_ok=True)
         if not keep_output:
             await asyncio.to_thread(wipe_output, self._workdir, key.juturna_name)
         if not shard.pipelines:
@@ -361,8 +391,13 @@ class ShardEngine(LockedEngine):
         self, key: PipelineKey, config: dict[str, Any], revision: str, plan: Plan
     ) -> str:
         vacant(self._placed, key)
+        # The resource's first record is named after its uid (as before two slots); a
+        # second one beside it gets an instance id too.
+        taken = any(p.record.file_name == f"{key.uid}.json" for p in self._placed.values())
         shard = await self._place(key)
         record = PlacedRecord(key.namespace, key.name, key.uid, revision, shard.record.name)
+        record.file = f"{key.uid}-{secrets.token_hex(4)}" if taken else key.uid
+        record.slot, record.made = key.slot.value, time.time_ns()
         placed = self._placed[key] = _Placed(record, shard)
         try:
             await self._save(placed)  # before the deploy: a restart finds it by its name
@@ -453,6 +488,29 @@ class ShardEngine(LockedEngine):
                 f"is left stuck in shard process {shard.record.pid}, which takes no new "
                 f"pipelines and is ended once its {others} other pipeline(s) have left",
             ) from failure
+
+    # -- a warm swap's primitive --
+
+    async def _promote(self, key: PipelineKey) -> None:
+        promoted = await self.promote_recorded(
+            key,
+            self._placed,
+            lambda p: p.record,
+            lambda p: p.shard.alive(),
+            lambda p: f"pipeline {p.record.pipeline_id} in shard process {p.shard.record.pid}",
+            self._save,
+        )
+        if promoted is None:
+            return
+        new, old = promoted
+        for placed in (new, old):  # each shard holds its pipeline under its new slot
+            if placed is not None:
+                placed.shard.pipelines.difference_update((key, key.candidate))
+        new.shard.pipelines.add(key)
+        if old is not None:
+            old.shard.pipelines.add(key.candidate)
+            ids = new.record.pipeline_id, old.record.pipeline_id
+            log.info("pipeline %s serves; pipeline %s retired", *ids, extra=key.log_extra)
 
     async def delete(
         self, key: PipelineKey, release: bool = True, keep_output: bool = False

@@ -116,10 +116,11 @@ def test_a_pipeline_runs_in_a_pod_of_its_own_with_no_api_rights(
     assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert_pod_output_grows(kubectl, name, namespace, pipeline_id)
 
-    # The token: in a Secret owned by the Pipeline, nowhere a user reads.
+    # The token: in a Secret its pod controls (it goes with the pod), nowhere a user reads.
     (secret,) = managed(kubectl, "secrets", namespace)
     assert secret["metadata"]["name"] == name
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == uid
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"]) == ("Pod", pod["metadata"]["uid"])
     token = kubectl("get", "secret", name, "-n", namespace, "-o", "jsonpath={.data.token}").stdout
     events = json.dumps(pipelines.events("tones"))
     assert token not in json.dumps(pipelines.get("tones")) + events + pod_operator.log_text()

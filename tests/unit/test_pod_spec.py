@@ -22,6 +22,7 @@ from juturna_operator.engines.pod import (
     network_policy,
     new_instance,
     owned_by,
+    owner_of,
     pipeline_object_name,
     place,
     pod_name,
@@ -31,6 +32,7 @@ from juturna_operator.engines.pod import (
     service_body,
     service_name,
     template_hash,
+    token_of,
     token_secret,
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
@@ -133,7 +135,7 @@ def test_a_long_name_goes_by_its_uid_label_alone() -> None:
     assert "juturna.io/pipeline" not in labels
     assert labels["juturna.io/pipeline-uid"] == KEY.uid
     del labels["juturna.io/instance"], labels["juturna.io/slot"]  # the pod's own
-    assert token_secret(key, "t", "x")["metadata"]["labels"] == labels
+    assert token_secret(key, "t", "x", "u")["metadata"]["labels"] == labels
 
 
 def ended(code: int) -> dict[str, Any]:
@@ -517,7 +519,7 @@ def test_each_instance_has_a_pod_and_a_secret_of_its_own() -> None:
     assert meta["labels"]["juturna.io/slot"] == "candidate"
     assert "juturna.io/active-since" not in meta["annotations"]  # a candidate is not active
     assert listeners_in(meta) == listeners
-    assert token_secret(KEY, "t", meta["name"])["metadata"]["name"] == meta["name"]
+    assert token_secret(KEY, "t", meta["name"], "u")["metadata"]["name"] == meta["name"]
     assert network_policy(KEY, (), [])["metadata"]["name"] == pipeline_object_name(KEY)
     assert pipeline_object_name(KEY) == "tones-40ffacf7"
     subdomain = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -677,3 +679,28 @@ def test_the_network_policy_lets_in_the_operator_the_probes_and_the_input_ports(
     assert network_policy(KEY, (), peers)["spec"]["ingress"] == [
         {"from": peers, "ports": [{"protocol": "TCP", "port": 8080}]}
     ]
+
+
+def test_a_token_secret_is_its_pods_and_is_taken_only_from_that_pod() -> None:
+    """The pod controls its token Secret (the garbage collector removes it with the pod, and
+    the operator never lists Secrets: it has no right to); a Secret is taken as a pod's token
+    only in the Pipeline's namespace, controlled by that pod (or by the Pipeline: an older
+    operator's), never by a look-alike."""
+    secret = token_secret(KEY, "t", "tones-40ffacf7-a1b2c3d4", "pod-uid")
+    assert secret["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "tones-40ffacf7-a1b2c3d4",
+            "uid": "pod-uid",
+            "controller": True,
+        }
+    ]
+    assert token_of(secret, KEY, "tones-40ffacf7-a1b2c3d4", "pod-uid")
+    assert token_of(secret, KEY, "tones-40ffacf7-a1b2c3d4")  # uid unknown: by name
+    assert not token_of(secret, KEY, "tones-40ffacf7-a1b2c3d4", "another-pod")
+    assert not token_of(secret, KEY, "tones-40ffacf7-ffffffff")
+    elsewhere = {**secret, "metadata": {**secret["metadata"], "namespace": "team-b"}}
+    assert not token_of(elsewhere, KEY, "tones-40ffacf7-a1b2c3d4", "pod-uid")
+    older = {"metadata": {"namespace": KEY.namespace, "ownerReferences": [owner_of(KEY)]}}
+    assert token_of(older, KEY, "tones-40ffacf7")

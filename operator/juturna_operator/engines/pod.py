@@ -178,6 +178,24 @@ def owned_by(obj: dict[str, Any], key: PipelineKey) -> bool:
     )
 
 
+def token_of(secret: dict[str, Any], key: PipelineKey, pod: str, pod_uid: str = "") -> bool:
+    """Whether a Secret is the token of the Pipeline's pod ``pod`` (and uid ``pod_uid``, where
+    known): in the Pipeline's namespace, controlled by that pod, so the garbage collector
+    removes it with the pod, and the operator never needs to list Secrets; or by the Pipeline
+    itself (an older operator's)."""
+    meta = secret.get("metadata") or {}
+    if meta.get("namespace") != key.namespace:
+        return False
+    return owned_by(secret, key) or any(
+        ref.get("controller") is True
+        and ref.get("kind") == "Pod"
+        and ref.get("apiVersion") == "v1"
+        and ref.get("name") == pod
+        and (not pod_uid or ref.get("uid") == pod_uid)
+        for ref in meta.get("ownerReferences") or []
+    )
+
+
 def name_conflict(kind: str, key: PipelineKey, step: Step, name: str) -> PipelineFailure:
     """A pod, Secret, Service or NetworkPolicy of the name this Pipeline's must have, owned by
     another."""
@@ -282,8 +300,9 @@ def network_policy(
     }
 
 
-def token_secret(key: PipelineKey, token: str, name: str) -> dict[str, Any]:
-    """The token of the pod ``name``, in a Secret of the same name."""
+def token_secret(key: PipelineKey, token: str, name: str, pod_uid: str) -> dict[str, Any]:
+    """The token of the pod ``name`` (uid ``pod_uid``), in a Secret of the same name that the
+    pod controls: the garbage collector removes it with the pod, whoever deletes the pod."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -291,7 +310,15 @@ def token_secret(key: PipelineKey, token: str, name: str) -> dict[str, Any]:
             "name": name,
             "namespace": key.namespace,
             "labels": labels_of(key),
-            "ownerReferences": [owner_of(key)],
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": name,
+                    "uid": pod_uid,
+                    "controller": True,
+                }
+            ],
         },
         "type": "Opaque",
         "data": {"token": base64.b64encode(token.encode()).decode()},
@@ -858,7 +885,7 @@ class PodEngine(LockedEngine):
         found = await self._read(read, key, name)
         if found is None:
             return
-        if not owned_by(found, key):
+        if not (owned_by(found, key) or (kind == "Secret" and token_of(found, key, name))):
             log.warning("not deleting %s: the Pipeline does not own it", name, extra=key.log_extra)
             return
         body = k8s.V1DeleteOptions(
@@ -1061,9 +1088,12 @@ class PodEngine(LockedEngine):
             # once the pipeline runs only the Service's endpoints change (``_serve``: the
             # active slot's only; a candidate leaves the address where it is).
             await self._serve(key, plan.listeners, NO_POD)
-            await self._create_owned(key, "Secret", token_secret(key, token, name))
             await self._guard(key, plan.listeners)
-            await self._create_owned(key, "pod", pod_body)
+            # The pod, then its token: a Secret the pod controls. The kubelet mounts it once
+            # it exists (the pod waits for it, in ContainerCreating, for a moment at most).
+            made = await self._create_owned(key, "pod", pod_body)
+            pod_uid = str(made.metadata.uid)
+            await self._create_owned(key, "Secret", token_secret(key, token, name, pod_uid))
             pod = await self._wait_serving(key, name)
             client = self._client(pod, token)
             await self._check_plugins(client, plan)
@@ -1105,7 +1135,9 @@ class PodEngine(LockedEngine):
         except k8s.ApiException as err:
             if err.status == 409:
                 found = await self._read(read, key, name)
-                if found is not None and not owned_by(found, key):
+                if found is not None and not (
+                    owned_by(found, key) or (kind == "Secret" and token_of(found, key, name))
+                ):
                     raise name_conflict(kind, key, Step.create, name) from None
             raise
 
@@ -1371,8 +1403,9 @@ class PodEngine(LockedEngine):
         had (``place``), under both slots' locks: their pipelines keep running, and this
         process drives them from now on (no redeploy). Both slots are looked at once: the
         other slot's status then costs nothing. What no slot holds goes: pods beyond the two,
-        a pod that cannot be adopted, Secrets of no pod, and the NetworkPolicy of a Pipeline
-        left with no pod (a process killed while it removed one, or before it made it)."""
+        a pod that cannot be adopted, and the NetworkPolicy of a Pipeline left with no pod (a
+        process killed while it removed one, or before it made it). A Secret of no pod goes
+        with its pod, by the garbage collector (the pod controls it)."""
         self._known[key.uid] = key.active
         slots = [
             k
@@ -1381,14 +1414,13 @@ class PodEngine(LockedEngine):
         ]
         self._looked.update(slots)
         pods = await self._owned(key, "pod")
-        secrets_of = {s["metadata"]["name"]: s for s in await self._owned(key, "Secret")}
         fallback = await self._adopt_service(key)
         placement = place(pods, self._selected(key))
         mine = self._pods_held(key)  # made by this process
         for slot_key in slots:
             pod = placement.of(slot_key.slot)
             if pod is not None and pod["metadata"]["name"] not in mine:
-                await self._adopt_pod(slot_key, pod, secrets_of, placement, fallback)
+                await self._adopt_pod(slot_key, pod, placement, fallback)
         kept = self._pods_held(key)
         for pod in placement.strays:
             if pod["metadata"]["name"] not in mine:
@@ -1396,9 +1428,6 @@ class PodEngine(LockedEngine):
                     "removing pod %s: in neither slot", pod["metadata"]["name"], extra=key.log_extra
                 )
                 await self._remove(key, pod["metadata"]["name"])
-        listed = {pod["metadata"]["name"] for pod in pods}
-        for name in secrets_of.keys() - listed - kept:
-            await self._delete_owned(key, "Secret", name, DELETE_GRACE_S)
         if not kept:
             await self._remove_policy(key)
         return self._runtimes.get(key)
@@ -1407,7 +1436,6 @@ class PodEngine(LockedEngine):
         self,
         key: PipelineKey,
         pod: dict[str, Any],
-        secrets_of: dict[str, dict[str, Any]],
         placement: Placed[dict[str, Any]],
         fallback: tuple[Listener, ...],
     ) -> None:
@@ -1419,9 +1447,10 @@ class PodEngine(LockedEngine):
             await self._remove(key, name)  # not serving: the lifecycle deploys anew
             return
         try:
-            secret = secrets_of.get(name)
-            if secret is None:
-                raise KeyError("no token Secret owned by the Pipeline")
+            # Read by name, never listed: the operator has no right to list Secrets.
+            secret = await self._read(self._core.read_namespaced_secret, key, name)
+            if secret is None or not token_of(secret, key, name, meta.get("uid", "")):
+                raise KeyError("no token Secret of the pod")
             token = base64.b64decode(secret["data"]["token"]).decode()
             client = self._client(pod, token)
             health = await client.request("GET", "/operator/health", Step.run, 5.0)

@@ -962,13 +962,19 @@ def kills_under_churn(operator: OperatorProcess, churn: Churn, kills: int) -> It
         yield restarted
 
 
-# A receiver: every POST body is printed as one line, with the time it came.
+# A receiver: every POST body is printed as one line, with the time it came. One write per
+# line, under a lock: print() writes the line and its newline apart, and two of the server's
+# threads interleaved them (two bodies on one line, once in a run of the warm swap tests).
 RECEIVER = """
-import http.server, json, time
+import http.server, json, sys, threading, time
+lock = threading.Lock()
 class Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        print(json.dumps({"at": time.time(), "body": json.loads(body or b"null")}), flush=True)
+        line = json.dumps({"at": time.time(), "body": json.loads(body or b"null")}) + "\\n"
+        with lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()

@@ -308,7 +308,8 @@ def test_what_an_interrupted_removal_left_goes_when_the_operator_starts(
     pod_operator.kill()
     kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=true")
     pipelines.patch_spec("tones", {"state": "Stopped"})
-    assert managed(kubectl, "secrets", namespace)
+    # The Secret goes with its pod, by the garbage collector: no operator needed.
+    wait_until(lambda: not managed(kubectl, "secrets", namespace), 30, "the pod's Secret gone")
     assert managed(kubectl, "networkpolicies", namespace)
     pod_operator.start()
     pipelines.wait_phase("tones", "Stopped", timeout=60)

@@ -186,9 +186,15 @@ def pod_leaks(
     bodies = {b["metadata"]["uid"]: b for b in pipelines.bodies().values()}
     held: dict[str, dict[str, list[Any]]] = {uid: {} for uid in bodies}
     problems = []
-    for kind, found in owned_objects(api_client, pipelines.namespace).items():
+    objects = owned_objects(api_client, pipelines.namespace)
+    # A token Secret's controller is its pod: it belongs to that pod's Pipeline, and to none
+    # once the pod is gone (the garbage collector's to remove).
+    pipeline_of_pod = {p["metadata"]["uid"]: controller_uid(p) for p in objects["pod"]}
+    for kind, found in objects.items():
         for obj in found:
             uid = controller_uid(obj)
+            if kind == "Secret":
+                uid = pipeline_of_pod.get(uid or "")
             if uid in held:
                 held[uid].setdefault(kind, []).append(obj)
             else:

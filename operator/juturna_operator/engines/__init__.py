@@ -44,9 +44,6 @@ class Router:
     def __init__(self, default: Engine, service: Engine | None) -> None:
         self._default, self._service = default, service
         self._owner: dict[PipelineKey, Engine] = {}
-        # Whether the default engine warm-swaps (then it may hold a candidate left by an
-        # earlier operator process; the service engine never does).
-        self._swaps = default.two_slots
         self._names = {id(e): engine_name(e) for e in (default, service) if e is not None}
 
     def _for(self, key: PipelineKey) -> Engine:
@@ -82,7 +79,9 @@ class Router:
 
     @property
     def two_slots(self) -> bool:
-        return self._swaps
+        # The default engine's: it may hold a candidate an earlier operator process left;
+        # the service engine never does.
+        return self._default.two_slots
 
     def warm_swap(self, plan: Plan) -> str | None:
         engine = self._service if plan.runtime and self._service else self._default
@@ -104,7 +103,7 @@ class Router:
         return observe(event, body) if observe is not None else None
 
     async def status(self, key: PipelineKey) -> InstanceInfo | None:
-        if key.slot is Slot.candidate and key not in self._owner and not self._swaps:
+        if key.slot is Slot.candidate and key not in self._owner and not self.two_slots:
             return None  # no engine here makes candidates: nothing to ask
         engine = self._for(key)
         info = await engine.status(key)

@@ -233,7 +233,7 @@ class Operator:
             observer=metrics.queue if metrics is not None else None,
         )
         if metrics is not None:
-            metrics.watch(self.queue, engine.instances)
+            metrics.watch(self.queue, engine.instances, engine.health_asks)
         self.reconciler.released = self.queue.released
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
         self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one

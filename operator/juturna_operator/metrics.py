@@ -32,7 +32,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from juturna_operator import __version__, api
@@ -138,6 +138,7 @@ class Metrics(Collector):
         self._pipelines: dict[PipelineKey, _Tracked] = {}
         self._queue: WorkQueue[str] | None = None
         self._instances: Callable[[], dict[str, int]] = dict
+        self._health_asks: Callable[[], int] = lambda: 0
         self.transitions = Counter(
             "juturna_pipeline_phase_transitions",
             "Phase changes of Pipelines.",
@@ -214,9 +215,15 @@ class Metrics(Collector):
     def serve(self, port: int, address: str = "0.0.0.0") -> None:
         start_http_server(port, addr=address, registry=self.registry)
 
-    def watch(self, queue: WorkQueue[str], instances: Callable[[], dict[str, int]]) -> None:
-        """What scrapes read live: the reconcile queue, and the instances each engine holds."""
-        self._queue, self._instances = queue, instances
+    def watch(
+        self,
+        queue: WorkQueue[str],
+        instances: Callable[[], dict[str, int]],
+        health_asks: Callable[[], int] = lambda: 0,
+    ) -> None:
+        """What scrapes read live: the reconcile queue, the instances each engine holds, and
+        the health requests sent to pipeline pods."""
+        self._queue, self._instances, self._health_asks = queue, instances, health_asks
 
     # -- fed by the handlers --
 
@@ -265,7 +272,7 @@ class Metrics(Collector):
 
     # -- the collector (the HTTP server's thread: it reads snapshots, never iterates live) --
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         pipelines = sorted(self._pipelines.copy().items(), key=lambda kv: str(kv[0]))
         by_phase = GaugeMetricFamily(
             "juturna_pipelines", "Pipelines by namespace and phase.", labels=["namespace", "phase"]
@@ -295,6 +302,12 @@ class Metrics(Collector):
         for engine, count in sorted(self._instances().items()):
             instances.add_metric([engine], count)
         yield instances
+        asks = CounterMetricFamily(
+            "juturna_operator_health_requests",
+            "Health requests the operator sent to pipeline pods (engine pod).",
+        )
+        asks.add_metric([], self._health_asks())
+        yield asks
         yield from self._queue_gauges()
 
     def _queue_gauges(self) -> Iterator[GaugeMetricFamily]:

@@ -122,6 +122,13 @@ class Router:
             counts[name] += 1
         return counts
 
+    def health_asks(self) -> int:
+        """How many health requests the engines sent their workers' pods so far (the pod
+        engine's; 0 where an engine keeps no count)."""
+        return sum(
+            getattr(engine, "health_asks", 0) for engine in (self._default, self._service) if engine
+        )
+
     def step_under_way(self, key: PipelineKey) -> Step | None:
         # A create in flight has no owner yet: either engine may hold it.
         engines = (self._owner[key],) if key in self._owner else (self._default, self._service)

@@ -737,6 +737,7 @@ class PodEngine(LockedEngine):
             ),
         }
         self.watched = False  # set once the watch delivers; until then, reads go to the API
+        self.health_asks = 0  # requests for a worker's /operator/health (a metric's count)
 
     # -- the Kubernetes side (blocking client calls, run in threads) --
 
@@ -1374,6 +1375,7 @@ class PodEngine(LockedEngine):
             info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, problem.message)]
             return info
         try:
+            self.health_asks += 1
             health = await runtime.client.request("GET", "/operator/health", Step.run, 2.0)
         except AnswerTooLarge as failure:
             runtime.healthy = False  # the redeploy gets a new pod, not this one's answers
@@ -1453,6 +1455,7 @@ class PodEngine(LockedEngine):
                 raise KeyError("no token Secret of the pod")
             token = base64.b64decode(secret["data"]["token"]).decode()
             client = self._client(pod, token)
+            self.health_asks += 1
             health = await client.request("GET", "/operator/health", Step.run, 5.0)
         except (KeyError, PipelineFailure) as err:
             log.warning("cannot adopt pod %s: %s", name, err, extra=key.log_extra)

@@ -941,9 +941,15 @@ class PodEngine(LockedEngine):
         through its grace period, and its replacement would be Unschedulable meanwhile where
         the node has room for one. Bounded by the leaving pods' grace periods and a margin."""
         other = self._held(self._other(key))
+        if self.watched and {key.active, key.candidate} & self._looked:
+            # Adoption listed the Pipeline's pods and kept those leaving (``_adopt``); the
+            # watch has filed every change since: no list here.
+            pods = [pod for pod in self._seen.get(key.uid, {}).values() if pod is not None]
+        else:
+            pods = await self._owned(key, "pod")
         leaving = [
             pod
-            for pod in await self._owned(key, "pod")
+            for pod in pods
             if pod["metadata"].get("deletionTimestamp")
             and (other is None or pod["metadata"]["name"] != other.pod)
         ]
@@ -1071,9 +1077,10 @@ class PodEngine(LockedEngine):
         self._known[key.uid] = key.active
         await self._previous_gone(key)
         try:
-            # What the API server (and its admission, Pod Security included) would refuse,
-            # it refuses now, before anything exists: InvalidSpec with its own message.
-            await self._create_owned(key, "pod", pod_body, dry_run="All")
+            # The pod first: the API server (and its admission, Pod Security included) checks
+            # it as it creates it, so what it refuses is refused before anything exists:
+            # InvalidSpec with its own message, and no dry run beforehand (a round trip).
+            made = await self._create_owned(key, "pod", pod_body)
         except k8s.ApiException as err:
             raise _api_failure(err, Step.create) from None
         except ValueError as err:  # the client's own check of the Pod, before any request
@@ -1085,16 +1092,16 @@ class PodEngine(LockedEngine):
             ) from None
         token = secrets.token_urlsafe(32)
         try:
-            # The address first: its DNS name and ClusterIP exist while the pod starts, and
+            # No container of the pod starts before its token Secret exists (the kubelet
+            # waits to mount it), so the address and the NetworkPolicy made here come before
+            # the worker serves: its DNS name and ClusterIP exist while the pod starts, and
             # once the pipeline runs only the Service's endpoints change (``_serve``: the
             # active slot's only; a candidate leaves the address where it is).
             await self._serve(key, plan.listeners, NO_POD)
             await self._guard(key, plan.listeners)
-            # The pod, then its token: a Secret the pod controls. The kubelet mounts it once
-            # it exists (the pod waits for it, in ContainerCreating, for a moment at most).
-            made = await self._create_owned(key, "pod", pod_body)
-            pod_uid = str(made.metadata.uid)
-            await self._create_owned(key, "Secret", token_secret(key, token, name, pod_uid))
+            await self._create_owned(
+                key, "Secret", token_secret(key, token, name, str(made.metadata.uid))
+            )
             pod = await self._wait_serving(key, name)
             client = self._client(pod, token)
             await self._check_plugins(client, plan)
@@ -1123,16 +1130,14 @@ class PodEngine(LockedEngine):
         )
         return pipeline_id
 
-    async def _create_owned(
-        self, key: PipelineKey, kind: str, body: dict[str, Any], **options: str
-    ) -> Any:
-        """Create the Pipeline's pod, Secret or Service (``options``: e.g. a dry run). Its
+    async def _create_owned(self, key: PipelineKey, kind: str, body: dict[str, Any]) -> Any:
+        """Create the Pipeline's pod, Secret, Service or NetworkPolicy. Its
         name taken by an object the Pipeline does not own is ``NameConflict``; by its own (on
         its way out, or left by an earlier process), the API's 409, raised."""
         create, read = self._kinds[kind][:2]
         name = body["metadata"]["name"]
         try:
-            return await self._call(create, key.namespace, body, **options)
+            return await self._call(create, key.namespace, body)
         except k8s.ApiException as err:
             if err.status == 409:
                 found = await self._read(read, key, name)
@@ -1415,8 +1420,14 @@ class PodEngine(LockedEngine):
             if k == key or (k not in self._looked and self._held(k) is None)
         ]
         self._looked.update(slots)
-        pods = await self._owned(key, "pod")
-        fallback = await self._adopt_service(key)
+        pods, fallback = await asyncio.gather(self._owned(key, "pod"), self._adopt_service(key))
+        if self.watched:
+            # The pods on their way out, for ``_previous_gone``: the watch files every change
+            # from here on (the Pipeline is known), so together they are the whole picture.
+            seen = self._seen.setdefault(key.uid, {})
+            for pod in pods:
+                if pod["metadata"].get("deletionTimestamp"):
+                    seen.setdefault(pod["metadata"]["name"], pod)
         placement = place(pods, self._selected(key))
         mine = self._pods_held(key)  # made by this process
         for slot_key in slots:
@@ -1540,6 +1551,7 @@ class PodEngine(LockedEngine):
         listens on (its annotation) and where it points."""
         found = await self._read(self._core.read_namespaced_service, key, service_name(key))
         if found is None or not owned_by(found, key):
+            self._services_looked.add(key.uid)  # none: ``_serve`` need not look again
             return ()
         listeners = listeners_in(found["metadata"])
         if listeners is None:

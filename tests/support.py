@@ -56,11 +56,15 @@ class Kubectl:
     def __init__(self, kubeconfig: Path) -> None:
         self.kubeconfig = kubeconfig
 
+    def command(self, *args: str) -> list[str]:
+        """The kubectl command line of ``args``, for a process a test follows (``logs -f``)."""
+        return [str(binaries().kubectl), f"--kubeconfig={self.kubeconfig}", *args]
+
     def __call__(
         self, *args: str, input: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [str(binaries().kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            self.command(*args),
             input=input,
             capture_output=True,
             text=True,

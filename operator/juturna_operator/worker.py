@@ -11,7 +11,8 @@ free loopback port, and adds what it lacks in this thin module:
 
 * a bearer token on every request (the file's content, which the engine made for this
   worker alone): any other local process gets 401, so it can neither create, stop nor shut
-  down pipelines here; only ``GET /operator/ready`` answers without it, and says nothing;
+  down pipelines here; only ``GET /operator/ready`` answers without it, and says only yes
+  (200) or no (503: a thread of a pipeline here died): the kubelet's readiness probe;
 * ``GET /operator/health``: the threads that died (``threading.excepthook``), with
   exception type and message (Juturna's own status would still say running), each with the
   pipeline and node it was started for (read where it was started: a node's constructor,
@@ -477,8 +478,14 @@ def _build_app() -> FastAPI:
             )
         return await call_next(request)
 
-    @app.get("/operator/ready")
-    def ready() -> dict[str, bool]:
+    @app.get("/operator/ready", response_model=None)
+    def ready() -> Any:
+        """The kubelet's readiness probe (engine pod): it fails once a thread of a deployed
+        pipeline's died, so the pod's Ready condition carries the crash to the operator's
+        pod watch; a stuck worker fails it by not answering. Before any deploy it passes:
+        the operator deploys to a Ready pod. Open, so it says yes or no and nothing else."""
+        if crashes.listed():
+            return JSONResponse(status_code=503, content={"ready": False})
         return {"ready": True}
 
     @app.post("/operator/validate")

@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Coroutine, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -42,6 +44,8 @@ from support import (
     pod_body,
     pod_output_lines,
     pod_ready,
+    sample,
+    scrape,
     wait_default_account,
     wait_pod,
     wait_until,
@@ -416,6 +420,96 @@ def through_faulty(
         template=template,
         restartPolicy={"maxRestarts": max_restarts, "backoffSeconds": 0.5},
     )
+
+
+def health_asks(operator: Operator) -> float | None:
+    """The health requests the operator sent to pipeline pods so far (its metric)."""
+    return sample(scrape(operator), "juturna_operator_health_requests_total")
+
+
+CRASH_LINE = re.compile(r"^(\S+) .*node crasher crashed: RuntimeError: kaboom in crasher")
+
+
+def crashed_at(log: str) -> float:
+    """When the worker logged its node's crash (the container runtime's timestamp), as a
+    Unix time."""
+    for line in log.splitlines():
+        found = CRASH_LINE.match(line)
+        if found:
+            stamp = re.sub(r"(\.\d{6})\d*", r"\1", found[1]).replace("Z", "+00:00")
+            return datetime.fromisoformat(stamp).timestamp()
+    raise AssertionError(f"no crash in the pod's log:\n{log[-2000:]}")
+
+
+@pytest.mark.timeout(300)
+def test_a_node_crash_reaches_the_operator_through_the_pods_readiness_within_5_s(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Issue 28, item 1: the kubelet watches pipeline health. While the pipeline runs, the
+    operator sends its pod no health request (the polling design sent one every 3 s). Then a
+    node crashes: the worker's readiness probe fails, the pod watch brings the change, and the
+    Pipeline says NodeFailed, naming the node, within 5 s of the crash (the worker's log line,
+    stamped by the container runtime)."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(through_faulty("brittle", ("crasher", {"after": 80, "words": 0}), {}, 0))
+    pipelines.wait_ready("brittle", timeout=120)  # the crash comes 20 s after the start
+    (pod,) = managed(kubectl, "pods", namespace)
+    follow = subprocess.Popen(
+        kubectl.command("logs", "-f", "--timestamps", "-n", namespace, pod["metadata"]["name"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        asked = health_asks(pod_operator)
+        time.sleep(7)  # more than two health intervals
+        assert health_asks(pod_operator) == asked, "the operator asked a steady pod's health"
+        deadline = time.monotonic() + 60
+        while not pipelines.get("brittle").get("status", {}).get("failure"):
+            assert time.monotonic() < deadline, "no failure 60 s after the start"
+            time.sleep(0.1)
+        seen = time.time()
+    finally:
+        follow.terminate()
+        log, _ = follow.communicate(timeout=30)
+    body = pipelines.wait_phase("brittle", "Failed", timeout=30)
+    failure = body["status"]["failure"]
+    assert (failure["reason"], failure["step"]) == ("NodeFailed", "run"), failure
+    assert failure["message"].startswith('node "crasher" crashed: RuntimeError: kaboom'), failure
+    took = seen - crashed_at(log)
+    assert 0 < took < 5, f"the crash reached the Pipeline's status {took:.1f} s after it"
+
+
+@pytest.mark.timeout(300)
+def test_an_operator_restarted_after_a_crash_adopts_the_not_ready_pod_and_reports_it(
+    pod_operator: Operator, kubectl: Kubectl, objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    """Issue 28, item 1: a pod whose readiness probe fails (a node crashed while no operator
+    ran) is not a dead pod. The restarted operator adopts it, and the Pipeline fails with
+    the crash (NodeFailed naming the node), from that pod: no new one is made for it."""
+    pipelines = Pipelines(objects, namespace, kubectl)
+    pipelines.apply(through_faulty("brittle", ("crasher", {"after": 24, "words": 0}), {}, 0))
+    pipelines.wait_ready("brittle", timeout=120)
+    pod_operator.kill()
+    (pod,) = managed(kubectl, "pods", namespace)
+    name, uids = pod["metadata"]["name"], {pod["metadata"]["uid"]}
+
+    def not_ready() -> bool:
+        return not any(pod_ready(p) for p in managed(kubectl, "pods", namespace))
+
+    wait_until(not_ready, 60, "the pod NotReady: its node crashed")
+    pod_operator.start()
+    wait_until(lambda: f"adopted pod {name}" in pod_operator.log_text(), 30, "the pod adopted")
+
+    def failed(body: dict[str, Any]) -> bool:
+        uids.update(p["metadata"]["uid"] for p in managed(kubectl, "pods", namespace))
+        return body.get("status", {}).get("phase") == "Failed"
+
+    body = pipelines.wait("brittle", failed, 60, "Failed")
+    failure = body["status"]["failure"]
+    assert (failure["reason"], failure["step"]) == ("NodeFailed", "run"), failure
+    assert failure["message"].startswith('node "crasher" crashed: RuntimeError: kaboom'), failure
+    assert uids == {pod["metadata"]["uid"]}, "a new pod was made"
 
 
 @pytest.mark.timeout(300)

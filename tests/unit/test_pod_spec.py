@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
+import threading
+import time
 from typing import Any
 
 import pytest
 from kubernetes import client as k8s
 
-from juturna_operator.domain import PipelineKey, Slot
+from juturna_operator.domain import InstanceState, PipelineKey, Slot
 from juturna_operator.engines.base import Plan
 from juturna_operator.engines.client import JuturnaClient
 from juturna_operator.engines.pod import (
@@ -18,6 +21,7 @@ from juturna_operator.engines.pod import (
     _api_failure,
     _Runtime,
     ended_by_kubelet,
+    health_mark,
     listeners_in,
     network_policy,
     new_instance,
@@ -34,6 +38,7 @@ from juturna_operator.engines.pod import (
     template_hash,
     token_of,
     token_secret,
+    worker_running,
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
@@ -501,6 +506,89 @@ def test_the_watch_files_each_pod_of_a_known_pipeline_by_its_name() -> None:
     engine._runtimes[KEY] = _Runtime(a, "rev1", JuturnaClient("http://127.0.0.1:9"))
     assert engine.observe("DELETED", active) == engine.observe("DELETED", candidate) == KEY.uid
     assert engine._seen[KEY.uid] == {a: None}
+
+
+def running_pod(ready: bool, version: str = "1") -> dict[str, Any]:
+    """The engine's pod as the kubelet reports it running: Ready or not."""
+    pod = runtime_pod(KEY, "rev1", SETTINGS, instance="aaaaaaaa")
+    pod["metadata"]["resourceVersion"] = version
+    pod["status"] = {
+        "phase": "Running",
+        "podIP": "127.0.0.1",
+        "conditions": [{"type": "Ready", "status": str(ready)}],
+        "containerStatuses": [{"name": "juturna", "state": {"running": {}}}],
+    }
+    return pod
+
+
+def test_the_readiness_probe_carries_a_crash_and_a_not_ready_pod_can_be_adopted() -> None:
+    """The kubelet probes the worker's open route, which fails on a crash (worker.py): two
+    failures in a row mark the pod NotReady. Such a pod still runs its worker, so adoption
+    asks it instead of removing it; a pod with no running worker cannot be asked."""
+    probe = runtime_pod(KEY, "rev1", SETTINGS)["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"]["path"] == "/operator/ready"
+    assert (probe["periodSeconds"], probe["failureThreshold"]) == (1, 2)
+    assert worker_running(running_pod(ready=True))
+    assert worker_running(running_pod(ready=False))
+    ended = running_pod(ready=False)
+    ended["status"]["containerStatuses"][0]["state"] = {"terminated": {"exitCode": 1}}
+    assert not worker_running(ended)
+    leaving = running_pod(ready=False)
+    leaving["metadata"]["deletionTimestamp"] = "2026-12-08T00:00:00Z"
+    assert not worker_running(leaving)
+    assert not worker_running({**running_pod(True), "status": {"phase": "Pending"}})
+
+
+class CrashedWorker(http.server.BaseHTTPRequestHandler):
+    """A worker on loopback whose pipeline's node crashed: its health answer says so."""
+
+    def do_GET(self) -> None:
+        crash = {"node": "src", "thread": "t", "error": "RuntimeError: kaboom", "pipeline": "pid"}
+        body = json.dumps({"pipelines": [{}], "crashes": [crash]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_running_pods_health_is_asked_only_when_its_pod_changes() -> None:
+    """The health answer of a running pipeline's pod holds while the watch shows the pod
+    unchanged: the status costs no request. A change (the readiness probe failing on a crash
+    sets Ready False: a new resourceVersion) asks again, and the crash is reported."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CrashedWorker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    engine = PodEngine(SETTINGS, api_client=None)  # type: ignore[arg-type]
+    engine.watched, engine._known[KEY.uid] = True, KEY
+    pod = running_pod(ready=True)
+    engine.observe("ADDED", pod)
+    worker = JuturnaClient(f"http://127.0.0.1:{server.server_port}")
+    runtime = _Runtime(pod["metadata"]["name"], "rev1", worker, "pid", InstanceState.Running)
+    runtime.health = {"pipelines": [{"pid": {"src": {"status": "running"}}}], "crashes": []}
+    runtime.health_of, runtime.health_at = health_mark(pod, runtime), time.monotonic()
+    engine._runtimes[KEY] = runtime
+    engine._looked.add(KEY)
+
+    async def statuses() -> tuple[Any, Any]:
+        steady = await engine.status(KEY)
+        engine.observe("MODIFIED", running_pod(ready=False, version="2"))
+        changed = await engine.status(KEY)
+        await worker.close()
+        return steady, changed
+
+    try:
+        steady, changed = asyncio.run(statuses())
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert steady is not None
+    assert not steady.crashes
+    assert engine.health_asks == 1  # the second status only
+    assert changed is not None
+    assert [c.node for c in changed.crashes] == ["src"]
 
 
 def test_each_instance_has_a_pod_and_a_secret_of_its_own() -> None:

@@ -115,6 +115,9 @@ DELETE_GRACE_S = 5
 IDLE_S = 30.0  # a pod kept for a redeploy that did not come is removed after this
 GONE_MARGIN_S = 10.0  # past a leaving pod's grace period: how long its replacement waits
 GONE_POLL_S = 1.0  # meanwhile, a look without a watch event (one may come just before)
+# A running pipeline's worker is asked for its health when the watch shows its pod changed
+# (the readiness probe fails on a crash), and at least this often: in case an event is missed.
+HEALTH_RESYNC_S = 60.0
 # The ServiceAccount admission's words for a pod whose account does not exist (yet): a new
 # namespace's `default` comes a moment after the namespace (seconds, with the controller
 # manager busy or reconnecting), a named one may come later (a GitOps sync). Not the spec's
@@ -442,9 +445,15 @@ def runtime_pod(
                     "ports": [{"name": "juturna", "containerPort": PORT}],
                     **({"resources": resources} if resources else {}),
                     **({"env": t["env"]} if t.get("env") else {}),
+                    # It fails once a pipeline's thread dies (worker.py): the pod's Ready
+                    # condition brings the crash to the operator's watch. Two failures in a
+                    # row: a crash is seen in ~2 s, and one slow answer on a busy node does
+                    # not take the pod out of its Service.
                     "readinessProbe": {
                         "httpGet": {"path": "/operator/ready", "port": PORT},
                         "periodSeconds": 1,
+                        "timeoutSeconds": 2,
+                        "failureThreshold": 2,
                     },
                     "securityContext": restricted,
                     "volumeMounts": [
@@ -614,6 +623,22 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def worker_running(pod: dict[str, Any]) -> bool:
+    """The pod's worker container runs (Ready or not): a pod that an adopting operator can
+    ask. Not Ready, it may hold a pipeline whose node crashed (the readiness probe says so),
+    which is a crash to report, not a dead pod."""
+    status = pod.get("status") or {}
+    return (
+        status.get("phase") == "Running"
+        and bool(status.get("podIP"))
+        and not pod["metadata"].get("deletionTimestamp")
+        and any(
+            c.get("name") == CONTAINER and "running" in (c.get("state") or {})
+            for c in status.get("containerStatuses") or []
+        )
+    )
+
+
 def slot_mark(pod: dict[str, Any]) -> str:
     """The slot a pod is marked with (``SLOT_LABEL``); an older operator's pod, unmarked, was
     its Pipeline's only one: active."""
@@ -674,6 +699,22 @@ class _Runtime:
     instance: str = NO_POD  # the pod's instance label: what the Service selects
     listeners: tuple[Listener, ...] = ()  # what its pipeline listens on
     retired: bool = False  # it served until a promote replaced it: never promoted again
+    # The worker's last /operator/health answer, and what it was asked at (``health_mark``).
+    health: dict[str, Any] | None = None
+    health_of: tuple[str, ...] = ()
+    health_at: float = 0.0
+
+
+def health_mark(pod: dict[str, Any], runtime: _Runtime) -> tuple[str, ...]:
+    """What a health answer holds for: the pod as the watch saw it (any change: its Ready
+    condition, which the readiness probe turns False on a crash, a restart, a new status) and
+    the instance the operator made of it. The answer is asked again only when this changes,
+    or for the slow resync (``HEALTH_RESYNC_S``)."""
+    return (
+        str(pod["metadata"].get("resourceVersion", "")),
+        runtime.pipeline_id,
+        runtime.state.value,
+    )
 
 
 @dataclass(frozen=True)
@@ -1379,6 +1420,16 @@ class PodEngine(LockedEngine):
             runtime.gone = True
             info.crashes = [NodeCrash(WHOLE_RUNTIME, runtime.pod, problem.message)]
             return info
+        mark = health_mark(pod, runtime)
+        if (
+            self.watched
+            and runtime.health is not None
+            and runtime.health_of == mark
+            and time.monotonic() - runtime.health_at < HEALTH_RESYNC_S
+        ):
+            # Nothing changed that the kubelet would show: the last answer holds, no request.
+            apply_health(info, runtime.health)
+            return info
         try:
             self.health_asks += 1
             health = await runtime.client.request("GET", "/operator/health", Step.run, 2.0)
@@ -1403,6 +1454,7 @@ class PodEngine(LockedEngine):
             return info
         apply_health(info, health)
         runtime.healthy = not info.crashes
+        runtime.health, runtime.health_of, runtime.health_at = health, mark, time.monotonic()
         return info
 
     async def _adopt(self, key: PipelineKey) -> _Runtime | None:
@@ -1456,8 +1508,8 @@ class PodEngine(LockedEngine):
         answer, no pipeline) goes, with its Secret, and nothing else."""
         meta = pod["metadata"]
         name = meta["name"]
-        if not is_ready(pod):
-            await self._remove(key, name)  # not serving: the lifecycle deploys anew
+        if not worker_running(pod):
+            await self._remove(key, name)  # no worker to ask: the lifecycle deploys anew
             return
         try:
             # Read by name, never listed: the operator has no right to list Secrets.

@@ -67,7 +67,7 @@ MODE ?= quick
 bench: venv binaries ## benchmark (MODE=quick: N <= 100, ~12 min, into .state/bench; MODE=full: N = 1000 too)
 	cd bench && ../$(PY) harness.py --mode $(MODE)
 
-bench-pods: venv binaries packages ## the pod engine against bare pods on the real node (N = 1, 20): docs/benchmarks-pods.md
+bench-pods: venv binaries packages ## the pod engine against bare pods on the real node (N = 1, 20, 100; 5 repetitions; ~30 min): docs/benchmarks-pods.md
 	$(PY) bench/pods.py --out docs
 
 bench-live: venv binaries packages ## live pipelines on the real node: address, first result, idle RSS: docs/benchmarks-live.md

@@ -9,8 +9,14 @@ each pipeline's pod (its worker process, seen from the node).
 
     make bench-pods      (.venv/bin/python bench/pods.py [--n 1 20] [--repetitions 3] [--out D])
 
-The goals (issue 14): p50 within 1.5 times the bare-pod floor; at most 3 writes per Pipeline
-beyond the pod and its Secret.
+At the largest N it also measures the operator's steady state once every Pipeline is
+Running: its CPU seconds per second and the health requests it sends the pods per second
+(``juturna_operator_health_requests_total``), over ``--steady`` seconds.
+
+The goals (issue 28): p50 within 1.10 times the bare-pod floor at N = 1, 20 and 100, as the
+median of the repetitions' ratios (each repetition's bare and operator rows taken by turns),
+with the spread reported; at most 4 writes per Pipeline beyond the pod and its Secret; the
+steady CPU at N = 100 at most 1/10 of the polling design's.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -188,10 +196,47 @@ def wait_no_pods(core: client.CoreV1Api, namespace: str) -> None:
         time.sleep(0.5)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system) process ``pid`` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def health_requests(metrics_port: int) -> float | None:
+    """The operator's count of health requests to pipeline pods (None: it has no such
+    metric)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    for line in text.splitlines():
+        if line.startswith("juturna_operator_health_requests_total "):
+            return float(line.split()[1])
+    return None
+
+
+def steady_state(op: BenchOperator, seconds: float) -> dict[str, float | None]:
+    """The operator's CPU seconds per second and health requests per second while every
+    Pipeline runs and nothing changes."""
+    cpu, asks, began = cpu_seconds(op.pid), health_requests(op.metrics_port), time.monotonic()
+    time.sleep(seconds)
+    took = time.monotonic() - began
+    asked = health_requests(op.metrics_port)
+    return {
+        "cpu_per_s": (cpu_seconds(op.pid) - cpu) / took,
+        "health_requests_per_s": None if asks is None or asked is None else (asked - asks) / took,
+    }
+
+
 def with_operator(
-    kubeconfig: Path, objects: client.CustomObjectsApi, namespace: str, n: int
+    kubeconfig: Path,
+    objects: client.CustomObjectsApi,
+    namespace: str,
+    n: int,
+    op: BenchOperator,
+    steady_s: float = 0.0,
 ) -> dict[str, Any]:
-    """N example Pipelines (engine pod): apply → Ready, writes per Pipeline, RSS per pod."""
+    """N example Pipelines (engine pod): apply → Ready, writes per Pipeline, RSS per pod;
+    with ``steady_s``, the operator's steady state after (``steady_state``)."""
     seen = PipelineWatch(objects, namespace)
     before = apiserver_requests(kubeconfig)
     started: dict[str, float] = {}
@@ -214,13 +259,20 @@ def with_operator(
         )
         workers = processes_mentioning(WORKERS)
         rss = statistics.median(rss_kib(p) for p in workers) / 1024 if workers else 0.0
+        steady = steady_state(op, steady_s) if steady_s else None
     finally:
         seen.close()
         for name in names:
             objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     # The benchmark's own writes (its creates of the Pipelines) are not the operator's.
     writes["POST/pipelines"] -= n
-    return {"latencies": latencies, "writes": writes, "rss_mib": rss, "events": events / n}
+    return {
+        "latencies": latencies,
+        "writes": writes,
+        "rss_mib": rss,
+        "events": events / n,
+        "steady": steady,
+    }
 
 
 def added_by_operator(with_op: Counter[str], bare: Counter[str], n: int) -> dict[str, float]:
@@ -235,8 +287,11 @@ def added_by_operator(with_op: Counter[str], bare: Counter[str], n: int) -> dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[1, 20])
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--n", type=int, nargs="+", default=[1, 20, 100])
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument(
+        "--steady", type=float, default=30.0, help="seconds of steady state at the largest N"
+    )
     parser.add_argument("--out", type=Path, default=REPO / ".state" / "bench")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +313,10 @@ def main() -> int:
                     op = pod_engine_operator(plane.kubeconfig, namespace, Path(base))
                     op.start()
                     try:
-                        measured = with_operator(plane.kubeconfig, objects, namespace, n)
+                        steady_s = args.steady if n == max(args.n) else 0.0
+                        measured = with_operator(
+                            plane.kubeconfig, objects, namespace, n, op, steady_s
+                        )
                         wait_no_pods(core, namespace)
                     finally:
                         op.stop()
@@ -270,7 +328,8 @@ def main() -> int:
     (args.out / "benchmarks-pods.md").write_text(
         "# The pod engine against bare pods (bench/pods.py)\n\n"
         f"Medians over {args.repetitions} repetitions; latencies from the create call to "
-        "Ready, seen by a watch.\n\n" + report(rows)
+        "Ready, seen by a watch. The ratio is the median of the repetitions' own ratios (each "
+        "repetition's bare pods, then its operator run), with their spread.\n\n" + report(rows)
     )
     print(report(rows))
     return 0
@@ -279,8 +338,8 @@ def main() -> int:
 def report(rows: list[dict[str, Any]]) -> str:
     """Medians over the repetitions, per N."""
     lines = [
-        "| N | bare pods p50 | operator p50 | ratio | operator p95 | writes the operator adds "
-        "/ Pipeline | by kind (first repetition) | RSS / pipeline pod |",
+        "| N | bare pods p50 | operator p50 | ratio (spread) | operator p95 | writes the "
+        "operator adds / Pipeline | by kind (first repetition) | RSS / pipeline pod |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n in sorted({r["n"] for r in rows}):
@@ -291,10 +350,27 @@ def report(rows: list[dict[str, Any]]) -> str:
         beyond = statistics.median(sum(r["added_writes"].values()) for r in mine)
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in mine[0]["added_writes"].items())
         rss = statistics.median(r["rss_mib"] for r in mine)
+        ratios = [percentile(r["latencies"], 50) / percentile(r["bare"], 50) for r in mine]
+        spread = f"{min(ratios):.2f} to {max(ratios):.2f}x"
         lines.append(
-            f"| {n} | {bare:.2f} s | {p50:.2f} s | {p50 / bare:.2f}x | {p95:.2f} s | "
-            f"{beyond:.2f} | {kinds} | {rss:.0f} MiB |"
+            f"| {n} | {bare:.2f} s | {p50:.2f} s | {statistics.median(ratios):.2f}x ({spread}) "
+            f"| {p95:.2f} s | {beyond:.2f} | {kinds} | {rss:.0f} MiB |"
         )
+    steady = [(r["n"], r["steady"]) for r in rows if r.get("steady")]
+    if steady:
+        lines += [
+            "",
+            "Steady state, every Pipeline Running (median over the repetitions):",
+            "",
+            "| N | operator CPU (s per s) | health requests to pods / s |",
+            "|---|---|---|",
+        ]
+        for n in sorted({n for n, _ in steady}):
+            mine_s = [st for m, st in steady if m == n]
+            cpu = statistics.median(st["cpu_per_s"] for st in mine_s)
+            asked = [st["health_requests_per_s"] for st in mine_s]
+            rate = "—" if None in asked else f"{statistics.median(asked):.2f}"
+            lines.append(f"| {n} | {cpu:.3f} | {rate} |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,9 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from controlplane import exit_with_parent, free_port, log_tail, pid_alive, processes_mentioning
-from controlplane import rss_kib as _rss_kib
-from operator_process import stop_popen
+from processes import (
+    Component,
+    free_port,
+    log_tail,
+    pid_alive,
+    processes_mentioning,
+    stop_popen,
+    stopped_on_failure,
+    wait_ready,
+)
+from processes import rss_kib as _rss_kib
 
 HACK_DIR = Path(__file__).resolve().parent
 NAMESPACE = "argocd"
@@ -105,37 +113,6 @@ def rss_mib(pid: int) -> float:
 
 
 @dataclass
-class Process:
-    """One process we started, with its own environment, output appended to its log."""
-
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self, tied: bool) -> None:
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(
-                self.args,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C of the test run reaches it through us only
-                preexec_fn=exit_with_parent if tied else None,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} was never started"
-        return self.popen.pid
-
-    def exited(self) -> bool:
-        return self.popen is not None and self.popen.poll() is not None
-
-
-@dataclass
 class ArgoCD:
     """Redis, argocd-repo-server and argocd-application-controller against one kubeconfig.
 
@@ -155,7 +132,7 @@ class ArgoCD:
     root: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="juturna-operator-argocd-"))
     )
-    processes: list[Process] = field(default_factory=list)
+    processes: list[Component] = field(default_factory=list)
     redis_port: int = 0
     repo_port: int = 0
     repo_metrics_port: int = 0
@@ -167,15 +144,12 @@ class ArgoCD:
     def start(self) -> ArgoCD:
         """Write Argo CD's objects, start the three and wait until each answers; on failure,
         stop what was started."""
-        try:
+        with stopped_on_failure(self.stop):
             self._prepare_folders()
             self.install_objects()
             self._start_redis()
             self._start_repo_server()
             self._start_controller()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _prepare_folders(self) -> None:
@@ -289,25 +263,25 @@ class ArgoCD:
             "ARGOCD_RECONCILIATION_JITTER": "0s",
         }
 
-    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Process:
-        proc = Process(name, args, env, self.root / "logs" / f"{name}.log")
+    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Component:
+        proc = Component(name, args, self.root / "logs" / f"{name}.log", env)
         proc.start(self.tied)
         self.processes.append(proc)
         return proc
 
-    def _wait(self, proc: Process, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if proc.exited():
-                raise ArgoCDError(
-                    f"{proc.name} exited with code {proc.popen.returncode if proc.popen else '?'}"
-                    f" before it was ready. Last lines of its log ({proc.log}):\n"
-                    f"{log_tail(proc.log)}"
-                )
-            if ready():
-                return
-            time.sleep(0.2)
-        raise ArgoCDError(
+    def _wait(self, proc: Component, ready: Callable[[], bool], what: str) -> None:
+        wait_ready(
+            proc, ready, self.ready_timeout_s, lambda exited: self._failure(proc, what, exited)
+        )
+
+    def _failure(self, proc: Component, what: str, exited: bool) -> ArgoCDError:
+        if exited:
+            return ArgoCDError(
+                f"{proc.name} exited with code {proc.returncode}"
+                f" before it was ready. Last lines of its log ({proc.log}):\n"
+                f"{log_tail(proc.log)}"
+            )
+        return ArgoCDError(
             f"{proc.name} was not ready ({what}) within {self.ready_timeout_s:.0f} s. Last lines"
             f" of its log ({proc.log}):\n{log_tail(proc.log)}\nOn a slow machine raise "
             "JUTURNA_OPERATOR_ARGOCD_TIMEOUT (seconds)."

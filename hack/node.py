@@ -46,18 +46,19 @@ import subprocess
 import tarfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane import (
-    Binaries,
+from controlplane import Binaries, ControlPlane, ControlPlaneError
+from processes import (
     Component,
-    ControlPlane,
-    ControlPlaneError,
     log_tail,
     pid_alive,
     processes_mentioning,
     stop_pid,
+    stopped_on_failure,
+    wait_ready,
 )
 
 BRIDGE = "jtop0"
@@ -306,7 +307,7 @@ class Node:
         shutil.copy(self.plane.kubeconfig, self.kubeconfig)
         self.created = [p for p in SYSTEM_FOLDERS if not p.exists()]
         self.sysctls = read_sysctls()
-        try:
+        with stopped_on_failure(self.stop):
             self._network()
             self._start_containerd()
             self.import_image(pause_image_tarball())
@@ -316,9 +317,6 @@ class Node:
             self._start_proxy()
             self._start_dns()
             self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         self._record()
         return self
 
@@ -381,20 +379,21 @@ class Node:
         self.components.append(comp)
         return comp
 
-    def _wait(self, comp: Component, ready, what: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if comp.exited():
-                raise NodeError(
-                    f"{comp.name} exited with code {comp.popen.returncode if comp.popen else '?'}"
-                    f" before {what}. Last lines of its log ({comp.log}):\n{log_tail(comp.log)}"
-                )
-            if ready():
-                return
-            time.sleep(0.2)
-        raise NodeError(
+    def _wait(self, comp: Component, ready: Callable[[], bool], what: str) -> None:
+        wait_ready(
+            comp, ready, self.ready_timeout_s, lambda exited: self._failure(comp, what, exited)
+        )
+
+    def _failure(self, comp: Component, what: str, exited: bool) -> NodeError:
+        tail = log_tail(comp.log)
+        if exited:
+            return NodeError(
+                f"{comp.name} exited with code {comp.returncode}"
+                f" before {what}. Last lines of its log ({comp.log}):\n{tail}"
+            )
+        return NodeError(
             f"{comp.name}: no {what} within {self.ready_timeout_s:.0f} s. Last lines "
-            f"of its log ({comp.log}):\n{log_tail(comp.log)}\nOn a slow machine raise "
+            f"of its log ({comp.log}):\n{tail}\nOn a slow machine raise "
             "JUTURNA_OPERATOR_NODE_TIMEOUT (seconds)."
         )
 
@@ -657,7 +656,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             f"answer on {self.socket}",
         )
 
-    def _restart(self, name: str, down_s: float, ready, what: str) -> float:
+    def _restart(self, name: str, down_s: float, ready: Callable[[], bool], what: str) -> float:
         comp = next(c for c in self.components if c.name == name)
         assert comp.popen is not None
         began = time.monotonic()

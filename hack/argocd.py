@@ -26,20 +26,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from processes import (
     Component,
+    Starter,
     free_port,
     log_tail,
     pid_alive,
     processes_mentioning,
     stop_popen,
     stopped_on_failure,
-    wait_ready,
 )
 from processes import rss_kib as _rss_kib
 
@@ -113,7 +112,7 @@ def rss_mib(pid: int) -> float:
 
 
 @dataclass
-class ArgoCD:
+class ArgoCD(Starter):
     """Redis, argocd-repo-server and argocd-application-controller against one kubeconfig.
 
     ``argocd_cm`` is added to the stock ``argocd-cm`` (a health check, say); ``kubectl`` is the
@@ -132,12 +131,16 @@ class ArgoCD:
     root: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="juturna-operator-argocd-"))
     )
-    processes: list[Component] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
     redis_port: int = 0
     repo_port: int = 0
     repo_metrics_port: int = 0
     controller_metrics_port: int = 0
     ready_timeout_s: float = READY_TIMEOUT_S
+
+    @property
+    def log_folder(self) -> Path:
+        return self.root / "logs"
 
     # -- start --
 
@@ -263,17 +266,6 @@ class ArgoCD:
             "ARGOCD_RECONCILIATION_JITTER": "0s",
         }
 
-    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Component:
-        proc = Component(name, args, self.root / "logs" / f"{name}.log", env)
-        proc.start(self.tied)
-        self.processes.append(proc)
-        return proc
-
-    def _wait(self, proc: Component, ready: Callable[[], bool], what: str) -> None:
-        wait_ready(
-            proc, ready, self.ready_timeout_s, lambda exited: self._failure(proc, what, exited)
-        )
-
     def _failure(self, proc: Component, what: str, exited: bool) -> ArgoCDError:
         if exited:
             return ArgoCDError(
@@ -363,7 +355,7 @@ class ArgoCD:
 
     def memory_mib(self) -> dict[str, float]:
         """Resident memory of each running process, in MiB."""
-        return {p.name: rss_mib(p.pid) for p in self.processes if not p.exited()}
+        return {p.name: rss_mib(p.pid) for p in self.components if not p.exited()}
 
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
@@ -372,10 +364,10 @@ class ArgoCD:
 
     def stop(self, remove: bool = True) -> None:
         """Stop what this object started, newest first, by PID; then remove its folder."""
-        for proc in reversed(self.processes):
+        for proc in reversed(self.components):
             if proc.popen is not None:
                 stop_popen(proc.popen, grace_s=10)
-        self.processes.clear()
+        self.components.clear()
         # git and ssh children of the repo server name our folder in their command lines.
         for pid in processes_mentioning(str(self.root)):
             if pid_alive(pid):

@@ -37,12 +37,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from processes import (
     Component,
+    Starter,
     free_port,
     log_tail,
     processes_mentioning,
     stop_pid,
     stopped_on_failure,
-    wait_ready,
 )
 
 HACK_DIR = Path(__file__).resolve().parent
@@ -241,7 +241,7 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
 
 
 @dataclass
-class ControlPlane:
+class ControlPlane(Starter):
     """etcd + kube-apiserver + kube-controller-manager, in one temporary folder."""
 
     binaries: Binaries
@@ -265,6 +265,14 @@ class ControlPlane:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def log_folder(self) -> Path:
+        return self.logs
+
+    @property
+    def tied(self) -> bool:
+        return self.die_with_parent
 
     # -- start --
 
@@ -290,17 +298,6 @@ class ControlPlane:
                         f"{err} Tried {PORT_ATTEMPTS} different free ports. Something on this "
                         "machine is grabbing loopback ports quickly; stop it or try again."
                     ) from err
-
-    def _launch(self, name: str, args: list[str]) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log")
-        comp.start(tied=self.die_with_parent)
-        self.components.append(comp)
-        return comp
-
-    def _wait(self, comp: Component, ready: Callable[[], bool], what: str) -> None:
-        wait_ready(
-            comp, ready, self.ready_timeout_s, lambda exited: self._failure(comp, what, exited)
-        )
 
     def _failure(self, comp: Component, what: str, exited: bool) -> ControlPlaneError:
         tail = log_tail(comp.log)

@@ -53,12 +53,12 @@ from pathlib import Path
 from controlplane import Binaries, ControlPlane, ControlPlaneError
 from processes import (
     Component,
+    Starter,
     log_tail,
     pid_alive,
     processes_mentioning,
     stop_pid,
     stopped_on_failure,
-    wait_ready,
 )
 
 BRIDGE = "jtop0"
@@ -256,7 +256,7 @@ def _layer_with(binary: Path, name: str) -> bytes:
 
 
 @dataclass
-class Node:
+class Node(Starter):
     """containerd + kubelet + kube-scheduler (+ socat for the API's Service IP) on ``plane``."""
 
     plane: ControlPlane
@@ -286,6 +286,14 @@ class Node:
     @property
     def logs(self) -> Path:
         return self.plane.logs
+
+    @property
+    def log_folder(self) -> Path:
+        return self.plane.logs
+
+    @property
+    def tied(self) -> bool:
+        return self.plane.die_with_parent
 
     # -- start --
 
@@ -371,17 +379,6 @@ class Node:
         ]
         (conf / "10-juturna-operator.conflist").write_text(
             json.dumps({"cniVersion": "0.4.0", "name": "juturna-operator", "plugins": plugins})
-        )
-
-    def _launch(self, name: str, args: list[str]) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log")
-        comp.start(tied=self.plane.die_with_parent)
-        self.components.append(comp)
-        return comp
-
-    def _wait(self, comp: Component, ready: Callable[[], bool], what: str) -> None:
-        wait_ready(
-            comp, ready, self.ready_timeout_s, lambda exited: self._failure(comp, what, exited)
         )
 
     def _failure(self, comp: Component, what: str, exited: bool) -> NodeError:
@@ -663,7 +660,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         comp.popen.kill()  # our child, not yet reaped: its PID cannot have been reused
         comp.popen.wait(timeout=30)
         time.sleep(down_s)
-        comp.start(tied=self.plane.die_with_parent)
+        comp.start(tied=self.tied)
         self._record()  # the new PID, for `make cluster-down` and a later run's cleanup
         self._wait(comp, ready, what)
         return time.monotonic() - began

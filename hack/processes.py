@@ -185,6 +185,38 @@ def wait_ready(
     raise failure(False)
 
 
+class Starter:
+    """What starts components one after another (the plane, the node, Argo CD): ``_launch``
+    starts one into ``components`` with its log in ``log_folder``; ``_wait`` waits until it
+    is ready, or raises the owner's ``_failure`` (each words its own cause and fix)."""
+
+    components: list[Component]
+    ready_timeout_s: float
+
+    @property
+    def log_folder(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def tied(self) -> bool:
+        """The components die with this process (tests)."""
+        raise NotImplementedError
+
+    def _failure(self, comp: Component, what: str, exited: bool) -> Exception:
+        raise NotImplementedError
+
+    def _launch(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Component:
+        comp = Component(name, args, self.log_folder / f"{name}.log", env)
+        comp.start(tied=self.tied)
+        self.components.append(comp)
+        return comp
+
+    def _wait(self, comp: Component, ready: Callable[[], bool], what: str) -> None:
+        wait_ready(
+            comp, ready, self.ready_timeout_s, lambda exited: self._failure(comp, what, exited)
+        )
+
+
 @contextlib.contextmanager
 def stopped_on_failure(stop: Callable[[], object]) -> Iterator[None]:
     """Run a start of several steps; when one fails, or Ctrl-C interrupts it, ``stop`` what

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP) ## create .venv with Python 3.12 and install the project
 
 binaries: venv ## build or reuse kube-apiserver, kube-controller-manager, etcd and helm
-	@$(PY) hack/controlplane.py binaries
+	@$(PY) hack/cluster.py binaries
 
 argocd: venv ## build or reuse Argo CD for the GitOps test (cold ~6 min); says why where it cannot
 	@$(PY) hack/argocd.py build
@@ -44,10 +44,10 @@ chart-readme: venv ## regenerate charts/juturna-operator/README.md from its valu
 	$(PY) hack/chart_readme.py
 
 cluster-up: venv packages ## start the local control plane and a real node (NODE=0: plane only); prints KUBECONFIG=<path>
-	@$(PY) hack/controlplane.py up $(if $(filter 0,$(NODE)),--no-node,--node)
+	@$(PY) hack/cluster.py up $(if $(filter 0,$(NODE)),--no-node,--node)
 
 cluster-down: venv ## stop the node and the plane that cluster-up started; says if anything is left
-	@$(PY) hack/controlplane.py down
+	@$(PY) hack/cluster.py down
 
 run: venv ## the demo: plane (unless a cluster answers), operator, example; IN_CLUSTER=1: Helm, a pod on a real node
 	@IN_CLUSTER=$(IN_CLUSTER) bash hack/run.sh

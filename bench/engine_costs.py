@@ -33,8 +33,8 @@ from kubernetes import client, config
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 
-from controlplane import processes_mentioning, rss_kib  # noqa: E402
 from operator_process import OperatorProcess  # noqa: E402
+from processes import processes_mentioning, rss_kib  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION  # noqa: E402
 from support import JuturnaServe  # noqa: E402

@@ -46,14 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack")]
 
 from baselines import FLOORS  # noqa: E402
-from controlplane import (  # noqa: E402
-    ControlPlane,
-    cpu_seconds,
-    ensure_binaries,
-    free_port,
-    rss_kib,
-)
+from controlplane import ControlPlane, ensure_binaries  # noqa: E402
 from operator_process import OperatorProcess  # noqa: E402
+from processes import cpu_seconds, free_port, rss_kib  # noqa: E402
 from report import write_report  # noqa: E402
 from workload import TICK_RATE, pipeline_manifest  # noqa: E402
 

@@ -34,7 +34,6 @@ from kubernetes import client, config
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
-from controlplane import rss_kib  # noqa: E402
 from harness import PipelineWatch  # noqa: E402
 from pods import (  # noqa: E402
     IMAGE,
@@ -42,6 +41,7 @@ from pods import (  # noqa: E402
     pod_engine_operator,
     wait_default_service_account,
 )
+from processes import rss_kib  # noqa: E402
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec  # noqa: E402
 from juturna_operator.listening import listeners  # noqa: E402

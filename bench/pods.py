@@ -42,9 +42,10 @@ from kubernetes import client, config, watch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
-from controlplane import ControlPlane, ensure_binaries, processes_mentioning, rss_kib  # noqa: E402
+from controlplane import ControlPlane, ensure_binaries  # noqa: E402
 from harness import BenchOperator, PipelineWatch, apiserver_requests  # noqa: E402
 from node import PODMAN, Node, build_operator_image  # noqa: E402
+from processes import processes_mentioning, rss_kib  # noqa: E402
 from report import percentile  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
 

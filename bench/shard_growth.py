@@ -33,7 +33,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 
-from controlplane import rss_kib  # noqa: E402
+from processes import rss_kib  # noqa: E402
 
 from juturna_operator.api import PipelineSpec  # noqa: E402
 from juturna_operator.domain import InstanceState, PipelineKey  # noqa: E402

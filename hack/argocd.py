@@ -26,14 +26,21 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from controlplane import exit_with_parent, free_port, log_tail, pid_alive, processes_mentioning
-from controlplane import rss_kib as _rss_kib
-from operator_process import stop_popen
+from processes import (
+    Component,
+    Starter,
+    free_port,
+    log_tail,
+    pid_alive,
+    processes_mentioning,
+    stop_popen,
+    stopped_on_failure,
+)
+from processes import rss_kib as _rss_kib
 
 HACK_DIR = Path(__file__).resolve().parent
 NAMESPACE = "argocd"
@@ -105,38 +112,7 @@ def rss_mib(pid: int) -> float:
 
 
 @dataclass
-class Process:
-    """One process we started, with its own environment, output appended to its log."""
-
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self, tied: bool) -> None:
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(
-                self.args,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C of the test run reaches it through us only
-                preexec_fn=exit_with_parent if tied else None,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None, f"{self.name} was never started"
-        return self.popen.pid
-
-    def exited(self) -> bool:
-        return self.popen is not None and self.popen.poll() is not None
-
-
-@dataclass
-class ArgoCD:
+class ArgoCD(Starter):
     """Redis, argocd-repo-server and argocd-application-controller against one kubeconfig.
 
     ``argocd_cm`` is added to the stock ``argocd-cm`` (a health check, say); ``kubectl`` is the
@@ -155,27 +131,28 @@ class ArgoCD:
     root: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="juturna-operator-argocd-"))
     )
-    processes: list[Process] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
     redis_port: int = 0
     repo_port: int = 0
     repo_metrics_port: int = 0
     controller_metrics_port: int = 0
     ready_timeout_s: float = READY_TIMEOUT_S
 
+    @property
+    def log_folder(self) -> Path:
+        return self.root / "logs"
+
     # -- start --
 
     def start(self) -> ArgoCD:
         """Write Argo CD's objects, start the three and wait until each answers; on failure,
         stop what was started."""
-        try:
+        with stopped_on_failure(self.stop):
             self._prepare_folders()
             self.install_objects()
             self._start_redis()
             self._start_repo_server()
             self._start_controller()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def _prepare_folders(self) -> None:
@@ -289,25 +266,14 @@ class ArgoCD:
             "ARGOCD_RECONCILIATION_JITTER": "0s",
         }
 
-    def _launch(self, name: str, args: list[str], env: dict[str, str]) -> Process:
-        proc = Process(name, args, env, self.root / "logs" / f"{name}.log")
-        proc.start(self.tied)
-        self.processes.append(proc)
-        return proc
-
-    def _wait(self, proc: Process, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if proc.exited():
-                raise ArgoCDError(
-                    f"{proc.name} exited with code {proc.popen.returncode if proc.popen else '?'}"
-                    f" before it was ready. Last lines of its log ({proc.log}):\n"
-                    f"{log_tail(proc.log)}"
-                )
-            if ready():
-                return
-            time.sleep(0.2)
-        raise ArgoCDError(
+    def _failure(self, proc: Component, what: str, exited: bool) -> ArgoCDError:
+        if exited:
+            return ArgoCDError(
+                f"{proc.name} exited with code {proc.returncode}"
+                f" before it was ready. Last lines of its log ({proc.log}):\n"
+                f"{log_tail(proc.log)}"
+            )
+        return ArgoCDError(
             f"{proc.name} was not ready ({what}) within {self.ready_timeout_s:.0f} s. Last lines"
             f" of its log ({proc.log}):\n{log_tail(proc.log)}\nOn a slow machine raise "
             "JUTURNA_OPERATOR_ARGOCD_TIMEOUT (seconds)."
@@ -389,7 +355,7 @@ class ArgoCD:
 
     def memory_mib(self) -> dict[str, float]:
         """Resident memory of each running process, in MiB."""
-        return {p.name: rss_mib(p.pid) for p in self.processes if not p.exited()}
+        return {p.name: rss_mib(p.pid) for p in self.components if not p.exited()}
 
     def log(self, name: str) -> Path:
         return self.root / "logs" / f"{name}.log"
@@ -398,10 +364,10 @@ class ArgoCD:
 
     def stop(self, remove: bool = True) -> None:
         """Stop what this object started, newest first, by PID; then remove its folder."""
-        for proc in reversed(self.processes):
+        for proc in reversed(self.components):
             if proc.popen is not None:
                 stop_popen(proc.popen, grace_s=10)
-        self.processes.clear()
+        self.components.clear()
         # git and ssh children of the repo server name our folder in their command lines.
         for pid in processes_mentioning(str(self.root)):
             if pid_alive(pid):

@@ -7,31 +7,27 @@ started here on free loopback ports with all state in one temporary folder.
 Users of this module:
 
 * the session-scoped pytest fixture in ``tests/conftest.py``;
-* ``make cluster-up`` / ``make cluster-down`` (``python hack/controlplane.py up|down``);
-* ``make run``.
+* ``hack/cluster.py``, the command line of ``make cluster-up`` / ``make cluster-down`` and
+  ``make run``; it puts the node (``hack/node.py``, which builds on this module) on the plane.
 
-Teardown stops exactly the processes that were started, by PID, and removes the folder.
+Teardown stops exactly the processes that were started, by PID (``hack/processes.py``), and
+removes the folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import ipaddress
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +35,20 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from processes import (
+    Component,
+    Starter,
+    free_port,
+    log_tail,
+    processes_mentioning,
+    stop_pid,
+    stopped_on_failure,
+)
 
 HACK_DIR = Path(__file__).resolve().parent
 REPO_DIR = HACK_DIR.parent
-STATE_POINTER = REPO_DIR / ".state" / "cluster.json"
 READY_TIMEOUT_S = float(os.environ.get("JUTURNA_OPERATOR_CLUSTER_TIMEOUT", "90"))
 PORT_ATTEMPTS = 3
-LOG_TAIL_LINES = 25
 
 
 class ControlPlaneError(RuntimeError):
@@ -237,128 +240,8 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-# --- processes ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port that is free right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log written)"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """PIDs of live processes whose command line contains ``marker`` (our state folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    """A process's resident memory in KiB (0 for a zombie; OSError once it is gone);
-    ``field="VmHWM"``: its peak since it started, or since ``reset_peak_rss``."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Make a process's peak resident memory (VmHWM) its current one, from now on (Linux's
-    ``clear_refs``; the process must be ours)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user + system, in seconds) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def stop_pid(pid: int, marker: str, grace_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL, one process we started; ``marker`` guards against a reused PID."""
-    if pid not in processes_mentioning(marker):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not pid_alive(pid):
-                return
-            time.sleep(0.05)
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def exit_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the process that started us dies.
-
-    SIGKILL, not SIGTERM: a test plane's state is disposable, and kube-apiserver's graceful
-    shutdown can linger for a long time once etcd is gone."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 @dataclass
-class Component:
-    name: str
-    args: list[str]
-    log: Path
-    popen: subprocess.Popen[bytes] | None = None
-
-    def start(self, tied: bool = False) -> None:
-        """``tied``: the component dies with this process (tests); else it outlives it."""
-        with open(self.log, "ab") as log:
-            # A session of its own, so a Ctrl-C in `make` does not hit the plane mid-teardown.
-            self.popen = subprocess.Popen(
-                self.args,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=exit_with_parent if tied else None,
-            )
-
-    @property
-    def pid(self) -> int:
-        assert self.popen is not None
-        return self.popen.pid
-
-    def exited(self) -> bool:
-        return self.popen is not None and self.popen.poll() is not None
-
-
-@dataclass
-class ControlPlane:
+class ControlPlane(Starter):
     """etcd + kube-apiserver + kube-controller-manager, in one temporary folder."""
 
     binaries: Binaries
@@ -383,23 +266,28 @@ class ControlPlane:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def log_folder(self) -> Path:
+        return self.logs
+
+    @property
+    def tied(self) -> bool:
+        return self.die_with_parent
+
     # -- start --
 
     def start(self) -> ControlPlane:
         """Start all three and wait until each is ready; on failure, stop what was started."""
         self.logs.mkdir(parents=True, exist_ok=True)
         write_certificates(self.pki)
-        try:
+        with stopped_on_failure(self.stop):
             self._with_fresh_ports(self._start_etcd)
             self._with_fresh_ports(self._start_apiserver)
             self._start_controller_manager()
-        except BaseException:
-            self.stop()
-            raise
         self.save_state()
         return self
 
-    def _with_fresh_ports(self, starter) -> None:
+    def _with_fresh_ports(self, starter: Callable[[], None]) -> None:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
                 starter()
@@ -411,36 +299,21 @@ class ControlPlane:
                         "machine is grabbing loopback ports quickly; stop it or try again."
                     ) from err
 
-    def _launch(self, name: str, args: list[str]) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log")
-        comp.start(tied=self.die_with_parent)
-        self.components.append(comp)
-        return comp
-
-    def _fail_if_exited(self, comp: Component) -> None:
-        if not comp.exited():
-            return
-        self.components.remove(comp)
+    def _failure(self, comp: Component, what: str, exited: bool) -> ControlPlaneError:
         tail = log_tail(comp.log)
+        if not exited:
+            return ControlPlaneError(
+                f"{comp.name} was not ready ({what}) within {self.ready_timeout_s:.0f} s. "
+                f"Last lines of its log ({comp.log}):\n{tail}\n"
+                "Fix: look at the log for the cause; on a slow machine raise "
+                "JUTURNA_OPERATOR_CLUSTER_TIMEOUT (seconds)."
+            )
+        self.components.remove(comp)
         if "address already in use" in tail:
-            raise PortInUse(f"{comp.name} could not bind its port: address already in use.")
-        raise ControlPlaneError(
-            f"{comp.name} exited with code {comp.popen.returncode if comp.popen else '?'} "
+            return PortInUse(f"{comp.name} could not bind its port: address already in use.")
+        return ControlPlaneError(
+            f"{comp.name} exited with code {comp.returncode} "
             f"before it was ready. Last lines of its log ({comp.log}):\n{tail}"
-        )
-
-    def _wait(self, comp: Component, ready, what: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            self._fail_if_exited(comp)
-            if ready():
-                return
-            time.sleep(0.2)
-        raise ControlPlaneError(
-            f"{comp.name} was not ready ({what}) within {self.ready_timeout_s:.0f} s. "
-            f"Last lines of its log ({comp.log}):\n{log_tail(comp.log)}\n"
-            "Fix: look at the log for the cause; on a slow machine raise "
-            "JUTURNA_OPERATOR_CLUSTER_TIMEOUT (seconds)."
         )
 
     def _start_etcd(self) -> None:
@@ -608,131 +481,3 @@ def stop_from_state(root: Path) -> list[int]:
     if not left:
         shutil.rmtree(root, ignore_errors=True)
     return left
-
-
-# --- CLI ----------------------------------------------------------------------------------
-
-
-def _running_plane() -> ControlPlane | None:
-    """The plane that an earlier `up` of this clone started, if all of it still runs."""
-    if not STATE_POINTER.exists():
-        return None
-    root = Path(json.loads(STATE_POINTER.read_text())["root"])
-    try:
-        state = json.loads((root / "state.json").read_text())
-    except (FileNotFoundError, ValueError):
-        state = None
-    if state is not None and all(pid_alive(p) for p in state["pids"].values()):
-        return ControlPlane(ensure_binaries(), root=root, server=state["server"])
-    _stop_everything(root)
-    return None
-
-
-def _stop_everything(root: Path) -> list[str]:
-    """The node on the plane at ``root`` (if any), then the plane; returns what is left."""
-    from node import node_record, stop_node  # the node module imports this one
-
-    left: list[str] = []
-    record = node_record()
-    if record is not None and str(record["root"]).startswith(str(root)):
-        left += stop_node(record)
-    left += [f"process {pid}" for pid in stop_from_state(root)]
-    return left
-
-
-def _cmd_up(args: argparse.Namespace) -> int:
-    from node import Node, running_node
-
-    plane = _running_plane()
-    fresh = plane is None
-    if plane is None:
-        plane = ControlPlane(ensure_binaries(quiet=False)).start()
-    record = running_node()
-    ours = record is not None and str(record["root"]).startswith(str(plane.root))
-    if args.node and not ours:
-        try:
-            node = Node(plane, plane.binaries).start()
-        except BaseException:
-            if fresh:  # leave nothing behind: no plane without the node that was asked for
-                plane.stop()
-            raise
-        print(
-            f"node {node.name} is Ready (kubelet, containerd, kube-scheduler, kube-proxy, CoreDNS)",
-            file=sys.stderr,
-        )
-    if fresh:
-        STATE_POINTER.parent.mkdir(parents=True, exist_ok=True)
-        STATE_POINTER.write_text(
-            json.dumps({"root": str(plane.root), "kubeconfig": str(plane.kubeconfig)})
-        )
-    print(f"KUBECONFIG={plane.kubeconfig}")
-    return 0
-
-
-def _cmd_down(_: argparse.Namespace) -> int:
-    if not STATE_POINTER.exists():
-        print("no local control plane recorded in .state/cluster.json; nothing to stop")
-        return 0
-    root = Path(json.loads(STATE_POINTER.read_text())["root"])
-    left = _stop_everything(root)
-    if left:
-        print(f"error: still there after stop: {', '.join(left)}", file=sys.stderr)
-        return 1
-    STATE_POINTER.unlink()
-    print(f"stopped the local cluster and removed {root}")
-    return 0
-
-
-def _cmd_load_image(args: argparse.Namespace) -> int:
-    from node import PODMAN, load_podman_image, running_node
-
-    record = running_node()
-    if record is None:
-        raise ControlPlaneError(
-            "no local node runs on this machine: start one with make cluster-up"
-        )
-    copied = load_podman_image(Path(str(record["socket"])), args.image, PODMAN)
-    print(f"{args.image} {'copied into' if copied else 'already on'} the node", file=sys.stderr)
-    return 0
-
-
-def _cmd_binaries(_: argparse.Namespace) -> int:
-    bins = ensure_binaries(quiet=False)
-    print(
-        f"KUBE_BIN={bins.kube}\nETCD_BIN={bins.etcd}\nHELM_BIN={bins.helm}\n"
-        f"COREDNS_BIN={bins.coredns}"
-    )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the plane (or reuse a running one); prints KUBECONFIG=")
-    up.add_argument(
-        "--node",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also a real node: containerd, kubelet, kube-scheduler, kube-proxy, CoreDNS "
-        "(root Debian; hack/node.py)",
-    )
-    sub.add_parser("down", help="stop the node and plane that `up` started; remove their folders")
-    sub.add_parser("binaries", help="build or reuse the binaries and print their folders")
-    load = sub.add_parser("load-image", help="copy an image from podman into the node")
-    load.add_argument("image", help="e.g. localhost/juturna-operator:dev")
-    args = parser.parse_args(argv)
-    handler = {
-        "up": _cmd_up,
-        "down": _cmd_down,
-        "binaries": _cmd_binaries,
-        "load-image": _cmd_load_image,
-    }[args.command]
-    try:
-        return handler(args)
-    except ControlPlaneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

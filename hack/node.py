@@ -46,18 +46,19 @@ import subprocess
 import tarfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from controlplane import (
-    Binaries,
+from controlplane import Binaries, ControlPlane, ControlPlaneError
+from processes import (
     Component,
-    ControlPlane,
-    ControlPlaneError,
+    Starter,
     log_tail,
     pid_alive,
     processes_mentioning,
     stop_pid,
+    stopped_on_failure,
 )
 
 BRIDGE = "jtop0"
@@ -255,7 +256,7 @@ def _layer_with(binary: Path, name: str) -> bytes:
 
 
 @dataclass
-class Node:
+class Node(Starter):
     """containerd + kubelet + kube-scheduler (+ socat for the API's Service IP) on ``plane``."""
 
     plane: ControlPlane
@@ -286,6 +287,14 @@ class Node:
     def logs(self) -> Path:
         return self.plane.logs
 
+    @property
+    def log_folder(self) -> Path:
+        return self.plane.logs
+
+    @property
+    def tied(self) -> bool:
+        return self.plane.die_with_parent
+
     # -- start --
 
     def start(self) -> Node:
@@ -306,7 +315,7 @@ class Node:
         shutil.copy(self.plane.kubeconfig, self.kubeconfig)
         self.created = [p for p in SYSTEM_FOLDERS if not p.exists()]
         self.sysctls = read_sysctls()
-        try:
+        with stopped_on_failure(self.stop):
             self._network()
             self._start_containerd()
             self.import_image(pause_image_tarball())
@@ -316,9 +325,6 @@ class Node:
             self._start_proxy()
             self._start_dns()
             self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         self._record()
         return self
 
@@ -375,26 +381,16 @@ class Node:
             json.dumps({"cniVersion": "0.4.0", "name": "juturna-operator", "plugins": plugins})
         )
 
-    def _launch(self, name: str, args: list[str]) -> Component:
-        comp = Component(name, args, self.logs / f"{name}.log")
-        comp.start(tied=self.plane.die_with_parent)
-        self.components.append(comp)
-        return comp
-
-    def _wait(self, comp: Component, ready, what: str) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if comp.exited():
-                raise NodeError(
-                    f"{comp.name} exited with code {comp.popen.returncode if comp.popen else '?'}"
-                    f" before {what}. Last lines of its log ({comp.log}):\n{log_tail(comp.log)}"
-                )
-            if ready():
-                return
-            time.sleep(0.2)
-        raise NodeError(
+    def _failure(self, comp: Component, what: str, exited: bool) -> NodeError:
+        tail = log_tail(comp.log)
+        if exited:
+            return NodeError(
+                f"{comp.name} exited with code {comp.returncode}"
+                f" before {what}. Last lines of its log ({comp.log}):\n{tail}"
+            )
+        return NodeError(
             f"{comp.name}: no {what} within {self.ready_timeout_s:.0f} s. Last lines "
-            f"of its log ({comp.log}):\n{log_tail(comp.log)}\nOn a slow machine raise "
+            f"of its log ({comp.log}):\n{tail}\nOn a slow machine raise "
             "JUTURNA_OPERATOR_NODE_TIMEOUT (seconds)."
         )
 
@@ -657,14 +653,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             f"answer on {self.socket}",
         )
 
-    def _restart(self, name: str, down_s: float, ready, what: str) -> float:
+    def _restart(self, name: str, down_s: float, ready: Callable[[], bool], what: str) -> float:
         comp = next(c for c in self.components if c.name == name)
         assert comp.popen is not None
         began = time.monotonic()
         comp.popen.kill()  # our child, not yet reaped: its PID cannot have been reused
         comp.popen.wait(timeout=30)
         time.sleep(down_s)
-        comp.start(tied=self.plane.die_with_parent)
+        comp.start(tied=self.tied)
         self._record()  # the new PID, for `make cluster-down` and a later run's cleanup
         self._wait(comp, ready, what)
         return time.monotonic() - began

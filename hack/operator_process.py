@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from controlplane import exit_with_parent, pid_alive
+from processes import exit_with_parent, pid_alive, stop_popen
 
 # kopf logs this once it can watch: before it, a Pipeline created would wait unseen.
 UP_LINE = b"Initial authentication has finished"
@@ -22,20 +22,6 @@ UP_LINE = b"Initial authentication has finished"
 
 class OperatorStartError(RuntimeError):
     """The operator exited, or did not authenticate in time; the message ends with its log."""
-
-
-def stop_popen(
-    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace_s: float = 20.0
-) -> None:
-    """``sig``, then SIGKILL after ``grace_s``, to a child we started (nothing if it ended)."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=30)
 
 
 class OperatorProcess:

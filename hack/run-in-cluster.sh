@@ -16,7 +16,7 @@ IMAGE=localhost/juturna-operator:dev
 PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
 LIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 
-line=$($PY hack/controlplane.py up --node | tail -n 1)
+line=$($PY hack/cluster.py up --node | tail -n 1)
 export "${line?}"
 echo "== local control plane and node are up: $line   (stop them later with: make cluster-down)"
 kubectl get nodes -o wide | sed 's/^/   /'
@@ -24,7 +24,7 @@ kubectl get nodes -o wide | sed 's/^/   /'
 echo "== building $IMAGE (podman; the base image is made locally the first time)"
 base=$(hack/make-base-image.sh)
 "${PODMAN[@]}" build --quiet --network=host "${LIMITS[@]}" --build-arg "BASE_IMAGE=$base" -t "$IMAGE" . >/dev/null
-$PY hack/controlplane.py load-image "$IMAGE"
+$PY hack/cluster.py load-image "$IMAGE"
 
 echo "== helm install juturna-operator (namespace $NS, image $IMAGE, never pulled)"
 helm upgrade --install juturna-operator charts/juturna-operator -n "$NS" --create-namespace \

@@ -16,7 +16,7 @@ PY=.venv/bin/python
 STATE=.state
 mkdir -p "$STATE"
 # kubectl and helm of the pinned versions first on PATH (no version-skew warning).
-eval "$($PY hack/controlplane.py binaries | grep -E '^(KUBE|HELM)_BIN=')"
+eval "$($PY hack/cluster.py binaries | grep -E '^(KUBE|HELM)_BIN=')"
 export PATH=$KUBE_BIN:$HELM_BIN:$PATH
 if [ "${IN_CLUSTER:-0}" = 1 ]; then
   exec bash hack/run-in-cluster.sh
@@ -26,7 +26,7 @@ plane_hint="" # what the cleanup says about the cluster it leaves up
 if kubectl --request-timeout=3s version >/dev/null 2>&1; then
   echo "== using the cluster of the current kubeconfig context: $(kubectl config current-context)"
 else
-  line=$($PY hack/controlplane.py up --no-node | tail -n 1)
+  line=$($PY hack/cluster.py up --no-node | tail -n 1)
   export "${line?}"
   echo "== local control plane is up: $line   (stop it later with: make cluster-down)"
   plane_hint="; the local control plane stays up (stop it with: make cluster-down)"

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, ensure_binaries, pid_alive, processes_mentioning
+from controlplane import ControlPlane, ensure_binaries
 from kubernetes import client, config
 from node import NODE_IP, Node, missing_prerequisites
+from processes import pid_alive, processes_mentioning
 
 from juturna_operator.registry import ENGINES as REGISTERED
 from support import (

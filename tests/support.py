@@ -24,19 +24,18 @@ from typing import Any
 import lupa.lua51
 import pytest
 import yaml
-from controlplane import (
-    Binaries,
-    ControlPlane,
+from controlplane import Binaries, ControlPlane, ensure_binaries
+from kubernetes import client
+from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
+from operator_process import OperatorProcess
+from processes import (
     cpu_seconds,
-    ensure_binaries,
     exit_with_parent,
     free_port,
     pid_alive,
     processes_mentioning,
+    stop_popen,
 )
-from kubernetes import client
-from node import PODMAN, PODMAN_LIMITS, ImageUnavailable, build_operator_image
-from operator_process import OperatorProcess, stop_popen
 from prometheus_client.parser import text_string_to_metric_families
 
 from juturna_operator.api import GROUP, PLURAL, VERSION

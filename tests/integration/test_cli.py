@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from controlplane import free_port
 from operator_process import OperatorProcess
+from processes import free_port
 
 from juturna_operator.crd import CRD_FILE_NAME, render
 from juturna_operator.settings import SETTINGS

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
-from controlplane import free_port
+from processes import free_port
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.client import MAX_ANSWER_BYTES, JuturnaClient

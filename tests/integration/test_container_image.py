@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import free_port
 from kubernetes import client
+from processes import free_port
 
 from support import LIMITS, Kubectl, Pipelines, assert_sole_operator, manifest, must, podman
 

@@ -11,9 +11,10 @@ import shlex
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, free_port
+from controlplane import ControlPlane
 from kubernetes import client
 from operator_process import OperatorStartError
+from processes import free_port
 
 from juturna_operator import handlers
 from support import (

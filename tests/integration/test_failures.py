@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import processes_mentioning
+from processes import processes_mentioning
 
 from support import (
     Operator,

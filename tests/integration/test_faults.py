@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import ControlPlane, processes_mentioning, reset_peak_rss, rss_kib
+from controlplane import ControlPlane
 from kubernetes import client
+from processes import processes_mentioning, reset_peak_rss, rss_kib
 
 from support import (
     CHURN_SEED,

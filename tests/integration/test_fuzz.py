@@ -19,10 +19,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from controlplane import rss_kib
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kubernetes import client
+from processes import rss_kib
 
 from juturna_operator.reasons import FailureReason
 from support import GROUP, PLURAL, UNSAFE_NAMES, VERSION, Operator, Pipelines, only_on

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import processes_mentioning
+from processes import processes_mentioning
 
 from support import WARM_SWAP_ENGINES, Operator, Pipelines, condition, faulty, wait_until
 

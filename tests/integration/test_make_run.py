@@ -23,7 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, free_port, pid_alive, processes_mentioning
+from controlplane import ControlPlane
+from processes import free_port, pid_alive, processes_mentioning
 
 from support import REPO, Kubectl, assert_sole_operator
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import processes_mentioning
 from kubernetes import client
+from processes import processes_mentioning
 
 from juturna_operator import __version__, api
 from juturna_operator.settings import Settings

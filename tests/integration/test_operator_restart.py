@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from controlplane import processes_mentioning
+from processes import processes_mentioning
 
 from support import Operator, Pipelines, manifest, output_lines
 

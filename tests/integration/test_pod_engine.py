@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from controlplane import reset_peak_rss, rss_kib
 from kubernetes import client
 from node import NODE_IP
+from processes import reset_peak_rss, rss_kib
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey

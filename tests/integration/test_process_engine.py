@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import pid_alive, processes_mentioning
 from kubernetes import client
+from processes import pid_alive, processes_mentioning
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey

@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import exit_with_parent, free_port
-from operator_process import stop_popen
+from processes import exit_with_parent, free_port, stop_popen
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import InstanceState, PipelineKey

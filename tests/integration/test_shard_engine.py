@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from controlplane import pid_alive, processes_mentioning
+from processes import pid_alive, processes_mentioning
 
 from juturna_operator.api import PipelineSpec
 from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from juturna.names import ComponentStatus
 
@@ -371,6 +371,22 @@ class KeyLock(asyncio.Lock):
     pod: str | None = None
 
 
+@dataclass(frozen=True)
+class Bound:
+    """How long an operation waits for its instance's lock (``Exclusive.exclusive``).
+
+    After ``limit_s`` the operation gives up, unless the lock's holder is one of
+    ``patient_with``: operations that end within ``limit_s`` by themselves (a stop abandons
+    what hangs), so it waits ``limit_s`` once more rather than give up just as they do.
+    ``give_up(key, lock, waited_s)`` raises the failure the user sees; it may mark ``lock``
+    abandoned and let go of the key, so that later operations need not wait behind a hung one.
+    """
+
+    limit_s: float
+    give_up: Callable[[PipelineKey, KeyLock, float], NoReturn]
+    patient_with: frozenset[str] = frozenset()
+
+
 class Exclusive:
     """One operation at a time per instance, and never abandoned halfway.
 
@@ -420,20 +436,36 @@ class Exclusive:
             self._locks.pop(key, None)
 
     async def exclusive(
-        self, key: PipelineKey, operation: Callable[..., Awaitable[T]], *args: Any
+        self,
+        key: PipelineKey,
+        operation: Callable[..., Awaitable[T]],
+        *args: Any,
+        bound: Bound | None = None,
+        final: bool = False,
     ) -> T:
+        """``operation(*args)`` alone on ``key``, shielded from its caller's cancellation.
+
+        ``bound``: wait for the lock at most that long (else as long as the operation in
+        flight takes). ``final``: the instance's last operation (a delete): its lock is
+        dropped once it ends, in the shielded task, so a cancelled caller leaves no lock
+        behind (unless another operation holds or waits for it)."""
         lock = self._lock(key)
 
         async def locked() -> T:
             self._users[key] = self._users.get(key, 0) + 1
             try:
-                async with lock:
+                await _acquire(key, lock, bound)
+                try:
                     lock.holder, lock.step = operation.__name__.strip("_"), None
                     return await operation(*args)
+                finally:
+                    lock.release()
             finally:
                 self._users[key] -= 1
                 if not self._users[key]:
                     del self._users[key]
+                if final:
+                    self.drop_lock(key, lock)
 
         task = asyncio.ensure_future(locked())
         self._in_flight.add(task)
@@ -449,6 +481,22 @@ class Exclusive:
             if left <= 0:
                 return
             await asyncio.wait(set(self._in_flight), timeout=left)
+
+
+async def _acquire(key: PipelineKey, lock: KeyLock, bound: Bound | None) -> None:
+    """Take ``lock``, within ``bound`` if there is one (``Bound`` says how)."""
+    if bound is None:
+        await lock.acquire()
+        return
+    try:
+        await asyncio.wait_for(lock.acquire(), bound.limit_s)
+    except TimeoutError:
+        if lock.holder not in bound.patient_with:
+            bound.give_up(key, lock, bound.limit_s)
+        try:
+            await asyncio.wait_for(lock.acquire(), bound.limit_s)
+        except TimeoutError:
+            bound.give_up(key, lock, 2 * bound.limit_s)
 
 
 class LockedEngine(Exclusive):

@@ -57,6 +57,7 @@ from juturna_operator.domain import (
 )
 from juturna_operator.engines.base import (
     WARMUP_TIMEOUT_S,
+    Bound,
     InstanceInfo,
     KeyLock,
     LocalSlots,
@@ -85,6 +86,9 @@ JUTURNA_MODULES_THAT_COLLECT = (_pipeline_module, _pipeline_manager_module)
 # Warmups or starts that may run on past the stop timeout (hung, or a long model load), per
 # pool thread (max_concurrency); beyond that, new warmups and starts are refused (503).
 HUNG_CALLS_PER_SLOT = 2
+# A delete does not give up on these after the stop timeout: each ends within it by itself,
+# abandoning what hangs; the delete waits once more rather than give up just as it does.
+_ENDS_WITHIN_BOUND = frozenset({"stop", "delete"})
 CALL_REASONS = {Step.warmup: FailureReason.WarmupFailed, Step.start: FailureReason.StartFailed}
 
 
@@ -570,28 +574,8 @@ class InProcessEngine(LocalSlots):
     ) -> None:
         """Delete within bounds: the operation in flight is waited for at most the stop
         timeout, then the instance is abandoned (``StopTimeout`` says so)."""
-        await asyncio.shield(self._delete_within(key, keep_output))
-
-    async def _delete_within(self, key: PipelineKey, keep_output: bool) -> None:
-        lock = self._lock(key)
-        limit = self._settings.stop_timeout_s
-        try:
-            await asyncio.wait_for(lock.acquire(), limit)
-        except TimeoutError:
-            # A stop (or a delete) in flight ends within the stop timeout by itself, abandoning
-            # what hangs: let it, rather than give up just as it does.
-            if lock.holder not in ("stop", "delete"):
-                self._give_up(key, lock, limit)
-            try:
-                await asyncio.wait_for(lock.acquire(), limit)
-            except TimeoutError:
-                self._give_up(key, lock, 2 * limit)
-        try:
-            lock.holder = "delete"
-            await self._delete(key, keep_output)
-        finally:
-            lock.release()
-            self.drop_lock(key, lock)
+        bound = Bound(self._settings.stop_timeout_s, self._give_up, _ENDS_WITHIN_BOUND)
+        await self.exclusive(key, self._delete, key, keep_output, bound=bound, final=True)
 
     def _give_up(self, key: PipelineKey, lock: KeyLock, limit: float) -> NoReturn:
         """A delete waited ``limit`` for the operation in flight (a hung warmup, a create

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -45,7 +44,7 @@ sys.path[:0] = [str(REPO / "hack"), str(REPO / "operator")]
 from controlplane import ControlPlane, ensure_binaries  # noqa: E402
 from harness import BenchOperator, PipelineWatch, apiserver_requests  # noqa: E402
 from node import PODMAN, Node, build_operator_image  # noqa: E402
-from processes import processes_mentioning, rss_kib  # noqa: E402
+from processes import cpu_seconds, processes_mentioning, rss_kib  # noqa: E402
 from report import percentile  # noqa: E402
 from workload import pipeline_manifest  # noqa: E402
 
@@ -195,12 +194,6 @@ def wait_no_pods(core: client.CoreV1Api, namespace: str) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"pods left in {namespace}")
         time.sleep(0.5)
-
-
-def cpu_seconds(pid: int) -> float:
-    """The CPU time (user and system) process ``pid`` has used, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def health_requests(metrics_port: int) -> float | None:

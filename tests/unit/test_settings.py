@@ -76,7 +76,8 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "ENGINE",
             "proces",
-            "JUTURNA_OPERATOR_ENGINE: must be one of inprocess, process, service, pod, got 'proces'",
+            "JUTURNA_OPERATOR_ENGINE: must be one of inprocess, process, service, pod, "
+            "got 'proces'",
         ),
         (
             "MAX_CONCURRENCY",

@@ -369,6 +369,46 @@ def test_a_restarted_operator_adopts_the_shards_and_deploys_nothing_again(
     assert shard_pids(settings.workdir) == []
 
 
+def test_the_records_the_shard_engine_left_are_adopted(settings: Settings, driven: Driven) -> None:
+    """An operator of the version before one engine served both densities ran engine
+    ``shard``: its records (``.shards/<shard>.json``, its token and log, and
+    ``.shards/pipelines/<uid>.json`` naming the shard) are read in by the process engine at
+    start. Every pipeline is adopted, with the same ids, on the same process; ``.shards``
+    goes."""
+    keys = [key_in("a") for _ in range(2)]
+    infos = driven.deploy(*keys)
+    pids = shard_pids(settings.workdir)
+    assert len(pids) == 1
+    driven.run(driven.engine.close())  # the old operator stops; its shard runs on
+    driven.ended = True
+    driven.runner.close()
+    state, old = settings.workdir / ".workers", settings.workdir / ".shards"
+    (old / "pipelines").mkdir(parents=True)
+    for path in (state / "pipelines").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["shard"] = record.pop("worker")
+        (old / "pipelines" / path.name).write_text(json.dumps(record))
+        path.unlink()
+    for path in state.iterdir():
+        if path.is_file() and not path.name.startswith("zygote"):
+            path.replace(old / path.name)
+
+    second = Driven(settings)  # the new version's operator
+    try:
+        second.keys = keys
+        for k in keys:
+            adopted = second.status(k)
+            assert adopted is not None
+            assert adopted.pipeline_id == infos[k].pipeline_id
+            assert adopted.state is InstanceState.Running
+            assert adopted.crashes == []
+        assert shard_pids(settings.workdir) == pids, "a shard was started or lost"
+        assert not old.exists()
+    finally:
+        second.end()
+    assert shard_pids(settings.workdir) == []
+
+
 def test_a_stop_that_hangs_is_bounded_and_its_shard_ends_when_the_others_leave(
     settings: Settings, driven: Driven
 ) -> None:

@@ -446,15 +446,18 @@ class ProcessEngine(LocalSlots):
         (self._records / placed.record.file_name).unlink(missing_ok=True)
         if not keep_output:
             await asyncio.to_thread(wipe_output, self._workdir, key.juturna_name)
-        if not worker.pipelines:
+        if not worker.pipelines and self._workers.get(worker.record.name) is worker:  # not ended
             await self._end_worker(worker)
 
     async def _health(self, worker: _Worker, since: float) -> dict[str, Any] | PipelineFailure:
         """The worker's health answer, shared by every pipeline of the worker that asks within
         ``HEALTH_FRESH_S`` of it, or while it is in flight: one asked for at ``since`` or
-        later (a pipeline's last step ended at ``since``: an older answer predates it)."""
+        later (a pipeline's last step ended at ``since``: an older answer predates it). A
+        worker of one pipeline is asked at each check: there is nobody to share with, and a
+        death must be seen at once."""
         now = time.monotonic()
-        if worker.health is not None and since <= worker.health_at > now - HEALTH_FRESH_S:
+        fresh_s = HEALTH_FRESH_S if len(worker.pipelines) > 1 else 0.0
+        if worker.health is not None and since <= worker.health_at > now - fresh_s:
             return worker.health
         if worker.asking is None or worker.asking.done() or worker.asked_at < since:
             worker.asked_at = now
@@ -616,7 +619,11 @@ class ProcessEngine(LocalSlots):
             self._placed,
             lambda p: p.record,
             lambda p: p.worker.alive(),
-            lambda p: f"pipeline {p.record.pipeline_id} in worker process {p.worker.record.pid}",
+            lambda p: (
+                f"pipeline {p.record.pipeline_id} in worker process {p.worker.record.pid}"
+                if len(p.worker.pipelines) > 1
+                else f"worker process {p.worker.record.pid}"
+            ),
             self._save,
         )
         if promoted is None:
@@ -650,9 +657,12 @@ class ProcessEngine(LocalSlots):
                 await asyncio.to_thread(wipe_output, self._workdir, key.juturna_name)
             return
         worker = placed.worker
-        if worker.unusable() and worker.alive():
-            # Its pipelines are being redeployed elsewhere: no request would be answered (or
-            # read).
+        if worker.pipelines == {key} or (worker.unusable() and worker.alive()):
+            # Alone in its worker, a pipeline goes with it: that frees everything Juturna
+            # held, without Juturna's slow delete (two gc.collect() calls), and a worker that
+            # answers nothing is no obstacle. An unusable worker's pipelines are being
+            # redeployed elsewhere: no request would be answered (or read). Ended first, so
+            # that nothing writes in the folder _unplace may wipe.
             await self._end_worker(worker)
         if worker.alive() and placed.record.pipeline_id:
             if placed.state is InstanceState.Running:

@@ -765,6 +765,8 @@ class ProcessEngine(LocalSlots):
         for worker in list(self._workers.values()):
             if not worker.pipelines or not worker.alive() or worker.unusable():
                 continue  # ended below (none left), or with its pipelines' redeploy
+            if worker.client is None:
+                continue  # still starting: nothing of it to sweep (a create of its own)
             health = await self._health(worker, time.monotonic())
             if isinstance(health, PipelineFailure):
                 continue

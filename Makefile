@@ -76,7 +76,7 @@ bench-live: venv binaries packages ## live pipelines on the real node: address, 
 bench-swap: venv binaries packages ## the longest output gap across a change, WarmSwap against Recreate, on the real node: docs/benchmarks-swap.md
 	$(PY) bench/swap.py --out docs
 
-bench-shard: venv ## a long-lived shard's memory over 2000 deploy/delete cycles (~2 min, no cluster): docs/benchmarks-shard.md
+bench-shard: venv ## a long-lived shard's (engine process, many pipelines per process) memory over 2000 deploy/delete cycles (~2 min, no cluster): docs/benchmarks-shard.md
 	$(PY) bench/shard_growth.py --out docs
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/juturna_operator/api.py

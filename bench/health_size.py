@@ -2,8 +2,8 @@
 
     python bench/health_size.py [--pipelines 32] [--nodes 8] [--words 400]
 
-Starts the shard engine on its own (no cluster), in a temporary folder, and deploys
-``--pipelines`` pipelines into one shard (the shard size is set to that many: a full shard),
+Starts the process engine on its own (no cluster), in a temporary folder, and deploys
+``--pipelines`` pipelines into one shard (a worker of that many pipelines per process: full),
 each a graph of ``--nodes`` nodes: a ticker feeding every other node, each of which is the
 test plugin's crasher, raising at its first message with an exception message of about
 ``--words`` bytes. Once every crasher has died (a full crash list: every node thread that can
@@ -30,7 +30,7 @@ sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 from juturna_operator.api import PipelineSpec  # noqa: E402
 from juturna_operator.domain import InstanceState, PipelineKey  # noqa: E402
 from juturna_operator.engines.base import Plan  # noqa: E402
-from juturna_operator.engines.shard import ShardEngine  # noqa: E402
+from juturna_operator.engines.process import ProcessEngine  # noqa: E402
 from juturna_operator.settings import Settings  # noqa: E402
 from support import PLUGIN_ROOTS  # noqa: E402
 
@@ -73,16 +73,19 @@ def health_bytes(port: int, token: str) -> bytes:
 async def measure(pipelines: int, nodes: int, words: int) -> None:
     with tempfile.TemporaryDirectory(prefix="health-size-") as tmp:
         settings = Settings(
-            plugin_roots=PLUGIN_ROOTS, workdir=Path(tmp), stop_timeout_s=2, shard_size=pipelines
+            plugin_roots=PLUGIN_ROOTS,
+            workdir=Path(tmp),
+            stop_timeout_s=2,
+            pipelines_per_process=pipelines,
         )
-        engine = ShardEngine(settings)
+        engine = ProcessEngine(settings)
         keys = [PipelineKey("bench", f"p{i:03d}", str(uuid.uuid4())) for i in range(pipelines)]
         try:
             running = Plan(until=InstanceState.Running)
             await asyncio.gather(
                 *(engine.create(k, config_of(k, nodes, words), "r1", running) for k in keys)
             )
-            (shard,) = engine._shards.values()
+            (shard,) = engine._workers.values()
             want = pipelines * (nodes - 1)
             deadline = time.monotonic() + 120
             while True:

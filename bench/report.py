@@ -114,8 +114,9 @@ def _worker(key: str, limit: float, scale: float, unit: str) -> Check:
 
 
 def _restart(scenarios: Scenarios) -> tuple[str, bool] | None:
-    """The restart with 1000 Running on shards, the engine for dense pipelines that keeps
-    them across a restart (in-process instances die with the operator: its row is below)."""
+    """The restart with 1000 Running on shards (engine process, many pipelines per process),
+    the dense pipelines kept across a restart (in-process instances die with the operator:
+    its row is below)."""
     runs = scenarios.get(("shard", 1000))
     if runs is None:
         return None

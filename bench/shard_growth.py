@@ -1,4 +1,5 @@
-"""A long-lived shard's memory: one shard's resident memory after 0, 500, 1000, 1500 and
+"""A long-lived shard's memory (a worker of the process engine with many pipelines per
+process): one shard's resident memory after 0, 500, 1000, 1500 and
 2000 deploy/delete cycles (``make bench-shard``).
 
 A shard ends when its last pipeline leaves it, so one pipeline stays on it throughout; each
@@ -38,7 +39,7 @@ from processes import rss_kib  # noqa: E402
 from juturna_operator.api import PipelineSpec  # noqa: E402
 from juturna_operator.domain import InstanceState, PipelineKey  # noqa: E402
 from juturna_operator.engines.base import Plan  # noqa: E402
-from juturna_operator.engines.shard import ShardEngine  # noqa: E402
+from juturna_operator.engines.process import ProcessEngine  # noqa: E402
 from juturna_operator.settings import Settings  # noqa: E402
 
 PLUGIN_ROOTS = [REPO / "examples" / "plugins", REPO / "tests" / "plugins"]
@@ -70,8 +71,8 @@ class Shard:
     """The one shard of the engine's work folder: its PID, log and HTTP API."""
 
     def __init__(self, workdir: Path) -> None:
-        state = workdir / ".shards"
-        [record] = state.glob("shard-*.json")
+        state = workdir / ".workers"
+        [record] = state.glob("*.json")  # its worker's (pipelines have theirs below)
         name = record.stem
         described = json.loads(record.read_text())
         self.pid, self.port = int(described["pid"]), int(described["port"])
@@ -116,8 +117,10 @@ class Shard:
 
 
 async def cycles(workdir: Path, total: int, every: int) -> list[dict[str, Any]]:
-    engine = ShardEngine(
-        Settings(plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=10, shard_size=32)
+    engine = ProcessEngine(
+        Settings(
+            plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=10, pipelines_per_process=32
+        )
     )
     resident = PipelineKey("bench", "resident", str(uuid.uuid4()))
     await engine.create(resident, config(resident, CALM), "r1", RUNNING)

@@ -17,8 +17,9 @@ from kubernetes import client, config
 from node import NODE_IP, Node, missing_prerequisites
 from processes import pid_alive, processes_mentioning
 
-from juturna_operator.registry import ENGINES as REGISTERED
 from support import (
+    DENSE_PROCESS,
+    OPERATOR_ENGINES,
     PLAIN_SERVICE,
     PODMAN,
     JuturnaServe,
@@ -165,25 +166,24 @@ def pod_operator(
         op.stop()
 
 
-# Every registered engine but pod, whose tests need the real node (test_pod_engine.py).
-ENGINES = [name for name in REGISTERED if name != "pod"]
-
-
-@pytest.fixture(scope="session", params=ENGINES)
+@pytest.fixture(scope="session", params=OPERATOR_ENGINES)
 def operator(
     request: pytest.FixtureRequest,
     crd: None,
     kubeconfig: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Operator]:
-    """The operator as its own process, once per engine; tests using it run for each."""
-    engine = request.param
-    base = tmp_path_factory.mktemp(f"operator-{engine}")
+    """The operator as its own process, once per engine; tests using it run for each (and
+    on the process engine with many pipelines per process where they ask, ``DENSE_PROCESS``)."""
+    base = tmp_path_factory.mktemp(f"operator-{request.param}")
+    engine = "process" if request.param == DENSE_PROCESS else request.param
     # A third plugin root whose "escape" folder is a symlink that leaves the root.
     (base / "root").mkdir()
     (base / "outside").mkdir()
     (base / "root" / "escape").symlink_to(base / "outside")
     op = Operator(kubeconfig, base / "work", base / "operator.log", base / "root", engine)
+    if request.param == DENSE_PROCESS:
+        op.env["JUTURNA_OPERATOR_PIPELINES_PER_PROCESS"] = "3"
     serve = None
     try:
         if engine == "service":

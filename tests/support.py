@@ -39,6 +39,7 @@ from processes import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from juturna_operator.api import GROUP, PLURAL, VERSION
+from juturna_operator.registry import ENGINES as ENGINE_REGISTRY
 
 LIMITS = PODMAN_LIMITS
 
@@ -210,7 +211,19 @@ class Operator(OperatorProcess):
 
 # The engines beside the operator that warm-swap a Pipeline listening on no port (the others
 # update by Recreate).
-WARM_SWAP_ENGINES = {"process", "inprocess", "shard"}
+WARM_SWAP_ENGINES = {"process", "inprocess"}
+# The session operator's variant with many pipelines per worker process (engine process,
+# JUTURNA_OPERATOR_PIPELINES_PER_PROCESS=3): not one of the engines every such test runs on,
+# but one a test asks for besides them, ``@pytest.mark.parametrize("operator",
+# [*OPERATOR_ENGINES, DENSE_PROCESS], indirect=True)``.
+DENSE_PROCESS = "process-dense"
+# Every registered engine but pod, whose tests need the real node (test_pod_engine.py).
+OPERATOR_ENGINES = [name for name in ENGINE_REGISTRY if name != "pod"]
+
+
+def pipelines_per_process(operator: Operator) -> int:
+    """How many pipelines one worker process of ``operator`` runs at most (engine process)."""
+    return int(operator.env.get("JUTURNA_OPERATOR_PIPELINES_PER_PROCESS", "1"))
 
 
 def only_on(operator: Operator, engine: str, why: str) -> Operator:

@@ -356,7 +356,7 @@ class UpdatePolicy(_Model):
             "started, given the Pipeline's address, and the old one stops after drainSeconds; "
             "it needs room for both at once. Recreate: the running instance stops, then the new "
             "one is deployed (the stream stops for a whole warmup). Unset: WarmSwap where the "
-            "engine can run two instances side by side (engine pod; engines process, shard and "
+            "engine can run two instances side by side (engine pod; engines process and "
             "inprocess where the Pipeline listens on no port), else Recreate."
         ),
     )

@@ -9,8 +9,8 @@ gets no patch of its own; the final state, any failure and every condition chang
 always written, and nothing is written when nothing changed.
 
 Health is watched in one loop, not by a pass per Pipeline: ``changed_instances`` asks the
-engine about every instance at once (an engine that runs many pipelines in one process, the
-shard engine, answers each of its processes' with one call) and returns only the Pipelines
+engine about every instance at once (the process engine, running many pipelines per
+process, answers each of its processes' with one call) and returns only the Pipelines
 whose instance changed since their last pass. A Pipeline at its desired state gets a pass
 for a change, a watch event, or its resync (``SETTLED_RESYNC_S``); one that waits for a
 backoff, at its end.

@@ -26,12 +26,9 @@ ENGINES: dict[str, EngineEntry] = {
         "juturna_operator.engines.inprocess", "InProcessEngine", "threads in the operator"
     ),
     "process": EngineEntry(
-        "juturna_operator.engines.process", "ProcessEngine", "a worker process per pipeline"
-    ),
-    "shard": EngineEntry(
-        "juturna_operator.engines.shard",
-        "ShardEngine",
-        "many pipelines per worker process (dense pipelines)",
+        "juturna_operator.engines.process",
+        "ProcessEngine",
+        "worker processes, PIPELINES_PER_PROCESS pipelines at most each (1: one per pipeline)",
     ),
     "service": EngineEntry(
         "juturna_operator.engines.service", "ServiceEngine", "a runtime the administrator runs"

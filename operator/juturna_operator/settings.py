@@ -124,7 +124,13 @@ SETTINGS: tuple[Setting, ...] = (
         "environment",
         choices=BOOLEAN,
     ),
-    Setting("SHARD_SIZE", "32", "engine shard: the most pipelines one shard process runs", "N"),
+    Setting(
+        "PIPELINES_PER_PROCESS",
+        "1",
+        "engine process: the most pipelines one worker process runs, all of one namespace (1: "
+        "a process per pipeline; more: fewer processes, but a worker's death fails all of its)",
+        "N",
+    ),
     Setting(
         "RUNTIMES",
         "{}",
@@ -607,9 +613,9 @@ class Settings:
     allowed_builtins: tuple[str, ...] | None = None
     # "$JT_ENV_<NAME>" in-process reads the operator's own environment: refused unless set.
     allow_env_references: bool = False
-    # Engine "shard": the most pipelines one shard process runs (all of one namespace). A
-    # shard that dies fails all of them at once; more shards cost more memory.
-    shard_size: int = 32
+    # Engine "process": the most pipelines one worker process runs (all of one namespace). A
+    # worker that dies fails all of them at once; more workers cost more memory.
+    pipelines_per_process: int = 1
     # Engine "pod": past these the kubelet evicts the pod (its work folder, its /tmp); None:
     # no limit. A live stream that dumps to disk would otherwise fill the node.
     pod_work_size_limit: str | None = "1Gi"
@@ -672,7 +678,7 @@ class Settings:
                 src.given("ALLOWED_BUILTINS"), src.where("ALLOWED_BUILTINS")
             ),
             allow_env_references=src.boolean("ALLOW_ENV_REFERENCES"),
-            shard_size=src.count("SHARD_SIZE"),
+            pipelines_per_process=src.count("PIPELINES_PER_PROCESS"),
             pod_work_size_limit=parse_size_limit(
                 src.get("POD_WORK_SIZE_LIMIT"), src.where("POD_WORK_SIZE_LIMIT")
             ),
@@ -747,6 +753,12 @@ class Settings:
             ("RUNTIME_PULL_POLICY", self.runtime_pull_policy),
         ):
             choices = SETTING[name].choices or ()
+            if name == "ENGINE" and value == "shard":
+                raise SettingsError(
+                    f"{where(name)}: engine 'shard' is no more: use engine 'process' with "
+                    f"{where('PIPELINES_PER_PROCESS')} above 1 (the pipelines one worker "
+                    "process runs; chart value pipelinesPerProcess)"
+                )
             if value not in choices:
                 raise SettingsError(
                     f"{where(name)}: must be one of {', '.join(choices)}, got {value!r}"

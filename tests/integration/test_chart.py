@@ -76,7 +76,7 @@ def test_helm_lint() -> None:
             "--set",
             "logFormat=json",
         ],
-        ["--set", "engine=shard", "--set", "shardSize=8"],
+        ["--set", "engine=process", "--set", "pipelinesPerProcess=8"],
         [
             "--set",
             "allowedVolumeTypes={hostPath,nfs}",
@@ -91,7 +91,7 @@ def test_helm_lint() -> None:
         "cluster-wide",
         "namespaced",
         "service-runtimes",
-        "shards",
+        "dense-processes",
         "pod-policy",
         "every-value",
         "metrics-off",
@@ -123,8 +123,8 @@ def test_the_values_schema_rejects_a_typo() -> None:
 
     engine = refused("engine=docker")
     assert "engine" in engine
-    assert "value must be one of 'pod', 'process', 'shard', 'inprocess', 'service'" in engine
-    assert "at '/shardSize': minimum: got 0, want 1" in refused("shardSize=0")
+    assert "value must be one of 'pod', 'process', 'inprocess', 'service'" in engine
+    assert "at '/pipelinesPerProcess': minimum: got 0, want 1" in refused("pipelinesPerProcess=0")
     assert "additional properties 'enigne' not allowed" in refused("enigne=process")
     volume = refused("allowedVolumeTypes={hostpath}")
     assert "at '/allowedVolumeTypes/0': value must be one of" in volume, volume

@@ -74,7 +74,7 @@ def test_run_help_shows_every_setting_its_default_and_variable(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("flag", "value", "choices"),
     [
-        ("--engine", "proces", "'inprocess', 'process', 'shard', 'service', 'pod'"),
+        ("--engine", "proces", "'inprocess', 'process', 'service', 'pod'"),
         ("--log-format", "xml", "'text', 'json'"),
         ("--runtime-pull-policy", "Sometimes", "'Always', 'IfNotPresent', 'Never'"),
     ],
@@ -110,9 +110,9 @@ def test_an_enumerated_flag_offers_its_choices(
             "configured runtimes (none configured), got 'gpu'",
         ),
         (
-            ["--shard-size", "0"],
-            {"JUTURNA_OPERATOR_SHARD_SIZE": "4"},
-            "--shard-size: must be a whole number of at least 1, got '0'",
+            ["--pipelines-per-process", "0"],
+            {"JUTURNA_OPERATOR_PIPELINES_PER_PROCESS": "4"},
+            "--pipelines-per-process: must be a whole number of at least 1, got '0'",
         ),
     ],
     ids=["flag", "variable", "variable-with-flag", "flag-over-variable"],

@@ -29,8 +29,10 @@ from processes import processes_mentioning, reset_peak_rss, rss_kib
 
 from support import (
     CHURN_SEED,
+    DENSE_PROCESS,
     FULL,
     KILLS,
+    OPERATOR_ENGINES,
     OUTAGES,
     STATES,
     Churn,
@@ -52,6 +54,7 @@ from support import (
     outage,
     output_lines,
     output_of,
+    pipelines_per_process,
     slow_manifest,
     wait_settled,
 )
@@ -71,10 +74,9 @@ WARMUP_S = count("FAULT_WARMUP_S", 10, 30)  # the slow node's warmup
 CHURN = {
     "inprocess": 50,
     "process": 50 if FULL else 10,
-    "shard": 50 if FULL else 10,
     "service": 50 if FULL else 10,
 }
-CONVERGE_S = {"inprocess": 120.0, "process": 240.0, "shard": 120.0, "service": 120.0}
+CONVERGE_S = {"inprocess": 120.0, "process": 240.0, "service": 120.0}
 ENGINE_AGNOSTIC = (
     "the API server connection is the same code for every engine (kopf and the status "
     "writer); run once, on the in-process engine"
@@ -89,8 +91,7 @@ def instances(operator: Operator, namespace: str) -> dict[str, list[tuple[str, s
     id)`` pairs, ``("instance", pipeline id)`` or ``("worker", pid)``. Instance folders are
     named ``<namespace>__<name>__<uid8>_<pipeline id>``.
 
-    In-process, process and shard: the instance folders, and the process engine's workers
-    (a shard runs many pipelines: its folders are its instances). Service:
+    In-process and process: the instance folders, and the process engine's workers. Service:
     what `juturna serve` lists, not its folders: a runtime that was stopped leaves its old
     instances' folders behind, beyond the operator's reach (it no longer knows them)."""
     folders = {f.name.rsplit("_", 1)[1]: f.name for f in operator.workdir.glob(f"{namespace}__*")}
@@ -426,6 +427,7 @@ def test_the_largest_admitted_graph_runs(pipelines: Pipelines, operator: Operato
 # -- bad answers: a runtime answers more than the operator reads ---------------------------------
 
 
+@pytest.mark.parametrize("operator", [*OPERATOR_ENGINES, DENSE_PROCESS], indirect=True)
 def test_a_60_mb_health_answer_fails_its_pipelines_not_the_operator(
     pipelines: Pipelines,
     operator: Operator,
@@ -437,11 +439,12 @@ def test_a_60_mb_health_answer_fails_its_pipelines_not_the_operator(
     worker's answer of 60 MB (it once took the operator from 82 to 430 MiB). The operator
     reads none of it: its peak resident memory grows by far less than the answer. The
     Pipeline fails with AnswerTooLarge naming the answer's size and the cap, then Failed
-    (maxRestarts 0). On the shard engine the Pipeline that shared its shard fails with it
-    and runs again on a new shard (its restart); on the process engine it never notices. A
-    Pipeline of another namespace runs on, and a new one becomes Ready."""
-    if operator.engine not in ("process", "shard"):
-        pytest.skip("here only process and shard workers report node crashes in a health answer")
+    (maxRestarts 0). With many pipelines per process, the Pipeline that shared its worker
+    fails with it and runs again on a new one (its restart: ``dense`` below); one pipeline to
+    a process, it never notices. A Pipeline of another namespace runs on, and a new one
+    becomes Ready."""
+    if operator.engine != "process":
+        pytest.skip("here only process workers report node crashes in a health answer")
     assert operator.proc is not None
     elsewhere = f"t-{uuid.uuid4().hex[:10]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=elsewhere)))
@@ -473,8 +476,8 @@ def test_a_60_mb_health_answer_fails_its_pipelines_not_the_operator(
             502,
             "run",
         )
-        shard = operator.engine == "shard"
-        shared = r"shard process \d+, running 2 pipeline\(s\): " if shard else ""
+        shard = pipelines_per_process(operator) > 1
+        shared = r"worker process \d+, running 2 pipeline\(s\): " if shard else ""
         url = rf"{shared}http://127\.0\.0\.1:\d+/operator/health"
         assert answered_size(failure["message"], url) > 60_000_000
         assert growth_mib < 30, f"the operator's peak memory grew by {growth_mib:.0f} MiB"

@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 from processes import processes_mentioning
 
-from support import WARM_SWAP_ENGINES, Operator, Pipelines, condition, faulty, wait_until
+from support import (
+    DENSE_PROCESS,
+    OPERATOR_ENGINES,
+    WARM_SWAP_ENGINES,
+    Operator,
+    Pipelines,
+    condition,
+    faulty,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -153,14 +162,14 @@ def assert_swapped(
     # One instance left (the old one's worker ends after the drain), and one folder.
     if operator.engine == "process":
         wait_until(lambda: len(instances_of(operator, uid)) == 1, 15, "one worker left")
-    if operator.engine == "shard":
-        records = operator.workdir / ".shards" / "pipelines"
+        records = operator.workdir / ".workers" / "pipelines"
         wait_until(lambda: len(list(records.glob(f"{uid}*.json"))) == 1, 15, "one record left")
     folders = [p for p in operator.workdir.glob(f"*__{uid[:8]}_*") if p.is_dir()]
     assert [p.name.rsplit("_", 1)[1] for p in folders] == [body["status"]["pipelineId"]]
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("operator", [*OPERATOR_ENGINES, DENSE_PROCESS], indirect=True)
 def test_a_change_warms_a_second_instance_beside_the_first_then_switches(
     pipelines: Pipelines, operator: Operator
 ) -> None:
@@ -182,6 +191,7 @@ def test_a_change_warms_a_second_instance_beside_the_first_then_switches(
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("step", ["WarmingUpNew", "Draining"])
+@pytest.mark.parametrize("operator", [*OPERATOR_ENGINES, DENSE_PROCESS], indirect=True)
 def test_an_operator_killed_during_a_warm_swap_adopts_both_instances_and_completes_it(
     step: str, pipelines: Pipelines, operator: Operator
 ) -> None:
@@ -189,7 +199,7 @@ def test_an_operator_killed_during_a_warm_swap_adopts_both_instances_and_complet
     (retired, in the candidate slot): the next operator adopts each worker in its slot
     (never two active), and the swap completes, the output going on meanwhile."""
     swapping(operator)
-    if operator.engine not in ("process", "shard"):
+    if operator.engine != "process":
         pytest.skip(f"engine {operator.engine}'s instances die with the operator")
     name = f"kill-{step.lower()}"
     pipelines.apply(stamped(name, "A", update={"drainSeconds": 4}))

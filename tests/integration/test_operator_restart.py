@@ -8,11 +8,20 @@ import time
 import pytest
 from processes import processes_mentioning
 
-from support import Operator, Pipelines, manifest, output_lines
+from support import (
+    DENSE_PROCESS,
+    OPERATOR_ENGINES,
+    Operator,
+    Pipelines,
+    manifest,
+    output_lines,
+    pipelines_per_process,
+)
 
 pytestmark = pytest.mark.cluster
 
 
+@pytest.mark.parametrize("operator", [*OPERATOR_ENGINES, DENSE_PROCESS], indirect=True)
 def test_pipelines_come_back_after_the_operator_is_killed(
     pipelines: Pipelines, operator: Operator
 ) -> None:
@@ -22,15 +31,15 @@ def test_pipelines_come_back_after_the_operator_is_killed(
     workers_before = sorted(processes_mentioning(f"--folder {operator.workdir} "))
     operator.kill()
     operator.start()
-    if operator.engine in ("process", "shard"):
-        # Workers and shards outlive the operator and are adopted: same instances, same
-        # processes (a worker each; one shard for the namespace).
+    if operator.engine == "process":
+        # Workers outlive the operator and are adopted: same instances, same processes (a
+        # worker each; one for the namespace with many pipelines per process).
         time.sleep(2)
         for name in ("r1", "r2"):
             body = pipelines.wait_ready(name)
             assert body["status"]["pipelineId"] == before[name]
         assert sorted(processes_mentioning(f"--folder {operator.workdir} ")) == workers_before
-        assert len(workers_before) == {"process": 2, "shard": 1}[operator.engine]
+        assert len(workers_before) == (1 if pipelines_per_process(operator) > 1 else 2)
     else:
         # In-process instances died with the process, and a service's instances are no
         # longer known: each is deployed again.

@@ -368,10 +368,10 @@ def test_a_step_the_worker_did_before_the_operator_died_is_not_refused_for_ever(
     uid = pipelines.wait_ready("lag")["metadata"]["uid"]
     pid = worker_of(process_operator, uid)
     process_operator.kill()
-    record = json.loads((process_operator.workdir / ".workers" / f"{uid}.json").read_text())
-    url = (
-        f"http://127.0.0.1:{record['port']}/pipelines/{record['pipeline_id']}/{done_by_the_worker}"
-    )
+    state_dir = process_operator.workdir / ".workers"
+    port = json.loads((state_dir / f"{uid}.json").read_text())["port"]
+    pipeline_id = json.loads((state_dir / "pipelines" / f"{uid}.json").read_text())["pipeline_id"]
+    url = f"http://127.0.0.1:{port}/pipelines/{pipeline_id}/{done_by_the_worker}"
     token = (process_operator.workdir / ".workers" / f"{uid}.token").read_text()
     request = urllib.request.Request(
         url, method="POST", headers={"Authorization": f"Bearer {token}"}
@@ -431,9 +431,11 @@ def test_the_worker_answers_only_its_operator(
     assert token not in json.dumps(body) + events + process_operator.log_text()
 
 
-def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) -> None:
-    """What a process killed while it ended a worker leaves: the record, the worker's files
-    and the instance folder, the worker gone. The next process removes them all at start."""
+def test_a_record_whose_worker_is_gone_is_cleaned_up(tmp_path: Path) -> None:
+    """What a process killed while it ended a worker leaves: the record (here in the format
+    of the process engine before it served many pipelines per process), the worker's files
+    and the instance folder, the worker gone. The next process reports the worker's death
+    for the pipeline and removes them all at its sweep (its resource is gone)."""
     workdir = tmp_path / "work"
     state = workdir / ".workers"
     state.mkdir(parents=True)
@@ -448,17 +450,32 @@ def test_a_record_whose_worker_is_gone_is_cleaned_up_at_start(tmp_path: Path) ->
     (folder / "out").mkdir(parents=True)
     other = workdir / "ns__q__99999999_y"  # another resource's: left alone
     other.mkdir()
-    asyncio.run(ProcessEngine(Settings(workdir=workdir)).close())
+
+    async def restarted() -> InstanceInfo | None:
+        engine = ProcessEngine(Settings(workdir=workdir))
+        try:
+            info = await engine.status(PipelineKey("ns", "p", uid))
+            assert await engine.sweep({}) == ["x"]
+            return info
+        finally:
+            await engine.close()
+
+    info = asyncio.run(restarted())
+    assert info is not None
+    assert [c.describe() for c in info.crashes] == [f"worker process {gone.pid} is gone"]
     assert not folder.exists()
-    assert sorted(p.name for p in state.iterdir() if not p.name.startswith("zygote")) == []
+    left = [p.name for p in state.iterdir() if not p.name.startswith("zygote")]
+    assert left == ["pipelines"]
+    assert list((state / "pipelines").iterdir()) == []
     assert other.exists()
 
 
 def test_a_recycled_pid_is_not_adopted(settings: Settings) -> None:
     """A record's worker died while no operator ran and its PID now names another process,
     whose command line even looks like the worker's: its start time differs from the one the
-    record saw, so the next operator neither adopts nor signals it, and drops the record.
-    The same record with the process's true start time is adopted."""
+    record saw, so the next operator neither adopts nor signals it: the pipeline reports its
+    worker gone. The same record (in the format of the process engine before it served many
+    pipelines per process) with the process's true start time is adopted."""
     k = direct_key()
     impostor = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(60)", WORKER_MARKER, "--owner", k.uid]
@@ -486,13 +503,18 @@ def test_a_recycled_pid_is_not_adopted(settings: Settings) -> None:
             return await engine.status(k)
         finally:
             await engine.close()
+            for leftover in (state / "pipelines").glob("*.json"):
+                leftover.unlink()  # the next round starts from the old format again
 
     try:
         real = start_time(impostor.pid)
         assert real is not None
-        assert asyncio.run(adopted(real + 1)) is None
+        recycled = asyncio.run(adopted(real + 1))
+        assert recycled is not None
+        assert [c.describe() for c in recycled.crashes] == [
+            f"worker process {impostor.pid} is gone"
+        ]
         assert impostor.poll() is None, "the process behind a recycled PID was signalled"
-        assert not record_file.exists()
         info = asyncio.run(adopted(real))
         assert info is not None
         assert info.pipeline_id == "x"
@@ -795,7 +817,11 @@ def test_many_workers_forked_at_once_all_run(settings: Settings) -> None:
         try:
             infos = await asyncio.gather(*(deploy(k) for k in keys))
             state = settings.workdir / ".workers"
-            return infos, [json.loads((state / f"{k.uid}.json").read_text()) for k in keys]
+            return infos, [
+                json.loads((state / f"{k.uid}.json").read_text())
+                | json.loads((state / "pipelines" / f"{k.uid}.json").read_text())
+                for k in keys
+            ]
         finally:
             await asyncio.gather(*(engine.delete(k) for k in keys))
             await engine.close()
@@ -950,7 +976,7 @@ def test_a_candidate_is_a_second_worker_and_a_promote_survives_a_restart(
         runner.run(engine.close())
 
         # A kill between the promote's writes: the old record still says active (earlier).
-        for path in state.glob(f"{k.uid}*.json"):
+        for path in (state / "pipelines").glob(f"{k.uid}*.json"):
             record = json.loads(path.read_text())
             if record["pipeline_id"] == old.pipeline_id:
                 assert record["slot"] == "retired"

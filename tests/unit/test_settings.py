@@ -76,7 +76,7 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
         (
             "ENGINE",
             "proces",
-            "JUTURNA_OPERATOR_ENGINE: must be one of inprocess, process, shard, service, pod, "
+            "JUTURNA_OPERATOR_ENGINE: must be one of inprocess, process, service, pod, "
             "got 'proces'",
         ),
         (
@@ -85,9 +85,17 @@ def test_plugin_path_is_split_and_resolved(tmp_path: Path, monkeypatch: pytest.M
             "JUTURNA_OPERATOR_MAX_CONCURRENCY: must be a whole number of at least 1, got '0'",
         ),
         (
-            "SHARD_SIZE",
+            "PIPELINES_PER_PROCESS",
             "many",
-            "JUTURNA_OPERATOR_SHARD_SIZE: must be a whole number of at least 1, got 'many'",
+            "JUTURNA_OPERATOR_PIPELINES_PER_PROCESS: must be a whole number of at least 1, got "
+            "'many'",
+        ),
+        (
+            "ENGINE",
+            "shard",
+            "JUTURNA_OPERATOR_ENGINE: engine 'shard' is no more: use engine 'process' with "
+            "--pipelines-per-process or JUTURNA_OPERATOR_PIPELINES_PER_PROCESS above 1 (the "
+            "pipelines one worker process runs; chart value pipelinesPerProcess)",
         ),
         ("HEALTH_INTERVAL", "nan", "JUTURNA_OPERATOR_HEALTH_INTERVAL: must be positive, got 'nan'"),
         (
@@ -222,7 +230,7 @@ BAD: dict[str, tuple[str, dict[str, str]]] = {
     "RECONCILE_WORKERS": ("none", {}),
     "ALLOWED_BUILTINS": ("rm -rf", {}),
     "ALLOW_ENV_REFERENCES": ("yes", {}),
-    "SHARD_SIZE": ("0", {}),
+    "PIPELINES_PER_PROCESS": ("0", {}),
     "RUNTIMES": ("{nope", {}),
     "DEFAULT_RUNTIME": ("gpu", {"ENGINE": "service"}),
     "RUNTIME_IMAGE": ("", {"ENGINE": "pod"}),
@@ -319,7 +327,7 @@ def test_an_unknown_engine_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError,
         match="unknown engine 'docker': JUTURNA_OPERATOR_ENGINE must be one of "
-        "inprocess, process, shard, service, pod",
+        "inprocess, process, service, pod",
     ):
         make_engine(Settings(engine="docker"))
 

@@ -139,8 +139,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {name: JUTURNA_OPERATOR_ALLOWED_VOLUME_TYPES, value: {{ join "," .Values.allowedVolumeTypes | quote }}}
 - {name: JUTURNA_OPERATOR_ALLOWED_PRIORITY_CLASSES, value: {{ join "," .Values.allowedPriorityClasses | quote }}}
 {{- end }}
-{{- if eq .Values.engine "shard" }}
-- {name: JUTURNA_OPERATOR_SHARD_SIZE, value: {{ .Values.shardSize | quote }}}
+{{- if eq .Values.engine "process" }}
+- {name: JUTURNA_OPERATOR_PIPELINES_PER_PROCESS, value: {{ .Values.pipelinesPerProcess | quote }}}
 {{- end }}
 {{- if kindIs "slice" .Values.allowedBuiltins }}
 - {name: JUTURNA_OPERATOR_ALLOWED_BUILTINS, value: {{ join "," .Values.allowedBuiltins | quote }}}

@@ -65,8 +65,8 @@ def apply_health(info: InstanceInfo, health: dict[str, Any], shared: bool = Fals
     statuses, and the node threads that died (Juturna's status misses those).
 
     The worker names the pipeline of each thread that died, where one started it. ``shared``:
-    the worker runs other pipelines too (a shard), so a crash of no pipeline's is none of
-    this one's; a worker of one pipeline gives it to that one."""
+    the worker runs other pipelines too (many pipelines per process), so a crash of no
+    pipeline's is none of this one's; a worker of one pipeline gives it to that one."""
     for entry in health.get("pipelines", []):
         status = entry.get(info.pipeline_id)
         if status:

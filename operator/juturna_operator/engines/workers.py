@@ -2,8 +2,8 @@
 plain way when no zygote starts), waited for until they serve, and ended.
 
 One ``WorkerProcesses`` per engine keeps its workers' files in one folder: for each owner
-(a resource's uid for the process engine, a shard's name for the shard engine) its bearer
-token, its port file and its log. A worker is a ``juturna_operator.worker`` process; which
+(a worker's name: the uid of the pipeline it was started for, and an id where needed) its
+bearer token, its port file and its log. A worker is a ``juturna_operator.worker`` process; which
 pipelines it runs, and what survives an operator restart, are the engine's.
 
 Workers are forked from a zygote (``juturna_operator.zygote``): one process per engine,
@@ -386,7 +386,7 @@ class WorkerProcesses:
             self.kill(KnownProcess(pid, start_time(pid) or 0))
 
     def spawn(self, owner: str, about: dict[str, Any]) -> tuple[Child, Path, Path]:
-        """A new worker serving ``owner`` (a resource's uid, or a shard's name): the process,
+        """A new worker serving ``owner`` (a worker's name): the process,
         its port file and its log. ``about``: the log's extra fields."""
         spawn_id = new_spawn_id()
         arguments, port_file, log_file = self._command(owner, spawn_id)

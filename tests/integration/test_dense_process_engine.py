@@ -1,6 +1,7 @@
-"""What the shard engine promises: many pipelines per process, one namespace per shard, one
-call to deploy, one health call per shard, adoption after a restart, and each failure kept
-to what it concerns (a node: its pipeline; a shard: its pipelines; a hung stop: bounded)."""
+"""What the process engine promises with many pipelines per process (a shard: a worker of
+``pipelines_per_process`` > 1): one namespace per shard, one call to deploy, one health call
+per shard, adoption after a restart, and each failure kept to what it concerns (a node: its
+pipeline; a shard: its pipelines; a hung stop: bounded)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from juturna_operator.domain import WHOLE_RUNTIME, InstanceState, PipelineKey
 from juturna_operator.engines import base
 from juturna_operator.engines.base import InstanceInfo, Plan
 from juturna_operator.engines.client import listed_name
-from juturna_operator.engines.shard import ShardEngine
+from juturna_operator.engines.process import ProcessEngine
 from juturna_operator.engines.workers import pipeline_named
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
@@ -65,11 +66,13 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
     left (and ends, by PID, any that is, before failing)."""
     workdir = tmp_path / "work"
     workdir.mkdir()
-    yield Settings(plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=2, shard_size=3)
+    yield Settings(
+        plugin_roots=PLUGIN_ROOTS, workdir=workdir, stop_timeout_s=2, pipelines_per_process=3
+    )
     left = processes_mentioning(f"--folder {workdir} ")
     for pid in left:
         os.kill(pid, signal.SIGKILL)
-    assert not left, f"shard processes left behind: {left}"
+    assert not left, f"worker processes left behind: {left}"
 
 
 def key_in(namespace: str) -> PipelineKey:
@@ -89,13 +92,13 @@ def config_of(key: PipelineKey, specs: tuple[tuple[str, str, str, dict[str, Any]
 
 def shard_of(key: PipelineKey, workdir: Path) -> str:
     return str(
-        json.loads((workdir / ".shards" / "pipelines" / f"{key.uid}.json").read_text())["shard"]
+        json.loads((workdir / ".workers" / "pipelines" / f"{key.uid}.json").read_text())["worker"]
     )
 
 
 def shard_request(workdir: Path, shard: str, path: str, body: Any = None) -> Any:
     """A request to a shard's own HTTP API with its token, as the engine makes them."""
-    state = workdir / ".shards"
+    state = workdir / ".workers"
     port = json.loads((state / f"{shard}.json").read_text())["port"]
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}{path}",
@@ -128,12 +131,12 @@ def output_of(workdir: Path, key: PipelineKey, pipeline_id: str) -> Path:
     return workdir / f"{key.juturna_name}_{pipeline_id}" / "out" / "output.jsonl"
 
 
-async def deploy(engine: ShardEngine, key: PipelineKey, specs: Any = TICKER) -> str:
+async def deploy(engine: ProcessEngine, key: PipelineKey, specs: Any = TICKER) -> str:
     return await engine.create(key, config_of(key, specs), "r1", RUNNING)
 
 
 class Driven:
-    """A shard engine driven from a test, with the keys it deployed: ``end`` deletes them,
+    """A dense process engine driven from a test, with the keys it deployed: ``end`` deletes them,
     sweeps and closes the engine."""
 
     def __init__(self, settings: Settings) -> None:
@@ -143,8 +146,8 @@ class Driven:
         self.ended = False
 
     @staticmethod
-    async def _make(settings: Settings) -> ShardEngine:
-        return ShardEngine(settings)
+    async def _make(settings: Settings) -> ProcessEngine:
+        return ProcessEngine(settings)
 
     def run(self, coroutine: Any) -> Any:
         return self.runner.run(coroutine)
@@ -250,8 +253,8 @@ def test_pipelines_fill_shards_of_their_own_namespace_and_run(
     driven.end()
     assert shard_pids(settings.workdir) == []
     assert not list(settings.workdir.glob("*_*")), "a pipeline folder was left"
-    assert not list((settings.workdir / ".shards").glob("*.json"))
-    assert not list((settings.workdir / ".shards" / "pipelines").glob("*.json"))
+    assert not list((settings.workdir / ".workers").glob("*.json"))
+    assert not list((settings.workdir / ".workers" / "pipelines").glob("*.json"))
 
 
 def test_a_node_that_raises_fails_its_own_pipeline_only(settings: Settings, driven: Driven) -> None:
@@ -302,7 +305,7 @@ def test_a_killed_shard_fails_each_of_its_pipelines_naming_it_and_the_others_run
         assert info is not None
         [crash] = info.crashes
         assert crash.node == WHOLE_RUNTIME
-        assert crash.error == f"shard process {pid} was killed by SIGKILL; it ran 3 pipeline(s)"
+        assert crash.error == f"worker process {pid} was killed by SIGKILL; it ran 3 pipeline(s)"
     alive = driven.status(survivor)
     assert alive is not None
     assert alive.crashes == []
@@ -366,6 +369,46 @@ def test_a_restarted_operator_adopts_the_shards_and_deploys_nothing_again(
     assert shard_pids(settings.workdir) == []
 
 
+def test_the_records_the_shard_engine_left_are_adopted(settings: Settings, driven: Driven) -> None:
+    """An operator of the version before one engine served both densities ran engine
+    ``shard``: its records (``.shards/<shard>.json``, its token and log, and
+    ``.shards/pipelines/<uid>.json`` naming the shard) are read in by the process engine at
+    start. Every pipeline is adopted, with the same ids, on the same process; ``.shards``
+    goes."""
+    keys = [key_in("a") for _ in range(2)]
+    infos = driven.deploy(*keys)
+    pids = shard_pids(settings.workdir)
+    assert len(pids) == 1
+    driven.run(driven.engine.close())  # the old operator stops; its shard runs on
+    driven.ended = True
+    driven.runner.close()
+    state, old = settings.workdir / ".workers", settings.workdir / ".shards"
+    (old / "pipelines").mkdir(parents=True)
+    for path in (state / "pipelines").glob("*.json"):
+        record = json.loads(path.read_text())
+        record["shard"] = record.pop("worker")
+        (old / "pipelines" / path.name).write_text(json.dumps(record))
+        path.unlink()
+    for path in state.iterdir():
+        if path.is_file() and not path.name.startswith("zygote"):
+            path.replace(old / path.name)
+
+    second = Driven(settings)  # the new version's operator
+    try:
+        second.keys = keys
+        for k in keys:
+            adopted = second.status(k)
+            assert adopted is not None
+            assert adopted.pipeline_id == infos[k].pipeline_id
+            assert adopted.state is InstanceState.Running
+            assert adopted.crashes == []
+        assert shard_pids(settings.workdir) == pids, "a shard was started or lost"
+        assert not old.exists()
+    finally:
+        second.end()
+    assert shard_pids(settings.workdir) == []
+
+
 def test_a_stop_that_hangs_is_bounded_and_its_shard_ends_when_the_others_leave(
     settings: Settings, driven: Driven
 ) -> None:
@@ -389,7 +432,7 @@ def test_a_stop_that_hangs_is_bounded_and_its_shard_ends_when_the_others_leave(
     assert raised.value.reason is FailureReason.StopTimeout
     assert raised.value.message == (
         f"stop did not finish within 2 s; pipeline {stuck_id} is left "
-        f"stuck in shard process {pid}, which takes no new pipelines and is ended once its "
+        f"stuck in worker process {pid}, which takes no new pipelines and is ended once its "
         "1 other pipeline(s) have left"
     )
     assert took < 2 + 3, took
@@ -429,7 +472,7 @@ def test_a_shard_that_stops_answering_is_a_failure_naming_it_and_is_ended(
         [crash] = last.crashes
         assert crash.node == WHOLE_RUNTIME
         assert crash.error.startswith(
-            f"shard process {pid} runs but gave no answer to 3 health checks in a row (the last: "
+            f"worker process {pid} runs but gave no answer to 3 health checks in a row (the last: "
         )
         driven.run(driven.engine.delete(keys[0], release=False, keep_output=True))
         wait_until(lambda: pid not in shard_pids(settings.workdir), 10, "the stuck shard ended")
@@ -540,7 +583,7 @@ def test_a_deploy_whose_answer_is_lost_leaves_no_pipeline_behind(
     driven.deploy(calm)
     shard = shard_of(calm, settings.workdir)
     [pid] = processes_mentioning(f"--owner {shard} ")
-    port = json.loads((settings.workdir / ".shards" / f"{shard}.json").read_text())["port"]
+    port = json.loads((settings.workdir / ".workers" / f"{shard}.json").read_text())["port"]
     monkeypatch.setattr(base, "WARMUP_TIMEOUT_S", 1.0)
     driven.keys.append(slow)
     with pytest.raises(PipelineFailure) as raised:
@@ -548,7 +591,7 @@ def test_a_deploy_whose_answer_is_lost_leaves_no_pipeline_behind(
     [built] = named_on_shard(settings.workdir, shard, slow)
     assert raised.value.reason is FailureReason.RuntimeUnavailable
     assert raised.value.message == (
-        f"http://127.0.0.1:{port}/operator/deploy gave no answer within 1 s; shard process "
+        f"http://127.0.0.1:{port}/operator/deploy gave no answer within 1 s; worker process "
         f"{pid} built pipeline {built} all the same, which goes with this failed attempt"
     )
     held = driven.status(slow)
@@ -610,7 +653,7 @@ def test_an_operator_stopped_during_a_deploy_leaves_one_pipeline_for_the_next(
     assert took < close_wait_s + 1.5, took
     [built] = named_on_shard(settings.workdir, shard, slow)
     record = json.loads(
-        (settings.workdir / ".shards" / "pipelines" / f"{slow.uid}.json").read_text()
+        (settings.workdir / ".workers" / "pipelines" / f"{slow.uid}.json").read_text()
     )
     if close_wait_s > 3:  # the deploy ended within close(), and saved its outcome
         assert in_flight.result() == built
@@ -653,7 +696,7 @@ def test_a_thread_that_dies_after_its_pipeline_is_deleted_leaves_no_crash(
     shard = shard_of(calm, settings.workdir)
     driven.run(driven.engine.delete(gone))  # before its helper raises
     driven.keys.remove(gone)
-    shard_log = settings.workdir / ".shards" / f"{shard}.log"
+    shard_log = settings.workdir / ".workers" / f"{shard}.log"
     wait_until(lambda: "helper of amp failed" in shard_log.read_text(), 10, "the late crash")
     assert shard_request(settings.workdir, shard, "/operator/health")["crashes"] == []
     assert retained(settings.workdir, shard)["crashes"] == 0
@@ -684,7 +727,7 @@ def test_a_health_answer_over_the_cap_fails_the_shards_pipelines_reading_none_of
     shard = shard_of(loud, settings.workdir)
     assert shard_of(calm, settings.workdir) == shard
     [pid] = processes_mentioning(f"--owner {shard} ")
-    port = json.loads((settings.workdir / ".shards" / f"{shard}.json").read_text())["port"]
+    port = json.loads((settings.workdir / ".workers" / f"{shard}.json").read_text())["port"]
 
     def refused() -> bool:
         info = driven.status(loud)
@@ -702,7 +745,7 @@ def test_a_health_answer_over_the_cap_fails_the_shards_pipelines_reading_none_of
     failure = info.failure
     assert failure is not None
     assert (failure.reason, failure.step) == (FailureReason.AnswerTooLarge, Step.run)
-    head = f"shard process {pid}, running 2 pipeline(s): http://127.0.0.1:{port}"
+    head = f"worker process {pid}, running 2 pipeline(s): http://127.0.0.1:{port}"
     assert answered_size(failure.message, re.escape(f"{head}/operator/health")) > 60e6
     mate = driven.status(calm)
     assert mate is not None
@@ -713,7 +756,7 @@ def test_a_health_answer_over_the_cap_fails_the_shards_pipelines_reading_none_of
     assert (bystander.failure, bystander.crashes) == (None, [])
     assert bystander.nodes == {"src": "Running", "amp": "Running", "out": "Running"}
 
-    token = (settings.workdir / ".shards" / f"{shard}.token").read_text()
+    token = (settings.workdir / ".workers" / f"{shard}.token").read_text()
     tracemalloc.start()
     try:
         with caplog.at_level(logging.WARNING, "juturna_operator.engines.workers"):
@@ -730,7 +773,7 @@ def test_a_health_answer_over_the_cap_fails_the_shards_pipelines_reading_none_of
     # The orphan sweep asks the refused shard nothing (it would be refused again): it ends
     # with the redeploy, pipelines and all. The other shard is swept as usual.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, "juturna_operator.engines.shard"):
+    with caplog.at_level(logging.WARNING, "juturna_operator.engines.process"):
         keep: dict[str, str | None] = {k.juturna_name: None for k in (calm, loud, other)}
         assert driven.run(driven.engine.sweep(keep)) == []
     asked = [r.getMessage() for r in caplog.records if "over the size cap" in r.getMessage()]
@@ -788,7 +831,7 @@ def test_a_candidate_is_a_second_pipeline_and_a_promote_survives_a_restart(
     promote's two record writes (both marked active) adopts the later one as active and the
     other, retired, as the candidate: never two actives."""
     k = key_in("a")
-    records = settings.workdir / ".shards" / "pipelines"
+    records = settings.workdir / ".workers" / "pipelines"
     old = driven.deploy(k)[k].pipeline_id
     ready = Plan(until=InstanceState.Ready)
     new = driven.run(driven.engine.create(k.candidate, config_of(k, TICKER), "r2", ready))

@@ -17,18 +17,20 @@ quiet=${QUIET:-0}
 say() { [ "$quiet" = 1 ] || echo "$@" >&2; }
 die() { echo "error: $*" >&2; exit 1; }
 
-# One build at a time per cache: clones building at once (CI beside a developer's run) would
-# each compile everything and write the same $out.tmp. The second waits, then reuses.
-mkdir -p "$cache"
-exec 9>"$cache/.build.lock"
-if ! flock -n 9; then
-  say "another build of the cluster's binaries is running; waiting for it ($cache/.build.lock) ..."
-  flock 9
-fi
-
 if ! command -v go >/dev/null 2>&1; then
   die "no Go toolchain on PATH. The local control plane is built from source with Go >= 1.26.
   Fix: install Go (apt-get install golang-go, or put /usr/local/go/bin on PATH) and run 'make cluster-up' again."
+fi
+
+# One build at a time per cache: clones building at once (CI beside a developer's run) would
+# each compile everything and write the same $out.tmp. The second waits, then reuses.
+if command -v flock >/dev/null 2>&1; then
+  mkdir -p "$cache"
+  exec 9>"$cache/.build.lock"
+  if ! flock -n 9; then
+    say "another build of the cluster's binaries is running; waiting for it ($cache/.build.lock) ..."
+    flock 9
+  fi
 fi
 
 # has_version BINARY VERSION-ARGS... -- EXPECTED : the binary exists and prints EXPECTED.

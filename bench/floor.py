@@ -4,11 +4,12 @@
 
 It watches one namespace's Pipelines and, for each new generation, makes what the operator
 writes on its way to Ready (docs/benchmarks.md, "writes by kind", in-process): the finalizer
-(PATCH on the object), one status (PATCH on ``/status``, the shape ``status.build_status``
-writes for a Running pipeline: phase, observedGeneration, the four conditions with
-``Ready=True``, nodes; tests/integration/test_bench_smoke.py holds it to ``build_status``)
-and one Normal Event (POST, kopf's body). It deploys nothing. When a Pipeline is deleted it
-removes its finalizer, as the operator does.
+(PATCH on the object, the operator's own guarded JSON patch: ``patching.finalizer_patch``),
+one status (PATCH on ``/status``, the shape ``status.build_status`` writes for a Running
+pipeline: phase, observedGeneration, the four conditions with ``Ready=True``, nodes;
+tests/integration/test_bench_smoke.py holds it to ``build_status``) and one Normal Event
+(POST, kopf's body). It deploys nothing. When a Pipeline is deleted it removes its
+finalizer, as the operator does.
 
 What it is for: on our 2 shared cores the API server, etcd and the operator compete for the
 same CPU, so an absolute latency says as much about the machine as about the operator. The
@@ -44,8 +45,8 @@ import aiohttp
 import yaml
 
 from juturna_operator.api import GROUP, PLURAL, VERSION, PipelineSpec
+from juturna_operator.patching import FINALIZER, JSON_PATCH, finalizer_patch
 
-FINALIZER = f"{GROUP}/cleanup"  # the operator's (handlers.FINALIZER; that module needs kopf)
 UP_LINE = "Initial authentication has finished"  # what hack/operator_process.py waits for
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 WRITE_ATTEMPTS = 5  # a write that fails for a transient reason is retried
@@ -270,11 +271,10 @@ class Floor:
         meta = body["metadata"]
         url = f"{self.collection}/{meta['name']}"
         pipeline_id = uuid.uuid4().hex[:12]
-        finalizers = meta.get("finalizers") or []
-        if FINALIZER not in finalizers:
-            patch = {"metadata": {"finalizers": [*finalizers, FINALIZER]}}
-            if not await self.write("PATCH", url, patch, MERGE_PATCH):
-                return
+        adding = finalizer_patch(meta, add=True)
+        json_patch = {"Content-Type": JSON_PATCH}
+        if adding is not None and not await self.write("PATCH", url, adding, json_patch):
+            return
         status = {"status": running_status(body, pipeline_id)}
         if not await self.write("PATCH", f"{url}/status", status, MERGE_PATCH):
             return
@@ -284,13 +284,14 @@ class Floor:
     async def release(self, body: dict[str, Any]) -> None:
         """Remove our finalizer from a Pipeline being deleted (nothing to stop: no work)."""
         meta = body["metadata"]
-        rest = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+        removing = finalizer_patch(meta, add=False)
         url = f"{self.collection}/{meta['name']}"
-        await self.write("PATCH", url, {"metadata": {"finalizers": rest}}, MERGE_PATCH)
+        if removing is not None:
+            await self.write("PATCH", url, removing, {"Content-Type": JSON_PATCH})
         self.releasing.discard(meta["uid"])
 
     async def write(
-        self, method: str, url: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+        self, method: str, url: str, payload: Any, headers: dict[str, str] | None = None
     ) -> bool:
         """One write, retried while the failure is transient; False when it did not land."""
         for attempt in range(WRITE_ATTEMPTS):

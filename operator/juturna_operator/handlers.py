@@ -9,10 +9,19 @@
   queue's one timer heap.
 * One health loop asks the engine about every instance each health interval and queues
   only the Pipelines whose instance changed (``Reconciler.changed_instances``).
-* ``on.delete``: the finalizer ``juturna.io/cleanup``: a bounded stop and delete.
+* The finalizer ``juturna.io/cleanup`` is the operator's own, written by its own patcher
+  (``patching.FinalizerPatcher``), not kopf's: a Pipeline's first pass adds it before
+  anything deploys (one PATCH per Pipeline; a status write cannot carry it, the status
+  subresource writes no metadata). A watch event with a ``deletionTimestamp`` starts the
+  deletion: a bounded stop and delete (``Reconciler.finalize``, one pass at a time per
+  Pipeline, as every pass), then one PATCH that removes the finalizer. A Pipeline gone
+  without it (removed by hand, or deleted before the first pass added it) is finalized on
+  its ``DELETED`` event.
 
-kopf's own state goes to ``status.kopf`` (never ``kopf.zalando.org/*`` annotations), and
-kopf keeps no diff-base at all (``NoDiffBase``). Events come from ``juturna-operator``, and
+kopf is the watch, the startup listing and the liveness endpoint, and writes nothing: with
+no ``on.create``/``on.update``/``on.delete`` handler it keeps no progress and asks for no
+finalizer (``KOPF_FINALIZER``). kopf keeps no diff-base at all (``NoDiffBase``) and never
+``kopf.zalando.org/*`` annotations. Events come from ``juturna-operator``, and
 kopf's per-event success lines are DEBUG (``SuccessesAtDebug``).
 """
 
@@ -25,6 +34,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,12 +47,20 @@ from juturna_operator import api, crd
 from juturna_operator.domain import PipelineKey
 from juturna_operator.engines import Router, make_engine
 from juturna_operator.metrics import Metrics
-from juturna_operator.patching import StatusPatcher
+from juturna_operator.patching import (
+    FinalizerPatcher,
+    FinalizerWriteRefused,
+    StatusPatcher,
+    holds_finalizer,
+)
 from juturna_operator.reconciler import Reconciler, Resource
 from juturna_operator.settings import Settings
 from juturna_operator.workqueue import WorkQueue
 
-FINALIZER = f"{api.GROUP}/cleanup"
+# kopf's finalizer name, which it never writes here (no handler needs one). It must not be
+# ours: kopf removes its own name from any object it finds it on while no handler needs it,
+# and at every event of an object being deleted.
+KOPF_FINALIZER = f"{api.GROUP}/kopf-unused"
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 # Who the Events say they come from (kubectl describe's "From"), and their names' prefix.
 COMPONENT = "juturna-operator"
@@ -71,7 +89,7 @@ class SuccessesAtDebug(logging.Filter):
 class NoDiffBase(kopf.DiffBaseStorage):
     """kopf keeps the last handled spec to tell creations from updates for ``on.create`` and
     ``on.update`` handlers. This operator has none: the queue reconciles level-triggered and
-    ``on.delete`` needs only the finalizer. Storing it would cost one more status write per
+    the operator keeps its own finalizer. Storing it would cost one more status write per
     Pipeline; without it, kopf sees every event as a creation that no handler wants."""
 
     def fetch(self, *, body: kopf.Body) -> None:
@@ -92,6 +110,10 @@ RETRY_AFTER_ERROR_S = 2.0
 # How long a pass in flight may go on once its Pipeline is deleted, or the operator stops,
 # before it is cancelled (engine operations are shielded: they finish on their own).
 PASS_GRACE_S = 5.0
+# A finalizer removal that failed for want of an answer (a 5xx, a dropped connection) is
+# made again after this, doubled each time up to the cap.
+RELEASE_RETRY_S = 1.0
+RELEASE_RETRY_MAX_S = 30.0
 
 
 # How long a starting operator waits for the API server to serve the CRD: a Helm install or
@@ -236,26 +258,51 @@ class Operator:
             metrics.watch(self.queue, engine.instances, engine.health_asks)
         self.reconciler.released = self.queue.released
         self.patcher = StatusPatcher(objects.api_client.configuration, STATUS_WRITE_CONNECTIONS)
-        self.vanished: set[asyncio.Future[None]] = set()  # finalizes of Pipelines gone without one
+        self.finalizers = FinalizerPatcher(self.patcher.connection)  # the same pool
+        # uid -> the resourceVersion of the body its finalizer was added from: until a newer
+        # body comes, that one's missing finalizer is no reason to add it again.
+        self.added: dict[str, str] = {}
+        self.deletions: dict[str, asyncio.Task[None]] = {}  # uid -> its finalize, at most one
 
     def observe(self, body: kopf.Body, deleted: bool) -> None:
-        """A watch event of a Pipeline: keep its latest body, and queue it."""
-        uid = body.get("metadata", {}).get("uid")
+        """A watch event of a Pipeline: keep its latest body, and queue it; or, for one being
+        deleted, start its finalize (once)."""
+        meta = body.get("metadata", {})
+        uid = meta.get("uid")
         if not uid:
             return
         if deleted:
             self.bodies.pop(uid, None)
             self.loggers.pop(uid, None)
-            if not self.reconciler.finished(uid):
+            self.added.pop(uid, None)
+            if not self.reconciler.finished(uid) and uid not in self.deletions:
                 # Gone without its finalizer (removed by hand, or a delete that came before
                 # it was added): its instance must not run on until the operator restarts.
-                task = asyncio.ensure_future(self.finalize_vanished(body))
-                self.vanished.add(task)
-                task.add_done_callback(self.vanished.discard)
+                self._deletion(uid, self.finalize_vanished(body))
             return
         self.bodies[uid] = body
+        if meta.get("deletionTimestamp"):
+            # Ours to finalize: once, and again only to remove a finalizer still there.
+            wanted = holds_finalizer(meta) or not self.reconciler.finished(uid)
+            if wanted and uid not in self.deletions:
+                self._deletion(uid, self.release(body))
+            return
+        if holds_finalizer(meta):
+            self.added.pop(uid, None)
         self.start_queue()
         self.queue.add(uid)
+
+    def _deletion(self, uid: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run a deletion's work as a task of its own (a queue worker is never held by it),
+        created here, inside kopf's handler: it inherits kopf's context for Events."""
+        task = asyncio.ensure_future(work)
+        self.deletions[uid] = task
+
+        def done(_: asyncio.Future[None]) -> None:
+            if self.deletions.get(uid) is task:
+                del self.deletions[uid]
+
+        task.add_done_callback(done)
 
     def start_queue(self) -> None:
         """Start the queue's workers from inside a kopf handler, once: ``kopf.event`` (and
@@ -281,10 +328,56 @@ class Operator:
         if logger is None:
             logger = self.loggers[uid] = kopf.ObjectLogger(body=body, settings=self.kopf_settings)
         try:
+            if not await self.hold(uid, body):
+                return None, False  # being deleted, or gone: its watch event says so
             return await self.reconciler.reconcile(Resource.from_body(body), logger), False
         except Exception:
             logger.exception("reconcile failed; trying again in %g s", RETRY_AFTER_ERROR_S)
             return RETRY_AFTER_ERROR_S, True
+
+    async def hold(self, uid: str, body: kopf.Body) -> bool:
+        """The finalizer, before anything deploys: one PATCH in a Pipeline's life (none where
+        it is there already). False when the Pipeline is being deleted or gone."""
+        meta = body["metadata"]
+        if holds_finalizer(meta) or self.added.get(uid) == meta.get("resourceVersion"):
+            return True
+        key = PipelineKey(meta["namespace"], meta["name"], uid)
+        try:
+            held = await self.finalizers.add(key, meta)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.write_failed("finalizer")
+            raise
+        if held:
+            self.added[uid] = meta["resourceVersion"]
+        return held
+
+    async def release(self, body: kopf.Body) -> None:
+        """A Pipeline being deleted: finalize it (unless done), then remove the finalizer.
+        A removal the API server does not answer is made again, with a bounded backoff; one
+        it refuses is logged (the next watch event of the Pipeline tries again)."""
+        meta = body["metadata"]
+        uid = meta["uid"]
+        logger = self.loggers.get(uid) or kopf.ObjectLogger(body=body, settings=self.kopf_settings)
+        if not self.reconciler.finished(uid):
+            if not holds_finalizer(meta):
+                logger.warning("deleted without its finalizer: stopping and deleting its instance")
+            await self.finalize(body, logger)
+        key = PipelineKey(meta["namespace"], meta["name"], uid)
+        pause = RELEASE_RETRY_S
+        while holds_finalizer(meta):
+            try:
+                await self.finalizers.remove(key, meta)
+                return
+            except Exception as error:
+                if self.metrics is not None:
+                    self.metrics.write_failed("finalizer")
+                if isinstance(error, FinalizerWriteRefused) and error.status < 500:
+                    logger.error("%s; it stays until the next change of the Pipeline", error)
+                    return
+                logger.warning("finalizer not removed (%s); trying again in %g s", error, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RELEASE_RETRY_MAX_S)
 
     async def finalize(self, body: kopf.Body, logger: kopf.Logger) -> None:
         """Deletion: the reconciler stops any pass at its next step and finalizes; a pass
@@ -300,7 +393,7 @@ class Operator:
                 self.queue.cancel(uid)
             await finalizing
         except asyncio.CancelledError:
-            finalizing.cancel()  # kopf gave up on this handler (shutdown): so does it
+            finalizing.cancel()  # the operator stops: so does it
             raise
         self.bodies.pop(uid, None)
         self.loggers.pop(uid, None)
@@ -385,7 +478,7 @@ def memo_for(settings: Settings) -> kopf.Memo:
 async def startup(
     settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any
 ) -> None:
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = KOPF_FINALIZER
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.enabled = True
@@ -432,7 +525,7 @@ async def cleanup(memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
         return
     if operator.metrics is not None:
         logging.getLogger(KOPF_POSTING_LOGGER).removeFilter(operator.metrics.event_failures)
-    for task in (operator.sweeper, operator.health_watch, *operator.vanished):
+    for task in (operator.sweeper, operator.health_watch, *operator.deletions.values()):
         if task is not None:
             task.cancel()
     # The watches have ended: nothing queues any more. Passes in flight finish or are cancelled.
@@ -458,10 +551,3 @@ async def pod_event(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any
     if uid and uid in operator.bodies:
         operator.start_queue()
         operator.queue.add(uid)
-
-
-@kopf.on.delete(*RESOURCE)
-async def delete_pipeline(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """Stop and delete the instance; the finalizer goes when this returns."""
-    operator: Operator = memo.operator
-    await operator.finalize(body, logger)

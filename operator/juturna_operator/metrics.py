@@ -44,7 +44,7 @@ CONTROLLER = "pipeline"
 # controller-runtime's reconcile results (pkg/internal/controller), in its order.
 RESULTS = ("error", "requeue_after", "requeue", "success")
 # API writes that can fail without failing a pass: the label of write_failures.
-WRITES = ("status", "event")
+WRITES = ("status", "finalizer", "event")
 # controller-runtime's buckets for controller_runtime_reconcile_time_seconds.
 RECONCILE_BUCKETS = (
     *(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5),
@@ -181,7 +181,7 @@ class Metrics(Collector):
         ).labels(__version__).set(1)
         self.write_failures = Counter(
             "juturna_operator_write_failures",
-            "API writes that failed: status patches, and Events kopf gave up posting.",
+            "API writes that failed: status and finalizer patches, Events kopf gave up posting.",
             ["kind"],
             registry=self.registry,
         )
@@ -235,7 +235,7 @@ class Metrics(Collector):
             self.reconcile_errors.inc()
 
     def write_failed(self, kind: str) -> None:
-        """A status patch (``status``) failed."""
+        """A status patch (``status``) or a finalizer patch (``finalizer``) failed."""
         self.write_failures.labels(kind).inc()
 
     # -- fed by the reconciler --

@@ -60,6 +60,8 @@ def test_the_harness_measures_everything_at_n_5(kubeconfig: Path, tmp_path: Path
     # The same kinds of write; only counts may differ (a slow pass adds a progress status).
     assert set(floor["writes_by_kind"]) == set(run["writes_by_kind"]), (floor, run)
     assert all(count == 1 for count in floor["writes_by_kind"].values()), floor
+    # The operator's own finalizer: one PATCH of the object per Pipeline, as the floor's.
+    assert run["writes_by_kind"]["PATCH/pipelines"] == 1, run["writes_by_kind"]
     assert floor["cpu_s_per_pipeline"] > 0
     # One worker's start, read from its record and /proc at the Ready event.
     (process,) = rows["process", 1]

@@ -163,7 +163,7 @@ def installed(kubeconfig: Path, kubectl: Kubectl, *values: str) -> Iterator[str]
         kubectl("delete", "namespace", ns, "--wait=false")
 
 
-# What the operator uses, and nothing else: read and patch Pipelines (kopf's finalizer),
+# What the operator uses, and nothing else: read and patch Pipelines (its finalizer),
 # patch their status, post Events; cluster-wide, kopf also lists and watches namespaces and
 # CRDs. No update, no delete, no create of Pipelines, no Secrets.
 NAMESPACE_RULES = {
@@ -435,7 +435,6 @@ def test_the_chart_runs_the_operator_as_a_pod_on_a_real_node(
             "the forbidden status patch in the pod's log",
         )
         assert f"system:serviceaccount:{ops}:jo" in kubectl("logs", "-n", ops, pod).stdout
-        # Without it even deletion stalls (kopf keeps its progress in the status).
         patch_role({"op": "add", "path": f"/rules/{index}", "value": role["rules"][index]})
         pipelines.delete("rbac2")
         pipelines.wait_gone("rbac2", timeout=60)

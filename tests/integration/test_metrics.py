@@ -171,7 +171,7 @@ def test_metrics_events_and_the_dashboard_after_real_reconciles(
     assert "Pending" in froms
     # Instances by engine, and no failed write.
     assert value("juturna_operator_instances", engine="inprocess") == 1.0
-    for kind in ("status", "event"):
+    for kind in ("status", "finalizer", "event"):
         assert value("juturna_operator_write_failures_total", kind=kind) == 0.0, kind
 
     # Events come from juturna-operator, not kopf.

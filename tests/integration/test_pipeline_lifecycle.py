@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
 
 from juturna_operator.convert import to_manifest
+from juturna_operator.patching import FINALIZER
 from support import (
     REPO,
     WARM_SWAP_ENGINES,
@@ -274,6 +277,69 @@ def test_delete_while_running_cleans_up(pipelines: Pipelines, operator: Operator
     pipelines.delete("del")
     pipelines.wait_gone("del", timeout=15)
     assert instance_folders(operator.workdir, body) == []
+
+
+# Another writer's finalizer (Argo CD's, a user's): the operator's writes must keep it.
+OTHER_FINALIZER = "example.com/keep"
+
+
+def patch_finalizers(pipelines: Pipelines, name: str, ops: list[dict[str, object]]) -> None:
+    pipelines.kubectl(
+        "-n", pipelines.namespace, "patch", "pipeline", name, "--type=json", "-p", json.dumps(ops)
+    )
+
+
+def test_the_operators_own_finalizer_leaves_other_finalizers_alone(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """Issue 28: the finalizer is the operator's, not kopf's. It goes after another writer's,
+    comes back when removed by hand, and after the finalize goes alone: the other keeps the
+    Pipeline until its writer lets go. kopf writes nothing (no progress in the status)."""
+    body = manifest("fin")
+    body["metadata"]["finalizers"] = [OTHER_FINALIZER]
+    pipelines.apply(body)
+    live = pipelines.wait_ready("fin")
+    assert live["metadata"]["finalizers"] == [OTHER_FINALIZER, FINALIZER]
+    assert "kopf" not in live["status"], live["status"]
+    patch_finalizers(pipelines, "fin", [{"op": "remove", "path": "/metadata/finalizers/1"}])
+    pipelines.wait(
+        "fin",
+        lambda b: b["metadata"].get("finalizers") == [OTHER_FINALIZER, FINALIZER],
+        what="the finalizer removed by hand put back",
+    )
+    pipelines.delete("fin")
+    left = pipelines.wait(
+        "fin",
+        lambda b: b["metadata"].get("finalizers") == [OTHER_FINALIZER],
+        what="the operator's finalizer gone, the other one kept",
+    )
+    assert left["metadata"].get("deletionTimestamp")
+    if operator.engine != "service":  # a runtime's folders are its own
+        assert instance_folders(operator.workdir, live) == [], "removed before the finalize"
+    patch_finalizers(pipelines, "fin", [{"op": "remove", "path": "/metadata/finalizers/0"}])
+    pipelines.wait_gone("fin")
+
+
+def test_a_pipeline_deleted_before_its_finalizer_was_added_deploys_nothing(
+    pipelines: Pipelines, operator: Operator
+) -> None:
+    """Made and deleted while the operator is paused: it goes at once (no finalizer yet).
+    The operator then sees it made and deleted; its first pass must not deploy it (the
+    finalizer's add finds it gone), and the deletion is told in the log."""
+    assert operator.proc is not None
+    os.kill(operator.proc.pid, signal.SIGSTOP)
+    try:
+        pipelines.apply(manifest("early"))
+        uid = pipelines.get("early")["metadata"]["uid"]
+        pipelines.delete("early")
+        pipelines.wait_gone("early")
+    finally:
+        os.kill(operator.proc.pid, signal.SIGCONT)
+    said = f"{pipelines.namespace}/early] deleted without its finalizer"
+    wait_until(lambda: said in operator.log_text(), 10, "the operator's word on it")
+    time.sleep(1.0)  # a pass that wrongly deployed it would have made its folder by now
+    if operator.engine != "service":  # a runtime's folders are its own
+        assert instance_folders(operator.workdir, {"metadata": {"uid": uid}}) == []
 
 
 def test_events_tell_each_step_one_event_per_pass(pipelines: Pipelines) -> None:

@@ -56,7 +56,7 @@ def test_every_result_and_write_is_there_from_the_start_at_zero() -> None:
         )
         assert total == 0.0, result
     assert value(metrics, "controller_runtime_reconcile_errors_total", controller="pipeline") == 0
-    for kind in ("status", "event"):
+    for kind in ("status", "finalizer", "event"):
         assert value(metrics, "juturna_operator_write_failures_total", kind=kind) == 0.0
     metrics.reconciled(0.2, 2.0, error=True)
     metrics.write_failed("status")

@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -1046,3 +1047,23 @@ def live_audio(receiver_url: str) -> dict[str, Any]:
         if node["mark"] == "notifier_http":
             node["configuration"]["endpoint"] = receiver_url
     return manifest
+
+
+class CannedAnswer(BaseHTTPRequestHandler):
+    """A stand-in HTTP peer (a worker, a runtime) that answers every GET and POST with
+    ``status`` and the JSON ``body``: what a real one cannot be made to say on cue."""
+
+    status = 200
+    body = b"{}"
+
+    def answer(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args: Any) -> None:
+        pass

@@ -18,7 +18,7 @@ from processes import free_port
 from juturna_operator.api import PipelineSpec
 from juturna_operator.engines.client import MAX_ANSWER_BYTES, JuturnaClient
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
-from support import JuturnaServe, answered_size, wait_until
+from support import CannedAnswer, JuturnaServe, answered_size, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -283,21 +283,13 @@ def test_a_request_after_the_client_closed_is_runtime_unavailable(serve: Juturna
     )
 
 
-class LosesIt(BaseHTTPRequestHandler):
+class LosesIt(CannedAnswer):
     """Stands in for a `juturna serve` whose deploy answers 404 "no pipeline with id" (its
     deploy creates the pipeline, then reads its status: a pipeline lost in between, as the
     service fault test once saw, is not something a real service can be made to do on cue)."""
 
-    def do_POST(self) -> None:
-        body = b'{"message":"no pipeline with id: 8b56a568"}'
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+    status = 404
+    body = b'{"message":"no pipeline with id: 8b56a568"}'
 
 
 def test_a_pipeline_the_runtime_lost_during_its_deploy_is_deployed_again() -> None:

@@ -42,6 +42,7 @@ from juturna_operator.engines.pod import (
 )
 from juturna_operator.reasons import FailureReason, PipelineFailure, Step
 from juturna_operator.settings import Settings
+from support import CannedAnswer
 
 KEY = PipelineKey("team-a", "tones", "40ffacf7-0000-4000-8000-000000000000")
 SETTINGS = Settings(engine="pod", runtime_image="localhost/jo:1", stop_timeout_s=10)
@@ -539,20 +540,17 @@ def test_the_readiness_probe_carries_a_crash_and_a_not_ready_pod_can_be_adopted(
     assert not worker_running({**running_pod(True), "status": {"phase": "Pending"}})
 
 
-class CrashedWorker(http.server.BaseHTTPRequestHandler):
+class CrashedWorker(CannedAnswer):
     """A worker on loopback whose pipeline's node crashed: its health answer says so."""
 
-    def do_GET(self) -> None:
-        crash = {"node": "src", "thread": "t", "error": "RuntimeError: kaboom", "pipeline": "pid"}
-        body = json.dumps({"pipelines": [{}], "crashes": [crash]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+    body = json.dumps(
+        {
+            "pipelines": [{}],
+            "crashes": [
+                {"node": "src", "thread": "t", "error": "RuntimeError: kaboom", "pipeline": "pid"}
+            ],
+        }
+    ).encode()
 
 
 def test_a_running_pods_health_is_asked_only_when_its_pod_changes() -> None:

@@ -441,8 +441,8 @@ class PodTemplate(_Model):
     Pipeline may set. Before anything deploys, the operator holds them to what the restricted
     Pod Security Standard lets a Pod author do, in any namespace (volume types, security
     annotations, priority classes the administrator allows, no code of the author's choice),
-    and the API server checks the Pod as it creates it, before anything else of the
-    Pipeline's exists; other engines ignore them."""
+    and the API server checks the Pod as it creates it (a refused one leaves nothing
+    behind); other engines ignore them."""
 
     resources: ResourceRequirements | None = Field(
         default=None, description="Requests and limits of the pipeline's container."

@@ -687,8 +687,9 @@ def test_a_host_path_is_invalid_spec_before_anything_exists(
 ) -> None:
     """Round 3, item 2: in a namespace with no Pod Security label the API server would admit
     the pod, so the operator refuses the template itself. Where the administrator allows
-    hostPath volumes, the namespace's Pod Security still does, by the server-side dry run.
-    Either way no pod, Secret or Service is made."""
+    hostPath volumes, the namespace's Pod Security still does, as the pod is created (no dry
+    run first). Either way no pod, Secret or Service is left: the Pipeline listens, so its
+    Service was made before the refused pod, and goes with it."""
     if enforced:
         kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/enforce={enforced}")
     else:
@@ -699,7 +700,7 @@ def test_a_host_path_is_invalid_spec_before_anything_exists(
         "volumeMounts": [{"name": "host", "mountPath": "/host"}],
     }
     pipelines = Pipelines(objects, namespace, kubectl)
-    pipelines.apply(manifest("escape", template=template))
+    pipelines.apply(listening("escape", template=template))
     body = pipelines.wait_phase("escape", "Failed", timeout=60)
     assert_failure(body, "InvalidSpec", 422, step, message)
     assert_nothing_made(kubectl, namespace)

@@ -31,6 +31,7 @@ from juturna_operator.engines.pod import (
     place,
     pod_name,
     pod_problem,
+    pod_refused,
     removed_from_outside,
     runtime_pod,
     service_body,
@@ -587,6 +588,17 @@ def test_a_running_pods_health_is_asked_only_when_its_pod_changes() -> None:
     assert engine.health_asks == 1  # the second status only
     assert changed is not None
     assert [c.node for c in changed.crashes] == ["src"]
+
+
+def test_a_pod_the_client_refuses_before_any_request_is_invalid_spec() -> None:
+    """The Kubernetes client checks a Pod's required fields itself; its words, first lines
+    only, become the user's InvalidSpec."""
+    failure = pod_refused(ValueError("Invalid value for `name`, must not be `None`\nmore\nand"))
+    assert (failure.reason, failure.step) == (FailureReason.InvalidSpec, Step.create)
+    assert failure.message == (
+        "the pipeline's pod is not a valid Pod: Invalid value for `name`, must not be `None` "
+        "(more; and)"
+    )
 
 
 def test_each_instance_has_a_pod_and_a_secret_of_its_own() -> None:

@@ -1117,29 +1117,26 @@ class PodEngine(LockedEngine):
         )
         self._known[key.uid] = key.active
         await self._previous_gone(key)
-        try:
-            # The pod first: the API server (and its admission, Pod Security included) checks
-            # it as it creates it, so what it refuses is refused before anything exists:
-            # InvalidSpec with its own message, and no dry run beforehand (a round trip).
-            made = await self._create_owned(key, "pod", pod_body)
-        except k8s.ApiException as err:
-            raise _api_failure(err, Step.create) from None
-        except ValueError as err:  # the client's own check of the Pod, before any request
-            raise PipelineFailure(
-                FailureReason.InvalidSpec,
-                Step.create,
-                f"the pipeline's pod is not a valid Pod: {str(err).splitlines()[0]} "
-                f"({'; '.join(str(err).splitlines()[1:3])})",
-            ) from None
         token = secrets.token_urlsafe(32)
+        new_address = key.uid not in self._services
+        refused = False
         try:
-            # No container of the pod starts before its token Secret exists (the kubelet
-            # waits to mount it), so the address and the NetworkPolicy made here come before
-            # the worker serves: its DNS name and ClusterIP exist while the pod starts, and
+            # The address first: its DNS name and ClusterIP exist while the pod starts, and
             # once the pipeline runs only the Service's endpoints change (``_serve``: the
-            # active slot's only; a candidate leaves the address where it is).
+            # active slot's only; a candidate leaves the address where it is). A Pipeline
+            # that listens on nothing has none: nothing is written here.
             await self._serve(key, plan.listeners, NO_POD)
             await self._guard(key, plan.listeners)
+            try:
+                # The API server (and its admission, Pod Security included) checks the pod
+                # as it creates it: what it refuses is InvalidSpec with its own message, and
+                # the address made for it goes below (no dry run beforehand: a round trip).
+                made = await self._create_owned(key, "pod", pod_body)
+            except (k8s.ApiException, ValueError) as err:
+                refused = True
+                raise pod_refused(err) from None
+            # Then its token: a Secret the pod controls. The kubelet mounts it once it
+            # exists (the pod waits for it, in ContainerCreating, for a moment at most).
             await self._create_owned(
                 key, "Secret", token_secret(key, token, name, str(made.metadata.uid))
             )
@@ -1154,8 +1151,10 @@ class PodEngine(LockedEngine):
             raise _api_failure(err, Step.create) from None
         except BaseException:
             # A failed create leaves no half-built instance, and takes nothing of the other
-            # slot's.
+            # slot's; a refused pod leaves nothing at all.
             await self._let_go(key, name, plan.listeners)
+            if refused and new_address:
+                await self._serve(key, (), NO_POD)
             raise
         node = (pod.get("spec") or {}).get("nodeName")
         self._runtimes[key] = _Runtime(
@@ -1640,6 +1639,19 @@ class PodEngine(LockedEngine):
         """Leave the pods running: the next operator process adopts them."""
         for runtime in self._runtimes.values():
             await runtime.client.close()
+
+
+def pod_refused(err: k8s.ApiException | ValueError) -> PipelineFailure:
+    """Why the pipeline's pod could not be created: the API server's refusal, or the
+    client's own check of the Pod before any request."""
+    if isinstance(err, k8s.ApiException):
+        return _api_failure(err, Step.create)
+    lines = str(err).splitlines()
+    return PipelineFailure(
+        FailureReason.InvalidSpec,
+        Step.create,
+        f"the pipeline's pod is not a valid Pod: {lines[0]} ({'; '.join(lines[1:3])})",
+    )
 
 
 def _api_failure(err: k8s.ApiException, step: Step) -> PipelineFailure:

@@ -119,12 +119,14 @@ def floor(
             key = PipelineKey(namespace, f"bare{i:03d}", str(uuid.uuid4()))
             body = runtime_pod(key, "bench", settings)
             del body["metadata"]["ownerReferences"]  # no Pipeline owns a bare pod
-            secret = token_secret(key, "bench-token", body["metadata"]["name"])
-            del secret["metadata"]["ownerReferences"]
-            core.create_namespaced_secret(namespace, secret)
-            started[body["metadata"]["name"]] = time.monotonic()
-            core.create_namespaced_pod(namespace, body)
-            names.append(body["metadata"]["name"])
+            name = body["metadata"]["name"]
+            started[name] = time.monotonic()
+            # As the engine: the pod, then its token in a Secret the pod controls.
+            made = core.create_namespaced_pod(namespace, body)
+            core.create_namespaced_secret(
+                namespace, token_secret(key, "bench-token", name, made.metadata.uid)
+            )
+            names.append(name)
         if not pods.wait(names, 300):
             raise RuntimeError(f"bare pods not Ready in 300 s: {set(names) - set(pods.ready_at)}")
         time.sleep(2)  # as with_operator waits
@@ -133,9 +135,8 @@ def floor(
         )
     finally:
         pods.close()
-        for name in names:
+        for name in names:  # each Secret goes with its pod (the garbage collector)
             core.delete_namespaced_pod(name, namespace, grace_period_seconds=1)
-            core.delete_namespaced_secret(name, namespace)
         wait_no_pods(core, namespace)
 
 

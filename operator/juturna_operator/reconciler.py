@@ -555,7 +555,8 @@ class Reconciler:
         self, p: _Pass, info: InstanceInfo | None, action: Action, spec: PipelineSpec | None
     ) -> None:
         """Run one action; if it outlives the progress threshold, say so in status first,
-        and again if the engine moves on to another step within it (a deploy)."""
+        and again if the engine moves on to another step within it (a deploy) that outlives
+        the threshold too: a warmup of a moment after a pod's long start costs no write."""
         task = asyncio.ensure_future(self._act(p, action, spec))
         threshold = self.settings.progress_threshold_s
         if not (await asyncio.wait({task}, timeout=threshold))[0]:
@@ -563,6 +564,8 @@ class Reconciler:
             # one of the passes every other Pipeline shares.
             async with self.released():
                 shown: tuple[Action, str | None] | None = None
+                seen: tuple[Action, str | None] | None = None
+                seen_at = 0.0
                 told: set[str | None] = set()  # the pods a WarmingUpNew named (None: none)
                 while True:
                     # A candidate's steps show under Updating; the phase is the serving one's.
@@ -573,9 +576,11 @@ class Reconciler:
                     if pod not in told and self._warming_up(p, action, pod):
                         told.add(pod)
                         self._tell_warming_up(p, info, pod)
-                    if (now, pod) != shown:
+                    if (now, pod) != seen:
+                        seen, seen_at = (now, pod), time.monotonic()
+                    if seen != shown and (shown is None or time.monotonic() - seen_at >= threshold):
                         await self._publish(p, info, now, candidate)
-                        shown = (now, pod)
+                        shown = seen
                     if (await asyncio.wait({task}, timeout=threshold))[0]:
                         break
         try:

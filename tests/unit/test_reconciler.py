@@ -30,6 +30,44 @@ def test_a_deploy_is_one_write_and_one_event() -> None:
     )
 
 
+class SlowPodEngine(FakeEngine):
+    """A create that starts a pod for ``pod_s``, then warms up for ``warmup_s`` within the
+    same call (Juturna's one deploy), telling its step as the pod engine does."""
+
+    def __init__(self, pod_s: float, warmup_s: float) -> None:
+        super().__init__()
+        self.pod_s, self.warmup_s = pod_s, warmup_s
+        self.step: Step | None = None
+
+    def step_under_way(self, key: PipelineKey) -> Step | None:
+        return self.step
+
+    async def create(self, key: PipelineKey, config: dict[str, Any], *args: Any) -> str:
+        self.step = Step.create
+        await asyncio.sleep(self.pod_s)
+        self.step = Step.warmup
+        await asyncio.sleep(self.warmup_s)
+        self.step = None
+        return await super().create(key, config, *args)
+
+
+@pytest.mark.parametrize(
+    ("warmup_s", "phases"),
+    [(0.02, ["Creating", "Running"]), (0.5, ["Creating", "WarmingUp", "Running"])],
+    ids=["short-warmup", "long-warmup"],
+)
+def test_a_step_shows_in_status_only_if_it_outlives_the_threshold(
+    warmup_s: float, phases: list[str]
+) -> None:
+    """Issue 28, item 3: a pod that starts long gets one progress write (Creating); the
+    warmup after it gets its own only if it too outlives the threshold (the pod engine wrote
+    WarmingUp for a warmup of a moment: a third status write for a loaded node's Pipelines)."""
+    h = Harness(SlowPodEngine(pod_s=0.5, warmup_s=warmup_s))
+    h.reconciler.settings.progress_threshold_s = 0.1
+    h.reconcile()
+    assert [w["phase"] for w in h.writes] == phases
+
+
 def test_the_old_word_ready_is_a_warm_standby_told_once_per_generation() -> None:
     """A Pipeline stored with ``state: Ready`` (the old word for Standby) stays warm, never
     started, and one Warning per generation asks for the new word."""

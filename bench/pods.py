@@ -56,6 +56,9 @@ from juturna_operator.settings import Settings  # noqa: E402
 IMAGE = "localhost/juturna-operator:bench"
 WRITES = {"POST", "PUT", "PATCH", "DELETE"}
 WORKERS = "juturna_operator.worker --folder /var/lib/juturna "
+# What every pod asks for, bare or the operator's: 100 pods on a 2-core node with the default
+# request (100m CPU) would leave 80 of them Unschedulable.
+RESOURCES = {"requests": {"cpu": "10m", "memory": "128Mi"}}
 
 
 class PodWatch:
@@ -185,7 +188,11 @@ def pod_engine_operator(kubeconfig: Path, namespace: str, base: Path) -> BenchOp
         namespace,
         "pod",
         base,
-        {"JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE, "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never"},
+        {
+            "JUTURNA_OPERATOR_RUNTIME_IMAGE": IMAGE,
+            "JUTURNA_OPERATOR_RUNTIME_PULL_POLICY": "Never",
+            "JUTURNA_OPERATOR_POD_DEFAULT_RESOURCES": json.dumps(RESOURCES),
+        },
     )
 
 
@@ -296,7 +303,11 @@ def main() -> int:
         api = config.new_client_from_config(str(plane.kubeconfig))
         core, objects = client.CoreV1Api(api), client.CustomObjectsApi(api)
         settings = Settings(
-            engine="pod", runtime_image=IMAGE, runtime_pull_policy="Never", metrics_port=0
+            engine="pod",
+            runtime_image=IMAGE,
+            runtime_pull_policy="Never",
+            metrics_port=0,
+            pod_default_resources=RESOURCES,
         )
         for n in args.n:
             for rep in range(args.repetitions):
